@@ -1,0 +1,55 @@
+"""Shared fixtures: isolated MMJOBS_HOME per test, real S3 and MLflow servers on loopback."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.servers import MLflowServer, S3Server
+
+# Variables that would point a test at a developer's real services.
+_LEAKY_ENV = (
+    "MMJOBS_STORE", "MMJOBS_HOME", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_PROFILE",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_S3_ENDPOINT_URL",
+)
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, monkeypatch) -> None:
+    """Every test gets its own MMJOBS_HOME and no credentials from the developer's shell."""
+    for name in _LEAKY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MMJOBS_HOME", str(tmp_path / "mmjobs-home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    """A moto_server subprocess for the whole session."""
+    server = S3Server(workdir=tmp_path_factory.mktemp("s3")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch) -> S3Server:
+    """Point boto3 (through the standard AWS variables) at the test S3 server."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
+@pytest.fixture
+def s3_bucket(s3_env) -> str:
+    """A fresh, empty bucket on the test S3 server; returns its name."""
+    return s3_env.create_bucket(f"test-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, s3_server) -> Iterator[MLflowServer]:
+    """An MLflow tracking server subprocess (sqlite backend, artifacts in the S3 server)."""
+    server = MLflowServer(workdir=tmp_path_factory.mktemp("mlflow"), s3=s3_server).start()
+    yield server
+    server.stop()

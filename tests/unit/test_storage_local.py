@@ -1,0 +1,138 @@
+"""Store semantics on local paths: committed directories, integrity checks, safe paths."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from mmjobs import storage
+from mmjobs.storage import IncompleteDirectoryError, IntegrityError, StoreError
+
+
+def make_tree(root: Path) -> dict[str, bytes]:
+    files = {
+        "a.txt": b"alpha\n",
+        "sub/b.bin": os.urandom(3000),
+        "sub/deeper/c.json": b'{"k": 1}',
+        "empty.dat": b"",
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in root.rglob("*") if p.is_file()}
+
+
+def test_parse_and_join_cover_s3_file_and_plain_paths(tmp_path):
+    assert storage.parse("s3://bkt/a/b/").key == "a/b"
+    assert storage.parse("s3://bkt").key == ""
+    assert storage.parse(f"file://{tmp_path}/x").key == f"{tmp_path}/x"
+    assert storage.join("s3://bkt/a/", "/b", "c") == "s3://bkt/a/b/c"
+    with pytest.raises(StoreError, match="no bucket name"):
+        storage.parse("s3:///key")
+    with pytest.raises(StoreError, match="unsupported URI scheme"):
+        storage.parse("gs://bkt/key")
+
+
+def test_put_get_dir_round_trip_is_byte_identical_with_manifest(tmp_path):
+    src, store, out = tmp_path / "src", tmp_path / "store" / "ds", tmp_path / "out"
+    files = make_tree(src)
+    manifest = storage.put_dir(src, store, meta={"kind": "test"})
+    assert {f.path for f in manifest.files} == set(files)
+    assert storage.is_committed(store)
+    got = storage.get_dir(store, out)
+    assert read_tree(out) == files
+    assert got.meta == {"kind": "test"}
+    assert storage.verify_dir(store).total_bytes == sum(len(v) for v in files.values())
+
+
+def test_directory_without_manifest_is_refused_as_incomplete(tmp_path):
+    store = tmp_path / "store" / "partial"
+    make_tree(store)  # objects written, writer died before the manifest
+    assert not storage.is_committed(store)
+    with pytest.raises(IncompleteDirectoryError, match="no _MANIFEST.json.*incomplete"):
+        storage.get_dir(store, tmp_path / "out")
+    with pytest.raises(IncompleteDirectoryError):
+        storage.copy(store, tmp_path / "elsewhere")
+
+
+def test_reupload_removes_old_manifest_before_writing_objects(tmp_path, monkeypatch):
+    src, store = tmp_path / "src", tmp_path / "store" / "ds"
+    make_tree(src)
+    storage.put_dir(src, store)
+    (src / "a.txt").write_bytes(b"changed")
+
+    def die(*_a, **_k):
+        raise KeyboardInterrupt("killed mid-upload")
+
+    monkeypatch.setattr(storage, "put_file", die)
+    with pytest.raises(KeyboardInterrupt):
+        storage.put_dir(src, store)
+    assert not storage.is_committed(store), "stale manifest would vouch for mixed contents"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "remove"])
+def test_corrupted_object_is_detected_on_read(tmp_path, damage):
+    src, store = tmp_path / "src", tmp_path / "store" / "ds"
+    make_tree(src)
+    storage.put_dir(src, store)
+    victim = store / "sub" / "b.bin"
+    data = victim.read_bytes()
+    if damage == "flip":
+        victim.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])
+        expected = "sha256 .* != manifest"
+    elif damage == "truncate":
+        victim.write_bytes(data[:100])
+        expected = "size 100 != manifest 3000"
+    else:
+        victim.unlink()
+        expected = "listed in the manifest but missing"
+    with pytest.raises(IntegrityError, match=expected):
+        storage.get_dir(store, tmp_path / "out")
+    with pytest.raises(IntegrityError, match=expected):
+        storage.verify_dir(store)
+
+
+@pytest.mark.parametrize("bad", ["../escape.txt", "/etc/passwd", "a/../../b"])
+def test_manifest_paths_escaping_the_directory_are_refused(tmp_path, bad):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "_MANIFEST.json").write_text(json.dumps(
+        {"files": [{"path": bad, "size": 1, "sha256": "0" * 64}]}))
+    with pytest.raises(IntegrityError, match="unsafe relative path"):
+        storage.get_dir(store, tmp_path / "out")
+
+
+def test_open_write_appears_only_after_clean_exit(tmp_path):
+    target = tmp_path / "store" / "preds.jsonl"
+    with pytest.raises(RuntimeError), storage.open_write(target) as f:
+        f.write(b"half")
+        raise RuntimeError("crash while writing")
+    assert not target.exists()
+    with storage.open_write(target) as f:
+        f.write(b"line1\nline2\n")
+    with storage.open_read(target) as f:
+        assert f.read() == b"line1\nline2\n"
+    assert not [p for p in target.parent.iterdir() if p.name.endswith(".part")]
+
+
+def test_missing_objects_raise_not_found_naming_the_uri(tmp_path):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        storage.read_bytes(missing)
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        storage.get_file(missing, tmp_path / "x")
+
+
+def test_list_objects_is_recursive_and_sorted(tmp_path):
+    files = make_tree(tmp_path / "t")
+    listed = list(storage.list_objects(tmp_path / "t"))
+    assert [o.relpath for o in listed] == sorted(files)
+    assert {o.relpath: o.size for o in listed} == {k: len(v) for k, v in files.items()}

@@ -1,0 +1,1 @@
+"""Datasets: the canonical format, converters, synthetic charts, validation, pretokenization."""

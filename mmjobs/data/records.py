@@ -1,0 +1,219 @@
+"""The canonical dataset format and streaming readers/writers for it.
+
+A canonical dataset is a committed store directory (see `mmjobs.storage`) holding:
+
+- `samples.jsonl`  one record per line, of one kind:
+    * sample      `{"id", "images", "conversations": [{"role", "content"}], "meta"}`
+    * preference  `{"id", "images", "prompt": [turns], "chosen", "rejected", "meta"}`
+    * prompt      `{"id", "images", "prompt": [turns], "meta"}`
+  `images` are paths relative to the dataset's image root; `<image>` in a turn's content marks
+  where each image goes, in order.
+- `rejects.jsonl`  one line per input row that did not make it: `{"row", "reason", "source"}`.
+- `dataset.json`   the card: kind, counts (`input = accepted + rejected`), image root, source.
+
+Readers stream: nothing here holds a whole dataset in memory (a 665k-row JSON array is parsed
+incrementally with ijson).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mmjobs import storage
+
+IMAGE_TOKEN = "<image>"
+SAMPLES_FILE = "samples.jsonl"
+REJECTS_FILE = "rejects.jsonl"
+CARD_FILE = "dataset.json"
+
+Role = Literal["system", "user", "assistant"]
+Kind = Literal["sample", "preference", "prompt"]
+
+
+class Turn(BaseModel):
+    """One conversation turn."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Role
+    content: str
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1)
+    images: list[str] = Field(default_factory=list)
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class Sample(_Record):
+    """A supervised conversation; the loss is on assistant turns."""
+
+    conversations: list[Turn]
+
+
+class PreferenceSample(_Record):
+    """A prompt with a preferred and a dispreferred response (DPO, reward models).
+
+    `chosen_images` / `rejected_images` hold images that are part of the responses
+    (image-token models such as Chameleon generate images).
+    """
+
+    prompt: list[Turn]
+    chosen: str
+    rejected: str
+    chosen_images: list[str] = Field(default_factory=list)
+    rejected_images: list[str] = Field(default_factory=list)
+
+
+class PromptSample(_Record):
+    """A prompt only (PPO/GRPO rollouts, inference)."""
+
+    prompt: list[Turn]
+
+
+RECORD_TYPES: dict[str, type[_Record]] = {
+    "sample": Sample, "preference": PreferenceSample, "prompt": PromptSample,
+}
+Record = Sample | PreferenceSample | PromptSample
+
+
+@dataclass(frozen=True)
+class Reject:
+    """An input row that was not converted, and why. `row` locates it (id, or file:line)."""
+
+    row: str
+    reason: str
+    source: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        return {"row": self.row, "reason": self.reason, "source": self.source}
+
+
+def parse_record(data: Any, kind: Kind = "sample") -> Record:
+    """Validate one canonical record; raises `ValueError` with a one-line reason."""
+    try:
+        return RECORD_TYPES[kind].model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "record"
+        raise ValueError(f"not a canonical {kind} record: {where}: {first['msg']}") from None
+
+
+def count_image_tokens(record: Record) -> int:
+    """Number of `<image>` placeholders in a record's input turns."""
+    turns = record.conversations if isinstance(record, Sample) else record.prompt
+    return sum(t.content.count(IMAGE_TOKEN) for t in turns)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """One raw row of an input file: `data` when it parsed, else `error` says why."""
+
+    locator: str  # "file.jsonl:12" or "file.json[3]"
+    data: Any = None
+    error: str | None = None
+
+
+def iter_jsonl(uri: str | os.PathLike) -> Iterator[RawRow]:
+    """Stream a JSONL file line by line; bad UTF-8 or JSON gives a row with `error` set."""
+    name = os.path.basename(os.fspath(uri))
+    with storage.open_read(uri) as raw:
+        for number, line in enumerate(_lines(raw), start=1):
+            if not line.strip():
+                continue
+            locator = f"{name}:{number}"
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield RawRow(locator, error=f"invalid UTF-8 at byte {e.start}")
+                continue
+            try:
+                yield RawRow(locator, data=json.loads(text))
+            except json.JSONDecodeError as e:
+                yield RawRow(locator, error=f"invalid JSON: {e.msg} at column {e.colno}")
+
+
+def iter_json_array(uri: str | os.PathLike) -> Iterator[RawRow]:
+    """Stream the items of a top-level JSON array (e.g. llava_v1_5_mix665k.json) with ijson.
+
+    A syntax error ends the stream with one error row naming the item index where it happened.
+    """
+    import ijson
+
+    name = os.path.basename(os.fspath(uri))
+    index = -1
+    with storage.open_read(uri) as raw:
+        try:
+            for index, item in enumerate(ijson.items(raw, "item", use_float=True)):
+                yield RawRow(f"{name}[{index}]", data=item)
+        except (ijson.JSONError, UnicodeDecodeError) as e:
+            yield RawRow(f"{name}[{index + 1}]", error=f"invalid JSON after item {index}: {e}")
+
+
+def read_json(uri: str | os.PathLike) -> Any:
+    """Read a small JSON document (an annotation file, a card)."""
+    return json.loads(storage.read_text(uri))
+
+
+def iter_records(uri: str | os.PathLike, kind: Kind = "sample") -> Iterator[Record]:
+    """Stream canonical records from a `samples.jsonl` (raises on a malformed line)."""
+    for row in iter_jsonl(uri):
+        if row.error:
+            raise ValueError(f"{row.locator}: {row.error}")
+        try:
+            yield parse_record(row.data, kind)
+        except ValueError as e:
+            raise ValueError(f"{row.locator}: {e}") from None
+
+
+def _lines(raw: IO[bytes]) -> Iterator[bytes]:
+    # botocore's StreamingBody has iter_lines; local files iterate by line; both stream.
+    return raw.iter_lines(keepends=True) if hasattr(raw, "iter_lines") else iter(raw)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class JsonlWriter:
+    """Write JSON lines to a store URI; the file appears only when the block exits cleanly.
+
+    Example::
+
+        with JsonlWriter(join(out, SAMPLES_FILE)) as w:
+            w.write(sample)
+    """
+
+    def __init__(self, uri: str | os.PathLike) -> None:
+        self.uri = os.fspath(uri)
+        self.count = 0
+        self._ctx = storage.open_write(self.uri)
+        self._f: IO[bytes] | None = None
+
+    def __enter__(self) -> JsonlWriter:
+        self._f = self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._ctx.__exit__(*exc)
+
+    def write(self, record: BaseModel | Reject | dict[str, Any]) -> None:
+        """Append one record (a pydantic record, a `Reject`, or a plain dict)."""
+        if isinstance(record, BaseModel):
+            data = record.model_dump(mode="json")
+        elif isinstance(record, Reject):
+            data = record.to_json()
+        else:
+            data = record
+        if self._f is None:
+            raise RuntimeError("JsonlWriter is used outside its `with` block")
+        self._f.write(json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n")
+        self.count += 1

@@ -560,6 +560,26 @@ def copy(src: str | os.PathLike, dst: str | os.PathLike, *, workers: int = 8) ->
         return f"copied 1 file ({local.stat().st_size} bytes) {src} -> {dst}"
 
 
+def copy_uncommitted(src: str | os.PathLike, dst: str | os.PathLike, *, workers: int = 8) -> str:
+    """Copy a plain folder or prefix with no manifest (raw data from elsewhere) and commit it.
+
+    Nothing vouches for the source's completeness: use this only for data you put there.
+    """
+    with tempfile.TemporaryDirectory(prefix="mmjobs-copy-") as tmp:
+        objects = [o for o in list_objects(src) if o.relpath != MANIFEST_NAME]
+        if not objects:
+            raise StoreNotFoundError(f"{src}: nothing to copy")
+
+        def fetch(obj: ObjectInfo) -> None:
+            get_file(obj.uri, Path(tmp) / _safe_relpath(obj.relpath, os.fspath(src)))
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            list(pool.map(fetch, objects))
+        manifest = put_dir(tmp, dst, workers=workers)
+    return (f"copied {len(manifest.files)} files ({manifest.total_bytes} bytes) {src} -> {dst} "
+            "and committed it")
+
+
 # --------------------------------------------------------------------------- helpers
 
 

@@ -1,0 +1,74 @@
+"""The `mmjobs` command line: help, planned commands, validate, store, doctor."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mmjobs.cli import PLANNED, main
+
+GOOD_RECIPE = """\
+# Run: mmjobs run this.yaml
+recipe: tiny
+model:
+  name_or_path: ./models/tiny
+train:
+  lr: 1.0e-4
+"""
+
+
+def test_help_lists_every_architecture_command():
+    out = subprocess.run([sys.executable, "-m", "mmjobs.cli", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for command in ("run", "compile", "submit", "stage", "validate", "prepare", "pretokenize",
+                    "train", "score", "report", "store", "import", "serve", "ui", "doctor"):
+        assert f"\n    {command}" in out, command
+
+
+@pytest.mark.parametrize("command", sorted(PLANNED))
+def test_planned_commands_say_which_issue_brings_them(command, capsys):
+    assert main([command, "anything"]) == 2
+    assert f"arrives with issue #{PLANNED[command][0]}" in capsys.readouterr().err
+
+
+def test_validate_reports_ok_and_errors_with_exit_codes(tmp_path, capsys):
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD_RECIPE)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD_RECIPE.replace("lr:", "lrr:"))
+    assert main(["validate", str(good)]) == 0
+    assert f"OK {good} (recipe tiny)" in capsys.readouterr().out
+    assert main(["validate", str(good), str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "train.lrr: unknown key; did you mean 'lr'?" in err
+    assert main(["validate", str(good), "--set", "train.lr=fast"]) == 1
+    assert "--set train.lr=fast: got 'fast'" in capsys.readouterr().err
+
+
+def test_store_cp_and_ls_round_trip_locally(tmp_path, capsys):
+    src = tmp_path / "raw"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "x.txt").write_text("hello")
+    dst = tmp_path / "store" / "copied"
+    assert main(["store", "cp", str(src), str(dst)]) == 1
+    assert "no _MANIFEST.json" in capsys.readouterr().err
+    assert main(["store", "cp", "--uncommitted", str(src), str(dst)]) == 0
+    assert "and committed it" in capsys.readouterr().out
+    assert main(["store", "ls", str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert "sub/x.txt" in out and "committed" in out and "not committed" not in out
+
+
+def test_doctor_reports_embedded_defaults(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "[ok  ] store" in out and "(local, writable)" in out
+    assert "[ok  ] tracking     sqlite:///" in out
+
+
+def test_doctor_fails_when_the_tracking_server_is_down(monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: refused
+    assert main(["doctor"]) == 1
+    assert "[FAIL] tracking" in capsys.readouterr().out

@@ -132,7 +132,7 @@ def iter_jsonl(uri: str | os.PathLike) -> Iterator[RawRow]:
                 continue
             locator = f"{name}:{number}"
             try:
-                text = line.decode("utf-8")
+                text = line.rstrip(b"\r\n").decode("utf-8")
             except UnicodeDecodeError as e:
                 yield RawRow(locator, error=f"invalid UTF-8 at byte {e.start}")
                 continue

@@ -1,39 +1,50 @@
-"""The on-disk spool that holds MLflow tracking operations while the server is unreachable.
+"""The delivery engine behind `mmjobs.tracking`: in-order queues, the on-disk spool, retries.
 
-One JSONL file per run, `<spool_dir>/<key>.jsonl`:
+Every tracking operation of a run goes into that run's queue (`RunQueue`) and `Outbox.pump`
+delivers queues in order. What cannot be delivered (server down, or a child whose parent run
+does not exist yet) is appended to the run's spool file and retried later; while the server is
+down, at most one quick attempt is made every 2-30 s (exponential backoff).
 
-- line 1, the header: `{"spool": 1, "key", "run_id" (null if the run was never created),
+Spool file, one per run, `<spool_dir>/<key>.jsonl`:
+
+- line 1, the header: `{"spool": 1, "key", "run_id" (null if the run was not created yet),
   "name", "experiment", "tracking_uri", "created_ns"}`;
-- then operations in the order they were made, each with a per-run `seq`: `create`, `batch`
+- operations in the order they were made, each with a per-run `seq`: `create`, `batch`
   (metrics/params/tags), `artifact`, `table`, `end`;
-- and `{"ack": seq}` lines appended as operations are delivered (a `create` ack carries the
-  new `run_id`). Acks make a flush resumable: a crash re-sends at most one operation, and the
-  server tolerates that (duplicate metrics are ignored, equal params and tags are no-ops).
+- `{"ack": seq}` lines appended as operations are delivered (a `create` ack carries the new
+  `run_id`). Acks make a flush resumable: a crash re-sends at most one operation, which the
+  server tolerates (duplicate metrics are ignored, equal params and tags are no-ops).
 
 Artifacts are copied into `<key>.artifacts/<seq>/` when spooled, so deleting the source later
 loses nothing. `_index.jsonl` maps the keys of runs created from the spool to their run ids, so
-a child spooled before its parent existed can still be linked by a later `flush_spool`.
-
-A process holds an exclusive `flock` on each spool file it writes; `flush_spool` skips locked
-files (their job is still running and will deliver them itself).
+a child spooled before its parent existed can be linked by a later `flush_spool`. A process
+holds an exclusive `flock` on each spool file it writes; `flush_spool` skips locked files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
 import shutil
 import time
 import uuid
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities import Metric, Param, RunTag
+
+from mmjobs import settings
 from mmjobs.logs import get_logger
 
-log = get_logger(__name__)
+log = get_logger("mmjobs.tracking")  # users see one logger for tracking
 INDEX_NAME = "_index.jsonl"
 SPOOL_VERSION = 1
+PARENT_TAG = "mlflow.parentRunId"
+FIRST_RETRY_S, MAX_RETRY_S = 2.0, 30.0  # backoff between attempts while the server is down
+CALL_BUDGET_S = 1.0  # longest a logging call spends delivering a backlog
 
 
 def new_key() -> str:
@@ -45,14 +56,13 @@ def is_transient(exc: BaseException) -> bool:
     """Whether retrying `exc` later can succeed (server down, 5xx, timeouts, locked database).
 
     Requests the server understood and refused (400 bad value, 404 missing run, 409 conflict)
-    and local errors (missing file, bad data) will fail the same way again, so they are dropped.
+    and local errors (missing file, bad data) fail the same way again, so they are dropped.
     """
     from mlflow.exceptions import MlflowException
 
     if isinstance(exc, MlflowException):
         return exc.get_http_status_code() not in (400, 404, 409)
-    response = getattr(exc, "response", None)  # requests.HTTPError from artifact uploads
-    status = getattr(response, "status_code", None)
+    status = getattr(getattr(exc, "response", None), "status_code", None)  # requests.HTTPError
     if isinstance(status, int):
         return status not in (400, 404, 409, 413)
     if isinstance(exc, ConnectionError | TimeoutError):
@@ -60,6 +70,24 @@ def is_transient(exc: BaseException) -> bool:
     # requests' and sqlalchemy's network/lock errors do not derive from the builtins above.
     return type(exc).__name__ in ("ConnectionError", "Timeout", "ReadTimeout", "ConnectTimeout",
                                   "ChunkedEncodingError", "OperationalError", "RetryError")
+
+
+def count_op(op: dict[str, Any]) -> Counter[str]:
+    """What an op carries, for summaries: `Counter(metric=120, param=3)`, `{"run end": 1}`."""
+    if op["op"] == "batch":
+        return Counter(metric=len(op.get("metrics", [])), param=len(op.get("params", {})),
+                       tag=len(op.get("tags", {})))
+    return Counter({{"create": "run start", "end": "run end"}.get(op["op"], "artifact"): 1})
+
+
+def describe(counts: Counter[str]) -> str:
+    """`Counter(metric=120, param=3, **{"run end": 1})` → `120 metrics, 3 params, run end`."""
+    parts = []
+    for noun in ("metric", "param", "tag", "artifact", "run start", "run end"):
+        n = counts.get(noun, 0)
+        if n:
+            parts.append(noun if noun.startswith("run ") else f"{n} {noun}{'s' * (n != 1)}")
+    return ", ".join(parts)
 
 
 class SpoolFile:
@@ -71,19 +99,24 @@ class SpoolFile:
         self._fh: Any = None
 
     @property
-    def exists(self) -> bool:
+    def is_open(self) -> bool:
         return self._fh is not None
 
-    def open_new(self, header: dict[str, Any]) -> None:
-        """Create the file with `header` and take the lock (a previous file is replaced)."""
+    def open(self, header: dict[str, Any]) -> None:
+        """Open for appending and lock; a new file starts with `header`."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = self.path.open("a", encoding="utf-8")
-        fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._fh.truncate(0)
-        self._write({"spool": SPOOL_VERSION, **header})
+        fh = self.path.open("a", encoding="utf-8")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise
+        self._fh = fh
+        if fh.tell() == 0:
+            self._write({"spool": SPOOL_VERSION, **header})
 
     def try_adopt(self) -> bool:
-        """Lock an existing file for flushing; False if another live process holds it."""
+        """Lock an existing file for flushing; False if a live process holds it."""
         try:
             fh = self.path.open("a", encoding="utf-8")
         except FileNotFoundError:
@@ -93,14 +126,14 @@ class SpoolFile:
         except OSError:
             fh.close()
             return False
-        if os.fstat(fh.fileno()).st_nlink == 0:  # removed by its writer while we waited
+        if os.fstat(fh.fileno()).st_nlink == 0:  # its writer removed it meanwhile
             fh.close()
             return False
         self._fh = fh
         return True
 
     def append(self, op: dict[str, Any]) -> None:
-        """Write `op`; an artifact op's file is first copied (or moved, if ours) into the spool."""
+        """Write `op`; an artifact's file is first copied (or moved, if ours) into the spool."""
         if op["op"] == "artifact" and not op.get("_in_spool"):
             src = Path(op["path"])
             dest = self.artifacts_dir / str(op["seq"]) / src.name
@@ -111,17 +144,13 @@ class SpoolFile:
                 shutil.copytree(src, dest, dirs_exist_ok=True)
             else:
                 shutil.copy2(src, dest)
-            op["path"] = str(dest.relative_to(self.path.parent))
-            op["_in_spool"] = True
+            op["path"], op["_in_spool"] = str(dest.relative_to(self.path.parent)), True
         self._write({k: v for k, v in op.items() if not k.startswith("_")})
         op["_spooled"] = True
 
     def ack(self, op: dict[str, Any], run_id: str | None = None) -> None:
-        """Record that `op` was delivered; drop its spooled artifact copy."""
-        entry: dict[str, Any] = {"ack": op["seq"]}
-        if run_id:
-            entry["run_id"] = run_id
-        self._write(entry)
+        """Record that `op` was delivered (or dropped); delete its artifact copy."""
+        self._write({"ack": op["seq"], **({"run_id": run_id} if run_id else {})})
         if op["op"] == "artifact":
             shutil.rmtree(self.artifacts_dir / str(op["seq"]), ignore_errors=True)
 
@@ -136,7 +165,7 @@ class SpoolFile:
         self.release()
 
     def release(self) -> None:
-        """Unlock without deleting (what is still pending stays for `flush_spool`)."""
+        """Unlock without deleting: what is still pending stays for `flush_spool`."""
         if self._fh is not None:
             self._fh.close()
             self._fh = None
@@ -148,22 +177,21 @@ class SpoolFile:
 
 
 def load(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Read a spool file: its header (with `run_id` filled from a create ack) and pending ops."""
+    """Read a spool file: its header (`run_id` filled in from a create ack) and pending ops."""
     header: dict[str, Any] = {}
     ops: dict[int, dict[str, Any]] = {}
     with path.open(encoding="utf-8") as fh:
         for n, line in enumerate(fh):
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash: nothing after it counts
+            except json.JSONDecodeError:  # a line cut short by a crash: nothing follows it
                 log.warning("tracking: %s line %d is truncated; ignoring the rest", path, n + 1)
                 break
             if n == 0:
                 header = record
             elif "ack" in record:
                 ops.pop(record["ack"], None)
-                if record.get("run_id"):
-                    header["run_id"] = record["run_id"]
+                header["run_id"] = record.get("run_id") or header.get("run_id")
             else:
                 ops[record["seq"]] = {**record, "_spooled": True,
                                       "_in_spool": record["op"] == "artifact"}
@@ -180,7 +208,7 @@ def spool_files(path: Path) -> list[Path]:
 
 
 def read_index(spool_dir: Path) -> dict[str, str]:
-    """Spool key → MLflow run id for runs created from the spool."""
+    """Spool key → MLflow run id, for runs created from the spool."""
     index: dict[str, str] = {}
     path = spool_dir / INDEX_NAME
     if path.exists():
@@ -193,8 +221,214 @@ def read_index(spool_dir: Path) -> dict[str, str]:
     return index
 
 
-def add_to_index(spool_dir: Path, key: str, run_id: str) -> None:
-    """Remember that the run spooled as `key` now exists as `run_id`."""
-    spool_dir.mkdir(parents=True, exist_ok=True)
-    with (spool_dir / INDEX_NAME).open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"key": key, "run_id": run_id}) + "\n")
+@dataclasses.dataclass(eq=False)
+class RunQueue:
+    """One run's undelivered operations, in order, and what happened to them."""
+
+    key: str
+    name: str
+    spool: SpoolFile
+    run_id: str | None = None  # None until the run exists on the server
+    queue: deque[dict[str, Any]] = dataclasses.field(default_factory=deque)
+    seq: int = 0
+    recovered: Counter[str] = dataclasses.field(default_factory=Counter)  # spooled, delivered
+    rejected: Counter[str] = dataclasses.field(default_factory=Counter)  # refused; dropped
+
+    def enqueue(self, op: dict[str, Any]) -> None:
+        op["seq"] = self.seq
+        self.seq += 1
+        self.queue.append(op)
+
+
+class _Blocked(Exception):
+    """A child run cannot be created yet: its parent does not exist on the server yet."""
+
+
+class Outbox:
+    """Delivers the queues of all runs of one tracking URI. Not thread-safe: the caller locks."""
+
+    def __init__(self, tracking_uri: str, spool_dir: Path, experiment: str) -> None:
+        self.tracking_uri, self.spool_dir, self.experiment = tracking_uri, spool_dir, experiment
+        self.runs: list[RunQueue] = []  # creation order, so parents come before children
+        self.down_since: float | None = None
+        self._client: Any = None
+        self._experiments: dict[str, str] = {}
+        self._next_try = 0.0
+        self._delay = FIRST_RETRY_S
+        self._spool_warned = False
+
+    @property
+    def client(self) -> Any:
+        # Created on first use: a local database is opened (and migrated) right away, and a
+        # failure there must be spooled like any other, not raised from Tracker().
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def pending(self) -> bool:
+        return any(r.queue for r in self.runs)
+
+    def flush(self, timeout: float) -> bool:
+        """Deliver everything, retrying an unreachable server for up to `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.pump(force=True):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.down_since is None:  # out of time, or only blocked
+                return False
+            time.sleep(min(1.0, remaining))
+        return True
+
+    def pump(self, *, force: bool = False) -> bool:
+        """Deliver queued ops in order; spool what cannot go now. True if nothing is pending.
+        Without `force`, respect the outage backoff and spend at most `CALL_BUDGET_S`."""
+        start = time.monotonic()
+        if self.down_since is not None and not force and start < self._next_try:
+            return self._spill()
+        progress = True
+        while progress:  # a blocked child can go once a later-listed parent is created
+            progress = False
+            for run in self.runs:
+                while run.queue:
+                    if not force and time.monotonic() - start > CALL_BUDGET_S:
+                        return self._spill()
+                    op, new_id = run.queue[0], None
+                    try:
+                        new_id = self._deliver(run, op)
+                    except _Blocked:
+                        break
+                    except Exception as e:
+                        if is_transient(e):
+                            self._outage(e)
+                            return self._spill()
+                        log.warning("tracking: %s for run %s rejected by MLflow; dropped: %s",
+                                    op["op"], run.run_id or run.key, str(e)[:300])
+                        run.rejected.update(count_op(op))
+                    else:
+                        self._back_up()
+                        if op.get("_spooled"):
+                            run.recovered.update(count_op(op))
+                    if op.get("_spooled"):
+                        self._ack(run, op, new_id)
+                    run.queue.popleft()
+                    progress = True
+                if not run.queue and run.spool.is_open:
+                    run.spool.remove()
+        return self._spill()
+
+    def adopt(self, spool: SpoolFile, header: dict[str, Any], ops: list[dict[str, Any]]) -> None:
+        """Take over a spool file's pending ops (for `flush_spool`)."""
+        run = RunQueue(header["key"], header.get("name") or "", spool, header.get("run_id"),
+                       deque(ops), max((op["seq"] for op in ops), default=-1) + 1)
+        self.runs.append(run)
+
+    def _deliver(self, run: RunQueue, op: dict[str, Any]) -> str | None:
+        """Send one op; returns the new run id for `create`. Raises what MLflow raises."""
+        kind, client = op["op"], self.client
+        if kind == "create":
+            parent = op.get("parent_run_id") or self._resolve(op.get("parent_key"))
+            tags = {**op["tags"], **({PARENT_TAG: parent} if parent else {})}
+            created = client.create_run(self._experiment_id(op["experiment"]),
+                                        start_time=op["start_time"], tags=tags,
+                                        run_name=op["name"])
+            run.run_id = created.info.run_id
+            return run.run_id
+        if run.run_id is None:
+            raise ValueError("the run was never created")
+        if kind == "batch":
+            client.log_batch(
+                run.run_id,
+                metrics=[Metric(k, v, ts, step) for k, v, ts, step in op.get("metrics", [])],
+                params=[Param(k, v) for k, v in op.get("params", {}).items()],
+                tags=[RunTag(k, v) for k, v in op.get("tags", {}).items()])
+        elif kind == "artifact":
+            path = run.spool.resolve(op)
+            client.log_artifact(run.run_id, str(path), op.get("artifact_path"))
+            if op.get("owned") and not op.get("_in_spool"):
+                path.unlink(missing_ok=True)
+        elif kind == "table":
+            client.log_table(run.run_id, data=op["data"], artifact_file=op["artifact_file"])
+        elif kind == "end":
+            client.set_terminated(run.run_id, op["status"], op["end_time"])
+        return None
+
+    def _resolve(self, parent_key: str | None) -> str | None:
+        if not parent_key:
+            return None
+        run_id = next((r.run_id for r in self.runs if r.key == parent_key and r.run_id), None)
+        run_id = run_id or read_index(self.spool_dir).get(parent_key)
+        if run_id is None:
+            raise _Blocked(parent_key)
+        return run_id
+
+    def _experiment_id(self, name: str) -> str:
+        if name not in self._experiments:
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is None:
+                try:
+                    self._experiments[name] = self.client.create_experiment(
+                        name, artifact_location=self._local_artifact_location())
+                except Exception:  # a parallel stage may have created it first
+                    experiment = self.client.get_experiment_by_name(name)
+                    if experiment is None:
+                        raise
+            if experiment is not None:
+                if experiment.lifecycle_stage == "deleted":
+                    log.warning("tracking: experiment %r was deleted; restoring it", name)
+                    self.client.restore_experiment(experiment.experiment_id)
+                self._experiments[name] = experiment.experiment_id
+        return self._experiments[name]
+
+    def _local_artifact_location(self) -> str | None:
+        # A database backend without a server would put artifacts in ./mlruns of whatever the
+        # cwd is; keep them next to the embedded database instead.
+        scheme = self.tracking_uri.split("://", 1)[0] if "://" in self.tracking_uri else "file"
+        if scheme in ("http", "https", "databricks"):
+            return None  # the server decides (e.g. --artifacts-destination)
+        return (settings.home() / "mlartifacts").as_uri()
+
+    def _outage(self, error: Exception) -> None:
+        now = time.monotonic()
+        if self.down_since is None:
+            self.down_since = now
+            log.warning("tracking: MLflow at %s unreachable (%s); spooling to %s and retrying "
+                        "every few seconds without blocking", self.tracking_uri,
+                        str(error)[:200], self.spool_dir)
+        self._next_try = now + self._delay
+        self._delay = min(self._delay * 2, MAX_RETRY_S)
+
+    def _back_up(self) -> None:
+        if self.down_since is not None:
+            log.info("tracking: MLflow at %s reachable again after %.0f s; delivering the spool",
+                     self.tracking_uri, time.monotonic() - self.down_since)
+            self.down_since, self._delay = None, FIRST_RETRY_S
+
+    def _ack(self, run: RunQueue, op: dict[str, Any], new_id: str | None) -> None:
+        try:
+            run.spool.ack(op, new_id)
+            if new_id:  # other runs' spools may name this run by its key
+                with (self.spool_dir / INDEX_NAME).open("a", encoding="utf-8") as index:
+                    index.write(json.dumps({"key": run.key, "run_id": new_id}) + "\n")
+        except OSError as e:  # worst case a later flush_spool re-sends this op
+            log.warning("tracking: cannot update the spool %s: %s", run.spool.path, e)
+
+    def _spill(self) -> bool:
+        """Append every undelivered, not yet spooled op to its run's spool file.
+        Returns True when nothing is pending (so `pump` can return it)."""
+        try:
+            for run in self.runs:
+                for op in run.queue:
+                    if not op.get("_spooled"):
+                        if not run.spool.is_open:
+                            run.spool.open({
+                                "key": run.key, "run_id": run.run_id, "name": run.name,
+                                "experiment": self.experiment, "tracking_uri": self.tracking_uri,
+                                "created_ns": time.time_ns()})
+                        run.spool.append(op)
+        except OSError as e:
+            if not self._spool_warned:
+                self._spool_warned = True
+                log.warning("tracking: cannot write the spool in %s (%s); pending tracking data "
+                            "is held in memory only", self.spool_dir, e)
+        return not self.pending()

@@ -49,7 +49,7 @@ def test_canonical_passes_valid_records_and_rejects_bad_lines(tmp_path):
     assert records == [Sample.model_validate(SAMPLE)]
     assert [(r.row, r.reason) for r in rejects] == [
         ("samples.jsonl:2", "invalid JSON: Expecting property name enclosed in double quotes "
-                            "at column 1"),
+                            "at column 17"),
         ("samples.jsonl:3", "invalid UTF-8 at byte 0"),
         ("nc", "not a canonical sample record: conversations: Field required"),
         ("role", "not a canonical sample record: conversations.0.role: Input should be "

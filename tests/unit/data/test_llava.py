@@ -107,7 +107,7 @@ def test_llava_reads_jsonl_by_extension_and_rejects_bad_lines(tmp_path):
     samples, rejects = run(path)
     assert [s.id for s in samples] == ["42"]
     assert [(r.row, r.reason) for r in rejects] == [
-        ("part.jsonl:2", "invalid JSON: Expecting value at column 1"),
+        ("part.jsonl:2", "invalid JSON: Expecting value at column 8"),
         ("part.jsonl:4", "invalid UTF-8 at byte 0"),
     ]
 

@@ -1,0 +1,8 @@
+"""Training: schedules, trainer, checkpoint/resume, merge, MoE construction, preference tuning.
+
+Submodules import torch/transformers themselves, so importing this package is cheap.
+
+- `mmjobs.train.schedules`: LR schedules by name (cosine, linear, constant, cyclical, step,
+  exponential) with warmup, plus `lr_at_steps` / `plot_lr_curve` for reports.
+- `mmjobs.train.dropout_schedules`: per-layer LoRA dropout schedules (LaVIN's inc./dec.).
+"""

@@ -1,0 +1,455 @@
+"""The training-time loader over pretokenized shards.
+
+Input: a committed directory (local path or `s3://`) written by the pretokenize stage:
+`shard-00000.parquet, ...` with columns `id: string, input_ids: list<int32>,
+labels: list<int32>` (-100 = no loss), `images: list<binary>` (encoded PNG/JPEG bytes; empty
+for text-only rows and for image-token models), `num_image_tokens: int32`, `length: int32`,
+plus `card.json`.
+
+**Local cache.** Parquet has no cheap random row access (a row group is the smallest readable
+unit, and writers default to ~1M rows per group), so the shards are converted once into
+uncompressed Arrow IPC files under `$MMJOBS_HOME/cache/loader/<content key>/`, which are
+memory-mapped: a row read touches only that row's pages, 100k-row datasets with images cost
+page cache rather than RAM, and DataLoader workers share the pages. S3 shards are downloaded
+with `storage.get_dir` (sha256-verified); local shards are checked with `storage.verify_dir`.
+Either way a directory without `_MANIFEST.json` raises `IncompleteDirectoryError`. The key
+hashes the manifest's file checksums, so re-running a job reuses the cache, and changed shards
+get a new one. A file lock lets ranks on one node share the conversion.
+
+**Work split.** `ShardDataset.__getitem__` decodes the images with PIL and runs the image
+processor; DataLoader workers call it, so decoding never happens in the training process when
+`num_workers > 0`. The batch sampler (`sampler.ResumableBatchSampler`) and the position
+counter run in the main process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mmjobs import settings, storage
+from mmjobs.data.packing import IGNORE_INDEX, PackedCollator, concat_image_features
+from mmjobs.data.sampler import Mode, ResumableBatchSampler, check_batching_args
+from mmjobs.logs import get_logger
+
+log = get_logger(__name__)
+
+SHARD_PATTERN = "shard-*.parquet"
+CARD_NAME = "card.json"
+REQUIRED_COLUMNS = ("id", "input_ids", "labels", "images", "num_image_tokens", "length")
+_READY = "READY.json"
+_CACHE_FORMAT = 1  # bump when the cached layout changes, so stale caches are rebuilt
+_BATCH_ROWS = 1024  # rows per IPC record batch: small enough that the row index stays cheap
+
+ImageProcessor = Callable[..., Any]
+
+
+# --------------------------------------------------------------------------- local cache
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where converted shards live: `cache_dir`, or `$MMJOBS_HOME/cache/loader`."""
+    return Path(cache_dir) if cache_dir is not None else settings.home() / "cache" / "loader"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock, so ranks on one node convert a dataset only once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def materialize_shards(shards_uri: str | os.PathLike,
+                       cache_dir: str | os.PathLike | None = None) -> Path:
+    """Make a committed shard directory available locally as memory-mappable Arrow files.
+
+    Returns:
+        A local directory with `shard-*.arrow` (same rows, same order) and `card.json`.
+
+    Raises:
+        storage.IncompleteDirectoryError: `shards_uri` has no manifest (writer not finished).
+        storage.IntegrityError: a file is missing or its size or sha256 differs.
+        ValueError: no `shard-*.parquet` files, or a shard lacks required columns.
+    """
+    manifest = storage.read_manifest(shards_uri)
+    shards = sorted((f for f in manifest.files
+                     if "/" not in f.path and fnmatch(f.path, SHARD_PATTERN)),
+                    key=lambda f: f.path)
+    if not shards:
+        raise ValueError(f"{shards_uri}: committed directory has no {SHARD_PATTERN} files; "
+                         "point the loader at the pretokenize stage's output")
+    digest = hashlib.sha256(f"format={_CACHE_FORMAT}\n".encode())
+    for f in shards:
+        digest.update(f"{f.path} {f.size} {f.sha256}\n".encode())
+    root = cache_root(cache_dir)
+    target = root / digest.hexdigest()[:24]
+    if (target / _READY).is_file():
+        return target
+    with _file_lock(root / f"{target.name}.lock"):
+        if (target / _READY).is_file():  # another rank finished while we waited
+            return target
+        if target.exists():  # left by a crash before os.rename finished (not normally reachable)
+            shutil.rmtree(target)
+        with tempfile.TemporaryDirectory(prefix=f".{target.name}-", dir=root) as tmp:
+            if storage.is_s3(shards_uri):
+                log.info("downloading %s (%d files) to the loader cache", shards_uri,
+                         len(manifest.files))
+                source = Path(tmp) / "download"
+                storage.get_dir(shards_uri, source)
+            else:
+                storage.verify_dir(shards_uri)
+                source = Path(storage.parse(shards_uri).key)
+            staged = Path(tmp) / "arrow"
+            staged.mkdir()
+            rows = sum(_parquet_to_ipc(source / f.path, staged / Path(f.path).with_suffix(
+                ".arrow").name) for f in shards)
+            if (source / CARD_NAME).is_file():
+                shutil.copyfile(source / CARD_NAME, staged / CARD_NAME)
+            (staged / _READY).write_text(json.dumps({"source": str(shards_uri), "rows": rows,
+                                                     "shards": len(shards)}))
+            os.rename(staged, target)  # atomic: the cache entry appears complete or not at all
+        log.info("cached %d rows from %s at %s", rows, shards_uri, target)
+    return target
+
+
+def _parquet_to_ipc(src: Path, dst: Path) -> int:
+    """Rewrite one Parquet shard as an uncompressed Arrow IPC file, batch by batch."""
+    pf = pq.ParquetFile(src)
+    missing = [c for c in REQUIRED_COLUMNS if c not in pf.schema_arrow.names]
+    if missing:
+        raise ValueError(f"{src.name}: missing columns {missing}; pretokenized shards need "
+                         f"{list(REQUIRED_COLUMNS)}")
+    rows = 0
+    with pa.OSFile(str(dst), "wb") as sink, \
+            pa.ipc.new_file(sink, pf.schema_arrow.remove_metadata()) as writer:
+        for batch in pf.iter_batches(batch_size=_BATCH_ROWS):
+            # The sampler plans batches and bins from `length` alone, so it must be true.
+            n_ids = pc.list_value_length(batch.column("input_ids")).fill_null(0)
+            bad = pc.or_(pc.not_equal(n_ids, pc.list_value_length(batch.column("labels"))
+                                      .fill_null(0)),
+                         pc.not_equal(n_ids, pc.cast(batch.column("length"), pa.int32())))
+            if pc.any(bad.fill_null(True)).as_py():
+                first = pc.index(bad.fill_null(True), True).as_py()
+                raise ValueError(f"{src.name}: row {batch.column('id')[first].as_py()!r} has "
+                                 "length, len(input_ids) and len(labels) that disagree; re-run "
+                                 "pretokenize")
+            writer.write_batch(batch.replace_schema_metadata(None))
+            rows += batch.num_rows
+    return rows
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def _decode_image(data: bytes, row_id: str) -> Any:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")  # convert() loads the pixels, so the file can close
+    except Exception as e:
+        raise ValueError(f"row {row_id!r}: image bytes do not decode ({e})") from e
+
+
+def run_image_processor(processor: ImageProcessor, images: list[Any]) -> dict[str, torch.Tensor]:
+    """Apply `processor` to one sample's PIL images; return tensors with images on dim 0.
+
+    transformers image processors (anything with `.preprocess`) are called as
+    `processor(images, return_tensors="pt")`; other callables as `processor(images)` and may
+    return a tensor (taken as `pixel_values`, [n, C, H, W]) or a mapping of tensors.
+    """
+    if hasattr(processor, "preprocess"):
+        out = processor(images, return_tensors="pt")
+    else:
+        out = processor(images)
+    if isinstance(out, torch.Tensor):
+        return {"pixel_values": out}
+    return {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in out.items()}
+
+
+class ShardDataset(Dataset):
+    """Map-style dataset over pretokenized shards, read lazily from memory-mapped Arrow files.
+
+    `dataset[i]` returns:
+        id                str
+        input_ids         np.ndarray int32 [L]
+        labels            np.ndarray int32 [L]  (-100 = no loss)
+        length            int  (L)
+        num_image_tokens  int
+        num_images        int
+        image_features    dict of tensors, dim 0 = images (e.g. pixel_values [n, C, H, W]),
+                          if the row has images and an image_processor was given
+        images            list of PIL RGB images, if the row has images and there is no
+                          image_processor
+
+    `lengths` and `num_images` come from the `length` column and the image list offsets, so
+    they never touch image bytes.
+
+    Args:
+        shards_uri: committed pretokenized directory (local path or s3://).
+        image_processor: callable applied to each row's decoded images (see
+            `run_image_processor`); e.g. a transformers `CLIPImageProcessor` (pass a
+            processor's `.image_processor`, not the whole multimodal processor).
+        cache_dir: local cache for converted shards (default `$MMJOBS_HOME/cache/loader`).
+    """
+
+    def __init__(self, shards_uri: str | os.PathLike, *,
+                 image_processor: ImageProcessor | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> None:
+        self.uri = str(shards_uri)
+        self.image_processor = image_processor
+        self.root = materialize_shards(shards_uri, cache_dir)
+        card = self.root / CARD_NAME
+        self.card: dict[str, Any] = json.loads(card.read_text()) if card.is_file() else {}
+        self.files = sorted(self.root.glob("shard-*.arrow"))
+        starts, where, lengths, num_images = [], [], [], []
+        total = 0
+        for shard_no, path in enumerate(self.files):
+            reader = pa.ipc.open_file(pa.memory_map(str(path)))
+            for batch_no in range(reader.num_record_batches):
+                batch = reader.get_batch(batch_no)
+                starts.append(total)
+                where.append((shard_no, batch_no))
+                lengths.append(batch.column("length").to_numpy(zero_copy_only=False))
+                num_images.append(pc.list_value_length(batch.column("images"))
+                                  .fill_null(0).to_numpy(zero_copy_only=False))
+                total += batch.num_rows
+        self._starts = np.asarray(starts, dtype=np.int64)
+        self._where = where
+        self.lengths: np.ndarray = (np.concatenate(lengths).astype(np.int64) if lengths
+                                    else np.zeros(0, np.int64))
+        self.num_images: np.ndarray = (np.concatenate(num_images).astype(np.int64)
+                                       if num_images else np.zeros(0, np.int64))
+        self._readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
+        self._batches: dict[tuple[int, int], pa.RecordBatch] = {}
+        self._pid = os.getpid()
+
+    @property
+    def has_images(self) -> bool:
+        """True if any row carries image bytes."""
+        return bool(self.num_images.any())
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Memory maps and readers do not pickle (spawn/forkserver workers); reopen lazily.
+        state = dict(self.__dict__)
+        state["_readers"], state["_batches"] = {}, {}
+        return state
+
+    def _batch(self, key: tuple[int, int]) -> pa.RecordBatch:
+        if self._pid != os.getpid():  # forked worker: do not share the parent's file handles
+            self._readers, self._batches, self._pid = {}, {}, os.getpid()
+        batch = self._batches.get(key)
+        if batch is None:
+            shard_no, batch_no = key
+            reader = self._readers.get(shard_no)
+            if reader is None:
+                reader = pa.ipc.open_file(pa.memory_map(str(self.files[shard_no])))
+                self._readers[shard_no] = reader
+            # Zero-copy views into the memory map: caching them costs metadata only.
+            batch = self._batches[key] = reader.get_batch(batch_no)
+        return batch
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} rows")
+        index = int(index) % n
+        at = int(np.searchsorted(self._starts, index, side="right")) - 1
+        batch = self._batch(self._where[at])
+        row = index - int(self._starts[at])
+        row_id = batch.column("id")[row].as_py()
+        input_ids = batch.column("input_ids")[row].values.to_numpy(zero_copy_only=False)
+        labels = batch.column("labels")[row].values.to_numpy(zero_copy_only=False)
+        sample: dict[str, Any] = {
+            "id": row_id, "input_ids": input_ids, "labels": labels, "length": len(input_ids),
+            "num_image_tokens": int(batch.column("num_image_tokens")[row].as_py() or 0),
+            "num_images": int(self.num_images[index]),
+        }
+        if sample["num_images"]:
+            images = [_decode_image(b, row_id) for b in batch.column("images")[row].as_py()]
+            if self.image_processor is None:
+                sample["images"] = images
+            else:
+                sample["image_features"] = run_image_processor(self.image_processor, images)
+        return sample
+
+
+# --------------------------------------------------------------------------- collation
+
+
+class PaddedCollator:
+    """Collate samples into right-padded rows (random and length_grouped modes).
+
+    Returns:
+        input_ids       [B, L] int64, padded with pad_token_id; L = longest sample in the batch
+        labels          [B, L] int64, padded with -100
+        attention_mask  [B, L] int64, 1 on real tokens
+        num_images      [B]    int64, rows of pixel_values per sample, in order
+        pixel_values    [sum num_images, C, H, W] (plus other processor outputs), if any
+        ids             list[str]
+
+    transformers' padding collators (`DataCollatorWithPadding`, `DataCollatorForSeq2Seq`) pad
+    through a tokenizer object; pretokenized training has none, and the padding is five lines.
+    """
+
+    def __init__(self, pad_token_id: int = 0) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        width = max((len(s["input_ids"]) for s in samples), default=0)
+        shape = (len(samples), width)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.int64)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.int64)
+        attention_mask = torch.zeros(shape, dtype=torch.int64)
+        for row, s in enumerate(samples):
+            n = len(s["input_ids"])
+            input_ids[row, :n] = torch.from_numpy(np.asarray(s["input_ids"], dtype=np.int64))
+            labels[row, :n] = torch.from_numpy(np.asarray(s["labels"], dtype=np.int64))
+            attention_mask[row, :n] = 1
+        batch: dict[str, Any] = {
+            "input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "num_images": torch.tensor([s["num_images"] for s in samples], dtype=torch.int64),
+            "ids": [s["id"] for s in samples],
+        }
+        batch.update(concat_image_features(samples))
+        return batch
+
+
+# --------------------------------------------------------------------------- loader
+
+
+class ShardDataLoader:
+    """A DataLoader whose position survives restarts: `state_dict()` → `{epoch, batch_index,
+    seed}` counts the batches the training loop has received (not what workers prefetched).
+
+    `for batch in loader` yields the rest of the current epoch, then advances to the next, so a
+    loop resumed from `load_state_dict` at batch k of epoch e sees batches k, k+1, ... of e,
+    exactly as the uninterrupted run did.
+    """
+
+    def __init__(self, dataset: ShardDataset, sampler: ResumableBatchSampler,
+                 collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]], *,
+                 num_workers: int = 0, pin_memory: bool = False,
+                 prefetch_factor: int | None = None) -> None:
+        self.dataset, self.sampler, self.collate_fn = dataset, sampler, collate_fn
+        self.epoch, self.batch_index = 0, 0
+        self._loader = DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
+            pin_memory=pin_memory, prefetch_factor=prefetch_factor if num_workers else None,
+            # Workers stay up across epochs: forking and reopening memory maps every epoch
+            # would stall the first batches.
+            persistent_workers=num_workers > 0)
+
+    def __len__(self) -> int:
+        """Batches in the current epoch on this rank."""
+        return len(self.sampler.rank_batches(self.epoch))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.sampler.set_position(self.epoch, self.batch_index)
+        for batch in self._loader:
+            self.batch_index += 1  # before yielding: a checkpoint taken now resumes after it
+            yield batch
+        self.epoch, self.batch_index = self.epoch + 1, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at the beginning of `epoch`."""
+        self.epoch, self.batch_index = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        """`{epoch, batch_index, seed}` of the next batch the training loop will receive."""
+        epoch, index = self.epoch, self.batch_index
+        if index >= len(self.sampler.rank_batches(epoch)):
+            epoch, index = epoch + 1, 0  # the epoch was consumed; resume at the next one
+        return {"epoch": epoch, "batch_index": index, "seed": self.sampler.seed}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a `state_dict()`; the saved seed wins over the configured one."""
+        self.sampler.load_state_dict(dict(state))
+        self.epoch, self.batch_index = self.sampler.epoch, self.sampler.batch_index
+
+
+def build_dataloader(shards_uri: str | os.PathLike, *, batch_size: int, mode: Mode,
+                     max_length: int | None, seed: int, num_workers: int,
+                     image_processor: ImageProcessor | None = None, rank: int = 0,
+                     world_size: int = 1, pad_token_id: int | None = None,
+                     drop_last: bool = False, even_batches: bool = True,
+                     on_overlong: str = "error", pack_window: int = 8192,
+                     cache_dir: str | os.PathLike | None = None,
+                     pin_memory: bool = False) -> ShardDataLoader:
+    """Build the training loader over a committed pretokenized directory.
+
+    Args:
+        shards_uri: local path or s3:// URI of the pretokenize stage's committed output.
+        batch_size: samples per batch (random, length_grouped) or bins per batch (packed).
+        mode: `random` | `length_grouped` | `packed` (see `mmjobs.data.sampler`).
+        max_length: tokens per bin (packed, required) or the longest sample allowed (padded
+            modes; None = no limit).
+        seed: order seed; the batches of epoch e depend only on (seed, e, rank, world_size).
+        num_workers: DataLoader worker processes (image decode and processing run there).
+        image_processor: applied to each sample's images in the workers (required if the
+            shards hold images; None for text-only or image-token models).
+        rank, world_size: data-parallel share of this process.
+        pad_token_id: padding id for the padded modes (default: card.json's `pad_token_id`,
+            else 0; padded positions carry label -100 and attention_mask 0 anyway).
+        drop_last, even_batches, on_overlong, pack_window: see `ResumableBatchSampler`.
+        cache_dir: local cache for converted shards.
+        pin_memory: pin batches for faster host-to-GPU copies.
+
+    Returns:
+        A `ShardDataLoader`; padded modes yield `PaddedCollator` batches, packed mode yields
+        `PackedCollator` batches ([1, T] padding-free rows).
+
+    Raises:
+        ValueError: bad arguments (all reported together).
+        storage.IncompleteDirectoryError: `shards_uri` is not committed.
+    """
+    errors = check_batching_args(batch_size=batch_size, mode=mode, max_length=max_length,
+                                 rank=rank, world_size=world_size, on_overlong=on_overlong,
+                                 pack_window=pack_window)
+    if num_workers < 0:
+        errors.append(f"num_workers={num_workers}: must be >= 0")
+    if errors:
+        raise ValueError("build_dataloader: invalid arguments:\n  " + "\n  ".join(errors))
+    dataset = ShardDataset(shards_uri, image_processor=image_processor, cache_dir=cache_dir)
+    if dataset.has_images and image_processor is None:
+        raise ValueError(f"{shards_uri}: {int((dataset.num_images > 0).sum())} rows carry images "
+                         "but image_processor=None; pass the model's image processor (e.g. "
+                         "processor.image_processor)")
+    sampler = ResumableBatchSampler(
+        dataset.lengths, batch_size=batch_size, mode=mode, seed=seed, max_length=max_length,
+        rank=rank, world_size=world_size, drop_last=drop_last, even_batches=even_batches,
+        on_overlong=on_overlong, pack_window=pack_window)
+    if mode == "packed":
+        collate: Callable[[list[dict[str, Any]]], dict[str, Any]] = PackedCollator()
+    else:
+        pad = pad_token_id if pad_token_id is not None else dataset.card.get("pad_token_id")
+        collate = PaddedCollator(int(pad) if pad is not None else 0)
+    log.info("loader: %d rows from %s, mode=%s, batch_size=%d, %d batches/epoch on rank %d/%d",
+             len(dataset), shards_uri, mode, batch_size, len(sampler), rank, world_size)
+    return ShardDataLoader(dataset, sampler, collate, num_workers=num_workers,
+                           pin_memory=pin_memory)

@@ -1,0 +1,241 @@
+"""Batch orders for training: deterministic per (seed, epoch), resumable, sharded by rank.
+
+Every rank computes the same *global* list of batches for an epoch from `(seed, epoch)` alone,
+then takes batches `rank, rank + world_size, ...`. So ranks get disjoint batches that together
+cover the epoch, nobody communicates, and a restarted job recomputes exactly the same lists —
+which is what makes `{epoch, batch_index, seed}` a complete resume position.
+
+Modes:
+- `random`: a seeded permutation cut into batches of `batch_size` (padded to the batch maximum
+  by the collator).
+- `length_grouped`: transformers' `get_length_grouped_indices` (mega-batches of
+  `50 * batch_size` samples sorted by length, longest batch first), cut into batches; padding
+  drops because neighbours have similar lengths.
+- `packed`: a seeded permutation, packed window by window into bins of `max_length` tokens
+  (best-fit decreasing, `packing.pack_sequences`); bins are shuffled and `batch_size` bins make
+  one batch (flattened into one row by `packing.PackedCollator`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+from transformers.trainer_pt_utils import get_length_grouped_indices
+
+from mmjobs.data.packing import pack_sequences
+from mmjobs.logs import get_logger
+
+log = get_logger(__name__)
+
+Mode = Literal["random", "length_grouped", "packed"]
+MODES: tuple[str, ...] = ("random", "length_grouped", "packed")
+OVERLONG: tuple[str, ...] = ("error", "drop")
+
+
+def check_batching_args(*, batch_size: int, mode: str, max_length: int | None, rank: int,
+                        world_size: int, on_overlong: str = "error",
+                        pack_window: int = 8192) -> list[str]:
+    """Return every problem with these batching arguments (empty list: all fine)."""
+    errors = []
+    if batch_size < 1:
+        errors.append(f"batch_size={batch_size}: must be >= 1")
+    if mode not in MODES:
+        errors.append(f"mode={mode!r}: must be one of {', '.join(MODES)}")
+    if mode == "packed" and max_length is None:
+        errors.append("max_length=None: packed mode needs max_length (tokens per bin)")
+    if max_length is not None and max_length < 1:
+        errors.append(f"max_length={max_length}: must be >= 1 (or None for no limit)")
+    if world_size < 1:
+        errors.append(f"world_size={world_size}: must be >= 1")
+    elif not 0 <= rank < world_size:
+        errors.append(f"rank={rank}: must be in [0, world_size={world_size})")
+    if on_overlong not in OVERLONG:
+        errors.append(f"on_overlong={on_overlong!r}: must be one of {', '.join(OVERLONG)}")
+    if pack_window < 1:
+        errors.append(f"pack_window={pack_window}: must be >= 1")
+    return errors
+
+
+def _seed_for(seed: int, epoch: int) -> int:
+    """One 63-bit seed per (seed, epoch); unlike `seed + epoch`, (1, 0) and (0, 1) differ."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Yield this rank's batches (lists of dataset indices) of the current epoch.
+
+    Iterating starts at `batch_index` of `epoch` and, once the epoch is exhausted, moves on to
+    the next epoch, so plain `for` loops over several epochs get fresh orders. The position here
+    is where the sampler has *drawn* to; a DataLoader with workers draws ahead of what the
+    training loop consumed, so checkpoint `ShardDataLoader.state_dict()`, which counts consumed
+    batches, rather than this one.
+
+    Args:
+        lengths: tokens per sample, shape [n] (`ShardDataset.lengths`).
+        batch_size: samples per batch (random, length_grouped) or bins per batch (packed).
+        mode: `random`, `length_grouped` or `packed`.
+        seed: base seed; the order of epoch `e` depends only on (seed, e).
+        max_length: bin capacity (packed, required); in the padded modes an upper bound on
+            sample length (None: no limit).
+        rank, world_size: this process's share; batches `rank::world_size` of the global list.
+        drop_last: drop the last global batch if it is short (fewer samples/bins than
+            batch_size).
+        even_batches: give every rank the same number of batches by repeating the epoch's first
+            batches on the ranks that are short (as `DistributedSampler` does), so DDP ranks
+            never wait on a peer that has run out. False: ranks are strictly disjoint and
+            covering but may differ by one batch.
+        on_overlong: samples longer than max_length: `error` (default; truncating would cut
+            image tokens away from their pixels) or `drop` (skipped, with a warning).
+        pack_window: samples packed together; bins only form within a window, so larger windows
+            pack tighter and each epoch still gets new bins.
+        mega_batch_mult: length_grouped mega-batch size in batches (None: transformers'
+            default, 50, or fewer on tiny datasets so there are at least 4 mega-batches).
+
+    Raises:
+        ValueError: bad arguments, or overlong samples with on_overlong="error".
+    """
+
+    def __init__(self, lengths: Sequence[int] | np.ndarray, *, batch_size: int,
+                 mode: Mode = "random", seed: int = 0, max_length: int | None = None,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False,
+                 even_batches: bool = True, on_overlong: str = "error",
+                 pack_window: int = 8192, mega_batch_mult: int | None = None) -> None:
+        errors = check_batching_args(batch_size=batch_size, mode=mode, max_length=max_length,
+                                     rank=rank, world_size=world_size, on_overlong=on_overlong,
+                                     pack_window=pack_window)
+        if errors:
+            raise ValueError("invalid batching arguments:\n  " + "\n  ".join(errors))
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.batch_size, self.mode, self.seed = batch_size, mode, seed
+        self.max_length, self.rank, self.world_size = max_length, rank, world_size
+        self.drop_last, self.even_batches = drop_last, even_batches
+        self.pack_window, self.mega_batch_mult = pack_window, mega_batch_mult
+        self.eligible = self._eligible(on_overlong)
+        self.epoch = 0
+        self.batch_index = 0
+        self._cached: tuple[tuple[int, int], list[list[int]]] | None = None
+
+    def _eligible(self, on_overlong: str) -> np.ndarray:
+        """Indices of samples that can be batched (all of them unless too long)."""
+        if self.max_length is None:
+            return np.arange(len(self.lengths))
+        too_long = np.flatnonzero(self.lengths > self.max_length)
+        if too_long.size and on_overlong == "error":
+            raise ValueError(
+                f"{too_long.size} of {len(self.lengths)} samples are longer than "
+                f"max_length={self.max_length} (longest {int(self.lengths.max())} tokens, first "
+                f"index {int(too_long[0])}); raise max_length, filter them when pretokenizing, "
+                "or pass on_overlong='drop' to skip them")
+        if too_long.size:
+            log.warning("dropping %d of %d samples longer than max_length=%d",
+                        too_long.size, len(self.lengths), self.max_length)
+        return np.flatnonzero(self.lengths <= self.max_length)
+
+    # ------------------------------------------------------------------ epoch plans
+
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """All ranks' batches of `epoch`, in order (a pure function of seed and epoch)."""
+        seed = _seed_for(self.seed, epoch)
+        rng = np.random.default_rng(seed)
+        idx = self.eligible
+        if self.mode == "random":
+            order = idx[rng.permutation(len(idx))].tolist()
+            batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        elif self.mode == "length_grouped":
+            if len(idx) == 0:
+                return []
+            g = torch.Generator().manual_seed(seed)
+            pos = get_length_grouped_indices(self.lengths[idx].tolist(), self.batch_size,
+                                             mega_batch_mult=self.mega_batch_mult, generator=g)
+            order = idx[np.asarray(pos, dtype=np.int64)].tolist()
+            batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        else:
+            bins = self._packed_bins(rng)
+            batches = [[i for b in bins[k:k + self.batch_size] for i in b]
+                       for k in range(0, len(bins), self.batch_size)]
+            if self.drop_last and len(bins) % self.batch_size:
+                batches.pop()  # the last batch holds fewer than batch_size bins
+            return batches
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return batches
+
+    def _packed_bins(self, rng: np.random.Generator) -> list[list[int]]:
+        """Shuffle, pack each window of samples into bins, shuffle the bins."""
+        assert self.max_length is not None  # checked in __init__
+        order = self.eligible[rng.permutation(len(self.eligible))]
+        bins: list[list[int]] = []
+        for start in range(0, len(order), self.pack_window):
+            window = order[start:start + self.pack_window]
+            bins.extend(window[b].tolist() for b in pack_sequences(self.lengths[window],
+                                                                  self.max_length))
+        # Best-fit decreasing emits long-first bins; shuffle so batch order carries no length
+        # trend across the epoch.
+        return [bins[i] for i in rng.permutation(len(bins))]
+
+    def packed_bins(self, epoch: int) -> list[list[int]]:
+        """All ranks' bins of `epoch` in batch order (packed mode; for inspection and tests)."""
+        if self.mode != "packed":
+            raise ValueError(f"packed_bins: mode is {self.mode!r}, not 'packed'")
+        return self._packed_bins(np.random.default_rng(_seed_for(self.seed, epoch)))
+
+    def rank_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of `epoch`, in order (cached for the last epoch asked)."""
+        key = (epoch, self.seed)
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        batches = self.global_batches(epoch)
+        n, w = len(batches), self.world_size
+        if self.even_batches and w > 1 and n % w:
+            per_rank = -(-n // w)
+            batches = batches + [batches[i % n] for i in range(per_rank * w - n)]
+        mine = batches[self.rank::w]
+        self._cached = (key, mine)
+        return mine
+
+    # ------------------------------------------------------------------ iteration and state
+
+    def __len__(self) -> int:
+        """Batches of the current epoch on this rank (all of them, not just the remaining)."""
+        return len(self.rank_batches(self.epoch))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.rank_batches(self.epoch)
+        while self.batch_index < len(batches):
+            self.batch_index += 1
+            yield batches[self.batch_index - 1]
+        self.epoch, self.batch_index = self.epoch + 1, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at the beginning of `epoch` (DistributedSampler API)."""
+        self.set_position(epoch, 0)
+
+    def set_position(self, epoch: int, batch_index: int) -> None:
+        """Start the next iteration at batch `batch_index` of `epoch`."""
+        if epoch < 0 or batch_index < 0:
+            raise ValueError(f"set_position: epoch={epoch}, batch_index={batch_index} must be "
+                             ">= 0")
+        self.epoch, self.batch_index = epoch, batch_index
+
+    def state_dict(self) -> dict[str, int]:
+        """`{epoch, batch_index, seed}` of the next batch to draw (end of epoch → next epoch)."""
+        epoch, index = self.epoch, self.batch_index
+        if index >= len(self.rank_batches(epoch)):
+            epoch, index = epoch + 1, 0
+        return {"epoch": epoch, "batch_index": index, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at a `state_dict()` position; the saved seed wins over the configured one."""
+        missing = {"epoch", "batch_index", "seed"} - set(state)
+        if missing:
+            raise ValueError(f"load_state_dict: missing keys {sorted(missing)}; expected the "
+                             "dict returned by state_dict()")
+        if int(state["seed"]) != self.seed:
+            log.warning("resuming with the checkpoint's seed %s instead of the configured %s, so "
+                        "the batch order continues the interrupted run", state["seed"], self.seed)
+            self.seed = int(state["seed"])
+        self.set_position(int(state["epoch"]), int(state["batch_index"]))

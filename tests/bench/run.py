@@ -1,0 +1,28 @@
+"""Run benchmarks: `python -m tests.bench.run [NAME ...]` (default: every tests/bench/bench_*.py).
+
+Each bench module exposes `main(argv: list[str] | None)` and prints its own figures; pytest
+never collects these files (they are not named test_*.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = argv if argv is not None else sys.argv[1:]
+    if not names:
+        names = sorted(p.stem for p in Path(__file__).parent.glob("bench_*.py"))
+    for name in names:
+        module = importlib.import_module(f"tests.bench.{name.removesuffix('.py')}")
+        start = time.perf_counter()
+        module.main([])
+        print(f"[{name}: {time.perf_counter() - start:.1f}s]\n", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -20,7 +20,6 @@ PLANNED: dict[str, tuple[int, str]] = {
     "compile": (6, "compile a recipe to KFP pipeline YAML for a cluster"),
     "submit": (6, "submit a recipe to a Kubeflow Pipelines endpoint"),
     "train": (4, "run the train stage"),
-    "score": (5, "score a predictions file with an official metric"),
     "report": (6, "plots and comparison tables across an experiment's runs"),
     "import": (9, "copy a model or dataset from a hub or URL into the store"),
     "serve": (9, "serve a model behind an OpenAI-compatible API with a chat page"),
@@ -162,10 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source_format", help="input format, e.g. llava, aihub-chart")
     p.add_argument("--input", help="input URI (local path or s3://)")
     p.add_argument("--output", help="output URI (default: the store layout)")
+    p.add_argument("--image-root", dest="image_root", help="where the input's image paths point")
+    p.add_argument("--num", type=int, help="generators (synthetic-charts): how many charts")
+    p.add_argument("--seed", type=int, help="generators: random seed")
     p.add_argument("--config", help="stage config YAML")
     overrides(p)
-    p.set_defaults(func=_stage_with_flags("prepare", {"source_format": "source_format",
-                                                      "input": "input", "output": "output"}))
+    p.set_defaults(func=_stage_with_flags("prepare", {
+        name: name for name in ("source_format", "input", "output", "image_root", "num", "seed")}))
 
     p = sub.add_parser("pretokenize", help="tokenize a canonical dataset into Parquet shards")
     p.add_argument("--dataset", help="canonical dataset URI (a prepare output)")
@@ -180,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"{what} (arrives with issue #{issue})")
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=_planned(name))
+
+    # Parsed by mmjobs.eval.score.score_main (main() hands it the raw arguments).
+    sub.add_parser("score", help="score a predictions file with an official metric: --metric "
+                                 "NAME --predictions FILE [--variant V] [--tolerance T]")
 
     store = sub.add_parser("store", help="list and copy data between local paths and S3")
     store_sub = store.add_subparsers(dest="store_command", required=True, metavar="ls|cp")
@@ -206,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Commands that own their flags (`--help` included) get the raw arguments.
+    if argv[:1] == ["score"]:
+        from mmjobs.eval.score import score_main
+
+        return score_main(argv[1:])
+    if argv[:1] == ["stage"] and len(argv) > 1 and not argv[1].startswith("-"):
+        return cmd_stage(argparse.Namespace(name=argv[1], stage_args=argv[2:]))
     args = build_parser().parse_args(argv)
     from mmjobs.storage import StoreError
 

@@ -316,5 +316,10 @@ def _result(out: str, card: dict[str, Any], *, cached: bool, run_id: str | None)
         samples=storage.join(out, SAMPLES_FILE), rejects=storage.join(out, REJECTS_FILE))
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m mmjobs.stages.prepare` / `mmjobs stage prepare` (the image entrypoint)."""
+    return stage_cli(STAGE, PrepareConfig, main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(stage_cli(STAGE, PrepareConfig, main))
+    sys.exit(cli())

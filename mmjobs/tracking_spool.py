@@ -61,7 +61,9 @@ def is_transient(exc: BaseException) -> bool:
     from mlflow.exceptions import MlflowException
 
     if isinstance(exc, MlflowException):
-        return exc.get_http_status_code() not in (400, 404, 409)
+        # A bare 404 (no MLflow error body) means a proxy without its backend, not a bad request.
+        return (exc.error_code == "ENDPOINT_NOT_FOUND"
+                or exc.get_http_status_code() not in (400, 404, 409))
     status = getattr(getattr(exc, "response", None), "status_code", None)  # requests.HTTPError
     if isinstance(status, int):
         return status not in (400, 404, 409, 413)

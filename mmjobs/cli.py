@@ -104,6 +104,14 @@ def cmd_store_cp(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tracking_flush(args: argparse.Namespace) -> int:
+    from mmjobs import settings
+    from mmjobs.tracking import flush_spool
+
+    print(flush_spool(args.path or settings.spool_dir(), args.tracking_uri))
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from mmjobs.doctor import run_doctor
 
@@ -199,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="copy a plain folder/prefix without a manifest (raw data) and commit it")
     p.add_argument("--workers", type=int, default=8, help="parallel transfers")
     p.set_defaults(func=cmd_store_cp)
+
+    tracking = sub.add_parser("tracking", help="deliver tracking data spooled during an outage")
+    tracking_sub = tracking.add_subparsers(dest="tracking_command", required=True, metavar="flush")
+    p = tracking_sub.add_parser("flush", help="send spooled runs/metrics to the MLflow server")
+    p.add_argument("path", nargs="?", help="a spool file or directory (default: MMJOBS_HOME's)")
+    p.add_argument("--tracking-uri", help="deliver here instead of the server each run was for")
+    p.set_defaults(func=cmd_tracking_flush)
 
     p = sub.add_parser("ui", help="start the MLflow UI on the embedded database")
     p.add_argument("--host", default="127.0.0.1")

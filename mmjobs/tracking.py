@@ -62,7 +62,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 MAX_PARAMS_TAGS_PER_BATCH = 100
 MAX_PARAM_LENGTH, MAX_TAG_LENGTH, MAX_KEY_LENGTH = 6000, 8000, 250
-FLUSH_HINT = "mmjobs.tracking.flush_spool('{path}')"  # how a pending summary says to deliver
+FLUSH_HINT = "mmjobs tracking flush '{path}'"  # how a pending summary says to deliver
 _KEY_BAD_CHARS = re.compile(r"[^/\w.\- :]")  # MLflow accepts only these in param/metric names
 
 

@@ -72,3 +72,26 @@ def test_doctor_fails_when_the_tracking_server_is_down(monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: refused
     assert main(["doctor"]) == 1
     assert "[FAIL] tracking" in capsys.readouterr().out
+
+
+def test_tracking_flush_delivers_a_spool_left_by_an_outage(capsys):
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    from mmjobs import settings
+    from mmjobs.tracking import Tracker
+
+    tracker = Tracker("cli-flush", tracking_uri="http://127.0.0.1:9", end_timeout=0.5)
+    run = tracker.start_run("stage")
+    run.log_metrics({"loss": 1.5}, step=3)
+    assert "still pending" in run.end()
+    tracker.close(timeout=0)
+    target = os.environ["MLFLOW_TRACKING_URI"]  # the embedded database stands in for the server
+    assert main(["tracking", "flush", str(settings.spool_dir()), "--tracking-uri", target]) == 0
+    assert "flushed" in capsys.readouterr().out
+    client = MlflowClient(target)
+    [delivered] = client.search_runs([client.get_experiment_by_name("cli-flush").experiment_id])
+    assert [(m.step, m.value) for m in client.get_metric_history(delivered.info.run_id, "loss")] \
+        == [(3, 1.5)]
+    assert delivered.info.status == "FINISHED"

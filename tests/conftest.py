@@ -11,6 +11,9 @@ import pytest
 
 from tests.servers import MLflowServer, S3Server
 
+# Session fixtures building tiny models once: tiny_llava_dir, tiny_chameleon_dir.
+pytest_plugins = ["tests.fixtures_models"]
+
 # Variables that would point a test at a developer's real services.
 _LEAKY_ENV = (
     "MMJOBS_STORE", "MMJOBS_HOME", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_PROFILE",

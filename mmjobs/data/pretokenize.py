@@ -1,0 +1,390 @@
+"""Pre-tokenize a canonical dataset into Parquet shards, in parallel, resumable.
+
+`pretokenize(job)` streams `samples.jsonl` once, cuts it into shards of `shard_size` input rows
+(shard i = rows [i*shard_size, (i+1)*shard_size)) and hands whole shards to `workers` processes
+(spawned, each loading the processor once; `workers=1` runs in-process). Only the shards in
+flight are in memory, never the dataset.
+
+**Resumable.** Each finished shard is written straight to the output location (local or S3),
+then a marker `_shards/shard-NNNNN.json` with its stats, rejects, size and sha256. A re-run
+with the same fingerprint skips every shard that has a marker, so a crash (OOM kill, preempted
+node, SIGKILL) costs at most the shards in flight; the output is byte-identical to an
+uninterrupted run because each shard depends only on its own rows. Shards go to the store
+rather than a local work dir so a retry in a fresh pod resumes too.
+
+**Committed.** When all shards exist, `rejects.jsonl` and `card.json` are written and then
+`_MANIFEST.json` (from the markers' checksums, so S3 shards are not downloaded again); before
+that the directory is incomplete and never read as an input.
+
+Row-level problems become rejects with a reason (`too_long: N tokens > max_length M`, ...),
+so `input = written + rejected` always holds; problems with the model or the code raise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from mmjobs import storage
+from mmjobs.data import pretokenized as fmt
+from mmjobs.data.records import CARD_FILE as DATASET_CARD
+from mmjobs.data.records import SAMPLES_FILE, RawRow, Reject, parse_record
+from mmjobs.data.validate import normalize_reason
+from mmjobs.logs import get_logger, progress
+
+log = get_logger(__name__)
+# Test hook: the process exits abruptly (like SIGKILL) after writing this many shards.
+CRASH_ENV = "MMJOBS_PRETOKENIZE_CRASH_AFTER_SHARDS"
+
+
+@dataclass(frozen=True)
+class PretokenizeJob:
+    """Everything a pre-tokenization run needs (all JSON-able, so workers can receive it)."""
+
+    dataset: str  # committed canonical dataset URI
+    model_dir: str  # local directory with the processor (and VQ weights for Chameleon)
+    out: str  # output URI (usually {cache_root}/{fingerprint})
+    fingerprint: str
+    max_length: int
+    shard_size: int
+    workers: int = 1
+    trust_remote_code: bool = False
+    card_meta: dict[str, Any] = field(default_factory=dict)  # model id, fingerprints, ...
+
+
+@dataclass
+class _Context:
+    """Per-process state: the job, where images live, the encoder (loaded once)."""
+
+    job: PretokenizeJob
+    image_root: str
+    encoder: Any = None
+    shards_done: int = 0
+
+
+_WORKER: _Context | None = None
+
+
+@dataclass(frozen=True)
+class PretokenizeOutcome:
+    """The committed card, and how many shards this run wrote vs. reused from a crashed one."""
+
+    card: dict[str, Any]
+    shards_written: int
+    shards_reused: int
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def pretokenize(job: PretokenizeJob, *, force: bool = False) -> PretokenizeOutcome:
+    """Write the pre-tokenized, committed dataset for `job`.
+
+    Worker processes are spawned, so a script calling this with `workers > 1` needs the usual
+    `if __name__ == "__main__":` guard (the stage CLI has it).
+
+    Args:
+        job: inputs, output URI, options.
+        force: ignore finished shards of an earlier run and start over.
+
+    Raises:
+        storage.IncompleteDirectoryError: the dataset has no manifest.
+        ValueError: the dataset is not a `sample` dataset, or the model has no chat template.
+        RuntimeError: a worker process died (the finished shards are kept; re-run to resume).
+    """
+    from mmjobs.data.sample_encoder import SampleEncoder
+
+    storage.read_manifest(job.dataset)  # an uncommitted dataset is incomplete: never read it
+    dataset_card = json.loads(storage.read_text(storage.join(job.dataset, DATASET_CARD)))
+    if dataset_card.get("kind", "sample") != "sample":
+        raise ValueError(f"{job.dataset}: pretokenize supports kind=sample datasets, not "
+                         f"{dataset_card.get('kind')!r}")
+    ctx = _Context(job, resolve_image_root(job.dataset, dataset_card))
+    # Loading the processor here first fails fast on a bad model, before any worker starts.
+    ctx.encoder = SampleEncoder(job.model_dir, max_length=job.max_length,
+                                trust_remote_code=job.trust_remote_code)
+    storage.delete(storage.join(job.out, storage.MANIFEST_NAME))
+    finished = {} if force else _finished_shards(job)
+    _remove_leftovers(job.out, finished)
+    if finished:
+        log.info("%s: resuming; %d shards already done", job.out, len(finished))
+
+    plan = _ShardPlan(job, skip=set(finished))
+    stats = dict(finished)
+    for shard in progress(_run_shards(ctx, plan), desc="pretokenize shards"):
+        stats[shard["shard"]] = shard
+    missing = set(range(plan.num_shards)) - set(stats)
+    if missing:  # cannot happen unless markers vanished mid-run
+        raise RuntimeError(f"{job.out}: shards {sorted(missing)[:5]} were not written")
+    card = build_card(job, [stats[i] for i in range(plan.num_shards)], ctx.encoder.describe())
+    _commit(job, [stats[i] for i in range(plan.num_shards)], card)
+    return PretokenizeOutcome(card, len(stats) - len(finished), len(finished))
+
+
+def resolve_image_root(dataset: str, card: dict[str, Any]) -> str:
+    """The dataset card's `image_root`: a URI, or a path relative to the dataset directory."""
+    root = card.get("image_root")
+    if not root:
+        return dataset
+    if storage.is_s3(root) or root.startswith("file://") or os.path.isabs(root):
+        return root
+    return storage.join(dataset, root)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+class _ShardPlan:
+    """Streams samples.jsonl once, yielding `(index, rows)` for shards not yet done."""
+
+    def __init__(self, job: PretokenizeJob, skip: set[int]) -> None:
+        self.job, self.skip, self.num_shards = job, skip, 0
+
+    def __iter__(self) -> Iterator[tuple[int, list[RawRow]]]:
+        from mmjobs.data.records import iter_jsonl
+
+        rows: list[RawRow] = []
+        index = 0
+        for row in iter_jsonl(storage.join(self.job.dataset, SAMPLES_FILE)):
+            rows.append(row)
+            if len(rows) == self.job.shard_size:
+                if index not in self.skip:
+                    yield index, rows
+                index, rows = index + 1, []
+        if rows:
+            if index not in self.skip:
+                yield index, rows
+            index += 1
+        self.num_shards = index
+
+
+def _run_shards(ctx: _Context, plan: _ShardPlan) -> Iterator[dict[str, Any]]:
+    """Encode the planned shards in-process or in a process pool; yield their stats."""
+    if ctx.job.workers <= 1:
+        for index, rows in plan:
+            yield _encode_shard(ctx, index, rows)
+        return
+    spawn = get_context("spawn")  # fork would copy torch/tokenizer threads; spawn is clean
+    limit = 2 * ctx.job.workers  # shards in flight, which bounds memory
+    try:
+        with ProcessPoolExecutor(ctx.job.workers, mp_context=spawn, initializer=_init_worker,
+                                 initargs=(ctx.job, ctx.image_root)) as pool:
+            pending: set[Future] = set()
+            for index, rows in plan:
+                if len(pending) >= limit:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    yield from (f.result() for f in done)
+                pending.add(pool.submit(_encode_shard_in_worker, index, rows))
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                yield from (f.result() for f in done)
+    except BrokenProcessPool as e:
+        raise RuntimeError(f"{ctx.job.out}: a pretokenize worker process died (killed, or out "
+                           "of memory: lower `workers` or `shard_size`); finished shards are "
+                           "kept, re-run to resume") from e
+
+
+def _init_worker(job: PretokenizeJob, image_root: str) -> None:
+    global _WORKER
+    import torch
+
+    from mmjobs.data.sample_encoder import SampleEncoder
+
+    # Workers share the cores: one torch thread each avoids oversubscription.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.workers))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _WORKER = _Context(job, image_root, SampleEncoder(job.model_dir, max_length=job.max_length,
+                                                      trust_remote_code=job.trust_remote_code))
+
+
+def _encode_shard_in_worker(index: int, rows: list[RawRow]) -> dict[str, Any]:
+    if _WORKER is None:
+        raise RuntimeError("pretokenize worker was not initialised")
+    return _encode_shard(_WORKER, index, rows)
+
+
+# --------------------------------------------------------------------------- one shard
+
+
+def _encode_shard(ctx: _Context, index: int, rows: list[RawRow]) -> dict[str, Any]:
+    """Encode one shard's rows, write the Parquet shard, then its marker; return the stats."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmjobs.data.sample_encoder import SampleRejected
+
+    job = ctx.job
+    encoded, rejects = [], []
+    for row in rows:
+        try:
+            encoded.append(_encode_row(ctx, row))
+        except SampleRejected as e:
+            sample_id = row.data.get("id") if isinstance(row.data, dict) else None
+            rejects.append(Reject(str(sample_id or row.locator), e.reason, row.locator).to_json())
+    table = pa.Table.from_pydict({
+        "id": [e.id for e in encoded],
+        "input_ids": [e.input_ids for e in encoded],
+        "labels": [e.labels for e in encoded],
+        "images": [e.images for e in encoded],
+        "num_image_tokens": [e.num_image_tokens for e in encoded],
+        "length": [e.length for e in encoded],
+    }, schema=fmt.SHARD_SCHEMA)
+    with tempfile.TemporaryDirectory(prefix="mmjobs-shard-") as tmp:
+        local = Path(tmp) / fmt.shard_name(index)
+        pq.write_table(table, local, compression="zstd")
+        entry = storage.FileEntry(fmt.shard_name(index), local.stat().st_size,
+                                  storage.sha256_file(local))
+        storage.put_file(local, storage.join(job.out, entry.path))
+    lengths = [e.length for e in encoded]
+    stats = {
+        "fingerprint": job.fingerprint, "shard": index, "file": entry.path, "size": entry.size,
+        "sha256": entry.sha256, "rows_in": len(rows), "rows_written": len(encoded),
+        "rejects": rejects, "tokens": sum(lengths),
+        "label_tokens": sum(e.label_tokens for e in encoded),
+        "image_tokens": sum(e.num_image_tokens for e in encoded),
+        "images": sum(len(e.images) for e in encoded), "max_length": max(lengths, default=0),
+        "histogram": fmt.histogram_counts(lengths, fmt.histogram_edges(job.max_length)),
+    }
+    # The marker goes last: its presence means the shard is complete.
+    marker = _dumps(stats)
+    storage.write_text(storage.join(job.out, fmt.marker_name(index)), marker)
+    ctx.shards_done += 1
+    if os.environ.get(CRASH_ENV) and ctx.shards_done >= int(os.environ[CRASH_ENV]):
+        os._exit(86)  # test hook: die like a killed process, without cleanup
+    # Return exactly what a resumed run reads back, so both build byte-identical outputs.
+    return json.loads(marker)
+
+
+def _encode_row(ctx: _Context, row: RawRow):
+    from mmjobs.data.sample_encoder import SampleRejected
+
+    if row.error:  # invalid UTF-8 or JSON: validate's codes for reader errors
+        raise SampleRejected(*normalize_reason(row.error).split(": ", 1))
+    try:
+        sample = parse_record(row.data, "sample")
+    except ValueError as e:
+        raise SampleRejected("invalid_record", str(e)) from None
+    images = []
+    for path in sample.images:
+        parts = PurePosixPath(path).parts
+        if not path or PurePosixPath(path).is_absolute() or ".." in parts or "\\" in path:
+            raise SampleRejected("image_path_unsafe", f"{path!r} is not a relative path under "
+                                 "the image root")
+        try:
+            images.append(storage.read_bytes(storage.join(ctx.image_root, path)))
+        except storage.StoreNotFoundError:
+            raise SampleRejected("image_missing", f"{path}: not found under "
+                                 f"{ctx.image_root}") from None
+    return ctx.encoder.encode(sample, images)
+
+
+# --------------------------------------------------------------------------- resume + commit
+
+
+def _finished_shards(job: PretokenizeJob) -> dict[int, dict[str, Any]]:
+    """Stats of shards a previous run of the same fingerprint completed (marker + shard)."""
+    sizes = {o.relpath: o.size for o in storage.list_objects(job.out)}
+    finished = {}
+    for rel in sorted(sizes):
+        if not (rel.startswith(fmt.MARKER_DIR + "/") and rel.endswith(".json")):
+            continue
+        try:
+            stats = json.loads(storage.read_text(storage.join(job.out, rel)))
+        except (ValueError, storage.StoreError):
+            continue  # unreadable marker: redo that shard
+        if (stats.get("fingerprint") == job.fingerprint
+                and sizes.get(stats.get("file")) == stats.get("size")):
+            finished[int(stats["shard"])] = stats
+    return finished
+
+
+def _remove_leftovers(out: str, finished: dict[int, dict[str, Any]]) -> None:
+    """Delete our files that no finished marker vouches for (partial shards, stale markers)."""
+    keep = {s["file"] for s in finished.values()} | {fmt.marker_name(i) for i in finished}
+    ours = ("shard-", ".shard-", f"{fmt.MARKER_DIR}/", fmt.CARD_FILE, fmt.REJECTS_FILE)
+    for obj in storage.list_objects(out):
+        if obj.relpath not in keep and obj.relpath.startswith(ours):
+            storage.delete(obj.uri)
+
+
+def build_card(job: PretokenizeJob, shards: list[dict[str, Any]],
+               processor: dict[str, Any]) -> dict[str, Any]:
+    """The dataset card: counts that reconcile, rejects by reason, lengths, tokens, schema."""
+    rows_in = sum(s["rows_in"] for s in shards)
+    written = sum(s["rows_written"] for s in shards)
+    reasons = Counter(r["reason"].split(":", 1)[0] for s in shards for r in s["rejects"])
+    rejected = sum(reasons.values())
+    if rows_in != written + rejected:
+        raise RuntimeError(f"counts do not reconcile: {rows_in} in != {written} written + "
+                           f"{rejected} rejected")
+    tokens = sum(s["tokens"] for s in shards)
+    edges = fmt.histogram_edges(job.max_length)
+    counts = [sum(c) for c in zip(*(s["histogram"] for s in shards), strict=True)] if shards \
+        else [0] * (len(edges) - 1)
+    return {
+        "format": fmt.FORMAT,
+        "kind": "sample",
+        "dataset": job.dataset,
+        "fingerprint": job.fingerprint,
+        **job.card_meta,
+        "processor": processor,
+        # Top level for the loader's collator and the trainer.
+        "pad_token_id": processor.get("pad_token_id"),
+        "eos_token_id": processor.get("eos_token_id"),
+        "image_token_id": processor.get("image_token_id"),
+        "image_mode": processor.get("image_mode"),
+        "max_length": job.max_length,
+        "shard_size": job.shard_size,
+        "counts": {"input": rows_in, "written": written, "rejected": rejected},
+        "rejected_by_reason": dict(sorted(reasons.items())),
+        "tokens": {
+            "total": tokens,
+            "label": sum(s["label_tokens"] for s in shards),
+            "image": sum(s["image_tokens"] for s in shards),
+            "mean_length": round(tokens / written, 3) if written else 0.0,
+            "max_length": max((s["max_length"] for s in shards), default=0),
+        },
+        "images": sum(s["images"] for s in shards),
+        "length_histogram": {"edges": edges, "counts": counts},
+        "shards": [{"file": s["file"], "rows": s["rows_written"]} for s in shards],
+        "columns": fmt.schema_description(),
+    }
+
+
+def _commit(job: PretokenizeJob, shards: list[dict[str, Any]], card: dict[str, Any]) -> None:
+    """Write rejects.jsonl and card.json, then the manifest (from recorded checksums)."""
+    entries = [storage.FileEntry(s["file"], s["size"], s["sha256"]) for s in shards]
+    # Markers are re-serialized exactly as written, so their checksums need no download.
+    files = {fmt.marker_name(s["shard"]): _dumps(s).encode() for s in shards}
+    files[fmt.REJECTS_FILE] = b"".join(
+        (json.dumps({k: r[k] for k in ("row", "reason", "source")}, ensure_ascii=False)
+         + "\n").encode() for s in shards for r in s["rejects"])
+    files[fmt.CARD_FILE] = json.dumps(card, indent=1, ensure_ascii=False).encode()
+    for rel, data in files.items():
+        if not rel.startswith(fmt.MARKER_DIR):
+            storage.write_bytes(storage.join(job.out, rel), data)
+        entries.append(storage.FileEntry(rel, len(data), _sha256(data)))
+    manifest = storage.Manifest(files=sorted(entries, key=lambda e: e.path),
+                                meta={"fingerprint": job.fingerprint, "kind": "pretokenized",
+                                      "format": fmt.FORMAT})
+    storage.write_text(storage.join(job.out, storage.MANIFEST_NAME), manifest.to_json())
+
+
+def _dumps(stats: dict[str, Any]) -> str:
+    return json.dumps(stats, sort_keys=True, ensure_ascii=False)
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+

@@ -1,0 +1,310 @@
+"""Turn one canonical sample into training tokens with a model's own processor.
+
+`SampleEncoder(model_dir).encode(sample, image_bytes)` does, for one conversation:
+
+1. Render the chat template to text, with the character spans of each assistant turn: from
+   the template's `{% generation %}` blocks when it has them, else by rendering the
+   conversation up to each assistant turn with `add_generation_prompt=True` and taking the
+   difference (works for any template whose renderings of a prefix are prefixes).
+2. Call the processor on that text and the images (never truncating): it expands each
+   `<image>` to the model's image-token count and tokenizes, returning character offsets.
+3. Labels = input ids on tokens that overlap an assistant span (the assistant's text and its
+   end-of-turn token), -100 elsewhere.
+4. Image-token models (Chameleon): run the model's VQ encoder once and write the real image
+   token ids over the `<image>` placeholders, in `input_ids` and, inside assistant turns, in
+   `labels` (Align-Anything's pre-tokenization, so the model can learn to generate images).
+   Only the VQ-VAE weights are loaded, never the language model.
+
+A sample that cannot be encoded raises `SampleRejected(code, detail)` with a reason code from
+`mmjobs.data.validate.REASONS` (`too_long`, `placeholder_mismatch`, `image_corrupt`,
+`empty_assistant`), the vocabulary the whole pipeline shares.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmjobs.data.records import IMAGE_TOKEN, Sample
+from mmjobs.data.validate import TOO_LONG, reason
+from mmjobs.logs import get_logger
+
+log = get_logger(__name__)
+IGNORE_INDEX = -100  # PyTorch cross-entropy's ignore_index: no loss on these positions
+_GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# Weight files, which only image-token models need at pre-tokenization time.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json",
+                   ".bin.index.json")
+
+
+class SampleRejected(Exception):
+    """A sample that cannot be encoded; `reason` is `"<code>: <detail>"` (validate.REASONS)."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        self.code = code
+        self.reason = reason(code, detail)  # raises on a code outside the shared vocabulary
+        super().__init__(self.reason)
+
+
+@dataclass
+class EncodedSample:
+    """One pre-tokenized sample (a row of a shard).
+
+    `input_ids`, `labels`: length `length` each; labels are -100 outside assistant turns.
+    `images`: the original encoded image bytes (placeholder models) or empty (image-token
+    models, whose images are already tokens in `input_ids`).
+    `num_image_tokens`: positions holding image tokens (placeholders or VQ codes).
+    """
+
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    images: list[bytes] = field(default_factory=list)
+    num_image_tokens: int = 0
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def label_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+def is_image_token_model(config: Any) -> bool:
+    """True for models that read images as discrete tokens (Chameleon's VQ codes).
+
+    `config` is a transformers config or the `config.json` dict.
+    """
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(
+        config, "model_type", None)
+    return model_type == "chameleon"
+
+
+class SampleEncoder:
+    """A model's processor + chat template (+ VQ image tokenizer), loaded once per process."""
+
+    def __init__(self, model_dir: str | Path, *, max_length: int,
+                 trust_remote_code: bool = False) -> None:
+        from transformers import AutoConfig, AutoProcessor
+
+        self.model_dir = Path(model_dir)
+        self.max_length = max_length
+        # local_files_only: pre-tokenization never reaches a model hub, even by accident.
+        self.config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True,
+                                                 trust_remote_code=trust_remote_code)
+        self.processor = AutoProcessor.from_pretrained(self.model_dir, local_files_only=True,
+                                                       trust_remote_code=trust_remote_code)
+        self.tokenizer = getattr(self.processor, "tokenizer", None)
+        if self.tokenizer is None or not hasattr(self.processor, "image_processor"):
+            raise ValueError(f"{self.model_dir}: AutoProcessor gave {type(self.processor).__name__}"
+                             ", not an image-text processor with a tokenizer; point `model` at a "
+                             "vision-language model directory")
+        self.chat_template = (getattr(self.processor, "chat_template", None)
+                              or self.tokenizer.chat_template)
+        if not self.chat_template:
+            raise ValueError(f"{self.model_dir}: neither the processor nor the tokenizer has a "
+                             "chat template; add chat_template.jinja to the model directory")
+        self.image_token = getattr(self.processor, "image_token", IMAGE_TOKEN)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.vq = VQImageTokenizer(self.model_dir, self.config) if is_image_token_model(
+            self.config) else None
+        # Chameleon's processor appends its separator token unless told the text is complete.
+        self._call_kwargs: dict[str, Any] = {"return_for_text_completion": True} if hasattr(
+            self.processor, "return_for_text_completion") else {}
+
+    @property
+    def image_mode(self) -> str:
+        """`vq_tokens` (images are tokens in input_ids) or `placeholder` (bytes in `images`)."""
+        return "vq_tokens" if self.vq else "placeholder"
+
+    def describe(self) -> dict[str, Any]:
+        """What a reader of the shards needs to know about how they were made."""
+        import transformers
+
+        return {
+            "model_type": self.config.model_type,
+            "processor_class": type(self.processor).__name__,
+            "image_processor_class": type(self.processor.image_processor).__name__,
+            "image_mode": self.image_mode,
+            "image_token": self.image_token,
+            "image_token_id": self.image_token_id,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+            "chat_template_has_generation_blocks": bool(
+                _GENERATION_RE.search(self.chat_template)),
+            "transformers_version": transformers.__version__,
+        }
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode(self, sample: Sample, images: Sequence[bytes]) -> EncodedSample:
+        """Encode one conversation with its images (encoded bytes, in `<image>` order).
+
+        Raises:
+            SampleRejected: too long, wrong image count, undecodable image, no assistant text.
+        """
+        messages = [{"role": t.role, "content": t.content} for t in sample.conversations]
+        placeholders = sum(t.content.count(self.image_token) for t in sample.conversations)
+        if placeholders != len(images):
+            raise SampleRejected("placeholder_mismatch",
+                                 f"{placeholders} {self.image_token} markers but "
+                                 f"{len(images)} images")
+        pil_images = [_open_image(b, i) for i, b in enumerate(images)]
+        text, spans = self.render(messages)
+        out = self.processor(
+            text=[text], images=pil_images or None, add_special_tokens=False,
+            return_offsets_mapping=True, return_text_replacement_offsets=True,
+            **self._call_kwargs,
+        )
+        if pil_images and "text_replacement_offsets" not in out:
+            raise RuntimeError(f"{type(self.processor).__name__} does not report "
+                               "text_replacement_offsets, so assistant spans cannot be mapped "
+                               "past the expanded image tokens; it is not supported yet")
+        input_ids = [int(t) for t in out["input_ids"][0]]
+        if len(input_ids) > self.max_length:
+            raise SampleRejected(TOO_LONG, f"{len(input_ids)} tokens > max_length "
+                                 f"{self.max_length}")
+        mask = assistant_token_mask(out["offset_mapping"][0], spans,
+                                    (out.get("text_replacement_offsets") or [[]])[0])
+        if not any(mask):
+            raise SampleRejected("empty_assistant", "no assistant tokens to learn from")
+        positions = [i for i, t in enumerate(input_ids) if t == self.image_token_id]
+        if self.vq is not None and pil_images:
+            codes = self.vq.tokens(out["pixel_values"])  # (num_images * codes_per_image,)
+            if len(codes) != len(positions):
+                raise RuntimeError(f"{sample.id}: the processor made {len(positions)} image "
+                                   f"positions but the VQ encoder {len(codes)} codes; the "
+                                   "processor's image_seq_length does not match the VQ model")
+            for pos, code in zip(positions, codes, strict=True):
+                input_ids[pos] = code
+        labels = [t if m else IGNORE_INDEX for t, m in zip(input_ids, mask, strict=True)]
+        return EncodedSample(id=sample.id, input_ids=input_ids, labels=labels,
+                             images=[] if self.vq is not None else list(images),
+                             num_image_tokens=len(positions))
+
+    def render(self, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+        """Render the chat template; return the text and the assistant turns' char spans."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        def render(msgs: list[dict[str, Any]], **kw: Any) -> tuple[str, list]:
+            texts, indices = render_jinja_template(
+                conversations=[msgs], chat_template=self.chat_template,
+                **self.tokenizer.special_tokens_map, **kw)
+            return texts[0], (indices[0] if indices else [])
+
+        if _GENERATION_RE.search(self.chat_template):
+            text, spans = render(messages, return_assistant_tokens_mask=True)
+            return text, [(int(s), int(e)) for s, e in spans]
+        text, _ = render(messages)
+        spans = []
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt, _ = render(messages[:k], add_generation_prompt=True)
+            upto, _ = render(messages[:k + 1])
+            if not (text.startswith(upto) and upto.startswith(prompt)):
+                raise ValueError(
+                    f"{self.model_dir}: the chat template has no {{% generation %}} blocks and "
+                    "its renderings of a conversation prefix are not prefixes of the whole, so "
+                    "assistant turns cannot be located; add {% generation %}...{% endgeneration "
+                    "%} around the assistant content in the template")
+            # Trailing whitespace after the end-of-turn token is formatting, not output.
+            spans.append((len(prompt), len(upto.rstrip())))
+        return text, spans
+
+
+def assistant_token_mask(offsets: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]],
+                         replacements: Sequence[dict[str, Any]]) -> list[bool]:
+    """True for tokens overlapping an assistant span.
+
+    `spans` are char offsets in the rendered text; `offsets` are the tokens' char offsets in the
+    processor's expanded text (each `<image>` replaced by its expansion), so spans are shifted
+    by what the expansions before them added (`replacements` = the processor's
+    `text_replacement_offsets`). Zero-width tokens never match.
+    """
+    ends = [r["span"][1] for r in replacements]
+    gained = [0] + [r["new_span"][1] - r["span"][1] for r in replacements]
+    shifted = [tuple(c + gained[bisect.bisect_right(ends, c)] for c in span) for span in spans]
+    mask = []
+    for start, end in offsets:
+        mask.append(any(start < s_end and end > s_start for s_start, s_end in shifted))
+    return mask
+
+
+def _open_image(data: bytes, index: int):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # decode now, so a truncated file is a reject and not a crash later
+        return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise SampleRejected("image_corrupt", f"image {index}: {e}") from None
+
+
+class VQImageTokenizer:
+    """Chameleon's VQ-VAE encoder alone: pixel values -> image token ids.
+
+    Loads only the `model.vqmodel.*` tensors (a few hundred MB for Chameleon-7B, instead of the
+    whole model in every worker) and maps VQ codes to token ids through the config's
+    `vocabulary_map`, exactly like `ChameleonModel.get_image_tokens`.
+    """
+
+    PREFIX = "model.vqmodel."
+
+    def __init__(self, model_dir: Path, config: Any) -> None:
+        import torch
+        from safetensors import safe_open
+        from transformers.models.chameleon.modeling_chameleon import (
+            ChameleonImageVocabularyMapping,
+            ChameleonVQVAE,
+        )
+
+        self.model = ChameleonVQVAE(config.vq_config).eval()
+        state = {}
+        for path in _weight_files(model_dir, self.PREFIX):
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                    if key.startswith(self.PREFIX):
+                        state[key[len(self.PREFIX):]] = f.get_tensor(key)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{model_dir}: VQ-VAE weights do not match the config (missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]})")
+        self.model.to(torch.float32)
+        self.mapping = ChameleonImageVocabularyMapping(config.vocabulary_map)
+
+    def tokens(self, pixel_values: Any) -> list[int]:
+        """Image token ids for a batch of images, flattened in image order.
+
+        Args:
+            pixel_values: `(num_images, 3, H, W)` array or tensor from the image processor.
+        """
+        import numpy as np
+        import torch
+
+        pixels = torch.as_tensor(np.asarray(pixel_values), dtype=torch.float32)
+        with torch.inference_mode():
+            codes = self.model.encode(pixels, return_dict=True).image_tokens
+        return [int(t) for t in self.mapping.convert_img2bpe(codes).view(-1)]
+
+
+def _weight_files(model_dir: Path, prefix: str) -> list[Path]:
+    """The safetensors files holding tensors under `prefix` (via the index when sharded)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted({f for k, f in weight_map.items() if k.startswith(prefix)})
+        return [model_dir / n for n in names]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"{model_dir}: no model.safetensors(.index.json); image-token models "
+                            "need their VQ-VAE weights in safetensors format")

@@ -1,0 +1,168 @@
+"""Stage `pretokenize`: canonical dataset -> Parquet shards of input_ids/labels (+ image bytes).
+
+    python -m mmjobs.stages.pretokenize --set dataset=s3://b/ds --set model=s3://b/models/llava \
+        --set max_length=2048 --set workers=8
+
+The output is content-addressed: `{cache_root}/{fingerprint}` where the fingerprint covers the
+dataset (and image root) contents, the processor files, the chat template, the transformers
+version and the options that change the shards. An identical re-run is a cache hit (no work,
+`cached=True`); an interrupted run resumes from its finished shards. Set `output` to write
+somewhere else instead. See `mmjobs.data.pretokenize` for the work and
+`mmjobs.data.pretokenized` for the format.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from pydantic import Field
+
+from mmjobs import settings, storage
+from mmjobs.logs import get_logger
+from mmjobs.stages.common import (
+    StageConfig,
+    StageResult,
+    fingerprint,
+    input_fingerprint,
+    reusable_output,
+    stage_cli,
+    stage_tracking,
+)
+
+STAGE = "pretokenize"
+FORMAT_VERSION = 1  # bump when the shard contents change for the same inputs
+log = get_logger(__name__)
+
+
+class PretokenizeConfig(StageConfig):
+    """Pre-tokenize a canonical dataset with a model's processor and chat template."""
+
+    dataset: str = Field(description="URI of a committed canonical dataset (samples.jsonl, "
+                                     "dataset.json with image_root).")
+    model: str = Field(description="Model/processor: a local directory or an s3:// committed "
+                                   "directory (only processor files are fetched, plus VQ "
+                                   "weights for image-token models).")
+    max_length: int = Field(2048, ge=8, le=1_048_576,
+                            description="Samples with more tokens are rejected (`too_long`), "
+                                        "never truncated.")
+    workers: int = Field(1, ge=1, le=512, description="Worker processes (1 = in-process). "
+                                                      "Does not change the output.")
+    shard_size: int = Field(1000, ge=1, le=1_000_000,
+                            description="Input rows per shard: the unit of parallelism and of "
+                                        "resume; larger shards mean fewer files and more "
+                                        "memory per worker.")
+    cache_root: str | None = Field(None, description="Where outputs are cached; default "
+                                                     "{store_root}/cache/pretokenized.")
+    trust_remote_code: bool = Field(False, description="Run processor code shipped with the "
+                                                       "model (InternLM-XComposer2 needs it).")
+
+
+class PretokenizeResult(StageResult):
+    """Where the shards are and what they hold (`output` is the committed directory)."""
+
+    fingerprint: str
+    rows_in: int
+    rows_written: int
+    rows_rejected: int
+    shards: int
+    tokens: int
+    shards_reused: int = Field(0, description="Shards kept from an interrupted earlier run.")
+    seconds: float = 0.0
+
+
+def main(cfg: PretokenizeConfig) -> PretokenizeResult:
+    """Run (or reuse) the pre-tokenization described by `cfg`."""
+    from mmjobs.data import pretokenized
+    from mmjobs.data.pretokenize import PretokenizeJob, pretokenize, resolve_image_root
+    from mmjobs.data.processor_files import materialize_model
+    from mmjobs.data.records import CARD_FILE, read_json
+
+    start = time.monotonic()
+    storage.read_manifest(cfg.dataset)  # fail fast: an uncommitted dataset is incomplete
+    model_dir, processor_fp = materialize_model(cfg.model)
+    dataset_fp = input_fingerprint(cfg.dataset)
+    image_root = resolve_image_root(cfg.dataset, read_json(storage.join(cfg.dataset, CARD_FILE)))
+    # Images outside the dataset directory are not covered by its manifest.
+    inside = (image_root.rstrip("/") + "/").startswith(cfg.dataset.rstrip("/") + "/")
+    image_fp = None if inside else input_fingerprint(image_root)
+    fp = fingerprint(STAGE, FORMAT_VERSION, dataset_fp, image_fp, processor_fp,
+                     _chat_and_versions(model_dir, cfg.trust_remote_code),
+                     cfg.max_length, cfg.shard_size)
+    if cfg.output and cfg.cache_root:
+        log.warning("pretokenize: both output and cache_root are set; writing to output=%s",
+                    cfg.output)
+    out = cfg.output or storage.join(cfg.cache_root or _default_cache_root(), fp)
+    meta = {"model": cfg.model, "processor_fingerprint": processor_fp,
+            "dataset_fingerprint": dataset_fp}
+
+    with stage_tracking(cfg, STAGE, tags={"pretokenize.output": out}) as run:
+        cached = reusable_output(out, fp, cfg.force) is not None
+        reused = 0
+        if cached:
+            log.info("pretokenize: cache hit, %s already holds these inputs (fingerprint %s); "
+                     "nothing to do", out, fp)
+            card = pretokenized.read_card(out)
+        else:
+            job = PretokenizeJob(dataset=cfg.dataset, model_dir=str(model_dir), out=out,
+                                 fingerprint=fp, max_length=cfg.max_length,
+                                 shard_size=cfg.shard_size, workers=cfg.workers,
+                                 trust_remote_code=cfg.trust_remote_code, card_meta=meta)
+            outcome = pretokenize(job, force=cfg.force)
+            card, reused = outcome.card, outcome.shards_reused
+        seconds = time.monotonic() - start
+        run.log_metrics(_metrics(card, cached, seconds))
+        if not cached:
+            run.log_figure(pretokenized.length_histogram_figure(card), "length_histogram.png")
+            run.log_text(storage.read_text(storage.join(out, pretokenized.CARD_FILE)),
+                         "card.json")
+        run_id = run.run_id
+    counts = card["counts"]
+    log.info("pretokenize: %d rows in, %d written, %d rejected %s -> %s (%.1fs%s)",
+             counts["input"], counts["written"], counts["rejected"],
+             card["rejected_by_reason"] or "", out, seconds, ", cached" if cached else "")
+    return PretokenizeResult(output=out, cached=cached, mlflow_run_id=run_id, fingerprint=fp,
+                             rows_in=counts["input"], rows_written=counts["written"],
+                             rows_rejected=counts["rejected"], shards=len(card["shards"]),
+                             tokens=card["tokens"]["total"], shards_reused=reused,
+                             seconds=round(seconds, 3))
+
+
+def _default_cache_root() -> str:
+    return storage.join(settings.store_root(), "cache", "pretokenized")
+
+
+def _chat_and_versions(model_dir: Any, trust_remote_code: bool) -> dict[str, str]:
+    """What else decides the tokens: the resolved chat template and library versions."""
+    import transformers
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True,
+                                              trust_remote_code=trust_remote_code)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return {
+        "chat_template": getattr(processor, "chat_template", None) or tokenizer.chat_template,
+        "transformers": transformers.__version__,
+        # PIL and torchvision image processors resize slightly differently.
+        "image_processor": type(getattr(processor, "image_processor", None)).__name__,
+    }
+
+
+def _metrics(card: dict[str, Any], cached: bool, seconds: float) -> dict[str, float]:
+    counts, tokens = card["counts"], card["tokens"]
+    return {"rows_in": counts["input"], "rows_written": counts["written"],
+            "rows_rejected": counts["rejected"], "tokens": tokens["total"],
+            "label_tokens": tokens["label"], "image_tokens": tokens["image"],
+            "mean_length": tokens["mean_length"], "max_length": tokens["max_length"],
+            "shards": len(card["shards"]), "cached": float(cached), "seconds": seconds,
+            **{f"rejected_{reason}": n for reason, n in card["rejected_by_reason"].items()}}
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m mmjobs.stages.pretokenize` / `mmjobs stage pretokenize` (image entrypoint)."""
+    return stage_cli(STAGE, PretokenizeConfig, main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -139,7 +139,7 @@ def test_server_still_down_at_end_then_flush_spool_delivers(server):
     assert child_summary.startswith(
         "tracking: 5 metrics, 1 param, 1 artifact, run start, run end still pending for run "
         f"spool:{child.key} (MLflow at {server.uri} unreachable)")
-    assert str(child_file) in child_summary and "flush_spool" in child_summary
+    assert str(child_file) in child_summary and "mmjobs tracking flush" in child_summary
     assert "run start, run end still pending" in parent.end("FINISHED")
     assert "still pending" in tracker.close(timeout=0)  # releases the files for flush_spool
     assert parent_file.exists() and child_file.exists()

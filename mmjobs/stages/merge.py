@@ -1,0 +1,118 @@
+"""Stage `merge`: base model + LoRA adapter → a standalone Hugging Face model directory.
+
+    python -m mmjobs.stages.merge --set base=s3://models/llava --set adapter=s3://runs/x/train
+
+`adapter` is the peft adapter directory or the training output holding it (`final/adapter`).
+The LoRA update is merged into the weights and `modules_to_save` (e.g. a fully trained
+connector) replace the base's modules. The committed output holds the merged safetensors,
+config.json and the base's processor/tokenizer files (byte for byte), so `load_model`,
+`AutoProcessor` and serving read it like any model. Before committing, logits of the merged
+model are compared with base + adapter on a probe batch (`max_logit_diff`); a difference above
+`max_logit_diff` fails the stage.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Literal
+
+from pydantic import Field
+
+from mmjobs.config import ModelConfig
+from mmjobs.logs import get_logger
+from mmjobs.models.builder import dir_fingerprint, export_model_dir, fetch_dir, saved_dtype
+from mmjobs.stages.common import (
+    StageConfig,
+    StageResult,
+    fingerprint,
+    output_uri,
+    reusable_output,
+    stage_cli,
+    stage_tracking,
+    staged_output,
+)
+from mmjobs.train.merge import locate_adapter, merge_lora
+
+STAGE = "merge"
+VERSION = 1  # bump when merging or the output layout changes: invalidates cached outputs
+log = get_logger(__name__)
+_NOT_FINGERPRINTED = {"experiment", "pipeline_run_id", "output", "recipe", "parent_run_id",
+                      "force", "base", "adapter"}  # base/adapter enter by content instead
+
+
+class MergeConfig(StageConfig):
+    """Merge a LoRA adapter into its base model and export a standalone model."""
+
+    base: str = Field(description="Base model URI (local dir or s3:// committed dir) the "
+                      "adapter was trained on.")
+    adapter: str = Field(description="Adapter URI: the peft adapter dir, or a training output "
+                         "holding final/adapter.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the base model.")
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of the merged weights; auto keeps the base checkpoint's. "
+        "Merging itself always runs in float32.")
+    max_logit_diff: float = Field(
+        1e-3, gt=0, description="Fail if merged logits differ from base+adapter logits by more "
+        "(float32 merges differ by ~1e-6).")
+
+
+class MergeResult(StageResult):
+    """Where the merged model is, and what the self-check measured."""
+
+    model: str
+    adapter: str
+    num_parameters: int
+    max_logit_diff: float | None
+    probe: str
+
+
+def main(cfg: MergeConfig) -> MergeResult:
+    """Run the stage; see the module docstring.
+
+    Raises:
+        MergeError: not a LoRA adapter, or it does not fit the base.
+        RuntimeError: the self-check difference exceeds `max_logit_diff`.
+    """
+    out = output_uri(cfg, STAGE)
+    adapter = locate_adapter(cfg.adapter)
+    fp = fingerprint(STAGE, VERSION, cfg.model_dump(exclude=_NOT_FINGERPRINTED),
+                     dir_fingerprint(cfg.base), dir_fingerprint(adapter))
+    with stage_tracking(cfg, STAGE) as run:
+        manifest = reusable_output(out, fp, cfg.force)
+        if manifest is not None:
+            run.set_tags({"cached": "true"})
+            return _result(out, manifest.meta, cached=True, run_id=run.run_id)
+        outcome = merge_lora(ModelConfig(name_or_path=cfg.base,
+                                         trust_remote_code=cfg.trust_remote_code),
+                             fetch_dir(adapter, kind="adapters"))
+        diff = outcome.max_logit_diff
+        if diff is not None and diff > cfg.max_logit_diff:
+            raise RuntimeError(f"{STAGE}: merged logits differ from base+adapter by {diff:.3g} > "
+                               f"max_logit_diff {cfg.max_logit_diff:g}; nothing was committed")
+        model = outcome.loaded.model
+        meta = {"stage": STAGE, "base": cfg.base, "adapter": adapter,
+                "num_parameters": sum(p.numel() for p in model.parameters()),
+                "max_logit_diff": diff, "probe": outcome.probe}
+        run.log_metrics({"merged_parameters": meta["num_parameters"],
+                         **({"max_logit_diff": diff} if diff is not None else {})})
+        with staged_output(out, fp, meta=meta) as scratch:
+            model.to(saved_dtype(cfg.save_dtype, outcome.loaded.model_dir))
+            export_model_dir(model, scratch, source_dir=outcome.loaded.model_dir)
+        log.info("%s: merged %s into %s -> %s (max logit diff %s)", STAGE, adapter, cfg.base,
+                 out, diff)
+        return _result(out, meta, cached=False, run_id=run.run_id)
+
+
+def _result(out: str, meta: dict, *, cached: bool, run_id: str | None) -> MergeResult:
+    return MergeResult(output=out, cached=cached, mlflow_run_id=run_id, model=out,
+                       adapter=meta["adapter"], num_parameters=meta["num_parameters"],
+                       max_logit_diff=meta["max_logit_diff"], probe=meta["probe"])
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m mmjobs.stages.merge` / `mmjobs stage merge` (the image entrypoint)."""
+    return stage_cli(STAGE, MergeConfig, main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

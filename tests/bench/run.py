@@ -17,7 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     if not names:
         names = sorted(p.stem for p in Path(__file__).parent.glob("bench_*.py"))
     for name in names:
-        module = importlib.import_module(f"tests.bench.{name.removesuffix('.py')}")
+        stem = name.removesuffix(".py")
+        stem = stem if stem.startswith("bench_") else f"bench_{stem}"  # `run packing` works too
+        module = importlib.import_module(f"tests.bench.{stem}")
         start = time.perf_counter()
         module.main([])
         print(f"[{name}: {time.perf_counter() - start:.1f}s]\n", flush=True)

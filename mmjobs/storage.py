@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import random
@@ -312,12 +313,33 @@ def open_read(uri: str | os.PathLike) -> Iterator[IO[bytes]]:
         except FileNotFoundError as e:
             raise StoreNotFoundError(f"{loc}: not found (open)") from e
     else:
-        f = _retry(str(loc), "open",
-                   lambda: _s3().get_object(Bucket=loc.bucket, Key=loc.key)["Body"])
+        body = _retry(str(loc), "open",
+                      lambda: _s3().get_object(Bucket=loc.bucket, Key=loc.key)["Body"])
+        # Buffered like a local file, so callers can iterate lines, readline() and read().
+        f = io.BufferedReader(_BodyReader(body), buffer_size=_CHUNK)
     try:
         yield f
     finally:
         f.close()
+
+
+class _BodyReader(io.RawIOBase):
+    """A botocore StreamingBody as a raw binary stream (it iterates chunks, not lines)."""
+
+    def __init__(self, body: Any) -> None:
+        self._body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._body.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._body.close()
+        super().close()
 
 
 @contextlib.contextmanager

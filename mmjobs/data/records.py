@@ -127,7 +127,7 @@ def iter_jsonl(uri: str | os.PathLike) -> Iterator[RawRow]:
     """Stream a JSONL file line by line; bad UTF-8 or JSON gives a row with `error` set."""
     name = os.path.basename(os.fspath(uri))
     with storage.open_read(uri) as raw:
-        for number, line in enumerate(_lines(raw), start=1):
+        for number, line in enumerate(raw, start=1):
             if not line.strip():
                 continue
             locator = f"{name}:{number}"
@@ -174,10 +174,6 @@ def iter_records(uri: str | os.PathLike, kind: Kind = "sample") -> Iterator[Reco
         except ValueError as e:
             raise ValueError(f"{row.locator}: {e}") from None
 
-
-def _lines(raw: IO[bytes]) -> Iterator[bytes]:
-    # botocore's StreamingBody has iter_lines; local files iterate by line; both stream.
-    return raw.iter_lines(keepends=True) if hasattr(raw, "iter_lines") else iter(raw)
 
 
 # --------------------------------------------------------------------------- writing

@@ -18,8 +18,8 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
-from typing import IO, Any
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from mmjobs import storage
 from mmjobs.eval.metrics import METRICS, Metric, ScoreInputError, ScoreOptions
@@ -53,16 +53,6 @@ def _resolve(metric: str, variant: str | None, tolerance: float | None,
     return spec, ScoreOptions(variant or spec.default_variant, tolerances)
 
 
-def _lines(f: IO[bytes], chunk_size: int = 1 << 20) -> Iterator[bytes]:
-    """Split a byte stream into lines (S3 bodies iterate in chunks, not lines)."""
-    pending = b""
-    while chunk := f.read(chunk_size):
-        *complete, pending = (pending + chunk).split(b"\n")
-        yield from complete
-    if pending:
-        yield pending
-
-
 def read_rows(predictions: str | os.PathLike, spec: Metric) -> tuple[list[dict], list[int]]:
     """Read and validate every row of a predictions JSONL.
 
@@ -80,7 +70,7 @@ def read_rows(predictions: str | os.PathLike, spec: Metric) -> tuple[list[dict],
     errors: list[str] = []
     first_line_of: dict[Any, int] = {}
     with storage.open_read(predictions) as f:
-        for line_no, raw in enumerate(_lines(f), start=1):
+        for line_no, raw in enumerate(f, start=1):
             try:
                 text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8").strip()
                 if not text:

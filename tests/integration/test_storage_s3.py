@@ -110,8 +110,10 @@ def test_streaming_read_and_write(s3_bucket):
     with storage.open_write(uri) as f:
         for line in lines:
             f.write(line)
+    with storage.open_read(uri) as f:  # iterates lines like a local file
+        assert list(f) == lines
     with storage.open_read(uri) as f:
-        assert list(f.iter_lines()) == [line.rstrip(b"\n") for line in lines]
+        assert f.readline() == lines[0] and f.read(3) == lines[1][:3]
 
 
 def test_hundred_operations_through_ten_percent_faults_all_succeed(tmp_path, s3_bucket,

@@ -20,7 +20,6 @@ PLANNED: dict[str, tuple[int, str]] = {
     "compile": (6, "compile a recipe to KFP pipeline YAML for a cluster"),
     "submit": (6, "submit a recipe to a Kubeflow Pipelines endpoint"),
     "train": (4, "run the train stage"),
-    "report": (6, "plots and comparison tables across an experiment's runs"),
     "import": (9, "copy a model or dataset from a hub or URL into the store"),
     "serve": (9, "serve a model behind an OpenAI-compatible API with a chat page"),
 }
@@ -137,6 +136,40 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """`mmjobs report`: the report stage on the command line; exit 1 if nothing to report on."""
+    import json
+
+    from mmjobs.config import ConfigError, load_config
+    from mmjobs.report import ReportError
+    from mmjobs.stages.report import ReportConfig
+    from mmjobs.stages.report import main as report_main
+
+    flags = {"experiment": args.experiment, "parent_run_id": args.run_id, "output": args.output,
+             "title": args.title, "sweep_params": args.sweep_params,
+             "headline_metrics": args.headline_metrics, "force": args.force or None}
+    # JSON is YAML, so names like "2024" stay strings and lists stay lists.
+    overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    try:
+        cfg = load_config(ReportConfig, args.config or {}, [*overrides, *args.overrides],
+                          source=args.config or "report options")
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    try:
+        result = report_main(cfg)
+    except ReportError as e:
+        print(f"mmjobs report: {e}", file=sys.stderr)
+        return 1
+    notes = [f"{result.runs} runs", f"{len(result.plots)} plots", f"{len(result.tables)} tables"]
+    if result.skipped:
+        notes.append(f"{result.skipped} left out (listed in report.md)")
+    if result.cached:
+        notes.append("unchanged since the last report: reused")
+    print(f"report: {result.report_md} ({', '.join(notes)})")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -185,6 +218,24 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(p)
     p.set_defaults(func=_stage_with_flags("pretokenize", {"dataset": "dataset", "model": "model",
                                                           "output": "output"}))
+
+    p = sub.add_parser("report", help="plots and comparison tables across an experiment's "
+                                      "runs (stage report)")
+    p.add_argument("--experiment", required=True, help="MLflow experiment name")
+    p.add_argument("--run-id", dest="run_id",
+                   help="only this pipeline (parent) run's stages (default: every run)")
+    p.add_argument("--output", help="output URI (default: the store layout)")
+    p.add_argument("--title", help="report title")
+    p.add_argument("--sweep-param", dest="sweep_params", action="append", metavar="PARAM",
+                   help="param telling sweep runs apart, e.g. train.lr_schedule (repeatable; "
+                        "default: detected)")
+    p.add_argument("--headline-metric", dest="headline_metrics", action="append",
+                   metavar="METRIC", help="metric to tabulate and plot, e.g. scienceqa.Avg "
+                                          "(repeatable; default: each run's headline)")
+    p.add_argument("--force", action="store_true", help="rebuild even if nothing changed")
+    p.add_argument("--config", help="stage config YAML")
+    overrides(p)
+    p.set_defaults(func=cmd_report)
 
     for name, (issue, what) in PLANNED.items():
         p = sub.add_parser(name, help=f"{what} (arrives with issue #{issue})")

@@ -1,0 +1,159 @@
+"""Stage `report`: plots and comparison tables across an experiment's runs.
+
+    python -m mmjobs.stages.report --set experiment=lavin-sweep \\
+        --set 'sweep_params=[train.lr_schedule, train.layer_dropout.preset]'
+    mmjobs report --experiment chart-demo --run-id <pipeline run id>
+
+Reads the runs of `experiment` from MLflow (or only the stage runs of the pipeline run
+`parent_run_id`) and writes, to `output` (default `{store}/{experiment}/{pipeline_run_id}/
+report`, committed with a manifest): `report.md`, `report.json`, the tables as `.md` + `.csv`
+(runs summary; ChartQA @AP, ScienceQA categories and Main Results where the metrics allow)
+and PNG plots (loss and LR curves, per-category bars, metric vs sweep setting); see
+`mmjobs.report.build`. The same files are logged as artifacts of the stage's own MLflow run.
+Runs that lack what a part needs are left out of it and listed with the reason.
+
+A re-run over unchanged runs (same run ids, statuses, metrics, params and tags) with the same
+settings reuses the committed report.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from mmjobs import storage
+from mmjobs.report import REPORT_JSON, REPORT_MD, ReportError, ReportOptions, build_report
+from mmjobs.report.collect import Collected, collect
+from mmjobs.stages.common import (
+    StageConfig,
+    StageResult,
+    fingerprint,
+    output_uri,
+    reusable_output,
+    stage_cli,
+    stage_tracking,
+    staged_output,
+)
+
+STAGE = "report"
+VERSION = 1  # bump when the report's contents change: invalidates reused reports
+_NOT_FINGERPRINTED = {"pipeline_run_id", "output", "recipe", "force"}
+
+
+class ReportConfig(StageConfig):
+    """Plots and comparison tables across an experiment's runs (or one pipeline run's)."""
+
+    parent_run_id: str | None = Field(
+        None, description="Report only on this pipeline (parent) run's stage runs; the "
+        "report's own run is nested under it. None: every run of the experiment (the report "
+        "run then nests under $MMJOBS_PARENT_RUN_ID, if set).")
+    sweep_params: list[str] = Field(
+        default_factory=list, description="Params (or tags) that tell sweep runs apart, e.g. "
+        "train.lr_schedule; read from each run, else its pipeline run, else the training "
+        "runs of its pipeline run. Empty: detected (sweep.setting tag, or sweep.*/train.* "
+        "params that differ), else the runs' labels.")
+    headline_metrics: list[str] = Field(
+        default_factory=list, description="Metrics for the runs table and sweep plots, e.g. "
+        "scienceqa.Avg. Empty: each evaluate run's headline metric, plus final_loss.")
+    title: str | None = Field(None, description="Report title; default names the experiment.")
+    max_series: int = Field(12, ge=1, description="Runs per figure; more are split over "
+                            "several figures (loss.png, loss_2.png, ...).")
+    max_runs: int = Field(5000, ge=1, description="Read at most this many runs (the newest).")
+
+
+class ReportResult(StageResult):
+    """Where the report is and what went into it."""
+
+    report_md: str
+    report_json: str
+    plots: list[str]
+    tables: list[str]
+    runs: int
+    skipped: int
+
+
+def main(cfg: ReportConfig) -> ReportResult:
+    """Run the stage; see the module docstring.
+
+    Raises:
+        ReportError: the experiment, or the parent run in it, does not exist.
+        mmjobs.storage.StoreError: the report cannot be written.
+    """
+    # Collect before opening the stage's run: a mistyped experiment name must fail here,
+    # not get created by the tracker.
+    collected = collect(cfg.experiment, cfg.parent_run_id, max_runs=cfg.max_runs)
+    out = output_uri(cfg, STAGE)
+    fp = fingerprint(STAGE, VERSION, cfg.model_dump(mode="json", exclude=_NOT_FINGERPRINTED),
+                     _state(collected))
+    scope = cfg.parent_run_id or "experiment"
+    with stage_tracking(cfg, STAGE, tags={"report.scope": scope}) as run:
+        if reusable_output(out, fp, cfg.force) is not None:
+            run.set_tags({"cached": "true"})
+            with tempfile.TemporaryDirectory(prefix="mmjobs-report-") as tmp:
+                storage.get_dir(out, tmp)
+                info = _log_files(run, Path(tmp))
+            return _result(out, info, cached=True, run_id=run.run_id)
+        storage.delete(storage.join(out, storage.MANIFEST_NAME))  # never leave a stale one
+        options = ReportOptions(title=cfg.title or _title(cfg), sweep_params=cfg.sweep_params,
+                                headline_metrics=cfg.headline_metrics,
+                                max_series=cfg.max_series)
+        with staged_output(out, fp, meta={"stage": STAGE, "scope": scope}) as scratch:
+            build_report(collected, scratch, options)
+            info = _log_files(run, scratch)
+        return _result(out, info, cached=False, run_id=run.run_id)
+
+
+def _title(cfg: ReportConfig) -> str:
+    if cfg.parent_run_id:
+        return f"{cfg.experiment}: pipeline run {cfg.parent_run_id[:8]}"
+    return f"{cfg.experiment}: all runs"
+
+
+def _state(collected: Collected) -> list[Any]:
+    """What the report depends on in MLflow (histories aside: their last value is a metric)."""
+    return [(r.run_id, r.status, r.end_time, sorted(r.metrics.items()), sorted(r.params.items()),
+             sorted(r.tags.items()))
+            for r in (*collected.runs, *collected.parents.values())]
+
+
+def _log_files(run: Any, folder: Path) -> dict[str, Any]:
+    """Log the report's files as artifacts of the stage run; return report.json's content."""
+    import json
+
+    info = json.loads((folder / REPORT_JSON).read_text(encoding="utf-8"))
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != storage.MANIFEST_NAME:
+            run.log_artifact(path)
+    run.log_metrics({"report.runs": info["counts"]["runs"],
+                     "report.skipped": info["counts"]["skipped"],
+                     "report.plots": len(info["plots"])})
+    return info
+
+
+def _result(out: str, info: dict[str, Any], *, cached: bool, run_id: str | None) -> ReportResult:
+    return ReportResult(
+        output=out, cached=cached, mlflow_run_id=run_id,
+        report_md=storage.join(out, REPORT_MD), report_json=storage.join(out, REPORT_JSON),
+        plots=[storage.join(out, name) for name in info["plots"]],
+        tables=[storage.join(out, t["csv"]) for t in info["tables"].values()],
+        runs=info["counts"]["runs"], skipped=info["counts"]["skipped"])
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m mmjobs.stages.report` / `mmjobs stage report` (the image entrypoint).
+
+    Exits 1 with the reason on stderr when the experiment or parent run does not exist.
+    """
+    try:
+        return stage_cli(STAGE, ReportConfig, main, argv)
+    except ReportError as e:
+        print(f"mmjobs report: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

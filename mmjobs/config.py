@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from mmjobs.config_errors import (
@@ -36,10 +43,13 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "EvalConfig",
+    "ImagesConfig",
+    "LayerDropoutConfig",
     "LoraConfig",
     "ModelConfig",
     "RecipeConfig",
     "SecretNames",
+    "StageResources",
     "StrictModel",
     "TrainConfig",
     "dump_recipe",
@@ -108,12 +118,49 @@ class LoraConfig(StrictModel):
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description="Module names (suffixes) that get adapters.",
+        description="Module names (suffixes) that get adapters. Only modules inside parts "
+        "that are not frozen get them (the vision tower's q/k/v_proj stay untouched while "
+        "freeze_vision_tower is on).",
     )
     modules_to_save: list[str] = Field(
         default_factory=list,
-        description="Modules trained in full next to the adapters, e.g. the projector.",
+        description="Modules trained in full next to the adapters, e.g. the projector. The "
+        "connector is added automatically unless train.freeze_connector is true.",
     )
+
+
+DropoutScheduleKind = Literal[
+    "constant", "increasing", "decreasing", "increasing_geometric", "decreasing_geometric",
+]  # fmt: skip
+
+
+class LayerDropoutConfig(StrictModel):
+    """Per-decoder-layer LoRA dropout (the LaVIN study's Inc./Dec. Drop. Prob schedules).
+
+    Give a `preset` (the study's rows) or a `kind` with its parameters; see
+    `mmjobs.train.dropout_schedules.layer_dropout_values` for the formulas.
+    """
+
+    preset: Literal["inc", "inc_v2", "dec", "dec_v2"] | None = Field(
+        None, description="One of the LaVIN rows (inc: p=0.1 x1.01 up to 0.2, inc_v2: x1.03, "
+        "dec: p=0.2 x0.99 down to 0.1, dec_v2: x0.97). Excludes `kind`.")
+    kind: DropoutScheduleKind | None = Field(
+        None, description="constant (p), increasing/decreasing (linear p_min..p_max over the "
+        "depth), increasing_geometric/decreasing_geometric (p * factor**i held at limit).")
+    p: float | None = Field(None, ge=0, lt=1, description="Base probability (constant, "
+                            "geometric kinds).")
+    p_min: float | None = Field(None, ge=0, lt=1, description="Lowest probability (linear).")
+    p_max: float | None = Field(None, ge=0, lt=1, description="Highest probability (linear).")
+    factor: float | None = Field(None, gt=0, description="Per-layer multiplier (geometric).")
+    limit: float | None = Field(None, ge=0, lt=1, description="Ceiling/floor (geometric).")
+
+    @model_validator(mode="after")
+    def _preset_or_kind(self) -> LayerDropoutConfig:
+        if (self.preset is None) == (self.kind is None):
+            raise PydanticCustomError(
+                "preset_or_kind", "give exactly one of `preset` (inc, inc_v2, dec, dec_v2) or "
+                "`kind` with its parameters")
+        return self
 
 
 class TrainConfig(StrictModel):
@@ -122,21 +169,93 @@ class TrainConfig(StrictModel):
     mode: Literal["align", "sft", "dpo", "rm", "ppo", "grpo"] = Field(
         "sft", description="align trains the projector only; sft/dpo/rm/ppo/grpo as usual."
     )
-    finetune: Literal["full", "lora"] = Field("lora", description="Full weights or LoRA.")
+    finetune: Literal["full", "lora"] = Field(
+        "lora", description="Full weights or LoRA (sft). Ignored in align mode, where the "
+        "connector always trains in full.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     epochs: float = Field(1, gt=0, description="Passes over the data (fractions allowed).")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many steps; -1 uses epochs.")
-    per_device_batch_size: int = Field(4, gt=0, description="Micro-batch size per GPU/process.")
+    per_device_batch_size: int = Field(4, gt=0, description="Micro-batch size per GPU/process "
+                                       "(samples; packed bins when batching=packed).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr_schedule: Literal[
         "cosine", "linear", "constant", "cyclic_triangular", "cyclic_triangular2",
         "step", "exponential",
     ] = Field("cosine", description="Learning-rate schedule after warmup.")  # fmt: skip
+    lr_schedule_options: dict[str, float | int | bool] = Field(
+        default_factory=dict,
+        description="Options of the chosen schedule (checked at the start of training): cosine "
+        "min_lr_ratio; cyclic_* base_lr, max_lr, step_size_up, step_size_down, cycle_momentum; "
+        "step gamma, step_size; exponential gamma, min_lr (see mmjobs.train.schedules).")
     warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables.")
     seed: int = Field(42, description="Seed for data order and initialisation.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
+    layer_dropout: LayerDropoutConfig | None = Field(
+        None, description="Per-layer LoRA dropout schedule (LoRA only); replaces lora.dropout "
+        "in the decoder layers.")
+    freeze_vision_tower: bool = Field(
+        True, description="Keep the vision encoder frozen (LLaVA-1.5 does in both stages).")
+    freeze_connector: bool | None = Field(
+        None, description="Freeze the vision-to-text connector. None: trained (align needs it "
+        "trainable; sft trains it in full, next to LoRA adapters via modules_to_save).")
+    freeze_language_model: bool | None = Field(
+        None, description="Freeze the language model. None: frozen in align mode, trained in "
+        "sft (in full, or through adapters with finetune=lora).")
+    batching: Literal["random", "length_grouped", "packed"] = Field(
+        "length_grouped", description="random: shuffled padded batches; length_grouped: "
+        "similar lengths together (less padding, same samples per step); packed: samples "
+        "concatenated into rows of max_length tokens with position_ids restarting per sample "
+        "(no padding; SDPA block-diagonal mask, or flash-attn varlen when installed).")
+    max_length: int | None = Field(
+        None, ge=8, description="Tokens per packed row (packed) or longest sample allowed "
+        "(padded modes). None: the pretokenized card's max_length.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, ~30% "
+        "slower.")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPUs that support it, fp32 on CPU. fp16 "
+        "is not offered (loss scaling overflows on these models); use bf16 or no.")
+    deepspeed: Literal["none", "zero2", "zero3", "zero3_offload"] = Field(
+        "none", description="DeepSpeed ZeRO stage (under torchrun): zero2 shards optimizer "
+        "state and gradients, zero3 also parameters, zero3_offload also moves them to CPU "
+        "memory (slowest, least GPU memory).")
+    checkpoint_every_steps: int = Field(
+        200, ge=0, description="Commit a resumable checkpoint every N optimizer steps (0: only "
+        "on preemption). Uploads run in the background.")
+    keep_last_checkpoints: int = Field(
+        2, ge=1, description="Committed checkpoints kept; older ones are deleted once a newer "
+        "one is committed.")
+    log_every_steps: int = Field(1, ge=1, description="Log step metrics every N steps.")
+    eval_every_steps: int = Field(
+        0, ge=0, description="Eval loss on eval_data every N steps (0: only at the end, when "
+        "eval_data is set).")
+    dataloader_workers: int = Field(
+        2, ge=0, description="DataLoader worker processes decoding images (0: in the "
+        "training process).")
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> TrainConfig:
+        # Combinations no single field can check; all reported in one message.
+        errors = []
+        if self.mode == "align":
+            if self.freeze_connector:
+                errors.append("freeze_connector: true leaves nothing to train in align mode; "
+                              "remove it")
+            if self.freeze_language_model is False or not self.freeze_vision_tower:
+                errors.append("align mode trains the connector only; remove "
+                              "freeze_language_model / freeze_vision_tower, or use mode: sft")
+            if self.layer_dropout is not None:
+                errors.append("layer_dropout sets LoRA adapter dropout; align has no adapters")
+        elif self.finetune == "full" and self.layer_dropout is not None:
+            errors.append("layer_dropout needs finetune: lora (it sets adapter dropout)")
+        if self.mode != "align" and self.freeze_vision_tower and self.freeze_connector and \
+                self.freeze_language_model:
+            errors.append("every component is frozen; unfreeze at least one")
+        if errors:
+            raise PydanticCustomError("train_combination", "; ".join(errors))
+        return self
 
 
 class EvalConfig(StrictModel):
@@ -152,6 +271,31 @@ class SecretNames(StrictModel):
 
     s3: str = Field("mmjobs-s3", description="Secret with AWS_* keys for the object store.")
     mlflow: str = Field("mmjobs-mlflow", description="Secret with MLFLOW_TRACKING_* keys.")
+
+
+def _quantity(value: Any) -> Any:
+    # YAML reads `cpu: 8` as an int; Kubernetes quantities are strings.
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    return str(value) if is_number else value
+
+
+_URL_USERINFO = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]+@", re.IGNORECASE)
+
+
+class StageResources(StrictModel):
+    """Resources of one stage's pods; unset fields inherit from the cluster section."""
+
+    gpus: int | None = Field(None, ge=0, description="NVIDIA GPUs (nvidia.com/gpu) per pod.")
+    cpu: str | None = Field(None, description="CPU request and limit, e.g. '8'.")
+    memory: str | None = Field(None, description="Memory request and limit, e.g. '64Gi'.")
+    shm_size: str | None = Field(None, description="/dev/shm size (memory-backed emptyDir).")
+    retries: int | None = Field(None, ge=0, le=10, description="Retries after a failure "
+                                "(preemption); default: cluster.retries for resumable stages.")
+
+    @field_validator("cpu", "memory", mode="before")
+    @classmethod
+    def _quantity_to_str(cls, value: Any) -> Any:
+        return _quantity(value)
 
 
 class ClusterConfig(StrictModel):
@@ -172,13 +316,57 @@ class ClusterConfig(StrictModel):
     secrets: SecretNames = Field(
         default_factory=SecretNames, description="Names of the credential Secrets."
     )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Plain (non-secret) environment variables for every stage pod, e.g. "
+        "MMJOBS_STORE, AWS_ENDPOINT_URL, MLFLOW_TRACKING_URI. Credentials never go here: "
+        "they come from the Secrets named in `secrets`.")
+    retries: int = Field(
+        2, ge=0, le=10, description="Retries of stages that resume after a pod is preempted "
+        "(train, infer, pretokenize); other stages get 0 unless cluster.stages sets them.")
+    caching: bool = Field(True, description="Let KFP reuse a step's result when its inputs "
+                          "are unchanged (stages also skip work whose committed output matches).")
+    stages: dict[str, StageResources] = Field(
+        default_factory=dict,
+        description="Per-stage resources, keyed by stage kind (train, infer, ...) or by step "
+        "name (sft, align-table, ...); a step's entry wins over its stage kind's, which wins "
+        "over the cluster-wide values above.")
 
     @field_validator("cpu", "memory", mode="before")
     @classmethod
     def _quantity_to_str(cls, value: Any) -> Any:
-        # YAML reads `cpu: 8` as an int; Kubernetes quantities are strings.
-        is_number = isinstance(value, int | float) and not isinstance(value, bool)
-        return str(value) if is_number else value
+        return _quantity(value)
+
+    @field_validator("env")
+    @classmethod
+    def _plain_env(cls, env: dict[str, str]) -> dict[str, str]:
+        # Secret-looking *keys* are already refused for the whole recipe at load time
+        # (config_errors.find_credential_keys); values can still carry credentials in URLs.
+        bad = [key for key, value in env.items() if _URL_USERINFO.search(value)]
+        if bad:
+            raise PydanticCustomError(
+                "credential_in_url", "{keys}: a URL with user:password@ holds a credential; "
+                "put it in a Kubernetes Secret (cluster.secrets names it) and keep the plain "
+                "URL here", {"keys": ", ".join(bad)})
+        return env
+
+
+class ImagesConfig(StrictModel):
+    """Container images the stages run in on a cluster: `<repository>:<tag>`."""
+
+    data: str = Field("ghcr.io/mmjobs/mmjobs-data", description="Image repository for data "
+                      "stages (prepare, mix, pretokenize, make-tiny-model).")
+    train: str = Field("ghcr.io/mmjobs/mmjobs-train", description="Image repository for model "
+                       "stages (train, apply-connector, build-moe-connector, merge).")
+    eval: str = Field("ghcr.io/mmjobs/mmjobs-eval", description="Image repository for "
+                      "evaluation stages (infer, evaluate, report).")
+    tag: str | None = Field(None, description="Tag of all three; default: the mmjobs version.")
+
+    def image(self, kind: Literal["data", "train", "eval"]) -> str:
+        """The full image reference for an image kind, e.g. `ghcr.io/mmjobs/mmjobs-train:0.1.0`."""
+        from mmjobs import __version__
+
+        return f"{getattr(self, kind)}:{self.tag or __version__}"
 
 
 class RecipeConfig(StrictModel):
@@ -201,6 +389,19 @@ class RecipeConfig(StrictModel):
     cluster: ClusterConfig = Field(
         default_factory=ClusterConfig, description="Kubernetes resources."
     )
+    pipeline: str | None = Field(
+        None, validate_default=True,
+        description="Which pipeline runs this recipe (a name in pipelines.PIPELINES, e.g. "
+        "chartmoe); defaults to the recipe name.")
+    images: ImagesConfig = Field(default_factory=ImagesConfig,
+                                 description="Stage images for cluster runs.")
+    stages: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per-step settings, keyed by the pipeline's step names (e.g. prepare, "
+        "align, sft, infer). Each is checked against its stage's config (e.g. the train "
+        "stage's for sft) without the fields the pipeline wires (inputs, outputs, run ids); "
+        "see `mmjobs.pipeline_runner.check_stages`. Values here win over the recipe-level "
+        "model/data/train/eval defaults.")
 
     @field_validator("recipe")
     @classmethod
@@ -218,6 +419,14 @@ class RecipeConfig(StrictModel):
     def _default_experiment(cls, value: str | None, info: ValidationInfo) -> str | None:
         # A field validator rather than a model validator: assigning inside an "after" model
         # validator re-triggers validation under validate_assignment.
+        return value if value is not None else info.data.get("recipe")
+
+    @field_validator("pipeline")
+    @classmethod
+    def _default_pipeline(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not re.fullmatch(_KEBAB, value):
+            raise PydanticCustomError("kebab_case", "must be a kebab-case pipeline name, e.g. "
+                                      "'chart-demo'")
         return value if value is not None else info.data.get("recipe")
 
 

@@ -1,0 +1,123 @@
+"""Training test helpers: tiny pretokenized chart shards, a recording tracking run, configs.
+
+Import the fixtures into a test module or conftest::
+
+    from tests.train_fixtures import chart_shards, fixed_batch_shards, tiny_llava_dir  # noqa
+
+Shards are built once per session with the pretokenize library on the tiny LLaVA from
+`tests.fixtures_models` (16 image tokens per 56x56 chart).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.chart_dataset import chart_samples, commit_dataset, write_chart_dataset
+from tests.fixtures_models import tiny_llava_dir  # noqa: F401 - re-exported fixture
+
+SHARD_MAX_LENGTH = 256
+# Adapters on the LM's attention, MLP and output head: a random tiny LM only overfits quickly
+# when its head can sharpen the near-uniform output distribution.
+OVERFIT_LORA = {"r": 16, "alpha": 32, "dropout": 0.0,
+                "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj", "lm_head"]}
+
+
+def build_shards(root: Path, model_dir: Path, n: int, name: str) -> str:
+    """Pretokenize `n` synthetic chart samples for `model_dir`; returns the committed URI."""
+    from mmjobs.data.pretokenize import PretokenizeJob, pretokenize
+
+    local = write_chart_dataset(root / f"{name}-local", chart_samples(n))
+    dataset = commit_dataset(local, str(root / f"{name}-dataset"))
+    out = str(root / f"{name}-shards")
+    pretokenize(PretokenizeJob(dataset=dataset, model_dir=str(model_dir), out=out,
+                               fingerprint=name, max_length=SHARD_MAX_LENGTH, shard_size=8))
+    return out
+
+
+@pytest.fixture(scope="session")
+def chart_shards(tmp_path_factory, tiny_llava_dir) -> str:  # noqa: F811
+    """16 chart samples (6 with a second image), 2 shards."""
+    return build_shards(tmp_path_factory.mktemp("train-data"), tiny_llava_dir, 16, "charts16")
+
+
+@pytest.fixture(scope="session")
+def fixed_batch_shards(tmp_path_factory, tiny_llava_dir) -> str:  # noqa: F811
+    """4 chart samples: with batch size 4 every step sees the same batch."""
+    return build_shards(tmp_path_factory.mktemp("train-data"), tiny_llava_dir, 4, "charts4")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on 2 shared cores two torch threads thrash (10x slower steps),
+    and runs compared bit for bit must use the same thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class RecordingRun:
+    """A stand-in for `tracking.RunHandle` that remembers what was logged."""
+
+    run_id = None
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, list[tuple[int, float]]] = {}
+        self.params: dict[str, Any] = {}
+        self.figures: list[str] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for key, value in metrics.items():
+            self.metrics.setdefault(key, []).append((int(step or 0), float(value)))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.params.update(params)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        self.figures.append(artifact_file)
+
+    def series(self, key: str) -> list[float]:
+        return [value for _, value in self.metrics.get(key, [])]
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def train_settings(**overrides: Any) -> dict[str, Any]:
+    """A fast LoRA SFT config (as a mapping for `load_config`); keys override."""
+    base: dict[str, Any] = {
+        "mode": "sft", "finetune": "lora", "lr": 1e-2, "max_steps": 12,
+        "per_device_batch_size": 4, "grad_accum": 1, "batching": "random",
+        "checkpoint_every_steps": 4, "keep_last_checkpoints": 2, "dataloader_workers": 0,
+        "warmup_ratio": 0.0, "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+    }
+    return {**base, **overrides}
+
+
+def stage_settings(model_dir: Path, data: str, output: str, **train: Any) -> dict[str, Any]:
+    """A train stage config mapping (model, data, output, train)."""
+    return {"model": {"name_or_path": str(model_dir)}, "data": data, "output": output,
+            "train": train_settings(**train)}
+
+
+def read_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every `*.safetensors` file under `directory`, keyed `file:name`."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for path in sorted(Path(directory).rglob("*.safetensors")):
+        rel = path.relative_to(directory).as_posix()
+        out.update({f"{rel}:{k}": v for k, v in load_file(str(path)).items()})
+    return out
+
+
+def assert_tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Same names and bit-identical values (torch.equal) for every tensor."""
+    assert sorted(a) == sorted(b)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"

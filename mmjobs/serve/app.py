@@ -1,0 +1,395 @@
+"""The HTTP API: an OpenAI-compatible chat-completions server for one model, plus its chat page.
+
+    app = create_app(lambda: load_for_inference(model_dir), ServeOptions(model_name="tiny"))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Routes:
+    POST /v1/chat/completions   OpenAI chat completions (images as image_url parts; stream)
+    GET  /v1/models, /v1/models/{id}
+    GET  /                      the chat page
+    GET  /healthz               liveness: the process answers
+    GET  /readyz                readiness: 200 once the model is loaded, 503 before
+    GET  /metrics               Prometheus text format
+
+The model loads in a background thread after the server starts, so liveness probes pass during
+a long load and `/readyz` tells when to send traffic. Every error is OpenAI's JSON error object
+with a 4xx/5xx status; nothing a client sends stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mmjobs.eval.generate import PromptInput
+from mmjobs.logs import get_logger
+from mmjobs.models.builder import LoadedModel
+from mmjobs.serve.auth import check_bearer
+from mmjobs.serve.batching import (
+    BatchWorker,
+    Job,
+    QueueFullError,
+    StreamChannel,
+    WorkerStoppedError,
+)
+from mmjobs.serve.engine import GenerationResult, Settings
+from mmjobs.serve.images import load_image_ref
+from mmjobs.serve.limits import Limits
+from mmjobs.serve.metrics import CONTENT_TYPE, ServeMetrics
+from mmjobs.serve.page import render_page
+from mmjobs.serve.protocol import (
+    APIError,
+    ChatRequest,
+    chunk,
+    completion,
+    error_body,
+    new_id,
+    parse_chat_request,
+    usage,
+)
+
+__all__ = ["ServeOptions", "create_app"]
+
+log = get_logger(__name__)
+_ROUTES = ("/", "/healthz", "/readyz", "/metrics", "/v1/models", "/v1/chat/completions")
+# Bytes of an oversized body read (and dropped) before answering 413: a client that sends the
+# whole body before reading the answer then sees the 413 instead of a reset connection.
+_DRAIN_LIMIT = 64 * 1024 * 1024
+_DECODE_SLOTS = 4
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How the app serves (the stage builds this from `ServeConfig`).
+
+    Attributes:
+        model_name: the name clients send as `model`; others get 404.
+        limits: request limits.
+        api_key: the bearer token clients must send (None: no auth). The value itself, read
+            from the environment by the caller; it is never logged or shown.
+        max_batch_size, batch_wait_ms, max_queue: see `BatchWorker`.
+    """
+
+    model_name: str
+    limits: Limits = field(default_factory=Limits)
+    api_key: str | None = field(default=None, repr=False)
+    max_batch_size: int = 8
+    batch_wait_ms: float = 10.0
+
+
+class _State:
+    """What the routes share: the worker once the model is loaded, or why it is not."""
+
+    def __init__(self) -> None:
+        self.worker: BatchWorker | None = None
+        self.load_error: str | None = None
+        self.closed = False
+        self.started = int(time.time())
+
+
+def create_app(load: Callable[[], LoadedModel], options: ServeOptions, *,
+               on_load_failure: Callable[[BaseException], None] | None = None,
+               metrics: ServeMetrics | None = None) -> Starlette:
+    """The ASGI app.
+
+    Args:
+        load: returns the loaded model; called once, in a background thread, at startup.
+        options: names, limits, auth and batching.
+        on_load_failure: called (from the loading thread) if `load` raises, e.g. to stop the
+            server so the process exits non-zero; `/readyz` reports the error either way.
+        metrics: where metrics go (default: a fresh set for this app).
+
+    Returns:
+        A Starlette app; run it with uvicorn (see `mmjobs.serve.server`).
+    """
+    state = _State()
+    metrics = metrics or ServeMetrics()
+    limits = options.limits
+    # Decoded images are large (a 20 MP image is 60 MB as RGB): a few requests decode at a time.
+    decode_slots = asyncio.Semaphore(_DECODE_SLOTS)
+
+    def load_in_background() -> None:
+        try:
+            worker = BatchWorker(load(), max_batch_size=options.max_batch_size,
+                                 batch_wait_ms=options.batch_wait_ms,
+                                 max_queue=limits.max_queue, metrics=metrics).start()
+        except BaseException as e:
+            state.load_error = f"{type(e).__name__}: {e}"
+            log.exception("the model failed to load")
+            if on_load_failure is not None:
+                on_load_failure(e)
+            return
+        if state.closed:  # shut down while loading
+            worker.stop()
+            return
+        state.worker = worker
+        metrics.model_ready.set(1)
+        log.info("model %r is ready", options.model_name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        threading.Thread(target=load_in_background, name="mmjobs-serve-load",
+                         daemon=True).start()
+        yield
+        state.closed = True
+        metrics.model_ready.set(0)
+        if state.worker is not None:
+            await run_in_threadpool(state.worker.stop)
+
+    def ready_worker() -> BatchWorker:
+        if state.worker is not None:
+            return state.worker
+        if state.load_error:
+            raise APIError(503, f"the model failed to load: {state.load_error}",
+                           code="model_load_failed")
+        raise APIError(503, "the model is still loading; retry shortly (GET /readyz says "
+                       "when it is ready)", code="model_loading", headers={"Retry-After": "5"})
+
+    def submit(worker: BatchWorker, job: Job) -> None:
+        try:
+            worker.submit(job)
+        except QueueFullError as e:
+            raise APIError(503, f"server busy: {e}; retry shortly", code="server_overloaded",
+                           headers={"Retry-After": "1"}) from None
+        except WorkerStoppedError as e:
+            raise APIError(503, str(e), code="shutting_down") from None
+
+    async def chat_completions(request: Request) -> Response:
+        # Cheapest checks first: no body is read for a client without the key.
+        check_bearer(request.headers.get("authorization"), options.api_key)
+        body = await _read_body(request, limits.max_request_bytes)
+        try:
+            payload = json.loads(body)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            raise APIError(400, f"malformed JSON in the request body: {e}",
+                           code="invalid_json") from None
+        chat = parse_chat_request(payload, limits)
+        if chat.model != options.model_name:
+            raise APIError(404, f"the model {chat.model[:200]!r} does not exist on this "
+                           f"server; it serves {options.model_name!r}", code="model_not_found",
+                           param="model")
+        worker = ready_worker()
+        if chat.image_refs and not worker.takes_images:
+            raise APIError(400, f"{options.model_name!r} takes no images (its processor has no "
+                           "image processor); send text only", code="images_not_supported")
+        async with decode_slots:
+            images = await run_in_threadpool(
+                lambda: [load_image_ref(url, i, limits) for i, url in enumerate(chat.image_refs)])
+        job = Job(PromptInput(chat.turns, images), Settings.make(
+            chat.max_new_tokens, chat.stop, chat.temperature, chat.top_p, chat.seed))
+        if chat.stream:
+            job.channel = StreamChannel(asyncio.get_running_loop())
+            submit(worker, job)
+            return StreamingResponse(_events(job, chat, options.model_name),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache",
+                                              "X-Accel-Buffering": "no"})
+        submit(worker, job)
+        try:
+            result = await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            raise
+        except WorkerStoppedError as e:
+            raise APIError(503, str(e), code="shutting_down") from None
+        except Exception as e:
+            raise APIError(500, f"generation failed: {type(e).__name__}: {e}",
+                           code="generation_failed") from e
+        return JSONResponse(completion(new_id(), options.model_name, result.text,
+                                       result.finish_reason, result.prompt_tokens,
+                                       result.completion_tokens))
+
+    def model_card() -> dict[str, Any]:
+        return {"id": options.model_name, "object": "model", "created": state.started,
+                "owned_by": "mmjobs"}
+
+    async def list_models(request: Request) -> Response:
+        check_bearer(request.headers.get("authorization"), options.api_key)
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def get_model(request: Request) -> Response:
+        check_bearer(request.headers.get("authorization"), options.api_key)
+        if request.path_params["model"] != options.model_name:
+            raise APIError(404, f"the model {request.path_params['model'][:200]!r} does not "
+                           f"exist on this server; it serves {options.model_name!r}",
+                           code="model_not_found", param="model")
+        return JSONResponse(model_card())
+
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(_: Request) -> Response:
+        if state.worker is not None:
+            return JSONResponse({"status": "ready", "model": options.model_name})
+        status = "failed" if state.load_error else "loading"
+        return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
+
+    async def metrics_route(_: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    async def page(_: Request) -> Response:
+        nonce = secrets.token_urlsafe(16)
+        html = render_page(options.model_name, auth_required=options.api_key is not None,
+                           max_image_bytes=limits.max_image_bytes, nonce=nonce)
+        return HTMLResponse(html, headers=_page_headers(nonce))
+
+    routes = [
+        Route("/", page, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_route, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        APIError: _api_error, HTTPException: _http_error, Exception: _server_error})
+    app.add_middleware(_MetricsMiddleware, metrics=metrics)
+    app.state.serve = state  # for tests and embedding
+    return app
+
+
+async def _events(job: Job, chat: ChatRequest, model: str) -> AsyncIterator[str]:
+    """Server-sent events for one streamed completion, ending with `data: [DONE]`."""
+    assert job.channel is not None  # set by the caller for streaming jobs
+    completion_id, created = new_id(), int(time.time())
+
+    def sse(payload: dict[str, Any]) -> str:
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    try:
+        yield sse(chunk(completion_id, model, created, delta={"role": "assistant",
+                                                              "content": ""}))
+        while True:
+            kind, value = await job.channel.queue.get()
+            if kind == "delta":
+                yield sse(chunk(completion_id, model, created, delta={"content": value}))
+                continue
+            if kind == "done":
+                result: GenerationResult = value
+                yield sse(chunk(completion_id, model, created,
+                                finish_reason=result.finish_reason))
+                if chat.include_usage:
+                    yield sse(chunk(completion_id, model, created, usage_=usage(
+                        result.prompt_tokens, result.completion_tokens)))
+            else:  # the status line is sent already: the error travels as an event
+                code = "shutting_down" if isinstance(value, WorkerStoppedError) else \
+                    "generation_failed"
+                yield sse(error_body(f"generation failed: {type(value).__name__}: {value}",
+                                     type_="server_error", code=code))
+            break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled.set()  # a client that left stops the generation at the next token
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, or 413 once it exceeds `limit` bytes (declared or received)."""
+    declared = request.headers.get("content-length", "")
+    too_large = APIError(413, f"the request body is over {limit:,} bytes (max_request_bytes); "
+                         "send smaller or fewer images", code="request_too_large")
+    if declared.isdigit() and int(declared) > limit:
+        await _drain(request, int(declared))
+        raise too_large
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            await _drain(request, int(declared) if declared.isdigit() else _DRAIN_LIMIT)
+            raise too_large
+    return bytes(body)
+
+
+async def _drain(request: Request, declared: int) -> None:
+    """Read and drop up to `_DRAIN_LIMIT` bytes of a body we refuse (see `_DRAIN_LIMIT`)."""
+    if declared > _DRAIN_LIMIT:
+        return  # not worth reading: the client will see the connection close
+    dropped = 0
+    with contextlib.suppress(Exception):
+        async for piece in request.stream():
+            dropped += len(piece)
+            if dropped > _DRAIN_LIMIT:
+                return
+
+
+def _page_headers(nonce: str) -> dict[str, str]:
+    # The page talks to its own origin only and inlines nothing but its nonce'd script/style.
+    csp = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+           "img-src data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+           "frame-ancestors 'none'")
+    return {"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+
+async def _api_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)  # registered for APIError only
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _http_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)  # registered for HTTPException only
+    messages = {404: "no such route; the API is under /v1 (POST /v1/chat/completions)",
+                405: "method not allowed on this route"}
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return JSONResponse(error_body(messages.get(exc.status_code, str(exc.detail)), code=code),
+                        status_code=exc.status_code, headers=exc.headers)
+
+
+async def _server_error(_: Request, exc: Exception) -> Response:
+    log.error("unhandled error: %s: %s", type(exc).__name__, exc)
+    return JSONResponse(error_body(f"internal error: {type(exc).__name__}",
+                                   type_="server_error", code="internal_error"),
+                        status_code=500)
+
+
+class _MetricsMiddleware:
+    """Counts requests by route and status and times them to the end of the response body."""
+
+    def __init__(self, app: ASGIApp, metrics: ServeMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        # Known routes only, so a scanner's random paths cannot grow the label set.
+        route = path if path in _ROUTES else (
+            "/v1/models/{model}" if path.startswith("/v1/models/") else "other")
+        start = time.perf_counter()
+        status, recorded = 500, False
+
+        def record() -> None:
+            nonlocal recorded
+            if not recorded:
+                recorded = True
+                self.metrics.requests.inc(route=route, status=str(status))
+                self.metrics.latency.observe(time.perf_counter() - start, route=route)
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                record()
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            record()  # an exception or a client that left before the end

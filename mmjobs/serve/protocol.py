@@ -1,0 +1,264 @@
+"""The OpenAI chat-completions wire format: request parsing, responses, stream chunks, errors.
+
+    request = parse_chat_request(json.loads(body), limits)   # or raises APIError (4xx)
+    request.turns       # [{"role": "user", "content": "<image>\\nWhat is the largest bar?"}]
+    request.image_refs  # ["data:image/png;base64,..."], one per <image> marker, in order
+
+Only what a single-model server can honour is accepted: `n` must be 1, and tools, logprobs and
+JSON mode are refused with a 400 naming the field rather than silently ignored. Fields that only
+tune behaviour we do not have (`frequency_penalty`, `user`, `metadata`, ...) are ignored, as
+other OpenAI-compatible servers do, so stock clients work unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmjobs.data.records import IMAGE_TOKEN
+from mmjobs.serve.limits import Limits
+
+__all__ = ["APIError", "ChatRequest", "chunk", "completion", "error_body", "parse_chat_request"]
+
+# Roles a chat template knows; "developer" is OpenAI's newer name for "system".
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_UNSUPPORTED = {  # field -> why; sent with a non-default value they would be silently wrong
+    "tools": "tool calling is not supported by this server",
+    "functions": "function calling is not supported by this server",
+    "logprobs": "logprobs are not supported by this server",
+    "top_logprobs": "logprobs are not supported by this server",
+}
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+
+
+class APIError(Exception):
+    """An error answered as OpenAI-style JSON: `{"error": {message, type, param, code}}`."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None,
+                 param: str | None = None, type_: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type_=self.type, code=self.code, param=self.param)
+
+
+def error_body(message: str, *, type_: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+@dataclass
+class ChatRequest:
+    """A validated chat-completions request.
+
+    Attributes:
+        model: the requested model name (checked against the served name by the app).
+        turns: `{role, content}` with `<image>` where each image goes (Generator's format).
+        image_refs: the image URLs (data: or http(s)), in marker order.
+        max_new_tokens, temperature, top_p, stop, seed: generation settings. As in OpenAI's
+            API, temperature defaults to 1.0 (sampling); 0 means greedy decoding.
+        stream, include_usage: SSE streaming, and a final usage chunk in the stream.
+    """
+
+    model: str
+    turns: list[dict[str, str]]
+    image_refs: list[str] = field(default_factory=list)
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0
+
+
+def _bad(message: str, param: str | None = None, code: str = "invalid_request") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise _bad(f"{name} must be a number in [{low}, {high}], got {value!r}", name)
+    return float(value)
+
+
+def _integer(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"{name} must be an integer, got {value!r}", name)
+    return value
+
+
+def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
+    """Validate a decoded JSON body.
+
+    Raises:
+        APIError: 400 naming the field and the problem.
+    """
+    if not isinstance(body, dict):
+        raise _bad(f"the request body must be a JSON object, got {type(body).__name__}")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("`model` is required: the served model's name (GET /v1/models lists it)",
+                   "model")
+    for name, why in _UNSUPPORTED.items():
+        if body.get(name):
+            raise _bad(f"{name}: {why}", name, code="unsupported_parameter")
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type", "text") != "text":
+        raise _bad("response_format: only {\"type\": \"text\"} is supported", "response_format",
+                   code="unsupported_parameter")
+    if body.get("n", 1) != 1:
+        raise _bad(f"n must be 1 (one answer per request), got {body.get('n')!r}", "n")
+    turns, refs = _messages(body.get("messages"), limits)
+
+    max_tokens = _integer(body, "max_completion_tokens")
+    param = "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, param = _integer(body, "max_tokens"), "max_tokens"
+    if max_tokens is None:
+        max_tokens = limits.default_max_new_tokens
+    elif not 1 <= max_tokens <= limits.max_new_tokens_cap:
+        raise _bad(f"{param}={max_tokens} is out of range: this server generates 1 to "
+                   f"{limits.max_new_tokens_cap} tokens per answer", param)
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) for s in stops)):
+        raise _bad(f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings",
+                   "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad(f"stream must be true or false, got {stream!r}", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise _bad("stream_options must be an object", "stream_options")
+    return ChatRequest(
+        model=model, turns=turns, image_refs=refs, max_new_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
+        stop=tuple(s for s in stops if s), seed=_integer(body, "seed"), stream=stream,
+        include_usage=bool(options.get("include_usage", False)),
+    )
+
+
+def _messages(messages: Any, limits: Limits) -> tuple[list[dict[str, str]], list[str]]:
+    """OpenAI messages -> Generator turns with `<image>` markers, plus the image URLs."""
+    if not isinstance(messages, list) or not messages:
+        raise _bad("`messages` must be a non-empty list of {role, content} objects", "messages")
+    turns: list[dict[str, str]] = []
+    refs: list[str] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _bad(f"{where} must be an object with role and content", where)
+        role = _ROLES.get(message.get("role"))  # type: ignore[arg-type]
+        if role is None:
+            raise _bad(f"{where}.role must be one of {sorted(_ROLES)}, got "
+                       f"{message.get('role')!r}", f"{where}.role")
+        text = _content(message.get("content"), role, where, refs, limits)
+        if turns and turns[-1]["role"] == role and role != "system":
+            turns[-1]["content"] += "\n" + text  # consecutive same-role turns: one turn
+        else:
+            turns.append({"role": role, "content": text})
+    if turns[-1]["role"] != "user":
+        raise _bad("the last message must come from the user (the model answers it); got "
+                   f"{turns[-1]['role']!r}", "messages")
+    return turns, refs
+
+
+def _content(content: Any, role: str, where: str, refs: list[str], limits: Limits) -> str:
+    if content is None and role == "assistant":
+        return ""
+    if isinstance(content, str):
+        return _text(content, where)
+    if not isinstance(content, list):
+        raise _bad(f"{where}.content must be a string or a list of content parts",
+                   f"{where}.content")
+    pieces: list[str] = []
+    for k, part in enumerate(content):
+        at = f"{where}.content[{k}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            pieces.append(_text(part["text"], at))
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str) or not url:
+                raise _bad(f"{at}.image_url.url must be a data: URL or an http(s) URL", at)
+            if role != "user":
+                raise _bad(f"{at}: images are accepted in user messages only", at)
+            if len(refs) >= limits.max_images_per_request:
+                raise _bad(f"{at}: too many images; this server takes at most "
+                           f"{limits.max_images_per_request} per request", at,
+                           code="too_many_images")
+            refs.append(url)
+            pieces.append(IMAGE_TOKEN + "\n")
+        else:
+            raise _bad(f"{at} must be {{\"type\": \"text\", \"text\": ...}} or "
+                       f"{{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}; got "
+                       f"type {kind!r}", at)
+    return "".join(pieces)
+
+
+def _text(text: str, where: str) -> str:
+    # The marker is how images are placed; text holding it would shift every image.
+    if IMAGE_TOKEN in text:
+        raise _bad(f"{where}: text may not contain {IMAGE_TOKEN!r} (the model's image marker); "
+                   "send images as image_url content parts", where)
+    return text
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def new_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(completion_id: str, model: str, text: str, finish_reason: str,
+               prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """A `chat.completion` object with one choice."""
+    return {
+        "id": completion_id, "object": "chat.completion", "created": int(time.time()),
+        "model": model, "system_fingerprint": None,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def chunk(completion_id: str, model: str, created: int, *, delta: dict[str, str] | None = None,
+          finish_reason: str | None = None, usage_: dict[str, int] | None = None
+          ) -> dict[str, Any]:
+    """A `chat.completion.chunk`; with `usage_` it is the final usage chunk (no choices)."""
+    body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk",
+                            "created": created, "model": model, "system_fingerprint": None}
+    if usage_ is not None:
+        body["choices"] = []
+        body["usage"] = usage_
+    else:
+        body["choices"] = [{"index": 0, "delta": delta or {}, "logprobs": None,
+                            "finish_reason": finish_reason}]
+    return body

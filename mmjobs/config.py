@@ -47,6 +47,7 @@ __all__ = [
     "LayerDropoutConfig",
     "LoraConfig",
     "ModelConfig",
+    "PreferenceConfig",
     "RecipeConfig",
     "SecretNames",
     "StageResources",
@@ -163,20 +164,47 @@ class LayerDropoutConfig(StrictModel):
         return self
 
 
+class PreferenceConfig(StrictModel):
+    """Preference training (train.mode dpo or rm); ignored by the other modes."""
+
+    beta: float = Field(
+        0.1, gt=0, description="DPO: strength of the pull towards the reference model; higher "
+        "keeps the policy closer to it (IPO: the regularisation tau). 0.1 is the usual start.")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="DPO loss: sigmoid (the DPO paper; with label_smoothing > 0 "
+        "conservative DPO) or ipo (squared loss on per-token log-ratio differences, TRL's "
+        "length-normalised form).")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Conservative DPO (sigmoid loss only): the assumed "
+        "probability that a preference label is flipped. 0 = plain DPO.")
+    reference: Literal["implicit_lora", "frozen_copy"] = Field(
+        "implicit_lora", description="DPO reference model: implicit_lora computes reference "
+        "log-probs with the LoRA adapters disabled (the base weights; no second copy in "
+        "memory; needs finetune: lora); frozen_copy loads a second, frozen copy of the base "
+        "model (needed for finetune: full; doubles the weight memory).")
+    rm_center_rewards_coef: float = Field(
+        0.0, ge=0, description="Reward model: weight of a penalty on (r_chosen + r_rejected)^2 "
+        "that keeps rewards centred on 0 (TRL's center_rewards_coefficient, e.g. 0.01); "
+        "0 = plain Bradley-Terry.")
+
+
 class TrainConfig(StrictModel):
     """Optimisation settings for the training stages."""
 
     mode: Literal["align", "sft", "dpo", "rm", "ppo", "grpo"] = Field(
-        "sft", description="align trains the projector only; sft/dpo/rm/ppo/grpo as usual."
+        "sft", description="align trains the projector only; sft on conversations; dpo "
+        "(direct preference optimisation) and rm (a reward model: the VLM plus a scalar value "
+        "head) on preference pairs (see `preference`); ppo/grpo as usual."
     )
     finetune: Literal["full", "lora"] = Field(
-        "lora", description="Full weights or LoRA (sft). Ignored in align mode, where the "
-        "connector always trains in full.")
+        "lora", description="Full weights or LoRA (sft, dpo, rm). Ignored in align mode, where "
+        "the connector always trains in full.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     epochs: float = Field(1, gt=0, description="Passes over the data (fractions allowed).")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many steps; -1 uses epochs.")
     per_device_batch_size: int = Field(4, gt=0, description="Micro-batch size per GPU/process "
-                                       "(samples; packed bins when batching=packed).")
+                                       "(samples; packed bins when batching=packed; pairs in "
+                                       "dpo/rm, i.e. twice as many sequences per forward).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr_schedule: Literal[
         "cosine", "linear", "constant", "cyclic_triangular", "cyclic_triangular2",
@@ -234,6 +262,9 @@ class TrainConfig(StrictModel):
     dataloader_workers: int = Field(
         2, ge=0, description="DataLoader worker processes decoding images (0: in the "
         "training process).")
+    preference: PreferenceConfig = Field(
+        default_factory=PreferenceConfig, description="DPO and reward-model settings (modes "
+        "dpo, rm).")
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainConfig:
@@ -250,6 +281,17 @@ class TrainConfig(StrictModel):
                 errors.append("layer_dropout sets LoRA adapter dropout; align has no adapters")
         elif self.finetune == "full" and self.layer_dropout is not None:
             errors.append("layer_dropout needs finetune: lora (it sets adapter dropout)")
+        if self.mode in ("dpo", "rm") and self.batching == "packed":
+            errors.append(f"batching: packed does not apply to preference pairs (mode "
+                          f"{self.mode}); use random or length_grouped")
+        pref = self.preference
+        if self.mode == "dpo" and self.finetune == "full" and pref.reference == "implicit_lora":
+            errors.append("preference.reference: implicit_lora takes the reference from the "
+                          "base weights with the LoRA adapters disabled, so it needs finetune: "
+                          "lora; set preference.reference: frozen_copy for full fine-tuning")
+        if self.mode == "dpo" and pref.loss == "ipo" and pref.label_smoothing > 0:
+            errors.append("preference.label_smoothing applies to the sigmoid loss (conservative "
+                          "DPO); remove it or use preference.loss: sigmoid")
         if self.mode != "align" and self.freeze_vision_tower and self.freeze_connector and \
                 self.freeze_language_model:
             errors.append("every component is frozen; unfreeze at least one")
@@ -402,6 +444,20 @@ class RecipeConfig(StrictModel):
         "stage's for sft) without the fields the pipeline wires (inputs, outputs, run ids); "
         "see `mmjobs.pipeline_runner.check_stages`. Values here win over the recipe-level "
         "model/data/train/eval defaults.")
+    sweep: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Settings a sweep pipeline fans out over (lavin-sweep): kebab-case setting "
+        "name -> overrides of the swept step's section, e.g. {cyclical-lr: {train: "
+        "{lr_schedule: cyclic_triangular2}}}. Checked like `stages` sections.")
+
+    @field_validator("sweep")
+    @classmethod
+    def _kebab_settings(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        bad = [name for name in value if not re.fullmatch(_KEBAB, name)]
+        if bad:  # setting names become output folders and KFP task names
+            raise PydanticCustomError("kebab_case", "setting names must be kebab-case, got "
+                                      "{bad}", {"bad": ", ".join(map(repr, bad))})
+        return value
 
     @field_validator("recipe")
     @classmethod

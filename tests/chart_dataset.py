@@ -66,10 +66,45 @@ def chart_samples(n: int, *, long_every: int = 0, assistant_image_every: int = 0
     return samples
 
 
+_APPROVE = ("Correct, verified.", "Yes, exactly right.", "Confirmed, good.")
+_DISAPPROVE = ("Wrong, unverified.", "No, that is off.", "Unsure, bad.")
+
+
+def preference_pairs(n: int, *, style: str = "answer", start: int = 0
+                     ) -> list[dict[str, Any]]:
+    """`n` canonical preference records over images `images/pair-<i>.png`.
+
+    style="answer": chosen = the chart's largest value, rejected = a wrong value (a DPO set).
+    style="keyword": chosen answers end with an approving phrase ("Correct, verified.", ...),
+    rejected ones with a disapproving one ("Wrong, unverified.", ...), three of each in
+    rotation, so a random value head does not already order them (a preference a reward
+    model has to learn, and can carry to unseen pairs).
+    `start` offsets ids, values and images (a held-out split with `start=n_train`).
+    """
+    pairs = []
+    for i in range(start, start + n):
+        values = [(i * 7 + j * 13) % 50 + 1 for j in range(4)]
+        right, wrong = max(values), max(values) + 1 + i % 9
+        if style == "answer":
+            chosen, rejected = f"The largest bar is {right}.", f"The largest bar is {wrong}."
+        elif style == "keyword":
+            answer = f"The largest bar is {right if i % 2 else wrong}."
+            chosen = f"{answer} {_APPROVE[i % 3]}"
+            rejected = f"{answer} {_DISAPPROVE[(i + 1) % 3]}"
+        else:
+            raise ValueError(f"style {style!r}")
+        pairs.append({"id": f"pair-{i}", "images": [f"images/pair-{i}.png"],
+                      "prompt": [{"role": "user",
+                                  "content": f"<image>\nWhat is the largest value? (#{i})"}],
+                      "chosen": chosen, "rejected": rejected, "meta": {"source": "test"}})
+    return pairs
+
+
 def write_chart_dataset(root: Path, samples: list[dict[str, Any]], *,
                         extra_lines: list[str] = (), image_size: tuple[int, int] = (48, 40),
-                        skip_images: set[str] = frozenset()) -> Path:
-    """Write samples + their images + card under `root` (not committed).
+                        skip_images: set[str] = frozenset(), kind: str = "sample") -> Path:
+    """Write samples (or preference records, `kind="preference"`) + their images + card under
+    `root` (not committed).
 
     `extra_lines` are appended to samples.jsonl verbatim (malformed rows);
     images in `skip_images` are not written (missing-image rejects).
@@ -78,14 +113,16 @@ def write_chart_dataset(root: Path, samples: list[dict[str, Any]], *,
     lines = [json.dumps(s, ensure_ascii=False) for s in samples] + list(extra_lines)
     (root / "samples.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     for k, sample in enumerate(samples):
-        for j, rel in enumerate(sample["images"]):
+        paths = [*sample["images"], *sample.get("chosen_images", ()),
+                 *sample.get("rejected_images", ())]
+        for j, rel in enumerate(paths):
             if rel in skip_images:
                 continue
             path = root / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(bar_chart_png([(k + j * 5 + m * 11) % 30 + 1 for m in range(4)],
                                            image_size, seed=k * 10 + j))
-    card = {"kind": "sample", "image_root": "", "source": "tests",
+    card = {"kind": kind, "image_root": "", "source": "tests",
             "counts": {"input": len(lines), "accepted": len(samples),
                        "rejected": len(extra_lines)}}
     (root / "dataset.json").write_text(json.dumps(card, indent=1), encoding="utf-8")

@@ -10,6 +10,10 @@ Shards are built once per session with the pretokenize library on the tiny LLaVA
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,12 @@ from typing import Any
 import pytest
 import torch
 
-from tests.chart_dataset import chart_samples, commit_dataset, write_chart_dataset
+from tests.chart_dataset import (
+    chart_samples,
+    commit_dataset,
+    preference_pairs,
+    write_chart_dataset,
+)
 from tests.fixtures_models import tiny_llava_dir  # noqa: F401 - re-exported fixture
 
 SHARD_MAX_LENGTH = 256
@@ -49,6 +58,38 @@ def chart_shards(tmp_path_factory, tiny_llava_dir) -> str:  # noqa: F811
 def fixed_batch_shards(tmp_path_factory, tiny_llava_dir) -> str:  # noqa: F811
     """4 chart samples: with batch size 4 every step sees the same batch."""
     return build_shards(tmp_path_factory.mktemp("train-data"), tiny_llava_dir, 4, "charts4")
+
+
+def build_preference_shards(root: Path, model_dir: Path, pairs: list[dict[str, Any]],
+                            name: str) -> str:
+    """Pretokenize canonical preference records for `model_dir`; returns the committed URI."""
+    from mmjobs.data.pretokenize import PretokenizeJob, pretokenize
+
+    local = write_chart_dataset(root / f"{name}-local", pairs, kind="preference")
+    dataset = commit_dataset(local, str(root / f"{name}-dataset"))
+    out = str(root / f"{name}-shards")
+    pretokenize(PretokenizeJob(dataset=dataset, model_dir=str(model_dir), out=out,
+                               fingerprint=name, max_length=SHARD_MAX_LENGTH, shard_size=8))
+    return out
+
+
+@pytest.fixture(scope="session")
+def dpo_shards(tmp_path_factory, tiny_llava_dir) -> str:  # noqa: F811
+    """8 chart QA pairs: chosen = the right largest value, rejected = a wrong one."""
+    return build_preference_shards(tmp_path_factory.mktemp("pref-data"), tiny_llava_dir,
+                                   preference_pairs(8), "dpo8")
+
+
+@pytest.fixture(scope="session")
+def rm_shards(tmp_path_factory, tiny_llava_dir) -> tuple[str, str]:  # noqa: F811
+    """(train, held-out eval) shards of a learnable preference: chosen answers end with an
+    approving phrase, rejected ones with a disapproving one (32 + 16 pairs; see
+    `preference_pairs(style="keyword")`)."""
+    root = tmp_path_factory.mktemp("pref-data")
+    return (build_preference_shards(root, tiny_llava_dir, preference_pairs(32, style="keyword"),
+                                    "rm-train"),
+            build_preference_shards(root, tiny_llava_dir,
+                                    preference_pairs(16, style="keyword", start=32), "rm-eval"))
 
 
 @pytest.fixture
@@ -121,3 +162,34 @@ def assert_tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert sorted(a) == sorted(b)
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
+
+
+# --------------------------------------------------------------------------- kill + resume
+
+
+def launch_train_stage(config: Path, log: Path) -> subprocess.Popen:
+    """`mmjobs stage train --config CONFIG` as a subprocess on one thread, output to `log`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "mmjobs.cli", "stage", "train",
+                                 "--config", str(config)], stdout=out, stderr=subprocess.STDOUT,
+                                env=env)
+
+
+def wait_for_first_commit(root: str, proc: subprocess.Popen, log: Path,
+                          timeout: float = 240) -> int:
+    """The step of the first committed checkpoint under `root` (fails the test if the process
+    exits or nothing is committed within `timeout` seconds)."""
+    from mmjobs.train import checkpoint as ckpt
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        committed = [i.step for i in ckpt.list_checkpoints(root) if i.committed]
+        if committed:
+            return committed[-1]
+        if proc.poll() is not None:
+            pytest.fail(f"training exited ({proc.returncode}) before its first checkpoint:\n"
+                        + log.read_text()[-3000:])
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"no checkpoint committed in {timeout:.0f} s")

@@ -4,7 +4,9 @@ Input: a committed directory (local path or `s3://`) written by the pretokenize 
 `shard-00000.parquet, ...` with columns `id: string, input_ids: list<int32>,
 labels: list<int32>` (-100 = no loss), `images: list<binary>` (encoded PNG/JPEG bytes; empty
 for text-only rows and for image-token models), `num_image_tokens: int32`, `length: int32`,
-plus `card.json`.
+plus `card.json`. Preference shards (DPO, reward models; see `mmjobs.data.pretokenized`) hold
+one pair per row (`chosen_input_ids`, `chosen_labels`, `rejected_input_ids`, ...); the dataset
+reads either layout and `build_dataloader` picks `PreferenceCollator` for pairs.
 
 **Local cache.** Parquet has no cheap random row access (a row group is the smallest readable
 unit, and writers default to ~1M rows per group), so the shards are converted once into
@@ -54,6 +56,14 @@ log = get_logger(__name__)
 SHARD_PATTERN = "shard-*.parquet"
 CARD_NAME = "card.json"
 REQUIRED_COLUMNS = ("id", "input_ids", "labels", "images", "num_image_tokens", "length")
+PREFERENCE_COLUMNS = ("id", "chosen_input_ids", "chosen_labels", "rejected_input_ids",
+                      "rejected_labels", "images", "chosen_images", "rejected_images",
+                      "chosen_num_image_tokens", "rejected_num_image_tokens", "chosen_length",
+                      "rejected_length", "length")
+# Sequences of a row and their (ids, labels, length) columns, per shard layout.
+_SEQUENCES = {"sample": (("input_ids", "labels", "length"),),
+              "preference": (("chosen_input_ids", "chosen_labels", "chosen_length"),
+                             ("rejected_input_ids", "rejected_labels", "rejected_length"))}
 _READY = "READY.json"
 _CACHE_FORMAT = 1  # bump when the cached layout changes, so stale caches are rebuilt
 _BATCH_ROWS = 1024  # rows per IPC record batch: small enough that the row index stays cheap
@@ -134,22 +144,26 @@ def materialize_shards(shards_uri: str | os.PathLike,
     return target
 
 
+def shard_kind(names: Sequence[str]) -> str:
+    """`preference` for pair shards (they have `chosen_input_ids`), else `sample`."""
+    return "preference" if "chosen_input_ids" in names else "sample"
+
+
 def _parquet_to_ipc(src: Path, dst: Path) -> int:
     """Rewrite one Parquet shard as an uncompressed Arrow IPC file, batch by batch."""
     pf = pq.ParquetFile(src)
-    missing = [c for c in REQUIRED_COLUMNS if c not in pf.schema_arrow.names]
+    kind = shard_kind(pf.schema_arrow.names)
+    required = PREFERENCE_COLUMNS if kind == "preference" else REQUIRED_COLUMNS
+    missing = [c for c in required if c not in pf.schema_arrow.names]
     if missing:
-        raise ValueError(f"{src.name}: missing columns {missing}; pretokenized shards need "
-                         f"{list(REQUIRED_COLUMNS)}")
+        raise ValueError(f"{src.name}: missing columns {missing}; pretokenized {kind} shards "
+                         f"need {list(required)}")
     rows = 0
     with pa.OSFile(str(dst), "wb") as sink, \
             pa.ipc.new_file(sink, pf.schema_arrow.remove_metadata()) as writer:
         for batch in pf.iter_batches(batch_size=_BATCH_ROWS):
             # The sampler plans batches and bins from `length` alone, so it must be true.
-            n_ids = pc.list_value_length(batch.column("input_ids")).fill_null(0)
-            bad = pc.or_(pc.not_equal(n_ids, pc.list_value_length(batch.column("labels"))
-                                      .fill_null(0)),
-                         pc.not_equal(n_ids, pc.cast(batch.column("length"), pa.int32())))
+            bad = _length_mismatch(batch, kind)
             if pc.any(bad.fill_null(True)).as_py():
                 first = pc.index(bad.fill_null(True), True).as_py()
                 raise ValueError(f"{src.name}: row {batch.column('id')[first].as_py()!r} has "
@@ -158,6 +172,22 @@ def _parquet_to_ipc(src: Path, dst: Path) -> int:
             writer.write_batch(batch.replace_schema_metadata(None))
             rows += batch.num_rows
     return rows
+
+
+def _length_mismatch(batch: pa.RecordBatch, kind: str) -> pa.Array:
+    """Per row: do ids, labels and the length columns disagree? (A pair's `length` must be
+    its longer side.)"""
+    bad, longest = None, None
+    for ids, labels, length in _SEQUENCES[kind]:
+        n_ids = pc.list_value_length(batch.column(ids)).fill_null(0)
+        wrong = pc.or_(pc.not_equal(n_ids, pc.list_value_length(batch.column(labels))
+                                    .fill_null(0)),
+                       pc.not_equal(n_ids, pc.cast(batch.column(length), pa.int32())))
+        bad = wrong if bad is None else pc.or_(bad, wrong)
+        longest = n_ids if longest is None else pc.max_element_wise(longest, n_ids)
+    if kind == "preference":
+        bad = pc.or_(bad, pc.not_equal(longest, pc.cast(batch.column("length"), pa.int32())))
+    return bad
 
 
 # --------------------------------------------------------------------------- dataset
@@ -192,7 +222,7 @@ def run_image_processor(processor: ImageProcessor, images: list[Any]) -> dict[st
 class ShardDataset(Dataset):
     """Map-style dataset over pretokenized shards, read lazily from memory-mapped Arrow files.
 
-    `dataset[i]` returns:
+    `dataset[i]` of sample shards (`kind == "sample"`) returns:
         id                str
         input_ids         np.ndarray int32 [L]
         labels            np.ndarray int32 [L]  (-100 = no loss)
@@ -204,8 +234,16 @@ class ShardDataset(Dataset):
         images            list of PIL RGB images, if the row has images and there is no
                           image_processor
 
+    and of preference shards (`kind == "preference"`):
+        id, length                   as above (length = the longer side)
+        chosen, rejected             dicts with input_ids, labels (np.ndarray int32 [L_side]),
+                                     num_image_tokens, num_images, and image_features or
+                                     images of that side (the prompt's images, then the
+                                     response's); a side without response images shares the
+                                     prompt's processed features with the other side
+
     `lengths` and `num_images` come from the `length` column and the image list offsets, so
-    they never touch image bytes.
+    they never touch image bytes (`num_images` counts every image stored in the row).
 
     Args:
         shards_uri: committed pretokenized directory (local path or s3://).
@@ -224,17 +262,21 @@ class ShardDataset(Dataset):
         card = self.root / CARD_NAME
         self.card: dict[str, Any] = json.loads(card.read_text()) if card.is_file() else {}
         self.files = sorted(self.root.glob("shard-*.arrow"))
+        self.kind = "sample"
         starts, where, lengths, num_images = [], [], [], []
         total = 0
         for shard_no, path in enumerate(self.files):
             reader = pa.ipc.open_file(pa.memory_map(str(path)))
+            self.kind = shard_kind(reader.schema.names)
+            image_columns = [c for c in ("images", "chosen_images", "rejected_images")
+                             if c in reader.schema.names]
             for batch_no in range(reader.num_record_batches):
                 batch = reader.get_batch(batch_no)
                 starts.append(total)
                 where.append((shard_no, batch_no))
                 lengths.append(batch.column("length").to_numpy(zero_copy_only=False))
-                num_images.append(pc.list_value_length(batch.column("images"))
-                                  .fill_null(0).to_numpy(zero_copy_only=False))
+                num_images.append(sum(pc.list_value_length(batch.column(c)).fill_null(0)
+                                      .to_numpy(zero_copy_only=False) for c in image_columns))
                 total += batch.num_rows
         self._starts = np.asarray(starts, dtype=np.int64)
         self._where = where
@@ -282,6 +324,8 @@ class ShardDataset(Dataset):
         at = int(np.searchsorted(self._starts, index, side="right")) - 1
         batch = self._batch(self._where[at])
         row = index - int(self._starts[at])
+        if self.kind == "preference":
+            return self._pair(batch, row)
         row_id = batch.column("id")[row].as_py()
         input_ids = batch.column("input_ids")[row].values.to_numpy(zero_copy_only=False)
         labels = batch.column("labels")[row].values.to_numpy(zero_copy_only=False)
@@ -297,6 +341,36 @@ class ShardDataset(Dataset):
             else:
                 sample["image_features"] = run_image_processor(self.image_processor, images)
         return sample
+
+    def _pair(self, batch: pa.RecordBatch, row: int) -> dict[str, Any]:
+        """One preference row: both sides, each with the prompt's images + its own."""
+        row_id = batch.column("id")[row].as_py()
+
+        def decode(column: str) -> list[Any]:
+            return [_decode_image(b, row_id) for b in batch.column(column)[row].as_py()]
+
+        prompt = decode("images")
+        prompt_features: dict[str, torch.Tensor] | None = None
+        out: dict[str, Any] = {"id": row_id, "length": int(batch.column("length")[row].as_py())}
+        for side in ("chosen", "rejected"):
+            ids = batch.column(f"{side}_input_ids")[row].values.to_numpy(zero_copy_only=False)
+            labels = batch.column(f"{side}_labels")[row].values.to_numpy(zero_copy_only=False)
+            own = decode(f"{side}_images")
+            images = prompt + own
+            item: dict[str, Any] = {
+                "input_ids": ids, "labels": labels, "num_images": len(images),
+                "num_image_tokens": int(batch.column(f"{side}_num_image_tokens")[row].as_py()
+                                        or 0)}
+            if images and self.image_processor is None:
+                item["images"] = images
+            elif own:
+                item["image_features"] = run_image_processor(self.image_processor, images)
+            elif images:  # usually only the prompt has images: process them once for both
+                if prompt_features is None:
+                    prompt_features = run_image_processor(self.image_processor, prompt)
+                item["image_features"] = prompt_features
+            out[side] = item
+        return out
 
 
 # --------------------------------------------------------------------------- collation
@@ -337,6 +411,38 @@ class PaddedCollator:
             "ids": [s["id"] for s in samples],
         }
         batch.update(concat_image_features(samples))
+        return batch
+
+
+class PreferenceCollator:
+    """Collate preference pairs into one right-padded batch of 2B rows.
+
+    Rows `0..B-1` are the chosen sequences and rows `B..2B-1` the rejected ones of the same
+    pairs, so one forward pass scores both sides (what TRL's DPO trainer does too); both halves
+    are padded to the same width.
+
+    Returns:
+        input_ids       [2B, L] int64, padded with pad_token_id
+        labels          [2B, L] int64, -100 outside the responses and on padding
+        attention_mask  [2B, L] int64
+        num_images      [2B]    int64, images of each row
+        pixel_values    [sum num_images, C, H, W] (plus other processor outputs), if any: the
+                        chosen rows' images in row order, then the rejected rows' — a prompt
+                        image therefore appears twice, once for each side's forward pass
+        ids             list[str], the B pair ids
+    """
+
+    def __init__(self, pad_token_id: int = 0) -> None:
+        self.padded = PaddedCollator(pad_token_id)
+
+    def __call__(self, pairs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        rows = []
+        for side in ("chosen", "rejected"):
+            for pair in pairs:
+                row = {"id": pair["id"], **pair[side]}
+                rows.append(row)
+        batch = self.padded(rows)
+        batch["ids"] = [p["id"] for p in pairs]
         return batch
 
 
@@ -422,7 +528,8 @@ def build_dataloader(shards_uri: str | os.PathLike, *, batch_size: int, mode: Mo
 
     Returns:
         A `ShardDataLoader`; padded modes yield `PaddedCollator` batches, packed mode yields
-        `PackedCollator` batches ([1, T] padding-free rows).
+        `PackedCollator` batches ([1, T] padding-free rows), and preference shards yield
+        `PreferenceCollator` batches (2 x batch_size rows; not in packed mode).
 
     Raises:
         ValueError: bad arguments (all reported together).
@@ -440,15 +547,22 @@ def build_dataloader(shards_uri: str | os.PathLike, *, batch_size: int, mode: Mo
         raise ValueError(f"{shards_uri}: {int((dataset.num_images > 0).sum())} rows carry images "
                          "but image_processor=None; pass the model's image processor (e.g. "
                          "processor.image_processor)")
+    if dataset.kind == "preference" and mode == "packed":
+        raise ValueError(f"{shards_uri}: preference pairs cannot be packed (the chosen and "
+                         "rejected sides are scored as padded rows); use mode random or "
+                         "length_grouped")
     sampler = ResumableBatchSampler(
         dataset.lengths, batch_size=batch_size, mode=mode, seed=seed, max_length=max_length,
         rank=rank, world_size=world_size, drop_last=drop_last, even_batches=even_batches,
         on_overlong=on_overlong, pack_window=pack_window)
+    pad = pad_token_id if pad_token_id is not None else dataset.card.get("pad_token_id")
+    pad = int(pad) if pad is not None else 0
     if mode == "packed":
         collate: Callable[[list[dict[str, Any]]], dict[str, Any]] = PackedCollator()
+    elif dataset.kind == "preference":
+        collate = PreferenceCollator(pad)
     else:
-        pad = pad_token_id if pad_token_id is not None else dataset.card.get("pad_token_id")
-        collate = PaddedCollator(int(pad) if pad is not None else 0)
+        collate = PaddedCollator(pad)
     log.info("loader: %d rows from %s, mode=%s, batch_size=%d, %d batches/epoch on rank %d/%d",
              len(dataset), shards_uri, mode, batch_size, len(sampler), rank, world_size)
     return ShardDataLoader(dataset, sampler, collate, num_workers=num_workers,

@@ -16,6 +16,10 @@ rather than a local work dir so a retry in a fresh pod resumes too.
 `_MANIFEST.json` (from the markers' checksums, so S3 shards are not downloaded again); before
 that the directory is incomplete and never read as an input.
 
+Datasets of kind `sample` give one row per conversation; datasets of kind `preference` give
+one row per pair, its chosen and rejected sequences side by side (the preference variant of
+the shard schema, see `mmjobs.data.pretokenized`).
+
 Row-level problems become rejects with a reason (`too_long: N tokens > max_length M`, ...),
 so `input = written + rejected` always holds; problems with the model or the code raise.
 """
@@ -63,10 +67,12 @@ class PretokenizeJob:
 
 @dataclass
 class _Context:
-    """Per-process state: the job, where images live, the encoder (loaded once)."""
+    """Per-process state: the job, where images live, the record kind, the encoder (loaded
+    once)."""
 
     job: PretokenizeJob
     image_root: str
+    kind: str = "sample"
     encoder: Any = None
     shards_done: int = 0
 
@@ -98,17 +104,19 @@ def pretokenize(job: PretokenizeJob, *, force: bool = False) -> PretokenizeOutco
 
     Raises:
         storage.IncompleteDirectoryError: the dataset has no manifest.
-        ValueError: the dataset is not a `sample` dataset, or the model has no chat template.
+        ValueError: the dataset is not a `sample` or `preference` dataset, or the model has
+            no chat template.
         RuntimeError: a worker process died (the finished shards are kept; re-run to resume).
     """
     from mmjobs.data.sample_encoder import SampleEncoder
 
     storage.read_manifest(job.dataset)  # an uncommitted dataset is incomplete: never read it
     dataset_card = json.loads(storage.read_text(storage.join(job.dataset, DATASET_CARD)))
-    if dataset_card.get("kind", "sample") != "sample":
-        raise ValueError(f"{job.dataset}: pretokenize supports kind=sample datasets, not "
-                         f"{dataset_card.get('kind')!r}")
-    ctx = _Context(job, resolve_image_root(job.dataset, dataset_card))
+    kind = dataset_card.get("kind", "sample")
+    if kind not in fmt.SCHEMAS:
+        raise ValueError(f"{job.dataset}: pretokenize supports kind=sample and kind=preference "
+                         f"datasets, not {kind!r} (prompt-only datasets are not pre-tokenized)")
+    ctx = _Context(job, resolve_image_root(job.dataset, dataset_card), kind)
     # Loading the processor here first fails fast on a bad model, before any worker starts.
     ctx.encoder = SampleEncoder(job.model_dir, max_length=job.max_length,
                                 trust_remote_code=job.trust_remote_code)
@@ -125,7 +133,8 @@ def pretokenize(job: PretokenizeJob, *, force: bool = False) -> PretokenizeOutco
     missing = set(range(plan.num_shards)) - set(stats)
     if missing:  # cannot happen unless markers vanished mid-run
         raise RuntimeError(f"{job.out}: shards {sorted(missing)[:5]} were not written")
-    card = build_card(job, [stats[i] for i in range(plan.num_shards)], ctx.encoder.describe())
+    card = build_card(job, [stats[i] for i in range(plan.num_shards)], ctx.encoder.describe(),
+                      kind=kind)
     _commit(job, [stats[i] for i in range(plan.num_shards)], card)
     return PretokenizeOutcome(card, len(stats) - len(finished), len(finished))
 
@@ -177,7 +186,7 @@ def _run_shards(ctx: _Context, plan: _ShardPlan) -> Iterator[dict[str, Any]]:
     limit = 2 * ctx.job.workers  # shards in flight, which bounds memory
     try:
         with ProcessPoolExecutor(ctx.job.workers, mp_context=spawn, initializer=_init_worker,
-                                 initargs=(ctx.job, ctx.image_root)) as pool:
+                                 initargs=(ctx.job, ctx.image_root, ctx.kind)) as pool:
             pending: set[Future] = set()
             for index, rows in plan:
                 if len(pending) >= limit:
@@ -193,7 +202,7 @@ def _run_shards(ctx: _Context, plan: _ShardPlan) -> Iterator[dict[str, Any]]:
                            "kept, re-run to resume") from e
 
 
-def _init_worker(job: PretokenizeJob, image_root: str) -> None:
+def _init_worker(job: PretokenizeJob, image_root: str, kind: str) -> None:
     global _WORKER
     import torch
 
@@ -202,8 +211,8 @@ def _init_worker(job: PretokenizeJob, image_root: str) -> None:
     # Workers share the cores: one torch thread each avoids oversubscription.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.workers))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _WORKER = _Context(job, image_root, SampleEncoder(job.model_dir, max_length=job.max_length,
-                                                      trust_remote_code=job.trust_remote_code))
+    _WORKER = _Context(job, image_root, kind, SampleEncoder(
+        job.model_dir, max_length=job.max_length, trust_remote_code=job.trust_remote_code))
 
 
 def _encode_shard_in_worker(index: int, rows: list[RawRow]) -> dict[str, Any]:
@@ -230,14 +239,9 @@ def _encode_shard(ctx: _Context, index: int, rows: list[RawRow]) -> dict[str, An
         except SampleRejected as e:
             sample_id = row.data.get("id") if isinstance(row.data, dict) else None
             rejects.append(Reject(str(sample_id or row.locator), e.reason, row.locator).to_json())
-    table = pa.Table.from_pydict({
-        "id": [e.id for e in encoded],
-        "input_ids": [e.input_ids for e in encoded],
-        "labels": [e.labels for e in encoded],
-        "images": [e.images for e in encoded],
-        "num_image_tokens": [e.num_image_tokens for e in encoded],
-        "length": [e.length for e in encoded],
-    }, schema=fmt.SHARD_SCHEMA)
+    schema = fmt.SCHEMAS[ctx.kind]
+    table = pa.Table.from_pydict({f.name: [getattr(e, f.name) for e in encoded]
+                                  for f in schema}, schema=schema)
     with tempfile.TemporaryDirectory(prefix="mmjobs-shard-") as tmp:
         local = Path(tmp) / fmt.shard_name(index)
         pq.write_table(table, local, compression="zstd")
@@ -248,10 +252,10 @@ def _encode_shard(ctx: _Context, index: int, rows: list[RawRow]) -> dict[str, An
     stats = {
         "fingerprint": job.fingerprint, "shard": index, "file": entry.path, "size": entry.size,
         "sha256": entry.sha256, "rows_in": len(rows), "rows_written": len(encoded),
-        "rejects": rejects, "tokens": sum(lengths),
+        "rejects": rejects, "tokens": sum(_tokens(e) for e in encoded),
         "label_tokens": sum(e.label_tokens for e in encoded),
         "image_tokens": sum(e.num_image_tokens for e in encoded),
-        "images": sum(len(e.images) for e in encoded), "max_length": max(lengths, default=0),
+        "images": sum(_images(e) for e in encoded), "max_length": max(lengths, default=0),
         "histogram": fmt.histogram_counts(lengths, fmt.histogram_edges(job.max_length)),
     }
     # The marker goes last: its presence means the shard is complete.
@@ -264,17 +268,41 @@ def _encode_shard(ctx: _Context, index: int, rows: list[RawRow]) -> dict[str, An
     return json.loads(marker)
 
 
+def _tokens(encoded: Any) -> int:
+    """Tokens of a row: a sample's, or both sides of a pair."""
+    if hasattr(encoded, "chosen_input_ids"):
+        return len(encoded.chosen_input_ids) + len(encoded.rejected_input_ids)
+    return encoded.length
+
+
+def _images(encoded: Any) -> int:
+    """Image files stored in a row (a pair's prompt and response images)."""
+    return len(encoded.images) + len(getattr(encoded, "chosen_images", ())) + len(
+        getattr(encoded, "rejected_images", ()))
+
+
 def _encode_row(ctx: _Context, row: RawRow):
     from mmjobs.data.sample_encoder import SampleRejected
 
     if row.error:  # invalid UTF-8 or JSON: validate's codes for reader errors
         raise SampleRejected(*normalize_reason(row.error).split(": ", 1))
     try:
-        sample = parse_record(row.data, "sample")
+        record = parse_record(row.data, ctx.kind)
     except ValueError as e:
         raise SampleRejected("invalid_record", str(e)) from None
+    if ctx.kind == "preference":
+        return ctx.encoder.encode_preference(
+            record, _read_images(ctx, record.images), _read_images(ctx, record.chosen_images),
+            _read_images(ctx, record.rejected_images))
+    return ctx.encoder.encode(record, _read_images(ctx, record.images))
+
+
+def _read_images(ctx: _Context, paths: list[str]) -> list[bytes]:
+    """The bytes of images under the image root (paths must stay inside it)."""
+    from mmjobs.data.sample_encoder import SampleRejected
+
     images = []
-    for path in sample.images:
+    for path in paths:
         parts = PurePosixPath(path).parts
         if not path or PurePosixPath(path).is_absolute() or ".." in parts or "\\" in path:
             raise SampleRejected("image_path_unsafe", f"{path!r} is not a relative path under "
@@ -284,7 +312,7 @@ def _encode_row(ctx: _Context, row: RawRow):
         except storage.StoreNotFoundError:
             raise SampleRejected("image_missing", f"{path}: not found under "
                                  f"{ctx.image_root}") from None
-    return ctx.encoder.encode(sample, images)
+    return images
 
 
 # --------------------------------------------------------------------------- resume + commit
@@ -317,8 +345,13 @@ def _remove_leftovers(out: str, finished: dict[int, dict[str, Any]]) -> None:
 
 
 def build_card(job: PretokenizeJob, shards: list[dict[str, Any]],
-               processor: dict[str, Any]) -> dict[str, Any]:
-    """The dataset card: counts that reconcile, rejects by reason, lengths, tokens, schema."""
+               processor: dict[str, Any], *, kind: str = "sample") -> dict[str, Any]:
+    """The dataset card: counts that reconcile, rejects by reason, lengths, tokens, schema.
+
+    For preference shards `tokens` counts both sides of every pair, `mean_length` is per
+    sequence (side), and the length histogram and `max_length` use a pair's `length` (its
+    longer side).
+    """
     rows_in = sum(s["rows_in"] for s in shards)
     written = sum(s["rows_written"] for s in shards)
     reasons = Counter(r["reason"].split(":", 1)[0] for s in shards for r in s["rejects"])
@@ -327,12 +360,13 @@ def build_card(job: PretokenizeJob, shards: list[dict[str, Any]],
         raise RuntimeError(f"counts do not reconcile: {rows_in} in != {written} written + "
                            f"{rejected} rejected")
     tokens = sum(s["tokens"] for s in shards)
+    sides = 2 if kind == "preference" else 1  # sequences per row
     edges = fmt.histogram_edges(job.max_length)
     counts = [sum(c) for c in zip(*(s["histogram"] for s in shards), strict=True)] if shards \
         else [0] * (len(edges) - 1)
     return {
         "format": fmt.FORMAT,
-        "kind": "sample",
+        "kind": kind,
         "dataset": job.dataset,
         "fingerprint": job.fingerprint,
         **job.card_meta,
@@ -350,13 +384,13 @@ def build_card(job: PretokenizeJob, shards: list[dict[str, Any]],
             "total": tokens,
             "label": sum(s["label_tokens"] for s in shards),
             "image": sum(s["image_tokens"] for s in shards),
-            "mean_length": round(tokens / written, 3) if written else 0.0,
+            "mean_length": round(tokens / (written * sides), 3) if written else 0.0,
             "max_length": max((s["max_length"] for s in shards), default=0),
         },
         "images": sum(s["images"] for s in shards),
         "length_histogram": {"edges": edges, "counts": counts},
         "shards": [{"file": s["file"], "rows": s["rows_written"]} for s in shards],
-        "columns": fmt.schema_description(),
+        "columns": fmt.schema_description(kind),
     }
 
 

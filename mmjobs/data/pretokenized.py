@@ -19,6 +19,26 @@ Shard columns (`SHARD_SCHEMA`), one row per sample:
     num_image_tokens  int32         image positions in input_ids
     length            int32         len(input_ids)
 
+Preference shards (`PREFERENCE_SHARD_SCHEMA`; card `kind: preference`), one row per pair, for
+DPO and reward models. Each side is the prompt followed by one response, labelled on the
+response only; both sides start with the same prompt tokens:
+
+    id                         string
+    chosen_input_ids           list<int32>   [chosen_length]  prompt + chosen response
+    chosen_labels              list<int32>   [chosen_length]  -100 outside the response
+    rejected_input_ids         list<int32>   [rejected_length]
+    rejected_labels            list<int32>   [rejected_length]
+    images                     list<binary>  the prompt's images (both sides use them)
+    chosen_images              list<binary>  images inside the chosen response (follow `images`
+                                             in that side's `<image>` order); usually empty
+    rejected_images            list<binary>  the same for the rejected response
+    chosen_num_image_tokens    int32
+    rejected_num_image_tokens  int32
+    chosen_length              int32         len(chosen_input_ids)
+    rejected_length            int32         len(rejected_input_ids)
+    length                     int32         max(chosen_length, rejected_length): the width of
+                                             the padded pair, what samplers group and bound
+
 Readable by pandas (`pd.read_parquet`), pyarrow, `datasets` and DuckDB.
 """
 
@@ -50,6 +70,24 @@ SHARD_SCHEMA = pa.schema([
 ])
 
 
+PREFERENCE_SHARD_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("chosen_input_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("chosen_labels", pa.list_(pa.int32()), nullable=False),
+    pa.field("rejected_input_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("rejected_labels", pa.list_(pa.int32()), nullable=False),
+    pa.field("images", pa.list_(pa.binary()), nullable=False),
+    pa.field("chosen_images", pa.list_(pa.binary()), nullable=False),
+    pa.field("rejected_images", pa.list_(pa.binary()), nullable=False),
+    pa.field("chosen_num_image_tokens", pa.int32(), nullable=False),
+    pa.field("rejected_num_image_tokens", pa.int32(), nullable=False),
+    pa.field("chosen_length", pa.int32(), nullable=False),
+    pa.field("rejected_length", pa.int32(), nullable=False),
+    pa.field("length", pa.int32(), nullable=False),
+])
+SCHEMAS = {"sample": SHARD_SCHEMA, "preference": PREFERENCE_SHARD_SCHEMA}
+
+
 def shard_name(index: int) -> str:
     """`shard-00012.parquet`."""
     return f"shard-{index:05d}.parquet"
@@ -73,9 +111,9 @@ def histogram_counts(lengths: list[int], edges: list[int]) -> list[int]:
     return counts
 
 
-def schema_description() -> dict[str, str]:
-    """Column name -> Arrow type, for the card."""
-    return {f.name: str(f.type) for f in SHARD_SCHEMA}
+def schema_description(kind: str = "sample") -> dict[str, str]:
+    """Column name -> Arrow type of the shards of `kind` (sample, preference), for the card."""
+    return {f.name: str(f.type) for f in SCHEMAS[kind]}
 
 
 def read_card(uri: str | os.PathLike) -> dict[str, Any]:

@@ -15,6 +15,9 @@
    `labels` (Align-Anything's pre-tokenization, so the model can learn to generate images).
    Only the VQ-VAE weights are loaded, never the language model.
 
+`encode_preference(pair, ...)` encodes a preference pair as two such sequences, prompt +
+chosen response and prompt + rejected response, labelled on the response only.
+
 A sample that cannot be encoded raises `SampleRejected(code, detail)` with a reason code from
 `mmjobs.data.validate.REASONS` (`too_long`, `placeholder_mismatch`, `image_corrupt`,
 `empty_assistant`), the vocabulary the whole pipeline shares.
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmjobs.data.records import IMAGE_TOKEN, Sample
+from mmjobs.data.records import IMAGE_TOKEN, PreferenceSample, Sample
 from mmjobs.data.validate import TOO_LONG, reason
 from mmjobs.logs import get_logger
 
@@ -75,6 +78,50 @@ class EncodedSample:
     @property
     def label_tokens(self) -> int:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+@dataclass
+class EncodedPreference:
+    """One pre-tokenized preference pair (a row of a preference shard).
+
+    `chosen_*` / `rejected_*`: the two sequences `prompt + response`, each with labels on its
+    response only (-100 elsewhere); they share the prompt's tokens. `images`: the prompt's
+    encoded image bytes (placeholder models; empty for image-token models), used by both
+    sides; `chosen_images` / `rejected_images`: images inside a response, after `images`.
+    """
+
+    id: str
+    chosen_input_ids: list[int]
+    chosen_labels: list[int]
+    rejected_input_ids: list[int]
+    rejected_labels: list[int]
+    images: list[bytes] = field(default_factory=list)
+    chosen_images: list[bytes] = field(default_factory=list)
+    rejected_images: list[bytes] = field(default_factory=list)
+    chosen_num_image_tokens: int = 0
+    rejected_num_image_tokens: int = 0
+
+    @property
+    def chosen_length(self) -> int:
+        return len(self.chosen_input_ids)
+
+    @property
+    def rejected_length(self) -> int:
+        return len(self.rejected_input_ids)
+
+    @property
+    def length(self) -> int:
+        """The longer side's tokens: what a padded pair occupies, and what max_length bounds."""
+        return max(self.chosen_length, self.rejected_length)
+
+    @property
+    def label_tokens(self) -> int:
+        return sum(1 for lab in (*self.chosen_labels, *self.rejected_labels)
+                   if lab != IGNORE_INDEX)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.chosen_num_image_tokens + self.rejected_num_image_tokens
 
 
 def is_image_token_model(config: Any) -> bool:
@@ -151,13 +198,66 @@ class SampleEncoder:
             SampleRejected: too long, wrong image count, undecodable image, no assistant text.
         """
         messages = [{"role": t.role, "content": t.content} for t in sample.conversations]
-        placeholders = sum(t.content.count(self.image_token) for t in sample.conversations)
+        return self.encode_messages(sample.id, messages, images)
+
+    def encode_preference(self, sample: PreferenceSample, images: Sequence[bytes],
+                          chosen_images: Sequence[bytes] = (),
+                          rejected_images: Sequence[bytes] = ()) -> EncodedPreference:
+        """Encode a preference pair as two sequences sharing the prompt (and its images).
+
+        Each side is `prompt turns + one assistant turn` (the response), encoded like a
+        conversation, but labelled on the response only: DPO and reward models compare the
+        two responses, so earlier assistant turns of a multi-turn prompt are context.
+
+        Args:
+            images: the prompt's images, in `<image>` order.
+            chosen_images, rejected_images: images inside each response (image-token models
+                generate images); they follow the prompt's images in that side's sequence.
+
+        Raises:
+            SampleRejected: either side is too long, has the wrong image count, an undecodable
+                image or an empty response.
+        """
+        prompt = [{"role": t.role, "content": t.content} for t in sample.prompt]
+        sides = {}
+        for side, response, extra in (("chosen", sample.chosen, chosen_images),
+                                      ("rejected", sample.rejected, rejected_images)):
+            try:
+                sides[side] = self.encode_messages(
+                    sample.id, [*prompt, {"role": "assistant", "content": response}],
+                    [*images, *extra], last_turn_only=True)
+            except SampleRejected as e:  # say which side, keep the shared reason code
+                raise SampleRejected(e.code, f"{side}: {e.reason.split(': ', 1)[-1]}") from None
+        chosen, rejected = sides["chosen"], sides["rejected"]
+        keep = self.vq is None  # image-token models carry their images as tokens
+        return EncodedPreference(
+            id=sample.id, chosen_input_ids=chosen.input_ids, chosen_labels=chosen.labels,
+            rejected_input_ids=rejected.input_ids, rejected_labels=rejected.labels,
+            images=list(images) if keep else [],
+            chosen_images=list(chosen_images) if keep else [],
+            rejected_images=list(rejected_images) if keep else [],
+            chosen_num_image_tokens=chosen.num_image_tokens,
+            rejected_num_image_tokens=rejected.num_image_tokens)
+
+    def encode_messages(self, sample_id: str, messages: list[dict[str, Any]],
+                        images: Sequence[bytes], *,
+                        last_turn_only: bool = False) -> EncodedSample:
+        """Encode chat `messages` (`{"role", "content"}` dicts) with their images.
+
+        `last_turn_only`: label only the last assistant turn (a preference response).
+
+        Raises:
+            SampleRejected: see `encode`.
+        """
+        placeholders = sum(m["content"].count(self.image_token) for m in messages)
         if placeholders != len(images):
             raise SampleRejected("placeholder_mismatch",
                                  f"{placeholders} {self.image_token} markers but "
                                  f"{len(images)} images")
         pil_images = [_open_image(b, i) for i, b in enumerate(images)]
         text, spans = self.render(messages)
+        if last_turn_only:
+            spans = spans[-1:]
         out = self.processor(
             text=[text], images=pil_images or None, add_special_tokens=False,
             return_offsets_mapping=True, return_text_replacement_offsets=True,
@@ -179,13 +279,13 @@ class SampleEncoder:
         if self.vq is not None and pil_images:
             codes = self.vq.tokens(out["pixel_values"])  # (num_images * codes_per_image,)
             if len(codes) != len(positions):
-                raise RuntimeError(f"{sample.id}: the processor made {len(positions)} image "
+                raise RuntimeError(f"{sample_id}: the processor made {len(positions)} image "
                                    f"positions but the VQ encoder {len(codes)} codes; the "
                                    "processor's image_seq_length does not match the VQ model")
             for pos, code in zip(positions, codes, strict=True):
                 input_ids[pos] = code
         labels = [t if m else IGNORE_INDEX for t, m in zip(input_ids, mask, strict=True)]
-        return EncodedSample(id=sample.id, input_ids=input_ids, labels=labels,
+        return EncodedSample(id=sample_id, input_ids=input_ids, labels=labels,
                              images=[] if self.vq is not None else list(images),
                              num_image_tokens=len(positions))
 

@@ -8,7 +8,8 @@ dataset (and image root) contents, the processor files, the chat template, the t
 version and the options that change the shards. An identical re-run is a cache hit (no work,
 `cached=True`); an interrupted run resumes from its finished shards. Set `output` to write
 somewhere else instead. See `mmjobs.data.pretokenize` for the work and
-`mmjobs.data.pretokenized` for the format.
+`mmjobs.data.pretokenized` for the format. A `kind: preference` dataset gives preference
+shards (chosen and rejected sequences per row) for the train stage's dpo and rm modes.
 """
 
 from __future__ import annotations

@@ -1,16 +1,22 @@
-"""Stage `train`: align a connector or fine-tune (full / LoRA) on pretokenized shards.
+"""Stage `train`: align a connector, fine-tune (full / LoRA), DPO, or train a reward model.
 
     python -m mmjobs.stages.train --set model.name_or_path=s3://b/models/llava \\
         --set data=s3://b/cache/pretokenized/<fp> --set train.mode=sft --set train.finetune=lora
     torchrun --nproc_per_node 8 -m mmjobs.stages.train --config train.yaml   # DDP / DeepSpeed
+    python -m mmjobs.stages.train ... --set data=s3://b/cache/pretokenized/<pairs> \
+        --set train.mode=dpo --set train.preference.beta=0.1     # or train.mode=rm
+
+align and sft train on conversation shards; dpo and rm on preference shards (pretokenize of a
+`kind: preference` dataset). rm reports its pairwise accuracy on `eval_data`.
 
 Outputs under `output` (default `{store}/{experiment}/{pipeline_run_id}/train`):
 - `checkpoints/step-N/` — resumable state every `train.checkpoint_every_steps`, committed with
   a manifest; the newest is resumed from automatically (`resume: true`), the last
   `train.keep_last_checkpoints` are kept;
 - `final/` — committed last: `adapter/` (LoRA, peft format, with the connector when it
-  trained), `model/` (full fine-tune, with the processor) or `connector/` (align;
-  `mmjobs.train.moe.save_connector` format), plus `train_info.json`.
+  trained), `model/` (full fine-tune, with the processor), `connector/` (align;
+  `mmjobs.train.moe.save_connector` format) or `reward_model/` (rm; see
+  `mmjobs.train.reward_model`, loaded with `load_reward_model`), plus `train_info.json`.
 
 A re-run whose `final/` was made from the same inputs (fingerprint) is a no-op. SIGTERM (pod
 preemption) commits a checkpoint at the next step boundary and exits with code 143; running
@@ -49,15 +55,18 @@ log = get_logger(__name__)
 # Train settings that do not change the trained weights (a resume may change them freely).
 _NOT_FINGERPRINTED = {"checkpoint_every_steps", "keep_last_checkpoints", "log_every_steps",
                       "eval_every_steps", "dataloader_workers"}
+TRAIN_MODES = ("align", "sft", "dpo", "rm")
 
 
 class TrainStageConfig(StageConfig):
-    """Train a vision-language model on pretokenized shards (align, SFT full or LoRA)."""
+    """Train a vision-language model on pretokenized shards (align, SFT full or LoRA, DPO,
+    reward model)."""
 
     model: ModelConfig = Field(description="Base model to train.")
     data: str = Field(description="URI of the pretokenize stage's committed shards.")
     eval_data: str | None = Field(None, description="Pretokenized shards for the eval loss "
-                                                    "(train.eval_every_steps and at the end).")
+                                                    "(train.eval_every_steps and at the end); "
+                                                    "for rm also the pairwise accuracy.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
     resume: bool = Field(True, description="Continue from the newest committed checkpoint "
                          "under output. false: start over, deleting existing checkpoints.")
@@ -70,10 +79,10 @@ class TrainStageConfig(StageConfig):
     @field_validator("train")
     @classmethod
     def _trainable_mode(cls, value: TrainConfig) -> TrainConfig:
-        if value.mode not in ("align", "sft"):
+        if value.mode not in TRAIN_MODES:
             raise PydanticCustomError(
-                "train_mode", "mode '{mode}': the train stage runs align and sft (preference "
-                "modes run in the preference stage)", {"mode": value.mode})
+                "train_mode", "mode '{mode}': the train stage runs align, sft, dpo and rm "
+                "(ppo/grpo need rollouts, which this stage does not do)", {"mode": value.mode})
         return value
 
 
@@ -85,10 +94,13 @@ class TrainResult(StageResult):
     adapter: str | None = None
     model: str | None = None
     connector: str | None = None
+    reward_model: str | None = None
     checkpoints: str
     steps: int
     final_loss: float | None = None
     eval_loss: float | None = None
+    eval_metrics: dict[str, float] = Field(default_factory=dict, description="Mean eval stats "
+                                           "at the end, e.g. eval_accuracy of a reward model.")
     resumed_from_step: int | None = None
     tokens: int = 0
     seconds: float = 0.0
@@ -100,10 +112,14 @@ def train_fingerprint(cfg: TrainStageConfig) -> str:
         model_fp = input_fingerprint(cfg.model.name_or_path)
     except (storage.StoreError, FileNotFoundError):
         model_fp = cfg.model.name_or_path  # a hub id: its name (and revision) is the identity
+    # Preference settings only count in the modes that read them, so adding them did not
+    # invalidate earlier align/sft results.
+    skip = _NOT_FINGERPRINTED | ({"preference"} if cfg.train.mode not in ("dpo", "rm") else
+                                 set())
     return fingerprint(STAGE, VERSION, cfg.model.model_dump(mode="json"), model_fp,
                        input_fingerprint(cfg.data),
                        input_fingerprint(cfg.eval_data) if cfg.eval_data else None,
-                       cfg.train.model_dump(mode="json", exclude=_NOT_FINGERPRINTED))
+                       cfg.train.model_dump(mode="json", exclude=skip))
 
 
 def main(cfg: TrainStageConfig) -> TrainResult:
@@ -145,15 +161,19 @@ def main(cfg: TrainStageConfig) -> TrainResult:
         run.log_metrics({"final_loss": summary.final_loss or 0.0, "train_steps": summary.steps,
                          "train_seconds": summary.seconds, "train_tokens": summary.tokens,
                          **({"final_eval_loss": summary.eval_loss}
-                            if summary.eval_loss is not None else {})}, step=summary.steps)
+                            if summary.eval_loss is not None else {}),
+                         **{f"final_{k}": v for k, v in (summary.eval_metrics or {}).items()}},
+                        step=summary.steps)
         if main_rank:
             _log_outputs(cfg, run, outputs)
         run_id = run.run_id
     return TrainResult(output=out, mlflow_run_id=run_id, final=final,
                        adapter=outputs.get("adapter"), model=outputs.get("model"),
                        connector=outputs.get("connector"),
+                       reward_model=outputs.get("reward_model"),
                        checkpoints=storage.join(out, CHECKPOINTS_DIR), steps=summary.steps,
                        final_loss=summary.final_loss, eval_loss=summary.eval_loss,
+                       eval_metrics=summary.eval_metrics or {},
                        resumed_from_step=summary.resumed_from_step, tokens=summary.tokens,
                        seconds=round(summary.seconds, 3))
 
@@ -199,7 +219,8 @@ def _cached_result(out: str, final: str, meta: dict[str, Any], run_id: str | Non
     return TrainResult(output=out, cached=True, mlflow_run_id=run_id, final=final,
                        checkpoints=storage.join(out, CHECKPOINTS_DIR),
                        steps=int(info.get("steps", meta.get("steps", 0))),
-                       final_loss=info.get("final_loss"), **parts)
+                       final_loss=info.get("final_loss"),
+                       eval_metrics=info.get("eval_metrics") or {}, **parts)
 
 
 def cli(argv: list[str] | None = None) -> int:

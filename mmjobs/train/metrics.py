@@ -182,18 +182,22 @@ def patches_per_image(card: dict[str, Any]) -> int:
 
 def log_step(run: Any, step: int, total: int, *, loss: float | None, lr: float,
              grad_norm: Any, seconds: float, tokens: float, samples: float, flops: float,
-             peak_flops: float | None, device: Any) -> dict[str, float]:
+             peak_flops: float | None, device: Any,
+             extra: dict[str, float] | None = None) -> dict[str, float]:
     """Log one optimizer step's metrics to the tracking run and as one log line.
 
-    `tokens`/`samples` are totals over all ranks; `flops` is this rank's model FLOPs.
+    `tokens`/`samples` are totals over all ranks; `flops` is this rank's model FLOPs;
+    `extra` are the objective's own step metrics (DPO rewards, margins, ...).
     """
     metrics = {"loss": float("nan") if loss is None else loss, "lr": lr,
                **step_metrics(seconds=seconds, tokens=int(tokens), samples=int(samples),
                               flops=flops, peak_flops=peak_flops, device=device)}
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
+    metrics.update(extra or {})
     run.log_metrics(metrics, step=step)
-    log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g %.0f tok/s %.0f ms%s", step, total,
+    log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g %.0f tok/s %.0f ms%s%s", step, total,
              metrics["loss"], lr, metrics.get("grad_norm", math.nan), metrics["tokens_per_s"],
-             seconds * 1000, f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else "")
+             seconds * 1000, f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else "",
+             "".join(f" {k} {v:.4g}" for k, v in (extra or {}).items()))
     return metrics

@@ -7,6 +7,9 @@
 | sft, lora     | adapters if not frozen   | full (modules_to_save)     | adapters unless frozen   |
 |               |                          | unless frozen              |                          |
 
+dpo and rm freeze and wrap like sft (full or LoRA); rm adds a value head around the result
+(`mmjobs.train.reward_model.RewardModel`).
+
 Components are told apart by parameter names (`mmjobs.models.compose.component_of`). LoRA
 targets are resolved here to full module names inside the unfrozen components, so a
 `q_proj` target does not also put adapters on the CLIP tower's `q_proj`.
@@ -43,7 +46,7 @@ from mmjobs.train.moe import CONNECTOR_DIR, save_connector
 
 log = get_logger(__name__)
 
-TRAINING_MODES = ("align", "sft")
+TRAINING_MODES = ("align", "sft", "dpo", "rm")
 _LORA_LAYER_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
 
 
@@ -51,9 +54,15 @@ def check_train_config(cfg: TrainConfig) -> list[str]:
     """Problems with a train config for this trainer (`TrainConfig` itself rejects bad
     combinations of freeze flags, modes and dropout schedules at load time)."""
     if cfg.mode not in TRAINING_MODES:
-        return [f"train.mode: got {cfg.mode!r}; the train stage runs align and sft (preference "
-                "modes dpo/rm/ppo/grpo run in the preference stage)"]
-    return []
+        return [f"train.mode: got {cfg.mode!r}; the train stage runs align, sft, dpo and rm "
+                "(ppo/grpo need rollouts, which this trainer does not do)"]
+    errors = []
+    if cfg.mode == "dpo" and cfg.preference.reference == "frozen_copy" and \
+            cfg.deepspeed.startswith("zero3"):
+        errors.append("train.preference.reference: frozen_copy keeps a whole second model on "
+                      "every GPU, which ZeRO-3 is meant to avoid; use finetune: lora with "
+                      "reference: implicit_lora, or deepspeed: zero2")
+    return errors
 
 
 def frozen_components(cfg: TrainConfig) -> dict[str, bool]:
@@ -73,7 +82,7 @@ def prepare_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         ValueError: no LoRA target matched, or nothing is left to train.
     """
     frozen = frozen_components(cfg)
-    if cfg.mode == "sft" and cfg.finetune == "lora":
+    if cfg.mode != "align" and cfg.finetune == "lora":
         model = _wrap_lora(model, cfg, frozen)
     else:
         freeze(model, **frozen)

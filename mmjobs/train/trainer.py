@@ -1,4 +1,4 @@
-"""The training recipe: align or SFT (full / LoRA) on pretokenized shards, resumable.
+"""The training recipe: align, SFT, DPO or a reward model (full / LoRA), resumable.
 
     recipe = TrainRecipe(model=ModelConfig(name_or_path=...), data="s3://.../shards",
                          train=TrainConfig(mode="sft", finetune="lora"), output=OUT,
@@ -13,6 +13,11 @@ batches by re-reading them) and every RNG stream, so a killed run finishes bit-i
 uninterrupted one; checkpoints go to the object store with a manifest, uploaded in the
 background while training continues; and the loss is normalised by the assistant tokens of the
 whole optimizer step across micro-batches and ranks, which packed rows need.
+
+What is minimised depends on `train.mode` (`mmjobs.train.objectives`): next-token loss for
+align/sft, the DPO loss on preference pairs (`mmjobs.train.preference`), or a Bradley-Terry
+loss for a reward model (`mmjobs.train.reward_model`); the loop, checkpoints and resume are
+the same for all of them.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from mmjobs.logs import get_logger
 from mmjobs.models.builder import load_model
 from mmjobs.models.connectors import MoEConnector, moe_aux_loss
 from mmjobs.train import checkpoint as ckpt
-from mmjobs.train.batches import label_tokens, loss_sum, model_inputs, num_images, sample_lengths
+from mmjobs.train.batches import model_inputs, num_images, sample_lengths
 from mmjobs.train.distributed import (
     NullRun,
     all_reduce_sum,
@@ -56,6 +61,7 @@ from mmjobs.train.model_setup import (
     trainable_state,
     upcast_trainable,
 )
+from mmjobs.train.objectives import LanguageModelingObjective, Objective
 from mmjobs.train.schedules import build_lr_scheduler, lr_at_steps, plot_lr_curve
 
 log = get_logger(__name__)
@@ -74,6 +80,7 @@ class TrainSummary:
     tokens: int
     seconds: float
     eval_loss: float | None = None
+    eval_metrics: dict[str, float] | None = None  # mean eval stats (e.g. rm accuracy)
 
 
 class TrainRecipe:
@@ -105,6 +112,8 @@ class TrainRecipe:
         self._iter: Any = None
         self.loader: Any = None
         self.eval_loader: Any = None
+        self.objective: Objective | None = None
+        self.eval_metrics: dict[str, float] = {}
 
     # ----------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -113,11 +122,14 @@ class TrainRecipe:
         1. the Accelerator — it sets up the process group (rank and world size split the
            data) and, for ZeRO-3, must exist before the model loads (sharded loading);
         2. seeds — LoRA and connector initialisation draw random numbers;
-        3. the model — freezing and LoRA decide which parameters the optimizer gets;
+        3. the model — freezing and LoRA decide which parameters the optimizer gets (a reward
+           model's value head is drawn here too);
         4. the loader — needs the processor's image processor and the rank;
         5. optimizer and LR schedule — need the trainable parameters and steps per epoch;
         6. `accelerator.prepare` — DDP/DeepSpeed wrapping and device placement;
-        7. resume, last — it restores into the prepared objects, and the RNG states after
+        7. the objective — DPO's implicit reference needs the prepared model (and a frozen
+           reference copy goes to the device);
+        8. resume, last — it restores into the prepared objects, and the RNG states after
            everything above that draws random numbers.
         """
         from accelerate.utils import set_seed
@@ -125,6 +137,9 @@ class TrainRecipe:
         from mmjobs.data.loader import build_dataloader
 
         cfg, frozen = self.cfg, frozen_components(self.cfg)
+        # Before anything heavy: shards of the wrong kind for the mode fail here.
+        self.card = json.loads(storage.read_text(storage.join(self.data, "card.json")))
+        _check_data_kind(cfg.mode, self.data, self.card, self.eval_data)
         self.accelerator = acc = build_accelerator(
             mixed_precision=cfg.mixed_precision, grad_accum=cfg.grad_accum,
             deepspeed=cfg.deepspeed, micro_batch_size=cfg.per_device_batch_size,
@@ -136,12 +151,15 @@ class TrainRecipe:
         set_seed(cfg.seed)
         self.loaded = load_model(self.spec, for_training=True)
         model = prepare_for_training(self.loaded.model, cfg)
+        if cfg.mode == "rm":
+            from mmjobs.train.reward_model import RewardModel
+
+            model = RewardModel(model)
         if cfg.deepspeed == "none" and upcast_trainable(model):
             log.info("trainable weights kept in float32 (master weights for %s autocast)",
                      acc.mixed_precision)
         summary = parameter_counts(model)
 
-        self.card = json.loads(storage.read_text(storage.join(self.data, "card.json")))
         image_processor = getattr(self.loaded.processor, "image_processor", None)
         max_length = cfg.max_length or self.card.get("max_length")
         self.loader = build_dataloader(
@@ -167,6 +185,7 @@ class TrainRecipe:
         self.flash = self.loaded.info.get("attn_implementation") == "flash_attention_2"
         self.input_dtype = self.loaded.model.dtype
         self.has_moe = any(isinstance(m, MoEConnector) for m in self.loaded.model.modules())
+        self.objective = self._build_objective()
         self.flops = flops_model(self.loaded.model, summary, patches_per_image(self.card))
         self.peak_flops = device_peak_flops(acc.device)
         nonce = broadcast_from_main(acc, uuid.uuid4().hex[:12])
@@ -181,6 +200,29 @@ class TrainRecipe:
         acc.wait_for_everyone()
         self.preemption.install()
         self._log_setup(summary)
+
+    def _inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return model_inputs(batch, device=self.accelerator.device, float_dtype=self.input_dtype,
+                            flash_attention=self.flash)
+
+    def _build_objective(self) -> Objective:
+        cfg = self.cfg
+        if cfg.mode == "dpo":
+            from mmjobs.train.preference import DPOObjective
+
+            reference = None
+            if cfg.preference.reference == "frozen_copy":
+                # The base weights as loaded, before any training: a second full copy.
+                reference = load_model(self.spec, for_training=False,
+                                       device=self.accelerator.device).model
+            return DPOObjective(cfg.preference, self._inputs,
+                                peft_model=self.accelerator.unwrap_model(self.model),
+                                reference_model=reference)
+        if cfg.mode == "rm":
+            from mmjobs.train.reward_model import RewardObjective
+
+            return RewardObjective(cfg.preference, self._inputs)
+        return LanguageModelingObjective(self._inputs)
 
     def _log_setup(self, summary: dict[str, dict[str, int]]) -> None:
         cfg = self.cfg
@@ -198,7 +240,7 @@ class TrainRecipe:
                             warmup_ratio=cfg.warmup_ratio, **cfg.lr_schedule_options)
         self.run.log_figure(fig, "plots/lr_schedule.png")
         log.info("training %d steps (%s, %s), %d batches/epoch on each of %d rank(s)%s",
-                 self.total_steps, cfg.mode, cfg.finetune if cfg.mode == "sft" else "connector",
+                 self.total_steps, cfg.mode, cfg.finetune if cfg.mode != "align" else "connector",
                  len(self.loader), self.dist.world_size,
                  f", resumed at step {self.resumed_from}" if self.resumed_from else "")
 
@@ -248,26 +290,30 @@ class TrainRecipe:
         Raises:
             TrainingPreempted: SIGTERM arrived; a checkpoint of the step reached is committed.
         """
-        cfg, acc = self.cfg, self.accelerator
+        cfg, acc, objective = self.cfg, self.accelerator, self.objective
+        assert objective is not None, "call setup() first"
         self.model.train()
         start, tokens_seen, eval_loss = time.monotonic(), 0, None
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             window = [self._next_batch() for _ in range(cfg.grad_accum)]
-            (step_labels,) = all_reduce_sum(acc, [sum(label_tokens(b) for b in window)])
-            # Each rank's summed loss × (ranks · micro-batches / all labelled tokens): after
+            (step_labels,) = all_reduce_sum(acc, [sum(objective.count(b) for b in window)])
+            # Each rank's summed loss × (ranks · micro-batches / all units of the step): after
             # accelerate's ÷ micro-batches and DDP's mean over ranks, the gradient is that of
-            # the mean loss over every assistant token of the step.
+            # the mean loss over every assistant token (sft) or pair (dpo, rm) of the step.
             scale = acc.num_processes * cfg.grad_accum / max(step_labels, 1.0)
             loss_total: Any = 0.0  # a tensor: one device sync per step, not per micro-batch
+            stats_total: dict[str, Any] = dict.fromkeys(objective.stat_names, 0.0)
             tokens, samples, flops = 0, 0, 0.0
             acc.step = 0  # windows are whole: accumulate() syncs on the last micro-batch
             for batch in window:
                 with acc.accumulate(self.model):
-                    summed, _ = self._forward(batch)
+                    summed, stats = objective.loss(self.model, batch)
                     aux = moe_aux_loss(self.loaded.model) if self.has_moe else None
                     acc.backward(summed * scale + (aux if aux is not None else 0.0))
                 loss_total = loss_total + summed.detach()
+                for key, value in stats.items():
+                    stats_total[key] = stats_total[key] + value
                 lengths = sample_lengths(batch)
                 tokens, samples = tokens + int(lengths.sum()), samples + len(lengths)
                 flops += self.flops.step_flops(lengths, num_images(batch))
@@ -277,17 +323,20 @@ class TrainRecipe:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            # One collective for the step's loss, throughput and the preemption vote, so all
-            # ranks stop at the same step.
-            loss_all, tokens_all, samples_all, stop = all_reduce_sum(
-                acc, [float(loss_total), tokens, samples, float(self.preemption.requested)])
+            # One collective for the step's loss, stats, throughput and the preemption vote, so
+            # all ranks stop at the same step.
+            loss_all, tokens_all, samples_all, stop, *stats_all = all_reduce_sum(
+                acc, [float(loss_total), tokens, samples, float(self.preemption.requested),
+                      *(float(stats_total[k]) for k in objective.stat_names)])
             self.last_loss = loss_all / max(step_labels, 1.0)
             tokens_seen += int(tokens_all)
             if self.step % cfg.log_every_steps == 0 or self.step == self.total_steps:
+                extra = {k: v / max(step_labels, 1.0)
+                         for k, v in zip(objective.stat_names, stats_all, strict=True)}
                 log_step(self.run, self.step, self.total_steps, loss=self.last_loss, lr=lr,
                          grad_norm=grad_norm, seconds=time.perf_counter() - t0,
                          tokens=tokens_all, samples=samples_all, flops=flops,
-                         peak_flops=self.peak_flops, device=acc.device)
+                         peak_flops=self.peak_flops, device=acc.device, extra=extra)
             if stop:
                 uri = self.save_checkpoint(background=False)
                 log.warning("SIGTERM received: stopped at step %d/%d; checkpoint committed at "
@@ -307,7 +356,7 @@ class TrainRecipe:
         return TrainSummary(steps=self.step, total_steps=self.total_steps,
                             final_loss=self.last_loss, resumed_from_step=self.resumed_from,
                             tokens=tokens_seen, seconds=time.monotonic() - start,
-                            eval_loss=eval_loss)
+                            eval_loss=eval_loss, eval_metrics=dict(self.eval_metrics) or None)
 
     def _next_batch(self) -> dict[str, Any]:
         # The DataLoader draws a worker seed from torch's global RNG whenever an epoch's
@@ -324,26 +373,31 @@ class TrainRecipe:
         raise RuntimeError(f"{self.data}: the loader yields no batches on rank "
                            f"{self.dist.rank} (too few samples for the batch size?)")
 
-    def _forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        inputs = model_inputs(batch, device=self.accelerator.device, float_dtype=self.input_dtype,
-                              flash_attention=self.flash)
-        return loss_sum(self.model(**inputs).logits, batch["labels"])
-
     def evaluate(self) -> float:
-        """Mean loss per assistant token over the whole eval set (all ranks)."""
-        assert self.eval_loader is not None
+        """Mean loss per assistant token (sft) or pair (dpo, rm) over the whole eval set (all
+        ranks); the objective's stats are logged as `eval_<stat>` means (e.g. `eval_accuracy`,
+        a reward model's pairwise accuracy) and kept in `eval_metrics`."""
+        assert self.eval_loader is not None and self.objective is not None
+        names = self.objective.stat_names
         self.model.eval()
-        total, count = 0.0, 0
+        total, count, stats = 0.0, 0, dict.fromkeys(names, 0.0)
         self.eval_loader.set_epoch(0)
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             for batch in self.eval_loader:
-                summed, n = self._forward(batch)
-                total, count = total + float(summed), count + n
+                summed, batch_stats = self.objective.loss(self.model, batch)
+                total, count = total + float(summed), count + self.objective.count(batch)
+                for key, value in batch_stats.items():
+                    stats[key] += float(value)
         self.model.train()
-        total, count = all_reduce_sum(self.accelerator, [total, count])
+        total, count, *sums = all_reduce_sum(self.accelerator,
+                                             [total, count, *(stats[k] for k in names)])
         loss = total / max(count, 1.0)
-        self.run.log_metrics({"eval_loss": loss}, step=self.step)
-        log.info("step %d: eval loss %.4f over %d tokens", self.step, loss, int(count))
+        self.eval_metrics = {f"eval_{k}": v / max(count, 1.0)
+                             for k, v in zip(names, sums, strict=True)}
+        self.run.log_metrics({"eval_loss": loss, **self.eval_metrics}, step=self.step)
+        unit = "tokens" if self.objective.name == "lm" else "pairs"
+        log.info("step %d: eval loss %.4f over %d %s%s", self.step, loss, int(count), unit,
+                 "".join(f", {k} {v:.4g}" for k, v in self.eval_metrics.items()))
         return loss
 
     # ----------------------------------------------------------------------------- saving
@@ -386,13 +440,11 @@ class TrainRecipe:
         if self.dist.is_main:
             scratch = Path(tempfile.mkdtemp(prefix="mmjobs-final-"))
             try:
-                parts = export_final(acc.unwrap_model(self.model), full_state, self.cfg, scratch,
-                                     processor=self.loaded.processor,
-                                     source_dir=self.loaded.model_dir,
-                                     meta={"data": self.data, "step": self.step})
+                parts = self._export(acc.unwrap_model(self.model), full_state, scratch)
                 info = {"base_model": self.spec.model_dump(mode="json"), "data": self.data,
                         "mode": self.cfg.mode, "finetune": self.cfg.finetune,
                         "steps": self.step, "final_loss": self.last_loss, "outputs": parts,
+                        "eval_metrics": self.eval_metrics,
                         "fingerprint": self.fingerprint}
                 (scratch / INFO_FILE).write_text(json.dumps(info, indent=1))
                 storage.put_dir(scratch, final, meta={"fingerprint": self.fingerprint,
@@ -401,6 +453,20 @@ class TrainRecipe:
                 shutil.rmtree(scratch, ignore_errors=True)
             outputs.update({k: storage.join(final, v) for k, v in parts.items()})
         return broadcast_from_main(acc, outputs)  # also the barrier: rank 0 has committed
+
+    def _export(self, model: Any, full_state: dict[str, torch.Tensor] | None,
+                scratch: Path) -> dict[str, str]:
+        meta = {"data": self.data, "step": self.step}
+        if self.cfg.mode == "rm":
+            from mmjobs.train.reward_model import export_reward_model
+
+            return export_reward_model(
+                model, full_state, self.cfg, scratch, base_model=self.spec,
+                processor=self.loaded.processor, source_dir=self.loaded.model_dir,
+                meta={**meta, "max_length": self.card.get("max_length"), **self.eval_metrics})
+        return export_final(model, full_state, self.cfg, scratch,
+                            processor=self.loaded.processor, source_dir=self.loaded.model_dir,
+                            meta=meta)
 
     def cleanup(self) -> None:
         """Stop handling SIGTERM, finish any upload, stop loader workers, free accelerate."""
@@ -413,5 +479,25 @@ class TrainRecipe:
                 log.error("%s", e)
         # Dropping the iterator and loaders lets their DataLoader worker processes exit.
         self._iter = self.loader = self.eval_loader = None
+        self.objective = None  # a DPO frozen reference copy is a whole model
         if self.accelerator is not None:
             release_accelerator(self.accelerator)
+
+
+def _check_data_kind(mode: str, data: str, card: dict[str, Any], eval_data: str | None) -> None:
+    """Preference modes train on pair shards, the others on conversation shards.
+
+    Raises:
+        ConfigError: naming the data URI whose shards do not fit the mode.
+    """
+    want = "preference" if mode in ("dpo", "rm") else "sample"
+    kinds = [(data, card.get("kind", "sample"))]
+    if eval_data is not None:
+        eval_card = json.loads(storage.read_text(storage.join(eval_data, "card.json")))
+        kinds.append((eval_data, eval_card.get("kind", "sample")))
+    how = ("prepare a preference dataset (canonical-preference, preference) and pretokenize "
+           "it" if want == "preference" else "pretokenize a conversation dataset")
+    errors = [f"{uri} holds {kind} shards but train.mode {mode} trains on {want} shards; {how}"
+              for uri, kind in kinds if kind != want]
+    if errors:
+        raise ConfigError("train stage data", errors)

@@ -8,12 +8,9 @@ position, optimizer and LR schedule all have to be restored exactly.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +22,13 @@ from mmjobs import storage
 from mmjobs.config import load_config
 from mmjobs.stages.train import TrainStageConfig, main
 from mmjobs.train import checkpoint as ckpt
-from tests.train_fixtures import assert_tensors_equal, read_tensors, stage_settings
+from tests.train_fixtures import (
+    assert_tensors_equal,
+    launch_train_stage,
+    read_tensors,
+    stage_settings,
+    wait_for_first_commit,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -56,28 +59,6 @@ def reference(tmp_path_factory, tiny_llava_dir, chart_shards):
                            tracking=f"sqlite:///{tmp / 'mlflow.db'}")
 
 
-def _launch(config: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "mmjobs.cli", "stage", "train",
-                                 "--config", str(config)], stdout=out, stderr=subprocess.STDOUT,
-                                env=env)
-
-
-def _wait_for_first_commit(root: str, proc: subprocess.Popen, log: Path) -> int:
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        committed = [i.step for i in ckpt.list_checkpoints(root) if i.committed]
-        if committed:
-            return committed[-1]
-        if proc.poll() is not None:
-            pytest.fail(f"training exited ({proc.returncode}) before its first checkpoint:\n"
-                        + log.read_text()[-3000:])
-        time.sleep(0.02)
-    proc.kill()
-    pytest.fail("no checkpoint committed in 240 s")
-
-
 def _config_file(tmp_path: Path, tiny_llava_dir, chart_shards) -> tuple[Path, str]:
     out = str(tmp_path / "out")
     path = tmp_path / "train.yaml"
@@ -87,7 +68,7 @@ def _config_file(tmp_path: Path, tiny_llava_dir, chart_shards) -> tuple[Path, st
 
 def _finish(config: Path, tmp_path: Path) -> str:
     log = tmp_path / "resume.log"
-    proc = _launch(config, log)
+    proc = launch_train_stage(config, log)
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     return log.read_text()
 
@@ -96,9 +77,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_llava_d
                                                           chart_shards, reference):
     config, out = _config_file(tmp_path, tiny_llava_dir, chart_shards)
     log = tmp_path / "killed.log"
-    proc = _launch(config, log)
+    proc = launch_train_stage(config, log)
     root = storage.join(out, ckpt.CHECKPOINTS_DIR)
-    _wait_for_first_commit(root, proc, log)
+    wait_for_first_commit(root, proc, log)
     time.sleep(random.uniform(0.0, 0.3))  # somewhere in a later step (>= 21 steps remain)
     if proc.poll() is not None:
         pytest.fail("training finished before it could be killed; make it longer")
@@ -119,9 +100,9 @@ def test_sigterm_commits_the_step_reached_and_exits_143(tmp_path, tiny_llava_dir
                                                        reference):
     config, out = _config_file(tmp_path, tiny_llava_dir, chart_shards)
     log = tmp_path / "term.log"
-    proc = _launch(config, log)
+    proc = launch_train_stage(config, log)
     root = storage.join(out, ckpt.CHECKPOINTS_DIR)
-    _wait_for_first_commit(root, proc, log)
+    wait_for_first_commit(root, proc, log)
     time.sleep(random.uniform(0.0, 0.3))
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]

@@ -22,12 +22,15 @@ def test_bad_combinations_are_rejected_at_load(settings, message):
         load_config(TrainConfig, settings)
 
 
-def test_train_stage_refuses_preference_modes_and_lists_all_errors():
+def test_train_stage_refuses_rollout_modes_and_lists_all_errors():
     from mmjobs.stages.train import TrainStageConfig
 
     base = {"model": {"name_or_path": "m"}, "data": "d"}
-    with pytest.raises(ConfigError, match="runs align and sft"):
-        load_config(TrainStageConfig, {**base, "train": {"mode": "dpo"}})
+    for mode in ("ppo", "grpo"):
+        with pytest.raises(ConfigError, match="runs align, sft, dpo and rm"):
+            load_config(TrainStageConfig, {**base, "train": {"mode": mode}})
+    for mode in ("dpo", "rm"):  # preference pairs train in this stage
+        assert load_config(TrainStageConfig, {**base, "train": {"mode": mode}}).train.mode == mode
     with pytest.raises(ConfigError) as info:
         load_config(TrainStageConfig, {**base, "train": {"deepspeed": "zero4",
                                                          "batching": "bucketed"}})

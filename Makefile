@@ -40,3 +40,58 @@ doctor: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mmjobs .pytest_cache .ruff_cache
+
+# --- Container images (docker/README.md) ----------------------------------------------------
+# `make images` builds docker/<name>.Dockerfile as $(IMAGE_PREFIX)<name>:$(IMAGE_TAG) for each
+# name in IMAGES, with podman or docker (whichever is installed). Every setting is overridable:
+#   make images IMAGES="data train eval" IMAGE_PREFIX=registry.example.com/mmjobs-
+#   make images BUILD_FLAGS="--build-arg PIP_INDEX_URL=https://mirror.example/simple"
+# On a machine with no registry and no Docker engine (this workplace's): `make container-setup`
+# once, then the `make images ...` line it prints.
+CONTAINER       ?= $(notdir $(shell command -v podman 2>/dev/null || command -v docker 2>/dev/null))
+CONTAINER_FLAGS ?=
+IMAGES          ?= data
+IMAGE_PREFIX    ?= localhost/mmjobs-
+IMAGE_TAG       ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# Empty: each Dockerfile's own default base.
+BASE_IMAGE      ?=
+# A CA bundle file for pip (proxy / mirror), passed as the build secret `ca`, never a build arg.
+CA_BUNDLE       ?=
+# A directory of wheels for pip's find-links (podman only: mounted into the build).
+WHEELS_DIR      ?=
+# podman: a containers.conf to use (container-setup writes one without default ulimits).
+CONTAINERS_CONF ?=
+BUILD_FLAGS     ?=
+
+.PHONY: images container-setup
+images:
+	@test -n "$(CONTAINER)" || { echo "make images: neither podman nor docker is installed"; exit 1; }
+	@set -e; for image in $(IMAGES); do \
+	  test -f docker/$$image.Dockerfile || { echo "make images: no docker/$$image.Dockerfile"; exit 1; }; \
+	  echo "== $(IMAGE_PREFIX)$$image:$(IMAGE_TAG)"; \
+	  $(if $(CONTAINERS_CONF),CONTAINERS_CONF=$(abspath $(CONTAINERS_CONF))) \
+	  $(CONTAINER) $(CONTAINER_FLAGS) build -f docker/$$image.Dockerfile \
+	    -t $(IMAGE_PREFIX)$$image:$(IMAGE_TAG) \
+	    --build-arg MMJOBS_VERSION=$(IMAGE_TAG) \
+	    --build-arg VCS_REF=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown) \
+	    --build-arg BUILD_DATE=$$(date -u +%Y-%m-%dT%H:%M:%SZ) \
+	    $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+	    $(if $(CA_BUNDLE),--secret id=ca$(comma)src=$(abspath $(CA_BUNDLE))) \
+	    $(if $(WHEELS_DIR),--volume $(abspath $(WHEELS_DIR)):/wheels:ro --build-arg PIP_FIND_LINKS=/wheels) \
+	    $(BUILD_FLAGS) . ; \
+	done
+
+comma := ,
+# Podman on a machine like this workplace's (root, Debian, no registry, hybrid cgroups): install
+# podman + runc + debootstrap, write a containers.conf without default ulimits, and build the
+# local base image (docker/local-base.sh). Prints the `make images` line to use afterwards.
+container-setup:
+	@if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v debootstrap >/dev/null; then \
+	  test "$$(id -u)" = 0 || { echo "container-setup: run as root to apt-get install podman runc debootstrap"; exit 1; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends podman runc debootstrap; \
+	fi
+	@mkdir -p .mmjobs && printf '[containers]\ndefault_ulimits = []\n' > .mmjobs/containers.conf
+	CONTAINERS_CONF=$(abspath .mmjobs/containers.conf) PODMAN="podman --runtime runc" sh docker/local-base.sh localhost/mmjobs-base:py311
+	@echo "then: make images CONTAINER=podman CONTAINER_FLAGS='--runtime runc' CONTAINERS_CONF=.mmjobs/containers.conf \\"
+	@echo "        BASE_IMAGE=localhost/mmjobs-base:py311 CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt \\"
+	@echo "        WHEELS_DIR=/opt/wheels BUILD_FLAGS=--network=host"

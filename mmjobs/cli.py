@@ -15,18 +15,11 @@ from collections.abc import Callable, Sequence
 from mmjobs import __version__
 
 # Commands whose implementation arrives with a later issue: name -> (issue, what it will do).
-PLANNED: dict[str, tuple[int, str]] = {
-    "run": (6, "run a recipe's pipeline locally on embedded defaults"),
-    "compile": (6, "compile a recipe to KFP pipeline YAML for a cluster"),
-    "submit": (6, "submit a recipe to a Kubeflow Pipelines endpoint"),
-    "train": (4, "run the train stage"),
-    "import": (9, "copy a model or dataset from a hub or URL into the store"),
-    "serve": (9, "serve a model behind an OpenAI-compatible API with a chat page"),
-}
+PLANNED: dict[str, tuple[int, str]] = {}
 
 # Stage name -> module under mmjobs.stages (stage names are kebab-case, modules snake_case).
-STAGES = ("prepare", "pretokenize", "train", "build-moe-connector", "merge", "infer",
-          "evaluate", "report", "import", "serve")
+STAGES = ("prepare", "mix", "pretokenize", "train", "apply-connector", "build-moe-connector",
+          "merge", "infer", "evaluate", "report", "make-tiny-model", "import", "serve")
 
 
 def _planned(name: str) -> Callable[[argparse.Namespace], int]:
@@ -44,13 +37,67 @@ def _planned(name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from mmjobs.config import validate_main
+    from mmjobs import pipeline_runner
 
-    return validate_main(args.recipes, args.overrides)
+    return pipeline_runner.validate(args.recipes, args.overrides)
+
+
+def _recipe_errors(command: str, fn: Callable[[], int]) -> int:
+    """Run a recipe command; config errors and failed steps print as messages, not traces."""
+    from mmjobs import pipeline_runner
+    from mmjobs.config import ConfigError
+
+    try:
+        return fn()
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except pipeline_runner.PipelineError as e:
+        print(f"mmjobs {command}: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mmjobs import pipeline_runner
+
+    def run() -> int:
+        outcome = pipeline_runner.run_local(args.recipe, args.overrides, run_id=args.run_id,
+                                            verbose=args.verbose)
+        pipeline_runner.print_outcome(args.recipe, outcome)
+        return 0
+
+    return _recipe_errors("run", run)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from mmjobs import pipeline_runner
+
+    def run() -> int:
+        run_id = pipeline_runner.compile_recipe(args.recipe, args.output, args.overrides,
+                                                run_id=args.run_id)
+        print(f"wrote {args.output} (KFP IR; outputs under run id {run_id}); upload it in the "
+              "KFP UI or: mmjobs submit")
+        return 0
+
+    return _recipe_errors("compile", run)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from mmjobs import pipeline_runner
+
+    def run() -> int:
+        url = pipeline_runner.submit(args.recipe, args.host, args.overrides,
+                                     experiment=args.experiment, no_cache=args.no_cache,
+                                     run_id=args.run_id)
+        print(f"submitted: {url}")
+        return 0
+
+    return _recipe_errors("submit", run)
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    module_name = f"mmjobs.stages.{args.name.replace('-', '_')}"
+    stem = "import_" if args.name == "import" else args.name.replace("-", "_")  # a keyword
+    module_name = f"mmjobs.stages.{stem}"
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
@@ -136,6 +183,30 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    """`mmjobs import SOURCE --to URI`: the import stage; fetch and archive errors are messages."""
+    import json
+
+    from mmjobs.data.archives import ArchiveError
+    from mmjobs.data.fetch import FetchError
+
+    flags = {"source": args.source, "to": args.to, "repo_type": args.repo_type,
+             "revision": args.revision, "include": args.include, "exclude": args.exclude,
+             "sha256": args.sha256, "extract": args.extract, "force": args.force or None}
+    forwarded = [] if args.config is None else ["--config", args.config]
+    # JSON is YAML, so a revision like "2024" stays a string and patterns stay a list.
+    for field, value in flags.items():
+        if value is not None:
+            forwarded += ["--set", f"{field}={json.dumps(value)}"]
+    for override in args.overrides:
+        forwarded += ["--set", override]
+    try:
+        return cmd_stage(argparse.Namespace(name="import", stage_args=forwarded))
+    except (FetchError, ArchiveError) as e:
+        print(f"mmjobs import: {e}", file=sys.stderr)
+        return 1
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """`mmjobs report`: the report stage on the command line; exit 1 if nothing to report on."""
     import json
@@ -193,6 +264,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage_args", nargs=argparse.REMAINDER, help="--config FILE --set k=v ...")
     p.set_defaults(func=cmd_stage)
 
+    p = sub.add_parser("run", help="run a recipe's pipeline locally (KFP local runner; "
+                                   "embedded store and MLflow unless the environment says so)")
+    p.add_argument("recipe", metavar="RECIPE", help="recipe YAML, e.g. "
+                   "pipelines/recipes/chart-demo.yaml")
+    overrides(p)
+    p.add_argument("--run-id", help="output folder / pipeline run id (default: a fingerprint of "
+                   "the resolved recipe, so an identical re-run reuses finished steps)")
+    p.add_argument("--verbose", action="store_true", help="show KFP's executor logs too")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compile", help="compile a recipe to KFP pipeline YAML for a cluster")
+    p.add_argument("recipe", metavar="RECIPE")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.yaml")
+    overrides(p)
+    p.add_argument("--run-id", help="run id baked into the output paths (default: fingerprint)")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("submit", help="submit a recipe to a Kubeflow Pipelines endpoint")
+    p.add_argument("recipe", metavar="RECIPE")
+    p.add_argument("--host", required=True, metavar="URL", help="KFP API endpoint")
+    p.add_argument("--experiment", help="KFP experiment (default: the recipe's experiment)")
+    p.add_argument("--no-cache", action="store_true", help="disable KFP's step cache")
+    overrides(p)
+    p.add_argument("--run-id", help="run id baked into the output paths (default: fingerprint)")
+    p.set_defaults(func=cmd_submit)
+
     p = sub.add_parser("validate", help="check recipe files; reports every error at once")
     p.add_argument("recipes", nargs="+", metavar="RECIPE")
     overrides(p)
@@ -219,6 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_stage_with_flags("pretokenize", {"dataset": "dataset", "model": "model",
                                                           "output": "output"}))
 
+    p = sub.add_parser("train", help="train a model on pretokenized shards (stage train)")
+    p.add_argument("--config", help="stage config YAML (see README: Training)")
+    p.add_argument("--model", help="base model URI (sets model.name_or_path)")
+    p.add_argument("--data", help="pretokenized shards URI")
+    p.add_argument("--mode", help="align | sft (sets train.mode)")
+    p.add_argument("--output", help="output URI (default: the store layout)")
+    overrides(p)
+    p.set_defaults(func=_stage_with_flags("train", {"model": "model.name_or_path", "data": "data",
+                                                    "mode": "train.mode", "output": "output"}))
+
     p = sub.add_parser("report", help="plots and comparison tables across an experiment's "
                                       "runs (stage report)")
     p.add_argument("--experiment", required=True, help="MLflow experiment name")
@@ -236,6 +343,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="stage config YAML")
     overrides(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("import", help="copy a model or dataset from the Hugging Face hub, a URL "
+                                      "or another store into the store (stage import)")
+    p.add_argument("source", metavar="SOURCE", help="hf://org/name (or org/name), an "
+                   "http(s):// URL of a file or archive, or a store path (local or s3://)")
+    p.add_argument("--to", required=True, metavar="URI", help="where the committed copy goes")
+    p.add_argument("--repo-type", dest="repo_type", choices=("model", "dataset"),
+                   help="hub sources: kind of repo (default model)")
+    p.add_argument("--revision", metavar="R", help="hub sources: branch, tag or commit "
+                   "(default main; recorded as the commit sha)")
+    p.add_argument("--include", action="append", metavar="PAT",
+                   help="hub sources: only files matching this glob (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="PAT",
+                   help="hub sources: skip files matching this glob (repeatable)")
+    p.add_argument("--sha256", metavar="HEX", help="URL/file sources: expected sha256; a "
+                   "mismatch fails and commits nothing")
+    p.add_argument("--extract", choices=("auto", "always", "never"),
+                   help="URL/file sources: unpack archives (default auto: by file name)")
+    p.add_argument("--force", action="store_true", help="import again even if an identical "
+                   "copy is already committed at --to")
+    p.add_argument("--config", help="stage config YAML")
+    overrides(p)
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible API with a "
+                                     "chat page (stage serve; Ctrl-C stops it)",
+                       description="Serve MODEL_URI (merged, or base + --adapter): POST "
+                                   "/v1/chat/completions, GET /v1/models, the chat page at /, "
+                                   "/healthz, /readyz, /metrics. More settings: --set, e.g. "
+                                   "--set max_batch_size=16 --set allow_image_urls=true.")
+    p.add_argument("model", metavar="MODEL_URI", help="model dir, s3:// committed dir or hub id")
+    p.add_argument("--adapter", metavar="URI", help="LoRA adapter, or a training output "
+                   "holding final/adapter")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default 8000)")
+    p.add_argument("--api-key-env", dest="api_key_env", metavar="NAME",
+                   help="environment variable holding the API key clients must send as a "
+                        "Bearer token (default: no auth)")
+    p.add_argument("--config", help="stage config YAML")
+    overrides(p)
+    p.set_defaults(func=_stage_with_flags("serve", {
+        "model": "model", "adapter": "adapter", "host": "host", "port": "port",
+        "api_key_env": "key_env"}))
 
     for name, (issue, what) in PLANNED.items():
         p = sub.add_parser(name, help=f"{what} (arrives with issue #{issue})")

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from mmjobs.cli import PLANNED, main
 
-GOOD_RECIPE = """\
-# Run: mmjobs run this.yaml
-recipe: tiny
-model:
-  name_or_path: ./models/tiny
-train:
-  lr: 1.0e-4
-"""
+# validate checks the schema and every step section against its pipeline's stages.
+GOOD_RECIPE = Path("pipelines/recipes/chart-demo.yaml").read_text(encoding="utf-8")
 
 
 def test_help_lists_every_architecture_command():
@@ -37,12 +32,12 @@ def test_validate_reports_ok_and_errors_with_exit_codes(tmp_path, capsys):
     good = tmp_path / "good.yaml"
     good.write_text(GOOD_RECIPE)
     bad = tmp_path / "bad.yaml"
-    bad.write_text(GOOD_RECIPE.replace("lr:", "lrr:"))
+    bad.write_text(GOOD_RECIPE.replace("warmup_ratio:", "warmup_ratoi:"))
     assert main(["validate", str(good)]) == 0
-    assert f"OK {good} (recipe tiny)" in capsys.readouterr().out
+    assert f"OK {good} (recipe chart-demo, pipeline chart-demo)" in capsys.readouterr().out
     assert main(["validate", str(good), str(bad)]) == 1
     err = capsys.readouterr().err
-    assert "train.lrr: unknown key; did you mean 'lr'?" in err
+    assert "train.warmup_ratoi: unknown key; did you mean 'warmup_ratio'?" in err
     assert main(["validate", str(good), "--set", "train.lr=fast"]) == 1
     assert "--set train.lr=fast: got 'fast'" in capsys.readouterr().err
 

@@ -15,7 +15,10 @@ yields a `table` sample and one `qa` sample per applicable question type, e.g.::
               "chart_type": "hbar", "split": "test", "chart_id": "synth-s0-000003"}}
 
 Options (`ctx.options`): `num` (charts, 100), `seed` (`ctx.seed`), `test_fraction` (0.2; a chart
-is held out when a hash of (seed, index) falls below it), `image_size` (224, or [W, H]),
+is held out when a hash of (seed, index) falls below it), `test_split` ("test": the `meta.split`
+of held-out charts; "augmented" makes them scorable by `--metric chartqa`, which reads `split`
+as ChartQA's human/augmented test set, and synthetic QA is machine-made like "augmented"),
+`image_size` (224, or [W, H]),
 `kinds` (["table", "qa"]), `question_types` (default all of `QUESTION_TYPES`), `chart_types`
 (bar, hbar, line, pie; stacked_bar / stacked_hbar allowed), `value_labels` (True: print values
 on the marks so value questions are answerable), `table_prompt`, `answer_hint`.
@@ -54,7 +57,8 @@ THEMES = (
      ("Men", "Women", "Youth")),
 )
 _DEFAULTS: dict[str, Any] = {
-    "num": 100, "test_fraction": 0.2, "image_size": 224, "kinds": ["table", "qa"],
+    "num": 100, "test_fraction": 0.2, "test_split": "test", "image_size": 224,
+    "kinds": ["table", "qa"],
     "question_types": list(QUESTION_TYPES), "chart_types": list(DEFAULT_CHART_TYPES),
     "value_labels": True, "table_prompt": "Convert the chart to a markdown table.",
     "answer_hint": "Answer with a single word or number.",
@@ -144,6 +148,8 @@ def _options(ctx: ConvertContext) -> dict[str, Any]:
         errors.append(f"num={opts['num']!r}: use a non-negative integer")
     if not isinstance(opts["test_fraction"], int | float) or not 0 <= opts["test_fraction"] <= 1:
         errors.append(f"test_fraction={opts['test_fraction']!r}: use a number in [0, 1]")
+    if not isinstance(opts["test_split"], str) or opts["test_split"] in ("", "train"):
+        errors.append(f"test_split={opts['test_split']!r}: use a split name other than 'train'")
     for key, allowed in (("kinds", ("table", "qa")), ("question_types", QUESTION_TYPES),
                          ("chart_types", CHART_TYPES)):
         bad = [v for v in opts[key] if v not in allowed] if isinstance(opts[key], list) else [0]
@@ -185,8 +191,9 @@ def convert(ctx: ConvertContext) -> Iterator[Record | Reject]:
         table.draw(ctx.output_images / f"{chart_id}.png", size=opts["image_size"],
                    value_labels=opts["value_labels"])
         images = [f"{IMAGES_DIR}/{chart_id}.png"]
+        held_out = split_of(seed, index, opts["test_fraction"]) == "test"
         common = {"source": SOURCE, "chart_type": table.chart_type,
-                  "split": split_of(seed, index, opts["test_fraction"]), "chart_id": chart_id}
+                  "split": opts["test_split"] if held_out else "train", "chart_id": chart_id}
         if "table" in opts["kinds"]:
             markdown = table.to_markdown()
             yield Sample(id=f"{chart_id}-table", images=images, conversations=[

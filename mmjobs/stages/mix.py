@@ -1,0 +1,142 @@
+"""Stage `mix`: several committed canonical datasets -> one (e.g. LLaVA mix665k + DataEngine).
+
+    python -m mmjobs.stages.mix --set 'datasets=[s3://runs/x/prepare-llava, s3://runs/x/prepare-dataengine]'
+
+Samples are copied in the order given (all of the first dataset, then the second, ...); each
+keeps its id and gains `meta.mix_source` (the index of its dataset). The datasets must be of
+one record kind and share one image root (the folder their image paths are relative to), so
+no image is copied: give the prepare steps the same `image_root` (for LLaVA-1.5's data, the
+`playground/data` folder holding coco/, gqa/, ocr_vqa/, ...). Ids must be unique across the
+datasets (the converters' `id_prefix` option keeps them apart).
+
+The committed output holds `samples.jsonl` and `dataset.json` (kind, counts per input, the
+shared image root). A re-run with the same inputs reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from pydantic import Field
+
+from mmjobs import storage
+from mmjobs.logs import get_logger, progress
+from mmjobs.stages.common import (
+    StageConfig,
+    StageResult,
+    fingerprint,
+    input_fingerprint,
+    output_uri,
+    reusable_output,
+    stage_cli,
+    stage_tracking,
+    staged_output,
+)
+
+STAGE = "mix"
+VERSION = 1  # bump when the output changes for the same inputs
+log = get_logger(__name__)
+
+
+class MixConfig(StageConfig):
+    """Concatenate committed canonical datasets that share an image root."""
+
+    datasets: list[str] = Field(min_length=1, description="Committed canonical datasets "
+                                "(prepare outputs), in output order.")
+
+
+class MixResult(StageResult):
+    """Where the mixed dataset is and what went in."""
+
+    samples: int
+    per_input: list[int]
+    image_root: str | None
+
+
+def main(cfg: MixConfig) -> MixResult:
+    """Run the stage; see the module docstring.
+
+    Raises:
+        ValueError: datasets of different kinds or image roots, or a repeated id.
+        storage.IncompleteDirectoryError: an input is not committed.
+    """
+    from mmjobs.data.pretokenize import resolve_image_root
+    from mmjobs.data.records import CARD_FILE, SAMPLES_FILE, iter_jsonl
+
+    cards = [json.loads(storage.read_text(storage.join(d, CARD_FILE))) for d in cfg.datasets]
+    for uri in cfg.datasets:
+        storage.read_manifest(uri)  # an uncommitted dataset is never an input
+    kinds = {c.get("kind", "sample") for c in cards}
+    roots = {resolve_image_root(d, c) for d, c in zip(cfg.datasets, cards, strict=True)}
+    problems = []
+    if len(kinds) > 1:
+        problems.append(f"datasets hold different record kinds ({', '.join(sorted(kinds))})")
+    if len(roots) > 1:
+        problems.append("datasets have different image roots (" + ", ".join(sorted(roots))
+                        + "); prepare them with one image_root so their image paths share it")
+    if problems:
+        raise ValueError(f"{STAGE}: " + "; ".join(problems))
+    out = output_uri(cfg, STAGE)
+    fp = fingerprint(STAGE, VERSION, [input_fingerprint(d) for d in cfg.datasets])
+    with stage_tracking(cfg, STAGE, tags={"inputs": str(len(cfg.datasets))}) as run:
+        if reusable_output(out, fp, cfg.force) is not None:
+            run.set_tags({"cached": "true"})
+            return _result(out, cached=True, run_id=run.run_id)
+        seen: set[str] = set()
+        per_input: list[int] = []
+        image_root = roots.pop()
+        with staged_output(out, fp, meta={"stage": STAGE}) as scratch:
+            with open(scratch / SAMPLES_FILE, "w", encoding="utf-8") as f:
+                for index, uri in enumerate(cfg.datasets):
+                    count = 0
+                    rows = iter_jsonl(storage.join(uri, SAMPLES_FILE))
+                    for row in progress(rows, desc=f"{STAGE} {index + 1}/{len(cfg.datasets)}"):
+                        record = _tagged(row, index, seen, uri)
+                        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                        count += 1
+                    per_input.append(count)
+            card = {"kind": kinds.pop(), "image_root": image_root, "source_format": STAGE,
+                    "inputs": cfg.datasets,
+                    "counts": {"input": sum(per_input), "accepted": sum(per_input),
+                               "rejected": 0, "by_reason": {}, "per_input": per_input}}
+            (scratch / CARD_FILE).write_text(json.dumps(card, indent=1, ensure_ascii=False)
+                                             + "\n", encoding="utf-8")
+        run.log_metrics({"samples": sum(per_input),
+                         **{f"samples.input_{i}": n for i, n in enumerate(per_input)}})
+        log.info("%s: %s samples from %d datasets -> %s", STAGE, per_input, len(per_input), out)
+        return MixResult(output=out, cached=False, mlflow_run_id=run.run_id,
+                         samples=sum(per_input), per_input=per_input, image_root=image_root)
+
+
+def _tagged(row: Any, index: int, seen: set[str], uri: str) -> dict[str, Any]:
+    """The row's record with `meta.mix_source`; raises on malformed rows and repeated ids."""
+    if row.error:
+        raise ValueError(f"{row.locator}: {row.error}")
+    record = dict(row.data)
+    record_id = str(record.get("id"))
+    if record_id in seen:
+        raise ValueError(f"{STAGE}: id {record_id!r} occurs in more than one input (again in "
+                         f"{uri}); give the prepare steps distinct id_prefix options")
+    seen.add(record_id)
+    record["meta"] = {**(record.get("meta") or {}), "mix_source": index}
+    return record
+
+
+def _result(out: str, *, cached: bool, run_id: str | None) -> MixResult:
+    from mmjobs.data.records import CARD_FILE
+
+    card = json.loads(storage.read_text(storage.join(out, CARD_FILE)))
+    per_input = card["counts"]["per_input"]
+    return MixResult(output=out, cached=cached, mlflow_run_id=run_id, samples=sum(per_input),
+                     per_input=per_input, image_root=card.get("image_root"))
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m mmjobs.stages.mix` / `mmjobs stage mix` (the image entrypoint)."""
+    return stage_cli(STAGE, MixConfig, main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

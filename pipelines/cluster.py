@@ -1,0 +1,95 @@
+"""Kubernetes settings of a stage's pod, applied only when compiling for a cluster.
+
+KFP's local runner refuses platform settings (secrets, volumes, tolerations), so pipelines
+call `apply_cluster_settings` for every task when compiling and skip it when running locally.
+Everything comes from the recipe's `cluster:` section; credentials are only ever referenced by
+Secret name, never put into the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kfp import dsl, kubernetes
+
+from mmjobs.config import ClusterConfig, RecipeConfig
+
+# Stages that resume after preemption (checkpoints, partial predictions, finished shards):
+# retrying them after a pod is killed loses little work.
+RESUMABLE_STAGES = ("train", "infer", "pretokenize")
+# Stages that get cluster.gpus unless cluster.stages says otherwise.
+GPU_STAGES = ("train", "infer", "merge", "apply-connector", "build-moe-connector")
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+SHM_VOLUME = "dshm"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one step's pod gets."""
+
+    gpus: int
+    cpu: str | None
+    memory: str | None
+    shm_size: str
+    retries: int
+
+
+def resources_for(cluster: ClusterConfig, stage: str, step: str) -> Resources:
+    """The step's resources: `cluster.stages.<step>` over `cluster.stages.<stage>` over the
+    cluster-wide values (GPUs only for GPU stages, retries only for resumable ones)."""
+    resolved = {
+        "gpus": cluster.gpus if stage in GPU_STAGES else 0,
+        "cpu": cluster.cpu,
+        "memory": cluster.memory,
+        "shm_size": cluster.shm_size,
+        "retries": cluster.retries if stage in RESUMABLE_STAGES else 0,
+    }
+    for key in (stage, step):
+        entry = cluster.stages.get(key)
+        if entry is not None:
+            resolved.update(entry.model_dump(exclude_none=True))
+    return Resources(**resolved)
+
+
+def apply_cluster_settings(task: dsl.PipelineTask, stage: str, recipe: RecipeConfig,
+                           step: str | None = None) -> dsl.PipelineTask:
+    """Add the pod settings for `stage` (run as `step`) from `recipe.cluster` to `task`.
+
+    GPUs (`nvidia.com/gpu`), CPU/memory requests = limits, `/dev/shm` as a memory-backed
+    emptyDir (PyTorch DataLoader workers share batches through it; the container default is
+    64 MiB), node selectors, tolerations, image pull secrets, S3 and MLflow credentials from
+    Secrets as env vars, plain env vars from `cluster.env`, retries and caching.
+    """
+    cluster = recipe.cluster
+    res = resources_for(cluster, stage, step or stage)
+    if res.gpus:
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(res.gpus)
+    if res.cpu:
+        task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu)
+    if res.memory:
+        task.set_memory_request(res.memory).set_memory_limit(res.memory)
+    kubernetes.empty_dir_mount(task, volume_name=SHM_VOLUME, mount_path="/dev/shm",
+                               medium="Memory", size_limit=res.shm_size)
+    for key, value in cluster.node_selector.items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for toleration in cluster.tolerations:
+        kubernetes.add_toleration(
+            task, key=toleration.get("key"), operator=toleration.get("operator"),
+            value=toleration.get("value"), effect=toleration.get("effect"),
+            toleration_seconds=toleration.get("tolerationSeconds",
+                                              toleration.get("toleration_seconds")))
+    if cluster.image_pull_secrets:
+        kubernetes.set_image_pull_secrets(task, list(cluster.image_pull_secrets))
+    kubernetes.use_secret_as_env(task, secret_name=cluster.secrets.s3,
+                                 secret_key_to_env={k: k for k in S3_SECRET_KEYS})
+    # MLflow servers without authentication have no such Secret: optional.
+    kubernetes.use_secret_as_env(task, secret_name=cluster.secrets.mlflow,
+                                 secret_key_to_env={k: k for k in MLFLOW_SECRET_KEYS},
+                                 optional=True)
+    for name, value in cluster.env.items():
+        task.set_env_variable(name, value)
+    if res.retries:
+        task.set_retry(num_retries=res.retries, backoff_duration="60s", backoff_factor=2.0)
+    task.set_caching_options(cluster.caching)
+    return task

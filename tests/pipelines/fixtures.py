@@ -1,0 +1,169 @@
+"""Tiny inputs in each recipe's published layout, and the `--set` overrides that point the
+shipped recipe at them (tiny model, few samples, two training steps, short answers).
+
+Each `make_<recipe>(root, model)` writes its files under `root` and returns the overrides;
+`mmjobs run RECIPE --set ...` with them runs the real pipeline end to end on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from tests.unit.eval.test_benchmarks import (
+    make_chartqa,
+    make_gqa,
+    make_mme,
+    make_scienceqa,
+)
+
+# Whatever the recipe asks of a GPU cluster, here: fp32, no DeepSpeed, two tiny steps.
+SCALE_DOWN = [
+    "model.dtype=auto", "model.attn_implementation=auto", "model.trust_remote_code=false",
+    "train.max_steps=2", "train.per_device_batch_size=2", "train.grad_accum=1",
+    "train.gradient_checkpointing=false", "train.mixed_precision='no'", "train.deepspeed=none",
+    "train.dataloader_workers=0", "train.checkpoint_every_steps=0", "train.log_every_steps=1",
+    "eval.max_new_tokens=4", "eval.batch_size=8",
+]
+
+
+def image(path: Path, color: tuple[int, int, int] = (200, 30, 30), fmt: str = "PNG") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), color).save(path, format=fmt)
+    return path
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def tiny_model(model: Path) -> list[str]:
+    return [f"model.name_or_path={model}", *SCALE_DOWN]
+
+
+# --------------------------------------------------------------------------- chart-demo
+
+
+def chart_demo() -> list[str]:
+    """The demo needs no files (it draws its charts and builds its model): just fewer."""
+    return [
+        "stages.prepare.num=12", "stages.prepare-test.num=3",
+        "stages.align.train.max_steps=2", "stages.sft.train.max_steps=2",
+        "train.checkpoint_every_steps=1", "train.log_every_steps=1", "eval.max_new_tokens=4",
+    ]
+
+
+# --------------------------------------------------------------------------- chartwiz
+
+
+def _aihub_chart(i: int, split: str) -> dict[str, Any]:
+    values = [[10 + i, 20 + i, 5 + i]]
+    return {"image": [{"filename": f"C_{split}_{i}.jpg", "width": 800, "height": 600}],
+            "metadata": {"chart_main": "막대형", "chart_sub": "일반 세로 막대형"},
+            "annotations": [{"title": f"지역별 매출 {i}", "unit": "억원",
+                             "axis_label": {"x_axis": ["서울", "부산", "대구"], "y_axis": "매출"},
+                             "legend": ["매출"], "data_label": values}],
+            "description": f"지역별 매출을 나타낸 차트 {i}이다.", "summary": ["부산이 가장 크다."],
+            "qa": [{"question": "부산의 매출은?", "answer": str(20 + i)},
+                   {"question": "가장 큰 지역은?", "answer": "부산"}]}
+
+
+def make_chartwiz(root: Path, model: Path) -> list[str]:
+    """AI-hub layout: <split>/text_data/text_<type>/*.json + <split>/img_data/img_<type>/*.jpg."""
+    kind = "vertical bar_standard"
+    for split, n in (("train", 4), ("test", 2)):
+        for i in range(n):
+            write_json(root / split / "text_data" / f"text_{kind}" / f"c{i}.json",
+                       _aihub_chart(i, split))
+            image(root / split / "img_data" / f"img_{kind}" / f"C_{split}_{i}.jpg",
+                  (20 * i, 100, 200), fmt="JPEG")
+    sets = {"prepare-align": "train", "prepare": "train", "prepare-test": "test"}
+    return [*tiny_model(model), *(f"stages.{step}.input={root / split}"
+                                  for step, split in sets.items()),
+            "stages.align.train.per_device_batch_size=2", "stages.align.train.grad_accum=1",
+            "stages.pretokenize.workers=1"]
+
+
+# --------------------------------------------------------------------------- chartmoe
+
+
+def make_chartmoe(root: Path, model: Path) -> list[str]:
+    """Generated alignment tables (chart-align draws them), ChartMoE SFT JSON, ChartQA."""
+    rows = []
+    for i in range(4):
+        rows.append({"id": str(i), "image": [f"sft/{i}.png"], "conversations": [
+            {"from": "user", "value": "<ImageHere> What is the highest value?"},
+            {"from": "assistant", "value": str(10 + i)}]})
+        image(root / "sft" / f"{i}.png", (40 * i, 80, 120))
+    write_json(root / "sft.json", rows)
+    make_chartqa(root / "ChartQA")
+    return [*tiny_model(model),
+            "stages.prepare-align.input=null", "stages.prepare-align.num=3",
+            "stages.prepare-align.options.image_size=56",
+            f"stages.prepare-sft.input={root / 'sft.json'}",
+            f"stages.infer.benchmark_root={root / 'ChartQA'}",
+            "stages.pretokenize.max_length=2048", "stages.pretokenize.workers=1",
+            "stages.pretokenize.trust_remote_code=false",
+            "stages.align.train.per_device_batch_size=2", "stages.align.train.grad_accum=1",
+            "stages.sft.train.lora.target_modules=[q_proj,v_proj]",
+            "stages.infer.max_new_tokens=16", "stages.infer-direct.max_new_tokens=4"]
+
+
+# --------------------------------------------------------------------------- llava-dataengine
+
+
+def make_llava_dataengine(root: Path, model: Path) -> list[str]:
+    """mix665k-style and DataEngine JSON over one image root (coco/train2017), plus three of
+    the six benchmarks in their official layouts (MME, GQA, ScienceQA)."""
+    data = root / "playground" / "data"
+    for image_id in (1, 2, 3):
+        image(data / "coco" / "train2017" / f"{image_id:012d}.jpg", (60 * image_id, 0, 0),
+              fmt="JPEG")
+    write_json(root / "llava_mix.json", [
+        {"id": f"l{i}", "image": f"coco/train2017/{i:012d}.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is it?"},
+            {"from": "gpt", "value": "It is red."}]} for i in (1, 2, 3)] + [
+        {"id": "text-only", "conversations": [{"from": "human", "value": "Hi"},
+                                              {"from": "gpt", "value": "Hello."}]}])
+    write_json(root / "dataengine.json", [
+        {"image_id": i, "question": "What is in the picture?", "choices": ["a cat", "a dog"],
+         "correct_choice_idx": i % 2, "rationales": []} for i in (1, 2, 3)])
+    benchmarks = {"mme": make_mme, "gqa": make_gqa, "scienceqa": make_scienceqa}
+    for name, make in benchmarks.items():
+        make(root / name)
+    return [*tiny_model(model),
+            f"stages.prepare-llava.input={root / 'llava_mix.json'}",
+            f"stages.prepare-llava.image_root={data}",
+            f"stages.prepare-dataengine.input={root / 'dataengine.json'}",
+            f"stages.prepare-dataengine.image_root={data}",
+            "stages.prepare-llava.image_workers=2", "stages.prepare-dataengine.image_workers=2",
+            "stages.pretokenize.workers=1",
+            f"eval.benchmarks=[{','.join(benchmarks)}]",
+            *(f"stages.infer-{name}.benchmark_root={root / name}" for name in benchmarks),
+            "stages.infer-mme.benchmark_options={tasks: [artwork, count]}"]
+
+
+# --------------------------------------------------------------------------- lavin-sweep
+
+
+def make_lavin_sweep(root: Path, model: Path) -> list[str]:
+    """ScienceQA's problems.json / pid_splits.json / images, and two of the six settings."""
+    sqa = make_scienceqa(root / "scienceqa")
+    problems = json.loads((sqa / "problems.json").read_text())
+    splits = json.loads((sqa / "pid_splits.json").read_text())
+    for pid in ("2", "3"):  # more training rows than the benchmark fixture's one
+        problems[pid] = {**problems["1"], "question": f"Which word rhymes? ({pid})"}
+        splits["train"].append(pid)
+    write_json(sqa / "problems.json", problems)
+    write_json(sqa / "pid_splits.json", splits)
+    return [*tiny_model(model), f"data.input={sqa}",
+            f"stages.prepare.image_root={sqa / 'images'}",
+            f"stages.prepare-test.input={sqa}",
+            f"stages.prepare-test.image_root={sqa / 'images'}",
+            "stages.pretokenize.max_length=1024",
+            "sweep={baseline: {}, dec-dropout: {train: {layer_dropout: {preset: dec}}}}"]

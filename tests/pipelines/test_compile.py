@@ -1,0 +1,144 @@
+"""Every shipped recipe validates and compiles to KFP IR with its Kubernetes settings, and
+the compiled pipeline never carries credential values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmjobs import pipeline_runner
+from mmjobs.config import ConfigError
+
+RECIPES = sorted(Path("pipelines/recipes").glob("*.yaml"))
+FAKE_KEY_ID = "AKIAFAKEPIPELINETEST"
+FAKE_SECRET = "fake/secret+value/must-never-appear"
+
+
+def test_all_five_recipes_ship() -> None:
+    assert {p.stem for p in RECIPES} == {"chart-demo", "llava-dataengine", "chartwiz",
+                                         "chartmoe", "lavin-sweep"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_starts_with_the_command_that_runs_it(path: Path) -> None:
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("# Run: mmjobs ") and str(path) in first
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_compiles_with_cluster_settings_and_no_credentials(
+        path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Credentials in the compiling shell must not leak into the pipeline package.
+    for name, value in {"AWS_ACCESS_KEY_ID": FAKE_KEY_ID, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
+                        "MLFLOW_TRACKING_PASSWORD": FAKE_SECRET}.items():
+        monkeypatch.setenv(name, value)
+    recipe = pipeline_runner.load(path)
+    out = tmp_path / "pipeline.yaml"
+    pipeline_runner.compile_recipe(path, out)
+    text = out.read_text(encoding="utf-8")
+    assert FAKE_KEY_ID not in text and FAKE_SECRET not in text
+    docs = list(yaml.safe_load_all(text))
+    spec, platform = docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert spec["pipelineInfo"]["name"] == recipe.recipe
+    resources = [e["container"].get("resources", {})
+                 for e in spec["deploymentSpec"]["executors"].values()]
+    assert any(r.get("accelerator", {}).get("resourceType") == "nvidia.com/gpu"
+               for r in resources)
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert all(i.startswith("ghcr.io/mmjobs/mmjobs-") and i.endswith(":0.1.0") for i in images)
+    for executor in platform.values():
+        assert executor["emptyDirMounts"] == [
+            {"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm",
+             "sizeLimit": executor["emptyDirMounts"][0]["sizeLimit"]}]
+        secrets = {s["secretName"]: {k["envVar"] for k in s["keyToEnv"]}
+                   for s in executor["secretAsEnv"]}
+        assert secrets == {"mmjobs-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+                           "mmjobs-mlflow": {"MLFLOW_TRACKING_USERNAME",
+                                             "MLFLOW_TRACKING_PASSWORD"}}
+        if recipe.cluster.tolerations:
+            assert executor["tolerations"][0]["key"] == "nvidia.com/gpu"
+    # Plain endpoints reach the pods as env vars; outputs go to the cluster's store.
+    env = [v for e in spec["deploymentSpec"]["executors"].values()
+           for v in e["container"].get("env", [])]
+    assert {"name": "MMJOBS_STORE", "value": "s3://mmjobs/store"} in env
+    assert "s3://mmjobs/store/" in text
+
+
+def test_train_steps_get_gpus_and_retries_prepare_does_not(tmp_path: Path) -> None:
+    out = tmp_path / "p.yaml"
+    pipeline_runner.compile_recipe("pipelines/recipes/llava-dataengine.yaml", out)
+    spec = next(yaml.safe_load_all(out.read_text()))
+    executors = spec["deploymentSpec"]["executors"]
+    train = executors["exec-train"]["container"]["resources"]
+    assert train["accelerator"] == {"count": "8", "resourceCount": "8",
+                                    "resourceType": "nvidia.com/gpu", "type": "nvidia.com/gpu"}
+    assert train["cpuLimit"] == 64.0 and train["memoryLimit"] == pytest.approx(549.755813888)
+    assert "accelerator" not in executors["exec-prepare"]["container"].get("resources", {})
+    infer = executors["exec-infer"]["container"]["resources"]["accelerator"]
+    assert infer["resourceCount"] == "1"  # cluster.stages.infer.gpus
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["train"]["retryPolicy"]["maxRetryCount"] == 2
+    assert "retryPolicy" not in tasks["prepare"]
+    assert {"mix", "merge", "infer-6", "evaluate-6"} <= set(tasks)
+
+
+def test_sweep_fans_out_with_parallel_for(tmp_path: Path) -> None:
+    out = tmp_path / "p.yaml"
+    pipeline_runner.compile_recipe("pipelines/recipes/lavin-sweep.yaml", out)
+    spec = next(yaml.safe_load_all(out.read_text()))
+    loop = next(t for t in spec["root"]["dag"]["tasks"].values()
+                if "parameterIterator" in t)
+    items = loop["parameterIterator"]["items"]["raw"]
+    assert len(yaml.safe_load(items)) == 6  # baseline, 3 LR schedules, 2 dropout schedules
+    assert "report" in spec["root"]["dag"]["tasks"]
+
+
+def test_step_sections_are_checked_against_stage_configs() -> None:
+    with pytest.raises(ConfigError) as e:
+        pipeline_runner.load("pipelines/recipes/chart-demo.yaml", [
+            "stages.sft.train.lrr=1", "stages.sfft.x=1", "stages.align.data=s3://x",
+            "stages.infer.max_new_tokens=0", "stages.align.train.mode=sft",
+            "cluster.stages.trian.gpus=1"])
+    # In pipeline order, each once (the infer section configures two steps).
+    assert e.value.errors == [
+        "stages.align.data: set by the pipeline (wired from an upstream step); remove it",
+        "stages.align.train.mode: the align step needs 'align' here; remove it",
+        "stages.sft.train.lrr: unknown key; did you mean 'lr'?",
+        "stages.infer.max_new_tokens: got 0 — Input should be greater than or equal to 1",
+        "stages.sfft: not a step of pipeline chart-demo; did you mean 'sft'?",
+        "cluster.stages.trian: neither a step of pipeline chart-demo nor a stage kind; did "
+        "you mean 'train'?",
+    ]
+
+
+def test_sweep_settings_are_checked_with_their_name() -> None:
+    with pytest.raises(ConfigError) as e:
+        pipeline_runner.load("pipelines/recipes/lavin-sweep.yaml",
+                             ["sweep.step-decay.train.lr_shedule=step"])
+    assert "sweep.step-decay.train.lr_shedule: unknown key; did you mean 'lr_schedule'?" in \
+        e.value.errors
+
+
+def test_secret_looking_env_and_urls_with_passwords_are_refused() -> None:
+    with pytest.raises(ConfigError) as e:
+        pipeline_runner.load("pipelines/recipes/chart-demo.yaml", [
+            "cluster.env.MLFLOW_TRACKING_URI=http://bob:hunter2@mlflow:5000"])
+    assert "hunter2" not in str(e.value)
+    assert "a URL with user:password@ holds a credential" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        pipeline_runner.load("pipelines/recipes/chart-demo.yaml",
+                             ["cluster.env.AWS_SECRET_ACCESS_KEY=abc"])
+    assert "credentials are never read from recipe files" in str(e.value)
+
+
+def test_compile_needs_the_cluster_store(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cluster\.env\.MMJOBS_STORE: required"):
+        pipeline_runner.compile_recipe("pipelines/recipes/chart-demo.yaml", tmp_path / "x",
+                                       ["cluster.env={}"])
+
+
+def test_unknown_pipeline_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match="not a pipeline; choose one of chart-demo, chartmoe"):
+        pipeline_runner.load("pipelines/recipes/chart-demo.yaml", ["pipeline=chart-demos"])

@@ -195,6 +195,7 @@ def run_local(path: str | Path, overrides: Sequence[str] = (), *, run_id: str | 
                                      parent_run_id=parent.run_id, source=str(path))
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=str(settings.kfp_root()), raise_on_error=True)
+    _fix_local_loop_inputs()
     status = "FAILED"
     try:
         with _step_logs(verbose, build) as logs:
@@ -308,6 +309,37 @@ def _cached_stages(experiment: str, parent_run_id: str | None) -> dict[str, bool
         return {}
     return {f"{r.info.run_name} {r.info.run_id[:8]}": r.data.tags.get("cached") == "true"
             for r in runs}
+
+
+def _fix_local_loop_inputs() -> None:
+    """Work around kfp 2.17's local runner handing the loop item to every input of a
+    `dsl.ParallelFor` iteration that comes from an upstream task's output.
+
+    `kfp.local.orchestrator.task_spec_utils.create_parameter_loop_iteration_task_spec`
+    replaces each `task_output_parameter` input of the loop task with the loop item, so a
+    sweep's training steps would get the settings dict instead of the pretokenized data's
+    URI. Inputs other than the iterator's own item source are put back as compiled. Clusters
+    are unaffected (the KFP backend resolves loops itself). Idempotent.
+    """
+    from kfp.local.orchestrator import enhanced_dag_orchestrator as dag
+    from kfp.local.orchestrator import task_spec_utils
+
+    original = task_spec_utils.create_parameter_loop_iteration_task_spec
+    if getattr(original, "_mmjobs_fixed", False):
+        return
+
+    def create(original_task_spec: Any, loop_item: Any, loop_task_name: str) -> Any:
+        spec = original(original_task_spec, loop_item, loop_task_name)
+        items_source = original_task_spec.parameter_iterator.items.input_parameter
+        for name, given in original_task_spec.inputs.parameters.items():
+            if given.HasField("task_output_parameter") and name != items_source:
+                spec.inputs.parameters[name].CopyFrom(given)
+        return spec
+
+    create._mmjobs_fixed = True  # type: ignore[attr-defined]
+    task_spec_utils.create_parameter_loop_iteration_task_spec = create
+    if hasattr(dag.task_spec_utils, "create_parameter_loop_iteration_task_spec"):
+        dag.task_spec_utils.create_parameter_loop_iteration_task_spec = create
 
 
 # --------------------------------------------------------------------------- step logs

@@ -37,23 +37,16 @@ def wire(b: Build) -> None:
     items = [{step: json.dumps(configs[step][name]) for step in STEPS} for name in names]
     each = {step: [configs[step][name] for name in names] for step in STEPS}
 
-    # The loop lives in a sub-pipeline whose inputs carry the upstream URIs: KFP's local
-    # runner (kfp 2.17) replaces upstream task outputs handed straight into a ParallelFor
-    # with the loop item; the sub-pipeline's own inputs reach it intact. Same on a cluster.
-    @dsl.pipeline(name="sweep")
-    def sweep(data: str, model: str, test_set: str):  # no return annotation (KFP output)
-        with dsl.ParallelFor(items) as item:
-            sft = b.step("sft", "train", config=item.sft, each=each["sft"], data=data,
-                         model=model)
-            merged = b.step("merge", "merge", config=item.merge, each=each["merge"],
-                            base=model, adapter=sft.output)
-            predictions = b.step("infer", "infer", config=item.infer, each=each["infer"],
-                                 model=merged.output, dataset=test_set)
-            b.step("evaluate", "evaluate", config=item.evaluate, each=each["evaluate"],
-                   predictions=predictions.output)
-
-    runs = sweep(data=shards.output, model=base, test_set=test_set.output)
-    b.report([runs], title="LaVIN on ScienceQA: schedule sweep")
+    with dsl.ParallelFor(items) as item:
+        sft = b.step("sft", "train", config=item.sft, each=each["sft"], data=shards.output,
+                     model=base)
+        merged = b.step("merge", "merge", config=item.merge, each=each["merge"], base=base,
+                        adapter=sft.output)
+        predictions = b.step("infer", "infer", config=item.infer, each=each["infer"],
+                             model=merged.output, dataset=test_set.output)
+        evaluation = b.step("evaluate", "evaluate", config=item.evaluate,
+                            each=each["evaluate"], predictions=predictions.output)
+    b.report([evaluation], title="LaVIN on ScienceQA: schedule sweep")
 
 
 def _per_setting(b: Build, key: str, stage: str, wired: tuple[str, ...], *,

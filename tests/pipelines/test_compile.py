@@ -142,3 +142,31 @@ def test_compile_needs_the_cluster_store(tmp_path: Path) -> None:
 def test_unknown_pipeline_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="not a pipeline; choose one of chart-demo, chartmoe"):
         pipeline_runner.load("pipelines/recipes/chart-demo.yaml", ["pipeline=chart-demos"])
+
+
+def test_step_resources_override_stage_kind_over_cluster() -> None:
+    from mmjobs.config import ClusterConfig
+    from pipelines.cluster import resources_for
+
+    cluster = ClusterConfig(gpus=8, memory="64Gi", retries=3,
+                            stages={"train": {"gpus": 4}, "align-table": {"gpus": 1}})
+    assert resources_for(cluster, "train", "sft").gpus == 4
+    assert resources_for(cluster, "train", "align-table").gpus == 1
+    assert resources_for(cluster, "infer", "infer-pot").gpus == 8
+    assert resources_for(cluster, "prepare", "prepare").gpus == 0  # not a GPU stage
+    assert resources_for(cluster, "train", "sft").retries == 3  # resumable
+    assert resources_for(cluster, "evaluate", "evaluate").retries == 0
+    assert resources_for(cluster, "train", "sft").memory == "64Gi"
+
+
+def test_multi_node_training_hands_the_train_component_its_node_count(tmp_path: Path) -> None:
+    out = tmp_path / "p.yaml"
+    pipeline_runner.compile_recipe("pipelines/recipes/chart-demo.yaml", out,
+                                   ["cluster.nodes=2", "cluster.gpus=8"])
+    tasks = next(yaml.safe_load_all(out.read_text()))["root"]["dag"]["tasks"]
+    for name in ("train", "train-2"):  # align and sft
+        params = tasks[name]["inputs"]["parameters"]
+        assert params["nodes"]["runtimeValue"]["constant"] == 2
+        assert params["gpus_per_node"]["runtimeValue"]["constant"] == 8
+        assert params["image"]["runtimeValue"]["constant"] == "ghcr.io/mmjobs/mmjobs-train:0.1.0"
+    assert "nodes" not in tasks["merge"]["inputs"]["parameters"]

@@ -14,23 +14,9 @@ from collections.abc import Callable, Sequence
 
 from mmjobs import __version__
 
-# Commands whose implementation arrives with a later issue: name -> (issue, what it will do).
-PLANNED: dict[str, tuple[int, str]] = {}
-
 # Stage name -> module under mmjobs.stages (stage names are kebab-case, modules snake_case).
 STAGES = ("prepare", "mix", "pretokenize", "train", "apply-connector", "build-moe-connector",
-          "merge", "infer", "evaluate", "report", "make-tiny-model", "import", "serve")
-
-
-def _planned(name: str) -> Callable[[argparse.Namespace], int]:
-    issue, what = PLANNED[name]
-
-    def run(_: argparse.Namespace) -> int:
-        print(f"mmjobs {name}: not available yet — it will {what}; it arrives with issue #{issue}.",
-              file=sys.stderr)
-        return 2
-
-    return run
+          "merge", "infer", "evaluate", "report", "make-tiny-model", "import", "serve", "deploy")
 
 
 # --------------------------------------------------------------------------- handlers
@@ -386,11 +372,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_stage_with_flags("serve", {
         "model": "model", "adapter": "adapter", "host": "host", "port": "port",
         "api_key_env": "key_env"}))
-
-    for name, (issue, what) in PLANNED.items():
-        p = sub.add_parser(name, help=f"{what} (arrives with issue #{issue})")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_planned(name))
 
     # Parsed by mmjobs.eval.score.score_main (main() hands it the raw arguments).
     sub.add_parser("score", help="score a predictions file with an official metric: --metric "

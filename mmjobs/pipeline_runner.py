@@ -93,6 +93,8 @@ def default_run_id(recipe: RecipeConfig) -> str:
     from mmjobs.stages.common import fingerprint
 
     data = recipe.model_dump(mode="json", exclude=_NOT_IN_RUN_ID)
+    # Deploying the result for review changes no output: it must not move the run's folders.
+    data.get("stages", {}).pop("deploy", None)
     return f"run-{fingerprint(data)[:12]}"
 
 
@@ -204,6 +206,9 @@ def run_local(path: str | Path, overrides: Sequence[str] = (), *, run_id: str | 
             except RuntimeError as e:
                 raise _step_error(e, build, logs) from None
         status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         parent.end(status)
         tracker.close(timeout=10)
@@ -307,7 +312,9 @@ def _cached_stages(experiment: str, parent_run_id: str | None) -> dict[str, bool
     except Exception as e:  # a summary nicety: never fail the run over it
         log.warning("could not list the stage runs: %s", e)
         return {}
-    return {f"{r.info.run_name} {r.info.run_id[:8]}": r.data.tags.get("cached") == "true"
+    # Stages mark reuse with the tag cached=true; pretokenize logs it as the metric cached=1.
+    return {f"{r.info.run_name} {r.info.run_id[:8]}":
+            r.data.tags.get("cached") == "true" or r.data.metrics.get("cached") == 1.0
             for r in runs}
 
 
@@ -382,6 +389,7 @@ class _StepLogs(io.TextIOBase):
             self.tails[task].append(plain.rstrip())
         if self.verbose or not _is_chatter(plain):
             self.out.write(line + "\n")
+            self.out.flush()  # progress shows as it happens, also when piped to a file
 
     def flush(self) -> None:
         self.out.flush()
@@ -396,10 +404,11 @@ def _is_executor_dump(line: str) -> bool:
 
 
 def _is_chatter(line: str) -> bool:
-    """KFP local lines a person following a run does not need."""
+    """Lines a person following a run does not need: KFP's executor input/output JSON,
+    separators, and DeepSpeed's "Setting accelerator to CPU" on import."""
     stripped = line.strip()
-    return (not stripped or stripped.startswith("[KFP Executor") or stripped == "Streamed logs:"
-            or set(stripped) == {"-"})
+    return (_is_executor_dump(line) or stripped == "Streamed logs:" or set(stripped) == {"-"}
+            or "real_accelerator.py" in stripped)
 
 
 @contextlib.contextmanager

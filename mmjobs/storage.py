@@ -368,8 +368,14 @@ def list_objects(uri: str | os.PathLike) -> Iterator[ObjectInfo]:
         if root.is_file():
             yield ObjectInfo(str(root), root.name, root.stat().st_size)
             return
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            yield ObjectInfo(str(path), path.relative_to(root).as_posix(), path.stat().st_size)
+        # os.walk skips directories that vanish mid-walk (a writer may be renaming files).
+        walked = (Path(d) / f for d, _, files in os.walk(root) for f in files)
+        for path in sorted(walked):
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:  # renamed or deleted by a writer since the walk saw it
+                continue
+            yield ObjectInfo(str(path), path.relative_to(root).as_posix(), size)
         return
     prefix = loc.key.rstrip("/") + "/" if loc.key else ""
 

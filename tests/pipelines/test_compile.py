@@ -170,3 +170,14 @@ def test_multi_node_training_hands_the_train_component_its_node_count(tmp_path: 
         assert params["gpus_per_node"]["runtimeValue"]["constant"] == 8
         assert params["image"]["runtimeValue"]["constant"] == "ghcr.io/mmjobs/mmjobs-train:0.1.0"
     assert "nodes" not in tasks["merge"]["inputs"]["parameters"]
+
+
+def test_run_id_is_the_recipe_fingerprint_minus_cluster_and_deploy_settings() -> None:
+    path = "pipelines/recipes/chart-demo.yaml"
+    run_id = pipeline_runner.default_run_id(pipeline_runner.load_recipe(path))
+    same = [["cluster.gpus=8"], ["stages.deploy.enabled=true"], ["description=another"]]
+    for overrides in same:
+        assert pipeline_runner.default_run_id(
+            pipeline_runner.load_recipe(path, overrides)) == run_id, overrides
+    assert pipeline_runner.default_run_id(
+        pipeline_runner.load_recipe(path, ["train.lr=1e-4"])) != run_id

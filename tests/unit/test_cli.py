@@ -1,4 +1,4 @@
-"""The `mmjobs` command line: help, planned commands, validate, store, doctor."""
+"""The `mmjobs` command line: help, validate, store, doctor."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from mmjobs.cli import PLANNED, main
+from mmjobs.cli import main
 
 # validate checks the schema and every step section against its pipeline's stages.
 GOOD_RECIPE = Path("pipelines/recipes/chart-demo.yaml").read_text(encoding="utf-8")
@@ -20,12 +18,6 @@ def test_help_lists_every_architecture_command():
     for command in ("run", "compile", "submit", "stage", "validate", "prepare", "pretokenize",
                     "train", "score", "report", "store", "import", "serve", "ui", "doctor"):
         assert f"\n    {command}" in out, command
-
-
-@pytest.mark.parametrize("command", sorted(PLANNED))
-def test_planned_commands_say_which_issue_brings_them(command, capsys):
-    assert main([command, "anything"]) == 2
-    assert f"arrives with issue #{PLANNED[command][0]}" in capsys.readouterr().err
 
 
 def test_validate_reports_ok_and_errors_with_exit_codes(tmp_path, capsys):

@@ -75,6 +75,14 @@ STAGES: dict[str, StageSpec] = {
                                                                     "adapter")),
     "evaluate": StageSpec("mmjobs.stages.evaluate:EvaluateConfig", "eval", ("predictions",)),
     "report": StageSpec("mmjobs.stages.report:ReportConfig", "eval"),
+    # Writes to its `to` (default {store}/{experiment}/{run}/import): recipes name the place.
+    "import": StageSpec("mmjobs.stages.import_:ImportConfig", "data", own_output=False),
+    # A server: no output; `serve` blocks in the step's pod, `deploy` (a light launcher, the
+    # server itself runs the eval image) creates a Deployment + Service and waits for it.
+    "serve": StageSpec("mmjobs.stages.serve:ServeConfig", "eval", ("model", "adapter"),
+                       own_output=False),
+    "deploy": StageSpec("mmjobs.stages.deploy:DeployConfig", "data", ("model", "adapter"),
+                        own_output=False),
 }
 # StageConfig fields every step gets from the pipeline run, never from the recipe.
 RUN_FIELDS = ("experiment", "pipeline_run_id", "output", "recipe", "parent_run_id")
@@ -209,10 +217,21 @@ class Build:
         return task
 
     def _multinode(self, stage: str, step: str, image: str) -> dict[str, Any]:
-        """Arguments of the train component that launch a TrainJob when nodes > 1."""
-        nodes = self.recipe.cluster.nodes if self.for_cluster else 1
-        gpus = resources_for(self.recipe.cluster, stage, step).gpus
-        return {"nodes": nodes, "gpus_per_node": gpus, "image": image} if nodes > 1 else {}
+        """Arguments of the train component that launch a TrainJob (or PyTorchJob) when
+        nodes > 1: node and GPU counts, the image, and `launch_json`, the job's cluster
+        settings (`mmjobs.train.k8s_jobs.JobSettings`; Secret names, never credentials)."""
+        cluster = self.recipe.cluster
+        nodes = cluster.nodes if self.for_cluster else 1
+        if nodes <= 1:
+            return {}
+        res = resources_for(cluster, stage, step)
+        settings = {"kind": cluster.trainer, "runtime": cluster.training_runtime,
+                    "cpu": res.cpu, "memory": res.memory, "shm_size": res.shm_size,
+                    "node_selector": cluster.node_selector, "tolerations": cluster.tolerations,
+                    "image_pull_secrets": cluster.image_pull_secrets,
+                    "secrets": cluster.secrets.model_dump(), "env": cluster.env}
+        return {"nodes": nodes, "gpus_per_node": res.gpus, "image": image,
+                "launch_json": json.dumps(settings, sort_keys=True)}
 
     def report(self, after: list[dsl.PipelineTask], *, title: str) -> dsl.PipelineTask | None:
         """The report step over this run's MLflow runs, after `after`; skipped (with a

@@ -63,11 +63,14 @@ def apply_cluster_settings(task: dsl.PipelineTask, stage: str, recipe: RecipeCon
     """
     cluster = recipe.cluster
     res = resources_for(cluster, stage, step or stage)
-    if res.gpus:
+    # Multi-node training runs in a TrainJob with these resources per node; the step's own
+    # pod only creates and follows it.
+    launcher = stage == "train" and cluster.nodes > 1
+    if res.gpus and not launcher:
         task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(res.gpus)
-    if res.cpu:
+    if res.cpu and not launcher:
         task.set_cpu_request(res.cpu).set_cpu_limit(res.cpu)
-    if res.memory:
+    if res.memory and not launcher:
         task.set_memory_request(res.memory).set_memory_limit(res.memory)
     kubernetes.empty_dir_mount(task, volume_name=SHM_VOLUME, mount_path="/dev/shm",
                                medium="Memory", size_limit=res.shm_size)

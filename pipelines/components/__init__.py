@@ -28,6 +28,9 @@ MODULES = {
     "infer": "infer",
     "evaluate": "evaluate",
     "report": "report",
+    "import": "import_",
+    "serve": "serve",
+    "deploy": "deploy",
 }
 
 

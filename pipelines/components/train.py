@@ -2,10 +2,11 @@
 
 
 def train(config_json: str, data: str, model: str, nodes: int = 1, gpus_per_node: int = 0,
-          image: str = "") -> str:
+          image: str = "", launch_json: str = "{}") -> str:
     """Run `mmjobs.stages.train`; returns the model directory of a full fine-tune, else the
     training output (`final/adapter` or `final/connector` inside; merge, apply-connector and
-    build-moe-connector find them there)."""
+    build-moe-connector find them there). With nodes > 1, `launch_json` holds the job's
+    cluster settings (`mmjobs.train.k8s_jobs.JobSettings`: Secret names, never secrets)."""
     import json
 
     from mmjobs.stages import train as stage
@@ -19,7 +20,8 @@ def train(config_json: str, data: str, model: str, nodes: int = 1, gpus_per_node
         # item 5); it runs the same stage under torchrun on every node.
         from mmjobs.train.multinode import launch_multinode
 
-        result = launch_multinode(cfg, nodes=nodes, gpus_per_node=gpus_per_node, image=image)
+        result = launch_multinode(cfg, nodes=nodes, gpus_per_node=gpus_per_node, image=image,
+                                  settings=json.loads(launch_json or "{}"))
     else:
         result = stage.main(cfg)
     return result.model or result.output

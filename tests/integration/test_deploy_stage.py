@@ -23,7 +23,6 @@ import json
 import re
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -33,6 +32,7 @@ import yaml
 
 from mmjobs.serve import k8s
 from mmjobs.stages import deploy
+from tests.fake_kube import fake_kube_api
 from tests.k8s import policy
 from tests.k8s.validation import KUBE_VERSIONS, validate_manifest
 
@@ -170,49 +170,9 @@ def _status(code: int, reason: str, message: str) -> dict[str, Any]:
 @pytest.fixture
 def kube() -> Iterator[tuple[FakeKube, Any, str]]:
     """The fake API server, a kubernetes ApiClient pointed at it, and its URL."""
-    from kubernetes import client
-
     fake = FakeKube()
-
-    class Handler(BaseHTTPRequestHandler):
-        def _reply(self, method: str) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            body = json.loads(raw) if raw else None
-            code, payload = fake.handle(method, self.path, body,
-                                        self.headers.get("Content-Type", ""))
-            data = json.dumps(payload).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:
-            self._reply("GET")
-
-        def do_POST(self) -> None:
-            self._reply("POST")
-
-        def do_PATCH(self) -> None:
-            self._reply("PATCH")
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    host = f"http://127.0.0.1:{server.server_address[1]}"
-    conf = client.Configuration()
-    conf.host = host
-    api = client.ApiClient(conf)
-    try:
+    with fake_kube_api(fake.handle) as (api, host):
         yield fake, api, host
-    finally:
-        api.close()
-        server.shutdown()
-        server.server_close()
 
 
 def config(**overrides: Any) -> deploy.DeployConfig:

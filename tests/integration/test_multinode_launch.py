@@ -18,7 +18,6 @@ import json
 import re
 import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import pytest
 from mmjobs import storage
 from mmjobs.stages.train import TrainStageConfig, train_fingerprint
 from mmjobs.train import multinode
+from tests.fake_kube import fake_kube_api
 
 NAMESPACE = "team-a"
 IMAGE = "ghcr.io/mmjobs/mmjobs-train:0.1.0"
@@ -104,47 +104,10 @@ def _status(code: int, reason: str, message: str) -> dict[str, Any]:
 @pytest.fixture
 def kube() -> Iterator[tuple[FakeKube, Any]]:
     """The fake API server and a kubernetes ApiClient pointed at it."""
-    from kubernetes import client
-
     fake = FakeKube()
-
-    class Handler(BaseHTTPRequestHandler):
-        def _reply(self, method: str) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            body = json.loads(raw) if raw and method == "POST" else None
-            code, payload = fake.handle(method, self.path, body)
-            data = json.dumps(payload).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:
-            self._reply("GET")
-
-        def do_POST(self) -> None:
-            self._reply("POST")
-
-        def do_DELETE(self) -> None:
-            self._reply("DELETE")
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    conf = client.Configuration()
-    conf.host = f"http://127.0.0.1:{server.server_address[1]}"
-    api = client.ApiClient(conf)
-    try:
+    with fake_kube_api(lambda method, path, body, _type: fake.handle(method, path, body)) as (
+            api, _):
         yield fake, api
-    finally:
-        api.close()
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture

@@ -1,7 +1,13 @@
 # mmjobs `data` image (CPU): the prepare and pretokenize stages. No CUDA: torch is the CPU build.
+# It is also the Helm chart's default image (charts/mmjobs), so it carries what those pods run:
+# the MLflow server with basic auth (mlflow[auth]) and PostgreSQL (psycopg2-binary), and, for
+# the pipeline-upload job's `mmjobs compile`, kfp-kubernetes, the pipelines/ package and its
+# recipes (/opt/mmjobs/pipelines, next to the mmjobs package, as in a source checkout).
 #
 #   make images IMAGES=data                      (see docker/README.md for every option)
 #   podman run --rm --read-only --tmpfs /tmp IMAGE prepare --set source_format=... --set ...
+#   podman run --rm --read-only --tmpfs /tmp -w /opt/mmjobs --entrypoint mmjobs IMAGE \
+#       compile pipelines/recipes/chart-demo.yaml -o /tmp/chart-demo.yaml
 #
 # Proxied / air-gapped builds: --build-arg PIP_INDEX_URL=... / PIP_EXTRA_INDEX_URL=... /
 # PIP_FIND_LINKS=... (a URL, or a directory mounted into the build: podman build
@@ -49,9 +55,11 @@ COPY docker/pip-install.sh docker/
 COPY --from=requirements /opt/build/requirements.txt /opt/build/constraints.txt ./
 RUN --mount=type=secret,id=ca \
     sh docker/pip-install.sh -c constraints.txt -r requirements.txt
-# A CUDA torch here would be gigabytes of unusable libraries: fail the build instead.
+# A CUDA torch here would be gigabytes of unusable libraries: fail the build instead. The
+# chart's MLflow options (basic auth, PostgreSQL) need Flask-WTF and psycopg2: checked too.
 # mmjobs is installed to /opt/mmjobs (build stage); a .pth puts it on the venv's path.
 RUN /opt/venv/bin/python -c "import sys, torch; sys.exit(1 if torch.version.cuda else 0)" \
+    && /opt/venv/bin/python -c "import flask_wtf, psycopg2, kfp.kubernetes" \
     && /opt/venv/bin/python -c "import pathlib, sysconfig; \
 pathlib.Path(sysconfig.get_path('purelib'), 'mmjobs.pth').write_text('/opt/mmjobs\n')"
 
@@ -61,6 +69,13 @@ COPY mmjobs/ mmjobs/
 # --no-build-isolation: setuptools and wheel came with the dependencies; nothing is fetched.
 RUN sh docker/pip-install.sh --no-deps --no-build-isolation --target /opt/mmjobs . \
     && /opt/venv/bin/python -c "import mmjobs.stages.prepare, mmjobs.stages.pretokenize"
+# The pipeline definitions and recipes for `mmjobs compile` (the chart's pipeline-upload job,
+# workingDir /opt/mmjobs): beside the mmjobs package, so `import pipelines` works and recipe
+# paths read as in a checkout (pipelines/recipes/chart-demo.yaml). Bytecode checked by hash, as
+# COPY may not keep file times; then every recipe must load and wire into its pipeline.
+COPY pipelines/ /opt/mmjobs/pipelines/
+RUN /opt/venv/bin/python -m compileall -q --invalidation-mode checked-hash /opt/mmjobs/pipelines \
+    && /opt/venv/bin/python -m mmjobs.cli validate /opt/mmjobs/pipelines/recipes/*.yaml
 
 FROM ${BASE_IMAGE} AS runtime
 ARG UID
@@ -102,7 +117,7 @@ ARG VCS_REF=unknown
 ARG BUILD_DATE=unknown
 ARG SOURCE_URL=""
 LABEL org.opencontainers.image.title="mmjobs-data" \
-      org.opencontainers.image.description="mmjobs CPU stages: prepare, pretokenize" \
+      org.opencontainers.image.description="mmjobs CPU stages (prepare, pretokenize), MLflow server, pipeline compile and upload" \
       org.opencontainers.image.version="${MMJOBS_VERSION}" \
       org.opencontainers.image.revision="${VCS_REF}" \
       org.opencontainers.image.created="${BUILD_DATE}" \

@@ -7,7 +7,9 @@
 # Proxied / air-gapped builds: --build-arg PIP_INDEX_URL / PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS,
 # and a CA bundle as the build secret `ca` (--secret id=ca,src=FILE), never a build arg.
 # The CUDA variant is not built in CI (several GB of CUDA wheels); tests/containers checks its
-# structure.
+# structure. It has never been built on the machines this repository is developed on (no CUDA
+# base image reachable). Its CUDA release is chosen by BASE_IMAGE and TORCH_VARIANT (+ index),
+# which must agree (checked), and optionally FLASH_ATTN_WHEEL (cp312: Ubuntu 24.04's Python).
 #
 # Stages: python (the base, plus python3 if it has none) -> requirements (pip lists generated
 # from pyproject.toml) -> deps (a venv with them; rebuilt only when the lists change) -> build
@@ -16,12 +18,19 @@
 
 # A tag, not a digest, so the default stays readable: in production pin it by digest
 # (nvidia/cuda:...@sha256:...) so that rebuilds are reproducible. Any base with python3 >= 3.11,
-# or an apt-based one without python (it is installed), works.
-ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
-# cuda: torch must be a CUDA build (PyPI's default on linux/x86_64); cpu: it must not be.
+# or an apt-based one without python (it is installed), works. CUDA 13.0: the release PyPI's
+# torch 2.13.0 is built for.
+ARG BASE_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+# cuda: torch must be a CUDA build (PyPI's default on linux/x86_64) for the base's CUDA major
+# release; cpu: it must not be a CUDA build.
 ARG DEVICE=cuda
 ARG TORCH_VERSION=2.13.0
+# "" is PyPI's CUDA 13.0 build; e.g. +cu126 (with PIP_EXTRA_INDEX_URL=
+# https://download.pytorch.org/whl/cu126 and a CUDA 12 base), or +cpu with DEVICE=cpu.
 ARG TORCH_VARIANT=""
+# DEVICE=cuda only: a prebuilt flash-attn wheel for this torch, its CUDA and the base's Python
+# (e.g. flash_attn-2.8.3+cu130torch2.13-cp312-cp312-linux_x86_64.whl); empty: SDPA attention.
+ARG FLASH_ATTN_WHEEL=""
 ARG MMJOBS_VERSION=0.1.0
 # Fixed numeric user, so Kubernetes can verify runAsNonRoot and volumes can be prepared for it.
 ARG UID=10001
@@ -48,6 +57,7 @@ RUN python3 docker/requirements.py pyproject.toml > requirements.txt \
 
 FROM python AS deps
 ARG DEVICE
+ARG FLASH_ATTN_WHEEL
 # Package sources for pip; empty means PyPI (docker/pip-install.sh drops empty ones).
 ARG PIP_INDEX_URL=""
 ARG PIP_EXTRA_INDEX_URL=""
@@ -59,10 +69,19 @@ COPY docker/pip-install.sh docker/
 # this expensive layer.
 COPY --from=requirements /opt/build/requirements.txt /opt/build/constraints.txt ./
 RUN --mount=type=secret,id=ca \
-    sh docker/pip-install.sh -c constraints.txt -r requirements.txt
-# The wrong torch build fails the build, not the first job: CUDA for DEVICE=cuda, else none.
+    sh docker/pip-install.sh -c constraints.txt -r requirements.txt \
+    && if [ -n "${FLASH_ATTN_WHEEL}" ]; then \
+        sh docker/pip-install.sh --no-deps "${FLASH_ATTN_WHEEL}" \
+        && /opt/venv/bin/python -c "import flash_attn, flash_attn_2_cuda"; \
+    fi
+# The wrong torch build fails the build, not the first job: CUDA for DEVICE=cuda (the base's
+# major release, CUDA_VERSION of the nvidia/cuda images, when it says), else none.
 RUN /opt/venv/bin/python -c "import os, sys, torch; \
 sys.exit(0 if bool(torch.version.cuda) == (os.environ['DEVICE'] == 'cuda') else 1)" \
+    && /opt/venv/bin/python -c "import os, torch; \
+t, b = torch.version.cuda, os.environ.get('CUDA_VERSION', ''); \
+assert not (t and b) or t.split('.')[0] == b.split('.')[0], f'torch is built for CUDA {t}, \
+the base image has CUDA {b}: make TORCH_VARIANT and BASE_IMAGE agree'" \
     && /opt/venv/bin/python -c "import pathlib, sysconfig; \
 pathlib.Path(sysconfig.get_path('purelib'), 'mmjobs.pth').write_text('/opt/mmjobs\n')"
 

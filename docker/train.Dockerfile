@@ -1,8 +1,13 @@
 # mmjobs `train` image (CUDA): the train, merge, apply-connector and build-moe-connector stages,
 # with torch's CUDA build (NCCL comes with it), DeepSpeed, TRL and, optionally, flash-attn.
 #
-#   make images IMAGES=train  [BUILD_FLAGS="--build-arg FLASH_ATTN_WHEEL=https://.../flash_attn-...whl"]
+#   make images IMAGES=train  [BUILD_FLAGS="--build-arg FLASH_ATTN_WHEEL=https://.../flash_attn-2.8.3+cu130torch2.13-cp312-cp312-linux_x86_64.whl"]
 #   (on a GPU node) python3 -m mmjobs.cli stage train --config FILE --set ...
+#
+# The CUDA variant is chosen by three build args that must agree, and the build checks that
+# they do: BASE_IMAGE/BUILD_BASE_IMAGE (the CUDA release, nvcc for DeepSpeed's ops), TORCH_VARIANT
+# (+ its index) and FLASH_ATTN_WHEEL (its +cuXXXtorchX.Y tag, and cp312: Ubuntu 24.04's Python).
+# Never built on the machines this repository is developed on (no CUDA base image reachable).
 #
 # Proxied / air-gapped builds: --build-arg PIP_INDEX_URL / PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS,
 # and a CA bundle as the build secret `ca` (--secret id=ca,src=FILE), never a build arg.
@@ -13,16 +18,18 @@
 # (CUDA *runtime* base + python3, the venv and /opt/mmjobs copied in).
 
 # Tags, not digests, so the defaults stay readable: in production pin both by digest
-# (nvidia/cuda:...@sha256:...). Both must be the same Ubuntu release: the venv links the
-# system python3 by path.
-ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
-ARG BUILD_BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
-# torch from PyPI is the CUDA build on linux/x86_64. For another CUDA, e.g. TORCH_VARIANT=+cu128
-# with PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu128.
+# (nvidia/cuda:...@sha256:...). Both must be the same Ubuntu release (the venv links the
+# system python3, 3.12 on Ubuntu 24.04, by path) and the CUDA major release torch is built for.
+ARG BASE_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+ARG BUILD_BASE_IMAGE=nvidia/cuda:13.0.1-cudnn-devel-ubuntu24.04
+# torch from PyPI is the CUDA build on linux/x86_64: for 2.13.0, CUDA 13.0 (its metadata
+# requires cuda-toolkit 13.0.x). For CUDA 12, e.g. TORCH_VARIANT=+cu126 with
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu126 and CUDA 12 bases.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_VARIANT=""
-# A prebuilt flash-attn wheel (URL or path inside the build) matching torch, CUDA and Python;
-# empty: no flash-attn (models use PyTorch SDPA). Building it from source takes hours.
+# A prebuilt flash-attn wheel (URL or path inside the build) for this torch, its CUDA and
+# Python 3.12, e.g. flash_attn-2.8.3+cu130torch2.13-cp312-cp312-linux_x86_64.whl; empty: no
+# flash-attn (models use PyTorch SDPA). Building it from source takes hours.
 ARG FLASH_ATTN_WHEEL=""
 # DeepSpeed ops compiled into the image (1) instead of JIT-compiled at run time (impossible
 # without compilers); GPU architectures to compile them for (no GPU at build time).
@@ -75,12 +82,19 @@ COPY --from=requirements /opt/build/requirements.txt /opt/build/build-requiremen
 RUN --mount=type=secret,id=ca \
     sh docker/pip-install.sh -c constraints.txt -r build-requirements.txt \
         "torch==${TORCH_VERSION}${TORCH_VARIANT}" ninja packaging
-# A CPU torch would make every GPU job fail at run time: fail the build instead.
-RUN /opt/venv/bin/python -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)"
+# A CPU torch would make every GPU job fail at run time: fail the build instead. So would a
+# torch for another CUDA major release than the base's nvcc (CUDA_VERSION, set by the
+# nvidia/cuda images): DeepSpeed refuses to compile its ops against it.
+RUN /opt/venv/bin/python -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" \
+    && /opt/venv/bin/python -c "import os, torch; \
+t, b = torch.version.cuda, os.environ.get('CUDA_VERSION', ''); \
+assert t.split('.')[0] == b.split('.')[0], f'torch is built for CUDA {t}, the base image has \
+CUDA {b or None}: make TORCH_VARIANT and BASE_IMAGE/BUILD_BASE_IMAGE agree'"
 RUN --mount=type=secret,id=ca \
     sh docker/pip-install.sh --no-build-isolation -c constraints.txt -r requirements.txt \
     && if [ -n "${FLASH_ATTN_WHEEL}" ]; then \
-        sh docker/pip-install.sh --no-deps "${FLASH_ATTN_WHEEL}"; \
+        sh docker/pip-install.sh --no-deps "${FLASH_ATTN_WHEEL}" \
+        && /opt/venv/bin/python -c "import flash_attn, flash_attn_2_cuda"; \
     fi \
     && /opt/venv/bin/python -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" \
     && /opt/venv/bin/python -c "import pathlib, sysconfig; \

@@ -4,7 +4,10 @@ Built with `make images` (podman; see tests/containers/podman.py for this machin
 then run as its non-root user with a read-only root filesystem and only /tmp writable, against
 the loopback S3 test server: `prepare` draws synthetic charts into S3, `pretokenize` reads them
 and a tiny LLaVA (built on the host, uploaded to S3) and writes Parquet shards to S3. Both
-outputs must be committed (manifest last). Skipped, with the reason, where podman cannot run.
+outputs must be committed (manifest last). The image is also the Helm chart's default image,
+so it also runs, the same way, what the chart runs in it: `mmjobs compile` of the chart's recipe
+in the pipeline-upload job's working directory, and the MLflow server with basic auth (its ini
+written by the chart's init-container script). Skipped, with the reason, where podman cannot run.
 
 The first build downloads the image's dependencies (~10 min here); later builds reuse podman's
 layer cache unless pyproject.toml or docker/ changed (an mmjobs/ change rebuilds in seconds).
@@ -17,6 +20,7 @@ import subprocess
 import time
 
 import pytest
+import yaml
 
 from mmjobs import storage
 from tests.containers.podman import (
@@ -33,6 +37,8 @@ pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(1800)
 IMAGE = "localhost/mmjobs-data:test"
 TORCH_VERSION = "2.13.0"  # docker/data.Dockerfile's TORCH_VERSION default
 UID = "10001"
+CHART_VALUES = REPO / "charts" / "mmjobs" / "values.yaml"
+CHART_FILES = REPO / "charts" / "mmjobs" / "files"
 
 
 @pytest.fixture(scope="session")
@@ -119,3 +125,71 @@ def test_data_image_user_and_contents(podman, data_image):
     assert cuda == "None"
     labels = json.loads(podman("image", "inspect", data_image).stdout)[0]["Labels"]
     assert labels["org.opencontainers.image.title"] == "mmjobs-data"
+
+
+def test_data_image_compiles_the_chart_recipe_for_the_upload_job(podman, data_image):
+    """What the chart's pipeline-upload job runs: `mmjobs compile` of its recipe in its
+    workingDir, as the non-root user with a read-only root filesystem (HOME=/tmp, as the job)."""
+    upload = yaml.safe_load(CHART_VALUES.read_text())["pipelineUpload"]
+    recipe = upload["recipes"][0]
+    proc = podman("run", "--rm", "--read-only", "--tmpfs", "/tmp", "--network=none",
+                  "--env=HOME=/tmp", f"--workdir={upload['workingDir']}", "--entrypoint", "sh",
+                  data_image, "-c",
+                  f"id -u >&2 && mmjobs compile {recipe} -o /tmp/x.yaml >&2 && cat /tmp/x.yaml",
+                  timeout=300)
+    assert proc.stderr.split()[0] == UID
+    spec, *platform = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    assert spec["pipelineInfo"]["name"] == "chart-demo"
+    assert spec["schemaVersion"].startswith("2.") and spec["deploymentSpec"]["executors"]
+    assert platform and "kubernetes" in platform[0]["platforms"]  # from kfp-kubernetes
+
+
+# The chart's MLflow pod with auth.enabled, in one container: the init container's script
+# writes the ini, then the server starts and a client polls /health and calls the API.
+MLFLOW_AUTH_SERVER = r"""set -e
+python3 -c 'import flask_wtf, psycopg2'
+python3 /scripts/write_auth_config.py "$MLFLOW_AUTH_CONFIG_PATH" >&2
+mlflow server --host 127.0.0.1 --port 5000 --workers 1 --app-name basic-auth \
+    --backend-store-uri sqlite:////tmp/mlflow.db >/tmp/mlflow.log 2>&1 &
+python3 - <<'PY' || { tail -c 4000 /tmp/mlflow.log >&2; exit 1; }
+import base64, json, sys, time, urllib.error, urllib.request
+base = "http://127.0.0.1:5000"
+deadline = time.monotonic() + 150
+while True:
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+            health = r.read().decode()
+            break
+    except OSError:
+        if time.monotonic() > deadline:
+            sys.exit("no answer on /health in 150 s")
+        time.sleep(1)
+def status(user):
+    req = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1")
+    if user:
+        req.add_header("Authorization", "Basic " + base64.b64encode(user.encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+print(json.dumps({"health": health, "anonymous": status(""),
+                  "admin": status("admin:it-password-123")}))
+PY
+"""
+
+
+def test_data_image_serves_mlflow_with_basic_auth(podman, data_image):
+    """`mlflow server --app-name basic-auth` (mlflow[auth]) as the chart runs it, answering
+    /health, refusing anonymous API calls and letting the admin in; psycopg2 (the chart's
+    backend.type=postgresql) imports. Loopback only (--network=none), sqlite on the tmpfs."""
+    env = {"HOME": "/tmp", "MLFLOW_AUTH_CONFIG_PATH": "/tmp/basic_auth.ini",
+           "MLFLOW_AUTH_DATABASE_URI": "sqlite:////tmp/basic_auth.db",
+           "MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": "it-password-123",
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "container-test-key"}
+    proc = podman("run", "--rm", "--read-only", "--tmpfs", "/tmp", "--network=none",
+                  f"--volume={CHART_FILES}:/scripts:ro",
+                  *(f"--env={k}={v}" for k, v in env.items()),
+                  "--entrypoint", "sh", data_image, "-c", MLFLOW_AUTH_SERVER, timeout=300)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"health": "OK", "anonymous": 401, "admin": 200}, proc.stderr[-3000:]

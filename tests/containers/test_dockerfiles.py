@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = sorted((REPO / "docker").glob("*.Dockerfile"))
@@ -172,6 +173,20 @@ def test_cuda_images_fail_their_build_without_cuda_torch(name):
     assert dockerfile.global_args["BASE_IMAGE"].startswith("nvidia/cuda:")
 
 
+@pytest.mark.parametrize("name", ["train.Dockerfile", "eval.Dockerfile"])
+def test_cuda_images_check_torch_is_built_for_the_base_cuda(name):
+    """PyPI's torch is built for one CUDA release (13.0 for 2.13.0): the bases' default CUDA
+    must be that one, and the build compares torch.version.cuda with the base's CUDA_VERSION
+    (DeepSpeed will not compile its ops across CUDA major releases)."""
+    dockerfile = parse(REPO / "docker" / name)
+    runs = " ".join(i.args for s in dockerfile.stages for i in s.all("RUN"))
+    assert "os.environ.get('CUDA_VERSION', '')" in runs and "torch.version.cuda" in runs
+    bases = {v for k, v in dockerfile.global_args.items() if k.endswith("BASE_IMAGE")}
+    releases = {re.match(r"nvidia/cuda:(\d+\.\d+)", b).group(1) for b in bases}
+    assert releases == {"13.0"}, bases
+    assert dockerfile.global_args["TORCH_VARIANT"] == ""  # PyPI's build: CUDA 13.0
+
+
 def test_data_image_is_cpu_only():
     dockerfile = parse(REPO / "docker" / "data.Dockerfile")
     runs = " ".join(i.args for s in dockerfile.stages for i in s.all("RUN"))
@@ -233,3 +248,23 @@ def test_requirements_generator(tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(REPO / "pyproject.toml"),
                            "--select", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2 and "no-such-package" in proc.stderr
+
+
+def test_data_image_has_what_the_chart_runs_in_it():
+    """The chart runs the data image for the MLflow server (basic auth, PostgreSQL) and the
+    pipeline-upload job (`mmjobs compile` of pipelines/recipes in workingDir /opt/mmjobs)."""
+    script = REPO / "docker" / "requirements.py"
+    listed = subprocess.run([sys.executable, str(script), str(REPO / "pyproject.toml"),
+                             "--select", str(REPO / "docker" / "data-packages.txt")],
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    for prefix in ("mlflow[auth]>=", "psycopg2-binary>=", "kfp-kubernetes>=", "kfp>="):
+        assert any(r.startswith(prefix) for r in listed), (prefix, listed)
+    dockerfile = parse(REPO / "docker" / "data.Dockerfile")
+    copies = [i.args.split() for s in dockerfile.stages for i in s.all("COPY")]
+    assert ["pipelines/", "/opt/mmjobs/pipelines/"] in copies
+    assert "!pipelines/" in (REPO / ".dockerignore").read_text().splitlines()
+    upload = yaml.safe_load((REPO / "charts" / "mmjobs" / "values.yaml").read_text())[
+        "pipelineUpload"]
+    assert upload["workingDir"] == "/opt/mmjobs"
+    for recipe in upload["recipes"]:  # /opt/mmjobs/<recipe> in the image is <repo>/<recipe>
+        assert recipe.startswith("pipelines/") and (REPO / recipe).is_file(), recipe

@@ -30,7 +30,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mmjobs tests
+	$(VENV)/bin/ruff check mmjobs pipelines tests
 
 bench: $(STAMP)
 	$(PY) -m tests.bench.run

@@ -11,6 +11,7 @@ Nothing here patches libraries in-process: clients talk to these servers over re
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import random
@@ -49,7 +50,8 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> N
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; log:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"server exited with {proc.returncode}; log:\n"
+                               f"{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status < 500:
@@ -67,10 +69,8 @@ def _stop(proc: subprocess.Popen | None) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=10)
 
 

@@ -480,6 +480,10 @@ def load_model(spec: ModelConfig, *, for_training: bool = True,
         model.__class__ = model_cls
     if for_training:
         model.train()
+        if kind == "chameleon":  # learn image tokens in the labels (upstream masks them)
+            from mmjobs.models.image_tokens import enable_image_generation
+
+            enable_image_generation(model)
         text_config = model.config.get_text_config()  # where composite models keep use_cache
         if hasattr(text_config, "use_cache"):
             text_config.use_cache = False

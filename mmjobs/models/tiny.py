@@ -11,7 +11,12 @@ Hugging Face directory (`save_pretrained`, safetensors) that later stages load w
   ("default" drops CLS) are set so its `<image>` expansion equals what the model consumes.
 - `build_tiny_chameleon`: Chameleon (width 64, 2 layers) + a VQ-VAE encoder turning a 32x32
   image into (32/8)^2 = 16 discrete codes; the tokenizer holds one token per code, named
-  `IMGIMG<code in letters A-J>Z` as Chameleon's `vocabulary_map` requires.
+  `IMGIMG<code in letters A-J>Z` as Chameleon's `vocabulary_map` requires. The matching VQ
+  decoder (codes -> 32x32 image, for interleaved generation) is saved next to the weights as
+  `vq_decoder.safetensors`: transformers' Chameleon class has no decoder module, so
+  `save_pretrained` could not write it and `from_pretrained` would drop it; it is loaded by
+  `mmjobs.eval.interleaved` (see there). Its weights are random like the rest, so decoded
+  images are deterministic but not pictures of anything.
 
 CLI: `python -m mmjobs.models.tiny llava|chameleon OUT_DIR`.
 """
@@ -228,7 +233,30 @@ def build_tiny_chameleon(out_dir: str | Path, *, image_size: int = 32, num_codes
                                    tokenizer=tokenizer,
                                    image_seq_length=(image_size // downsample) ** 2)
     processor.chat_template = CHAT_TEMPLATE
-    return _save(out_dir, model, processor)
+    out = _save(out_dir, model, processor)
+    save_vq_decoder(out, model.config.vq_config, seed=seed)
+    return out
+
+
+def save_vq_decoder(out_dir: str | Path, vq_config, *, seed: int = 0) -> Path:
+    """Write a randomly initialised VQ decoder for `vq_config` to `out_dir/vq_decoder.safetensors`.
+
+    Tensors are named `model.vqmodel.decoder.*`, as in Anole / Align-Anything checkpoints, so
+    `mmjobs.eval.interleaved.find_decoder_weights` reads this file and those the same way. The
+    global RNG is left untouched (the decoder draws from its own seed).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from mmjobs.eval.interleaved import DECODER_FILE, VQ_PREFIX, VQDecoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        decoder = VQDecoder(vq_config)
+    path = Path(out_dir) / DECODER_FILE
+    save_file({f"{VQ_PREFIX}decoder.{k}": v.contiguous() for k, v in
+               decoder.state_dict().items()}, str(path), metadata={"format": "pt"})
+    return path
 
 
 def _token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:

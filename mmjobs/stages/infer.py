@@ -12,6 +12,11 @@ they are) or from `mmjobs.eval.benchmarks.load_benchmark`. The committed output 
 `answers`/`gt` and the record's `meta` or the benchmark's `fields`, which `mmjobs score` reads)
 and `infer.json` (counts, seconds, tokens/s).
 
+`modalities: [text, image]` (image-token models such as Chameleon) lets answers contain images:
+generation follows `mmjobs.eval.interleaved`, each generated image is written as a PNG under
+`images/` next to `predictions.jsonl`, and rows gain `parts`, `output_images` and `images`
+(schema in that module's docstring).
+
 Resumable: answered rows are appended to `predictions.partial.jsonl` and flushed after every
 batch (in the output directory; for s3:// outputs a local file uploaded every
 `upload_every_seconds`, and when the stage fails or gets SIGTERM). A restarted stage with the
@@ -106,6 +111,16 @@ class InferConfig(StageConfig):
     upload_every_seconds: float = Field(60.0, ge=0, description="s3:// outputs: upload the "
                                         "partial predictions at most this often (work since "
                                         "the last upload is redone after a kill).")
+    modalities: list[Literal["text", "image"]] = Field(
+        default_factory=lambda: ["text"], description="What answers may contain. [text, image]: "
+        "image-token models (Chameleon) also generate images, saved as PNGs under images/ "
+        "next to the predictions (see mmjobs.eval.interleaved).")
+    max_output_images: int = Field(1, ge=1, description="modalities with image: images one "
+                                   "answer may contain.")
+    vq_decoder: str | None = Field(None, description="modalities with image: where the VQ "
+                                   "image decoder weights are (model dir or .safetensors file); "
+                                   "default the model. Set it to the base model for fully "
+                                   "fine-tuned or merged models, which are saved without it.")
 
     @model_validator(mode="after")
     def _check_source(self) -> InferConfig:
@@ -122,9 +137,17 @@ class InferConfig(StageConfig):
         if self.benchmark is not None and self.split is not None:
             problems.append("`split` filters datasets; for a benchmark use its own option, "
                             "e.g. benchmark_options.split")
+        if "text" not in self.modalities or len(set(self.modalities)) != len(self.modalities):
+            problems.append(f"modalities {self.modalities}: list text, and image for answers "
+                            "that may contain images, each once")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def interleaved(self) -> bool:
+        """Answers may contain images (`modalities` lists image)."""
+        return "image" in self.modalities
 
 
 class InferResult(StageResult):
@@ -188,6 +211,11 @@ def main(cfg: InferConfig) -> InferResult:
             with open(scratch / PREDICTIONS_FILE, "w", encoding="utf-8") as f:
                 for item_id in order:
                     f.write(json.dumps(rows[item_id], ensure_ascii=False) + "\n")
+            if cfg.interleaved:  # the PNGs written next to the rows go into the commit
+                from mmjobs.eval.interleaved import copy_output_images
+
+                summary["output_images"] = copy_output_images([rows[i] for i in order], out,
+                                                              scratch)
             (scratch / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
             run.log_artifact(scratch / SUMMARY_FILE)
         partial.discard()  # after the commit: a crash before it still has the rows
@@ -213,7 +241,8 @@ def _answer_all(cfg: InferConfig, partial: PartialPredictions
         nonlocal generator
         if generator is None:  # only now: a fully resumed run never loads the model
             generator = _generator(cfg)
-        yield from _answer_window(generator, window, stats)
+        yield from _answer_window(generator, window, stats,
+                                  image_out=output_uri(cfg, STAGE) if cfg.interleaved else None)
 
     def todo() -> Iterator[tuple[dict[str, Any], bool]]:
         seen: set[str] = set()
@@ -241,9 +270,10 @@ def _answer_all(cfg: InferConfig, partial: PartialPredictions
     return rows, order, stats
 
 
-def _answer_window(generator: Any, items: list[PromptItem], stats: dict[str, Any]
-                   ) -> Iterator[tuple[dict[str, Any], bool]]:
-    """Rows for `items`, batch by batch: `(row, is the batch's last row)`."""
+def _answer_window(generator: Any, items: list[PromptItem], stats: dict[str, Any], *,
+                   image_out: str | None = None) -> Iterator[tuple[dict[str, Any], bool]]:
+    """Rows for `items`, batch by batch: `(row, is the batch's last row)`; interleaved answers
+    get their images written as PNGs under `image_out` (and their parts in the row)."""
     from mmjobs.eval.generate import PromptInput, load_image
 
     prompts = [PromptInput(item.prompt, [load_image(uri) for uri in item.images])
@@ -256,6 +286,11 @@ def _answer_window(generator: Any, items: list[PromptItem], stats: dict[str, Any
         for k, (i, text) in enumerate(zip(out.indices, out.texts, strict=True)):
             item = items[i]
             row = {"id": item.id, "prompt": item.text, "prediction": text}
+            if image_out is not None:
+                from mmjobs.eval.interleaved import output_fields
+
+                row.update(output_fields(image_out, item.id, item.images, out.parts[k],
+                                         out.incomplete_images[k]))
             row.update((k, v) for k, v in item.fields.items() if k not in row)
             yield row, k == len(out.indices) - 1
         start = time.monotonic()
@@ -266,10 +301,16 @@ def _generator(cfg: InferConfig) -> Any:
 
     loaded = load_for_inference(cfg.model, cfg.adapter, trust_remote_code=cfg.trust_remote_code,
                                 dtype=cfg.dtype)
-    return Generator(loaded, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                     do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p,
-                     top_k=cfg.top_k, num_beams=cfg.num_beams, stop_strings=cfg.stop_strings,
-                     seed=cfg.seed)
+    options = dict(batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                   do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p,
+                   top_k=cfg.top_k, num_beams=cfg.num_beams, stop_strings=cfg.stop_strings,
+                   seed=cfg.seed)
+    if cfg.interleaved:
+        from mmjobs.eval.interleaved import InterleavedGenerator
+
+        return InterleavedGenerator(loaded, vq_decoder=cfg.vq_decoder,
+                                    max_images=cfg.max_output_images, **options)
+    return Generator(loaded, **options)
 
 
 # --------------------------------------------------------------------------- prompt sources
@@ -462,8 +503,15 @@ def _rows_fingerprint(cfg: InferConfig) -> str:
 
     adapter = dir_fingerprint(locate_adapter(cfg.adapter)) if cfg.adapter else None
     dataset = input_fingerprint(cfg.dataset) if cfg.dataset else None
-    return fingerprint(STAGE, VERSION, cfg.model_dump(exclude=_NOT_IN_ROWS),
-                       _model_fingerprint(cfg.model), adapter, dataset)
+    # Text-only runs hash as before the interleaved settings existed (their rows are the same).
+    image = ({"vq_decoder"} if cfg.interleaved else
+             {"modalities", "max_output_images", "vq_decoder"})
+    decoder = []
+    if cfg.interleaved and cfg.vq_decoder:
+        decoder = [input_fingerprint(cfg.vq_decoder) if cfg.vq_decoder.endswith(".safetensors")
+                   else _model_fingerprint(cfg.vq_decoder)]
+    return fingerprint(STAGE, VERSION, cfg.model_dump(exclude=_NOT_IN_ROWS | image),
+                       _model_fingerprint(cfg.model), adapter, dataset, *decoder)
 
 
 def _model_fingerprint(model: str) -> str:

@@ -29,7 +29,7 @@ from mmjobs.stages.common import (
 )
 
 STAGE = "make-tiny-model"
-VERSION = 1  # bump when mmjobs.models.tiny builds a different model for the same config
+VERSION = 2  # bump when mmjobs.models.tiny builds another model (2: Chameleon VQ decoder)
 log = get_logger(__name__)
 _NOT_FINGERPRINTED = {"experiment", "pipeline_run_id", "output", "recipe", "parent_run_id",
                       "force"}

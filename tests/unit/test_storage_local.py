@@ -57,7 +57,7 @@ def test_directory_without_manifest_is_refused_as_incomplete(tmp_path):
     store = tmp_path / "store" / "partial"
     make_tree(store)  # objects written, writer died before the manifest
     assert not storage.is_committed(store)
-    with pytest.raises(IncompleteDirectoryError, match="no _MANIFEST.json.*incomplete"):
+    with pytest.raises(IncompleteDirectoryError, match=r"no _MANIFEST\.json.*incomplete"):
         storage.get_dir(store, tmp_path / "out")
     with pytest.raises(IncompleteDirectoryError):
         storage.copy(store, tmp_path / "elsewhere")

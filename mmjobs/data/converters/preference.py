@@ -1,4 +1,5 @@
-"""`preference` and `prompt-only`: Align-Anything-style JSON/JSONL to preference / prompt records.
+"""`preference`, `prompt-only`, `align-anything-ti2ti`: Align-Anything-style JSON/JSONL to
+preference / prompt / sample records.
 
 Source formats (PKU-Alignment/align-anything, `align_anything/configs/template.py`; the file is
 a top-level JSON array, or JSONL by extension). Preference rows, either of::
@@ -18,7 +19,20 @@ front (unless the text already holds `<image>` tokens of its own).
 
 Prompt-only rows: `{"question" | "prompt": "...", "image": ...}` -> one user turn.
 
-Options (both converters):
+Supervised text-image-to-text-image rows (`align-anything-ti2ti`, the fields of
+align-anything's `ANYTHING_TI2TI` SFT template)::
+
+    {"question": "Draw a cat.", "image_url": "in/1.png", "response": "Here it is:",
+     "output_image_url": "out/1.png"}
+
+become a `sample`: one user turn (input images in front, as above) and one assistant turn, the
+response with one `<image>` per output image appended (unless it has its own); `images` lists
+the input images, then the output images. Pre-tokenized for an image-token model (Chameleon),
+the output images become VQ tokens inside the labels: the model learns to draw them. The
+prompt may also be `prompt`, the input images `image`/`images`, the output images
+`output_image`/`output_images`.
+
+Options (all three converters):
     image_separator: between the leading `<image>` tokens and the prompt text (default "\\n",
         the LLaVA convention used across mmjobs; align-anything's Chameleon template uses "").
     id_prefix: ids are the row's `id`, else "{id_prefix}{file stem}-{index}" (default "").
@@ -26,7 +40,8 @@ Option (`preference` only):
     preferred_key: the field naming the better response (default "better_response_id";
         align-anything datasets also use e.g. "overall_response", "more_helpful_response_id").
 
-Rejected rows: missing prompt; missing responses; missing preferred id or one that names
+Rejected rows: missing prompt; missing responses (or, for align-anything-ti2ti, a response
+with neither text nor output images); missing preferred id or one that names
 neither response (a tie); an empty response; chosen identical to rejected. (`<image>` counts
 are checked by the prepare stage's validator.)
 """
@@ -155,5 +170,40 @@ def convert_prompt_only(ctx: ConvertContext) -> Iterator[Record | Reject]:
         meta = extras(data, used_keys(data), "prompt-only")
         return build("prompt", {"id": record_id, "images": images, "prompt": prompt,
                                 "meta": meta})
+
+    yield from convert_rows(uri, one)
+
+
+OUTPUT_IMAGE_KEYS = ("output_image_url", "output_image", "output_images")
+
+
+@register("align-anything-ti2ti",
+          help="Align-Anything text-image-to-text-image SFT JSON/JSONL (question, image_url, "
+               "response, output_image_url)")
+def convert_ti2ti(ctx: ConvertContext) -> Iterator[Record | Reject]:
+    """Convert supervised rows whose responses may contain images; see the module docstring."""
+    uri = require_input(ctx, "align-anything-ti2ti")
+    opts = resolve_options(ctx, "align-anything-ti2ti", {"image_separator": "\n",
+                                                         "id_prefix": ""})
+    stem = file_stem(uri)
+
+    def one(data: dict[str, Any], index: int, locator: str) -> Record:
+        record_id = get_id(data, prefix=opts["id_prefix"], fallback=f"{stem}-{index}")
+        prompt, images = prompt_turn(data, opts["image_separator"])
+        response = data.get("response")
+        if not isinstance(response, str):
+            raise RowError(f"response is a JSON {json_type(response)}, not a string")
+        key = next((k for k in OUTPUT_IMAGE_KEYS if data.get(k) is not None),
+                   OUTPUT_IMAGE_KEYS[0])
+        outputs = get_images(data, key)
+        if not response.strip() and not outputs:
+            raise RowError("empty response (no text and no output image)")
+        answer = with_image_tokens(response, len(outputs), front=False, sep="")
+        meta = extras(data, used_keys(data) | {"response", *OUTPUT_IMAGE_KEYS},
+                      "align-anything-ti2ti")
+        return build("sample", {
+            "id": record_id, "images": [*images, *outputs],
+            "conversations": [*prompt, {"role": "assistant", "content": answer}],
+            "meta": meta})
 
     yield from convert_rows(uri, one)

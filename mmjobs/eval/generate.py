@@ -189,6 +189,11 @@ class Generator:
         kwargs: dict[str, Any] = {
             "return_tensors": "pt", "padding": True,
             "add_special_tokens": not (bos and all(t.startswith(bos) for t in texts))}
+        if hasattr(self.processor, "return_for_text_completion"):
+            # As pretokenize encodes prompts (mmjobs.data.sample_encoder): without the chat-mode
+            # separator Chameleon's processor appends by default, so generation continues from
+            # the prompt the model was trained on.
+            kwargs["return_for_text_completion"] = True
         flat = [image for row in images for image in row]
         if flat:
             if not self.takes_images:

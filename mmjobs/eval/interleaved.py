@@ -472,25 +472,6 @@ class InterleavedGenerator(Generator):
             log.warning("max_new_tokens=%d leaves no room for an image (%d codes + begin/end "
                         "tokens): answers will be text only", self.max_new_tokens,
                         self.codes_per_image)
-        # mmjobs pre-tokenizes Chameleon prompts without the chat-mode separator the processor
-        # appends by default; generation must continue from the same prompt the model learned.
-        self._encode_kwargs = {"return_for_text_completion": True} if hasattr(
-            self.processor, "return_for_text_completion") else {}
-
-    def _encode(self, texts: list[str], images: list[list[Image.Image]]) -> Any:
-        """`Generator._encode`, plus the processor options `_encode_kwargs`."""
-        bos = self.tokenizer.bos_token
-        kwargs: dict[str, Any] = {
-            "return_tensors": "pt", "padding": True, **self._encode_kwargs,
-            "add_special_tokens": not (bos and all(t.startswith(bos) for t in texts))}
-        flat = [image for row in images for image in row]
-        if flat:
-            kwargs["images"] = flat
-        batch = self.processor(text=texts, **kwargs)
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
-        return {k: v.to(self.model.device) if torch.is_tensor(v) else v
-                for k, v in batch.items()}
 
     def generate_batches(self, prompts: Sequence[PromptInput]
                          ) -> Iterator[InterleavedBatchOutput]:

@@ -48,7 +48,9 @@ __all__ = [
     "LoraConfig",
     "ModelConfig",
     "PreferenceConfig",
+    "RLConfig",
     "RecipeConfig",
+    "RewardConfig",
     "SecretNames",
     "StageResources",
     "StrictModel",
@@ -188,13 +190,165 @@ class PreferenceConfig(StrictModel):
         "0 = plain Bradley-Terry.")
 
 
+class RewardConfig(StrictModel):
+    """Where the reward of a PPO/GRPO response comes from (train.rl.reward).
+
+    kind `model` scores with a reward model trained by the train stage (mode rm); `length` and
+    `keyword` are programmatic rewards in [0, 1] for simple tasks and tests (see
+    `mmjobs.train.rollouts`).
+    """
+
+    kind: Literal["model", "length", "keyword"] = Field(
+        "model", description="model: a reward model export (`model`); length: 1 inside "
+        "[min_length, max_length] `unit`s, falling linearly to 0 at `tolerance` units outside; "
+        "keyword: min(occurrences of `keywords`, max_count) / max_count.")
+    model: str | None = Field(
+        None, description="kind model: URI of a reward model export (a train stage's final/ or "
+        "final/reward_model from mode rm; loaded with load_reward_model). It scores the "
+        "policy's own tokens, so it must share the policy's tokenizer (same base model family).")
+    unit: Literal["tokens", "words", "chars"] = Field(
+        "words", description="kind length: what is counted in the response (tokens before the "
+        "end-of-sequence token, whitespace-separated words, or characters).")
+    min_length: int = Field(1, ge=0, description="kind length: shortest length rewarded 1.")
+    max_length: int = Field(64, ge=0, description="kind length: longest length rewarded 1.")
+    tolerance: float = Field(16.0, gt=0, description="kind length: distance outside the range "
+                             "at which the reward reaches 0.")
+    keywords: list[str] = Field(default_factory=list, description="kind keyword: strings "
+                                "counted in the response text (every occurrence counts).")
+    max_count: int = Field(1, ge=1, description="kind keyword: occurrences that earn the full "
+                           "reward (1: any occurrence).")
+    ignore_case: bool = Field(True, description="kind keyword: match case-insensitively.")
+    clip: float | None = Field(
+        50.0, gt=0, description="Clip scores to [-clip, clip] before use (Align-Anything's "
+        "clip_range_score, 50.0); null: no clipping.")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="Subtract this from the score of responses that reached "
+        "max_new_tokens without ending (TRL's missing_eos_penalty); null: no penalty.")
+
+    @model_validator(mode="after")
+    def _range(self) -> RewardConfig:
+        if self.min_length > self.max_length:
+            raise PydanticCustomError(
+                "length_range", "min_length {lo} is above max_length {hi}; swap them",
+                {"lo": self.min_length, "hi": self.max_length})
+        return self
+
+
+class RLConfig(StrictModel):
+    """Rollout-based training (train.mode ppo or grpo); ignored by the other modes.
+
+    One train step = sample `num_generations` responses to each of `rollout_batch_size`
+    prompts per process, score them, then `ppo_epochs` passes over those responses in
+    optimizer updates of `per_device_batch_size` x `grad_accum` responses per process. Defaults
+    follow Align-Anything's PPO config (configs/train/text_image_to_text_image/ppo.yaml, the
+    seed's framework) where it has the setting, TRL's otherwise. See `mmjobs.train.rl`.
+    """
+
+    rollout_batch_size: int = Field(
+        4, gt=0, description="Prompts per process per step (Align-Anything: "
+        "per_device_prompt_batch_size). rollout_batch_size x num_generations must be a "
+        "multiple of per_device_batch_size x grad_accum.")
+    num_generations: int | None = Field(
+        None, ge=1, description="Responses sampled per prompt. null: 1 for ppo, 8 for grpo "
+        "(grpo needs >= 2: its advantages compare the responses to one prompt; Align-Anything's "
+        "GRPO uses 10).")
+    max_new_tokens: int = Field(128, gt=0, description="Longest response sampled.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (Align-Anything: "
+                               "1.0); log-probs are taken at the same temperature. Sampling "
+                               "is from the full distribution (no top-k/top-p truncation).")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each step's responses "
+                            "(Align-Anything: update_iters 1).")
+    clip_range: float = Field(0.2, gt=0, lt=1, description="Clip of the policy ratio, "
+                              "1 +- clip_range (Align-Anything: clip_range_ratio 0.2).")
+    value_clip_range: float = Field(5.0, gt=0, description="ppo: clip of value updates around "
+                                    "the rollout's values (Align-Anything: clip_range_value).")
+    vf_coef: float = Field(0.1, ge=0, description="ppo: weight of the value loss; the critic "
+                           "shares the policy's backbone, so this balances it against the "
+                           "policy loss (TRL: 0.1).")
+    gamma: float = Field(1.0, ge=0, le=1, description="ppo: discount (Align-Anything: 1.0).")
+    lam: float = Field(0.95, ge=0, le=1, description="ppo: GAE lambda (Align-Anything: "
+                       "gae_lambda 0.95).")
+    whiten_advantages: bool = Field(True, description="ppo: normalise advantages to mean 0, "
+                                    "std 1 over each step's responses.")
+    scale_rewards: bool = Field(True, description="grpo: divide advantages by the group's "
+                                "reward std (TRL scale_rewards=group; false = Dr. GRPO).")
+    kl_coef: float | None = Field(
+        None, ge=0, description="Weight of the KL penalty to the reference policy: ppo "
+        "subtracts kl_coef x (log pi - log pi_ref) from each token's reward, grpo adds "
+        "kl_coef x the k3 estimate to the loss. null: 0.02 for ppo (Align-Anything kl_coeff), "
+        "0.01 for grpo (Align-Anything's GRPO beta). The start value when target_kl is set.")
+    target_kl: float | None = Field(
+        None, gt=0, description="Adaptive KL control (Ziegler et al. 2019): kl_coef is adjusted "
+        "every step towards this KL per response (nats); null: fixed kl_coef.")
+    kl_horizon: int = Field(10000, gt=0, description="Adaptive KL: responses over which the "
+                            "coefficient may change by up to 20%.")
+    reference: Literal["auto", "implicit_lora", "frozen_copy"] = Field(
+        "auto", description="Reference policy for the KL penalty: implicit_lora uses the base "
+        "weights with the LoRA adapters switched off (no second copy), frozen_copy loads a "
+        "frozen copy of the base model; auto: implicit_lora for finetune lora, else "
+        "frozen_copy.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward settings.")
+    ptx_coef: float = Field(
+        0.0, ge=0, description="Weight of a next-token loss on SFT data (the train stage's "
+        "ptx_data) mixed into every update, to keep the model's pre-RL skills (InstructGPT's "
+        "PPO-ptx; Align-Anything: ptx_coeff 16.0 when ptx data is given). 0: off.")
+
+    def generations(self, mode: str) -> int:
+        """Responses per prompt in `mode` (ppo, grpo)."""
+        if self.num_generations is not None:
+            return self.num_generations
+        return 8 if mode == "grpo" else 1
+
+    def initial_kl_coef(self, mode: str) -> float:
+        """The KL coefficient at step 0 in `mode` (ppo, grpo)."""
+        if self.kl_coef is not None:
+            return self.kl_coef
+        return 0.01 if mode == "grpo" else 0.02
+
+    def reference_kind(self, finetune: str) -> str:
+        """`implicit_lora` or `frozen_copy` (resolves `auto`)."""
+        if self.reference != "auto":
+            return self.reference
+        return "implicit_lora" if finetune == "lora" else "frozen_copy"
+
+    def problems(self, train: TrainConfig) -> list[str]:
+        """Errors of these settings within `train` (mode ppo or grpo)."""
+        errors = []
+        mode, reward = train.mode, self.reward
+        per_step = self.rollout_batch_size * self.generations(mode)
+        per_update = train.per_device_batch_size * train.grad_accum
+        if mode == "grpo" and self.generations(mode) < 2:
+            errors.append("rl.num_generations: grpo compares responses to the same prompt, so "
+                          "it needs at least 2; use 4 or more")
+        if per_step % per_update:
+            errors.append(f"rl.rollout_batch_size x num_generations = {per_step} responses per "
+                          f"step is not a multiple of per_device_batch_size x grad_accum = "
+                          f"{per_update} responses per optimizer update; change one of them")
+        if self.reference_kind(train.finetune) == "implicit_lora" and train.finetune != "lora":
+            errors.append("rl.reference: implicit_lora needs finetune: lora (the reference is "
+                          "the base weights with the adapters off); use frozen_copy or auto")
+        if train.batching == "packed":
+            errors.append(f"batching: packed does not apply to {mode} prompts; use random or "
+                          "length_grouped")
+        if reward.kind == "model" and not reward.model:
+            errors.append("rl.reward.model: kind model needs the URI of a reward model export "
+                          "(train.mode rm's final/); or use kind length or keyword")
+        if reward.kind != "model" and reward.model:
+            errors.append(f"rl.reward.model is set but rl.reward.kind is {reward.kind}; remove "
+                          "one of them")
+        if reward.kind == "keyword" and not any(reward.keywords):
+            errors.append("rl.reward.keywords: kind keyword needs at least one non-empty keyword")
+        return errors
+
+
 class TrainConfig(StrictModel):
     """Optimisation settings for the training stages."""
 
     mode: Literal["align", "sft", "dpo", "rm", "ppo", "grpo"] = Field(
         "sft", description="align trains the projector only; sft on conversations; dpo "
         "(direct preference optimisation) and rm (a reward model: the VLM plus a scalar value "
-        "head) on preference pairs (see `preference`); ppo/grpo as usual."
+        "head) on preference pairs (see `preference`); ppo and grpo on prompts, with "
+        "responses sampled during training and scored by a reward (see `rl`)."
     )
     finetune: Literal["full", "lora"] = Field(
         "lora", description="Full weights or LoRA (sft, dpo, rm). Ignored in align mode, where "
@@ -265,6 +419,8 @@ class TrainConfig(StrictModel):
     preference: PreferenceConfig = Field(
         default_factory=PreferenceConfig, description="DPO and reward-model settings (modes "
         "dpo, rm).")
+    rl: RLConfig = Field(default_factory=RLConfig, description="PPO and GRPO settings (modes "
+                         "ppo, grpo).")
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainConfig:
@@ -292,6 +448,8 @@ class TrainConfig(StrictModel):
         if self.mode == "dpo" and pref.loss == "ipo" and pref.label_smoothing > 0:
             errors.append("preference.label_smoothing applies to the sigmoid loss (conservative "
                           "DPO); remove it or use preference.loss: sigmoid")
+        if self.mode in ("ppo", "grpo"):
+            errors.extend(self.rl.problems(self))
         if self.mode != "align" and self.freeze_vision_tower and self.freeze_connector and \
                 self.freeze_language_model:
             errors.append("every component is frozen; unfreeze at least one")
@@ -340,11 +498,25 @@ class StageResources(StrictModel):
         return _quantity(value)
 
 
+# Kubeflow Trainer's MPI-policy runtimes: they start ranks from a launcher over SSH, not with
+# torchrun, so multi-node mmjobs training cannot use them.
+MPI_RUNTIMES = ("deepspeed-distributed", "mpi-distributed", "mlx-distributed")
+
+
 class ClusterConfig(StrictModel):
     """Kubernetes resources for the stage pods (ignored by the local runner)."""
 
     gpus: int = Field(0, ge=0, description="NVIDIA GPUs per node (nvidia.com/gpu).")
     nodes: int = Field(1, ge=1, description="Nodes for training; >1 launches a TrainJob.")
+    trainer: Literal["trainjob", "pytorchjob"] = Field(
+        "trainjob", description="What runs multi-node training (nodes > 1): a Kubeflow Trainer "
+        "v2 TrainJob (trainer.kubeflow.org/v1alpha1), or a PyTorchJob (kubeflow.org/v1) on "
+        "clusters with the training-operator v1.")
+    training_runtime: str = Field(
+        "torch-distributed", description="ClusterTrainingRuntime a TrainJob runs on. Ranks "
+        "start with torchrun (DeepSpeed runs inside it, see train.deepspeed), so it must be a "
+        "torch-policy runtime such as torch-distributed; the MPI-based deepspeed-distributed "
+        "and mpi-distributed runtimes launch over SSH and are refused.")
     cpu: str | None = Field(None, description="CPU request/limit, e.g. '8' or '7500m'.")
     memory: str | None = Field(None, description="Memory request/limit, e.g. '64Gi'.")
     shm_size: str = Field("16Gi", description="/dev/shm size; DataLoader workers need it.")
@@ -378,6 +550,19 @@ class ClusterConfig(StrictModel):
     @classmethod
     def _quantity_to_str(cls, value: Any) -> Any:
         return _quantity(value)
+
+    @field_validator("training_runtime")
+    @classmethod
+    def _torch_runtime(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", value):
+            raise PydanticCustomError("runtime_name", "'{value}' is not a Kubernetes object "
+                                      "name", {"value": value})
+        if value in MPI_RUNTIMES:
+            raise PydanticCustomError(
+                "mpi_runtime", "'{value}' is an MPI runtime (an SSH launcher starts the ranks); "
+                "mmjobs starts its ranks with torchrun: use torch-distributed (DeepSpeed runs "
+                "inside it with train.deepspeed)", {"value": value})
+        return value
 
     @field_validator("env")
     @classmethod
@@ -450,12 +635,20 @@ class RecipeConfig(StrictModel):
         "name -> overrides of the swept step's section, e.g. {cyclical-lr: {train: "
         "{lr_schedule: cyclic_triangular2}}}. Checked like `stages` sections.")
 
-    @field_validator("sweep")
+    imports: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Inputs the pipeline copies into the store before any other step: "
+        "kebab-case name -> an import step's settings (source: hub id, URL or store path; to: "
+        "the store URI the recipe then names in model/data/stages; revision, include, sha256, "
+        "...: see `mmjobs import --help`). Each runs as step `import-<name>`; an identical "
+        "earlier import is reused.")
+
+    @field_validator("sweep", "imports")
     @classmethod
     def _kebab_settings(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         bad = [name for name in value if not re.fullmatch(_KEBAB, name)]
         if bad:  # setting names become output folders and KFP task names
-            raise PydanticCustomError("kebab_case", "setting names must be kebab-case, got "
+            raise PydanticCustomError("kebab_case", "names must be kebab-case, got "
                                       "{bad}", {"bad": ", ".join(map(repr, bad))})
         return value
 

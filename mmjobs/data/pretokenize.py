@@ -18,7 +18,9 @@ that the directory is incomplete and never read as an input.
 
 Datasets of kind `sample` give one row per conversation; datasets of kind `preference` give
 one row per pair, its chosen and rejected sequences side by side (the preference variant of
-the shard schema, see `mmjobs.data.pretokenized`).
+the shard schema, see `mmjobs.data.pretokenized`); datasets of kind `prompt` give one row per
+prompt, rendered with the generation prompt and labelled nowhere (PPO/GRPO rollouts,
+`encode_prompt`).
 
 Row-level problems become rejects with a reason (`too_long: N tokens > max_length M`, ...),
 so `input = written + rejected` always holds; problems with the model or the code raise.
@@ -104,8 +106,8 @@ def pretokenize(job: PretokenizeJob, *, force: bool = False) -> PretokenizeOutco
 
     Raises:
         storage.IncompleteDirectoryError: the dataset has no manifest.
-        ValueError: the dataset is not a `sample` or `preference` dataset, or the model has
-            no chat template.
+        ValueError: the dataset is not a `sample`, `preference` or `prompt` dataset, or the
+            model has no chat template.
         RuntimeError: a worker process died (the finished shards are kept; re-run to resume).
     """
     from mmjobs.data.sample_encoder import SampleEncoder
@@ -114,8 +116,8 @@ def pretokenize(job: PretokenizeJob, *, force: bool = False) -> PretokenizeOutco
     dataset_card = json.loads(storage.read_text(storage.join(job.dataset, DATASET_CARD)))
     kind = dataset_card.get("kind", "sample")
     if kind not in fmt.SCHEMAS:
-        raise ValueError(f"{job.dataset}: pretokenize supports kind=sample and kind=preference "
-                         f"datasets, not {kind!r} (prompt-only datasets are not pre-tokenized)")
+        raise ValueError(f"{job.dataset}: pretokenize supports kind=sample, preference and "
+                         f"prompt datasets, not {kind!r}")
     ctx = _Context(job, resolve_image_root(job.dataset, dataset_card), kind)
     # Loading the processor here first fails fast on a bad model, before any worker starts.
     ctx.encoder = SampleEncoder(job.model_dir, max_length=job.max_length,
@@ -294,7 +296,65 @@ def _encode_row(ctx: _Context, row: RawRow):
         return ctx.encoder.encode_preference(
             record, _read_images(ctx, record.images), _read_images(ctx, record.chosen_images),
             _read_images(ctx, record.rejected_images))
+    if ctx.kind == "prompt":
+        return encode_prompt(ctx.encoder, record, _read_images(ctx, record.images))
     return ctx.encoder.encode(record, _read_images(ctx, record.images))
+
+
+def encode_prompt(encoder: Any, record: Any, images: list[bytes]) -> Any:
+    """Encode a prompt-only record as the model sees it before answering: the chat template
+    with `add_generation_prompt=True`, processed with its images (VQ codes written over the
+    image positions for image-token models), labels all -100.
+
+    Args:
+        encoder: a `SampleEncoder`.
+        record: a `PromptSample` (its last turn is the user's).
+        images: the prompt's encoded images, in `<image>` order.
+
+    Returns:
+        An `EncodedSample` (the sample shard row layout).
+
+    Raises:
+        SampleRejected: wrong image count, undecodable image, or longer than max_length.
+    """
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from mmjobs.data.sample_encoder import (
+        IGNORE_INDEX,
+        EncodedSample,
+        SampleRejected,
+        _open_image,
+    )
+    from mmjobs.data.validate import TOO_LONG
+
+    messages = [{"role": t.role, "content": t.content} for t in record.prompt]
+    placeholders = sum(m["content"].count(encoder.image_token) for m in messages)
+    if placeholders != len(images):
+        raise SampleRejected("placeholder_mismatch", f"{placeholders} {encoder.image_token} "
+                             f"markers but {len(images)} images")
+    pil_images = [_open_image(b, i) for i, b in enumerate(images)]
+    texts, _ = render_jinja_template(conversations=[messages],
+                                     chat_template=encoder.chat_template,
+                                     add_generation_prompt=True,
+                                     **encoder.tokenizer.special_tokens_map)
+    out = encoder.processor(text=[texts[0]], images=pil_images or None,
+                            add_special_tokens=False, **encoder._call_kwargs)
+    input_ids = [int(t) for t in out["input_ids"][0]]
+    if len(input_ids) > encoder.max_length:
+        raise SampleRejected(TOO_LONG, f"{len(input_ids)} tokens > max_length "
+                             f"{encoder.max_length}")
+    positions = [i for i, t in enumerate(input_ids) if t == encoder.image_token_id]
+    if encoder.vq is not None and pil_images:
+        codes = encoder.vq.tokens(out["pixel_values"])
+        if len(codes) != len(positions):
+            raise RuntimeError(f"{record.id}: the processor made {len(positions)} image "
+                               f"positions but the VQ encoder {len(codes)} codes")
+        for pos, code in zip(positions, codes, strict=True):
+            input_ids[pos] = code
+    return EncodedSample(id=record.id, input_ids=input_ids,
+                         labels=[IGNORE_INDEX] * len(input_ids),
+                         images=[] if encoder.vq is not None else list(images),
+                         num_image_tokens=len(positions))
 
 
 def _read_images(ctx: _Context, paths: list[str]) -> list[bytes]:

@@ -39,6 +39,11 @@ response only; both sides start with the same prompt tokens:
     length                     int32         max(chosen_length, rejected_length): the width of
                                              the padded pair, what samplers group and bound
 
+Prompt shards (card `kind: prompt`, from a prompt-only dataset) have the sample columns, one
+row per prompt for PPO/GRPO rollouts: `input_ids` is the prompt rendered by the chat template
+with the generation prompt (the assistant header) at its end, `labels` are all -100 (nothing
+is learned from a prompt), `images` the prompt's images.
+
 Readable by pandas (`pd.read_parquet`), pyarrow, `datasets` and DuckDB.
 """
 
@@ -85,7 +90,8 @@ PREFERENCE_SHARD_SCHEMA = pa.schema([
     pa.field("rejected_length", pa.int32(), nullable=False),
     pa.field("length", pa.int32(), nullable=False),
 ])
-SCHEMAS = {"sample": SHARD_SCHEMA, "preference": PREFERENCE_SHARD_SCHEMA}
+SCHEMAS = {"sample": SHARD_SCHEMA, "preference": PREFERENCE_SHARD_SCHEMA,
+           "prompt": SHARD_SCHEMA}
 
 
 def shard_name(index: int) -> str:
@@ -112,7 +118,8 @@ def histogram_counts(lengths: list[int], edges: list[int]) -> list[int]:
 
 
 def schema_description(kind: str = "sample") -> dict[str, str]:
-    """Column name -> Arrow type of the shards of `kind` (sample, preference), for the card."""
+    """Column name -> Arrow type of the shards of `kind` (sample, preference, prompt), for the
+    card."""
     return {f.name: str(f.type) for f in SCHEMAS[kind]}
 
 

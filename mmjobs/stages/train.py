@@ -1,13 +1,17 @@
-"""Stage `train`: align a connector, fine-tune (full / LoRA), DPO, or train a reward model.
+"""Stage `train`: align a connector, fine-tune (full / LoRA), DPO, a reward model, PPO or GRPO.
 
     python -m mmjobs.stages.train --set model.name_or_path=s3://b/models/llava \\
         --set data=s3://b/cache/pretokenized/<fp> --set train.mode=sft --set train.finetune=lora
     torchrun --nproc_per_node 8 -m mmjobs.stages.train --config train.yaml   # DDP / DeepSpeed
     python -m mmjobs.stages.train ... --set data=s3://b/cache/pretokenized/<pairs> \
         --set train.mode=dpo --set train.preference.beta=0.1     # or train.mode=rm
+    python -m mmjobs.stages.train ... --set data=s3://b/cache/pretokenized/<prompts> \
+        --set train.mode=ppo --set train.rl.reward.model=s3://b/exp/run/rm/final   # or grpo
 
 align and sft train on conversation shards; dpo and rm on preference shards (pretokenize of a
-`kind: preference` dataset). rm reports its pairwise accuracy on `eval_data`.
+`kind: preference` dataset). rm reports its pairwise accuracy on `eval_data`. ppo and grpo
+train on prompt shards (pretokenize of a `kind: prompt` dataset), sampling and scoring
+responses as they go (`mmjobs.train.rl`); `ptx_data` (SFT shards) adds a next-token loss.
 
 Outputs under `output` (default `{store}/{experiment}/{pipeline_run_id}/train`):
 - `checkpoints/step-N/` — resumable state every `train.checkpoint_every_steps`, committed with
@@ -16,7 +20,8 @@ Outputs under `output` (default `{store}/{experiment}/{pipeline_run_id}/train`):
 - `final/` — committed last: `adapter/` (LoRA, peft format, with the connector when it
   trained), `model/` (full fine-tune, with the processor), `connector/` (align;
   `mmjobs.train.moe.save_connector` format) or `reward_model/` (rm; see
-  `mmjobs.train.reward_model`, loaded with `load_reward_model`), plus `train_info.json`.
+  `mmjobs.train.reward_model`, loaded with `load_reward_model`), plus `train_info.json`; ppo
+  adds the critic's `value_head.safetensors` next to the policy's adapter/ or model/.
 
 A re-run whose `final/` was made from the same inputs (fingerprint) is a no-op. SIGTERM (pod
 preemption) commits a checkpoint at the next step boundary and exits with code 143; running
@@ -30,7 +35,7 @@ import io
 import sys
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from mmjobs import storage
@@ -55,18 +60,23 @@ log = get_logger(__name__)
 # Train settings that do not change the trained weights (a resume may change them freely).
 _NOT_FINGERPRINTED = {"checkpoint_every_steps", "keep_last_checkpoints", "log_every_steps",
                       "eval_every_steps", "dataloader_workers"}
-TRAIN_MODES = ("align", "sft", "dpo", "rm")
+TRAIN_MODES = ("align", "sft", "dpo", "rm", "ppo", "grpo")
+RL_MODES = ("ppo", "grpo")
 
 
 class TrainStageConfig(StageConfig):
     """Train a vision-language model on pretokenized shards (align, SFT full or LoRA, DPO,
-    reward model)."""
+    reward model, PPO, GRPO)."""
 
     model: ModelConfig = Field(description="Base model to train.")
     data: str = Field(description="URI of the pretokenize stage's committed shards.")
     eval_data: str | None = Field(None, description="Pretokenized shards for the eval loss "
                                                     "(train.eval_every_steps and at the end); "
-                                                    "for rm also the pairwise accuracy.")
+                                                    "for rm also the pairwise accuracy. "
+                                                    "Not used by ppo/grpo.")
+    ptx_data: str | None = Field(None, description="ppo/grpo: pretokenized SFT shards whose "
+                                 "next-token loss is mixed into every update with weight "
+                                 "train.rl.ptx_coef (Align-Anything's ptx).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
     resume: bool = Field(True, description="Continue from the newest committed checkpoint "
                          "under output. false: start over, deleting existing checkpoints.")
@@ -81,9 +91,17 @@ class TrainStageConfig(StageConfig):
     def _trainable_mode(cls, value: TrainConfig) -> TrainConfig:
         if value.mode not in TRAIN_MODES:
             raise PydanticCustomError(
-                "train_mode", "mode '{mode}': the train stage runs align, sft, dpo and rm "
-                "(ppo/grpo need rollouts, which this stage does not do)", {"mode": value.mode})
+                "train_mode", "mode '{mode}': the train stage runs align, sft, dpo, rm, ppo "
+                "and grpo", {"mode": value.mode})
         return value
+
+    @model_validator(mode="after")
+    def _ptx_for_rl_only(self) -> TrainStageConfig:
+        if self.ptx_data and self.train.mode not in RL_MODES:
+            raise PydanticCustomError(
+                "ptx_data", "ptx_data is used by train.mode ppo and grpo only (mode is "
+                "'{mode}'); remove it", {"mode": self.train.mode})
+        return self
 
 
 class TrainResult(StageResult):
@@ -95,6 +113,7 @@ class TrainResult(StageResult):
     model: str | None = None
     connector: str | None = None
     reward_model: str | None = None
+    value_head: str | None = None
     checkpoints: str
     steps: int
     final_loss: float | None = None
@@ -112,14 +131,19 @@ def train_fingerprint(cfg: TrainStageConfig) -> str:
         model_fp = input_fingerprint(cfg.model.name_or_path)
     except (storage.StoreError, FileNotFoundError):
         model_fp = cfg.model.name_or_path  # a hub id: its name (and revision) is the identity
-    # Preference settings only count in the modes that read them, so adding them did not
-    # invalidate earlier align/sft results.
+    # Preference and RL settings only count in the modes that read them, so adding them did
+    # not invalidate earlier results of the other modes.
     skip = _NOT_FINGERPRINTED | ({"preference"} if cfg.train.mode not in ("dpo", "rm") else
-                                 set())
-    return fingerprint(STAGE, VERSION, cfg.model.model_dump(mode="json"), model_fp,
-                       input_fingerprint(cfg.data),
-                       input_fingerprint(cfg.eval_data) if cfg.eval_data else None,
-                       cfg.train.model_dump(mode="json", exclude=skip))
+                                 set()) | ({"rl"} if cfg.train.mode not in RL_MODES else set())
+    parts: list[Any] = [STAGE, VERSION, cfg.model.model_dump(mode="json"), model_fp,
+                        input_fingerprint(cfg.data),
+                        input_fingerprint(cfg.eval_data) if cfg.eval_data else None,
+                        cfg.train.model_dump(mode="json", exclude=skip)]
+    if cfg.train.mode in RL_MODES:  # what the rewards and the ptx loss are computed from
+        reward_model = cfg.train.rl.reward.model
+        parts += [input_fingerprint(reward_model) if reward_model else None,
+                  input_fingerprint(cfg.ptx_data) if cfg.ptx_data else None]
+    return fingerprint(*parts)
 
 
 def main(cfg: TrainStageConfig) -> TrainResult:
@@ -145,9 +169,15 @@ def main(cfg: TrainStageConfig) -> TrainResult:
         if manifest is not None:
             run.set_tags({"cached": "true"})
             return _cached_result(out, final, manifest.meta, run.run_id)
-        recipe = TrainRecipe(model=cfg.model, data=cfg.data, eval_data=cfg.eval_data,
-                             train=cfg.train, output=out, fingerprint=fp, resume=cfg.resume,
-                             run=run)
+        common = {"model": cfg.model, "data": cfg.data, "eval_data": cfg.eval_data,
+                  "train": cfg.train, "output": out, "fingerprint": fp, "resume": cfg.resume,
+                  "run": run}
+        if cfg.train.mode in RL_MODES:
+            from mmjobs.train.rl import RLRecipe
+
+            recipe: TrainRecipe = RLRecipe(ptx_data=cfg.ptx_data, **common)
+        else:
+            recipe = TrainRecipe(**common)
         try:
             recipe.setup()
             summary = recipe.train()
@@ -171,6 +201,7 @@ def main(cfg: TrainStageConfig) -> TrainResult:
                        adapter=outputs.get("adapter"), model=outputs.get("model"),
                        connector=outputs.get("connector"),
                        reward_model=outputs.get("reward_model"),
+                       value_head=outputs.get("value_head"),
                        checkpoints=storage.join(out, CHECKPOINTS_DIR), steps=summary.steps,
                        final_loss=summary.final_loss, eval_loss=summary.eval_loss,
                        eval_metrics=summary.eval_metrics or {},

@@ -7,8 +7,9 @@
 | sft, lora     | adapters if not frozen   | full (modules_to_save)     | adapters unless frozen   |
 |               |                          | unless frozen              |                          |
 
-dpo and rm freeze and wrap like sft (full or LoRA); rm adds a value head around the result
-(`mmjobs.train.reward_model.RewardModel`).
+dpo, rm, ppo and grpo freeze and wrap like sft (full or LoRA); rm adds a value head around the
+result (`mmjobs.train.reward_model.RewardModel`), ppo a per-token value head, the critic
+(`mmjobs.train.rl.PolicyWithValueHead`).
 
 Components are told apart by parameter names (`mmjobs.models.compose.component_of`). LoRA
 targets are resolved here to full module names inside the unfrozen components, so a
@@ -46,7 +47,7 @@ from mmjobs.train.moe import CONNECTOR_DIR, save_connector
 
 log = get_logger(__name__)
 
-TRAINING_MODES = ("align", "sft", "dpo", "rm")
+TRAINING_MODES = ("align", "sft", "dpo", "rm", "ppo", "grpo")
 _LORA_LAYER_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
 
 
@@ -54,14 +55,19 @@ def check_train_config(cfg: TrainConfig) -> list[str]:
     """Problems with a train config for this trainer (`TrainConfig` itself rejects bad
     combinations of freeze flags, modes and dropout schedules at load time)."""
     if cfg.mode not in TRAINING_MODES:
-        return [f"train.mode: got {cfg.mode!r}; the train stage runs align, sft, dpo and rm "
-                "(ppo/grpo need rollouts, which this trainer does not do)"]
+        return [f"train.mode: got {cfg.mode!r}; the train stage runs "
+                f"{', '.join(TRAINING_MODES)}"]
     errors = []
     if cfg.mode == "dpo" and cfg.preference.reference == "frozen_copy" and \
             cfg.deepspeed.startswith("zero3"):
         errors.append("train.preference.reference: frozen_copy keeps a whole second model on "
                       "every GPU, which ZeRO-3 is meant to avoid; use finetune: lora with "
                       "reference: implicit_lora, or deepspeed: zero2")
+    if cfg.mode in ("ppo", "grpo") and cfg.rl.reference_kind(cfg.finetune) == "frozen_copy" \
+            and cfg.deepspeed.startswith("zero3"):
+        errors.append("train.rl.reference: frozen_copy keeps a whole second model on every GPU, "
+                      "which ZeRO-3 is meant to avoid; use finetune: lora (reference "
+                      "implicit_lora), or deepspeed: zero2")
     return errors
 
 
@@ -120,7 +126,8 @@ def parameter_counts(model: nn.Module) -> dict[str, dict[str, int]]:
         return trainable_parameter_summary(model)
     summary = {name: {"trainable": 0, "total": 0} for name in (*COMPONENTS, "all")}
     for name, param in model.named_parameters():
-        n = int(param.ds_numel)
+        # Parameters made after loading (LoRA adapters, value heads) are not partitioned yet.
+        n = int(getattr(param, "ds_numel", param.numel()))
         for key in (component_of(name), "all"):
             summary[key]["total"] += n
             summary[key]["trainable"] += n if param.requires_grad else 0

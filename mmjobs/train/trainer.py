@@ -17,7 +17,11 @@ whole optimizer step across micro-batches and ranks, which packed rows need.
 What is minimised depends on `train.mode` (`mmjobs.train.objectives`): next-token loss for
 align/sft, the DPO loss on preference pairs (`mmjobs.train.preference`), or a Bradley-Terry
 loss for a reward model (`mmjobs.train.reward_model`); the loop, checkpoints and resume are
-the same for all of them.
+the same for all of them. ppo and grpo sample their own training data (rollouts), so their
+loop differs: `mmjobs.train.rl.RLRecipe` subclasses this recipe through the small hooks below
+(`_wrap_model`, `_loader_options`, `_count_total_steps`, `_scheduler_steps`,
+`_backward_passes_per_step`, `_save_extra_state` / `_load_extra_state`) and keeps the rest:
+setup order, checkpoints, resume, export.
 """
 
 from __future__ import annotations
@@ -141,7 +145,7 @@ class TrainRecipe:
         self.card = json.loads(storage.read_text(storage.join(self.data, "card.json")))
         _check_data_kind(cfg.mode, self.data, self.card, self.eval_data)
         self.accelerator = acc = build_accelerator(
-            mixed_precision=cfg.mixed_precision, grad_accum=cfg.grad_accum,
+            mixed_precision=cfg.mixed_precision, grad_accum=self._backward_passes_per_step(),
             deepspeed=cfg.deepspeed, micro_batch_size=cfg.per_device_batch_size,
             max_grad_norm=cfg.max_grad_norm,
             # Only DeepSpeed's bucket sizes need it (read from config.json, before the model).
@@ -150,11 +154,7 @@ class TrainRecipe:
         self.dist = dist_info(acc)
         set_seed(cfg.seed)
         self.loaded = load_model(self.spec, for_training=True)
-        model = prepare_for_training(self.loaded.model, cfg)
-        if cfg.mode == "rm":
-            from mmjobs.train.reward_model import RewardModel
-
-            model = RewardModel(model)
+        model = self._wrap_model(prepare_for_training(self.loaded.model, cfg))
         if cfg.deepspeed == "none" and upcast_trainable(model):
             log.info("trainable weights kept in float32 (master weights for %s autocast)",
                      acc.mixed_precision)
@@ -163,7 +163,7 @@ class TrainRecipe:
         image_processor = getattr(self.loaded.processor, "image_processor", None)
         max_length = cfg.max_length or self.card.get("max_length")
         self.loader = build_dataloader(
-            self.data, batch_size=cfg.per_device_batch_size, mode=cfg.batching,
+            self.data, **self._loader_options(), mode=cfg.batching,
             max_length=max_length, seed=cfg.seed, num_workers=cfg.dataloader_workers,
             image_processor=image_processor, rank=self.dist.rank,
             world_size=self.dist.world_size)
@@ -171,13 +171,12 @@ class TrainRecipe:
             self.eval_data, batch_size=cfg.per_device_batch_size, mode="random",
             max_length=None, seed=0, num_workers=0, image_processor=image_processor,
             rank=self.dist.rank, world_size=self.dist.world_size)
-        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else max(
-            1, math.ceil(cfg.epochs * len(self.loader) / cfg.grad_accum))
+        self.total_steps = self._count_total_steps()
 
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = build_lr_scheduler(
-            optimizer, cfg.lr_schedule, num_training_steps=self.total_steps,
+            optimizer, cfg.lr_schedule, num_training_steps=self._scheduler_steps(),
             warmup_ratio=cfg.warmup_ratio, **cfg.lr_schedule_options)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.params = params
@@ -201,6 +200,39 @@ class TrainRecipe:
         self.preemption.install()
         self._log_setup(summary)
 
+    # Hooks a subclass (mmjobs.train.rl.RLRecipe) overrides; these are the align/sft/dpo/rm ways.
+    def _backward_passes_per_step(self) -> int:
+        """Backward passes per optimizer step (accelerate's and DeepSpeed's accumulation)."""
+        return self.cfg.grad_accum
+
+    def _wrap_model(self, model: Any) -> Any:
+        """The module to train around the prepared VLM (rm: a value head on top)."""
+        if self.cfg.mode == "rm":
+            from mmjobs.train.reward_model import RewardModel
+
+            return RewardModel(model)
+        return model
+
+    def _loader_options(self) -> dict[str, Any]:
+        """`build_dataloader` options of the training loader that differ between recipes."""
+        return {"batch_size": self.cfg.per_device_batch_size}
+
+    def _count_total_steps(self) -> int:
+        """Training steps: max_steps, or the epochs' worth of optimizer steps."""
+        cfg = self.cfg
+        return cfg.max_steps if cfg.max_steps > 0 else max(
+            1, math.ceil(cfg.epochs * len(self.loader) / cfg.grad_accum))
+
+    def _scheduler_steps(self) -> int:
+        """Optimizer steps the LR schedule spans."""
+        return self.total_steps
+
+    def _save_extra_state(self, local: Path) -> None:
+        """Write more resumable state into the checkpoint staging dir `local` (every rank)."""
+
+    def _load_extra_state(self, local: Path) -> None:
+        """Read back what `_save_extra_state` wrote (before the RNG states are restored)."""
+
     def _inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         return model_inputs(batch, device=self.accelerator.device, float_dtype=self.input_dtype,
                             flash_attention=self.flash)
@@ -212,9 +244,12 @@ class TrainRecipe:
 
             reference = None
             if cfg.preference.reference == "frozen_copy":
-                # The base weights as loaded, before any training: a second full copy.
-                reference = load_model(self.spec, for_training=False,
+                # The base weights as loaded, before any training: a second full copy. Loaded
+                # as the policy is (for_training: Chameleon's image tokens unmasked) so both
+                # score the same vocabulary; then frozen, in eval mode.
+                reference = load_model(self.spec, for_training=True,
                                        device=self.accelerator.device).model
+                reference.eval().requires_grad_(False)
             return DPOObjective(cfg.preference, self._inputs,
                                 peft_model=self.accelerator.unwrap_model(self.model),
                                 reference_model=reference)
@@ -278,6 +313,7 @@ class TrainRecipe:
             self.loader.load_state_dict(loader_state)
             self.step = self.resumed_from = int(state["step"])
             self.last_loss = state.get("loss")
+            self._load_extra_state(local)
             ckpt.restore_rng(rng)  # last: nothing after this may draw random numbers
         finally:
             shutil.rmtree(local, ignore_errors=True)
@@ -423,6 +459,7 @@ class TrainRecipe:
                      "deepspeed": self.cfg.deepspeed}
             (local / ckpt.STATE_FILE).write_text(json.dumps(state, indent=1))
         ckpt.write_rank_state(local, self.dist.rank, self.loader.state_dict())
+        self._save_extra_state(local)
         meta = {"fingerprint": self.fingerprint, "kind": "train-checkpoint"}
         return self.uploader.commit(local, self.step, meta, background=background)
 
@@ -485,18 +522,22 @@ class TrainRecipe:
 
 
 def _check_data_kind(mode: str, data: str, card: dict[str, Any], eval_data: str | None) -> None:
-    """Preference modes train on pair shards, the others on conversation shards.
+    """Preference modes train on pair shards, ppo/grpo on prompt shards, the others on
+    conversation shards.
 
     Raises:
         ConfigError: naming the data URI whose shards do not fit the mode.
     """
-    want = "preference" if mode in ("dpo", "rm") else "sample"
+    want = {"dpo": "preference", "rm": "preference", "ppo": "prompt",
+            "grpo": "prompt"}.get(mode, "sample")
     kinds = [(data, card.get("kind", "sample"))]
     if eval_data is not None:
         eval_card = json.loads(storage.read_text(storage.join(eval_data, "card.json")))
         kinds.append((eval_data, eval_card.get("kind", "sample")))
-    how = ("prepare a preference dataset (canonical-preference, preference) and pretokenize "
-           "it" if want == "preference" else "pretokenize a conversation dataset")
+    how = {"preference": "prepare a preference dataset (canonical-preference, preference) and "
+                         "pretokenize it",
+           "prompt": "prepare a prompt-only dataset (canonical-prompt, prompt-only) and "
+                     "pretokenize it"}.get(want, "pretokenize a conversation dataset")
     errors = [f"{uri} holds {kind} shards but train.mode {mode} trains on {want} shards; {how}"
               for uri, kind in kinds if kind != want]
     if errors:

@@ -137,16 +137,6 @@ def test_loader_builds_pair_batches_and_refuses_packing(pair_shards, tiny_llava_
                          seed=0, num_workers=0, image_processor=processor)
 
 
-def test_prompt_only_datasets_are_refused(tmp_path, tiny_llava_dir):
-    local = write_chart_dataset(tmp_path / "local", [
-        {"id": "p", "images": [], "prompt": [{"role": "user", "content": "hi"}]}], kind="prompt")
-    dataset = commit_dataset(local, str(tmp_path / "ds"))
-    with pytest.raises(ValueError, match="kind=sample and kind=preference"):
-        pretokenize(PretokenizeJob(dataset=dataset, model_dir=str(tiny_llava_dir),
-                                   out=str(tmp_path / "out"), fingerprint="x", max_length=64,
-                                   shard_size=4))
-
-
 def test_chameleon_pairs_carry_vq_tokens_and_a_generated_image_in_the_labels(
         tmp_path, tiny_chameleon_dir):
     """Align-Anything's preference pre-tokenization: prompt images become VQ tokens in both

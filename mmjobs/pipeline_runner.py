@@ -127,6 +127,7 @@ def build_pipeline(recipe: RecipeConfig, *, run_id: str, store_root: str,
         build = Build(recipe, run_id=run_id, store_root=store_root, parent_run_id=parent_run_id,
                       for_cluster=for_cluster)
         state["build"] = build
+        build.add_imports()
         module.wire(build)
         build.check_sections()
         if build.errors:

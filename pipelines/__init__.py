@@ -10,8 +10,16 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from pipelines import chart_demo, chartmoe, chartwiz, lavin_sweep, llava_dataengine
+from pipelines import (
+    chameleon_interleaved,
+    chart_demo,
+    chartmoe,
+    chartwiz,
+    lavin_sweep,
+    llava_dataengine,
+)
 
 PIPELINES: dict[str, ModuleType] = {
-    m.NAME: m for m in (chart_demo, llava_dataengine, chartwiz, chartmoe, lavin_sweep)
+    m.NAME: m for m in (chart_demo, llava_dataengine, chartwiz, chartmoe, lavin_sweep,
+                        chameleon_interleaved)
 }

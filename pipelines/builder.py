@@ -125,6 +125,7 @@ class Build:
     steps: list[StepRecord] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     allowed_steps: set[str] = field(default_factory=set)
+    imports: list[dsl.PipelineTask] = field(default_factory=list)
     _tiny: Any = None
 
     # ---------------------------------------------------------------- step configs
@@ -206,6 +207,8 @@ class Build:
         extra = self._multinode(stage, step, image) if stage == "train" else {}
         task = component(stage, image)(config_json=config_json, **inputs, **extra)
         task.set_display_name(step)
+        if stage != "import" and self.imports:
+            task.after(*self.imports)  # steps read what the recipe's imports put in the store
         if self.for_cluster:
             apply_cluster_settings(task, stage, self.recipe, step)
         else:
@@ -268,6 +271,18 @@ class Build:
                 for name, overrides in settings.items()}
 
     # ---------------------------------------------------------------- recipe defaults
+
+    def add_imports(self) -> None:
+        """One `import-<name>` step per entry of the recipe's `imports`, before every other
+        step. Each must say where its copy goes (`to`): the recipe names that URI where the
+        input is used, so no step needs the import's output channel."""
+        for name, section in self.recipe.imports.items():
+            where = f"imports.{name}"
+            if not section.get("to"):
+                self.errors.append(f"{where}.to: required (the store URI the recipe's model, "
+                                   "data or stages sections then name)")
+            config = self.config(f"import-{name}", "import", section=section, where=where)
+            self.imports.append(self.step(f"import-{name}", "import", config=config))
 
     def base_model(self) -> str | dsl.PipelineChannel:
         """The recipe's base model: its URI, or the output of a make-model step building a

@@ -167,3 +167,39 @@ def make_lavin_sweep(root: Path, model: Path) -> list[str]:
             f"stages.prepare-test.image_root={sqa / 'images'}",
             "stages.pretokenize.max_length=1024",
             "sweep={baseline: {}, dec-dropout: {train: {layer_dropout: {preset: dec}}}}"]
+
+
+# --------------------------------------------------------------------------- chameleon-interleaved
+
+
+def make_chameleon_interleaved(root: Path, judge_url: str) -> list[str]:
+    """Align-Anything layouts (TI2TI SFT rows whose responses hold an image, preference pairs,
+    prompt-only rows), a tiny Chameleon built by the make-model step, and a judge at
+    `judge_url` (an OpenAI-compatible server). Preference responses are text only: until the
+    model loader lifts upstream's image-logit mask, an image in a DPO response has log-prob
+    -inf (the image-token learning test applies the lift itself)."""
+    colours = {"red": (230, 20, 20), "blue": (20, 40, 230)}
+    for name, rgb in colours.items():
+        image(root / f"{name}.png", rgb)
+    sft = [{"id": f"{name}-{i}", "question": f"Draw a {name} square.", "image_url": [],
+            "response": f"Here is a {name} square:", "output_image_url": f"{name}.png"}
+           for name in colours for i in range(2)]
+    pairs = [{"question": "What colour is this?", "image": f"{name}.png",
+              "response_1": f"It is {name}.", "response_2": "I cannot tell.",
+              "better_response_id": 1} for name in colours for _ in range(2)]
+    prompts = [{"question": f"Describe and redraw this {name} picture.", "image": f"{name}.png"}
+               for name in colours]
+    for name, rows in (("sft", sft), ("preference", pairs), ("prompts", prompts)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    steps = {"prepare-sft": "sft", "prepare-preference": "preference",
+             "prepare-prompts": "prompts", "prepare-test": "prompts"}
+    return [
+        "model.name_or_path=tiny:chameleon", *SCALE_DOWN,
+        "eval.max_new_tokens=24",  # room for one 16-token image and its begin/end tokens
+        *(f"stages.{step}.input={root / name}.jsonl" for step, name in steps.items()),
+        "stages.pretokenize.workers=1", "stages.pretokenize.max_length=256",
+        "stages.dpo.train.deepspeed=none", "stages.ppo.train.deepspeed=none",
+        "stages.ppo.train.rl.rollout_batch_size=2", "stages.ppo.train.rl.max_new_tokens=8",
+        f"stages.evaluate.judge.base_url={judge_url}", "stages.evaluate.judge.model=judge-1",
+        "stages.evaluate.judge.requests_per_minute=null",
+    ]

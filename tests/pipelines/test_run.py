@@ -31,7 +31,14 @@ EXPECTED = {
 @pytest.mark.parametrize("recipe", sorted(RUNS))
 def test_recipe_runs_scaled_down(recipe: str, tmp_path: Path, tiny_llava_dir: Path) -> None:
     overrides = RUNS[recipe](tmp_path / "data", tiny_llava_dir)
+    imported = tmp_path / "store-copy" / "base-model"
+    if recipe == "chartwiz":  # starts from a recipe import, as a cluster run from the hub would
+        overrides += [f"imports={{base: {{source: '{tiny_llava_dir}', to: '{imported}'}}}}",
+                      f"model.name_or_path={imported}"]
     outcome = pipeline_runner.run_local(f"pipelines/recipes/{recipe}.yaml", overrides)
+    if recipe == "chartwiz":
+        assert storage.is_committed(str(imported))
+        assert any(name.startswith("import ") for name in outcome.stages_cached)
     labels, table = EXPECTED[recipe]
     assert set(outcome.headlines) == labels
     assert all(value is not None for _, value in outcome.headlines.values())

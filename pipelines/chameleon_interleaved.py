@@ -59,7 +59,11 @@ def wire(b: Build) -> None:
     reward = {"kind": "model", "model": storage.join(rm_cfg["output"], "final")}
     ppo_cfg = b.config("ppo", "train", fixed={"train": {"mode": "ppo", "rl": {"reward": reward}}},
                        wired=TRAIN_WIRED)
-    ppo = b.step("ppo", "train", config=ppo_cfg, data=shards["prompts"].output, model=policy)
+    # Align-Anything's ptx: the SFT data's next-token loss mixed into every PPO update.
+    ptx = ({"ptx_data": shards["sft"].output}
+           if ppo_cfg.get("train", {}).get("rl", {}).get("ptx_coef") else {})
+    ppo = b.step("ppo", "train", config=ppo_cfg, data=shards["prompts"].output, model=policy,
+                 **ptx)
     ppo.after(rm)
 
     # Fully fine-tuned models are saved by transformers without the VQ decoder (its Chameleon

@@ -65,6 +65,10 @@ def test_recipe_compiles_with_gpus_and_the_judge_secret(tmp_path: Path,
     ppo = next(t for t in tasks.values() if t["taskInfo"]["name"] == "ppo")
     rm_task = next(k for k, t in tasks.items() if t["taskInfo"]["name"] == "rm")
     assert rm_task in ppo["dependentTasks"]
+    # ...and mixes in the SFT shards' loss (Align-Anything's ptx).
+    sft_shards = next(k for k, t in tasks.items() if t["taskInfo"]["name"] == "pretokenize-sft")
+    ptx = ppo["inputs"]["parameters"]["ptx_data"]["taskOutputParameter"]
+    assert ptx["producerTask"] == sft_shards
     for step, executor in by_step.items():
         secrets = {s["secretName"]: s for s in executors[executor]["secretAsEnv"]}
         if step.startswith("evaluate-"):

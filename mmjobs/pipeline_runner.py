@@ -21,6 +21,7 @@ in a source checkout), which is imported on demand.
 
 from __future__ import annotations
 
+import builtins
 import collections
 import contextlib
 import importlib
@@ -415,7 +416,7 @@ def _is_chatter(line: str) -> bool:
 @contextlib.contextmanager
 def _step_logs(verbose: bool, build: Any) -> Iterator[_StepLogs]:
     logs = _StepLogs(sys.stdout, verbose, {s.task: s.name for s in build.steps})
-    previous = sys.stdout
+    previous, previous_print = sys.stdout, builtins.print
     sys.stdout = logs  # type: ignore[assignment]  # KFP prints the subprocess output here
     try:
         with warnings.catch_warnings():
@@ -426,6 +427,10 @@ def _step_logs(verbose: bool, build: Any) -> Iterator[_StepLogs]:
             yield logs
     finally:
         sys.stdout = previous
+        # KFP's local runner indents each task's output by swapping builtins.print in and out
+        # (kfp.local.logging_utils.indented_print); tasks running in parallel threads can leave
+        # an indenting print behind for the rest of the process. Put the original back.
+        builtins.print = previous_print
 
 
 def _step_error(error: RuntimeError, build: Any, logs: _StepLogs) -> Exception:

@@ -240,9 +240,14 @@ class Generator:
             torch.manual_seed(self.seed)
             for start in range(0, len(order), self.batch_size):
                 indices = order[start:start + self.batch_size]
-                answers, counts = self._generate_batch(
-                    [texts[i] for i in indices], [prompts[i].images for i in indices])
-                yield BatchOutput(indices, answers, counts)
+                yield self._batch(indices, [texts[i] for i in indices],
+                                  [prompts[i].images for i in indices])
+
+    def _batch(self, indices: list[int], texts: list[str],
+               images: list[list[Image.Image]]) -> BatchOutput:
+        """One batch's output (subclasses add parts, e.g. decoded images)."""
+        answers, counts = self._generate_batch(texts, images)
+        return BatchOutput(indices, answers, counts)
 
     @torch.inference_mode()
     def _generate_batch(self, texts: list[str], images: list[list[Image.Image]]

@@ -50,7 +50,7 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,7 +60,7 @@ from torch import nn
 
 from mmjobs import storage
 from mmjobs.data.records import IMAGE_TOKEN
-from mmjobs.eval.generate import BatchOutput, Generator, PromptInput, trim_at_stop
+from mmjobs.eval.generate import BatchOutput, Generator, trim_at_stop
 from mmjobs.logs import get_logger
 from mmjobs.models.image_tokens import (
     enable_image_generation,
@@ -473,24 +473,9 @@ class InterleavedGenerator(Generator):
                         "tokens): answers will be text only", self.max_new_tokens,
                         self.codes_per_image)
 
-    def generate_batches(self, prompts: Sequence[PromptInput]
-                         ) -> Iterator[InterleavedBatchOutput]:
-        """Like `Generator.generate_batches`, with parts (text and decoded images)."""
-        if not prompts:
-            return
-        texts = [self.render(p) for p in prompts]
-        order = self._order(prompts, texts)
-        devices = [self.model.device] if self.model.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed)
-            for start in range(0, len(order), self.batch_size):
-                indices = order[start:start + self.batch_size]
-                yield self._interleaved_batch(indices, [texts[i] for i in indices],
-                                              [prompts[i].images for i in indices])
-
     @torch.inference_mode()
-    def _interleaved_batch(self, indices: list[int], texts: list[str],
-                           images: list[list[Image.Image]]) -> InterleavedBatchOutput:
+    def _batch(self, indices: list[int], texts: list[str],
+               images: list[list[Image.Image]]) -> InterleavedBatchOutput:
         from transformers import LogitsProcessorList
 
         batch = self._encode(texts, images)

@@ -193,3 +193,34 @@ def wait_for_first_commit(root: str, proc: subprocess.Popen, log: Path,
         time.sleep(0.02)
     proc.kill()
     pytest.fail(f"no checkpoint committed in {timeout:.0f} s")
+
+
+def kill_then_resume(config: Path, out: str, tmp_path: Path) -> tuple[int, int]:
+    """SIGKILL the train stage run by `config` somewhere after its first committed checkpoint,
+    check nothing final was committed, run it again to the end; returns (the step of the
+    newest checkpoint at the kill, the step the second run resumed from)."""
+    import random
+    import re
+    import signal
+
+    from mmjobs import storage
+    from mmjobs.train import checkpoint as ckpt
+
+    log = tmp_path / "killed.log"
+    proc = launch_train_stage(config, log)
+    root = storage.join(out, ckpt.CHECKPOINTS_DIR)
+    wait_for_first_commit(root, proc, log)
+    time.sleep(random.uniform(0.0, 0.3))  # somewhere in a later step
+    if proc.poll() is not None:
+        pytest.fail("training finished before it could be killed; make it longer")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not storage.is_committed(storage.join(out, "final"))
+    killed_at = ckpt.latest_committed(root).step
+
+    resume_log = tmp_path / "resume.log"
+    proc = launch_train_stage(config, resume_log)
+    assert proc.wait(timeout=300) == 0, resume_log.read_text()[-3000:]
+    resumed = int(re.search(r"resumed from .*step-(\d+) at step", resume_log.read_text())
+                  .group(1))
+    return killed_at, resumed

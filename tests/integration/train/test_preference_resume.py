@@ -8,28 +8,21 @@ and (rm) the value head must all be restored exactly.
 
 from __future__ import annotations
 
-import random
-import re
-import signal
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from mmjobs import storage
 from mmjobs.config import load_config
 from mmjobs.stages.train import TrainStageConfig, main
-from mmjobs.train import checkpoint as ckpt
 from mmjobs.train.preference import DPO_STATS
 from mmjobs.train.reward_model import RM_STATS
 from tests.train_fixtures import (
     assert_tensors_equal,
-    launch_train_stage,
+    kill_then_resume,
     read_tensors,
     stage_settings,
-    wait_for_first_commit,
 )
 
 pytestmark = pytest.mark.integration
@@ -80,23 +73,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_llava_d
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump(_settings(reference.mode, tiny_llava_dir, dpo_shards,
                                                rm_shards, out)))
-    log = tmp_path / "killed.log"
-    proc = launch_train_stage(config, log)
-    root = storage.join(out, ckpt.CHECKPOINTS_DIR)
-    wait_for_first_commit(root, proc, log)
-    time.sleep(random.uniform(0.0, 0.3))  # somewhere in a later step (>= 21 steps remain)
-    if proc.poll() is not None:
-        pytest.fail("training finished before it could be killed; make it longer")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert not storage.is_committed(storage.join(out, "final"))
-    killed_at = ckpt.latest_committed(root).step
-
-    resume_log = tmp_path / "resume.log"
-    proc = launch_train_stage(config, resume_log)
-    assert proc.wait(timeout=300) == 0, resume_log.read_text()[-3000:]
-    resumed = int(re.search(r"resumed from .*step-(\d+) at step", resume_log.read_text())
-                  .group(1))
+    killed_at, resumed = kill_then_resume(config, out, tmp_path)
     assert resumed >= killed_at > 0
     final = Path(out) / "final" / ("reward_model" if reference.mode == "rm" else "adapter")
     tensors = read_tensors(final)

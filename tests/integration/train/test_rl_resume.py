@@ -12,10 +12,6 @@ grpo uses a programmatic reward.
 
 from __future__ import annotations
 
-import random
-import re
-import signal
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,14 +21,12 @@ import yaml
 from mmjobs import storage
 from mmjobs.config import load_config
 from mmjobs.stages.train import TrainStageConfig, main
-from mmjobs.train import checkpoint as ckpt
 from tests.integration.train.rl_fixtures import prompt_shards  # noqa: F401
 from tests.train_fixtures import (
     assert_tensors_equal,
-    launch_train_stage,
+    kill_then_resume,
     read_tensors,
     stage_settings,
-    wait_for_first_commit,
 )
 
 pytestmark = pytest.mark.integration
@@ -105,23 +99,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_llava_d
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump(_settings(reference.mode, tiny_llava_dir, prompt_shards,
                                                chart_shards, reward_model, out)))
-    log = tmp_path / "killed.log"
-    proc = launch_train_stage(config, log)
-    root = storage.join(out, ckpt.CHECKPOINTS_DIR)
-    wait_for_first_commit(root, proc, log)
-    time.sleep(random.uniform(0.0, 0.3))  # somewhere in a later step (>= 21 steps remain)
-    if proc.poll() is not None:
-        pytest.fail("training finished before it could be killed; make it longer")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert not storage.is_committed(storage.join(out, "final"))
-    killed_at = ckpt.latest_committed(root).step
-
-    resume_log = tmp_path / "resume.log"
-    proc = launch_train_stage(config, resume_log)
-    assert proc.wait(timeout=300) == 0, resume_log.read_text()[-3000:]
-    text = resume_log.read_text()
-    resumed = int(re.search(r"resumed from .*step-(\d+) at step", text).group(1))
+    killed_at, resumed = kill_then_resume(config, out, tmp_path)
     assert resumed >= killed_at > 0
     tensors = read_tensors(Path(out) / "final")
     if reference.mode == "ppo":

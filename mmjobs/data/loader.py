@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -47,6 +46,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmjobs import settings, storage
+from mmjobs.data.images import ImageModeError, decode_rgb
 from mmjobs.data.packing import IGNORE_INDEX, PackedCollator, concat_image_features
 from mmjobs.data.sampler import Mode, ResumableBatchSampler, check_batching_args
 from mmjobs.logs import get_logger
@@ -194,11 +194,11 @@ def _length_mismatch(batch: pa.RecordBatch, kind: str) -> pa.Array:
 
 
 def _decode_image(data: bytes, row_id: str) -> Any:
-    from PIL import Image
-
+    """8-bit RGB via `mmjobs.data.images` (16-bit scaled, alpha over white), as in inference."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")  # convert() loads the pixels, so the file can close
+        return decode_rgb(data)
+    except ImageModeError as e:
+        raise ValueError(f"row {row_id!r}: image cannot be used: {e}") from e
     except Exception as e:
         raise ValueError(f"row {row_id!r}: image bytes do not decode ({e})") from e
 

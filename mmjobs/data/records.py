@@ -12,7 +12,8 @@ A canonical dataset is a committed store directory (see `mmjobs.storage`) holdin
 - `dataset.json`   the card: kind, counts (`input = accepted + rejected`), image root, source.
 
 Readers stream: nothing here holds a whole dataset in memory (a 665k-row JSON array is parsed
-incrementally with ijson).
+incrementally). The row readers (`iter_jsonl`, `iter_json_array`, `iter_json_object`) live in
+`mmjobs.data.json_rows`, which says which input errors reject one row and which fail the file.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ from typing import IO, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mmjobs import storage
+from mmjobs.data.json_rows import (  # noqa: F401 - re-exported for existing importers
+    MalformedInputError,
+    RawRow,
+    iter_json_array,
+    iter_json_object,
+    iter_jsonl,
+    parse_json_row,
+)
 
 IMAGE_TOKEN = "<image>"
 SAMPLES_FILE = "samples.jsonl"
@@ -114,54 +123,23 @@ def count_image_tokens(record: Record) -> int:
 # --------------------------------------------------------------------------- reading
 
 
-@dataclass(frozen=True)
-class RawRow:
-    """One raw row of an input file: `data` when it parsed, else `error` says why."""
-
-    locator: str  # "file.jsonl:12" or "file.json[3]"
-    data: Any = None
-    error: str | None = None
-
-
-def iter_jsonl(uri: str | os.PathLike) -> Iterator[RawRow]:
-    """Stream a JSONL file line by line; bad UTF-8 or JSON gives a row with `error` set."""
-    name = os.path.basename(os.fspath(uri))
-    with storage.open_read(uri) as raw:
-        for number, line in enumerate(raw, start=1):
-            if not line.strip():
-                continue
-            locator = f"{name}:{number}"
-            try:
-                text = line.rstrip(b"\r\n").decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield RawRow(locator, error=f"invalid UTF-8 at byte {e.start}")
-                continue
-            try:
-                yield RawRow(locator, data=json.loads(text))
-            except json.JSONDecodeError as e:
-                yield RawRow(locator, error=f"invalid JSON: {e.msg} at column {e.colno}")
-
-
-def iter_json_array(uri: str | os.PathLike) -> Iterator[RawRow]:
-    """Stream the items of a top-level JSON array (e.g. llava_v1_5_mix665k.json) with ijson.
-
-    A syntax error ends the stream with one error row naming the item index where it happened.
-    """
-    import ijson
-
-    name = os.path.basename(os.fspath(uri))
-    index = -1
-    with storage.open_read(uri) as raw:
-        try:
-            for index, item in enumerate(ijson.items(raw, "item", use_float=True)):
-                yield RawRow(f"{name}[{index}]", data=item)
-        except (ijson.JSONError, UnicodeDecodeError) as e:
-            yield RawRow(f"{name}[{index + 1}]", error=f"invalid JSON after item {index}: {e}")
-
-
 def read_json(uri: str | os.PathLike) -> Any:
-    """Read a small JSON document (an annotation file, a card)."""
-    return json.loads(storage.read_text(uri))
+    """Read a small JSON document (an annotation file, a split list, a card).
+
+    Raises `MalformedInputError` naming the file, line and column on a syntax error, a NaN or
+    anything else `mmjobs.data.json_rows` would reject in a row.
+    """
+    text = storage.read_text(uri)
+    try:
+        value, problem = parse_json_row(text)
+    except json.JSONDecodeError as e:
+        raise MalformedInputError(f"{uri}: invalid JSON: {e.msg} at line {e.lineno} column "
+                                  f"{e.colno}; fix the file there") from None
+    except RecursionError:
+        raise MalformedInputError(f"{uri}: invalid JSON: nested too deeply") from None
+    if problem:
+        raise MalformedInputError(f"{uri}: {problem}")
+    return value
 
 
 def iter_records(uri: str | os.PathLike, kind: Kind = "sample") -> Iterator[Record]:

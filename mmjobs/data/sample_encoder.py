@@ -26,7 +26,6 @@ A sample that cannot be encoded raises `SampleRejected(code, detail)` with a rea
 from __future__ import annotations
 
 import bisect
-import io
 import json
 import re
 from collections.abc import Sequence
@@ -339,12 +338,16 @@ def assistant_token_mask(offsets: Sequence[Sequence[int]], spans: Sequence[tuple
 
 
 def _open_image(data: bytes, index: int):
-    from PIL import Image, UnidentifiedImageError
+    """Decoded now (a truncated file is a reject, not a crash later), as 8-bit RGB through
+    `mmjobs.data.images` (the loader's and inference's conversion)."""
+    from PIL import UnidentifiedImageError
+
+    from mmjobs.data.images import ImageModeError, decode_rgb
 
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()  # decode now, so a truncated file is a reject and not a crash later
-        return image.convert("RGB")
+        return decode_rgb(data)
+    except ImageModeError as e:
+        raise SampleRejected("image_unsupported_mode", f"image {index}: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise SampleRejected("image_corrupt", f"image {index}: {e}") from None
 

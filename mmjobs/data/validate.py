@@ -1,10 +1,12 @@
 """Validation with quarantine: every canonical record is accepted or becomes a `Reject`.
 
-`Validator` checks what converters do not: conversation structure, `<image>` placeholders,
-duplicate ids, and that every image is a safe path to a complete, decodable, not-too-large
-image under the dataset's image root (a local directory or an `s3://` prefix). Reader errors
-(`RawRow.error`, e.g. invalid UTF-8) and converter rejects pass through with a reason code, so
-`rows = accepted + rejected` always holds.
+`Validator` checks what converters do not: conversation structure, `<image>` placeholders (as
+many as images, and only in user turns unless the model generates images), duplicate ids
+(after Unicode NFC normalisation), and that every image is a safe path to a complete,
+decodable, not-too-large image that converts to 8-bit RGB, under the dataset's image root (a
+local directory or an `s3://` prefix). Reader errors (`RawRow.error`, e.g. invalid UTF-8, a
+NaN) and converter rejects pass through with a reason code, so `rows = accepted + rejected`
+always holds.
 
 Every reason is `"<code>: <detail>"` with a code from `REASONS` (stable: dashboards and the
 MLflow metrics `reject.<code>` use them); `reason(code, detail)` builds one. Pretokenize uses
@@ -25,6 +27,7 @@ import io
 import os
 import re
 import threading
+import unicodedata
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -36,6 +39,7 @@ from typing import IO, Any
 from PIL import Image, UnidentifiedImageError
 
 from mmjobs import storage
+from mmjobs.data.images import check_convertible
 from mmjobs.data.records import (
     IMAGE_TOKEN,
     Kind,
@@ -55,11 +59,16 @@ REASONS: dict[str, str] = {
     "image_corrupt": "an image file is not a decodable image",
     "image_too_large": "an image has more pixels than max_image_pixels (decompression bomb)",
     "image_path_unsafe": "an image path is absolute, has '..' or resolves outside the root",
+    "image_unsupported_mode": "an image's samples have no defined 8-bit scale (32-bit float, "
+                              "or integers beyond 16 bits)",
     "placeholder_mismatch": "the number of <image> placeholders differs from the images",
+    "placeholder_in_non_user_turn": "<image> in a system turn, or in an assistant turn of a "
+                                    "dataset whose model does not generate images",
     "empty_conversation": "a record has no turns (or only a system turn)",
     "non_alternating": "turns do not alternate user/assistant after an optional system turn",
     "empty_assistant": "an assistant turn or response is empty",
-    "duplicate_id": "a record id was already used by an earlier row",
+    "duplicate_id": "a record id was already used by an earlier row (compared after Unicode "
+                    "NFC normalisation)",
     "invalid_utf8": "an input line is not valid UTF-8",
     "invalid_json": "an input line or item is not valid JSON",
     "invalid_record": "a row is not a valid canonical record",
@@ -133,19 +142,23 @@ class Validator:
         check_images: open and decode images. Off: only path safety is checked, plus
             existence and size for local roots (a stat each; S3 would need a request each).
         workers: threads checking images in `run` (I/O and PIL decoding release the GIL).
+        images_in_responses: allow `<image>` in assistant turns of samples (a model that
+            generates images, e.g. Chameleon trained on align-anything-ti2ti). Off, such a
+            sample is rejected: for a LLaVA-style model the image would be a training target.
     """
 
     def __init__(self, image_root: str | os.PathLike | None, *, kind: Kind = "sample",
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, check_images: bool = True,
-                 workers: int = 8) -> None:
+                 workers: int = 8, images_in_responses: bool = False) -> None:
         self.root = None if image_root is None else storage.parse(image_root)
         self._root_real = Path(self.root.key).resolve() if self.root and not self._s3 else None
         self.kind = kind
         self.max_image_pixels = max_image_pixels
         self.check_images = check_images
         self.workers = max(1, workers)
+        self.images_in_responses = images_in_responses
         self.stats = ValidationStats()
-        self._first_row: dict[str, int] = {}
+        self._first_row: dict[str, tuple[int, str]] = {}  # NFC id -> (row, id as first seen)
         self._images: dict[str, tuple[str, str] | None] = {}  # path -> (code, detail) or OK
 
     @property
@@ -204,9 +217,17 @@ class Validator:
     def _duplicate(self, record: Record) -> str | None:
         # Every occurrence after the first is rejected, even if the first was rejected too:
         # ids must be unique in the input, and which copy is "right" is not ours to guess.
-        first = self._first_row.setdefault(record.id, self.stats.rows)
-        return None if first == self.stats.rows else reason("duplicate_id",
-                                                             f"first seen at row {first}")
+        # Ids are compared in NFC: "é" typed precomposed and as "e" + combining accent look
+        # the same to every reader of the data (and to a tokenizer that normalises).
+        first, first_id = self._first_row.setdefault(unicodedata.normalize("NFC", record.id),
+                                                     (self.stats.rows, record.id))
+        if first == self.stats.rows:
+            return None
+        if first_id == record.id:
+            return reason("duplicate_id", f"first seen at row {first}")
+        return reason("duplicate_id", f"id {record.id!a} equals {first_id!a} of row "
+                      f"{first} after Unicode NFC normalisation (the same text in another "
+                      "Unicode form)")
 
     def _structure(self, record: Record) -> str | None:
         if isinstance(record, Sample):
@@ -220,6 +241,17 @@ class Validator:
 
     def _placeholders(self, record: Record) -> str | None:
         turns = record.conversations if isinstance(record, Sample) else record.prompt
+        name = "conversations" if isinstance(record, Sample) else "prompt"
+        for i, turn in enumerate(turns):
+            if IMAGE_TOKEN not in turn.content or turn.role == "user":
+                continue
+            if turn.role == "system":
+                return reason("placeholder_in_non_user_turn", f"{name}[{i}] (system) holds "
+                              f"{IMAGE_TOKEN}; images go in user turns")
+            if not self.images_in_responses:
+                return reason("placeholder_in_non_user_turn", f"{name}[{i}] (assistant) holds "
+                              f"{IMAGE_TOKEN}; images go in user turns (set "
+                              "images_in_responses=true only if the model generates images)")
         groups = [("", sum(t.content.count(IMAGE_TOKEN) for t in turns), record.images)]
         if isinstance(record, PreferenceSample):
             groups += [("chosen has ", record.chosen.count(IMAGE_TOKEN), record.chosen_images),
@@ -300,6 +332,9 @@ class Validator:
             f.seek(0)
             with _open_image(f) as image:
                 image.load()
+                unsupported = check_convertible(image)
+                if unsupported:
+                    return "image_unsupported_mode", f"{path}: {unsupported}"
         except Image.DecompressionBombError as e:
             return "image_too_large", f"{path}: {e}"
         except UnidentifiedImageError:

@@ -11,7 +11,11 @@ format, options). Converters that draw images, and archive inputs, put their ima
 `images/` in the output, which is then the image root.
 
 If more than `max_reject_fraction` of the rows are rejected the stage fails and commits
-nothing; the rejects and the card are left, uncommitted, under `{output}/_rejected/`.
+nothing; the rejects and the card are left, uncommitted, under `{output}/_rejected/`. A bad row
+(a NaN, a syntax error inside one row) is a reject and reading goes on; a file whose structure
+breaks (truncated, data after the array, unbalanced brackets) fails the stage with the file,
+row and byte offset (`mmjobs.data.json_rows`), and commits nothing: the rows after the break
+could not be counted.
 A re-run with the same config and input (fingerprint) reuses the committed output. Images are
 not fingerprinted (a dataset's image folder can hold 100k+ files): set `force=true` after
 changing images in place.
@@ -54,7 +58,7 @@ from mmjobs.stages.common import (
 )
 
 STAGE = "prepare"
-VERSION = 1  # bump when checks or the output format change: invalidates cached outputs
+VERSION = 2  # bump when checks or the output format change: invalidates cached outputs
 FAILED_DIR = "_rejected"
 log = get_logger(__name__)
 
@@ -98,6 +102,11 @@ class PrepareConfig(StageConfig):
     )
     check_images: bool = Field(True, description="Open and fully decode every image once. Off: "
                                "only path safety is checked (trusted data, faster).")
+    images_in_responses: bool | None = Field(
+        None, description="Accept <image> in assistant turns (images the model generates, "
+        "e.g. Chameleon). Default: the converter's own setting (align-anything-ti2ti yes, the "
+        "others no); set true to re-read such a dataset with `canonical`."
+    )
     image_workers: int = Field(8, ge=1, description="Threads checking images in parallel.")
     max_archive_bytes: int = Field(DEFAULT_MAX_TOTAL_BYTES, gt=0,
                                    description="Refuse archives extracting to more bytes.")
@@ -215,8 +224,11 @@ def _convert(cfg: PrepareConfig, converter: Converter, source: str | None, root:
                          options=options, seed=cfg.seed)
     # Drawn images live in the output; validate them there, where the records point.
     check_root = str(scratch) if converter.draws_images else root
+    in_responses = converter.images_in_responses if cfg.images_in_responses is None else \
+        cfg.images_in_responses
     validator = Validator(check_root, kind=converter.kind, max_image_pixels=cfg.max_image_pixels,
-                          check_images=cfg.check_images, workers=cfg.image_workers)
+                          check_images=cfg.check_images, workers=cfg.image_workers,
+                          images_in_responses=in_responses)
     rows_in = 0
 
     def counted():  # counts what the converter yields, independently of the validator
@@ -317,8 +329,19 @@ def _result(out: str, card: dict[str, Any], *, cached: bool, run_id: str | None)
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """`python -m mmjobs.stages.prepare` / `mmjobs stage prepare` (the image entrypoint)."""
-    return stage_cli(STAGE, PrepareConfig, main, argv)
+    """`python -m mmjobs.stages.prepare` / `mmjobs stage prepare` (the image entrypoint).
+
+    Exit 1 with one line on stderr (no traceback) when the input cannot be converted: a broken
+    file (`MalformedInputError` names the row and byte), too many rejects, a bad option.
+    Nothing is committed then.
+    """
+    try:
+        return stage_cli(STAGE, PrepareConfig, main, argv)
+    except (PrepareError, ValueError, storage.StoreError) as e:
+        log.debug("prepare failed", exc_info=True)
+        message = str(e).removeprefix(f"{STAGE}: ")  # PrepareError's own prefix
+        print(f"mmjobs {STAGE}: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -49,13 +49,16 @@ ConvertFn = Callable[[ConvertContext], Iterator[Record | Reject]]
 
 @dataclass(frozen=True)
 class Converter:
-    """A registered converter: its function, record kind and whether it draws its own images."""
+    """A registered converter: its function, record kind, whether it draws its own images and
+    whether its samples may hold images in assistant turns (outputs of an image-generating
+    model; the validator rejects them otherwise)."""
 
     name: str
     fn: ConvertFn
     kind: Kind = "sample"
     draws_images: bool = False
     help: str = ""
+    images_in_responses: bool = False
 
 
 _REGISTRY: dict[str, Converter] = {}
@@ -65,11 +68,13 @@ _MODULES = ("llava", "chartmoe", "dataengine", "scienceqa", "preference", "aihub
 
 
 def register(name: str, *, kind: Kind = "sample", draws_images: bool = False,
-             help: str = "") -> Callable[[ConvertFn], ConvertFn]:
+             help: str = "", images_in_responses: bool = False,
+             ) -> Callable[[ConvertFn], ConvertFn]:
     """Decorator registering a converter function under `name`."""
 
     def wrap(fn: ConvertFn) -> ConvertFn:
-        _REGISTRY[name] = Converter(name, fn, kind, draws_images, help or (fn.__doc__ or ""))
+        _REGISTRY[name] = Converter(name, fn, kind, draws_images, help or (fn.__doc__ or ""),
+                                    images_in_responses)
         return fn
 
     return wrap

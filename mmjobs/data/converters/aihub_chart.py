@@ -67,7 +67,7 @@ from mmjobs.data.charts import ChartTable, Series, TableError
 from mmjobs.data.converters import ConvertContext, register
 from mmjobs.data.converters.chart_align import input_files
 from mmjobs.data.converters.synthetic_charts import user_turn
-from mmjobs.data.records import Record, Reject, Sample, Turn
+from mmjobs.data.records import Record, Reject, Sample, Turn, parse_json_row
 
 SOURCE = "aihub-chart"
 TASKS = ("table", "description", "summary", "qa")
@@ -124,9 +124,13 @@ def convert(ctx: ConvertContext) -> Iterator[Record | Reject]:
     for uri, rel, raw in _read_ahead(input_files(str(ctx.input), ".json")):
         try:
             try:  # utf-8-sig: some files start with a byte-order mark
-                data = json.loads(raw.decode("utf-8-sig"))
+                data, problem = parse_json_row(raw.decode("utf-8-sig"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise _BadFile(f"invalid JSON: {e}") from None
+            except RecursionError:
+                raise _BadFile("invalid JSON: nested too deeply") from None
+            if problem:  # NaN, an overflowing number, a lone surrogate
+                raise _BadFile(problem)
             samples = _samples(data, rel, opts)
         except (_BadFile, TableError) as e:
             yield Reject(rel, str(e), uri)

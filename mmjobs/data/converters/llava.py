@@ -1,7 +1,8 @@
 """`llava`: LLaVA visual-instruction JSON (e.g. `llava_v1_5_mix665k.json`) to canonical samples.
 
 Source format (haotian-liu/LLaVA, `docs/Data.md` and `llava/train/train.py`): a top-level JSON
-array, streamed item by item with ijson (a `.jsonl`/`.ndjson` input is read line by line)::
+array, streamed row by row (a `.jsonl`/`.ndjson` input is read line by line; see
+`mmjobs.data.json_rows` for which malformed rows are rejected and which fail the file)::
 
     {"id": "000000033471", "image": "coco/train2017/000000033471.jpg",
      "conversations": [{"from": "human", "value": "<image>\\nWhat are the colors of the bus?"},
@@ -32,7 +33,6 @@ import posixpath
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from mmjobs import storage
 from mmjobs.data.converters import ConvertContext, register
 from mmjobs.data.records import (
     IMAGE_TOKEN,
@@ -86,22 +86,13 @@ def resolve_options(ctx: ConvertContext, converter: str, defaults: Mapping[str, 
 def iter_rows(uri: str) -> Iterator[RawRow]:
     """Stream rows of a top-level JSON array, or of JSON Lines when the name ends in .jsonl.
 
-    Raises `ValueError` when a `.json` file holds no array (a top-level object would otherwise
-    stream as zero rows and look like an empty dataset).
+    Bad rows come back with `error` set; a file whose structure breaks (truncated, not an
+    array, data after the array, ...) raises `MalformedInputError` naming the row and byte
+    offset, so no converter can silently lose the rows after a bad one.
     """
     if uri.lower().endswith(JSONL_SUFFIXES):
-        yield from iter_jsonl(uri)
-        return
-    count = 0
-    for row in iter_json_array(uri):
-        count += 1
-        yield row
-    if count == 0:
-        with storage.open_read(uri) as f:
-            head = f.read(256).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
-        if not head.startswith("["):
-            raise ValueError(f"{uri}: expected a top-level JSON array of rows (or a .jsonl file), "
-                             f"but it starts with {head[:30]!r}")
+        return iter_jsonl(uri)
+    return iter_json_array(uri)
 
 
 def json_type(value: Any) -> str:

@@ -177,7 +177,7 @@ def convert_prompt_only(ctx: ConvertContext) -> Iterator[Record | Reject]:
 OUTPUT_IMAGE_KEYS = ("output_image_url", "output_image", "output_images")
 
 
-@register("align-anything-ti2ti",
+@register("align-anything-ti2ti", images_in_responses=True,
           help="Align-Anything text-image-to-text-image SFT JSON/JSONL (question, image_url, "
                "response, output_image_url)")
 def convert_ti2ti(ctx: ConvertContext) -> Iterator[Record | Reject]:

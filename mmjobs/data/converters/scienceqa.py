@@ -44,7 +44,9 @@ Options:
 topic: the fields ScienceQA's per-category accuracy (NAT/SOC/LAN/TXT/IMG/NO/G1-6/G7-12) needs.
 
 Rejected rows: a pid listed in the split but missing from problems.json, an answer index out of
-range, fewer than 2 choices, a missing question.
+range, fewer than 2 choices, a missing question; a problem that is not valid JSON (a NaN, a
+syntax error inside it) or whose pid is a key of problems.json twice. problems.json is streamed
+(`mmjobs.data.json_rows.iter_json_object`): a break in its structure fails the stage.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ from mmjobs.data.converters.llava import (
     require_input,
     resolve_options,
 )
-from mmjobs.data.records import IMAGE_TOKEN, Record, Reject, read_json
+from mmjobs.data.records import IMAGE_TOKEN, Record, Reject, iter_json_object, read_json
 
 INPUTS = {
     "CQM": "Context: {context}\nQuestion: {question}\nOptions: {choice}\n",
@@ -153,11 +155,21 @@ def convert_scienceqa(ctx: ConvertContext) -> Iterator[Record | Reject]:
     opts = resolve_options(ctx, "scienceqa", DEFAULTS, {"style": ("llava", "lavin")})
     fmt_in, fmt_out = check_format(opts["prompt_format"], opts["style"])
     problems_uri, base = data_files(uri)
-    problems = read_json(problems_uri)
     splits = read_json(storage.join(base, "pid_splits.json"))
-    if not isinstance(problems, dict) or not isinstance(splits, dict):
-        raise ValueError(f"converter 'scienceqa': {problems_uri} and pid_splits.json must each "
-                         "hold a JSON object (pid -> problem, split -> pids)")
+    if not isinstance(splits, dict):
+        raise ValueError(f"converter 'scienceqa': {storage.join(base, 'pid_splits.json')} must "
+                         "hold a JSON object (split -> pids)")
+    # Streamed member by member: a bad problem (a NaN, a syntax error inside it) rejects that
+    # pid only; a broken file structure raises MalformedInputError naming the byte.
+    problems: dict[str, Any] = {}
+    bad_problems: dict[str, str] = {}
+    for pid, row in iter_json_object(problems_uri):
+        if pid in problems or pid in bad_problems:  # json.load would keep the last silently
+            bad_problems[pid] = f"duplicate_id: pid {pid!r} is a key of problems.json twice"
+        elif row.error is None:
+            problems[pid] = row.data
+        else:
+            bad_problems[pid] = row.error
     if opts["split"] not in splits:
         raise ValueError(f"converter 'scienceqa': split {opts['split']!r} is not in "
                          f"pid_splits.json; available: {', '.join(sorted(splits))}")
@@ -171,6 +183,8 @@ def convert_scienceqa(ctx: ConvertContext) -> Iterator[Record | Reject]:
     source = problems_uri
 
     def one(pid: str) -> Record:
+        if pid in bad_problems:
+            raise RowError(bad_problems[pid])
         problem = problems.get(pid)
         if problem is None:
             raise RowError(f"pid {pid} is listed in pid_splits.json[{opts['split']!r}] "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,10 @@ REJECTED: dict[str, tuple[Any, str]] = {
     "badjson.json": ("{", "invalid JSON: Expecting property name enclosed in double quotes: "
                           "line 1 column 2 (char 1)"),
     "array.json": ([], "not a JSON object"),
+    # json.dumps writes float("nan") as NaN, which JSON forbids: the file is rejected.
+    "nan.json": (chart("선형", ann([[1, math.nan]], ["a", "b"])),
+                 "invalid JSON: NaN is not allowed in JSON (Python's json.dumps writes it for a "
+                 "non-finite float); write null or a number"),
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from mmjobs.data.charts import ChartTable
 from mmjobs.data.converters import ConvertContext, get_converter
-from mmjobs.data.records import Reject, Sample
+from mmjobs.data.records import MalformedInputError, Reject, Sample
 
 GOOD = {"id": "c1", "title": "Fruit sales", "chart_type": "bar", "categories": ["Apple", "Pear"],
         "series": [{"name": "2023", "values": [3, 4.5]}], "x_label": "Fruit", "unit": "t"}
@@ -92,6 +92,20 @@ def test_input_rows_and_every_reject_reason(tmp_path):
     assert by_id["c1-table"].conversations[1].content == table.to_markdown()
     assert by_id["c1-json"].conversations[1].content == table.to_json()
     assert by_id["c1-code"].conversations[1].content == table.to_plot_code(value_labels=True)
+
+
+def test_nan_value_rejects_its_row_and_a_cut_last_line_fails(tmp_path):
+    rows = [GOOD, {**GOOD, "id": "nan", "series": [{"name": "s", "values": [1, float("nan")]}]},
+            {**GOOD, "id": "c3"}]
+    path = write_jsonl(tmp_path / "tables.jsonl", rows)
+    samples, rejects = run(tmp_path, path, targets=["table"])
+    assert [s.id for s in samples] == ["c1-table", "c3-table"]
+    assert [(r.row, r.reason.split(" (")[0]) for r in rejects] == \
+        [("nan", "invalid JSON: NaN is not allowed in JSON")]
+    Path(path).write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD)[:30], encoding="utf-8")
+    with pytest.raises(MalformedInputError, match=r"tables.jsonl: line 2 \(the last\) has no "
+                                                  r"newline"):
+        run(tmp_path, path, targets=["table"])
 
 
 def test_directory_input_csv_tables_custom_prompts_and_targets(tmp_path):

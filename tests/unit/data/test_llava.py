@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from mmjobs.data.converters import ConvertContext, get_converter
-from mmjobs.data.records import Reject, Sample
+from mmjobs.data.records import MalformedInputError, Reject, Sample
 
 
 def run(path: Path, **options: Any) -> tuple[list[Any], list[Reject]]:
@@ -112,13 +112,15 @@ def test_llava_reads_jsonl_by_extension_and_rejects_bad_lines(tmp_path):
     ]
 
 
-def test_llava_truncated_array_ends_with_one_reject(tmp_path):
+def test_llava_truncated_array_fails_naming_the_row_and_byte(tmp_path):
     path = tmp_path / "cut.json"
-    path.write_text(json.dumps(ROWS[:3])[:-40], encoding="utf-8")
-    samples, rejects = run(path)
-    assert [s.id for s in samples] == ["000000033471", "sharegpt-1"]
-    assert len(rejects) == 1 and rejects[0].row == "cut.json[2]"
-    assert rejects[0].reason.startswith("invalid JSON after item 1")
+    text = json.dumps(ROWS[:3])
+    path.write_text(text[:-40], encoding="utf-8")
+    start = text.index('{"id": 42')
+    with pytest.raises(MalformedInputError) as e:
+        run(path)
+    assert f"the file ends inside cut.json[2] at byte {start} " in str(e.value)
+    assert "truncated" in str(e.value)
 
 
 def test_llava_refuses_a_file_that_is_not_an_array(tmp_path):

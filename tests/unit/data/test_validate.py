@@ -90,6 +90,19 @@ def test_text_only_sample_needs_no_images(root):
 # --------------------------------------------------------------------------- images
 
 
+def test_image_with_no_defined_8bit_scale_is_rejected(root):
+    Image.new("F", (4, 4), 0.5).save(root / "float.tif")
+    assert_reject(check_one(root, sample(images=("float.tif",))),
+                  "image_unsupported_mode: float.tif: 32-bit floating-point samples (mode F) "
+                  "have no defined brightness range; save the image as 8- or 16-bit PNG")
+
+
+def test_16_bit_png_is_accepted(root):
+    Image.new("I;16", (4, 4), 40000).save(root / "deep.png")
+    record = sample(images=("deep.png",))
+    assert check_one(root, record) is record
+
+
 def test_image_missing(root):
     result = check_one(root, sample(images=("images/x.png",)))
     assert_reject(result, f"image_missing: images/x.png does not exist under {root}")
@@ -218,6 +231,38 @@ def test_placeholder_without_image(root):
                                            "0 images")
 
 
+@pytest.mark.parametrize("role, where", [("assistant", "conversations[1] (assistant)"),
+                                         ("system", "conversations[0] (system)")])
+def test_placeholder_in_assistant_or_system_turn(root, role, where):
+    conversation = turns(("user", "<image>\nWhat is it?"), ("assistant", "This: <image>")) \
+        if role == "assistant" else turns(("system", "Look at <image>."), ("user", "Q?"),
+                                          ("assistant", "A."))
+    record = sample(images=("good.png", "good.png") if role == "assistant" else ("good.png",),
+                    conversations=conversation)
+    hint = " (set images_in_responses=true only if the model generates images)" \
+        if role == "assistant" else ""
+    assert_reject(check_one(root, record), f"placeholder_in_non_user_turn: {where} holds "
+                                           f"<image>; images go in user turns{hint}")
+
+
+def test_images_in_responses_allow_assistant_but_never_system_turns(root):
+    record = sample(images=("good.png", "good.png"), conversations=turns(
+        ("user", "<image>\nDraw it again."), ("assistant", "Here: <image>")))
+    assert check_one(root, record, images_in_responses=True) is record
+    system = sample(conversations=turns(("system", "<image>"), ("user", "Q?"), ("assistant", "A")))
+    assert_reject(check_one(root, system, images_in_responses=True),
+                  "placeholder_in_non_user_turn: conversations[0] (system) holds <image>; "
+                  "images go in user turns")
+
+
+def test_placeholder_in_a_prompts_assistant_turn(root):
+    prompt = PromptSample(id="s1", images=["good.png"], prompt=turns(
+        ("user", "Q?"), ("assistant", "See <image>"), ("user", "And?")))
+    assert_reject(check_one(root, prompt, kind="prompt"), "placeholder_in_non_user_turn: "
+                  "prompt[1] (assistant) holds <image>; images go in user turns (set "
+                  "images_in_responses=true only if the model generates images)")
+
+
 # --------------------------------------------------------------------------- conversations
 
 
@@ -286,6 +331,21 @@ def test_duplicate_ids(root):
     assert results[2] == Reject("a", "duplicate_id: first seen at row 1", "validate")
     assert results[3].reason == "duplicate_id: first seen at row 1"
     assert (v.stats.accepted, v.stats.rejected) == (2, 2)
+
+
+def test_ids_equal_after_nfc_are_duplicates_naming_both_forms(root):
+    v = Validator(root)
+    nfc, nfd = "caf\u00e9-1", "cafe\u0301-1"  # "café-1" precomposed, and e + combining accent
+    results = [v.check(sample(i, images=())) for i in (nfc, "other", nfd)]
+    assert [type(r).__name__ for r in results] == ["Sample", "Sample", "Reject"]
+    assert results[2] == Reject(nfd, "duplicate_id: id 'cafe\\u0301-1' equals 'caf\\xe9-1' of "
+                                     "row 1 after Unicode NFC normalisation (the same text in "
+                                     "another Unicode form)", "validate")
+    # The other way round (NFD first) is caught the same way.
+    v = Validator(root)
+    assert isinstance(v.check(sample(nfd, images=())), Sample)
+    assert v.check(sample(nfc, images=())).reason.startswith("duplicate_id: id 'caf\\xe9-1' "
+                                                             "equals 'cafe\\u0301-1' of row 1")
 
 
 def test_invalid_utf8_line_in_jsonl(root, tmp_path):

@@ -55,9 +55,9 @@ def _upload_then_die(src: str, uri: str, env: dict[str, str]) -> None:
     real_put = st.put_file
     done = 0
 
-    def put_and_count(local, target):
+    def put_and_count(local, target, **kwargs):
         nonlocal done
-        real_put(local, target)
+        real_put(local, target, **kwargs)
         done += 1
         if done == 2:
             os._exit(9)  # SIGKILL-like: no cleanup, no manifest
@@ -119,6 +119,10 @@ def test_streaming_read_and_write(s3_bucket):
 def test_hundred_operations_through_ten_percent_faults_all_succeed(tmp_path, s3_bucket,
                                                                    monkeypatch):
     rng = random.Random(7)
+    # Fast backoff, and botocore's standard mode: the default adaptive mode rate-limits the
+    # client after the injected SlowDowns, which only makes this test ~25 s slower.
+    monkeypatch.setenv("MMJOBS_STORE_RETRY_BACKOFF_S", "0.05")
+    monkeypatch.setenv("AWS_RETRY_MODE", "standard")
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"], fault_rate=0.10, seed=11) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
         expected: dict[str, bytes] = {}

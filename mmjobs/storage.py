@@ -428,6 +428,9 @@ def regular_files(root: Path) -> list[str]:
             rel = path.relative_to(root).as_posix()
             if rel == MANIFEST_NAME:
                 continue
+            if "\\" in name:  # a manifest cannot hold it: readers refuse Windows separators
+                raise StoreError(f"{path}: has a backslash in its name, which the store refuses "
+                                 "in paths; rename it")
             if name in RESERVED_NAMES:
                 raise StoreError(f"{path}: {name} is a name the store reserves (it marks a "
                                  "committed directory), so it cannot be stored inside one; "

@@ -227,7 +227,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     flags = {"source": args.source, "to": args.to, "repo_type": args.repo_type,
              "revision": args.revision, "include": args.include, "exclude": args.exclude,
-             "sha256": args.sha256, "extract": args.extract, "force": args.force or None}
+             "sha256": args.sha256, "extract": args.extract, "max_bytes": args.max_bytes,
+             "max_members": args.max_members, "force": args.force or None}
     forwarded = [] if args.config is None else ["--config", args.config]
     # JSON is YAML, so a revision like "2024" stays a string and patterns stay a list.
     for field, value in flags.items():
@@ -396,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "mismatch fails and commits nothing")
     p.add_argument("--extract", choices=("auto", "always", "never"),
                    help="URL/file sources: unpack archives (default auto: by file name)")
+    p.add_argument("--max-bytes", dest="max_bytes", type=int, metavar="N",
+                   help="refuse a download, or an archive extracting to, more bytes than this "
+                   "(default 100 GiB)")
+    p.add_argument("--max-members", dest="max_members", type=int, metavar="N",
+                   help="refuse archives with more members than this (default 2,000,000)")
     p.add_argument("--force", action="store_true", help="import again even if an identical "
                    "copy is already committed at --to")
     p.add_argument("--config", help="stage config YAML")

@@ -8,8 +8,8 @@ request at a time, so an outage costs the requests in flight rather than whole t
   metadata (`x-amz-meta-sha256`), which downloads check.
 - **Downloads** are ranged GETs pinned to the object's ETag (`If-Match`: an object replaced
   mid-download fails instead of splicing two versions), resumed from the last byte received
-  when a connection breaks, in parallel ranges for large objects. The result is checked
-  against the object's length and, when it has one, its recorded sha256.
+  when a connection breaks, in parallel ranges for large objects, until every byte of the
+  object's length is in; `storage_objects.fetch_file` then checks the recorded sha256.
 - **Streaming reads** (`ObjectReader`) resume the same way.
 
 A multipart upload that fails is aborted when S3 answers; during an outage the abort itself may
@@ -20,7 +20,6 @@ fail, and the parts stay invisible but billed: a bucket lifecycle rule
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import threading
@@ -30,7 +29,6 @@ from typing import Any
 
 from mmjobs.logs import get_logger
 from mmjobs.storage_errors import (
-    IntegrityError,
     StoreError,
     TransientError,
     is_transient,
@@ -163,15 +161,14 @@ def head(bucket: str, key: str, uri: str) -> dict[str, Any] | None:
     return retry(uri, "stat", stat)
 
 
-def download(bucket: str, key: str, dest: Path, uri: str) -> tuple[int, str, bool]:
-    """Download `bucket`/`key` into the local file `dest`.
+def download(bucket: str, key: str, dest: Path, uri: str) -> tuple[int, str | None]:
+    """Download `bucket`/`key` into the local file `dest` (every byte range checked in).
 
     Returns:
-        (size, sha256, whether the object had a recorded sha256 that the bytes matched).
+        (size, the sha256 recorded at upload or None); the caller checks the bytes against it.
 
     Raises:
         StoreNotFoundError: no such object.
-        IntegrityError: the bytes do not match the sha256 recorded at upload.
     """
     info = retry(uri, "stat", lambda: client().head_object(Bucket=bucket, Key=key))
     size, etag = int(info["ContentLength"]), info.get("ETag")
@@ -187,12 +184,7 @@ def download(bucket: str, key: str, dest: Path, uri: str) -> tuple[int, str, boo
             list(pool.map(fetch, ranges))
     finally:
         os.close(fd)
-    digest = _sha256(dest)
-    recorded = info.get("Metadata", {}).get(SHA256_META)
-    if recorded and recorded != digest:
-        raise IntegrityError(f"{uri}: sha256 {digest[:12]}… of the downloaded bytes != "
-                             f"{recorded[:12]}… recorded when it was uploaded (corrupt object)")
-    return size, digest, bool(recorded)
+    return size, info.get("Metadata", {}).get(SHA256_META)
 
 
 def _fetch_range(bucket: str, key: str, etag: str | None, fd: int, start: int, end: int,
@@ -311,11 +303,3 @@ def _delete_batch(bucket: str, pending: list[str], uri: str) -> None:
 
 _RETRY_DELETE_CODES = frozenset({"InternalError", "SlowDown", "ServiceUnavailable",
                                  "RequestTimeout", "OperationAborted"})
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()

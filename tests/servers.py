@@ -20,6 +20,7 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -352,8 +353,7 @@ class OutageProxy:
             self.reset += len(conns) // 2  # a client socket and its upstream socket each
         for sock in conns:
             with contextlib.suppress(OSError):  # RST, not FIN: the peer sees a reset
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
@@ -363,11 +363,16 @@ class OutageProxy:
                 self._close_listener()
                 time.sleep(0.01)
                 continue
-            if self._listener is None:
-                self._listen()
+            listener = self._listener  # outage() may close and clear it at any moment
+            if listener is None:
+                try:
+                    self._listen()
+                except OSError:  # the port is not free again yet
+                    time.sleep(0.05)
+                continue
             try:
-                client, _ = self._listener.accept()
-            except (TimeoutError, OSError):
+                client, _ = listener.accept()
+            except OSError:  # a timeout, or the listener closed by an outage
                 continue
             if self.is_down:  # accepted in the instant the outage began
                 client.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -113,26 +114,74 @@ def _stage_with_flags(stage: str, flags: dict[str, str]) -> Callable[[argparse.N
     return run
 
 
+def printable(text: str, *, name: bool = False) -> str:
+    """`text` safe to print on a terminal: control characters (C0, DEL, C1), line and paragraph
+    separators, bidirectional overrides and lone surrogates (undecodable bytes in a file name)
+    are escaped (`\\n`, `\\x1b`, `\\u202e`), so a crafted name cannot fake lines, move the
+    cursor or recolour output. With `name`, backslashes are doubled too, keeping it unambiguous.
+    """
+    pattern = _UNPRINTABLE_NAME if name else _UNPRINTABLE
+    return pattern.sub(lambda m: _ESCAPES.get(m.group()) or (
+        f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}"),
+        text)
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e"
+                          r"\u2066-\u2069\ud800-\udfff]")
+_UNPRINTABLE_NAME = re.compile(_UNPRINTABLE.pattern[:-1] + r"\\]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+
+
 def cmd_store_ls(args: argparse.Namespace) -> int:
+    """List a directory and say whether it is committed, checking it against its manifest.
+
+    Exit 1 if there is nothing, or the manifest lists objects that are missing or damaged.
+    """
     from mmjobs import storage
 
-    total = count = 0
-    for obj in storage.list_objects(args.uri):
-        print(f"{obj.size:>12}  {obj.relpath}")
-        total += obj.size
-        count += 1
-    state = "committed" if storage.is_committed(args.uri) else "no _MANIFEST.json (not committed)"
-    print(f"{count} objects, {total} bytes — {state}")
-    return 0 if count else 1
+    check = storage.check_dir(args.uri, checksums=args.verify)
+    notes = {**{rel: "not in the manifest: a leftover, not part of the committed directory"
+                for rel in check.extras}, **check.problems}
+    for obj in check.objects:
+        note = notes.pop(obj.relpath, None)
+        print(f"{obj.size:>12}  {printable(obj.relpath, name=True)}"
+              + (f"  <- {printable(note)}" if note else ""))
+    for rel, note in notes.items():  # listed in the manifest but not there
+        if rel != storage.MANIFEST_NAME:
+            print(f"{'-':>12}  {printable(rel, name=True)}  <- {printable(note)}")
+    total = sum(o.size for o in check.objects)
+    head = f"{len(check.objects)} objects, {total} bytes — "
+    if check.manifest is None:
+        if storage.MANIFEST_NAME in check.problems:
+            print(head + printable(check.problems[storage.MANIFEST_NAME]) + " (not committed)")
+            return 1
+        if not check.objects:
+            print(f"{printable(args.uri, name=True)}: no objects there")
+            return 1
+        print(head + f"no {storage.MANIFEST_NAME} (not committed)")
+        return 0
+    files = len(check.manifest.files)
+    if check.problems:
+        print(head + f"DAMAGED: {len(check.problems)} of the {files} files its "
+              f"{storage.MANIFEST_NAME} lists are missing or wrong (marked above), so it is not "
+              "a usable committed directory; re-run the step that wrote it, or copy it again "
+              "from a good source")
+        return 1
+    how = "size and sha256" if check.checksums else "size (--verify also checks sha256)"
+    extras = (f"; {len(check.extras)} other objects are not part of it (marked above)"
+              if check.extras else "")
+    print(head + f"committed: all {files} files its manifest lists are there, checked by "
+          f"{how}{extras}")
+    return 0
 
 
 def cmd_store_cp(args: argparse.Namespace) -> int:
     from mmjobs import storage
 
     if args.uncommitted:
-        print(storage.copy_uncommitted(args.src, args.dst, workers=args.workers))
+        print(printable(storage.copy_uncommitted(args.src, args.dst, workers=args.workers)))
     else:
-        print(storage.copy(args.src, args.dst, workers=args.workers))
+        print(printable(storage.copy(args.src, args.dst, workers=args.workers)))
     return 0
 
 
@@ -178,7 +227,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     flags = {"source": args.source, "to": args.to, "repo_type": args.repo_type,
              "revision": args.revision, "include": args.include, "exclude": args.exclude,
-             "sha256": args.sha256, "extract": args.extract, "force": args.force or None}
+             "sha256": args.sha256, "extract": args.extract, "max_bytes": args.max_bytes,
+             "max_members": args.max_members, "force": args.force or None}
     forwarded = [] if args.config is None else ["--config", args.config]
     # JSON is YAML, so a revision like "2024" stays a string and patterns stay a list.
     for field, value in flags.items():
@@ -189,7 +239,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     try:
         return cmd_stage(argparse.Namespace(name="import", stage_args=forwarded))
     except (FetchError, ArchiveError) as e:
-        print(f"mmjobs import: {e}", file=sys.stderr)
+        print(f"mmjobs import: {printable(str(e))}", file=sys.stderr)
         return 1
 
 
@@ -347,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "mismatch fails and commits nothing")
     p.add_argument("--extract", choices=("auto", "always", "never"),
                    help="URL/file sources: unpack archives (default auto: by file name)")
+    p.add_argument("--max-bytes", dest="max_bytes", type=int, metavar="N",
+                   help="refuse a download, or an archive extracting to, more bytes than this "
+                   "(default 100 GiB)")
+    p.add_argument("--max-members", dest="max_members", type=int, metavar="N",
+                   help="refuse archives with more members than this (default 2,000,000)")
     p.add_argument("--force", action="store_true", help="import again even if an identical "
                    "copy is already committed at --to")
     p.add_argument("--config", help="stage config YAML")
@@ -379,8 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     store = sub.add_parser("store", help="list and copy data between local paths and S3")
     store_sub = store.add_subparsers(dest="store_command", required=True, metavar="ls|cp")
-    p = store_sub.add_parser("ls", help="list objects under a URI and whether it is committed")
+    p = store_sub.add_parser("ls", help="list objects under a URI and whether it is committed "
+                                        "(checked against its manifest)")
     p.add_argument("uri")
+    p.add_argument("--verify", action="store_true", help="also read every file the manifest "
+                   "lists and check its sha256 (default: sizes only)")
     p.set_defaults(func=cmd_store_ls)
     p = store_sub.add_parser("cp", help="copy a file or committed directory (verifies checksums)")
     p.add_argument("src")
@@ -423,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except StoreError as e:
-        print(f"mmjobs {args.command}: {e}", file=sys.stderr)
+        print(f"mmjobs {args.command}: {printable(str(e))}", file=sys.stderr)
         return 1
 
 

@@ -10,399 +10,81 @@ endpoint is set, because MinIO and Ceph usually serve path-style only.
 **Committed directories.** `put_dir` writes every object first and `_MANIFEST.json` (relative
 path, size, sha256 of each file) last. Readers (`get_dir`, `read_manifest`) refuse a directory
 without a manifest as incomplete and check sizes and checksums, so an interrupted upload or a
-crashed stage is never mistaken for a complete output.
+crashed stage is never mistaken for a complete output. A committed directory owns its whole
+prefix: writing one un-commits the old version first, then uploads, then deletes every object
+the new manifest does not list, and only then writes the manifest — a crash at any point leaves
+either no manifest or exactly the new contents. `check_dir` compares a directory with its
+manifest (sizes, optionally sha256) without downloading it. Only regular files are stored:
+symbolic links and special files are refused, never followed, and `_MANIFEST.json` is a name
+the store reserves (a nested one is refused).
 
-**Failures.** Transient errors (throttling, 5xx, dropped connections, truncated bodies,
-timeouts) are retried: by botocore per request (`adaptive` retry mode) and again around every
-whole operation here with exponential backoff, because a streamed download that breaks half-way
-is not retried by botocore. Permanent errors (403, missing bucket or key) fail at once with a
-`StoreError` naming the URI.
+**Single objects** carry the sha256 of their bytes (`x-amz-meta-sha256` on S3); downloads check
+it and the object's length, and `copy` of one file also checks it against the manifest of the
+committed directory it belongs to.
+
+**Failures.** Every request is retried on transient errors (refused or reset connections,
+timeouts, throttling, 5xx) with backoff up to a deadline (`MMJOBS_STORE_RETRY_DEADLINE_S`,
+default 120 s); permanent errors (403, missing bucket or key) fail at once with a `StoreError`
+naming the URI.
+
+Modules: this one (committed directories, checks, copies; re-exports the rest),
+`storage_objects` (URIs and single objects), `storage_s3` (the S3 client and transfers),
+`storage_errors` (error types and the retry policy).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
-import random
 import shutil
+import stat
 import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, TypeVar
+from typing import Any
 
+from mmjobs import storage_s3
 from mmjobs.logs import get_logger
+from mmjobs.storage_errors import (  # noqa: F401 - re-exported: the store's public errors
+    IncompleteDirectoryError,
+    IntegrityError,
+    StoreError,
+    StoreNotFoundError,
+    StoreUnavailableError,
+    retry,
+)
+from mmjobs.storage_objects import (  # noqa: F401 - re-exported: the store's public API
+    Location,
+    ObjectInfo,
+    delete,
+    exists,
+    fetch_file,
+    get_file,
+    is_s3,
+    join,
+    list_objects,
+    open_read,
+    open_write,
+    parse,
+    put_file,
+    read_bytes,
+    read_text,
+    safe_relpath,
+    sha256_file,
+    write_bytes,
+    write_text,
+)
 
 MANIFEST_NAME = "_MANIFEST.json"
+# Names the store gives a meaning to: a file called so inside a directory would be dropped or
+# misread, so it is refused wherever a directory is written.
+RESERVED_NAMES = frozenset({MANIFEST_NAME})
 _CHUNK = 1 << 20
 log = get_logger(__name__)
-T = TypeVar("T")
-
-
-class StoreError(Exception):
-    """A store operation failed for a reason retrying will not fix; the message names the URI."""
-
-
-class StoreNotFoundError(StoreError, FileNotFoundError):
-    """The object, directory or bucket does not exist."""
-
-
-class IncompleteDirectoryError(StoreError):
-    """A directory has no `_MANIFEST.json`: its writer did not finish."""
-
-
-class IntegrityError(StoreError):
-    """An object is missing, or its size or sha256 differs from the manifest."""
-
-
-# --------------------------------------------------------------------------- URIs
-
-
-@dataclass(frozen=True)
-class Location:
-    """A parsed store URI: `bucket`/`key` for S3, `key` is an absolute path for local files."""
-
-    scheme: str  # "s3" or "file"
-    bucket: str
-    key: str
-
-    def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.key}" if self.scheme == "s3" else self.key
-
-
-def parse(uri: str | os.PathLike) -> Location:
-    """Parse `s3://bucket/key`, `file:///abs/path` or a plain local path."""
-    text = os.fspath(uri)
-    if text.startswith("s3://"):
-        bucket, _, key = text[5:].partition("/")
-        if not bucket:
-            raise StoreError(f"{text}: no bucket name in S3 URI (expected s3://bucket/prefix)")
-        return Location("s3", bucket, key.strip("/"))
-    if text.startswith("file://"):
-        text = text[7:]
-    elif "://" in text:
-        raise StoreError(f"{text}: unsupported URI scheme (use s3://bucket/prefix or a local path)")
-    return Location("file", "", str(Path(text).expanduser().absolute()))
-
-
-def is_s3(uri: str | os.PathLike) -> bool:
-    """True for `s3://` URIs."""
-    return os.fspath(uri).startswith("s3://")
-
-
-def join(uri: str | os.PathLike, *parts: str) -> str:
-    """Join path parts onto a store URI (`/`-separated for S3)."""
-    text = os.fspath(uri)
-    if is_s3(text):
-        return "/".join([text.rstrip("/"), *(p.strip("/") for p in parts if p)])
-    return str(Path(text, *parts))
-
-
-def _safe_relpath(rel: str, where: str) -> str:
-    """Reject manifest or listing paths that would escape the target directory."""
-    p = PurePosixPath(rel)
-    if not rel or p.is_absolute() or ".." in p.parts or "\\" in rel:
-        raise IntegrityError(f"{where}: refusing unsafe relative path {rel!r}")
-    return str(p)
-
-
-# --------------------------------------------------------------------------- retries
-
-
-def _is_retryable(exc: BaseException) -> bool:
-    import botocore.exceptions as be
-    import urllib3.exceptions
-
-    if isinstance(exc, be.ClientError):
-        err = exc.response.get("Error", {})
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return status >= 500 or status == 429 or err.get("Code") in {
-            "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
-            "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
-        }
-    retryable = (be.HTTPClientError, be.IncompleteReadError, urllib3.exceptions.HTTPError,
-                 ConnectionError, TimeoutError)
-    with contextlib.suppress(ImportError):
-        from s3transfer.exceptions import RetriesExceededError
-
-        retryable = (*retryable, RetriesExceededError)
-    return isinstance(exc, retryable)
-
-
-def _permanent(exc: BaseException, uri: str, action: str) -> StoreError:
-    import botocore.exceptions as be
-
-    if isinstance(exc, be.ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if code in {"NoSuchKey", "NoSuchBucket", "404", "NotFound"} or status == 404:
-            what = "bucket does not exist" if code == "NoSuchBucket" else "not found"
-            return StoreNotFoundError(f"{uri}: {what} ({action})")
-        if status == 403 or code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
-            return StoreError(f"{uri}: access denied ({code}) while trying to {action}; check the "
-                              "S3 credentials in the environment / Kubernetes Secret")
-        return StoreError(f"{uri}: {code or status} while trying to {action}: {exc}")
-    if isinstance(exc, be.NoCredentialsError):
-        return StoreError(f"{uri}: no S3 credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
-    return StoreError(f"{uri}: failed to {action}: {type(exc).__name__}: {exc}")
-
-
-def _retry(uri: str, action: str, fn: Callable[[], T]) -> T:
-    """Run `fn`, retrying transient failures with exponential backoff and jitter."""
-    attempts = int(os.environ.get("MMJOBS_STORE_RETRIES", "8"))
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except StoreError:
-            raise
-        except FileNotFoundError as e:
-            raise StoreNotFoundError(f"{uri}: not found ({action})") from e
-        except Exception as e:
-            if not _is_retryable(e) or attempt == attempts - 1:
-                raise _permanent(e, uri, action) from e
-            delay = min(10.0, 0.2 * 2**attempt) * (0.5 + random.random())
-            log.debug("%s: %s failed (%s), retry %d in %.1fs", uri, action, e, attempt + 1, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-# --------------------------------------------------------------------------- S3 client
-
-_clients: dict[tuple, Any] = {}
-_clients_lock = threading.Lock()
-
-
-def _s3():
-    """A boto3 S3 client for the current environment (cached; boto3 clients are thread-safe)."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    style = os.environ.get("MMJOBS_S3_ADDRESSING_STYLE") or ("path" if endpoint else "auto")
-    key = (endpoint, style, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
-    with _clients_lock:
-        if key not in _clients:
-            import boto3
-            from botocore.config import Config
-
-            config = Config(
-                retries={"mode": os.environ.get("AWS_RETRY_MODE", "adaptive"),
-                         "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))},
-                s3={"addressing_style": style},
-                connect_timeout=10, read_timeout=60, max_pool_connections=32,
-            )
-            _clients[key] = boto3.session.Session().client("s3", endpoint_url=endpoint,
-                                                           config=config)
-        return _clients[key]
-
-
-def _transfer_config(concurrency: int = 4):
-    from boto3.s3.transfer import TransferConfig
-
-    # Parts of 16 MiB above 32 MiB: large checkpoints go up in parallel parts.
-    return TransferConfig(multipart_threshold=32 * _CHUNK, multipart_chunksize=16 * _CHUNK,
-                          max_concurrency=concurrency, use_threads=concurrency > 1)
-
-
-# --------------------------------------------------------------------------- single objects
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """One object under a listed prefix."""
-
-    uri: str
-    relpath: str
-    size: int
-
-
-def exists(uri: str | os.PathLike) -> bool:
-    """True if `uri` names an existing object/file or a non-empty prefix/directory."""
-    loc = parse(uri)
-    if loc.scheme == "file":
-        return Path(loc.key).exists()
-
-    def check() -> bool:
-        import botocore.exceptions as be
-
-        try:
-            _s3().head_object(Bucket=loc.bucket, Key=loc.key)
-            return True
-        except be.ClientError as e:
-            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
-                raise
-        resp = _s3().list_objects_v2(Bucket=loc.bucket, Prefix=loc.key.rstrip("/") + "/",
-                                     MaxKeys=1)
-        return resp.get("KeyCount", 0) > 0
-
-    return _retry(str(loc), "check existence", check)
-
-
-def put_file(local: str | os.PathLike, uri: str | os.PathLike) -> None:
-    """Copy a local file to `uri` (atomically for local targets; multipart for large S3 files)."""
-    loc, src = parse(uri), Path(local)
-    if loc.scheme == "file":
-        _atomic_copy(src, Path(loc.key))
-        return
-    _retry(str(loc), "upload", lambda: _s3().upload_file(str(src), loc.bucket, loc.key,
-                                                         Config=_transfer_config()))
-
-
-def get_file(uri: str | os.PathLike, local: str | os.PathLike) -> None:
-    """Copy the object at `uri` to a local file, which appears only once complete."""
-    loc, dst = parse(uri), Path(local)
-    if loc.scheme == "file":
-        if not Path(loc.key).is_file():
-            raise StoreNotFoundError(f"{loc}: not found (download)")
-        _atomic_copy(Path(loc.key), dst)
-        return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with _temp_beside(dst) as tmp:
-        _retry(str(loc), "download", lambda: _s3().download_file(
-            loc.bucket, loc.key, str(tmp), Config=_transfer_config()))
-        os.replace(tmp, dst)
-
-
-def read_bytes(uri: str | os.PathLike) -> bytes:
-    """Read a whole (small) object into memory."""
-    loc = parse(uri)
-    if loc.scheme == "file":
-        return _retry(str(loc), "read", lambda: Path(loc.key).read_bytes())
-    return _retry(str(loc), "read",
-                  lambda: _s3().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read())
-
-
-def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
-    """Write a whole (small) object; local writes are atomic."""
-    loc = parse(uri)
-    if loc.scheme == "file":
-        path = Path(loc.key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with _temp_beside(path) as tmp:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        return
-    _retry(str(loc), "write",
-           lambda: _s3().put_object(Bucket=loc.bucket, Key=loc.key, Body=data))
-
-
-def read_text(uri: str | os.PathLike) -> str:
-    """Read a small UTF-8 text object."""
-    return read_bytes(uri).decode("utf-8")
-
-
-def write_text(uri: str | os.PathLike, text: str) -> None:
-    """Write a small UTF-8 text object."""
-    write_bytes(uri, text.encode("utf-8"))
-
-
-@contextlib.contextmanager
-def open_read(uri: str | os.PathLike) -> Iterator[IO[bytes]]:
-    """Open an object for streaming reads (never loads it whole).
-
-    Opening is retried; a stream that breaks later raises, and the caller re-opens.
-    """
-    loc = parse(uri)
-    if loc.scheme == "file":
-        try:
-            f = open(loc.key, "rb")  # noqa: SIM115 - closed below
-        except FileNotFoundError as e:
-            raise StoreNotFoundError(f"{loc}: not found (open)") from e
-    else:
-        body = _retry(str(loc), "open",
-                      lambda: _s3().get_object(Bucket=loc.bucket, Key=loc.key)["Body"])
-        # Buffered like a local file, so callers can iterate lines, readline() and read().
-        f = io.BufferedReader(_BodyReader(body), buffer_size=_CHUNK)
-    try:
-        yield f
-    finally:
-        f.close()
-
-
-class _BodyReader(io.RawIOBase):
-    """A botocore StreamingBody as a raw binary stream (it iterates chunks, not lines)."""
-
-    def __init__(self, body: Any) -> None:
-        self._body = body
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._body.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self._body.close()
-        super().close()
-
-
-@contextlib.contextmanager
-def open_write(uri: str | os.PathLike) -> Iterator[IO[bytes]]:
-    """Open `uri` for streaming writes; the object appears only when the block exits cleanly.
-
-    S3 writes go to a local temporary file first, then up in one (multipart) transfer.
-    """
-    loc = parse(uri)
-    target = Path(loc.key) if loc.scheme == "file" else Path(tempfile.gettempdir()) / "mmjobs"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _temp_beside(target) as tmp:
-        with open(tmp, "wb") as f:
-            yield f
-        if loc.scheme == "file":
-            os.replace(tmp, target)
-        else:
-            put_file(tmp, uri)
-
-
-def list_objects(uri: str | os.PathLike) -> Iterator[ObjectInfo]:
-    """List every object under the prefix/directory `uri`, recursively, sorted by path."""
-    loc = parse(uri)
-    if loc.scheme == "file":
-        root = Path(loc.key)
-        if root.is_file():
-            yield ObjectInfo(str(root), root.name, root.stat().st_size)
-            return
-        # os.walk skips directories that vanish mid-walk (a writer may be renaming files).
-        walked = (Path(d) / f for d, _, files in os.walk(root) for f in files)
-        for path in sorted(walked):
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:  # renamed or deleted by a writer since the walk saw it
-                continue
-            yield ObjectInfo(str(path), path.relative_to(root).as_posix(), size)
-        return
-    prefix = loc.key.rstrip("/") + "/" if loc.key else ""
-
-    def page_all() -> list[dict]:
-        pages = _s3().get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix)
-        return [obj for page in pages for obj in page.get("Contents", [])]
-
-    for obj in sorted(_retry(str(loc), "list", page_all), key=lambda o: o["Key"]):
-        rel = obj["Key"][len(prefix):]
-        yield ObjectInfo(f"s3://{loc.bucket}/{obj['Key']}", rel, obj["Size"])
-
-
-def delete(uri: str | os.PathLike) -> None:
-    """Delete an object or everything under a prefix/directory (no error if absent)."""
-    loc = parse(uri)
-    if loc.scheme == "file":
-        path = Path(loc.key)
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-        return
-    keys = [loc.key] + [parse(o.uri).key for o in list_objects(uri)]
-    for i in range(0, len(keys), 1000):  # S3 deletes at most 1000 keys per request
-        batch = [{"Key": k} for k in keys[i:i + 1000]]
-        _retry(str(loc), "delete", lambda b=batch: _s3().delete_objects(
-            Bucket=loc.bucket, Delete={"Objects": b, "Quiet": True}))
 
 
 # --------------------------------------------------------------------------- committed dirs
@@ -438,7 +120,7 @@ class Manifest:
     def from_json(cls, text: str, where: str) -> Manifest:
         try:
             raw = json.loads(text)
-            files = [FileEntry(_safe_relpath(f["path"], where), int(f["size"]), str(f["sha256"]))
+            files = [FileEntry(safe_relpath(f["path"], where), int(f["size"]), str(f["sha256"]))
                      for f in raw["files"]]
             return cls(files=files, meta=raw.get("meta", {}), created=raw.get("created", ""),
                        version=int(raw.get("version", 1)))
@@ -446,18 +128,12 @@ class Manifest:
             raise IntegrityError(f"{where}: unreadable {MANIFEST_NAME}: {e}") from e
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a local file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def is_committed(uri: str | os.PathLike) -> bool:
     """True if the directory at `uri` has a manifest (its writer finished)."""
-    return exists(join(uri, MANIFEST_NAME))
+    loc = parse(join(uri, MANIFEST_NAME))
+    if loc.scheme == "file":
+        return Path(loc.key).is_file()
+    return storage_s3.head(loc.bucket, loc.key, str(loc)) is not None  # one HEAD, no LIST
 
 
 def read_manifest(uri: str | os.PathLike) -> Manifest:
@@ -474,28 +150,100 @@ def read_manifest(uri: str | os.PathLike) -> Manifest:
 
 def put_dir(local_dir: str | os.PathLike, uri: str | os.PathLike, *,
             meta: dict[str, Any] | None = None, workers: int = 8) -> Manifest:
-    """Upload a local directory tree to `uri` as a committed directory.
+    """Upload a local directory tree to `uri` as a committed directory, replacing what is there.
 
-    Any previous manifest at `uri` is removed first, so a half-overwritten directory is never
-    read as complete. Files go up in parallel; the manifest is written last.
+    Order (crash-safe: a reader sees no manifest, or exactly the new contents): remove the old
+    manifest; upload the files in parallel; delete every other object under `uri` (a previous
+    version's leftovers); write the manifest.
+
+    Raises:
+        StoreError: `local_dir` holds a symbolic link, a special file or a nested
+            `_MANIFEST.json`; or `uri` holds another committed directory (which this would
+            delete). Nothing at `uri` is changed then.
     """
     src = Path(local_dir)
     if not src.is_dir():
         raise StoreNotFoundError(f"{src}: not a directory (upload)")
-    files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    files = regular_files(src)
+    nested = next((o for o in list_objects(uri) if o.relpath != MANIFEST_NAME
+                   and PurePosixPath(o.relpath).name == MANIFEST_NAME), None)
+    if nested is not None:
+        inner = join(uri, str(PurePosixPath(nested.relpath).parent))
+        raise StoreError(f"{uri}: holds another committed directory, {inner}, which writing a "
+                         f"committed directory at {uri} would delete; write it to an empty place "
+                         "(or delete the inner one first if it is no longer needed)")
     delete(join(uri, MANIFEST_NAME))
 
-    def upload(path: Path) -> FileEntry:
-        rel = path.relative_to(src).as_posix()
+    def upload(rel: str) -> FileEntry:
+        path = src / rel
         entry = FileEntry(rel, path.stat().st_size, sha256_file(path))
-        put_file(path, join(uri, rel))
+        put_file(path, join(uri, rel), sha256=entry.sha256)
         return entry
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         entries = list(pool.map(upload, files))
+    _delete_others(uri, {e.path for e in entries})
     manifest = Manifest(files=entries, meta=meta or {})
     write_text(join(uri, MANIFEST_NAME), manifest.to_json())
     return manifest
+
+
+def regular_files(root: Path) -> list[str]:
+    """Relative paths of the regular files under `root`, sorted; a top-level `_MANIFEST.json`
+    (the one a new commit replaces) is left out.
+
+    Raises:
+        StoreError: a symbolic link (never followed: it may point outside `root`), a device,
+            FIFO or socket, or a nested file with a reserved name; the message names it.
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames) + sorted(filenames):
+            path = Path(dirpath, name)
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise StoreError(f"{path}: is a symbolic link (to {os.readlink(path)!r}); the "
+                                 "store copies regular files only and never follows links, which "
+                                 "may point outside the folder: replace it by a copy of its "
+                                 "target, or remove it")
+            if stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):
+                raise StoreError(f"{path}: is a device, FIFO or socket, not a regular file; "
+                                 "remove it")
+            rel = path.relative_to(root).as_posix()
+            if rel == MANIFEST_NAME:
+                continue
+            if "\\" in name:  # a manifest cannot hold it: readers refuse Windows separators
+                raise StoreError(f"{path}: has a backslash in its name, which the store refuses "
+                                 "in paths; rename it")
+            if name in RESERVED_NAMES:
+                raise StoreError(f"{path}: {name} is a name the store reserves (it marks a "
+                                 "committed directory), so it cannot be stored inside one; "
+                                 "rename it, or copy that folder on its own")
+            found.append(rel)
+    return sorted(found)
+
+
+def _delete_others(uri: str | os.PathLike, keep: set[str]) -> None:
+    """Delete every object under `uri` except the manifest and `keep` (relative paths)."""
+    stale = [o for o in list_objects(uri) if o.relpath != MANIFEST_NAME and o.relpath not in keep]
+    if not stale:
+        return
+    log.info("%s: deleting %d object(s) of an earlier version that the new manifest does not "
+             "list", uri, len(stale))
+    loc = parse(uri)
+    if loc.scheme == "s3":
+        storage_s3.delete_keys(loc.bucket, [parse(o.uri).key for o in stale], str(loc))
+        return
+    root = Path(loc.key)
+    for obj in stale:
+        Path(obj.uri).unlink(missing_ok=True)
+        for parent in Path(obj.uri).parents:  # folders the deletions emptied
+            if parent == root or not parent.is_relative_to(root):
+                break
+            with contextlib.suppress(OSError):
+                parent.rmdir()
 
 
 def commit_dir(uri: str | os.PathLike, *, meta: dict[str, Any] | None = None) -> Manifest:
@@ -507,9 +255,8 @@ def commit_dir(uri: str | os.PathLike, *, meta: dict[str, Any] | None = None) ->
     if loc.scheme != "file":
         raise StoreError(f"{loc}: commit_dir works on local directories; use put_dir for S3")
     root = Path(loc.key)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
-    entries = [FileEntry(p.relative_to(root).as_posix(), p.stat().st_size, sha256_file(p))
-               for p in files]
+    entries = [FileEntry(rel, (root / rel).stat().st_size, sha256_file(root / rel))
+               for rel in regular_files(root)]
     manifest = Manifest(files=entries, meta=meta or {})
     write_text(join(uri, MANIFEST_NAME), manifest.to_json())
     return manifest
@@ -531,10 +278,12 @@ def get_dir(uri: str | os.PathLike, local_dir: str | os.PathLike, *,
         source = join(uri, entry.path)
         for attempt in range(2):  # one re-download: a checksum error may be a bad transfer
             try:
-                get_file(source, target)
+                size, digest, _ = fetch_file(source, target)
+                problem = _mismatch(size, digest, entry)
             except StoreNotFoundError as e:
                 raise IntegrityError(f"{source}: listed in the manifest but missing") from e
-            problem = _check_file(target, entry)
+            except IntegrityError as e:
+                problem = str(e).removeprefix(f"{source}: ")
             if problem is None:
                 return
             if attempt == 1 or not is_s3(uri):
@@ -546,63 +295,165 @@ def get_dir(uri: str | os.PathLike, local_dir: str | os.PathLike, *,
     return manifest
 
 
+@dataclass
+class DirCheck:
+    """A directory compared with its manifest (see `check_dir`)."""
+
+    uri: str
+    manifest: Manifest | None
+    objects: list[ObjectInfo]  # what is there, the manifest itself left out
+    problems: dict[str, str]  # manifest path (or _MANIFEST.json) -> what is wrong with it
+    extras: list[str]  # objects there that the manifest does not list
+    checksums: bool  # whether sha256s were compared, not only sizes
+
+    @property
+    def committed(self) -> bool:
+        """True if the manifest is there and everything it lists is present and intact."""
+        return self.manifest is not None and not self.problems
+
+
+def check_dir(uri: str | os.PathLike, *, checksums: bool = False) -> DirCheck:
+    """Compare the directory at `uri` with its manifest in place, without downloading it
+    (with `checksums`, every listed object is read and hashed as well).
+
+    Missing objects, wrong sizes/checksums and an unreadable manifest are `problems`; objects
+    the manifest does not list are `extras` (left over, or added by someone else).
+    """
+    where = os.fspath(uri)
+    objects = [o for o in list_objects(uri) if o.relpath != MANIFEST_NAME]
+    try:
+        manifest: Manifest | None = read_manifest(uri)
+    except IncompleteDirectoryError:
+        return DirCheck(where, None, objects, {}, [], checksums)
+    except IntegrityError as e:
+        return DirCheck(where, None, objects, {MANIFEST_NAME: str(e)}, [], checksums)
+    sizes = {o.relpath: o.size for o in objects}
+    problems: dict[str, str] = {}
+    for entry in manifest.files:
+        if entry.path not in sizes:
+            problems[entry.path] = "listed in the manifest but missing"
+        elif sizes[entry.path] != entry.size:
+            problems[entry.path] = (f"size {sizes[entry.path]} != manifest {entry.size} "
+                                    "(truncated or corrupt)")
+        elif checksums:
+            digest = _sha256_of(join(uri, entry.path))
+            if digest != entry.sha256:
+                problems[entry.path] = (f"sha256 {digest[:12]}… != manifest "
+                                        f"{entry.sha256[:12]}… (corrupt)")
+    listed = {e.path for e in manifest.files}
+    extras = [o.relpath for o in objects if o.relpath not in listed]
+    return DirCheck(where, manifest, objects, problems, extras, checksums)
+
+
 def verify_dir(uri: str | os.PathLike) -> Manifest:
     """Check a committed directory in place: every listed object exists with the right size.
 
     Local directories are also checksummed; S3 objects are checksummed by `get_dir` on download.
+
+    Raises:
+        IncompleteDirectoryError: no manifest. IntegrityError: the first problem found.
     """
-    manifest = read_manifest(uri)
-    sizes = {o.relpath: o.size for o in list_objects(uri)}
-    for entry in manifest.files:
-        if entry.path not in sizes:
-            raise IntegrityError(f"{join(uri, entry.path)}: listed in the manifest but missing")
-        if sizes[entry.path] != entry.size:
-            raise IntegrityError(f"{join(uri, entry.path)}: size {sizes[entry.path]} != "
-                                 f"manifest {entry.size}")
-        if not is_s3(uri):
-            problem = _check_file(Path(parse(join(uri, entry.path)).key), entry)
-            if problem:
-                raise IntegrityError(f"{join(uri, entry.path)}: {problem}")
-    return manifest
+    read_manifest(uri)  # IncompleteDirectoryError / unreadable manifest, as before
+    check = check_dir(uri, checksums=not is_s3(uri))
+    for path, problem in check.problems.items():
+        raise IntegrityError(f"{join(uri, path)}: {problem}")
+    assert check.manifest is not None  # read above
+    return check.manifest
 
 
 def copy(src: str | os.PathLike, dst: str | os.PathLike, *, workers: int = 8) -> str:
     """Copy a file or a committed directory between any two store locations.
 
-    Directories must be committed at `src` and are committed at `dst`. Returns a summary line.
+    Directories must be committed at `src` and are committed at `dst`. A single file is checked
+    against the manifest of the committed directory it belongs to (if any) and its recorded
+    sha256 (S3), and not copied if either disagrees. Returns a summary line.
+
+    Raises:
+        IntegrityError: the source is corrupt or truncated (nothing is written at `dst`).
     """
     if is_committed(src):
         with tempfile.TemporaryDirectory(prefix="mmjobs-copy-") as tmp:
             manifest = get_dir(src, tmp, workers=workers)
             put_dir(tmp, dst, meta=manifest.meta, workers=workers)
-        return f"copied {len(manifest.files)} files ({manifest.total_bytes} bytes) {src} -> {dst}"
+        return (f"copied {len(manifest.files)} files ({manifest.total_bytes} bytes) {src} -> "
+                f"{dst}; sha256 of every file checked against the manifest")
     loc = parse(src)
     if (loc.scheme == "file" and Path(loc.key).is_dir()) or (
-            loc.scheme == "s3" and exists(src) and not _is_object(loc)):
+            loc.scheme == "s3" and exists(src)
+            and storage_s3.head(loc.bucket, loc.key, str(loc)) is None):
         raise IncompleteDirectoryError(f"{src}: directory has no {MANIFEST_NAME}; only committed "
                                        "directories are copied")
     with tempfile.TemporaryDirectory(prefix="mmjobs-copy-") as tmp:
         local = Path(tmp) / "object"
-        get_file(src, local)
-        put_file(local, dst)
-        return f"copied 1 file ({local.stat().st_size} bytes) {src} -> {dst}"
+        size, digest, recorded = fetch_file(src, local)
+        how = _vouch(src, size, digest, recorded)
+        put_file(local, dst, sha256=digest)
+    return f"copied 1 file ({size} bytes) {src} -> {dst}; {how}"
+
+
+def _vouch(uri: str | os.PathLike, size: int, digest: str, recorded: bool) -> str:
+    """How the copied bytes of the single file `uri` were checked (raises if they are bad)."""
+    found = _enclosing_manifest(uri)
+    if found is not None:
+        root, rel, manifest = found
+        entry = next((f for f in manifest.files if f.path == rel), None)
+        if entry is not None:
+            problem = _mismatch(size, digest, entry)
+            if problem:
+                raise IntegrityError(f"{uri}: {problem} of {root}; not copied. The object is "
+                                     "damaged: copy it from a good source or re-run the step "
+                                     "that wrote it")
+            return f"size and sha256 match the manifest of {root}"
+        if rel != MANIFEST_NAME:
+            return (f"WARNING: not listed in the manifest of {root} (a leftover or a later "
+                    f"addition), so only {'its recorded sha256 and ' if recorded else ''}its "
+                    "size vouch for it")
+    if recorded:
+        return "size and sha256 match those recorded when it was uploaded"
+    return "size checked (no manifest or recorded sha256 vouches for the content)"
+
+
+def _enclosing_manifest(uri: str | os.PathLike, depth: int = 16
+                        ) -> tuple[str, str, Manifest] | None:
+    """(directory, path of `uri` in it, its manifest) for the nearest committed directory
+    above `uri`, looking at most `depth` folders up."""
+    loc = parse(uri)
+    parts = PurePosixPath(loc.key).parts
+    for cut in range(len(parts) - 1, max(len(parts) - 1 - depth, 0), -1):
+        rel = "/".join(parts[cut:])
+        root = (f"s3://{loc.bucket}/" + "/".join(parts[:cut]) if loc.scheme == "s3"
+                else str(PurePosixPath(*parts[:cut])))
+        if is_committed(root):
+            return root, rel, read_manifest(root)
+    return None
 
 
 def copy_uncommitted(src: str | os.PathLike, dst: str | os.PathLike, *, workers: int = 8) -> str:
     """Copy a plain folder or prefix with no manifest (raw data from elsewhere) and commit it.
 
     Nothing vouches for the source's completeness: use this only for data you put there.
+    Local folders are copied as regular files only: symbolic links and special files are
+    refused (never followed), as are nested files with a reserved name.
     """
+    loc = parse(src)
     with tempfile.TemporaryDirectory(prefix="mmjobs-copy-") as tmp:
-        objects = [o for o in list_objects(src) if o.relpath != MANIFEST_NAME]
-        if not objects:
+        if loc.scheme == "file" and Path(loc.key).is_dir():
+            root = Path(loc.key)
+            rels = regular_files(root)
+            fetch_one = lambda rel: _copy_regular(root / rel, Path(tmp) / rel)  # noqa: E731
+        else:
+            objects = {o.relpath: o.uri for o in list_objects(src) if o.relpath != MANIFEST_NAME}
+            rels = [safe_relpath(rel, os.fspath(src)) for rel in objects]
+            reserved = [r for r in rels if PurePosixPath(r).name in RESERVED_NAMES]
+            if reserved:
+                raise StoreError(f"{join(src, reserved[0])}: {MANIFEST_NAME} is a name the store "
+                                 "reserves (it marks a committed directory), so it cannot be "
+                                 "stored inside one; copy that folder on its own")
+            fetch_one = lambda rel: get_file(objects[rel], Path(tmp) / rel)  # noqa: E731
+        if not rels:
             raise StoreNotFoundError(f"{src}: nothing to copy")
-
-        def fetch(obj: ObjectInfo) -> None:
-            get_file(obj.uri, Path(tmp) / _safe_relpath(obj.relpath, os.fspath(src)))
-
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            list(pool.map(fetch, objects))
+            list(pool.map(fetch_one, rels))
         manifest = put_dir(tmp, dst, workers=workers)
     return (f"copied {len(manifest.files)} files ({manifest.total_bytes} bytes) {src} -> {dst} "
             "and committed it")
@@ -611,40 +462,39 @@ def copy_uncommitted(src: str | os.PathLike, dst: str | os.PathLike, *, workers:
 # --------------------------------------------------------------------------- helpers
 
 
-def _is_object(loc: Location) -> bool:
-    import botocore.exceptions as be
-
-    try:
-        _retry(str(loc), "stat", lambda: _s3().head_object(Bucket=loc.bucket, Key=loc.key))
-        return True
-    except (StoreNotFoundError, be.ClientError):
-        return False
-
-
-def _check_file(path: Path, entry: FileEntry) -> str | None:
-    size = path.stat().st_size
+def _mismatch(size: int, digest: str, entry: FileEntry) -> str | None:
     if size != entry.size:
         return f"size {size} != manifest {entry.size} (corrupt or truncated)"
-    digest = sha256_file(path)
     if digest != entry.sha256:
         return f"sha256 {digest[:12]}… != manifest {entry.sha256[:12]}… (corrupt)"
     return None
 
 
-@contextlib.contextmanager
-def _temp_beside(path: Path) -> Iterator[Path]:
-    """A temporary path next to `path` (same filesystem, so os.replace is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+def _sha256_of(uri: str | os.PathLike) -> str:
+    """sha256 of an object, streamed (local files are hashed in place)."""
+    loc = parse(uri)
+    if loc.scheme == "file":
+        return sha256_file(loc.key)
+    h = hashlib.sha256()
+    with open_read(uri) as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _copy_regular(src: Path, dst: Path) -> None:
+    """Copy `src` only if it is still a regular file (not swapped for a link since it was
+    listed: O_NOFOLLOW), without blocking on a FIFO."""
     try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise StoreError(f"{src}: cannot open it as a regular file ({e}); a symbolic link or "
+                         "special file is never copied") from e
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise StoreError(f"{src}: not a regular file; remove it")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with open(dst, "wb") as out:
+            shutil.copyfileobj(f, out, _CHUNK)
 
 
-def _atomic_copy(src: Path, dst: Path) -> None:
-    with _temp_beside(dst) as tmp:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)

@@ -5,6 +5,8 @@
   it can be killed and restarted on the same port and database to simulate an outage.
 - `FaultProxy`: a loopback HTTP proxy that drops connections, answers 503 or truncates bodies
   for a chosen fraction of requests, for reliability tests.
+- `OutageProxy`: a loopback TCP proxy that goes down for N seconds (open connections reset, new
+  ones refused), now or once N bytes went through, for outage tests.
 
 Nothing here patches libraries in-process: clients talk to these servers over real sockets.
 """
@@ -18,6 +20,7 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -244,7 +247,9 @@ class FaultProxy:
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD answer has no body but announces the object's length: pass that on.
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 if fault == "truncate" and len(data) > 1:
                     self.send_header("Connection", "close")
                     self.end_headers()
@@ -260,3 +265,174 @@ class FaultProxy:
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 
         return Handler
+
+
+class OutageProxy:
+    """TCP proxy on loopback that forwards to `upstream` and can go down for a while.
+
+    `outage(seconds)` (or `outage_after(upload_bytes=..., download_bytes=..., seconds=...)`, which
+    starts one when that many bytes have gone through) resets every open connection and closes
+    the listening socket, so new connections are refused (ECONNREFUSED) like a server that went
+    away; after `seconds` it listens again on the same port and forwards as before. It works
+    below HTTP, so the client's own connection handling is what is exercised.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        host, _, port = upstream.removeprefix("http://").partition(":")
+        self.upstream = (host, int(port))
+        self.port = free_port()
+        self.lock = threading.Lock()
+        self.down_until = 0.0
+        self.outages = 0  # outages started
+        self.reset = 0  # open connections cut by an outage
+        self.accepted = 0  # connections forwarded
+        self.bytes_up = self.bytes_down = 0
+        self._trigger: tuple[int | None, int | None, float] | None = None
+        self._conns: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def __enter__(self) -> OutageProxy:
+        self._listen()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._close_listener()
+        self._reset_all()
+
+    def outage(self, seconds: float) -> None:
+        """Go down now for `seconds`: cut open connections, refuse new ones."""
+        with self.lock:
+            self.down_until = time.monotonic() + seconds
+            self.outages += 1
+            self._trigger = None
+        self._close_listener()
+        self._reset_all()
+
+    def restore(self) -> None:
+        """End an outage now (the listener comes back within a few milliseconds)."""
+        with self.lock:
+            self.down_until = 0.0
+
+    def outage_after(self, *, upload_bytes: int | None = None, download_bytes: int | None = None,
+                     seconds: float) -> None:
+        """Start an outage of `seconds` once this many more bytes went up (or down)."""
+        with self.lock:
+            self._trigger = (None if upload_bytes is None else self.bytes_up + upload_bytes,
+                             None if download_bytes is None else self.bytes_down + download_bytes,
+                             seconds)
+
+    @property
+    def is_down(self) -> bool:
+        return time.monotonic() < self.down_until
+
+    def _listen(self) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((LOOPBACK, self.port))
+        sock.listen(64)
+        sock.settimeout(0.05)
+        self._listener = sock
+
+    def _close_listener(self) -> None:
+        sock, self._listener = self._listener, None
+        if sock is not None:
+            sock.close()
+
+    def _reset_all(self) -> None:
+        with self.lock:
+            conns, self._conns = list(self._conns), set()
+            self.reset += len(conns) // 2  # a client socket and its upstream socket each
+        for sock in conns:
+            with contextlib.suppress(OSError):  # RST, not FIN: the peer sees a reset
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            if self.is_down:
+                self._close_listener()
+                time.sleep(0.01)
+                continue
+            listener = self._listener  # outage() may close and clear it at any moment
+            if listener is None:
+                try:
+                    self._listen()
+                except OSError:  # the port is not free again yet
+                    time.sleep(0.05)
+                continue
+            try:
+                client, _ = listener.accept()
+            except OSError:  # a timeout, or the listener closed by an outage
+                continue
+            if self.is_down:  # accepted in the instant the outage began
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.upstream, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self.lock:
+                self.accepted += 1
+                self._conns.update((client, upstream))
+            done = threading.Semaphore(0)  # released by each direction as it ends
+            for src, dst, up in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(src, dst, up, done),
+                                 daemon=True).start()
+            threading.Thread(target=self._reap, args=(client, upstream, done),
+                             daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, up: bool,
+              done: threading.Semaphore) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+                seconds = self._count(len(data), up)
+                if seconds is not None:
+                    self.outage(seconds)
+                    break
+            else:
+                with contextlib.suppress(OSError):
+                    dst.shutdown(socket.SHUT_WR)  # pass the end of this direction on
+        except OSError:
+            pass
+        done.release()
+
+    def _reap(self, client: socket.socket, upstream: socket.socket,
+              done: threading.Semaphore) -> None:
+        done.acquire()
+        done.acquire()
+        with self.lock:
+            live = client in self._conns
+            self._conns.discard(client)
+            self._conns.discard(upstream)
+        if live:
+            client.close()
+            upstream.close()
+
+    def _count(self, n: int, up: bool) -> float | None:
+        """Add `n` bytes; the armed outage's seconds if that crossed its trigger (disarmed)."""
+        with self.lock:
+            if up:
+                self.bytes_up += n
+            else:
+                self.bytes_down += n
+            if self._trigger is None:
+                return None
+            up_at, down_at, seconds = self._trigger
+            if (up_at is not None and self.bytes_up >= up_at) or (
+                    down_at is not None and self.bytes_down >= down_at):
+                self._trigger = None
+                return seconds
+            return None

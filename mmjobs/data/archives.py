@@ -11,7 +11,11 @@ target directory or fill the disk:
 - device files, FIFOs and other special members;
 - more than `max_members` members, or more than `max_total_bytes` uncompressed bytes. Bytes are
   counted as they are written, not taken from the headers, so a zip bomb with lying headers
-  stops at the limit.
+  stops at the limit. The message names the caller's option that raises the limit;
+- the same path twice (extraction would silently keep the last copy), or a member inside a path
+  that is a file in the archive;
+- names the caller reserves (`reserved_names`; the import stage passes the store's
+  `_MANIFEST.json`), which would otherwise be dropped or misread downstream.
 
 Tar members additionally pass Python's `tarfile.data_filter` (defence in depth). Files are
 written with plain permissions (0644, 0755 if executable in the archive); owners, setuid bits
@@ -65,11 +69,16 @@ def is_archive(name: str | os.PathLike) -> bool:
 
 def extract_archive(archive: str | os.PathLike, target: str | os.PathLike, *,
                     max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
-                    max_members: int = DEFAULT_MAX_MEMBERS) -> ExtractResult:
+                    max_members: int = DEFAULT_MAX_MEMBERS,
+                    bytes_option: str = "max_archive_bytes",
+                    members_option: str = "max_archive_members",
+                    reserved_names: frozenset[str] = frozenset()) -> ExtractResult:
     """Extract a local zip or tar archive into `target` (created; must be empty if it exists).
 
     On any error the partly extracted `target` is removed, so a failed extraction never
-    looks like a dataset.
+    looks like a dataset. `bytes_option` / `members_option` name the caller's settings for the
+    two limits (the defaults are the prepare stage's), so the error says what to raise.
+    `reserved_names` are file names refused wherever they appear in the archive.
 
     Raises:
         UnsafeArchiveError: a member is unsafe or a limit is exceeded (names archive + member).
@@ -79,7 +88,8 @@ def extract_archive(archive: str | os.PathLike, target: str | os.PathLike, *,
     if dst.exists() and any(dst.iterdir()):
         raise ArchiveError(f"{src}: extraction target {dst} is not empty")
     dst.mkdir(parents=True, exist_ok=True)
-    sink = _Sink(src, dst.resolve(), max_total_bytes, max_members)
+    sink = _Sink(src, dst.resolve(), max_total_bytes, max_members, bytes_option,
+                 members_option, reserved_names)
     try:
         if src.name.lower().endswith(ZIP_SUFFIXES) or (
                 not src.name.lower().endswith(TAR_SUFFIXES) and zipfile.is_zipfile(src)):
@@ -103,30 +113,38 @@ def extract_archive(archive: str | os.PathLike, target: str | os.PathLike, *,
 class _Sink:
     """Writes members under the target, enforcing the path rules and the limits."""
 
-    def __init__(self, archive: Path, root: Path, max_total_bytes: int, max_members: int):
+    def __init__(self, archive: Path, root: Path, max_total_bytes: int, max_members: int,
+                 bytes_option: str, members_option: str, reserved_names: frozenset[str]):
         self.archive, self.root = archive, root
         self.max_total_bytes, self.max_members = max_total_bytes, max_members
+        self.bytes_option, self.members_option = bytes_option, members_option
+        self.reserved_names = reserved_names
         self.total = self.files = self.dirs = self.members = 0
         self.current = ""
         self.written: dict[str, Path] = {}  # member name -> file, for tar hard links
+        self.seen: dict[tuple[str, ...], bool] = {}  # path parts -> is a directory
 
     def refuse(self, member: str, why: str) -> UnsafeArchiveError:
         return UnsafeArchiveError(f"{self.archive}: member {member!r} {why}; refusing to "
                                   "extract this archive")
 
-    def begin(self, name: str) -> Path | None:
+    def too_many(self, name: str) -> UnsafeArchiveError:
+        return self.refuse(name, f"exceeds the limit of {self.max_members:,} members; if the "
+                           f"archive is genuine, raise {self.members_option}")
+
+    def begin(self, name: str, is_dir: bool) -> Path | None:
         """Count the member and return its safe destination (None for the root itself)."""
         self.current = name
         self.members += 1
         if self.members > self.max_members:
-            raise self.refuse(name, f"exceeds the limit of {self.max_members:,} members "
-                              "(raise max_archive_members if the archive is genuine)")
+            raise self.too_many(name)
         problem = _unsafe_name(name)
         if problem:
             raise self.refuse(name, problem)
         rel = PurePosixPath(name)
         if not rel.parts:
             return None
+        self._check_path(name, rel.parts, is_dir)
         dest = self.root.joinpath(*rel.parts)
         # Lexically safe names can still land outside through a pre-existing symlink.
         if not dest.resolve().is_relative_to(self.root):
@@ -153,10 +171,27 @@ class _Sink:
         self.files += 1
         self.written[name.rstrip("/")] = dest
 
+    def _check_path(self, name: str, parts: tuple[str, ...], is_dir: bool) -> None:
+        """Refuse reserved names, a path seen before (unless both are folders), and a path
+        inside one that is a file: each would silently lose or misplace data."""
+        if not is_dir and parts[-1] in self.reserved_names:
+            raise self.refuse(name, f"is named {parts[-1]}, which the store reserves (it marks "
+                              "a committed directory); re-pack the archive without it")
+        before = self.seen.get(parts)
+        if before is not None and not (before and is_dir):
+            raise self.refuse(name, "appears more than once in the archive (a duplicate "
+                              "member: extracting would silently keep only the last copy); "
+                              "re-pack it with one copy")
+        for i in range(1, len(parts)):
+            if self.seen.get(parts[:i]) is False:
+                raise self.refuse(name, f"lies inside {'/'.join(parts[:i])!r}, which is a file "
+                                  "in this archive")
+        self.seen[parts] = is_dir
+
     def _too_big(self, name: str) -> UnsafeArchiveError:
         return self.refuse(name, f"takes the extracted size over the limit of "
-                           f"{self.max_total_bytes:,} bytes (a zip bomb, or raise "
-                           "max_archive_bytes if the archive is genuine)")
+                           f"{self.max_total_bytes:,} bytes (a zip bomb?); if the archive is "
+                           f"genuine, raise {self.bytes_option}")
 
 
 def _unsafe_name(name: str) -> str | None:
@@ -175,11 +210,9 @@ def _extract_zip(src: Path, sink: _Sink) -> None:
     with zipfile.ZipFile(src) as zf:
         infos = zf.infolist()
         if len(infos) > sink.max_members:
-            raise sink.refuse(infos[sink.max_members].filename,
-                              f"exceeds the limit of {sink.max_members:,} members "
-                              "(raise max_archive_members if the archive is genuine)")
+            raise sink.too_many(infos[sink.max_members].filename)
         for info in infos:
-            dest = sink.begin(info.filename)
+            dest = sink.begin(info.filename, info.is_dir())
             kind = stat.S_IFMT(info.external_attr >> 16)  # unix mode, when made on unix
             if kind == stat.S_IFLNK:
                 raise sink.refuse(info.filename, "is a symbolic link (links are not allowed)")
@@ -208,7 +241,7 @@ class _TarInfo(tarfile.TarInfo):
 def _extract_tar(src: Path, sink: _Sink) -> None:
     with tarfile.open(src, "r:*", tarinfo=_TarInfo) as tf:
         for member in tf:  # streams: compressed tars are read once, front to back
-            dest = sink.begin(member.name)
+            dest = sink.begin(member.name, member.isdir())
             _check_tar_member(member, sink)
             try:
                 tarfile.data_filter(member, str(sink.root))

@@ -81,7 +81,7 @@ class _Retry(Exception):
 
 def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None,
              max_bytes: int | None = None, retries: int = 5, timeout: float = 60.0,
-             backoff: float = 0.5) -> Download:
+             backoff: float = 0.5, bytes_option: str = "max_bytes") -> Download:
     """Download `url` to `dest`, resuming a partial `.part` file with HTTP Range requests.
 
     Args:
@@ -95,6 +95,7 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None,
         timeout: seconds a connect or a read may stall.
         backoff: delay before retrying after progress; doubled per attempt without progress
             (capped at 30 s).
+        bytes_option: the caller's setting for `max_bytes`, named in the error that hits it.
 
     Raises:
         FetchError: an HTTP error that retrying will not fix, or retries exhausted (the
@@ -106,7 +107,8 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None,
     part = dest.with_name(dest.name + ".part")
     sidecar = dest.with_name(dest.name + ".part.json")
     for fresh in (False, True):
-        got = _transfer(url, part, sidecar, max_bytes, retries, timeout, backoff)
+        got = _transfer(url, part, sidecar, _Limit(max_bytes, bytes_option), retries, timeout,
+                        backoff)
         digest = storage.sha256_file(part)
         if sha256 is None or digest == sha256.lower():
             os.replace(part, dest)
@@ -133,7 +135,21 @@ class _Progress:
     validator: str | None = None
 
 
-def _transfer(url: str, part: Path, sidecar: Path, max_bytes: int | None, retries: int,
+@dataclass(frozen=True)
+class _Limit:
+    """`max_bytes`, and the option that sets it (named when the limit is hit)."""
+
+    bytes: int | None
+    option: str
+
+    def check(self, url: str, size: int, what: str) -> None:
+        if self.bytes is not None and size > self.bytes:
+            raise SizeLimitError(f"{url}: {what} {size:,} bytes, over the limit of "
+                                 f"{self.bytes:,} bytes; raise {self.option} if the file is "
+                                 "genuine")
+
+
+def _transfer(url: str, part: Path, sidecar: Path, limit: _Limit, retries: int,
               timeout: float, backoff: float) -> _Progress:
     """Fill `part` with the whole body of `url`, resuming and retrying; see `download`."""
     state = _Progress(validator=_read_sidecar(sidecar, url))
@@ -145,7 +161,7 @@ def _transfer(url: str, part: Path, sidecar: Path, max_bytes: int | None, retrie
     while idle < retries and state.attempts < retries * _PROGRESS_ATTEMPT_FACTOR:
         state.attempts += 1
         try:
-            _attempt(url, part, sidecar, max_bytes, timeout, state)
+            _attempt(url, part, sidecar, limit, timeout, state)
             return state
         except _Retry as e:
             last_error = str(e)
@@ -164,7 +180,7 @@ def _transfer(url: str, part: Path, sidecar: Path, max_bytes: int | None, retrie
                      "from there")
 
 
-def _attempt(url: str, part: Path, sidecar: Path, max_bytes: int | None, timeout: float,
+def _attempt(url: str, part: Path, sidecar: Path, limit: _Limit, timeout: float,
              state: _Progress) -> None:
     """One request: append to `part` (206) or rewrite it (200). Raises `_Retry` if worth it."""
     have = part.stat().st_size if part.exists() else 0
@@ -202,25 +218,22 @@ def _attempt(url: str, part: Path, sidecar: Path, max_bytes: int | None, timeout
             total, have, mode = (int(length) if length else None), 0, "wb"
         state.validator = _validator(resp.headers) or (state.validator if mode == "ab" else None)
         _write_sidecar(sidecar, url, state.validator)
-        if max_bytes is not None and total is not None and total > max_bytes:
-            raise SizeLimitError(f"{url}: the file is {total:,} bytes, over max_bytes "
-                                 f"{max_bytes:,}; raise max_bytes if it is genuine")
-        size = _stream(resp, part, mode, have, url, max_bytes)
+        if total is not None:
+            limit.check(url, total, "the file is")
+        size = _stream(resp, part, mode, have, url, limit)
     if total is not None and size != total:
         raise _Retry(f"connection closed after {size} of {total} bytes")
 
 
 def _stream(resp: http.client.HTTPResponse, part: Path, mode: str, have: int, url: str,
-            max_bytes: int | None) -> int:
+            limit: _Limit) -> int:
     """Append the body to `part`; returns the file size reached (also on a broken stream)."""
     size = have
     with open(part, mode) as f:
         try:
             while chunk := resp.read(_CHUNK):
                 size += len(chunk)
-                if max_bytes is not None and size > max_bytes:
-                    raise SizeLimitError(f"{url}: received more than max_bytes {max_bytes:,} "
-                                         "bytes; raise max_bytes if the file is genuine")
+                limit.check(url, size, "received more than")
                 f.write(chunk)
         except (OSError, http.client.HTTPException) as e:
             f.flush()  # keep what arrived: the next attempt resumes after it
@@ -339,6 +352,12 @@ def hub_snapshot(repo_id: str, repo_type: str, commit: str, dest: Path, *,
         shutil.rmtree(dest / ".cache" / "huggingface", ignore_errors=True)
         if (dest / ".cache").is_dir() and not any((dest / ".cache").iterdir()):
             (dest / ".cache").rmdir()
+    reserved = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")
+                      if p.name in storage.RESERVED_NAMES)
+    if reserved:
+        raise FetchError(f"{where}: the repo has a file {reserved[0]!r}, a name the store "
+                         "reserves (it marks a committed directory); leave it out with "
+                         f"exclude (mmjobs import --exclude {reserved[0]!r})")
     count = sum(1 for p in dest.rglob("*") if p.is_file())
     if not count:
         raise FetchError(f"{where}: no files (include={include}, exclude={exclude}); check the "

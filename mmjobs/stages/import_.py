@@ -16,7 +16,12 @@ Sources (`source`):
   checked against `sha256` when given, and extracted safely if it is an archive
   (`extract=auto`: by its name; `always`; `never` stores it as is). Other files are stored as is.
 - a store path (local or `s3://`): a committed directory is copied with checksum verification,
-  a plain folder is copied and committed, a single file is treated like a downloaded one.
+  a plain folder is copied and committed (regular files only: a symbolic link or special file
+  is refused, never followed out of the folder), a single file is treated like a downloaded one.
+
+Archives are extracted by `mmjobs.data.archives` (escapes, links, special files, duplicate
+members and a `_MANIFEST.json` member are refused, naming the member); limit errors name the
+options that raise them (`max_bytes` / `--max-bytes`, `max_members` / `--max-members`).
 
 The committed output's manifest meta records `source`, `source_kind`, `revision` (hub commit
 sha) and `sha256` (of the downloaded file). A re-run with the same source and revision finds
@@ -67,6 +72,9 @@ log = get_logger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LEGACY_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+# How the limits are raised, named in the errors that hit them (config field and CLI flag).
+BYTES_OPTION = "max_bytes (mmjobs import --max-bytes N)"
+MEMBERS_OPTION = "max_members (mmjobs import --max-members N)"
 
 
 @dataclass(frozen=True)
@@ -275,7 +283,7 @@ def _import_url(cfg: ImportConfig, source: Source, out: str, fp: str,
     name = _file_name(urlparse(source.ref).path)
     try:
         got = fetch.download(source.ref, work / name, sha256=cfg.sha256, max_bytes=cfg.max_bytes,
-                             retries=cfg.retries)
+                             retries=cfg.retries, bytes_option=BYTES_OPTION)
         meta = {**meta, "sha256": got.sha256, "http_validator": got.validator}
         return _commit_file(cfg, got.path, name, out, fp, meta)
     finally:
@@ -327,9 +335,12 @@ def _commit_file(cfg: ImportConfig, path: Path, name: str, out: str, fp: str,
     unpack = cfg.extract == "always" or (cfg.extract == "auto" and is_archive(name))
     with staged_output(out, fp, meta={**meta, "extracted": unpack}) as scratch:
         if unpack:
-            # extract_archive refuses escapes, links, special files and oversize archives.
+            # extract_archive refuses escapes, links, special files, oversize archives,
+            # duplicate members and the store's reserved names.
             extract_archive(path, scratch, max_total_bytes=cfg.max_bytes,
-                            max_members=cfg.max_members)
+                            max_members=cfg.max_members, bytes_option=BYTES_OPTION,
+                            members_option=MEMBERS_OPTION,
+                            reserved_names=storage.RESERVED_NAMES)
         else:
             shutil.move(path, scratch / name)
     return storage.read_manifest(out)

@@ -10,10 +10,12 @@ import io
 import json
 import os
 import random
+import re
 import stat
 import subprocess
 import sys
 import tarfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -38,9 +40,10 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def zip_bytes(files: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:
+def zip_bytes(files: dict[str, bytes], symlinks: dict[str, str] | None = None,
+              deflate: bool = False) -> bytes:
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED) as zf:
         for name, data in files.items():
             zf.writestr(name, data)
         for name, target in (symlinks or {}).items():
@@ -187,6 +190,76 @@ def test_reimport_is_a_cache_hit_without_any_request(server, tmp_path):
     assert not run(server.url("set.zip"), out, extract="never").cached  # another output
 
 
+def zip_with_duplicates(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), zipfile.ZipFile(buf, "w") as zf:
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name it writes
+        for name, data in members:
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def tar_with_duplicates(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("pack", [zip_with_duplicates, tar_with_duplicates], ids=["zip", "tar"])
+@pytest.mark.parametrize("members,member,why", [
+    ([("data/a.bin", b"first"), ("data/b.txt", b"b"), ("data/a.bin", b"second")], "data/a.bin",
+     "appears more than once in the archive"),
+    ([("data/a.bin", b"a"), ("_MANIFEST.json", b'{"files": []}')], "_MANIFEST.json",
+     "is named _MANIFEST.json, which the store reserves"),
+    ([("data/a.bin", b"a"), ("data/_MANIFEST.json", b"{}")], "data/_MANIFEST.json",
+     "is named _MANIFEST.json, which the store reserves"),
+    ([("data", b"a file"), ("data/a.bin", b"a")], "data/a.bin",
+     "lies inside 'data', which is a file in this archive"),
+], ids=["duplicate", "manifest", "nested-manifest", "file-as-folder"])
+def test_archives_that_would_lose_members_are_refused_naming_the_member(server, tmp_path, pack,
+                                                                       members, member, why):
+    name = "set.zip" if pack is zip_with_duplicates else "set.tar.gz"
+    server.files[name] = pack(members)
+    out = tmp_path / "store" / "set"
+    with pytest.raises(UnsafeArchiveError, match=f"member {re.escape(repr(member))} {why}"):
+        run(server.url(name), out)
+    assert not storage.is_committed(out) and not out.exists()
+
+
+def test_limit_errors_name_options_the_import_command_takes(server, tmp_path, capsys):
+    zeros = zip_bytes({"a.bin": bytes(1_000_000), "b.bin": b"b", "c.bin": b"c"}, deflate=True)
+    server.files["set.zip"] = zeros
+    url = server.url("set.zip")
+    for limit, value, enough in (("--max-members", "2", "3"), ("--max-bytes", "100000",
+                                                               "2000000")):
+        out = str(tmp_path / limit)
+        assert cli_main(["import", url, "--to", out, limit, value]) == 1
+        err = capsys.readouterr().err
+        assert f"if the archive is genuine, raise max_{limit[6:]} (mmjobs import {limit} N)" \
+            in err, err
+        assert not storage.is_committed(out)
+        # Doing what the message says works.
+        assert cli_main(["import", url, "--to", out, limit, enough]) == 0
+        capsys.readouterr()
+    out = str(tmp_path / "download")
+    assert cli_main(["import", url, "--to", out, "--max-bytes", "1000"]) == 1
+    assert "over the limit of 1,000 bytes; raise max_bytes (mmjobs import --max-bytes N)" in (
+        capsys.readouterr().err)
+
+
+def test_import_errors_escape_control_characters_in_member_names(server, tmp_path, capsys):
+    evil = "x\n\x1b[2J\x1b]0;pwned\x07.txt"
+    server.files["set.tar.gz"] = tar_with_duplicates([(evil, b"1"), (evil, b"2")])
+    assert cli_main(["import", server.url("set.tar.gz"), "--to", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and err.count("\n") == 1
+    assert "member 'x\\n\\x1b[2J\\x1b]0;pwned\\x07.txt' appears more than once" in err
+
+
 # --------------------------------------------------------------------------- Hugging Face hub
 
 
@@ -284,6 +357,37 @@ def test_plain_folders_and_single_files_from_the_store(s3_bucket, tmp_path):
     assert not storage.is_committed(tmp_path / "bad")
     with pytest.raises(storage.StoreNotFoundError, match="import source not found"):
         run(f"s3://{s3_bucket}/nothing-here", tmp_path / "none")
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_a_plain_folder_with_a_link_out_of_it_is_refused_naming_the_link(tmp_path, capsys, kind):
+    secret = tmp_path / "outside" / "credentials.txt"
+    secret.parent.mkdir()
+    secret.write_bytes(b"AWS_SECRET_ACCESS_KEY=not-for-the-store")
+    raw = tmp_path / "raw"
+    (raw / "imgs").mkdir(parents=True)
+    (raw / "ann.json").write_text("[]")
+    link = raw / "imgs" / "1.png"
+    link.symlink_to(secret if kind == "file" else secret.parent)
+    out = tmp_path / "store" / "raw"
+    with pytest.raises(storage.StoreError, match=f"{link}: is a symbolic link"):
+        run(str(raw), out)
+    assert cli_main(["import", str(raw), "--to", str(out)]) == 1
+    assert f"mmjobs import: {link}: is a symbolic link" in capsys.readouterr().err
+    assert not storage.is_committed(out)
+    copies = [Path(d, f) for d, _, files in os.walk(tmp_path) for f in files
+              if not Path(d, f).is_symlink() and Path(d, f) != secret
+              and Path(d, f).read_bytes() == secret.read_bytes()]
+    assert copies == [], "the outside file was copied"
+
+
+def test_a_hub_repo_with_a_reserved_file_name_is_refused(hub_cache, tmp_path):
+    fake_hub_cache(hub_cache, "org/odd", "model", {**MODEL_FILES, "_MANIFEST.json": b"{}"})
+    with pytest.raises(FetchError, match=r"a file '_MANIFEST\.json', a name the store reserves.*"
+                                         r"--exclude '_MANIFEST\.json'"):
+        run("hf://org/odd", tmp_path / "odd")
+    run("hf://org/odd", tmp_path / "odd", exclude=["_MANIFEST.json"])
+    assert committed_files(tmp_path / "odd") == MODEL_FILES
 
 
 # --------------------------------------------------------------------------- config + CLI

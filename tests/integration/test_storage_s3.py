@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mmjobs import storage
+from mmjobs.cli import main as cli_main
 from mmjobs.storage import IncompleteDirectoryError, IntegrityError, StoreError
 from tests.servers import FaultProxy
 from tests.unit.test_storage_local import make_tree, read_tree
@@ -55,9 +56,9 @@ def _upload_then_die(src: str, uri: str, env: dict[str, str]) -> None:
     real_put = st.put_file
     done = 0
 
-    def put_and_count(local, target):
+    def put_and_count(local, target, **kwargs):
         nonlocal done
-        real_put(local, target)
+        real_put(local, target, **kwargs)
         done += 1
         if done == 2:
             os._exit(9)  # SIGKILL-like: no cleanup, no manifest
@@ -119,6 +120,10 @@ def test_streaming_read_and_write(s3_bucket):
 def test_hundred_operations_through_ten_percent_faults_all_succeed(tmp_path, s3_bucket,
                                                                    monkeypatch):
     rng = random.Random(7)
+    # Fast backoff, and botocore's standard mode: the default adaptive mode rate-limits the
+    # client after the injected SlowDowns, which only makes this test ~25 s slower.
+    monkeypatch.setenv("MMJOBS_STORE_RETRY_BACKOFF_S", "0.05")
+    monkeypatch.setenv("AWS_RETRY_MODE", "standard")
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"], fault_rate=0.10, seed=11) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
         expected: dict[str, bytes] = {}
@@ -152,3 +157,150 @@ def test_hundred_operations_through_ten_percent_faults_all_succeed(tmp_path, s3_
             assert storage.read_bytes(uri) == data
     assert proxy.requests > 300
     assert all(count > 5 for count in proxy.faults.values()), proxy.faults
+
+
+# --------------------------------------------------------------------------- ls, cp, overwrite
+
+
+def test_store_ls_flags_deleted_and_truncated_objects_and_leftovers(tmp_path, s3_bucket, s3_env,
+                                                                    capsys):
+    src = tmp_path / "src"
+    make_tree(src)
+    uri = f"s3://{s3_bucket}/damaged"
+    storage.put_dir(src, uri)
+    assert cli_main(["store", "ls", uri]) == 0
+    assert "— committed: all 4 files its manifest lists are there" in capsys.readouterr().out
+    client = s3_env.client()
+    client.delete_object(Bucket=s3_bucket, Key="damaged/a.txt")
+    body = client.get_object(Bucket=s3_bucket, Key="damaged/sub/b.bin")["Body"].read()
+    client.put_object(Bucket=s3_bucket, Key="damaged/sub/b.bin", Body=body[:100])
+    client.put_object(Bucket=s3_bucket, Key="damaged/stray.txt", Body=b"?")
+    assert cli_main(["store", "ls", uri]) == 1
+    out = capsys.readouterr().out
+    assert "           -  a.txt  <- listed in the manifest but missing" in out
+    assert "         100  sub/b.bin  <- size 100 != manifest 3000 (truncated or corrupt)" in out
+    assert "stray.txt  <- not in the manifest: a leftover" in out
+    assert "DAMAGED: 2 of the 4 files" in out and "committed:" not in out
+    check = storage.check_dir(uri)
+    assert not check.committed and set(check.problems) == {"a.txt", "sub/b.bin"}
+
+
+def test_store_ls_verify_catches_a_same_size_corruption(tmp_path, s3_bucket, s3_env, capsys):
+    src = tmp_path / "src"
+    make_tree(src)
+    uri = f"s3://{s3_bucket}/flipped"
+    storage.put_dir(src, uri)
+    client = s3_env.client()
+    data = client.get_object(Bucket=s3_bucket, Key="flipped/sub/b.bin")["Body"].read()
+    client.put_object(Bucket=s3_bucket, Key="flipped/sub/b.bin", Body=b"X" + data[1:])
+    assert cli_main(["store", "ls", uri]) == 0  # sizes only: cannot see it
+    assert cli_main(["store", "ls", "--verify", uri]) == 1
+    assert "sub/b.bin  <- sha256 " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_single_file_copy_of_a_damaged_object_fails_and_writes_nothing(tmp_path, s3_bucket,
+                                                                       s3_env, capsys, damage):
+    src = tmp_path / "src"
+    make_tree(src)
+    uri = f"s3://{s3_bucket}/single"
+    storage.put_dir(src, uri)
+    assert cli_main(["store", "cp", f"{uri}/sub/b.bin", str(tmp_path / "good.bin")]) == 0
+    assert "size and sha256 match the manifest of " + uri in capsys.readouterr().out
+    client = s3_env.client()
+    data = client.get_object(Bucket=s3_bucket, Key="single/sub/b.bin")["Body"].read()
+    bad = b"X" + data[1:] if damage == "flip" else data[:100]
+    client.put_object(Bucket=s3_bucket, Key="single/sub/b.bin", Body=bad)  # no sha256 metadata
+    for dst in (tmp_path / "copy.bin", f"s3://{s3_bucket}/elsewhere/b.bin"):
+        assert cli_main(["store", "cp", f"{uri}/sub/b.bin", str(dst)]) == 1
+        err = capsys.readouterr().err
+        assert f"{uri}/sub/b.bin: " in err and f"of {uri}; not copied" in err
+        assert ("sha256" if damage == "flip" else "size 100 != manifest 3000") in err
+        assert not storage.exists(dst)
+
+
+def test_a_single_object_is_checked_against_its_recorded_sha256(tmp_path, s3_bucket, s3_env):
+    uri = f"s3://{s3_bucket}/loose/blob.bin"
+    storage.write_bytes(uri, b"payload")
+    assert "match those recorded when it was uploaded" in storage.copy(uri, tmp_path / "ok")
+    good = s3_env.client().head_object(Bucket=s3_bucket, Key="loose/blob.bin")["Metadata"]
+    s3_env.client().put_object(Bucket=s3_bucket, Key="loose/blob.bin", Body=b"paylXad",
+                               Metadata=good)  # bytes rotted under an intact record
+    with pytest.raises(IntegrityError, match=f"{uri}: sha256 .* recorded when it was uploaded"):
+        storage.copy(uri, tmp_path / "bad")
+    with pytest.raises(IntegrityError, match="recorded when it was written"):
+        storage.read_bytes(uri)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_overwriting_with_a_smaller_directory_leaves_no_stale_objects(tmp_path, s3_bucket,
+                                                                      capsys):
+    big, small = tmp_path / "big", tmp_path / "small"
+    make_tree(big)
+    (small / "sub").mkdir(parents=True)
+    (small / "sub" / "b.bin").write_bytes(b"new")
+    uri = f"s3://{s3_bucket}/overwrite"
+    storage.put_dir(big, uri)
+    storage.put_dir(small, uri)
+    assert [o.relpath for o in storage.list_objects(uri)] == ["_MANIFEST.json", "sub/b.bin"]
+    assert cli_main(["store", "ls", uri]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("1 objects, 3 bytes — committed: all 1 files its manifest lists are "
+                        "there, checked by size (--verify also checks sha256)\n")
+
+
+def test_a_crash_mid_overwrite_never_reads_as_committed(tmp_path, s3_bucket, s3_env):
+    big, small = tmp_path / "big", tmp_path / "small"
+    make_tree(big)
+    small.mkdir()
+    (small / "a.txt").write_bytes(b"new")
+    uri = f"s3://{s3_bucket}/crash"
+    storage.put_dir(big, uri)
+    # Killed after the new files went up and the old ones were deleted, before the manifest.
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_overwrite_then_die, args=(str(small), uri, s3_env.env()))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 9
+    check = storage.check_dir(uri)
+    assert check.manifest is None and not check.committed
+    assert [o.relpath for o in check.objects] == ["a.txt"]
+    storage.put_dir(small, uri)  # the re-run commits exactly the new contents
+    assert storage.check_dir(uri, checksums=True).committed
+
+
+def _overwrite_then_die(src: str, uri: str, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    from mmjobs import storage as st
+
+    def die(*_args, **_kwargs):
+        os._exit(9)
+
+    st.write_text = die  # the manifest is the only text put_dir writes
+    st.put_dir(src, uri)
+
+
+def test_writing_over_a_prefix_that_holds_another_committed_directory_is_refused(tmp_path,
+                                                                                 s3_bucket):
+    src = tmp_path / "src"
+    files = make_tree(src)
+    storage.put_dir(src, f"s3://{s3_bucket}/models/llava")
+    with pytest.raises(StoreError, match=f"s3://{s3_bucket}/models: holds another committed "
+                                         f"directory, s3://{s3_bucket}/models/llava"):
+        storage.put_dir(src, f"s3://{s3_bucket}/models")
+    assert storage.check_dir(f"s3://{s3_bucket}/models/llava", checksums=True).committed
+    assert len(list(storage.list_objects(f"s3://{s3_bucket}/models"))) == len(files) + 1
+
+
+def test_control_characters_in_names_are_escaped_in_store_ls(tmp_path, s3_bucket, capsys):
+    # moto cannot store a newline in a key (real S3 can): the local test covers newlines.
+    names = ["ansi\x1b[31mred\x1b[0m.txt", "cr\rfake.txt", "csi\x9b2J.txt", "bidi\u202etxt.exe"]
+    for name in names:
+        storage.write_bytes(f"s3://{s3_bucket}/odd/{name}", b"x")
+    assert cli_main(["store", "ls", f"s3://{s3_bucket}/odd"]) == 0
+    out = capsys.readouterr().out
+    for raw in ("\x1b", "\r", "\x9b", "\u202e"):
+        assert raw not in out
+    for shown in ("ansi\\x1b[31mred\\x1b[0m.txt", "cr\\rfake.txt", "csi\\x9b2J.txt",
+                  "bidi\\u202etxt.exe"):
+        assert f"  {shown}\n" in out

@@ -82,3 +82,21 @@ def test_tracking_flush_delivers_a_spool_left_by_an_outage(capsys):
     assert [(m.step, m.value) for m in client.get_metric_history(delivered.info.run_id, "loss")] \
         == [(3, 1.5)]
     assert delivered.info.status == "FINISHED"
+
+
+def test_store_output_escapes_control_characters_in_names(tmp_path, capsys):
+    src = tmp_path / "raw"
+    src.mkdir()
+    (src / "two\nlines  <- not in the manifest").write_text("x")
+    (src / "red\x1b[31m\x07.txt").write_text("y")
+    dst = tmp_path / "store" / "odd\x1b]0;title\x07"
+    assert main(["store", "cp", "--uncommitted", str(src), str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "odd\\x1b]0;title\\x07" in out
+    assert main(["store", "ls", str(dst)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["           1  red\\x1b[31m\\x07.txt",
+                         "           1  two\\nlines  <- not in the manifest"]
+    assert lines[2].startswith("2 objects, 2 bytes — committed") and len(lines) == 3
+    assert main(["store", "ls", str(tmp_path / "no\nsuch")]) == 1
+    assert capsys.readouterr().out == f"{tmp_path}/no\\nsuch: no objects there\n"

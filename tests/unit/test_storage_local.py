@@ -136,3 +136,96 @@ def test_list_objects_is_recursive_and_sorted(tmp_path):
     listed = list(storage.list_objects(tmp_path / "t"))
     assert [o.relpath for o in listed] == sorted(files)
     assert {o.relpath: o.size for o in listed} == {k: len(v) for k, v in files.items()}
+
+
+def test_overwrite_with_a_smaller_tree_deletes_the_old_files_and_folders(tmp_path):
+    big, small, store = tmp_path / "big", tmp_path / "small", tmp_path / "store" / "ds"
+    make_tree(big)
+    small.mkdir()
+    (small / "a.txt").write_bytes(b"new")
+    storage.put_dir(big, store)
+    (store / ".a.txt.x1y2.part").write_bytes(b"left by a killed writer")
+    storage.put_dir(small, store)
+    assert sorted(p.relative_to(store).as_posix() for p in store.rglob("*")) == [
+        "_MANIFEST.json", "a.txt"]
+    assert storage.check_dir(store, checksums=True).committed
+
+
+def test_check_dir_reports_missing_wrong_and_extra_objects(tmp_path):
+    src, store = tmp_path / "src", tmp_path / "store" / "ds"
+    make_tree(src)
+    storage.put_dir(src, store)
+    (store / "a.txt").unlink()
+    (store / "sub" / "b.bin").write_bytes(b"short")
+    (store / "sub" / "deeper" / "c.json").write_bytes(b'{"k": 2}')  # same size, other bytes
+    (store / "new.txt").write_bytes(b"added later")
+    check = storage.check_dir(store)
+    assert check.problems == {"a.txt": "listed in the manifest but missing",
+                              "sub/b.bin": "size 5 != manifest 3000 (truncated or corrupt)"}
+    assert check.extras == ["new.txt"] and not check.committed
+    assert "sha256" in storage.check_dir(store, checksums=True).problems["sub/deeper/c.json"]
+    assert storage.check_dir(tmp_path / "src").manifest is None
+
+
+@pytest.mark.parametrize("kind", ["file-link", "dir-link", "fifo"])
+def test_links_and_special_files_are_never_copied_out_of_a_folder(tmp_path, kind):
+    secret = tmp_path / "outside" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("not yours")
+    raw = tmp_path / "raw"
+    (raw / "sub").mkdir(parents=True)
+    (raw / "ok.txt").write_text("fine")
+    bad = raw / "sub" / "innocent.txt"
+    if kind == "file-link":
+        bad.symlink_to(secret)
+    elif kind == "dir-link":
+        bad.symlink_to(secret.parent, target_is_directory=True)
+    else:
+        os.mkfifo(bad)
+    why = "is a symbolic link" if kind != "fifo" else "is a device, FIFO or socket"
+    with pytest.raises(StoreError, match=f"{bad}: {why}"):
+        storage.copy_uncommitted(raw, tmp_path / "copy")
+    with pytest.raises(StoreError, match=f"{bad}: {why}"):
+        storage.put_dir(raw, tmp_path / "put")
+    assert not (tmp_path / "copy").exists() and not (tmp_path / "put").exists()
+
+
+def test_a_nested_manifest_name_is_refused_not_dropped(tmp_path):
+    raw = tmp_path / "raw"
+    (raw / "sub").mkdir(parents=True)
+    (raw / "sub" / "_MANIFEST.json").write_text("{}")
+    with pytest.raises(StoreError, match=r"sub/_MANIFEST\.json: _MANIFEST\.json is a name the "
+                                         "store reserves"):
+        storage.copy_uncommitted(raw, tmp_path / "copy")
+    assert not storage.is_committed(tmp_path / "copy")
+
+
+def test_a_name_no_manifest_can_hold_is_refused_before_writing(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "back\\slash").write_text("x")
+    with pytest.raises(StoreError, match=r"back\\slash: has a backslash in its name"):
+        storage.put_dir(raw, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_single_file_copy_checks_the_enclosing_manifest(tmp_path):
+    src, store = tmp_path / "src", tmp_path / "store" / "ds"
+    make_tree(src)
+    storage.put_dir(src, store)
+    summary = storage.copy(store / "sub" / "deeper" / "c.json", tmp_path / "c.json")
+    assert summary.endswith(f"size and sha256 match the manifest of {store}")
+    (store / "sub" / "deeper" / "c.json").write_bytes(b'{"k": 2}')
+    with pytest.raises(IntegrityError, match=f"sha256 .* != manifest .* of {store}; not copied"):
+        storage.copy(store / "sub" / "deeper" / "c.json", tmp_path / "c2.json")
+    assert not (tmp_path / "c2.json").exists()
+    (store / "late.txt").write_text("added after the commit")
+    assert "WARNING: not listed in the manifest" in storage.copy(store / "late.txt",
+                                                                 tmp_path / "late.txt")
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan"])
+def test_a_bad_retry_setting_names_the_variable(monkeypatch, tmp_path, value):
+    monkeypatch.setenv("MMJOBS_STORE_RETRY_DEADLINE_S", value)
+    with pytest.raises(StoreError, match=f"MMJOBS_STORE_RETRY_DEADLINE_S='{value}': expected"):
+        storage.read_bytes(tmp_path / "x")

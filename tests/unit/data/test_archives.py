@@ -228,3 +228,17 @@ def test_not_an_archive(tmp_path):
     with pytest.raises(ArchiveError, match=re.escape(
             "junk.tar.gz: cannot read or extract the archive")):
         extract_archive(path, tmp_path / "out")
+
+
+def test_limit_errors_name_the_callers_option_and_repeated_folders_are_fine(tmp_path):
+    folder = tarfile.TarInfo("data")
+    folder.type = tarfile.DIRTYPE
+    archive = make_tar(tmp_path / "d.tar", [(folder, None), (folder, None),
+                                            file_member("data/a"), file_member("data/b")])
+    assert extract_archive(archive, tmp_path / "ok").files == 2  # `tar -r` repeats folders
+    # The default hint names the prepare stage's option.
+    with pytest.raises(UnsafeArchiveError, match="raise max_archive_members; refusing"):
+        extract_archive(archive, tmp_path / "out", max_members=3)
+    with pytest.raises(UnsafeArchiveError, match=r"raise --limit-bytes \(the caller's\); "):
+        extract_archive(archive, tmp_path / "out", max_total_bytes=1,
+                        bytes_option="--limit-bytes (the caller's)")

@@ -221,7 +221,7 @@ def test_transient_statuses_are_retried_and_others_fail_at_once(server, tmp_path
 
 
 def test_max_bytes_refuses_a_large_file_before_reading_it(server, tmp_path):
-    with pytest.raises(SizeLimitError, match="over max_bytes 1,000"):
+    with pytest.raises(SizeLimitError, match="over the limit of 1,000 bytes; raise max_bytes if"):
         download(server.url("data.bin"), tmp_path / "data.bin", max_bytes=1000)
 
 

@@ -75,6 +75,7 @@ from mmjobs.storage_objects import (  # noqa: F401 - re-exported: the store's pu
     read_text,
     safe_relpath,
     sha256_file,
+    stat_object,
     write_bytes,
     write_text,
 )

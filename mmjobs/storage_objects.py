@@ -99,6 +99,19 @@ def exists(uri: str | os.PathLike) -> bool:
                                        limit=1))
 
 
+def stat_object(uri: str | os.PathLike) -> dict[str, int | str] | None:
+    """Size and identity of a single S3 object (`size`, `etag`, `sha256` when recorded), or
+    None when `uri` is not an object (a prefix, or nothing). Local paths: None."""
+    loc = parse(uri)
+    if loc.scheme == "file":
+        return None
+    head = storage_s3.head(loc.bucket, loc.key, str(loc))
+    if head is None:
+        return None
+    return {"size": int(head.get("ContentLength", -1)), "etag": head.get("ETag", ""),
+            "sha256": head.get("Metadata", {}).get("sha256", "")}
+
+
 def put_file(local: str | os.PathLike, uri: str | os.PathLike, *,
              sha256: str | None = None) -> None:
     """Copy a local file to `uri` (atomically for local targets; in parts for large S3 files).

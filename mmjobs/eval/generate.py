@@ -13,7 +13,6 @@ output up to floating-point ties (tests/unit/eval/test_generate.py checks it on 
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -78,10 +77,10 @@ def trim_at_stop(text: str, stop_strings: Sequence[str]) -> str:
 
 def load_image(uri: str | os.PathLike) -> Image.Image:
     """Read an image from the store (local path or s3://) as RGB."""
-    from PIL import Image
+    from mmjobs.data.images import decode_rgb
 
-    with Image.open(io.BytesIO(storage.read_bytes(uri))) as image:
-        return image.convert("RGB")
+    # The same conversion as training (16-bit scaled, transparency over white).
+    return decode_rgb(storage.read_bytes(uri))
 
 
 class Generator:

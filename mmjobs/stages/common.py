@@ -83,8 +83,14 @@ def input_fingerprint(uri: str) -> str:
     if loc.scheme == "file" and Path(loc.key).is_dir():
         # Raw source folders (annotation dumps) are fingerprinted by names and sizes.
         return fingerprint([(o.relpath, o.size) for o in storage.list_objects(uri)])
+    if loc.scheme == "s3":
+        # A single object: its size and ETag (a prefix lists as `uri/`, so it would never
+        # change the fingerprint and a changed input file would silently reuse old outputs).
+        head = storage.stat_object(uri)
+        if head is not None:
+            return fingerprint(head)
     if storage.exists(uri):
-        objs = list(storage.list_objects(uri)) or [storage.ObjectInfo(uri, "", -1)]
+        objs = list(storage.list_objects(uri))
         return fingerprint([(o.relpath, o.size) for o in objs])
     raise storage.StoreNotFoundError(f"{uri}: input not found")
 

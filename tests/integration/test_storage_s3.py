@@ -304,3 +304,15 @@ def test_control_characters_in_names_are_escaped_in_store_ls(tmp_path, s3_bucket
     for shown in ("ansi\\x1b[31mred\\x1b[0m.txt", "cr\\rfake.txt", "csi\\x9b2J.txt",
                   "bidi\\u202etxt.exe"):
         assert f"  {shown}\n" in out
+
+
+def test_a_changed_single_s3_input_file_changes_the_stage_input_fingerprint(s3_bucket):
+    # A stage whose input is one S3 object must not reuse outputs made from its old content.
+    from mmjobs.stages.common import input_fingerprint
+
+    uri = f"s3://{s3_bucket}/raw/mix.json"
+    storage.write_bytes(uri, b'[{"id": "a"}]')
+    before = input_fingerprint(uri)
+    assert input_fingerprint(uri) == before
+    storage.write_bytes(uri, b'[{"id": "b"}]')  # same size, other bytes
+    assert input_fingerprint(uri) != before

@@ -153,16 +153,20 @@ class RowStops:
             for row, new in zip(self._ids, input_ids[:, self.prompt_len + seen:].tolist(),
                                 strict=True):
                 row.extend(new)
-            for i, text in enumerate(self._new_text()):
+            for i, (text, pending) in enumerate(self._new_text()):
                 window = self._tail[i] + text
-                done[i] = done[i] or any(s in window for s in self.stops)
-                self._tail[i] = window[len(window) - self._keep:] if self._keep else ""
+                done[i] = done[i] or any(s in window + pending for s in self.stops)
+                self._tail[i] = window[-self._keep:] if self._keep else ""
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-    def _new_text(self) -> list[str]:
-        """Per row, the text its tokens since the last call add ("" while it is half a
-        character): decode(prefix..end) minus decode(prefix..read), so tokenizers that decode
-        a token differently after others (SentencePiece spaces) still add up right."""
+    def _new_text(self) -> list[tuple[str, str]]:
+        """Per row, the text its tokens since the last call add, and text not final yet.
+
+        The new text is decode(prefix..end) minus decode(prefix..read), so tokenizers that
+        decode a token differently after others (SentencePiece spaces) still add up right.
+        While it ends in half a character it is not final: the whole characters before are
+        returned as pending (looked at, not kept), and the same tokens are decoded again next
+        step."""
         rows = range(len(self._ids))
         before = self.tokenizer.batch_decode(
             [self._ids[i][self._prefix[i]:self._read[i]] for i in rows], skip_special_tokens=True)
@@ -175,10 +179,10 @@ class RowStops:
             pending = len(self._ids[i]) - self._read[i]
             if len(after[i]) > len(before[i]) and (not after[i].endswith("\ufffd")
                                                    or pending > _MAX_PENDING):
-                texts.append(after[i][len(before[i]):])
+                texts.append((after[i][len(before[i]):], ""))
                 self._prefix[i], self._read[i] = self._read[i], len(self._ids[i])
             else:
-                texts.append("")
+                texts.append(("", after[i].rstrip("\ufffd")[len(before[i]):]))
         return texts
 
 

@@ -138,7 +138,8 @@ class Admission:
                 "max_prompt_tokens": self.max_prompt_tokens}
 
     async def admit(self, chat: ChatRequest) -> Admitted:
-        """Check `chat` against the limits and decode its images (see the module docstring).
+        """Check `chat` against the limits and decode its images (see the module docstring);
+        `chat.image_refs` is emptied once they are decoded.
 
         Raises:
             APIError: 400 (prompt too long, bad image) or 413 (image sizes).
@@ -159,6 +160,9 @@ class Admission:
             if lower > budget:  # refused before any image is decoded
                 self._refuse(lower, budget, why, at_least=True)
             prompt.images = await self._images(chat.image_refs)
+            # The data URLs (up to max_request_bytes) are not needed once decoded; the request
+            # object lives until its answer is sent, so it must not keep them while queued.
+            chat.image_refs = []
         tokens = await run_in_threadpool(self._count, text, prompt.images)
         if tokens > budget:
             self._refuse(tokens, budget, why)

@@ -196,6 +196,7 @@ class BatchWorker:
         for job in live:
             groups.setdefault(job.settings, []).append(job)
         for settings, jobs in groups.items():
+            self.metrics.running.set(len(jobs))
             try:
                 results = self._generator(settings).run([j.prompt for j in jobs],
                                                         [j.cancelled for j in jobs])
@@ -214,6 +215,8 @@ class BatchWorker:
                         log.exception("generation failed")
                         self._fail(job, err)
                 continue
+            finally:
+                self.metrics.running.set(0)
             self.metrics.batch_size.observe(len(jobs))
             for job, result in zip(jobs, results, strict=True):
                 self._finish(job, result, None)
@@ -224,6 +227,7 @@ class BatchWorker:
                 or not job.future.set_running_or_notify_cancel()):
             self.metrics.cancelled.inc()
             return
+        self.metrics.running.set(1)
         try:
             result = self._generator(job.settings).stream(
                 job.prompt, lambda delta: channel.put("delta", delta), job.cancelled)
@@ -231,6 +235,8 @@ class BatchWorker:
             log.exception("streamed generation failed")
             self._fail(job, e)
             return
+        finally:
+            self.metrics.running.set(0)
         self._finish(job, result, 1)
 
     def _finish(self, job: Job, result: GenerationResult, batch_size: int | None) -> None:

@@ -60,18 +60,21 @@ class ServerProcess:
         settings: more `--set` fields (e.g. limits).
         log: where the server's stderr goes.
         name: the served model name.
+        python, cwd: the interpreter and checkout to run (default: this one), e.g. another
+            worktree's, to compare versions in a bench.
     """
 
     def __init__(self, model_dir: Path, settings: dict[str, Any], log: Path,
-                 name: str = "tiny-llava") -> None:
+                 name: str = "tiny-llava", *, python: str = sys.executable,
+                 cwd: Path = ROOT) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         sets = {"model": model_dir, "port": self.port, "served_model_name": name,
                 "log_level": "warning", **settings}
         args = [a for key, value in sets.items() for a in ("--set", f"{key}={value}")]
-        self.proc = subprocess.Popen([sys.executable, "-m", "mmjobs.stages.serve", *args],
-                                     cwd=ROOT, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([python, "-m", "mmjobs.stages.serve", *args],
+                                     cwd=cwd, stdout=subprocess.DEVNULL,
                                      stderr=log.open("wb"), start_new_session=True)
 
     @property

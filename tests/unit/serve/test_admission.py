@@ -65,6 +65,7 @@ def test_the_count_is_what_the_worker_encodes(loaded):
     admitted = admit(admission, request)
     # Scaled down at once: the shorter side to the processor's 56, as it would resize.
     assert admitted.prompt.images[0].size == (74, 56)
+    assert request.image_refs == []  # the data URL is not kept while the job waits
     gen = ServeGenerator(loaded, max_new_tokens=2)
     full = PromptInput(request.turns, [Image.open(io.BytesIO(picture((640, 480))))])
     assert admitted.prompt_tokens == gen.run([full])[0].prompt_tokens

@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                                python=args.server_python, cwd=args.server_root) as server:
                 print(f"hostile clients, default limits (server from {args.server_root})")
                 hostile(server, args.image_requests, args.images)
+            stop_string_cost(model_dir)
     if len(results) > 1:
         first, last = results[sizes[0]], results[sizes[-1]]
         print(f"  throughput max_batch_size={sizes[-1]} vs {sizes[0]}: "
@@ -184,6 +185,36 @@ def hostile(server: ServerProcess, image_requests: int, images: int) -> None:
     print(f"  16-token answers: {statistics.median(plain) * 1000:.0f} ms without stop strings, "
           f"{statistics.median(with_stops) * 1000:.0f} ms with 4 new stop strings of ~120 "
           "characters (medians of 9)")
+
+
+def stop_string_cost(model_dir: Path) -> None:
+    """In this process, interleaved: a 16-token answer with no stop strings, with 4 new ones
+    matched by transformers' StopStringCriteria (what the server used before), and by the
+    server's RowStops; then one 20,000-character stop string each way."""
+    from mmjobs.eval.generate import Generator, PromptInput, load_for_inference
+    from mmjobs.serve.engine import ServeGenerator
+
+    loaded = load_for_inference(str(model_dir))
+    prompt = [PromptInput([{"role": "user", "content": "What is the largest bar?"}])]
+    times: dict[str, list[float]] = {"none": [], "transformers": [], "RowStops": []}
+
+    def once(name: str, stops: list[str]) -> float:
+        kind = Generator if name == "transformers" else ServeGenerator
+        gen = kind(loaded, max_new_tokens=16, stop_strings=stops)
+        start = time.perf_counter()
+        gen.generate(prompt)
+        return time.perf_counter() - start
+
+    for k in range(15):
+        stops = [f"{k}{j}{time.time_ns()}" + "가" * 100 for j in range(4)]  # new every time
+        for name in times:
+            times[name].append(once(name, [] if name == "none" else stops))
+    medians = ", ".join(f"{name} {statistics.median(t) * 1000:.0f} ms" for name, t in times.items())
+    print(f"stop strings, in-process (vocabulary {len(loaded.processor.tokenizer)}): 16-token "
+          f"answers with 4 new ~120-character stop strings: {medians} (medians of 15)")
+    big = ["x" * 20_000]
+    print(f"  one 20,000-character stop string: transformers {once('transformers', big):.2f} s, "
+          f"RowStops {once('RowStops', big):.2f} s (the server now refuses it: max_stop_chars)")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import re
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 
 from mmjobs import __version__
@@ -408,12 +409,17 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(p)
     p.set_defaults(func=cmd_import)
 
+    from mmjobs.serve.limits import limits_help  # dataclasses only: cheap to import
+
     p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible API with a "
                                      "chat page (stage serve; Ctrl-C stops it)",
-                       description="Serve MODEL_URI (merged, or base + --adapter): POST "
-                                   "/v1/chat/completions, GET /v1/models, the chat page at /, "
-                                   "/healthz, /readyz, /metrics. More settings: --set, e.g. "
-                                   "--set max_batch_size=16 --set allow_image_urls=true.")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=textwrap.fill(
+                           "Serve MODEL_URI (merged, or base + --adapter): POST "
+                           "/v1/chat/completions, GET /v1/models, the chat page at /, "
+                           "/healthz, /readyz, /metrics. More settings: --set, e.g. "
+                           "--set max_batch_size=16 --set allow_image_urls=true.", 79),
+                       epilog=limits_help())
     p.add_argument("model", metavar="MODEL_URI", help="model dir, s3:// committed dir or hub id")
     p.add_argument("--adapter", metavar="URI", help="LoRA adapter, or a training output "
                    "holding final/adapter")

@@ -14,12 +14,18 @@ Routes:
 The model loads in a background thread after the server starts, so liveness probes pass during
 a long load and `/readyz` tells when to send traffic. Every error is OpenAI's JSON error object
 with a 4xx/5xx status; nothing a client sends stops the server.
+
+A request reaches the single generation worker only after `Admission` has bounded it (prompt
+tokens against the model's context, image pixels, decoded and scaled-down images); a client
+that leaves stops its generation (streaming or not), and a body that stops arriving is a 408.
+`GET /v1/models` reports the limits in force.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import secrets
 import threading
@@ -36,9 +42,9 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mmjobs.eval.generate import PromptInput
 from mmjobs.logs import get_logger
 from mmjobs.models.builder import LoadedModel
+from mmjobs.serve.admission import Admission
 from mmjobs.serve.auth import check_bearer
 from mmjobs.serve.batching import (
     BatchWorker,
@@ -47,9 +53,9 @@ from mmjobs.serve.batching import (
     StreamChannel,
     WorkerStoppedError,
 )
+from mmjobs.serve.connection import read_body, wait_disconnected
 from mmjobs.serve.engine import GenerationResult, Settings
-from mmjobs.serve.images import load_image_ref
-from mmjobs.serve.limits import Limits
+from mmjobs.serve.limits import ConnectionLimits, Limits
 from mmjobs.serve.metrics import CONTENT_TYPE, ServeMetrics
 from mmjobs.serve.page import render_page
 from mmjobs.serve.protocol import (
@@ -58,6 +64,7 @@ from mmjobs.serve.protocol import (
     chunk,
     completion,
     error_body,
+    load_json,
     new_id,
     parse_chat_request,
     usage,
@@ -67,10 +74,7 @@ __all__ = ["ServeOptions", "create_app"]
 
 log = get_logger(__name__)
 _ROUTES = ("/", "/healthz", "/readyz", "/metrics", "/v1/models", "/v1/chat/completions")
-# Bytes of an oversized body read (and dropped) before answering 413: a client that sends the
-# whole body before reading the answer then sees the 413 instead of a reset connection.
-_DRAIN_LIMIT = 64 * 1024 * 1024
-_DECODE_SLOTS = 4
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection" (in /metrics)
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,8 @@ class ServeOptions:
     Attributes:
         model_name: the name clients send as `model`; others get 404.
         limits: request limits.
+        connections: the connection limits the server runs with (uvicorn enforces them;
+            here only to show them at `GET /v1/models`).
         api_key: the bearer token clients must send (None: no auth). The value itself, read
             from the environment by the caller; it is never logged or shown.
         max_batch_size, batch_wait_ms, max_queue: see `BatchWorker`.
@@ -87,6 +93,7 @@ class ServeOptions:
 
     model_name: str
     limits: Limits = field(default_factory=Limits)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     api_key: str | None = field(default=None, repr=False)
     max_batch_size: int = 8
     batch_wait_ms: float = 10.0
@@ -97,6 +104,7 @@ class _State:
 
     def __init__(self) -> None:
         self.worker: BatchWorker | None = None
+        self.admission: Admission | None = None
         self.load_error: str | None = None
         self.closed = False
         self.started = int(time.time())
@@ -120,12 +128,12 @@ def create_app(load: Callable[[], LoadedModel], options: ServeOptions, *,
     state = _State()
     metrics = metrics or ServeMetrics()
     limits = options.limits
-    # Decoded images are large (a 20 MP image is 60 MB as RGB): a few requests decode at a time.
-    decode_slots = asyncio.Semaphore(_DECODE_SLOTS)
 
     def load_in_background() -> None:
         try:
-            worker = BatchWorker(load(), max_batch_size=options.max_batch_size,
+            loaded = load()
+            admission = Admission(loaded, limits)
+            worker = BatchWorker(loaded, max_batch_size=options.max_batch_size,
                                  batch_wait_ms=options.batch_wait_ms,
                                  max_queue=limits.max_queue, metrics=metrics).start()
         except BaseException as e:
@@ -137,7 +145,7 @@ def create_app(load: Callable[[], LoadedModel], options: ServeOptions, *,
         if state.closed:  # shut down while loading
             worker.stop()
             return
-        state.worker = worker
+        state.admission, state.worker = admission, worker
         metrics.model_ready.set(1)
         log.info("model %r is ready", options.model_name)
 
@@ -151,9 +159,9 @@ def create_app(load: Callable[[], LoadedModel], options: ServeOptions, *,
         if state.worker is not None:
             await run_in_threadpool(state.worker.stop)
 
-    def ready_worker() -> BatchWorker:
-        if state.worker is not None:
-            return state.worker
+    def ready_worker() -> tuple[BatchWorker, Admission]:
+        if state.worker is not None and state.admission is not None:
+            return state.worker, state.admission
         if state.load_error:
             raise APIError(503, f"the model failed to load: {state.load_error}",
                            code="model_load_failed")
@@ -172,26 +180,20 @@ def create_app(load: Callable[[], LoadedModel], options: ServeOptions, *,
     async def chat_completions(request: Request) -> Response:
         # Cheapest checks first: no body is read for a client without the key.
         check_bearer(request.headers.get("authorization"), options.api_key)
-        body = await _read_body(request, limits.max_request_bytes)
-        try:
-            payload = json.loads(body)
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-            raise APIError(400, f"malformed JSON in the request body: {e}",
-                           code="invalid_json") from None
-        chat = parse_chat_request(payload, limits)
+        body = await read_body(request, limits.max_request_bytes, limits.body_timeout_s)
+        chat = parse_chat_request(load_json(body), limits)
+        del body  # the parsed request holds what is needed
         if chat.model != options.model_name:
             raise APIError(404, f"the model {chat.model[:200]!r} does not exist on this "
                            f"server; it serves {options.model_name!r}", code="model_not_found",
                            param="model")
-        worker = ready_worker()
+        worker, admission = ready_worker()
         if chat.image_refs and not worker.takes_images:
             raise APIError(400, f"{options.model_name!r} takes no images (its processor has no "
                            "image processor); send text only", code="images_not_supported")
-        async with decode_slots:
-            images = await run_in_threadpool(
-                lambda: [load_image_ref(url, i, limits) for i, url in enumerate(chat.image_refs)])
-        job = Job(PromptInput(chat.turns, images), Settings.make(
-            chat.max_new_tokens, chat.stop, chat.temperature, chat.top_p, chat.seed))
+        admitted = await admission.admit(chat)
+        job = Job(admitted.prompt, Settings.make(
+            admitted.max_new_tokens, chat.stop, chat.temperature, chat.top_p, chat.seed))
         if chat.stream:
             job.channel = StreamChannel(asyncio.get_running_loop())
             submit(worker, job)
@@ -201,10 +203,12 @@ def create_app(load: Callable[[], LoadedModel], options: ServeOptions, *,
                                               "X-Accel-Buffering": "no"})
         submit(worker, job)
         try:
-            result = await asyncio.wrap_future(job.future)
+            result = await _result_unless_client_leaves(request, job)
         except asyncio.CancelledError:
             job.cancelled.set()
             raise
+        except _ClientLeft:
+            return Response(status_code=CLIENT_CLOSED)  # nobody reads it; /metrics counts it
         except WorkerStoppedError as e:
             raise APIError(503, str(e), code="shutting_down") from None
         except Exception as e:
@@ -215,8 +219,13 @@ def create_app(load: Callable[[], LoadedModel], options: ServeOptions, *,
                                        result.completion_tokens))
 
     def model_card() -> dict[str, Any]:
-        return {"id": options.model_name, "object": "model", "created": state.started,
+        card = {"id": options.model_name, "object": "model", "created": state.started,
                 "owned_by": "mmjobs"}
+        if state.admission is not None:  # the context length is known once the model is
+            card["max_model_len"] = state.admission.context  # the field vLLM uses
+            card["limits"] = {**state.admission.describe(),
+                              **dataclasses.asdict(options.connections)}
+        return card
 
     async def list_models(request: Request) -> Response:
         check_bearer(request.headers.get("authorization"), options.api_key)
@@ -259,9 +268,30 @@ def create_app(load: Callable[[], LoadedModel], options: ServeOptions, *,
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         APIError: _api_error, HTTPException: _http_error, Exception: _server_error})
+    app.add_middleware(_HeaderLimit, limit=options.connections.max_header_bytes)
     app.add_middleware(_MetricsMiddleware, metrics=metrics)
     app.state.serve = state  # for tests and embedding
     return app
+
+
+class _ClientLeft(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
+async def _result_unless_client_leaves(request: Request, job: Job) -> GenerationResult:
+    """The job's result; if the client leaves first, its generation is cancelled (a queued
+    job is skipped, a running row stops at its next token) and `_ClientLeft` is raised."""
+    result = asyncio.ensure_future(asyncio.wrap_future(job.future))
+    left = asyncio.ensure_future(wait_disconnected(request))
+    try:
+        await asyncio.wait({result, left}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+    if not result.done():
+        job.cancelled.set()
+        result.cancel()
+        raise _ClientLeft
+    return result.result()
 
 
 async def _events(job: Job, chat: ChatRequest, model: str) -> AsyncIterator[str]:
@@ -298,35 +328,6 @@ async def _events(job: Job, chat: ChatRequest, model: str) -> AsyncIterator[str]
         job.cancelled.set()  # a client that left stops the generation at the next token
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, or 413 once it exceeds `limit` bytes (declared or received)."""
-    declared = request.headers.get("content-length", "")
-    too_large = APIError(413, f"the request body is over {limit:,} bytes (max_request_bytes); "
-                         "send smaller or fewer images", code="request_too_large")
-    if declared.isdigit() and int(declared) > limit:
-        await _drain(request, int(declared))
-        raise too_large
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            await _drain(request, int(declared) if declared.isdigit() else _DRAIN_LIMIT)
-            raise too_large
-    return bytes(body)
-
-
-async def _drain(request: Request, declared: int) -> None:
-    """Read and drop up to `_DRAIN_LIMIT` bytes of a body we refuse (see `_DRAIN_LIMIT`)."""
-    if declared > _DRAIN_LIMIT:
-        return  # not worth reading: the client will see the connection close
-    dropped = 0
-    with contextlib.suppress(Exception):
-        async for piece in request.stream():
-            dropped += len(piece)
-            if dropped > _DRAIN_LIMIT:
-                return
-
-
 def _page_headers(nonce: str) -> dict[str, str]:
     # The page talks to its own origin only and inlines nothing but its nonce'd script/style.
     csp = (f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
@@ -355,6 +356,31 @@ async def _server_error(_: Request, exc: Exception) -> Response:
     return JSONResponse(error_body(f"internal error: {type(exc).__name__}",
                                    type_="server_error", code="internal_error"),
                         status_code=500)
+
+
+class _HeaderLimit:
+    """431 for requests whose headers are over `limit` bytes.
+
+    uvicorn's h11 limit (`h11_max_incomplete_event_size`) only bounds headers that arrive in
+    pieces; headers that arrive in one read (up to the socket buffer) pass it, so the size is
+    checked again here, where the headers are complete.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = len(scope.get("raw_path", b"")) + len(scope.get("query_string", b"")) + sum(
+                len(name) + len(value) + 4 for name, value in scope["headers"])
+            if size > self.limit:
+                response = JSONResponse(error_body(
+                    f"the request headers are {size:,} bytes; the limit is {self.limit:,} "
+                    "(max_header_bytes)", code="headers_too_large"), status_code=431,
+                    headers={"Connection": "close"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _MetricsMiddleware:

@@ -70,8 +70,8 @@ class Job:
         prompt: the conversation and its decoded images.
         settings: generation settings; jobs with equal settings can share a batch.
         channel: set for streaming jobs (results arrive as events, not on `future`).
-        cancelled: set by the request when its client goes away; the job is skipped or its
-            generation stopped.
+        cancelled: set by the request when its client goes away; the job is skipped, or its
+            row of the batch stops at the next token while the other rows go on.
     """
 
     prompt: PromptInput
@@ -190,12 +190,16 @@ class BatchWorker:
         # Claim each future first: one the client already cancelled is dropped here.
         live = [j for j in batch if not j.cancelled.is_set()
                 and j.future.set_running_or_notify_cancel()]
+        if skipped := len(batch) - len(live):
+            self.metrics.cancelled.inc(skipped)
         groups: dict[Settings, list[Job]] = {}
         for job in live:
             groups.setdefault(job.settings, []).append(job)
         for settings, jobs in groups.items():
+            self.metrics.running.set(len(jobs))
             try:
-                results = self._generator(settings).run([j.prompt for j in jobs])
+                results = self._generator(settings).run([j.prompt for j in jobs],
+                                                        [j.cancelled for j in jobs])
             except Exception as e:
                 if len(jobs) == 1:
                     log.exception("generation failed")
@@ -205,11 +209,14 @@ class BatchWorker:
                 log.warning("a batch of %d failed (%s); retrying one at a time", len(jobs), e)
                 for job in jobs:
                     try:
-                        self._finish(job, self._generator(settings).run([job.prompt])[0], 1)
+                        self._finish(job, self._generator(settings).run(
+                            [job.prompt], [job.cancelled])[0], 1)
                     except Exception as err:
                         log.exception("generation failed")
                         self._fail(job, err)
                 continue
+            finally:
+                self.metrics.running.set(0)
             self.metrics.batch_size.observe(len(jobs))
             for job, result in zip(jobs, results, strict=True):
                 self._finish(job, result, None)
@@ -218,7 +225,9 @@ class BatchWorker:
         channel = job.channel
         if (channel is None or job.cancelled.is_set()
                 or not job.future.set_running_or_notify_cancel()):
+            self.metrics.cancelled.inc()
             return
+        self.metrics.running.set(1)
         try:
             result = self._generator(job.settings).stream(
                 job.prompt, lambda delta: channel.put("delta", delta), job.cancelled)
@@ -226,11 +235,15 @@ class BatchWorker:
             log.exception("streamed generation failed")
             self._fail(job, e)
             return
+        finally:
+            self.metrics.running.set(0)
         self._finish(job, result, 1)
 
     def _finish(self, job: Job, result: GenerationResult, batch_size: int | None) -> None:
         if batch_size is not None:
             self.metrics.batch_size.observe(batch_size)
+        if job.cancelled.is_set():  # its client left while it ran: its row stopped early
+            self.metrics.cancelled.inc()
         self.metrics.prompt_tokens.inc(result.prompt_tokens)
         self.metrics.generated_tokens.inc(result.completion_tokens)
         if job.channel is not None:

@@ -167,8 +167,15 @@ class ServeMetrics:
                                      "Prompt tokens processed (images included).")
         self.generated_tokens = Counter(r, "mmjobs_serve_generated_tokens_total",
                                         "Tokens generated.")
+        self.cancelled = Counter(r, "mmjobs_serve_cancelled_total",
+                                 "Requests whose client left before the answer was complete: "
+                                 "skipped while queued, or their generation stopped at the "
+                                 "next token.")
         self.batch_size = Histogram(r, "mmjobs_serve_batch_size",
                                     "Requests per generate call.", buckets=BATCH_BUCKETS)
+        self.running = Gauge(r, "mmjobs_serve_running_requests",
+                             "Requests in the generate call running now (0: the worker is "
+                             "free).")
         self.queue_depth = Gauge(r, "mmjobs_serve_queue_depth",
                                  "Requests waiting for the generation worker.")
         self.model_ready = Gauge(r, "mmjobs_serve_model_ready",

@@ -8,10 +8,17 @@ Only what a single-model server can honour is accepted: `n` must be 1, and tools
 JSON mode are refused with a 400 naming the field rather than silently ignored. Fields that only
 tune behaviour we do not have (`frequency_penalty`, `user`, `metadata`, ...) are ignored, as
 other OpenAI-compatible servers do, so stock clients work unchanged.
+
+Whatever a client sends is a 4xx, never a 500: JSON nested too deeply for the parser, integers
+out of range, strings holding lone UTF-16 surrogates (valid JSON escapes that no tokenizer or
+UTF-8 encoder accepts), wrong types. Values quoted in error messages are shortened
+(`reprlib`), so a 10 MB field does not come back in the error.
 """
 
 from __future__ import annotations
 
+import json
+import reprlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,7 +27,8 @@ from typing import Any
 from mmjobs.data.records import IMAGE_TOKEN
 from mmjobs.serve.limits import Limits
 
-__all__ = ["APIError", "ChatRequest", "chunk", "completion", "error_body", "parse_chat_request"]
+__all__ = ["APIError", "ChatRequest", "chunk", "completion", "error_body", "load_json",
+           "parse_chat_request"]
 
 # Roles a chat template knows; "developer" is OpenAI's newer name for "system".
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -30,7 +38,10 @@ _UNSUPPORTED = {  # field -> why; sent with a non-default value they would be si
     "logprobs": "logprobs are not supported by this server",
     "top_logprobs": "logprobs are not supported by this server",
 }
-MAX_STOP_STRINGS = 4  # OpenAI's limit
+SEED_RANGE = (-(2**63), 2**63 - 1)  # int64, as OpenAI documents it; torch takes any of these
+_REPR = reprlib.Repr()  # keyword arguments need Python 3.12
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 60, 60, 4, 4
+_REPR.maxlong = 40
 
 
 class APIError(Exception):
@@ -64,6 +75,9 @@ class ChatRequest:
         image_refs: the image URLs (data: or http(s)), in marker order.
         max_new_tokens, temperature, top_p, stop, seed: generation settings. As in OpenAI's
             API, temperature defaults to 1.0 (sampling); 0 means greedy decoding.
+        max_tokens_param: the field that set `max_new_tokens` ("max_tokens" or
+            "max_completion_tokens"), or None when it is the server's default (which the app
+            may shorten to fit the model's context).
         stream, include_usage: SSE streaming, and a final usage chunk in the stream.
     """
 
@@ -71,6 +85,7 @@ class ChatRequest:
     turns: list[dict[str, str]]
     image_refs: list[str] = field(default_factory=list)
     max_new_tokens: int = 256
+    max_tokens_param: str | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
@@ -87,21 +102,60 @@ def _bad(message: str, param: str | None = None, code: str = "invalid_request") 
     return APIError(400, message, param=param, code=code)
 
 
+def show(value: Any) -> str:
+    """A short repr of a client's value for an error message (nesting and length cut)."""
+    return _REPR.repr(value)
+
+
+def load_json(body: bytes) -> Any:
+    """The request body parsed as JSON.
+
+    Raises:
+        APIError: 400 for malformed JSON, text that is not UTF-8, integers too long to convert
+            and nesting deeper than the parser's recursion limit (about 1000 levels).
+    """
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise APIError(400, "the request body's JSON is nested too deeply (over about 1000 "
+                       "levels of arrays/objects); a chat request needs fewer than 10",
+                       code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        raise APIError(400, f"malformed JSON in the request body: {str(e)[:200]}",
+                       code="invalid_json") from None
+
+
+def _string(value: str, where: str) -> str:
+    """`value`, refused if it holds a lone UTF-16 surrogate (JSON allows `\\ud800`; UTF-8,
+    tokenizers and responses do not)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _bad(f"{where} holds a lone UTF-16 surrogate ({value[e.start]!r} at character "
+                   f"{e.start}); send valid Unicode (a JSON \\ud8xx escape must be followed by "
+                   "its \\udcxx pair)", where, code="invalid_unicode") from None
+    return value
+
+
 def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise _bad(f"{name} must be a number in [{low}, {high}], got {value!r}", name)
+        raise _bad(f"{name} must be a number in [{low}, {high}], got {show(value)}", name)
     return float(value)
 
 
-def _integer(body: dict[str, Any], name: str) -> int | None:
+def _integer(body: dict[str, Any], name: str, low: int, high: int,
+             allowed: str = "") -> int | None:
     value = body.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(f"{name} must be an integer, got {value!r}", name)
+        raise _bad(f"{name} must be an integer, got {show(value)}", name)
+    if not low <= value <= high:
+        raise _bad(f"{name}={show(value)} is out of range: "
+                   f"{allowed or f'it must be in [{low}, {high}]'}", name)
     return value
 
 
@@ -117,6 +171,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     if not isinstance(model, str) or not model:
         raise _bad("`model` is required: the served model's name (GET /v1/models lists it)",
                    "model")
+    _string(model, "model")
     for name, why in _UNSUPPORTED.items():
         if body.get(name):
             raise _bad(f"{name}: {why}", name, code="unsupported_parameter")
@@ -125,37 +180,47 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         raise _bad("response_format: only {\"type\": \"text\"} is supported", "response_format",
                    code="unsupported_parameter")
     if body.get("n", 1) != 1:
-        raise _bad(f"n must be 1 (one answer per request), got {body.get('n')!r}", "n")
+        raise _bad(f"n must be 1 (one answer per request), got {show(body.get('n'))}", "n")
     turns, refs = _messages(body.get("messages"), limits)
 
-    max_tokens = _integer(body, "max_completion_tokens")
-    param = "max_completion_tokens"
+    cap = limits.max_new_tokens_cap
+    allowed = f"this server generates 1 to {cap} tokens per answer (max_new_tokens_cap)"
+    param: str | None = "max_completion_tokens"
+    max_tokens = _integer(body, "max_completion_tokens", 1, cap, allowed)
     if max_tokens is None:
-        max_tokens, param = _integer(body, "max_tokens"), "max_tokens"
+        param, max_tokens = "max_tokens", _integer(body, "max_tokens", 1, cap, allowed)
     if max_tokens is None:
-        max_tokens = limits.default_max_new_tokens
-    elif not 1 <= max_tokens <= limits.max_new_tokens_cap:
-        raise _bad(f"{param}={max_tokens} is out of range: this server generates 1 to "
-                   f"{limits.max_new_tokens_cap} tokens per answer", param)
-    stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
-    if (not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS
-            or not all(isinstance(s, str) for s in stops)):
-        raise _bad(f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings",
-                   "stop")
+        param, max_tokens = None, limits.default_max_new_tokens
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise _bad(f"stream must be true or false, got {stream!r}", "stream")
+        raise _bad(f"stream must be true or false, got {show(stream)}", "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise _bad("stream_options must be an object", "stream_options")
     return ChatRequest(
         model=model, turns=turns, image_refs=refs, max_new_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
-        stop=tuple(s for s in stops if s), seed=_integer(body, "seed"), stream=stream,
+        max_tokens_param=param, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 1e-9, 1.0), stop=_stops(body.get("stop"), limits),
+        seed=_integer(body, "seed", *SEED_RANGE), stream=stream,
         include_usage=bool(options.get("include_usage", False)),
     )
+
+
+def _stops(stop: Any, limits: Limits) -> tuple[str, ...]:
+    """`stop` (a string or a list of strings) within the count and length limits."""
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise _bad(f"stop must be a string or a list of strings, got {show(stop)}", "stop")
+    if len(stops) > limits.max_stop_strings:
+        raise _bad(f"stop has {len(stops)} strings; this server takes at most "
+                   f"{limits.max_stop_strings} (max_stop_strings)", "stop", code="stop_too_long")
+    for k, s in enumerate(stops):
+        if len(s) > limits.max_stop_chars:
+            raise _bad(f"stop[{k}] is {len(s):,} characters; this server takes at most "
+                       f"{limits.max_stop_chars} per stop string (max_stop_chars)", "stop",
+                       code="stop_too_long")
+        _string(s, f"stop[{k}]")
+    return tuple(s for s in stops if s)
 
 
 def _messages(messages: Any, limits: Limits) -> tuple[list[dict[str, str]], list[str]]:
@@ -168,10 +233,11 @@ def _messages(messages: Any, limits: Limits) -> tuple[list[dict[str, str]], list
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise _bad(f"{where} must be an object with role and content", where)
-        role = _ROLES.get(message.get("role"))  # type: ignore[arg-type]
+        raw_role = message.get("role")
+        role = _ROLES.get(raw_role) if isinstance(raw_role, str) else None
         if role is None:
-            raise _bad(f"{where}.role must be one of {sorted(_ROLES)}, got "
-                       f"{message.get('role')!r}", f"{where}.role")
+            raise _bad(f"{where}.role must be one of {sorted(_ROLES)}, got {show(raw_role)}",
+                       f"{where}.role")
         text = _content(message.get("content"), role, where, refs, limits)
         if turns and turns[-1]["role"] == role and role != "system":
             turns[-1]["content"] += "\n" + text  # consecutive same-role turns: one turn
@@ -202,6 +268,7 @@ def _content(content: Any, role: str, where: str, refs: list[str], limits: Limit
             url = image.get("url") if isinstance(image, dict) else image
             if not isinstance(url, str) or not url:
                 raise _bad(f"{at}.image_url.url must be a data: URL or an http(s) URL", at)
+            _string(url, f"{at}.image_url.url")
             if role != "user":
                 raise _bad(f"{at}: images are accepted in user messages only", at)
             if len(refs) >= limits.max_images_per_request:
@@ -213,11 +280,12 @@ def _content(content: Any, role: str, where: str, refs: list[str], limits: Limit
         else:
             raise _bad(f"{at} must be {{\"type\": \"text\", \"text\": ...}} or "
                        f"{{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}; got "
-                       f"type {kind!r}", at)
+                       f"type {show(kind)}", at)
     return "".join(pieces)
 
 
 def _text(text: str, where: str) -> str:
+    _string(text, where)
     # The marker is how images are placed; text holding it would shift every image.
     if IMAGE_TOKEN in text:
         raise _bad(f"{where}: text may not contain {IMAGE_TOKEN!r} (the model's image marker); "

@@ -18,6 +18,7 @@ when it stops) says where it served and how many requests it answered.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import signal
 import sys
@@ -29,13 +30,15 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from mmjobs.logs import get_logger
+from mmjobs.serve.limits import LIMIT_DOCS as _DOC
+from mmjobs.serve.limits import ConnectionLimits, Limits
 from mmjobs.stages.common import StageConfig, StageResult, stage_cli
 
 STAGE = "serve"
 log = get_logger(__name__)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-MIB = 1024 * 1024
+_R, _C = Limits(), ConnectionLimits()  # the defaults
 
 
 class ServeError(RuntimeError):
@@ -62,24 +65,38 @@ class ServeConfig(StageConfig):
                                 "generate call; higher raises throughput and memory use.")
     batch_wait_ms: float = Field(10.0, ge=0, description="How long a request may wait for "
                                  "others to batch with; adds up to this much latency when idle.")
-    max_queue: int = Field(256, ge=1, description="Requests waiting for the model beyond which "
-                           "new ones get 503 with Retry-After.")
-    default_max_new_tokens: int = Field(256, ge=1, description="Answer length when a request "
-                                        "sets no max_tokens.")
-    max_new_tokens_cap: int = Field(2048, ge=1, description="Largest max_tokens a request may "
-                                    "ask for (400 above).")
-    max_request_bytes: int = Field(16 * MIB, gt=0, description="Request body limit (413 "
-                                   "above); base64 images count 4/3 of their size.")
-    max_image_bytes: int = Field(8 * MIB, gt=0, description="Encoded size limit per image "
-                                 "(413 above).")
-    max_image_pixels: int = Field(20_000_000, gt=0, description="Width x height limit per "
-                                  "image, checked from the header before decoding (413 above).")
-    max_images_per_request: int = Field(8, ge=1, description="Image parts per request.")
-    allow_image_urls: bool = Field(False, description="Fetch http(s) image URLs. Off: a fetch "
-                                   "runs from the server's network, so clients could reach "
-                                   "internal services (SSRF); send images as data: URLs.")
-    image_fetch_timeout_s: float = Field(10.0, gt=0, description="Total time per fetched "
-                                         "image URL.")
+    # Request and connection limits: defaults and descriptions from mmjobs.serve.limits, which
+    # `mmjobs serve --help` and GET /v1/models show too.
+    max_queue: int = Field(_R.max_queue, ge=1, description=_DOC["max_queue"])
+    default_max_new_tokens: int = Field(_R.default_max_new_tokens, ge=1,
+                                        description=_DOC["default_max_new_tokens"])
+    max_new_tokens_cap: int = Field(_R.max_new_tokens_cap, ge=1,
+                                    description=_DOC["max_new_tokens_cap"])
+    max_prompt_tokens: int | None = Field(_R.max_prompt_tokens, ge=1,
+                                          description=_DOC["max_prompt_tokens"])
+    max_request_bytes: int = Field(_R.max_request_bytes, gt=0,
+                                   description=_DOC["max_request_bytes"])
+    max_image_bytes: int = Field(_R.max_image_bytes, gt=0, description=_DOC["max_image_bytes"])
+    max_image_pixels: int = Field(_R.max_image_pixels, gt=0,
+                                  description=_DOC["max_image_pixels"])
+    max_request_pixels: int = Field(_R.max_request_pixels, gt=0,
+                                    description=_DOC["max_request_pixels"])
+    max_images_per_request: int = Field(_R.max_images_per_request, ge=1,
+                                        description=_DOC["max_images_per_request"])
+    max_stop_strings: int = Field(_R.max_stop_strings, ge=0,
+                                  description=_DOC["max_stop_strings"])
+    max_stop_chars: int = Field(_R.max_stop_chars, ge=1, description=_DOC["max_stop_chars"])
+    allow_image_urls: bool = Field(_R.allow_image_urls, description=_DOC["allow_image_urls"])
+    image_fetch_timeout_s: float = Field(_R.image_fetch_timeout_s, gt=0,
+                                         description=_DOC["image_fetch_timeout_s"])
+    decode_workers: int = Field(_R.decode_workers, ge=1, description=_DOC["decode_workers"])
+    body_timeout_s: float = Field(_R.body_timeout_s, gt=0, description=_DOC["body_timeout_s"])
+    header_timeout_s: float = Field(_C.header_timeout_s, gt=0,
+                                    description=_DOC["header_timeout_s"])
+    keep_alive_s: float = Field(_C.keep_alive_s, gt=0, description=_DOC["keep_alive_s"])
+    max_header_bytes: int = Field(_C.max_header_bytes, ge=1024,
+                                  description=_DOC["max_header_bytes"])
+    max_connections: int = Field(_C.max_connections, ge=1, description=_DOC["max_connections"])
     # Named like evaluate's `judge.key_env`: config keys that look like credentials
     # (`api_key...`) are refused by the config loader, and this holds only a variable's name.
     key_env: str | None = Field(None, description="Environment variable holding the API key "
@@ -133,7 +150,6 @@ def main(cfg: ServeConfig) -> ServeResult:
     from mmjobs.eval.generate import load_for_inference
     from mmjobs.serve.app import ServeOptions, create_app
     from mmjobs.serve.auth import api_key_from_env
-    from mmjobs.serve.limits import Limits
     from mmjobs.serve.metrics import ServeMetrics
     from mmjobs.serve.server import uvicorn_config
 
@@ -145,13 +161,12 @@ def main(cfg: ServeConfig) -> ServeResult:
         log.warning("serving on %s without an API key: anyone who reaches the port can use "
                     "the model (set key_env)", cfg.host)
     name = cfg.served_model_name or default_model_name(cfg.model)
-    limits = Limits(
-        max_request_bytes=cfg.max_request_bytes, max_image_bytes=cfg.max_image_bytes,
-        max_image_pixels=cfg.max_image_pixels, max_images_per_request=cfg.max_images_per_request,
-        allow_image_urls=cfg.allow_image_urls, image_fetch_timeout_s=cfg.image_fetch_timeout_s,
-        default_max_new_tokens=cfg.default_max_new_tokens,
-        max_new_tokens_cap=cfg.max_new_tokens_cap, max_queue=cfg.max_queue)
-    options = ServeOptions(model_name=name, limits=limits, api_key=api_key,
+    fields = cfg.model_dump()
+    limits = Limits(**{f.name: fields[f.name] for f in dataclasses.fields(Limits)})
+    connections = ConnectionLimits(**{f.name: fields[f.name]
+                                      for f in dataclasses.fields(ConnectionLimits)})
+    options = ServeOptions(model_name=name, limits=limits, connections=connections,
+                           api_key=api_key,
                            max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms)
     failures: list[BaseException] = []
     metrics = ServeMetrics()
@@ -164,7 +179,8 @@ def main(cfg: ServeConfig) -> ServeResult:
                                                 trust_remote_code=cfg.trust_remote_code,
                                                 dtype=cfg.dtype),
                      options, on_load_failure=on_load_failure, metrics=metrics)
-    server = uvicorn.Server(uvicorn_config(app, cfg.host, cfg.port, log_level=cfg.log_level))
+    server = uvicorn.Server(uvicorn_config(app, cfg.host, cfg.port, log_level=cfg.log_level,
+                                           connections=connections))
     log.info("serving %s%s as %r on http://%s:%d (chat page at /, API at /v1)", cfg.model,
              f" + adapter {cfg.adapter}" if cfg.adapter else "", name, cfg.host, cfg.port)
     with _signals_end_the_stage():

@@ -6,6 +6,8 @@ import base64
 import http.client
 import io
 import json
+import re
+import socket
 import statistics
 import threading
 import time
@@ -106,6 +108,43 @@ def chart_png(seed: int = 0, size: tuple[int, int] = (64, 48)) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "PNG")
     return buf.getvalue()
+
+
+def striped_png(width: int = 5472, height: int = 3648) -> bytes:
+    """A big PNG of coloured stripes that compresses well (20 MP in about 70 kB by default):
+    cheap to send, 4 bytes a pixel once decoded."""
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    for k in range(width // 100):
+        draw.rectangle([k * 100, height // 36, k * 100 + 50, height * 5 // 6],
+                       fill=(k * 5 % 256, 90, 200))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def metric(url: str, name: str) -> float:
+    """One unlabelled metric's value from the server's /metrics (0 if absent)."""
+    text = Client(url).request("GET", "/metrics").body.decode()
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def open_request(url: str, body: dict[str, Any], timeout: float = 60) -> socket.socket:
+    """POST `body` on a raw socket and return it unread: closing it is the client leaving.
+    For a stream, returns once the response has started (the job is queued or running)."""
+    data = json.dumps(body).encode()
+    port = int(url.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                 b"application/json\r\nContent-Length: " + str(len(data)).encode() +
+                 b"\r\n\r\n" + data)
+    if body.get("stream"):
+        head = sock.recv(65536)
+        if b" 200 " not in head.split(b"\r\n", 1)[0]:
+            sock.close()
+            raise RuntimeError(f"the stream did not start: {head[:300]!r}")
+    return sock
 
 
 def data_url(data: bytes, media: str = "image/png") -> str:

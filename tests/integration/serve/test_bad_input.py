@@ -16,7 +16,7 @@ from tests.unit.serve.test_images import png_header_claiming
 
 KEY = "serve-test-key"
 LIMITS = {"max_request_bytes": 200_000, "max_image_bytes": 50_000,
-          "max_image_pixels": 1_000_000}
+          "max_image_pixels": 1_000_000, "max_request_pixels": 1_500_000}
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +36,10 @@ def guarded(start_server):
     return start_server(api_key=KEY, **LIMITS)
 
 
-def image_body(url: str) -> dict:
+def image_body(*urls: str) -> dict:
     body = chat_body(MODEL_NAME)
-    body["messages"][0]["content"].insert(0, {"type": "image_url", "image_url": {"url": url}})
+    body["messages"][0]["content"][:0] = [{"type": "image_url", "image_url": {"url": url}}
+                                          for url in urls]
     return body
 
 
@@ -61,6 +62,15 @@ def cases(noise: bytes) -> list[tuple[str, bytes | dict, dict, int, str, str]]:
          "the limit is 50,000 bytes"),
         ("too many pixels", image_body(data_url(png_header_claiming(2000, 2000))), auth, 413,
          "image_too_large", "2000x2000 = 4,000,000 pixels"),
+        ("too many pixels in all", image_body(*[data_url(png_header_claiming(1000, 800))] * 2),
+         auth, 413, "image_too_large", "1,600,000 pixels in all"),
+        ("stop string too long", {**chat_body(MODEL_NAME), "stop": "x" * 1000}, auth, 400,
+         "stop_too_long", "at most 128"),
+        ("seed out of range", {**chat_body(MODEL_NAME), "seed": 2**64}, auth, 400,
+         "invalid_request", "seed="),
+        ("deeply nested JSON", b"[" * 100_000, auth, 400, "invalid_json", "nested too deeply"),
+        ("lone surrogate", b'{"model": "tiny-llava", "messages": [{"role": "user", "content": '
+         b'"\\udc00"}]}', auth, 400, "invalid_unicode", "lone UTF-16 surrogate"),
         ("text as an image", image_body(data_url(b"just some text, not a picture")), auth, 400,
          "invalid_image", "image 1 is not an image"),
         ("truncated image", image_body(data_url(chart_png()[:80])), auth, 400, "invalid_image",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mmjobs.serve.limits import Limits
-from mmjobs.serve.protocol import APIError, chunk, completion, parse_chat_request
+from mmjobs.serve.protocol import APIError, chunk, completion, load_json, parse_chat_request
 
 LIMITS = Limits(default_max_new_tokens=32, max_new_tokens_cap=64, max_images_per_request=2)
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
@@ -78,6 +78,21 @@ def test_consecutive_user_messages_are_joined():
      "tool calling"),
     ({"messages": [{"role": "user", "content": "q"}], "response_format": {"type": "json_object"}},
      "response_format", "only"),
+    ({"messages": [{"role": "user", "content": "q"}], "seed": 2**64}, "seed", "[-9223372036"),
+    ({"messages": [{"role": "user", "content": "q"}], "seed": -2**63 - 1}, "seed", "out of range"),
+    ({"messages": [{"role": "user", "content": "q"}], "stop": "x" * 129}, "stop",
+     "stop[0] is 129 characters; this server takes at most 128"),
+    ({"messages": [{"role": "user", "content": "q"}], "stop": {"a": 1}}, "stop",
+     "a string or a list"),
+    ({"messages": [{"role": "user", "content": "q \ud800"}]}, "messages[0]", "lone UTF-16"),
+    ({"messages": [{"role": "user", "content": "q"}], "stop": ["\udfff"]}, "stop[0]",
+     "lone UTF-16"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64,\ud800"}}]}]}, "messages[0].content[0].image_url.url",
+     "lone UTF-16"),
+    ({"messages": [{"role": ["user"], "content": "q"}]}, "messages[0].role", "['user']"),
+    ({"messages": [{"role": "user", "content": "q"}], "max_tokens": [[[[[[1]]]]]]},
+     "max_tokens", "got [[[[...]]]]"),
 ])
 def test_bad_requests_name_the_field(body, param, fragment):
     with pytest.raises(APIError) as err:
@@ -104,3 +119,41 @@ def test_response_shapes_follow_openai():
     assert part["choices"][0]["finish_reason"] is None
     final = chunk("chatcmpl-1", "m", 5, usage_={"prompt_tokens": 1})
     assert final["choices"] == [] and final["usage"] == {"prompt_tokens": 1}
+
+
+def test_a_lone_surrogate_in_the_model_name_is_refused():
+    with pytest.raises(APIError, match="lone UTF-16 surrogate") as err:
+        parse_chat_request({"model": "m\ud83d", "messages": [{"role": "user", "content": "q"}]},
+                           LIMITS)
+    assert err.value.param == "model"
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"a":' * 100_000, b"{", b"\xff",
+                                  b'{"n": ' + b"9" * 5000 + b"}"])
+def test_json_that_cannot_be_parsed_is_400(body):
+    with pytest.raises(APIError) as err:
+        load_json(body)
+    assert err.value.status == 400 and err.value.code == "invalid_json"
+    assert len(err.value.message) < 400
+
+
+ODD_VALUES = [None, True, 0, -1, 1.5, 1e308, float("nan"), 2**70, "", "x" * 10_000, "\ud800",
+              [], [1], [[[[[]]]]], {}, {"a": [1]}]
+
+
+@pytest.mark.parametrize("field", ["model", "messages", "max_tokens", "max_completion_tokens",
+                                   "temperature", "top_p", "stop", "seed", "stream",
+                                   "stream_options", "n", "response_format", "tools"])
+def test_any_json_value_in_any_field_is_accepted_or_a_400(field):
+    """Nothing a client can put in a field makes parsing raise anything but a 400."""
+    base = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
+    for value in ODD_VALUES:
+        for body in ({**base, field: value},
+                     {**base, "messages": [{"role": "user", field: value, "content": value}]},
+                     {**base, "messages": [{"role": value, "content": [
+                         {"type": "text", "text": value}, {"type": "image_url",
+                                                          "image_url": {"url": value}}]}]}):
+            try:
+                parse_chat_request(body, LIMITS)
+            except APIError as e:
+                assert e.status == 400 and len(e.message) < 600, (field, value, e.message)

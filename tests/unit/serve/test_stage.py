@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 
 import mmjobs.stages.serve as serve_stage
 from mmjobs.cli import main as mmjobs_main
 from mmjobs.config import ConfigError, load_config
+from mmjobs.serve.limits import LIMIT_DOCS, ConnectionLimits, Limits
 from mmjobs.stages.serve import ServeConfig, ServeResult, default_model_name
 
 
@@ -51,3 +55,21 @@ def test_an_empty_key_variable_stops_before_loading(monkeypatch, capsys):
     code = serve_stage.cli(["--set", "model=/nowhere", "--set", "key_env=NO_SUCH_SERVE_KEY"])
     assert code == 1
     assert "$NO_SUCH_SERVE_KEY is unset or empty" in capsys.readouterr().err
+
+
+def test_every_limit_is_a_config_field_and_in_the_help(capsys):
+    """One description per limit: the config fields, `mmjobs serve --help` and /v1/models
+    all come from mmjobs.serve.limits, so none can be missing or drift."""
+    for cls in (Limits, ConnectionLimits):
+        for f in dataclasses.fields(cls):
+            field = ServeConfig.model_fields[f.name]
+            assert field.default == f.default and field.description == LIMIT_DOCS[f.name]
+    with pytest.raises(SystemExit):
+        mmjobs_main(["serve", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    for name in LIMIT_DOCS:
+        assert f"{name} (" in shown, name
+        assert f"`{name}`" in readme, f"the README's serve section does not describe {name}"
+    assert "max_prompt_tokens (unset): Prompt tokens per request" in shown
+    assert "header_timeout_s (10)" in shown

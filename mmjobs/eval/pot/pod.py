@@ -98,7 +98,15 @@ def run_in_pod(settings: PotSettings, programs: Sequence[str], *, step: str, api
         log.info("evaluate: %d PoT programs in Job %s/%s", len(programs), namespace, name)
         batch.create_namespaced_job(namespace, manifest)
         try:
-            _wait(batch, namespace, name, settings.pod.timeout_s, poll_s)
+            try:
+                _wait(batch, namespace, name, settings.pod.timeout_s, poll_s)
+            except PotPodError as failure:
+                # A pod that could not isolate the programs says why before it fails.
+                with contextlib.suppress(PotPodError):
+                    reason = _read_results(results_uri, name).get("error")
+                    if reason:
+                        raise SandboxError(f"PoT pod {namespace}/{name}: {reason}") from failure
+                raise
             document = _read_results(results_uri, name)
         finally:
             _delete_job(batch, namespace, name)
@@ -216,7 +224,7 @@ def _batch_api(api: Any) -> Any:
 def _wait(batch: Any, namespace: str, name: str, timeout_s: float, poll_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        status = batch.read_namespaced_job_status(name, namespace).status
+        status = batch.read_namespaced_job(name, namespace).status
         if status is not None and (status.succeeded or 0) >= 1:
             return
         failed = [c for c in (status.conditions or []) if c.type == "Failed"

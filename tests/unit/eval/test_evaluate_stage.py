@@ -23,6 +23,7 @@ from mmjobs.stages.evaluate import (
     predictions_file,
 )
 from tests.integration.eval.test_judge import FakeJudgeServer
+from tests.unit.eval.pot_support import needs_pot_isolation
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -61,6 +62,7 @@ def chartqa_pot_rows(outside: Path) -> list[dict[str, Any]]:
     ]
 
 
+@needs_pot_isolation
 def test_chartqa_with_pot_scores_what_programs_print_and_survives_hostile_ones(tmp_path):
     outside = tmp_path / "outside.txt"
     preds = write_jsonl(tmp_path / "predictions.jsonl", chartqa_pot_rows(outside))

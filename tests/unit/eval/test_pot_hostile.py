@@ -32,8 +32,9 @@ from typing import Any
 
 import pytest
 
-from mmjobs.eval.pot import bwrap, run_program, run_programs
+from mmjobs.eval.pot import run_program, run_programs
 from tests.unit.eval.pot_hostile import DISK_BYTES, HOSTILE, suite_settings
+from tests.unit.eval.pot_support import needs_pot_isolation
 
 REPO = Path(__file__).resolve().parents[3]
 DRIVER = Path(__file__).with_name("pot_hostile_driver.py")
@@ -53,8 +54,7 @@ FULL_STATUS = {
 OS_ONLY_STATUS = {"memory-bomb": "memory", "infinite-loop": "timeout",
                   "huge-output": "output_limit", "orphan-then-hang": "timeout"}
 
-pytestmark = pytest.mark.skipif(bwrap.find_bwrap("bwrap") is None,
-                                reason="bubblewrap is not installed (apt-get install bubblewrap)")
+pytestmark = needs_pot_isolation
 
 
 class Listeners:

@@ -29,6 +29,10 @@ NO_ISOLATION_WARNING = (
     "PoT programs run WITHOUT operating-system isolation (pot.isolation: none): only the "
     "audit hook and rlimits stand between model-written code and this process's files, "
     "network and credentials. Use pot.isolation: bubblewrap wherever user namespaces work.")
+NO_ISOLATION_IN_POD_WARNING = (
+    "PoT programs run without bubblewrap inside their pod (pot.isolation: none): the pod (no "
+    "credentials, no token, no network but the store) is the only operating-system boundary, "
+    "the audit hook and rlimits the only layers inside it.")
 
 Runner = Callable[[PotSettings, Sequence[str]], tuple[list[PotResult], tuple[str, ...]]]
 
@@ -54,8 +58,9 @@ def run_rows(settings: PotSettings, rows: list[dict[str, Any]], audit: Path, *,
     """
     executor = settings.resolved_executor()
     programs = [extract_program(row["prediction"]) for row in rows]
-    if settings.isolation == "none":
-        log.warning("evaluate: %s", NO_ISOLATION_WARNING)
+    warning = _warning(settings, executor)
+    if warning:
+        log.warning("evaluate: %s", warning)
     if executor == "pod":
         if pod_runner is None:
             raise ValueError("pot.executor is pod: pass pod_runner")
@@ -82,6 +87,12 @@ def run_rows(settings: PotSettings, rows: list[dict[str, Any]], audit: Path, *,
     return executed, records, summary(settings, records, executor, protections)
 
 
+def _warning(settings: PotSettings, executor: str) -> str | None:
+    if settings.isolation != "none":
+        return None
+    return NO_ISOLATION_IN_POD_WARNING if executor == "pod" else NO_ISOLATION_WARNING
+
+
 def _run_local(settings: PotSettings, programs: list[str]) -> list[PotResult]:
     results: list[PotResult] = []
     batches = range(0, len(programs), BATCH)
@@ -102,6 +113,6 @@ def summary(settings: PotSettings, records: list[dict[str, Any]], executor: str,
                       "memory_mb": settings.memory_mb, "disk_mb": settings.disk_mb},
            "split_locals": settings.split_locals, "isolation": settings.isolation,
            "executor": executor, "protections": list(protections)}
-    if settings.isolation == "none":
-        out["warning"] = NO_ISOLATION_WARNING
+    if warning := _warning(settings, executor):
+        out["warning"] = warning
     return out

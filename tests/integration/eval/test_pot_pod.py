@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from mmjobs import storage
 from mmjobs.eval.pot import SandboxError
 from mmjobs.eval.pot.pod import COMPONENT, PotPodError, run_in_pod
 from mmjobs.eval.pot.settings import PotSettings
 from mmjobs.stages.evaluate import EvaluateConfig, main
-from tests.fake_kube import fake_kube_api
+from tests.fake_kube import fake_kube_api, use_kubeconfig
 from tests.k8s import policy
 from tests.k8s.validation import KUBE_VERSIONS, validate_manifest
 from tests.unit.eval.pot_support import needs_pot_isolation
@@ -113,20 +112,9 @@ def store(s3_bucket, monkeypatch) -> str:
 @pytest.fixture
 def kube(tmp_path, monkeypatch) -> Iterator[tuple[FakeJobs, Any]]:
     """The fake API; the kubernetes client finds it through a kubeconfig, as outside a pod."""
-    from kubernetes import client
-
     fake = FakeJobs()
     with fake_kube_api(fake.handle) as (api, host):
-        monkeypatch.setattr(client.Configuration, "_default", client.Configuration._default)
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": host}}],
-            "users": [{"name": "fake", "user": {"token": "not-a-real-token"}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}))
-        monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION",
-                            str(kubeconfig))
-        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        use_kubeconfig(monkeypatch, tmp_path, host)
         yield fake, api
 
 

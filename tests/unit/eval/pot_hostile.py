@@ -65,6 +65,16 @@ def spawn_shell(mod, cmd):
         return pid
 """
 
+# A grandchild in a session of its own, `sleep $token`: the tests look for it afterwards.
+_ORPHAN = """
+import time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.execv("/usr/bin/sleep", ["sleep", "$token"])
+    os._exit(0)
+"""
+
 _SHELL = ("cat /proc/$parent/environ /proc/1/environ; env; cat $secret_file; "
           "kill -9 $parent $sibling; touch $marker/$case")
 
@@ -143,23 +153,11 @@ import signal
 try_("killpg0", os.kill, 0, signal.SIGTERM)
 try_("kill-1", os.kill, -1, signal.SIGKILL)
 """),
-    Hostile("orphan-in-new-session", _PRELUDE + """
-import time
-if os.fork() == 0:
-    os.setsid()
-    if os.fork() == 0:
-        os.execv("/usr/bin/sleep", ["sleep", "$token"])
-    os._exit(0)
+    Hostile("orphan-in-new-session", _PRELUDE + _ORPHAN + """
 time.sleep(0.5)
 print("parent of the orphan exits")
 """),
-    Hostile("orphan-then-hang", _PRELUDE + """
-import time
-if os.fork() == 0:
-    os.setsid()
-    if os.fork() == 0:
-        os.execv("/usr/bin/sleep", ["sleep", "$token"])
-    os._exit(0)
+    Hostile("orphan-then-hang", _PRELUDE + _ORPHAN + """
 while True:
     time.sleep(1)
 """),

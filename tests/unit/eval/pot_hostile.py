@@ -6,7 +6,8 @@ non-root user can read, without the project's virtual environment.
 Each program is a `string.Template` over the test's world (`$parent`: the evaluator's pid,
 `$sibling`: a process started outside the sandbox, `$marker`: a world-writable directory
 outside, `$targets`: paths outside the sandbox it tries to create, `$secret_file`: a
-world-readable file outside holding the canary, `$tcp_port`/`$udp_port`/`$abstract`:
+world-readable file outside holding the canary, `$repo_file`: a file of this repository,
+`$tcp_port`/`$udp_port`/`$abstract`:
 listeners outside, `$token`: a number only this run uses, `$case`: the program's name).
 A program prints `ESCAPED <what>` when something succeeded that must never succeed in any
 sandbox mode; the tests check that, the canary, the listeners, the files and the processes.
@@ -186,7 +187,8 @@ if len(pids) > 5:
     print("ESCAPED host /proc")
 """),
     Hostile("read-shadow-and-repo", _PRELUDE + """
-for path in ("/etc/shadow", "/etc/passwd", "$secret_file", "/root/.aws/credentials"):
+for path in ("/etc/shadow", "/etc/passwd", "$secret_file", "/root/.aws/credentials",
+             "$repo_file"):
     try_(path, lambda p: open(p).read(), path)
 print(os.listdir("/"))
 """),

@@ -38,6 +38,7 @@ from tests.unit.eval.pot_support import needs_pot_isolation
 
 REPO = Path(__file__).resolve().parents[3]
 DRIVER = Path(__file__).with_name("pot_hostile_driver.py")
+REPO_FILE = REPO / "pyproject.toml"  # world-readable: only the mount namespace hides it
 NOBODY = 65534
 WORKERS = 6
 # Statuses the `full` mode must end in (both layers; the rest only need to be contained).
@@ -143,7 +144,7 @@ def world(tmp_path_factory) -> Iterator[dict[str, Any]]:
 def _program_world(world: dict[str, Any]) -> dict[str, Any]:
     keys = ("token", "marker", "secret_file", "targets", "sibling", "tcp_port", "udp_port",
             "abstract")
-    return {k: world[k] for k in keys}
+    return {**{k: world[k] for k in keys}, "repo_file": str(REPO_FILE)}
 
 
 def _nobody_python() -> tuple[str | None, str]:
@@ -242,6 +243,9 @@ def test_hostile_program_is_contained(case, run, suite, world) -> None:
     assert not [p for p in os.listdir(world["marker"])], os.listdir(world["marker"])
     assert not [t for t in world["targets"] if os.path.lexists(t)]
     assert not [h for h in world["listeners"].heard if case.name in h or "connection" in h]
+    # Nothing read from the host's files: the repository, /etc/shadow.
+    answer = result["answer"] or ""
+    assert "[build-system]" not in answer and "root:" not in answer
     if case.name == "disk-fill" and result["status"] == "ok":
         assert int(result["answer"].split()[-1]) <= DISK_BYTES
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from mmjobs import settings as mmjobs_settings
-from mmjobs import storage
+from mmjobs import storage, storage_s3
 from mmjobs.eval.pot.launch import SandboxError
 from mmjobs.eval.pot.sandbox import PotResult
 from mmjobs.eval.pot.settings import POD_IMAGE_ENV, PotSettings
@@ -127,8 +127,8 @@ def job_name(step: str) -> str:
 def presign(uri: str, operation: str, expiry_s: int) -> str:
     """A presigned URL for `operation` (get_object/put_object) on the S3 object `uri`."""
     loc = storage.parse(uri)
-    # storage has no public presign (yet): its cached client carries the endpoint settings.
-    client = storage._s3()
+    # The store's own client: it carries the endpoint and addressing settings.
+    client = storage_s3.client()
     return client.generate_presigned_url(operation, Params={"Bucket": loc.bucket,
                                                             "Key": loc.key},
                                          ExpiresIn=int(expiry_s))

@@ -93,12 +93,15 @@ RUN sh docker/pip-install.sh --no-deps --no-build-isolation --target /opt/mmjobs
 
 FROM ${BASE_IMAGE} AS runtime
 ARG UID
-# Only the interpreter the venv links to (when the base has none); no compilers.
-RUN if ! command -v python3 >/dev/null; then \
-        apt-get update \
-        && apt-get install -y --no-install-recommends python3 \
-        && rm -rf /var/lib/apt/lists/*; \
+# Only the interpreter the venv links to (when the base has none), and bubblewrap: the evaluate
+# stage runs program-of-thought programs each in its own namespaces under it and refuses to run
+# them without it (mmjobs/eval/pot). No compilers.
+RUN apt-get update \
+    && if ! command -v python3 >/dev/null; then \
+        apt-get install -y --no-install-recommends python3; \
     fi \
+    && apt-get install -y --no-install-recommends bubblewrap \
+    && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid "${UID}" mmjobs \
     && useradd --uid "${UID}" --gid "${UID}" --no-create-home --home-dir /tmp/home \
         --shell /usr/sbin/nologin mmjobs

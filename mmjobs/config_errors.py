@@ -140,7 +140,14 @@ def section_model(tp: Any) -> type[BaseModel] | None:
 
 
 def unknown_key_message(model_cls: type[BaseModel] | None, key: str) -> str:
-    """``unknown key; did you mean 'lr'?`` or, with no close match, the allowed names."""
+    """``unknown key; did you mean 'lr'?`` or, with no close match, the allowed names.
+
+    A model may list keys it no longer has in a class attribute ``RENAMED_KEYS`` ({old: new
+    dotted key}); those get ``renamed: set <new> instead``.
+    """
+    renamed = getattr(model_cls, "RENAMED_KEYS", None) or {}
+    if key in renamed:
+        return f"{key} was renamed: set {renamed[key]} instead"
     allowed = list(model_cls.model_fields) if model_cls else []
     # cutoff 0.5 (difflib's default is 0.6) so single-letter fields match: 'rnk' -> 'r'.
     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)

@@ -1,11 +1,12 @@
 """`mmjobs doctor`: what mmjobs will use here, whether it is reachable, and what can run.
 
 Each check returns a `Check`; only the store and tracking checks decide the exit code (the
-rest describe optional capabilities such as GPUs, podman or Helm).
+rest describe optional capabilities such as GPUs, PoT isolation, podman or Helm).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -121,12 +122,27 @@ def check_helm() -> Check:
     return Check("helm", ", ".join(parts))
 
 
+def check_pot(bwrap: str = "bwrap") -> Check:
+    """Can program-of-thought programs be isolated here (bubblewrap, user namespaces)?"""
+    from mmjobs.eval.pot import Isolation, SandboxError, check_isolation
+
+    try:
+        layers = check_isolation(Isolation(bwrap=bwrap))
+    except SandboxError as e:
+        return Check("pot", f"isolation unavailable: {e}")
+    version = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=10)
+        version = out.stdout.strip()
+    return Check("pot", f"{version or 'bubblewrap'} isolates programs: {' '.join(layers)}", True)
+
+
 def run_doctor() -> int:
     """Print the report; exit code 1 if the store or tracking is unusable."""
     print(f"mmjobs {__version__} on Python {platform.python_version()} ({sys.executable})")
     print(f"MMJOBS_HOME  {settings.home()}")
     checks = [check_store(), check_tracking(), check_packages(), check_device(),
-              check_podman(), check_helm()]
+              check_pot(), check_podman(), check_helm()]
     for check in checks:
         print(check.line())
     return 0 if all(c.ok is not False for c in checks) else 1

@@ -42,6 +42,7 @@ def wire(b: Build) -> None:
                              model=merged.output)
         evaluations.append(b.step(f"evaluate-{name}", "evaluate",
                                   key=("evaluate", f"evaluate-{name}"),
-                                  fixed={"metric": "chartqa", "pot": pot, "label": label},
+                                  fixed={"metric": "chartqa", "pot": {"enabled": pot},
+                                         "label": label},
                                   label=label, predictions=predictions.output))
     b.report(evaluations, title="ChartMoE: ChartQA with and without PoT")

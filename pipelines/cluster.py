@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from kfp import dsl, kubernetes
 
 from mmjobs.config import ClusterConfig, RecipeConfig
+from mmjobs.eval.pot.settings import POD_IMAGE_ENV
 
 # Stages that resume after preemption (checkpoints, partial predictions, finished shards):
 # retrying them after a pod is killed loses little work.
@@ -59,7 +60,8 @@ def apply_cluster_settings(task: dsl.PipelineTask, stage: str, recipe: RecipeCon
     GPUs (`nvidia.com/gpu`), CPU/memory requests = limits, `/dev/shm` as a memory-backed
     emptyDir (PyTorch DataLoader workers share batches through it; the container default is
     64 MiB), node selectors, tolerations, image pull secrets, S3 and MLflow credentials from
-    Secrets as env vars, plain env vars from `cluster.env`, retries and caching.
+    Secrets as env vars, plain env vars from `cluster.env`, retries and caching; evaluate
+    steps also get the eval image as $MMJOBS_POT_IMAGE for their PoT pod.
     """
     cluster = recipe.cluster
     res = resources_for(cluster, stage, step or stage)
@@ -92,6 +94,8 @@ def apply_cluster_settings(task: dsl.PipelineTask, stage: str, recipe: RecipeCon
                                  optional=True)
     for name, value in cluster.env.items():
         task.set_env_variable(name, value)
+    if stage == "evaluate":  # its PoT Job (mmjobs.eval.pot.pod) runs the same eval image
+        task.set_env_variable(POD_IMAGE_ENV, recipe.images.image("eval"))
     if res.retries:
         task.set_retry(num_retries=res.retries, backoff_duration="60s", backoff_factor=2.0)
     task.set_caching_options(cluster.caching)

@@ -3,6 +3,8 @@
 
 Each test module scripts the API itself: `handle(method, path, body, content_type)` returns
 `(status code, JSON payload)`; this module only does the HTTP and hands back an `ApiClient`.
+`use_kubeconfig` points the client's default configuration at it, for code that builds its
+own client as it would outside a pod.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
+
+import pytest
+import yaml
 
 Handle = Callable[[str, str, Any, str], tuple[int, Any]]
 
@@ -54,3 +60,23 @@ def fake_kube_api(handle: Handle) -> Iterator[tuple[Any, str]]:
         api.close()
         server.shutdown()
         server.server_close()
+
+
+def use_kubeconfig(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, host: str) -> Path:
+    """Make `kubernetes.config.load_kube_config()` find the fake at `host` (and not an
+    in-cluster config); the client's default configuration is restored afterwards."""
+    from kubernetes import client
+
+    # load_kube_config sets the client's default configuration: restore it afterwards.
+    monkeypatch.setattr(client.Configuration, "_default", client.Configuration._default)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": host}}],
+        "users": [{"name": "fake", "user": {"token": "not-a-real-token"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}))
+    # KUBECONFIG as the process started with it (the client reads it when imported).
+    monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION",
+                        str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    return kubeconfig

@@ -10,12 +10,15 @@ Input: `predictions`, a predictions JSONL (`id`, `prediction` + the metric's fie
 Steps:
 
 1. Every row is validated for `metric` (all problems reported together, nothing skipped).
-2. `pot: true` (ChartQA program of thought, ChartMoE's `--pot`): each prediction's program
-   (`mmjobs.eval.pot.extract_program`) runs in the sandbox; what it prints, after ChartMoE's
-   post-processing, becomes the prediction, and a failed run becomes ChartMoE's
-   "error running..." (scored wrong). Hostile programs (endless loops, file writes, network,
-   huge output) end as a per-sample status (`timeout`, `forbidden`, ...) and the evaluation
-   carries on. Only a sandbox that cannot start at all fails the stage.
+2. `pot: true` or a `pot:` section (ChartQA program of thought, ChartMoE's `--pot`; see
+   `mmjobs.eval.pot.settings`): each prediction's program (`mmjobs.eval.pot.extract_program`)
+   runs in the sandbox (bubblewrap; in a credential-less pod on a cluster); what it prints,
+   after ChartMoE's post-processing, becomes the prediction, and a failed run becomes
+   ChartMoE's "error running..." (scored wrong). Hostile programs (endless loops, file writes,
+   network, huge output) end as a per-sample status (`timeout`, `forbidden`, ...) and the
+   evaluation carries on. A sandbox that cannot isolate (no bubblewrap, no user namespaces)
+   fails the stage before any program runs, unless the recipe sets `pot.isolation: none`
+   (then warned about and recorded in summary.json).
 3. The metric scores every row (`variant`; `tolerances` for ChartQA).
 4. `judge` (optional): an OpenAI-compatible judge grades each row (`single`) or compares it
    with a `baseline` predictions file (`pairwise`); the key is read from the environment
@@ -41,10 +44,9 @@ import math
 import os
 import sys
 import tempfile
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 
@@ -53,9 +55,10 @@ from mmjobs.config import StrictModel
 from mmjobs.eval.metrics import METRICS, ScoreOptions
 from mmjobs.eval.metrics.base import markdown_table
 from mmjobs.eval.metrics.chartqa import TOLERANCES
+from mmjobs.eval.pot.settings import RENAMED, PotSettings
 from mmjobs.eval.report import category_bar_chart, headline, summary_metrics
 from mmjobs.eval.score import read_rows, summary_markdown
-from mmjobs.logs import get_logger, progress
+from mmjobs.logs import get_logger
 from mmjobs.stages.common import (
     StageConfig,
     StageResult,
@@ -69,9 +72,8 @@ from mmjobs.stages.common import (
 )
 
 STAGE = "evaluate"
-VERSION = 1  # bump when the outputs change: invalidates reused outputs
+VERSION = 2  # bump when the outputs change: invalidates reused outputs
 PREDICTIONS_FILE = "predictions.jsonl"
-POT_BATCH = 64  # programs per sandbox batch (a progress line per batch)
 log = get_logger(__name__)
 
 
@@ -103,6 +105,8 @@ class JudgeSettings(StrictModel):
 class EvaluateConfig(StageConfig):
     """Score a predictions JSONL with an official metric (optionally PoT and an LLM judge)."""
 
+    RENAMED_KEYS: ClassVar[dict[str, str]] = RENAMED  # the flat pot_* keys of version 1
+
     predictions: str = Field(description="Predictions JSONL, or a committed infer output "
                              "folder holding predictions.jsonl (local or s3://).")
     metric: str | None = Field(None, description="Metric name: " + ", ".join(METRICS)
@@ -112,13 +116,10 @@ class EvaluateConfig(StageConfig):
     tolerances: list[float] | None = Field(
         None, min_length=1, description="ChartQA relaxed-accuracy tolerances; default "
         "0.05, 0.1, 0.2.")
-    pot: bool = Field(False, description="ChartQA: run each prediction's Python program in "
-                      "the sandbox and score what it prints (ChartMoE's PoT).")
-    pot_workers: int = Field(2, ge=1, description="Programs run in parallel.")
-    pot_wall_s: float = Field(10.0, gt=0, description="Wall-clock limit per program.")
-    pot_cpu_s: int = Field(5, ge=1, description="CPU-seconds limit per program.")
-    pot_split_locals: bool = Field(False, description="Run programs with separate globals and "
-                                   "locals, as ChartMoE's exec inside a function does.")
+    pot: PotSettings = Field(
+        default_factory=PotSettings, description="ChartQA: run each prediction's Python "
+        "program in the sandbox and score what it prints (ChartMoE's PoT); `true` is short "
+        "for {enabled: true}.")
     judge: JudgeSettings | None = Field(None, description="Optional LLM judge.")
     label: str | None = Field(None, description="What these predictions are, e.g. trained, "
                               "untrained, w/ PoT: tagged and shown in tables.")
@@ -144,7 +145,7 @@ class EvaluateConfig(StageConfig):
             bad = [t for t in self.tolerances if not math.isfinite(t) or t < 0]
             if bad:
                 problems.append(f"tolerances must be non-negative numbers, got {bad}")
-        if self.pot and self.metric != "chartqa":
+        if self.pot.enabled and self.metric != "chartqa":
             problems.append(f"pot applies to metric chartqa (ChartMoE's PoT), not "
                             f"{self.metric}; set metric=chartqa or pot=false")
         if problems:
@@ -166,7 +167,8 @@ class EvaluateResult(StageResult):
 
 # Fields that do not change the output (where it goes, how it is tracked, how fast).
 _NOT_FINGERPRINTED = {"experiment", "pipeline_run_id", "output", "recipe", "parent_run_id",
-                      "force", "pot_workers"}
+                      "force"}
+_POT_NOT_FINGERPRINTED = {"workers", "bwrap", "executor", "pod"}
 
 
 def main(cfg: EvaluateConfig) -> EvaluateResult:
@@ -184,13 +186,14 @@ def main(cfg: EvaluateConfig) -> EvaluateResult:
                 if cfg.judge is not None and cfg.judge.baseline else None)
     out = output_uri(cfg, STAGE)
     exclude: dict[str, Any] = {k: True for k in _NOT_FINGERPRINTED}
+    exclude["pot"] = _POT_NOT_FINGERPRINTED
     if cfg.judge is not None:
         exclude["judge"] = {"workers"}
     fp = fingerprint(STAGE, VERSION, cfg.model_dump(exclude=exclude),
                      _fingerprint(cfg.predictions, source),
                      _fingerprint(cfg.judge.baseline, baseline) if baseline else None)
     tags = {"metric": cfg.metric or "judge", **({"label": cfg.label} if cfg.label else {}),
-            **({"pot": "true"} if cfg.pot else {})}
+            **({"pot": "true"} if cfg.pot.enabled else {})}
     with stage_tracking(cfg, STAGE, tags=tags) as run:
         if reusable_output(out, fp, cfg.force) is not None:
             summary = json.loads(storage.read_text(storage.join(out, "summary.json")))
@@ -234,9 +237,12 @@ def _score(cfg: EvaluateConfig, source: str, out_dir: Path) -> dict[str, Any]:
     rows, _ = read_rows(source, spec)
     pot_records: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = {}
-    if cfg.pot:
-        rows, pot_records = _run_pot(cfg, rows, out_dir / "predictions_pot.jsonl")
-        extra["pot"] = _pot_summary(cfg, pot_records)
+    if cfg.pot.enabled:
+        from mmjobs.eval.pot.batch import run_rows
+
+        rows, pot_records, extra["pot"] = run_rows(cfg.pot, rows,
+                                                   out_dir / "predictions_pot.jsonl",
+                                                   pod_runner=_pod_runner(cfg))
     scores = [{"id": row["id"], **spec.score_row(row, options)} for row in rows]
     with open(out_dir / "scores.jsonl", "w", encoding="utf-8") as f:
         for i, sc in enumerate(scores):
@@ -249,43 +255,13 @@ def _score(cfg: EvaluateConfig, source: str, out_dir: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- PoT
 
 
-def _run_pot(cfg: EvaluateConfig, rows: list[dict[str, Any]],
-             audit: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run every row's program; rows get the executed answer as `prediction`."""
-    from mmjobs.eval.pot import SandboxLimits, extract_program, run_programs
+def _pod_runner(cfg: EvaluateConfig) -> Any:
+    """Runs the programs in a credential-less Job (`pot.executor: pod`), named after the step."""
+    import functools
 
-    limits = SandboxLimits(wall_s=cfg.pot_wall_s, cpu_s=cfg.pot_cpu_s)
-    programs = [extract_program(row["prediction"]) for row in rows]
-    results = []
-    batches = range(0, len(programs), POT_BATCH)
-    for start in progress(batches, total=len(batches), desc="evaluate: PoT batches"):
-        results += run_programs(programs[start:start + POT_BATCH], limits=limits,
-                                workers=cfg.pot_workers, split_locals=cfg.pot_split_locals)
-    executed, records = [], []
-    with open(audit, "w", encoding="utf-8") as f:
-        for row, program, result in zip(rows, programs, results, strict=True):
-            record = {"status": result.status, "detail": result.detail[:500],
-                      "wall_s": round(result.wall_s, 3), "cpu_s": round(result.cpu_s, 3),
-                      "answer": result.answer}
-            executed.append({**row, "prediction": result.prediction})
-            records.append(record)
-            f.write(json.dumps({"id": row["id"], "response": row["prediction"],
-                                "program": program, "prediction": result.prediction,
-                                "pot": record}, ensure_ascii=False) + "\n")
-    bad = Counter(r["status"] for r in records if r["status"] != "ok")
-    if bad:
-        log.warning("evaluate: %d of %d programs did not run to completion (%s); they score as "
-                    "%r", sum(bad.values()), len(records),
-                    ", ".join(f"{k} {v}" for k, v in bad.most_common()), "error running...")
-    return executed, records
+    from mmjobs.eval.pot import pod
 
-
-def _pot_summary(cfg: EvaluateConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
-    counts = Counter(r["status"] for r in records)
-    return {"programs": len(records), "status_counts": dict(counts.most_common()),
-            "ok_rate": counts["ok"] / len(records) if records else None,
-            "limits": {"wall_s": cfg.pot_wall_s, "cpu_s": cfg.pot_cpu_s},
-            "split_locals": cfg.pot_split_locals}
+    return functools.partial(pod.run_in_pod, step=output_uri(cfg, STAGE))
 
 
 # --------------------------------------------------------------------------- judge
@@ -401,8 +377,11 @@ def kfp_markdown(summary: dict[str, Any]) -> str:
         rate = "-" if pot["ok_rate"] is None else f"{pot['ok_rate']:.1%}"
         parts.append(f"**Program of thought**: {pot['programs']} programs, {rate} ran to "
                      f"completion (wall {pot['limits']['wall_s']}s, CPU "
-                     f"{pot['limits']['cpu_s']}s each)\n\n"
-                     + markdown_table(["PoT status", "programs"], rows))
+                     f"{pot['limits']['cpu_s']}s each; isolation "
+                     f"{pot.get('isolation', 'none')}, executor {pot.get('executor', 'local')})"
+                     "\n\n" + markdown_table(["PoT status", "programs"], rows))
+        if pot.get("warning"):
+            parts.append(f"**Warning**: {pot['warning']}")
     if judge := summary.get("judge"):
         keys = ("rows", "judged", "mean_score") if judge["mode"] == "single" else (
             "rows", "judged", "wins_a", "wins_b", "ties", "win_rate_a",
@@ -448,7 +427,13 @@ def _result(out: str, summary: dict[str, Any], *, cached: bool,
 
 def cli(argv: list[str] | None = None) -> int:
     """`python -m mmjobs.stages.evaluate` / `mmjobs stage evaluate` (the image entrypoint)."""
-    return stage_cli(STAGE, EvaluateConfig, main, argv)
+    from mmjobs.eval.pot import SandboxError
+
+    try:
+        return stage_cli(STAGE, EvaluateConfig, main, argv)
+    except SandboxError as e:  # one message naming the fix, not a traceback
+        print(f"mmjobs stage {STAGE}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

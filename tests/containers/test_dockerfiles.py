@@ -195,6 +195,14 @@ def test_data_image_is_cpu_only():
     assert not dockerfile.global_args["BASE_IMAGE"].startswith("nvidia/")
 
 
+def test_eval_image_has_bubblewrap_for_pot():
+    """The evaluate stage refuses to run PoT programs without OS isolation (mmjobs/eval/pot),
+    and the PoT pod runs the eval image: bubblewrap is in its runtime stage."""
+    runtime = parse(REPO / "docker" / "eval.Dockerfile").stages[-1]
+    runs = " ".join(i.args for i in runtime.all("RUN"))
+    assert re.search(r"apt-get install -y --no-install-recommends bubblewrap\b", runs)
+
+
 def test_every_env_says_why(dockerfile):
     for stage in dockerfile.stages:
         for env in stage.all("ENV"):

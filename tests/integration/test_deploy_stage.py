@@ -28,11 +28,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-import yaml
 
 from mmjobs.serve import k8s
 from mmjobs.stages import deploy
-from tests.fake_kube import fake_kube_api
+from tests.fake_kube import fake_kube_api, use_kubeconfig
 from tests.k8s import policy
 from tests.k8s.validation import KUBE_VERSIONS, validate_manifest
 
@@ -358,24 +357,12 @@ def test_component_deploys_with_the_client_from_a_kubeconfig(kube, tmp_path: Pat
                                                              monkeypatch):
     """The component body as KFP runs it: config JSON + the wired model; the client comes
     from the environment (a kubeconfig here; in a pod, the service account)."""
-    from kubernetes import client
 
     from pipelines.components import deploy as component
 
     fake, _, host = kube
-    # load_kube_config sets the client's default configuration: restore it afterwards.
-    monkeypatch.setattr(client.Configuration, "_default", client.Configuration._default)
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": host}}],
-        "users": [{"name": "fake", "user": {"token": "not-a-real-token"}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}))
-    # KUBECONFIG as the process started with it (the client reads it when imported).
-    monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION",
-                        str(kubeconfig))
+    use_kubeconfig(monkeypatch, tmp_path, host)
     monkeypatch.setenv("MMJOBS_NAMESPACE", NAMESPACE)
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     cfg = config().model_dump(mode="json", exclude={"model", "namespace"})
     url = component.deploy(json.dumps(cfg), MODEL)
     assert url == f"http://{NAME}.{NAMESPACE}.svc.cluster.local:8000"

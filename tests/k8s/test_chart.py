@@ -406,7 +406,8 @@ def test_default_install_is_self_contained():
     assert kinds == sorted([
         "ConfigMap/kfp-launcher", "ConfigMap/scripts", "Deployment/minio", "Deployment/mlflow",
         "Job/create-bucket", "NetworkPolicy/network", "NetworkPolicy/network",
-        "NetworkPolicy/network", "NetworkPolicy/network", "PersistentVolumeClaim/minio",
+        "NetworkPolicy/network", "NetworkPolicy/network", "NetworkPolicy/network",
+        "PersistentVolumeClaim/minio",
         "PersistentVolumeClaim/mlflow", "Pod/test", "Role/rbac", "RoleBinding/rbac",
         "Secret/s3", "Service/minio", "Service/mlflow", "ServiceAccount/rbac"])
 
@@ -477,6 +478,34 @@ def test_chart_role_matches_the_kustomize_role():
                                                     r["resources"])} for r in rules]
 
     assert normalized(chart_role["rules"]) == normalized(base_role["rules"])
+
+
+@pytest.mark.parametrize(("values", "egress"), [
+    ({}, [{"to": [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "mmjobs", "app.kubernetes.io/instance": RELEASE,
+        "app.kubernetes.io/component": "minio"}}}], "ports": [{"protocol": "TCP",
+                                                                "port": 9000}]}]),
+    (VALUE_SETS["external-s3-existing-secrets"], [{"to": [
+        {"ipBlock": {"cidr": "0.0.0.0/0"}}, {"ipBlock": {"cidr": "::/0"}}],
+        "ports": [{"protocol": "TCP", "port": 9443}]}]),
+    ({"minio": {"enabled": False}, "s3": {"bucket": "team-bucket", "existingSecret": "team-s3"},
+      "networkPolicy": {
+        "potSandboxEgress": [{"to": [{"ipBlock": {"cidr": "10.1.2.0/24"}}],
+                              "ports": [{"protocol": "TCP", "port": 443}]}]}},
+     [{"to": [{"ipBlock": {"cidr": "10.1.2.0/24"}}], "ports": [{"protocol": "TCP",
+                                                                "port": 443}]}]),
+], ids=["minio", "external-s3", "explicit"])
+def test_pot_sandbox_pods_reach_only_the_store(values, egress):
+    """PoT pods (mmjobs.eval.pot.pod labels them) take no connections and reach the store only;
+    no DNS (they get the store's address as a hostAliases entry)."""
+    from mmjobs.eval.pot.pod import LABELS
+
+    (pol,) = [d for d in find(manifests(render(values)), "NetworkPolicy")
+              if d["metadata"]["name"].endswith("-pot-sandbox")]
+    assert pol["spec"]["podSelector"]["matchLabels"].items() <= LABELS.items()
+    assert pol["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert pol["spec"]["ingress"] == []
+    assert pol["spec"]["egress"] == egress
 
 
 def test_rbac_extra_subjects():

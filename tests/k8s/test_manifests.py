@@ -122,6 +122,27 @@ def test_role_grants_what_the_training_launcher_needs():
         for verb in ("create", "get", "list", "watch", "delete"):
             assert (group, resource, verb) in granted
     assert {("", "pods", "watch"), ("", "pods/log", "get"), ("", "secrets", "get")} <= granted
+    # The evaluate stage's PoT Job (mmjobs.eval.pot.pod reads it with read_namespaced_job).
+    assert {("batch", "jobs", verb) for verb in ("create", "get", "delete")} <= granted
+
+
+def test_pot_sandbox_pods_get_no_ingress_and_egress_only_to_the_store():
+    """The NetworkPolicy selects the labels mmjobs.eval.pot.pod puts on PoT pods; the base
+    denies all their traffic, the example overlay opens only MinIO's S3 port."""
+    from mmjobs.eval.pot.pod import LABELS
+
+    policies = {}
+    for path in KUSTOMIZATIONS:
+        (pol,) = [d for d in kustomize_build(path) if d["kind"] == "NetworkPolicy"
+                  and d["metadata"]["name"] == "mmjobs-pot-sandbox"]
+        policies[path.name] = pol
+        assert pol["spec"]["podSelector"]["matchLabels"].items() <= LABELS.items()
+        assert pol["spec"]["policyTypes"] == ["Ingress", "Egress"]
+        assert not pol["spec"].get("ingress")
+    assert not policies["base"]["spec"].get("egress")
+    assert policies["example"]["spec"]["egress"] == [{
+        "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "minio"}}}],
+        "ports": [{"protocol": "TCP", "port": 9000}]}]
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

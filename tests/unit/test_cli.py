@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mmjobs.cli import main
 
 # validate checks the schema and every step section against its pipeline's stages.
@@ -53,6 +55,21 @@ def test_doctor_reports_embedded_defaults(capsys):
     out = capsys.readouterr().out
     assert "[ok  ] store" in out and "(local, writable)" in out
     assert "[ok  ] tracking     sqlite:///" in out
+
+
+def test_doctor_reports_whether_pot_programs_can_be_isolated(tmp_path):
+    import shutil
+
+    from mmjobs.doctor import check_pot
+
+    missing = check_pot(str(tmp_path / "no-bwrap"))
+    assert missing.ok is None  # informational: PoT is optional, the exit code stays 0
+    assert "isolation unavailable" in missing.detail
+    assert "apt-get install bubblewrap" in missing.detail
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed: only the unavailable case can be shown")
+    works = check_pot()
+    assert works.ok is True and "bubblewrap" in works.detail and "seccomp" in works.detail
 
 
 def test_doctor_fails_when_the_tracking_server_is_down(monkeypatch, capsys):

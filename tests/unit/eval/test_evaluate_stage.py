@@ -23,6 +23,7 @@ from mmjobs.stages.evaluate import (
     predictions_file,
 )
 from tests.integration.eval.test_judge import FakeJudgeServer
+from tests.unit.eval.pot_support import needs_pot_isolation
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -61,12 +62,14 @@ def chartqa_pot_rows(outside: Path) -> list[dict[str, Any]]:
     ]
 
 
+@needs_pot_isolation
 def test_chartqa_with_pot_scores_what_programs_print_and_survives_hostile_ones(tmp_path):
     outside = tmp_path / "outside.txt"
     preds = write_jsonl(tmp_path / "predictions.jsonl", chartqa_pot_rows(outside))
     out = tmp_path / "out"
     cfg = EvaluateConfig(experiment="eval-unit", predictions=str(preds), metric="chartqa",
-                         pot=True, pot_wall_s=5.0, pot_cpu_s=1, label="w/ PoT", output=str(out))
+                         pot={"enabled": True, "wall_s": 5.0, "cpu_s": 1}, label="w/ PoT",
+                         output=str(out))
     result = main(cfg)
 
     assert not outside.exists()  # the hostile write never happened
@@ -81,6 +84,9 @@ def test_chartqa_with_pot_scores_what_programs_print_and_survives_hostile_ones(t
     assert "NameError" in scores["augmented-2"]["pot"]["detail"]
 
     summary = json.loads((out / "summary.json").read_text())
+    assert (summary["pot"]["isolation"], summary["pot"]["executor"]) == ("bubblewrap", "local")
+    assert {"bubblewrap", "seccomp", "audit-hook"} <= set(summary["pot"]["protections"])
+    assert "warning" not in summary["pot"]
     acc = summary["accuracy"]["0.05"]
     assert (acc["human"], acc["augmented"]) == (0.5, pytest.approx(1 / 3))
     assert summary["pot"]["status_counts"] == {"ok": 2, "timeout": 1, "forbidden": 1,

@@ -1,13 +1,14 @@
-"""Program-of-thought sandbox: extraction, ChartMoE answer post-processing, hostile programs.
+"""Program-of-thought sandbox: normal and hostile programs through `run_program`.
 
 Every hostile program must come back as a `PotResult` with the right status while the test
-process carries on. Limits are small so the whole file runs in seconds.
+process carries on. Limits are small so the whole file runs in seconds. (The attacker's
+programs of issue 12, as root and as a non-root user: test_pot_hostile.py.)
 """
 
 from __future__ import annotations
 
 import os
-import sys
+import tempfile
 import textwrap
 import tracemalloc
 from pathlib import Path
@@ -16,50 +17,23 @@ import pytest
 
 from mmjobs.eval.pot import (
     ERROR_ANSWER,
+    Isolation,
     PotResult,
     SandboxLimits,
-    chartmoe_answer,
+    bwrap,
     extract_program,
     run_program,
     run_programs,
 )
+from tests.unit.eval.pot_support import needs_pot_isolation
+
+pytestmark = needs_pot_isolation
 
 LIMITS = SandboxLimits(wall_s=5.0, cpu_s=2, memory_bytes=1 << 30)
 
 
 def run(code: str, **kw) -> PotResult:
     return run_program(textwrap.dedent(code), limits=kw.pop("limits", LIMITS), **kw)
-
-
-# --- extraction and post-processing ------------------------------------------------------------
-
-@pytest.mark.parametrize(("response", "program"), [
-    ("Sure:\n```python\nprint(1)\n```\nDone.", "\nprint(1)\n"),
-    ("```python\na = 1\n```\n```python\nprint(2)\n```", "\na = 1\n"),  # the first one
-    ("```\nprint(3)\n```", "print(3)\n"),  # untagged fence
-    ("```py\nprint(4)\n```", "print(4)\n"),  # other tag: generic fence
-    ("```text\nno\n```\n```python\nprint(5)\n```", "\nprint(5)\n"),  # python block wins
-    ("print(6)", "print(6)"),  # no block: the whole response, as ChartMoE runs it
-    ("```python\nprint(7)", "```python\nprint(7)"),  # unterminated: whole response
-])
-def test_extract_program(response: str, program: str) -> None:
-    assert extract_program(response) == program
-
-
-@pytest.mark.parametrize(("stdout", "answer"), [
-    ("42\n", "42"),
-    ("True\n", "Yes"),
-    ("False", "No"),
-    ("  3.5 \n\n", "3.5"),
-    ("[True, False]\n", "[Yes, No]"),  # substring replacement, exactly as ChartMoE does
-])
-def test_chartmoe_answer(stdout: str, answer: str) -> None:
-    assert chartmoe_answer(stdout) == answer
-
-
-def test_limits_are_validated_together() -> None:
-    with pytest.raises(ValueError, match=r"wall_s must be > 0.*cpu_s must be > 0"):
-        SandboxLimits(wall_s=0, cpu_s=0)
 
 
 # --- normal programs ---------------------------------------------------------------------------
@@ -81,18 +55,41 @@ def test_program_from_a_model_response() -> None:
     assert run_program(extract_program(response), limits=LIMITS).answer == "5.0"
 
 
-def test_scratch_files_in_the_work_dir_are_allowed_and_removed() -> None:
+@pytest.mark.parametrize("kind", ["bubblewrap", "none"])
+def test_scratch_files_in_the_work_dir_are_allowed_and_removed(kind: str) -> None:
     result = run("""
         import os
         with open("table.csv", "w") as f:
             f.write("a,1\\nb,2\\n")
         print(sum(int(line.split(",")[1]) for line in open("table.csv")))
         print(os.getcwd())
-    """)
+    """, isolation=Isolation(kind=kind))
     assert result.status == "ok", result.detail
     total, workdir = result.answer.splitlines()
     assert total == "3"
-    assert not Path(workdir).exists()
+    if kind == "bubblewrap":  # a tmpfs inside the sandbox's mount namespace: never on the host
+        assert workdir == bwrap.WORKDIR and "bubblewrap" in result.protections
+    else:  # a host temp dir, deleted afterwards
+        assert workdir.startswith(tempfile.gettempdir()) and not Path(workdir).exists()
+        assert "bubblewrap" not in result.protections
+
+
+def test_the_work_dir_caps_what_all_files_together_hold() -> None:
+    """RLIMIT_FSIZE caps each file; the tmpfs size caps their total."""
+    result = run("""
+        written = 0
+        for i in range(8):
+            try:
+                with open(f"part{i}", "wb") as f:
+                    f.write(b"x" * (3 << 20))
+                written += 3 << 20
+            except OSError as e:
+                print(written, e.errno)
+                break
+    """, limits=SandboxLimits(disk_bytes=8 << 20, max_file_bytes=4 << 20))
+    assert result.status == "ok", result.detail
+    written, errno = result.answer.split()
+    assert int(written) <= 8 << 20 and errno == "28"  # ENOSPC
 
 
 def test_numpy_is_importable() -> None:
@@ -282,26 +279,14 @@ def test_batch_mixes_hostile_and_normal_programs_in_order(tmp_path) -> None:
     assert [r.answer for r in results if r.status == "ok"] == ["2", "Yes", "42"]
 
 
-def _system_python() -> str | None:
-    """A same-version interpreter outside the venv (its stdlib readable by `nobody`)."""
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    for candidate in (f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"):
-        if (Path(candidate).exists()
-                and os.path.realpath(candidate) != os.path.realpath(sys.executable)):
-            return candidate
-    return None
-
-
-@pytest.mark.skipif(os.geteuid() != 0 or _system_python() is None,
-                    reason="needs root and a system Python whose stdlib `nobody` can read")
-def test_root_runs_programs_as_nobody_with_an_effective_nproc_limit(monkeypatch) -> None:
-    # The venv's base Python may sit under a 0700 /root, where the runner (rightly) keeps
-    # root; a system interpreter exercises the uid drop.
-    monkeypatch.setattr(sys, "executable", _system_python())
+@pytest.mark.skipif(os.geteuid() != 0, reason="the uid drop is what root does")
+def test_root_runs_programs_as_nobody_with_no_processes() -> None:
+    # Even with this venv's interpreter under a 0700 /root: bubblewrap mounts it as root and
+    # the runner switches to 65534 before the program runs (or fails the run).
     limits = SandboxLimits(site_packages=False, wall_s=5)
     who = run("import os\nprint(os.getuid(), os.getgid(), os.getgroups())", limits=limits)
     assert (who.status, who.answer) == ("ok", "65534 65534 []"), who
     assert "uid-drop" in who.protections
-    # RLIMIT_NPROC=0 now binds in the kernel: not even a thread can start.
+    # seccomp refuses clone and RLIMIT_NPROC is 0: not even a thread can start.
     thread = run("import threading\nthreading.Thread(target=print).start()", limits=limits)
     assert thread.status == "error" and "can't start new thread" in thread.detail

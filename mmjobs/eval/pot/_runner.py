@@ -1,22 +1,28 @@
 """Child side of the program-of-thought sandbox (the parent is `mmjobs.eval.pot`).
 
-Started as `python -I -S -B -X utf8 _pot_runner.py CONFIG_JSON` with an empty environment, in a
-fresh work directory holding `program.py`. A standalone script: the isolated interpreter has no
-site-packages and no mmjobs on its path, so it imports only the standard library. Everything
-below happens before the untrusted program gets control:
+Started as `python -I -S -B -X utf8 _runner.py CONFIG_JSON` with an empty environment, its work
+directory as cwd: under bubblewrap (`mmjobs.eval.pot.bwrap`) a tmpfs at /work with the program
+bound read-only at /mmjobs-pot/program.py; with `isolation: none` a host temp dir holding
+program.py. A standalone script: the isolated interpreter has no site-packages and no mmjobs on
+its path, so it imports only the standard library. Everything below happens before the
+untrusted program gets control:
 
 1. read the program; import common stdlib modules while every file is still readable;
 2. as root: hand the work dir to the sandbox user and drop to it, so the kernel applies
-   RLIMIT_NPROC (root is exempt) and file permissions to the program;
+   RLIMIT_NPROC (root is exempt) and file permissions to the program. Under bubblewrap the drop
+   is required: if it cannot happen the runner reports `sandbox` and exits with
+   SANDBOX_FAILED_EXIT before the program runs;
 3. set soft == hard rlimits (CPU, address space, file size, open files, processes, core);
 4. install the audit hook (`_make_hook`): the Python-level policy for files, processes, network
-   and interpreter introspection;
+   and interpreter introspection (a second layer under bubblewrap; the only one with
+   `isolation: none`);
 5. write "ready" (with the protections in force), run the program with its own globals,
    write the final status, `_exit`.
 
 Status protocol on the inherited status fd, one line each, `<status>\\t<detail>`: `ready`, then
-one of `ok`, `error`, `memory`, `forbidden`. The hook writes `forbidden` itself and exits with
-`VIOLATION_EXIT` at once, so a refused fork or socket never returns to the program.
+one of `ok`, `error`, `memory`, `forbidden`; or `sandbox` before `ready`. The hook writes
+`forbidden` itself and exits with `VIOLATION_EXIT` at once, so a refused fork or socket never
+returns to the program.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import sys
 import types
 
 VIOLATION_EXIT = 86
+SANDBOX_FAILED_EXIT = 87
 
 # Imported before the uid drop and the hook: what PoT programs commonly use, plus what this
 # runner needs to report errors (traceback).
@@ -159,7 +166,11 @@ def _make_hook(workdir: str, read_roots: tuple[str, ...], status_fd: int):
              _wflags=_WRITE_FLAGS):
         if event == "import":
             name = args[0]
-            if _type(name) is _str and name.partition(".")[0] in _denied_imports:
+            # Exactly str: a subclass can make the name it shows here differ from the one the
+            # import system resolves (it once loaded _posixsubprocess past this check).
+            if _type(name) is not _str:
+                raise _ImportError("module names must be str in the PoT sandbox")
+            if _str.partition(name, ".")[0] in _denied_imports:
                 raise _ImportError(f"module {name!r} is not available in the PoT sandbox")
             return
         if event in _denied or event.startswith(_prefixes):
@@ -278,7 +289,9 @@ def _set_limits(limits: dict[str, int]) -> None:
         resource.RLIMIT_AS: limits["memory_bytes"],
         resource.RLIMIT_FSIZE: limits["max_file_bytes"],
         resource.RLIMIT_NOFILE: limits["max_open_files"],
-        resource.RLIMIT_NPROC: 0,  # counts threads too: the program runs single-threaded
+        # Counts threads too: the program runs single-threaded unless a test allows more
+        # (the +2: bubblewrap's init and this process, counted in the sandbox's user namespace).
+        resource.RLIMIT_NPROC: limits["max_processes"] + 2 if limits["max_processes"] else 0,
         resource.RLIMIT_CORE: 0,
     }
     for which, value in table.items():
@@ -325,7 +338,7 @@ def main() -> None:
     cfg = json.loads(sys.argv[1])
     status_fd = int(cfg["status_fd"])
     workdir = os.path.realpath(os.getcwd())
-    with open(os.path.join(workdir, "program.py"), encoding="utf-8") as f:
+    with open(cfg["program"], encoding="utf-8") as f:
         source = f.read()
     for name in _PRELOAD:
         __import__(name)
@@ -337,12 +350,19 @@ def main() -> None:
     # This file is readable too: tracebacks through _run read its source.
     read_roots = tuple(sorted({os.path.realpath(p) for p in [*sys.path, __file__] if p}))
 
-    protections = ["empty-env", "rlimits", "audit-hook"]
+    protections = ["empty-env", "rlimits"]
     if _drop_privileges(workdir, cfg["drop_uid"], cfg["drop_gid"],
                         tuple(p for p in read_roots if os.path.exists(p))):
         protections.append("uid-drop")
+    elif cfg["require_drop"]:
+        _report(status_fd, "sandbox", f"could not switch from uid {os.getuid()} to "
+                f"{cfg['drop_uid']}:{cfg['drop_gid']} (is the interpreter readable by that "
+                "user?); refusing to run the program as root")
+        os._exit(SANDBOX_FAILED_EXIT)
     _set_limits(cfg["limits"])
-    sys.addaudithook(_make_hook(workdir, read_roots, status_fd))
+    if cfg["audit_hook"]:
+        sys.addaudithook(_make_hook(workdir, read_roots, status_fd))
+        protections.append("audit-hook")
 
     status, detail = _run(source, status_fd, bool(cfg["split_locals"]), " ".join(protections))
     try:
@@ -350,6 +370,8 @@ def main() -> None:
         sys.stderr.flush()
     except BaseException:  # e.g. the program replaced or closed sys.stdout
         pass
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    _report(status_fd, "cpu", f"{usage.ru_utime + usage.ru_stime:.3f}")
     _report(status_fd, status, detail)
     codes = {"ok": 0, "forbidden": VIOLATION_EXIT}
     # _exit: no atexit handlers or finalizers of the program run after the status is written.

@@ -200,6 +200,8 @@ def decode_image(encoded: EncodedImage, limits: Limits, fit: Fit | None = None) 
     """
     from PIL import Image
 
+    from mmjobs.data.images import ImageModeError, to_rgb
+
     image = _open_checked(encoded.data, encoded.where, limits)
     target = fit(*image.size) if fit is not None else None
     if target is not None and (target[0] >= image.width or target[1] >= image.height):
@@ -210,7 +212,11 @@ def decode_image(encoded: EncodedImage, limits: Limits, fit: Fit | None = None) 
             # the result stays within about 1% of a full decode and resize.
             image.draft("RGB", (2 * target[0], 2 * target[1]))
         image.load()  # LOAD_TRUNCATED_IMAGES stays off, so truncation raises here
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        # The same conversion as training (16-bit scaled, transparency over white).
+        rgb = image if image.mode == "RGB" else to_rgb(image)
+    except ImageModeError as e:
+        image.close()
+        raise APIError(400, f"{encoded.where}: {e}", code="invalid_image") from None
     except Exception as e:
         image.close()
         raise APIError(400, f"{encoded.where} cannot be decoded; it is truncated or corrupt "

@@ -53,6 +53,19 @@ def test_data_url_decodes_to_rgb():
     assert load_image_ref(f"data:image/png;base64,{encoded}", 0, Limits()).size == (40, 30)
 
 
+def test_a_16_bit_png_keeps_its_gradient_as_in_training():
+    # Serving must see the pixels training saw (mmjobs.data.images.to_rgb), not PIL's clip.
+    import numpy as np
+
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, "PNG")  # uint16 -> mode I;16
+    image = load_image_ref(data_url(buf.getvalue()), 0, Limits())
+    row = np.asarray(image)[0, :, 0].astype(int)
+    assert image.mode == "RGB"
+    assert list(row) == [round(int(v) * 255 / 65535) for v in ramp[0]]
+
+
 def test_pixel_limit_is_checked_from_the_header_before_decoding():
     limits = Limits(max_image_pixels=1_000_000)
     start = time.perf_counter()

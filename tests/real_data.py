@@ -15,6 +15,7 @@ copy, or under a generated image root).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,3 +182,19 @@ def readers_for(rel: str) -> tuple[str, ...]:
 def test_names(path: Path) -> set[str]:
     """Names of the top-level `test_*` functions of a test module."""
     return set(re.findall(r"^def (test_\w+)\(", path.read_text(encoding="utf-8"), re.M))
+
+
+def placeholder_images(root: Path, names: Iterable[str]) -> Path:
+    """Write a tiny image at `root/<name>` for each name (JPEG for .jpg/.jpeg, PNG otherwise,
+    also for names without a suffix such as SEED-Bench's data ids); returns `root`.
+
+    No real images come with the excerpts: readers that check images exist get these.
+    """
+    from PIL import Image
+
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+        Image.new("RGB", (8, 8), (90, 140, 200)).save(path, fmt)
+    return root

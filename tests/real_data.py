@@ -165,6 +165,8 @@ READERS: dict[str, tuple[str, ...]] = {
         f"{_DATA}/test_real_align_anything.py::test_preference_assets_convert",),
     "align_anything/text_to_text_assets/supervised/train.json": (
         f"{_DATA}/test_real_align_anything.py::test_supervised_assets_convert",),
+    # AI-hub: notes only (SCHEMA.md), no data; checked against the converter all the same
+    # (not a PROVENANCE.md file, so not required here): tests/unit/data/test_real_aihub.py
     # LLaVA mix665k: only a git-lfs pointer is public (no rows)
     "llava_mix665k/llava_v1_5_mix665k.json.git-lfs-pointer": (
         f"{_DATA}/test_real_llava.py::test_lfs_pointer_is_refused_naming_the_real_file",),

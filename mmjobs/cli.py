@@ -436,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Parsed by mmjobs.eval.score.score_main (main() hands it the raw arguments).
     sub.add_parser("score", help="score a predictions file with an official metric: --metric "
-                                 "NAME --predictions FILE [--variant V] [--tolerance T]")
+                                 "NAME --predictions FILE [--variant V] [--tolerance T] "
+                                 "[--format F --ground-truth URI]")
 
     store = sub.add_parser("store", help="list and copy data between local paths and S3")
     store_sub = store.add_subparsers(dest="store_command", required=True, metavar="ls|cp")

@@ -90,26 +90,11 @@ def build_llava_hf(out: Path, *, seed: int = 0) -> None:
 
 def build_vicuna(out: Path, *, seed: int = 0) -> None:
     """lmsys/vicuna-7b-v1.5 (see the module docstring)."""
-    config = read_published(VICUNA, "config.json")
-    shrunk = {"": shrink(config, TEXT_SIZES)}
-    write_json(out / "config.json", config)
-    published = copy_published(VICUNA, out, ["generation_config.json", "special_tokens_map.json",
-                                             "tokenizer_config.json"])
-    llama_sentencepiece(out / "tokenizer.model", seed=seed)
-    tensors = _llama_tensors(config, seed=seed)
-    weight_map = {k: v for k, v in _original_weight_map().items() if "mm_projector" not in k}
-    check_names(tensors, weight_map, VICUNA)
-    write_weights(tensors, out, scaled_shard_map(weight_map, tensors),
-                  index_name="pytorch_model.bin.index.json")
-    write_record(out, name="lmsys/vicuna-7b-v1.5", published=published,
-                 generated=["config.json", "tokenizer.model", "pytorch_model.bin.index.json",
-                            *sorted(set(weight_map.values()))],
-                 shrunk=shrunk, notes=[
-                     _TOKENIZER_NOTE,
-                     "weights: random float16 in two .bin pickles; vicuna's own index is not "
-                     "stored here, so the shard split and the rotary_emb.inv_freq buffers follow "
-                     "liuhaotian/llava-v1.5-7b's index (same architecture, same transformers "
-                     "4.31 save)"])
+    _build_original_llama(
+        out, VICUNA, "lmsys/vicuna-7b-v1.5", TEXT_SIZES, with_projector=False, seed=seed,
+        note="weights: random float16 in two .bin pickles; vicuna's own index is not stored "
+        "here, so the shard split and the rotary_emb.inv_freq buffers follow "
+        "liuhaotian/llava-v1.5-7b's index (same architecture, same transformers 4.31 save)")
 
 
 def build_clip(out: Path, *, seed: int = 0) -> None:
@@ -158,34 +143,42 @@ def build_pretrain_projector(out: Path, *, seed: int = 0) -> None:
 
 def build_llava_original(out: Path, *, seed: int = 0) -> None:
     """liuhaotian/llava-v1.5-7b in the original `llava_llama` layout (module docstring)."""
-    config = read_published(LLAVA_ORIGINAL, "config.json")
-    shrunk = {"": shrink(config, {**TEXT_SIZES, "mm_hidden_size": VISION_SIZES["hidden_size"]})}
+    _build_original_llama(
+        out, LLAVA_ORIGINAL, "liuhaotian/llava-v1.5-7b",
+        {**TEXT_SIZES, "mm_hidden_size": VISION_SIZES["hidden_size"]}, with_projector=True,
+        seed=seed, note="weights: random float16 (inv_freq float32) in the published index's two "
+        ".bin shards; the vision tower is the separate CLIP replica (mm_vision_tower names the "
+        "hub repo, as in the real config)")
+
+
+def _build_original_llama(out: Path, folder: str, name: str, sizes: dict[str, int], *,
+                          with_projector: bool, seed: int, note: str) -> None:
+    """A Llama checkpoint as transformers 4.31 saved it (vicuna; LLaVA's llava_llama with its
+    projector): published configs, `tokenizer.model`, `.bin` shards under the index's names."""
+    config = read_published(folder, "config.json")
+    shrunk = {"": shrink(config, sizes)}
     write_json(out / "config.json", config)
-    published = copy_published(LLAVA_ORIGINAL, out, [
-        "generation_config.json", "special_tokens_map.json", "tokenizer_config.json"])
+    published = copy_published(folder, out, ["generation_config.json", "special_tokens_map.json",
+                                             "tokenizer_config.json"])
     llama_sentencepiece(out / "tokenizer.model", seed=seed)
     tensors = _llama_tensors(config, seed=seed)
-    projector = _mlp2x(config["mm_hidden_size"], config["hidden_size"])
-    tensors.update({f"model.mm_projector.{k}": v.to(torch.float16)
-                    for k, v in projector.state_dict().items()})
-    weight_map = _original_weight_map()
-    check_names(tensors, weight_map, LLAVA_ORIGINAL)
+    weight_map = read_published(LLAVA_ORIGINAL, "pytorch_model.bin.index.json")["weight_map"]
+    if with_projector:
+        projector = _mlp2x(config["mm_hidden_size"], config["hidden_size"])
+        tensors.update({f"model.mm_projector.{k}": v.to(torch.float16)
+                        for k, v in projector.state_dict().items()})
+    else:
+        weight_map = {k: v for k, v in weight_map.items() if "mm_projector" not in k}
+    check_names(tensors, weight_map, folder)
     write_weights(tensors, out, scaled_shard_map(weight_map, tensors),
                   index_name="pytorch_model.bin.index.json")
-    write_record(out, name="liuhaotian/llava-v1.5-7b", published=published,
+    write_record(out, name=name, published=published,
                  generated=["config.json", "tokenizer.model", "pytorch_model.bin.index.json",
                             *sorted(set(weight_map.values()))],
-                 shrunk=shrunk, notes=[
-                     _TOKENIZER_NOTE, "weights: random float16 (inv_freq float32) in the "
-                     "published index's two .bin shards; the vision tower is the separate CLIP "
-                     "replica (mm_vision_tower names the hub repo, as in the real config)"])
+                 shrunk=shrunk, notes=[_TOKENIZER_NOTE, note])
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _original_weight_map() -> dict[str, str]:
-    return read_published(LLAVA_ORIGINAL, "pytorch_model.bin.index.json")["weight_map"]
 
 
 def _llama_tensors(config: dict, *, seed: int) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from mmjobs import storage
 from mmjobs.logs import get_logger
 from mmjobs.models.builder import fetch_dir
 from mmjobs.models.convert import (
@@ -138,7 +139,7 @@ def cli(argv: list[str] | None = None) -> int:
     checkpoint is one line on stderr and exit status 1, not a traceback."""
     try:
         return stage_cli(STAGE, ConvertConfig, main, argv)
-    except (ConversionError, GenerationConfigError) as e:
+    except (ConversionError, GenerationConfigError, storage.StoreError) as e:
         print(f"{STAGE}: {e}", file=sys.stderr)
         return 1
 

@@ -85,13 +85,21 @@ def repair_generation_config_file(path: str | Path, *, source: str | None = None
 
 def repair_model_generation_config(model: Any, source_dir: str | Path | None) -> list[str]:
     """`repair_generation_config` on `model.generation_config` (if it has one); the warning
-    names `source_dir/generation_config.json`, or the model class when there is no source."""
+    names `source_dir/generation_config.json`, or the model class when there is no source.
+
+    For the load and export paths: a config the repair cannot fix is left as it is, with a
+    warning (transformers may still refuse to save it), rather than failing a model load.
+    """
     config = getattr(model, "generation_config", None)
     if config is None:
         return []
     source = (str(Path(source_dir) / "generation_config.json") if source_dir is not None
               else f"{type(model).__name__}.generation_config")
-    return repair_generation_config(config, source)
+    try:
+        return repair_generation_config(config, source)
+    except GenerationConfigError as e:
+        log.warning("%s", e)
+        return []
 
 
 def _strict_problem(config: Any) -> str | None:

@@ -59,7 +59,12 @@ from typing import Any
 import torch
 
 from mmjobs.logs import get_logger
-from mmjobs.models.convert.checkpoints import ConversionError, load_checkpoint_dir, load_tensors
+from mmjobs.models.convert.checkpoints import (
+    ConversionError,
+    load_checkpoint_dir,
+    load_tensors,
+    save_sharded,
+)
 from mmjobs.models.convert.generation_config import repair_generation_config
 
 log = get_logger(__name__)
@@ -132,7 +137,11 @@ def convert_original_llava(llm_dir: str | Path, vision_dir: str | Path, out_dir:
     proj = _projector_tensors(llm, projector, llm_dir)
     llm = {k: v for k, v in llm.items()
            if "mm_projector" not in k and "rotary_emb.inv_freq" not in k}
-    vision_config = _vision_config(AutoConfig.from_pretrained(vision_dir), vision_dir)
+    try:
+        vision_auto = AutoConfig.from_pretrained(vision_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConversionError(f"{vision_dir}: not a model directory (config.json): {e}") from e
+    vision_config = _vision_config(vision_auto, vision_dir)
     vision = {k: v for k, v in load_checkpoint_dir(vision_dir).items()
               if k.startswith("vision_model.") and not k.endswith("position_ids")}
 
@@ -151,8 +160,6 @@ def convert_original_llava(llm_dir: str | Path, vision_dir: str | Path, out_dir:
     if dtype is not None:
         tensors = {k: v.to(getattr(torch, dtype)) for k, v in tensors.items()}
     _check_layout(tensors, config)
-
-    from mmjobs.models.convert.checkpoints import save_sharded
 
     out.mkdir(parents=True, exist_ok=True)
     files = save_sharded(tensors, out, max_shard_size=max_shard_size)

@@ -24,8 +24,12 @@ import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mmjobs.models.tiny import chameleon_code_token, chart_corpus
+
+if TYPE_CHECKING:
+    from transformers import LlamaTokenizer
 
 LLAMA_VOCAB = 32000
 CHAMELEON_VOCAB = 65536
@@ -80,7 +84,7 @@ def llama_sentencepiece(path: Path, *, seed: int = 0) -> Path:
     return path
 
 
-def chameleon_tokenizer(*, seed: int = 0):
+def chameleon_tokenizer(*, seed: int = 0) -> LlamaTokenizer:
     """A `LlamaTokenizer` (the class transformers' Chameleon conversion writes) with Chameleon's
     65,536-id layout (see the module docstring), its special tokens and `sep_token`."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

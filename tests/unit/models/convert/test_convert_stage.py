@@ -76,6 +76,12 @@ def test_a_hostile_pickle_fails_the_stage_in_one_line_and_commits_nothing(
     assert not marker.exists() and not storage.is_committed(str(out))
 
 
+def test_a_missing_source_is_one_line(tmp_path, capsys):
+    code = stage.cli(["--set", f"source={tmp_path / 'nowhere'}", "--set", f"to={tmp_path / 'o'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "nowhere" in err[0] and "not found" in err[0]
+
+
 @pytest.mark.integration
 def test_conversion_commits_to_s3(s3_bucket, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM

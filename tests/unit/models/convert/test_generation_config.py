@@ -17,6 +17,7 @@ from mmjobs.models.convert import (
     convert_original_llava,
     repair_generation_config,
     repair_generation_config_file,
+    repair_model_generation_config,
 )
 
 LOGGER = "mmjobs.models.convert.generation_config"
@@ -94,3 +95,17 @@ def test_valid_configs_are_left_alone_and_unrepairable_ones_fail(tmp_path, caplo
     broken.max_new_tokens = 0
     with pytest.raises(GenerationConfigError, match=r"bad\.json: .*max_new_tokens"):
         repair_generation_config(broken, "bad.json")
+
+
+def test_loading_never_fails_on_a_config_the_repair_cannot_fix(caplog):
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    broken = GenerationConfig()
+    broken.max_new_tokens = 0
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        assert repair_model_generation_config(SimpleNamespace(generation_config=broken),
+                                              "/models/x") == []
+    [warning] = _warnings(caplog)
+    assert "/models/x/generation_config.json" in warning and "max_new_tokens" in warning

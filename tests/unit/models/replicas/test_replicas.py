@@ -211,6 +211,16 @@ def test_original_llava_replica_has_the_published_layout(replica_dir):
     assert inv_freq["model.layers.0.self_attn.rotary_emb.inv_freq"].dtype == torch.float32
 
 
+def test_original_llava_replica_is_misread_by_autoconfig_like_the_real_one(replica_dir):
+    # model_type "llava" with flat Llama keys: transformers builds its own LlavaConfig and
+    # ignores the flat sizes (FACTS.md), so only the converter can load this layout.
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(replica_dir("liuhaotian/llava-v1.5-7b"))
+    assert type(config).__name__ == "LlavaConfig"
+    assert config.text_config.hidden_size != 64
+
+
 # --------------------------------------------------------------------------- Chameleon
 
 

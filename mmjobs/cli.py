@@ -18,7 +18,8 @@ from mmjobs import __version__
 
 # Stage name -> module under mmjobs.stages (stage names are kebab-case, modules snake_case).
 STAGES = ("prepare", "mix", "pretokenize", "train", "apply-connector", "build-moe-connector",
-          "merge", "infer", "evaluate", "report", "make-tiny-model", "import", "serve", "deploy")
+          "merge", "infer", "evaluate", "report", "make-tiny-model", "import", "serve", "deploy",
+          "convert")
 
 
 # --------------------------------------------------------------------------- handlers

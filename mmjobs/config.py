@@ -390,6 +390,12 @@ class TrainConfig(StrictModel):
         "similar lengths together (less padding, same samples per step); packed: samples "
         "concatenated into rows of max_length tokens with position_ids restarting per sample "
         "(no padding; SDPA block-diagonal mask, or flash-attn varlen when installed).")
+    group_by_modality: bool | None = Field(
+        None, description="On data mixing text-only and image rows: every micro-step's batches "
+        "all-image or all-text across ranks (LLaVA's group_by_modality_length), each modality "
+        "ordered by `batching`. None: on where the ranks need it (DeepSpeed ZeRO-3, or ZeRO-2 "
+        "with a trainable connector or vision tower), off elsewhere; false there lets the "
+        "ranks' collectives desynchronise (a warning says so).")
     max_length: int | None = Field(
         None, ge=8, description="Tokens per packed row (packed) or longest sample allowed "
         "(padded modes). None: the pretokenized card's max_length.")

@@ -132,9 +132,11 @@ def train_fingerprint(cfg: TrainStageConfig) -> str:
     except (storage.StoreError, FileNotFoundError):
         model_fp = cfg.model.name_or_path  # a hub id: its name (and revision) is the identity
     # Preference and RL settings only count in the modes that read them, so adding them did
-    # not invalidate earlier results of the other modes.
+    # not invalidate earlier results of the other modes. group_by_modality unset changes no
+    # order that ever finished training: it groups only where ungrouped ranks desynchronise.
     skip = _NOT_FINGERPRINTED | ({"preference"} if cfg.train.mode not in ("dpo", "rm") else
-                                 set()) | ({"rl"} if cfg.train.mode not in RL_MODES else set())
+                                 set()) | ({"rl"} if cfg.train.mode not in RL_MODES else set()) \
+        | ({"group_by_modality"} if cfg.train.group_by_modality is None else set())
     parts: list[Any] = [STAGE, VERSION, cfg.model.model_dump(mode="json"), model_fp,
                         input_fingerprint(cfg.data),
                         input_fingerprint(cfg.eval_data) if cfg.eval_data else None,

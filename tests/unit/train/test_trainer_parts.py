@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from mmjobs.config import ConfigError, ModelConfig, TrainConfig, load_config
-from mmjobs.train.distributed import deepspeed_config, resolve_mixed_precision
+from mmjobs.train.distributed import (
+    DIST_TIMEOUT_ENV,
+    collective_timeout,
+    deepspeed_config,
+    resolve_mixed_precision,
+)
 from mmjobs.train.metrics import FlopsModel, device_peak_flops, flops_model, step_metrics
 
 
@@ -92,6 +97,19 @@ def test_deepspeed_configs_are_packaged_and_filled(kind):
     assert config["zero_optimization"]["stage"] == (2 if kind == "zero2" else 3)
     assert config["zero_optimization"]["reduce_bucket_size"] == 64 * 64
     assert "auto" not in str(config)
+
+
+def test_the_collective_timeout_comes_from_the_environment(monkeypatch):
+    import datetime
+
+    monkeypatch.delenv(DIST_TIMEOUT_ENV, raising=False)
+    assert collective_timeout() is None  # torch's default
+    monkeypatch.setenv(DIST_TIMEOUT_ENV, "90")
+    assert collective_timeout() == datetime.timedelta(seconds=90)
+    for bad in ("0", "-5", "soon"):
+        monkeypatch.setenv(DIST_TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=f"MMJOBS_DIST_TIMEOUT_S={bad!r}: expected"):
+            collective_timeout()
 
 
 def test_mixed_precision_auto_is_fp32_on_cpu():

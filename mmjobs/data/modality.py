@@ -41,12 +41,14 @@ row is text.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from mmjobs.logs import get_logger
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 TEXT, IMAGE = 0, 1
 MODALITY_NAMES = {TEXT: "text-only", IMAGE: "image"}
@@ -106,7 +108,7 @@ def ranks_need_same_modality(deepspeed: str, *, vision_side_trains: bool,
     return deepspeed.startswith("zero3") or vision_side_trains
 
 
-def split_even(items: Sequence[list[int]], parts: int) -> list[list[list[int]]]:
+def split_even(items: Sequence[T], parts: int) -> list[list[T]]:
     """`items` cut into `parts` contiguous runs whose sizes differ by at most one (longer
     first); contiguous, so a length-grouped order stays grouped."""
     size, extra = divmod(len(items), parts)
@@ -118,21 +120,21 @@ def split_even(items: Sequence[list[int]], parts: int) -> list[list[list[int]]]:
     return out
 
 
-def micro_step_units(items: Sequence[list[int]], *, batch_size: int, world_size: int,
-                     drop_last: bool = False) -> list[list[list[int]]]:
+def micro_step_units(items: Sequence[T], *, batch_size: int, world_size: int,
+                     drop_last: bool = False) -> list[list[list[T]]]:
     """Cut one modality's ordered items into micro-step units of `world_size` batches.
 
     Args:
-        items: the modality's items in batching order; an item is a list of sample indices
-            (one sample in the padded modes, one bin in packed mode).
+        items: the modality's items in batching order: sample indices (padded modes) or bins
+            (packed mode; lists of sample indices).
         batch_size: items per batch.
         world_size: batches per unit (one per rank).
         drop_last: drop the incomplete last unit instead of spreading it out.
 
     Returns:
-        Units; each unit is `world_size` batches and each batch a non-empty list of sample
-        indices (its items' samples, in order). Every item appears exactly once, except for the
-        repeats described in the module docstring.
+        Units; each unit is `world_size` non-empty batches of at most `batch_size` items.
+        Every item appears exactly once, except for the repeats described in the module
+        docstring.
     """
     per_unit = batch_size * world_size
     full = len(items) // per_unit
@@ -153,20 +155,20 @@ def micro_step_units(items: Sequence[list[int]], *, batch_size: int, world_size:
                      "%d", fill, world_size, len(rest))
             units.append(split_even(rest + [items[i % len(items)] for i in range(fill)],
                                     world_size))
-    return [[[s for item in batch for s in item] for batch in unit] for unit in units]
+    return units
 
 
 def order_units(units: list[list[list[int]]], rng: np.random.Generator, *,
-                lengths: np.ndarray | None = None) -> list[list[int]]:
+                longest: int | None = None) -> list[list[int]]:
     """Shuffle the units (all modalities together) and flatten them into the global batch
-    list; with `lengths`, the unit holding the longest sample is swapped to the front.
+    list; the unit holding sample `longest`, if given, is swapped to the front.
 
     Returns:
         Global batches; batch k goes to rank k mod world_size.
     """
     shuffled = [units[i] for i in rng.permutation(len(units))]
-    if lengths is not None and shuffled:
-        peak = [max(int(lengths[s]) for batch in unit for s in batch) for unit in shuffled]
-        first = int(np.argmax(peak))
+    if longest is not None:
+        first = next((k for k, unit in enumerate(shuffled)
+                      if any(longest in batch for batch in unit)), 0)
         shuffled[0], shuffled[first] = shuffled[first], shuffled[0]
     return [batch for unit in shuffled for batch in unit]

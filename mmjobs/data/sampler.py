@@ -101,8 +101,9 @@ class ResumableBatchSampler(Sampler[list[int]]):
             default, 50, or fewer on tiny datasets so there are at least 4 mega-batches).
         modality: per-sample modality labels, shape [n] (`modality.sample_modalities`); when
             they mix, every micro-step's `world_size` batches share one modality (see
-            `mmjobs.data.modality`; every rank then gets the same number of batches). None, or
-            a single modality: no grouping.
+            `mmjobs.data.modality`; every rank then gets the same number of batches, and
+            drop_last drops each modality's incomplete last micro-step). None, or a single
+            modality: no grouping.
 
     Raises:
         ValueError: bad arguments, or overlong samples with on_overlong="error".
@@ -153,35 +154,37 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def global_batches(self, epoch: int) -> list[list[int]]:
         """All ranks' batches of `epoch`, in order (a pure function of seed and epoch)."""
-        seed = _seed_for(self.seed, epoch)
+        seed, size = _seed_for(self.seed, epoch), self.batch_size
         if self.groups_modalities:
             return self._modality_grouped_batches(seed)
-        items = self._items(self.eligible, seed)
-        batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches.pop()  # fewer than batch_size samples (or bins, packed)
-        return [[s for item in batch for s in item] for batch in batches]
+        if self.mode == "packed":
+            bins = self._packed_bins(np.random.default_rng(seed), self.eligible)
+            batches = [[i for b in bins[k:k + size] for i in b]
+                       for k in range(0, len(bins), size)]
+            if self.drop_last and len(bins) % size:
+                batches.pop()  # the last batch holds fewer than batch_size bins
+            return batches
+        order = self._order(self.eligible, seed).tolist()
+        batches = [order[i:i + size] for i in range(0, len(order), size)]
+        if self.drop_last and batches and len(batches[-1]) < size:
+            batches.pop()
+        return batches
 
     @property
     def groups_modalities(self) -> bool:
         """True if batches are grouped by modality (labels given, and the data mixes them)."""
         return self.modality is not None and np.unique(self.modality[self.eligible]).size > 1
 
-    def _items(self, idx: np.ndarray, seed: int) -> list[list[int]]:
-        """The samples `idx` in this mode's order for `seed`, as items: one sample each in the
-        padded modes, one bin each in packed mode."""
+    def _order(self, idx: np.ndarray, seed: int) -> np.ndarray:
+        """The samples `idx` in the order of a padded mode (random, length_grouped)."""
         if self.mode == "random":
-            order = idx[np.random.default_rng(seed).permutation(len(idx))]
-        elif self.mode == "length_grouped":
-            if len(idx) == 0:
-                return []
-            g = torch.Generator().manual_seed(seed)
-            pos = get_length_grouped_indices(self.lengths[idx].tolist(), self.batch_size,
-                                             mega_batch_mult=self.mega_batch_mult, generator=g)
-            order = idx[np.asarray(pos, dtype=np.int64)]
-        else:
-            return self._packed_bins(np.random.default_rng(seed), idx)
-        return [[i] for i in order.tolist()]
+            return idx[np.random.default_rng(seed).permutation(len(idx))]
+        if len(idx) == 0:
+            return idx
+        g = torch.Generator().manual_seed(seed)
+        pos = get_length_grouped_indices(self.lengths[idx].tolist(), self.batch_size,
+                                         mega_batch_mult=self.mega_batch_mult, generator=g)
+        return idx[np.asarray(pos, dtype=np.int64)]
 
     def _modality_grouped_batches(self, seed: int) -> list[list[int]]:
         """Each modality ordered on its own, cut into micro-step units of world_size batches,
@@ -190,12 +193,20 @@ class ResumableBatchSampler(Sampler[list[int]]):
         rng = np.random.default_rng(seed)
         units: list[list[list[int]]] = []
         labels = self.modality[self.eligible]
+        args = {"batch_size": self.batch_size, "world_size": self.world_size,
+                "drop_last": self.drop_last}
         for value in np.unique(labels):  # sorted: the same draws in the same order every time
-            items = self._items(self.eligible[labels == value], int(rng.integers(2**63)))
-            units += micro_step_units(items, batch_size=self.batch_size,
-                                      world_size=self.world_size, drop_last=self.drop_last)
-        return order_units(units, rng, lengths=self.lengths if self.mode == "length_grouped"
-                           else None)
+            idx, sub_seed = self.eligible[labels == value], int(rng.integers(2**63))
+            if self.mode == "packed":  # batch_size bins per batch, flattened into samples
+                bins = self._packed_bins(np.random.default_rng(sub_seed), idx)
+                units += [[[i for b in batch for i in b] for batch in unit]
+                          for unit in micro_step_units(bins, **args)]
+            else:
+                units += micro_step_units(self._order(idx, sub_seed).tolist(), **args)
+        longest = None  # length_grouped: the longest sample's micro-step first, as transformers
+        if self.mode == "length_grouped" and len(self.eligible):
+            longest = int(self.eligible[np.argmax(self.lengths[self.eligible])])
+        return order_units(units, rng, longest=longest)
 
     def _packed_bins(self, rng: np.random.Generator, idx: np.ndarray) -> list[list[int]]:
         """Shuffle the samples `idx`, pack each window of them into bins, shuffle the bins."""

@@ -125,7 +125,7 @@ def test_odd_counts_and_tails(n_image, n_text, batch_size, world_size, drop_last
 
 
 def test_a_short_tail_is_merged_with_the_unit_before_it():
-    items = [[i] for i in range(5)]  # batch 2 x 2 ranks: one full unit and 1 left over
+    items = list(range(5))  # batch 2 x 2 ranks: one full unit and 1 left over
     units = micro_step_units(items, batch_size=2, world_size=2)
     assert units == [[[0, 1], [2]], [[3], [4]]]
     assert micro_step_units(items, batch_size=2, world_size=2, drop_last=True) == [

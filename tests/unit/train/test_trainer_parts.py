@@ -153,3 +153,17 @@ def test_layer_dropout_schedule_sets_each_decoder_layers_adapter_dropout(tiny_ll
              for name, module in model.named_modules()
              if name.endswith("lora_dropout.default")}
     assert found == {("0", 0.3), ("1", 0.1)}
+
+
+def test_an_explicit_group_by_modality_changes_the_fingerprint(tmp_path, tiny_llava_dir,
+                                                               fixed_batch_shards):
+    from mmjobs.stages.train import TrainStageConfig, train_fingerprint
+    from tests.train_fixtures import train_settings
+
+    def fp(**train) -> str:
+        return train_fingerprint(load_config(TrainStageConfig, {
+            "model": {"name_or_path": str(tiny_llava_dir)}, "data": fixed_batch_shards,
+            "output": str(tmp_path), "train": train_settings(**train)}))
+
+    # Set, it decides the batch order on mixed data, so a resume must not switch it.
+    assert len({fp(), fp(group_by_modality=True), fp(group_by_modality=False)}) == 3

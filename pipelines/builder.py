@@ -5,11 +5,12 @@ A pipeline file only says which steps exist and what feeds what::
     shards = b.step("pretokenize", "pretokenize", dataset=prepared.output, model=base)
 
 `Build.step` assembles the step's stage config — the stage's defaults from the recipe
-(`model`, `data`, `train`, `eval`), then the recipe's `stages.<step>` section, then values
-the pipeline fixes — adds the wiring fields (experiment, run id, parent MLflow run, output
-`{store}/{experiment}/{run_id}/{step}`), validates it against the stage's config model (all
-problems collected, named `stages.<step>.<key>`), creates the task with the stage's
-component and image and, when compiling for a cluster, applies the cluster settings.
+(`model`, `data`, `eval`, and of `train` the settings the step's train.mode has), then the
+recipe's `stages.<step>` section, then values the pipeline fixes — adds the wiring fields
+(experiment, run id, parent MLflow run, output `{store}/{experiment}/{run_id}/{step}`),
+validates it against the stage's config model (all problems collected, named
+`stages.<step>.<key>`), creates the task with the stage's component and image and, when
+compiling for a cluster, applies the cluster settings.
 """
 
 from __future__ import annotations

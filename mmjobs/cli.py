@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="stage config YAML (see README: Training)")
     p.add_argument("--model", help="base model URI (sets model.name_or_path)")
     p.add_argument("--data", help="pretokenized shards URI")
-    p.add_argument("--mode", help="align | sft (sets train.mode)")
+    p.add_argument("--mode", help="align | sft | dpo | rm | ppo | grpo (sets train.mode; the "
+                                  "settings of each mode: README Training)")
     p.add_argument("--output", help="output URI (default: the store layout)")
     overrides(p)
     p.set_defaults(func=_stage_with_flags("train", {"model": "model.name_or_path", "data": "data",

@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmjobs.config import ModelConfig, PreferenceConfig, TrainConfig
+from mmjobs.config import ModelConfig
 from mmjobs.logs import get_logger
 from mmjobs.train.batches import IGNORE_INDEX
+from mmjobs.train.methods import RmConfig, RmPreference
 
 log = get_logger(__name__)
 
@@ -159,7 +160,7 @@ class RewardObjective:
     name = "rm"
     stat_names = RM_STATS
 
-    def __init__(self, cfg: PreferenceConfig, inputs: InputsFn) -> None:
+    def __init__(self, cfg: RmPreference, inputs: InputsFn) -> None:
         self.cfg, self.inputs = cfg, inputs
 
     def count(self, batch: Mapping[str, Any]) -> int:
@@ -186,7 +187,7 @@ class RewardObjective:
 
 
 def export_reward_model(model: RewardModel, full_state: dict[str, torch.Tensor] | None,
-                        cfg: TrainConfig, out: Path, *, base_model: ModelConfig, processor: Any,
+                        cfg: RmConfig, out: Path, *, base_model: ModelConfig, processor: Any,
                         source_dir: Path | None, meta: dict[str, Any]) -> dict[str, str]:
     """Write `out/reward_model/` (rank 0 only); see the module docstring.
 

@@ -12,8 +12,8 @@ issue named there). Nothing is downloaded and no code shipped with a checkpoint 
   `mmjobs/models/replicas/published/` (llava-hf/llava-1.5-7b-hf, lmsys/vicuna-7b-v1.5,
   liuhaotian/llava-v1.5-7b), and Chameleon-7B (`mmjobs.models.replicas.chameleon.CONFIG`, its
   published values);
-- `model_directories`: a local directory, `file://` or `s3://` URI holding config.json;
 - `recipe_imports`: a store URI an `imports:` entry of the recipe fills: its `source`;
+- `model_directories`: a local directory, `file://` or `s3://` URI holding config.json;
 - `hub_cache`: a hub id whose config.json is in the local Hugging Face cache.
 
 New architectures plug in with `register_resolver` (issue 15: InternLM-XComposer2, issue 16:
@@ -299,8 +299,10 @@ def hub_cache(name: str, context: ResolveContext) -> ResolvedModel | None:
     return ResolvedModel(name, f"Hugging Face cache: {cached}", config_from_dict(raw, name))
 
 
-RESOLVERS.extend([unsupported_ids, tiny_models, vendored_configs, model_directories,
-                  recipe_imports, hub_cache])
+# An import's source says what lands at its URI, so it is asked before the URI itself (which
+# may be unreachable where plan runs, or not filled yet).
+RESOLVERS.extend([unsupported_ids, tiny_models, vendored_configs, recipe_imports,
+                  model_directories, hub_cache])
 
 
 # --------------------------------------------------------------------------- helpers

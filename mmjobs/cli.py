@@ -436,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
         "model": "model", "adapter": "adapter", "host": "host", "port": "port",
         "api_key_env": "key_env"}))
 
+    # Parsed by mmjobs.plan.report.main (main() hands it the raw arguments).
+    sub.add_parser("plan", help="real-size dry run of a recipe's training steps on the meta "
+                                "device: parameters, memory per GPU, fits or not, FLOPs")
     # Parsed by mmjobs.eval.score.score_main (main() hands it the raw arguments).
     sub.add_parser("score", help="score a predictions file with an official metric: --metric "
                                  "NAME --predictions FILE [--variant V] [--tolerance T] "
@@ -482,6 +485,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mmjobs.eval.score import score_main
 
         return score_main(argv[1:])
+    if argv[:1] == ["plan"]:
+        from mmjobs.plan.report import main as plan_main
+
+        return plan_main(argv[1:])
     if argv[:1] == ["stage"] and len(argv) > 1 and not argv[1].startswith("-"):
         return cmd_stage(argparse.Namespace(name=argv[1], stage_args=argv[2:]))
     args = build_parser().parse_args(argv)

@@ -55,6 +55,7 @@ __all__ = [
     "LayerDropoutConfig",
     "LoraConfig",
     "ModelConfig",
+    "PlanConfig",
     "RecipeConfig",
     "RewardConfig",
     "SecretNames",
@@ -163,6 +164,10 @@ class ClusterConfig(StrictModel):
     """Kubernetes resources for the stage pods (ignored by the local runner)."""
 
     gpus: int = Field(0, ge=0, description="NVIDIA GPUs per node (nvidia.com/gpu).")
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="Memory per GPU in GiB, for `mmjobs plan`'s fits check. None: "
+        "from the node selector nvidia.com/gpu.product (e.g. NVIDIA-A100-SXM4-80GB), else 80 "
+        "assumed (the plan says so).")
     nodes: int = Field(1, ge=1, description="Nodes for training; >1 launches a TrainJob.")
     trainer: Literal["trainjob", "pytorchjob"] = Field(
         "trainjob", description="What runs multi-node training (nodes > 1): a Kubeflow Trainer "
@@ -252,6 +257,15 @@ class ImagesConfig(StrictModel):
         return f"{getattr(self, kind)}:{self.tag or __version__}"
 
 
+class PlanConfig(StrictModel):
+    """Settings only `mmjobs plan` reads (a real-size dry run); no pipeline step uses them."""
+
+    config_from: str | None = Field(
+        None, description="A hub id or directory whose config.json has the architecture of "
+        "model.name_or_path, for a base model plan cannot read where it runs (a store URI "
+        "built by another pipeline), e.g. liuhaotian/llava-v1.5-7b. Never loads weights.")
+
+
 class RecipeConfig(StrictModel):
     """A whole recipe: what to train and evaluate, and on what resources."""
 
@@ -296,6 +310,8 @@ class RecipeConfig(StrictModel):
         "name -> overrides of the swept step's section, e.g. {cyclical-lr: {train: "
         "{lr_schedule: cyclic_triangular2}}}. Checked like `stages` sections.")
 
+    plan: PlanConfig = Field(default_factory=PlanConfig, description="What `mmjobs plan` "
+                             "needs besides the rest of the recipe.")
     imports: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Inputs the pipeline copies into the store before any other step: "

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import Field
 
 from mmjobs import settings, storage
-from mmjobs.data.conversation import FORMAT_HELP, ConversationFormatName
+from mmjobs.data.conversation import FORMAT_HELP, ConversationFormatName, NoChatTemplateError
 from mmjobs.logs import get_logger
 from mmjobs.stages.common import (
     StageConfig,
@@ -175,7 +175,11 @@ def _metrics(card: dict[str, Any], cached: bool, seconds: float) -> dict[str, fl
 
 def cli(argv: list[str] | None = None) -> int:
     """`python -m mmjobs.stages.pretokenize` / `mmjobs stage pretokenize` (image entrypoint)."""
-    return stage_cli(STAGE, PretokenizeConfig, main, argv)
+    try:
+        return stage_cli(STAGE, PretokenizeConfig, main, argv)
+    except NoChatTemplateError as e:  # a setting to choose, not a crash
+        print(f"mmjobs stage {STAGE}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

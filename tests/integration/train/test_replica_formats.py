@@ -41,6 +41,7 @@ class Case:
     max_length: int
     labels: tuple[str, ...]
     output_image: bool = False  # the second row's answer draws an image (Chameleon)
+    stops: tuple[str, ...] = ("</s>",)  # tokens that end an answer at inference
 
 
 CASES = {
@@ -48,10 +49,12 @@ CASES = {
     "vicuna-llava": Case("lmsys/vicuna-7b-v1.5", "vicuna_v1", 700,
                          ("A cat.</s>", "Two dogs.</s>")),
     "chameleon": Case("facebook/chameleon-7b", "anything_ti2ti", 1100,
-                      ("A cat.</s><reserved08706>", "Two dogs.</s><reserved08706>")),
+                      ("A cat.</s><reserved08706>", "Two dogs.</s><reserved08706>"),
+                      stops=("</s>", "<reserved08706>")),
     "aa-chameleon": Case("PKU-Alignment/AA-chameleon-7b-base", "anything_ti2ti", 2200,
                          ("A cat.</s><reserved08706>",
-                          "Two dogs.<image></s><reserved08706>"), output_image=True),
+                          "Two dogs.<image></s><reserved08706>"), output_image=True,
+                         stops=("</s>", "<reserved08706>")),
 }
 
 
@@ -139,6 +142,9 @@ def test_replica_pretokenize_train_merge_infer(name, replica_dir, tmp_path, one_
     # Inference prompts exactly as training saw the text before the answer.
     loaded = load_for_inference(model, conversation_format=case.fmt)
     generator = Generator(loaded, max_new_tokens=2)
+    eos = generator.generation_config.eos_token_id
+    assert set(tokenizer.convert_tokens_to_ids(list(case.stops))) <= set(
+        eos if isinstance(eos, list) else [eos])
     image = load_image(local / "images/in-0.png")
     text = generator.render(PromptInput([{"role": "user", "content": QUESTION}], [image]))
     prompt_ids = generator._encode([text], [[image]])["input_ids"][0].tolist()

@@ -186,3 +186,19 @@ def test_the_end_of_image_token_is_part_of_the_image(tiny_chameleon_dir):
         else:
             with pytest.raises(SampleRejected, match=f"image tokens end at token {image_end}"):
                 encoder.encode(sample(question, "A cat."), [png()])
+
+
+def test_a_model_without_a_template_is_told_which_formats_exist(replica_dir, tmp_path, capsys):
+    """facebook/chameleon-7b ships no chat template: the stage says what to set, no traceback."""
+    from mmjobs.stages import pretokenize
+    from tests.chart_dataset import commit_dataset, write_chart_dataset
+
+    local = write_chart_dataset(tmp_path / "local", [sample("<image>\nWhat?", "A.").model_dump()])
+    dataset = commit_dataset(local, str(tmp_path / "dataset"))
+    model = replica_dir("facebook/chameleon-7b")
+    code = pretokenize.cli(["--set", f"dataset={dataset}", "--set", f"model={model}",
+                            "--set", f"output={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"mmjobs stage pretokenize: {model}: the model ships no chat template" in err
+    assert "anything_ti2ti (Align-Anything on Chameleon)" in err

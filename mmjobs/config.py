@@ -49,6 +49,7 @@ from mmjobs.train.methods import (
 __all__ = [
     "ClusterConfig",
     "ConfigError",
+    "ConversationFormatName",
     "DataConfig",
     "EvalConfig",
     "ImagesConfig",
@@ -80,6 +81,11 @@ SourceFormat = Literal[
 ]  # fmt: skip
 
 
+# How conversations become model text (mmjobs.data.conversation): the model's chat template, or
+# a seed's built-in format for base models that ship none.
+ConversationFormatName = Literal["auto", "template", "vicuna_v1", "plain", "anything_ti2ti"]
+
+
 class ModelConfig(StrictModel):
     """Which model to load and how."""
 
@@ -96,6 +102,13 @@ class ModelConfig(StrictModel):
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="Attention kernel; flash_attention_2 needs a GPU image."
+    )
+    conversation_format: ConversationFormatName = Field(
+        "auto",
+        description="How conversations become text for pretokenize, infer and serve. auto / "
+        "template: the model's chat template (auto fails, naming the others, on a model without "
+        "one). vicuna_v1: LLaVA-1.5 fine-tuning (vicuna-7b-v1.5, original LLaVA checkpoints); "
+        "plain: LLaVA projector pretraining; anything_ti2ti: Align-Anything on Chameleon.",
     )
 
 

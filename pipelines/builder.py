@@ -316,19 +316,23 @@ class Build:
         """
         r = self.recipe
         trust = {"trust_remote_code": True} if r.model.trust_remote_code else {}
+        # Training data and prompts must be rendered alike: both steps get the recipe's format.
+        fmt = ({"conversation_format": r.model.conversation_format}
+               if r.model.conversation_format != "auto" else {})
         if stage == "train":
             model = r.model.model_dump(exclude={"name_or_path"}, exclude_defaults=True)
             return {"model": model, "train": r.train.model_dump(mode="json",
                                                                   exclude_defaults=True)}
         if stage == "pretokenize":
-            return {**({"max_length": r.data.max_length} if r.data else {}), **trust}
+            return {**({"max_length": r.data.max_length} if r.data else {}), **trust, **fmt}
         if stage == "prepare" and step == "prepare" and r.data is not None:
             data = {"source_format": r.data.source_format, "input": r.data.input,
                     "max_reject_fraction": r.data.max_reject_fraction}
             return {k: v for k, v in data.items() if v is not None}
         if stage == "infer":
             return {"batch_size": r.eval.batch_size, "max_new_tokens": r.eval.max_new_tokens,
-                    **({"dtype": r.model.dtype} if r.model.dtype != "auto" else {}), **trust}
+                    **({"dtype": r.model.dtype} if r.model.dtype != "auto" else {}), **trust,
+                    **fmt}
         if stage in ("merge", "apply-connector", "build-moe-connector"):
             return dict(trust)
         return {}

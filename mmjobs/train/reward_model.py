@@ -229,12 +229,13 @@ class RewardScorer:
     """Encodes `(prompt, response, images)` like pretokenize did for training pairs."""
 
     def __init__(self, model_dir: Path, image_processor: Any, *, max_length: int,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, conversation_format: str = "auto") -> None:
         from mmjobs.data.loader import PaddedCollator
         from mmjobs.data.sample_encoder import SampleEncoder
 
         self.encoder = SampleEncoder(model_dir, max_length=max_length,
-                                     trust_remote_code=trust_remote_code)
+                                     trust_remote_code=trust_remote_code,
+                                     conversation_format=conversation_format)
         self.image_processor = image_processor
         self.collate = PaddedCollator(self.encoder.tokenizer.pad_token_id or 0)
 
@@ -313,7 +314,9 @@ def load_reward_model(uri: str, *, device: str | torch.device | None = None,
     model.scorer = RewardScorer(loaded.model_dir, getattr(loaded.processor, "image_processor",
                                                           None),
                                 max_length=max_length or int(info.get("max_length") or 4096),
-                                trust_remote_code=spec.trust_remote_code)
+                                trust_remote_code=spec.trust_remote_code,
+                                # the recipe's model.conversation_format, as its shards had
+                                conversation_format=spec.conversation_format)
     log.info("loaded reward model %s (%s weights on %s)", uri, info["weights"],
              spec.name_or_path)
     return model

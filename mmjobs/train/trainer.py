@@ -1,7 +1,7 @@
 """The training recipe: align, SFT, DPO or a reward model (full / LoRA), resumable.
 
     recipe = TrainRecipe(model=ModelConfig(name_or_path=...), data="s3://.../shards",
-                         train=TrainConfig(mode="sft", finetune="lora"), output=OUT,
+                         train=SftConfig(finetune="lora"), output=OUT,
                          fingerprint=FP, run=mlflow_run)
     recipe.setup(); summary = recipe.train(); outputs = recipe.save_final(); recipe.cleanup()
 
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from mmjobs import storage
-from mmjobs.config import ConfigError, ModelConfig, TrainConfig
+from mmjobs.config import ConfigError, ModelConfig
 from mmjobs.data.modality import ranks_need_same_modality
 from mmjobs.logs import get_logger
 from mmjobs.models.builder import load_model
@@ -55,15 +55,16 @@ from mmjobs.train.distributed import (
     release_accelerator,
     text_hidden_size,
 )
+from mmjobs.train.methods import TrainConfig
 from mmjobs.train.metrics import device_peak_flops, flops_model, log_step, patches_per_image
 from mmjobs.train.model_setup import (
-    check_train_config,
     export_final,
     frozen_components,
     load_trainable_state,
     parameter_counts,
     prepare_for_training,
     trainable_state,
+    trained_part,
     upcast_trainable,
 )
 from mmjobs.train.objectives import LanguageModelingObjective, Objective
@@ -93,13 +94,14 @@ class TrainRecipe:
     `setup`, `train`, `save_final`, `cleanup` (`save_checkpoint` runs from `train`).
 
     Raises:
-        ConfigError: from the constructor, listing every bad combination in `train`.
+        ConfigError: from the constructor, for bad `train.lr_schedule_options` (every other
+            combination is checked when `train` is validated, by its mode's config class).
     """
 
     def __init__(self, *, model: ModelConfig, data: str, train: TrainConfig, output: str,
                  fingerprint: str, eval_data: str | None = None, resume: bool = True,
                  run: Any = None) -> None:
-        errors = check_train_config(train)
+        errors = []
         try:  # schedule options are checked on a dummy run, before anything heavy starts
             lr_at_steps(train.lr_schedule, [0], lr=train.lr, num_training_steps=100,
                         warmup_ratio=train.warmup_ratio, **train.lr_schedule_options)
@@ -287,7 +289,7 @@ class TrainRecipe:
                             warmup_ratio=cfg.warmup_ratio, **cfg.lr_schedule_options)
         self.run.log_figure(fig, "plots/lr_schedule.png")
         log.info("training %d steps (%s, %s), %d batches/epoch on each of %d rank(s)%s",
-                 self.total_steps, cfg.mode, cfg.finetune if cfg.mode != "align" else "connector",
+                 self.total_steps, cfg.mode, trained_part(cfg),
                  len(self.loader), self.dist.world_size,
                  f", resumed at step {self.resumed_from}" if self.resumed_from else "")
 
@@ -467,7 +469,7 @@ class TrainRecipe:
             ckpt.save_torch(self.scheduler.state_dict(), local / ckpt.SCHEDULER_FILE)
             state = {"step": self.step, "total_steps": self.total_steps, "loss": self.last_loss,
                      "fingerprint": self.fingerprint, "world_size": self.dist.world_size,
-                     "mode": self.cfg.mode, "finetune": self.cfg.finetune,
+                     "mode": self.cfg.mode, "finetune": trained_part(self.cfg),
                      "deepspeed": self.cfg.deepspeed}
             (local / ckpt.STATE_FILE).write_text(json.dumps(state, indent=1))
         ckpt.write_rank_state(local, self.dist.rank, self.loader.state_dict())
@@ -491,7 +493,7 @@ class TrainRecipe:
             try:
                 parts = self._export(acc.unwrap_model(self.model), full_state, scratch)
                 info = {"base_model": self.spec.model_dump(mode="json"), "data": self.data,
-                        "mode": self.cfg.mode, "finetune": self.cfg.finetune,
+                        "mode": self.cfg.mode, "finetune": trained_part(self.cfg),
                         "steps": self.step, "final_loss": self.last_loss, "outputs": parts,
                         "eval_metrics": self.eval_metrics,
                         "fingerprint": self.fingerprint}

@@ -12,12 +12,16 @@ from mmjobs.train.distributed import (
     deepspeed_config,
     resolve_mixed_precision,
 )
+from mmjobs.train.methods import SftConfig, train_config
 from mmjobs.train.metrics import FlopsModel, device_peak_flops, flops_model, step_metrics
 
 
 @pytest.mark.parametrize(("settings", "message"), [
-    ({"mode": "align", "freeze_connector": True}, "nothing to train in align mode"),
-    ({"mode": "align", "freeze_language_model": False}, "trains the connector only"),
+    # align trains the connector alone: it has no freeze (or adapter) settings.
+    ({"mode": "align", "freeze_connector": True},
+     r"freeze_connector: not a setting of mode align \(it is for sft, dpo, rm, ppo, grpo\)"),
+    ({"mode": "align", "freeze_language_model": False},
+     "freeze_language_model: not a setting of mode align"),
     ({"finetune": "full", "layer_dropout": {"preset": "inc"}}, "needs finetune: lora"),
     ({"freeze_connector": True, "freeze_language_model": True}, "every component is frozen"),
     ({"layer_dropout": {"preset": "inc", "kind": "constant"}}, "exactly one of `preset`"),
@@ -45,7 +49,8 @@ def test_train_stage_runs_every_mode_and_lists_all_errors():
 
 
 def test_default_config_trains_lora_with_checkpoints():
-    cfg = TrainConfig()
+    cfg = train_config()
+    assert isinstance(cfg, SftConfig)
     assert (cfg.mode, cfg.finetune, cfg.deepspeed, cfg.mixed_precision) == (
         "sft", "lora", "none", "auto")
     assert cfg.checkpoint_every_steps > 0 and cfg.keep_last_checkpoints >= 1
@@ -125,7 +130,7 @@ def test_lora_targets_stay_out_of_frozen_components(tiny_llava_dir):
     from mmjobs.train.model_setup import frozen_components, lora_targets
 
     model = load_model(ModelConfig(name_or_path=str(tiny_llava_dir))).model
-    frozen = frozen_components(TrainConfig())
+    frozen = frozen_components(SftConfig())
     targets = lora_targets(model, ["q_proj", "v_proj"], frozen)
     assert len(targets) == 4 and all(t.startswith("model.language_model.") for t in targets)
     with_vision = lora_targets(model, ["q_proj"], {**frozen, "vision_tower": False})

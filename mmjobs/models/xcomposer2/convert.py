@@ -99,7 +99,9 @@ def convert_xcomposer2(src_dir: str | Path, out_dir: str | Path, *,
     if PLORA_KEY not in tensors:
         raise ConversionError(f"{src}: no {PLORA_KEY}; not an InternLM-XComposer2 checkpoint "
                               "with Partial-LoRA")
-    config = XComposer2Config(**{k: v for k, v in raw.items() if k not in ("model_type",)},
+    # img_size: the published 224 is what the remote code resizes away; training uses 490.
+    published = {k: v for k, v in raw.items() if k not in ("model_type", "img_size")}
+    config = XComposer2Config(**published,
                               img_size=img_size, vision_config=vision,
                               plora_r=int(tensors[PLORA_KEY].shape[0]), plora_alpha=PLORA_ALPHA)
     config.architectures = [ARCHITECTURE]

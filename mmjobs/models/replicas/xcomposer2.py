@@ -22,7 +22,6 @@ converter writes one from config.json's ids).
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ from mmjobs.models.replicas._common import (
     write_record,
     write_weights,
 )
-from mmjobs.models.replicas.vocab import replica_corpus
+from mmjobs.models.replicas.vocab import replica_corpus, train_bpe
 
 XCOMPOSER2 = "internlm--internlm-xcomposer2-7b"
 XCOMPOSER2_VOCAB = 92544
@@ -44,7 +43,6 @@ TURN_TOKENS = {"[UNUSED_TOKEN_145]": 92542, "[UNUSED_TOKEN_146]": 92543}
 PLORA_R = 256  # hard-coded in the hub's modeling_internlm2.py (lora_r = lora_alpha = 256)
 # The published 32 query heads : 8 key/value heads, at the replica's 4 heads.
 SIZES = {**TEXT_SIZES, "num_key_value_heads": 1}
-_TRAINED_PIECES = 1000
 _TURNS = ("[UNUSED_TOKEN_146]user\n<ImageHere>Answer the question using a single word or "
           "phrase.What is the value of 2019?[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n"
           "42[UNUSED_TOKEN_145]\n</s>")
@@ -96,7 +94,6 @@ def xcomposer2_tensors(config: dict, *, seed: int) -> dict[str, torch.Tensor]:
 
 def internlm2_sentencepiece(path: Path, *, seed: int = 0) -> Path:
     """Write an InternLM2-layout SentencePiece BPE model (92,544 pieces) to `path`."""
-    import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
     def corpus():
@@ -106,16 +103,7 @@ def internlm2_sentencepiece(path: Path, *, seed: int = 0) -> Path:
                 yield _TURNS.replace("[UNUSED_TOKEN_145]", "\n").replace("[UNUSED_TOKEN_146]",
                                                                          "")
 
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=corpus(), model_writer=buffer, model_type="bpe",
-        vocab_size=_TRAINED_PIECES, hard_vocab_limit=False, byte_fallback=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True, add_dummy_prefix=True,
-        remove_extra_whitespaces=False, normalization_rule_name="identity",
-        allow_whitespace_only_pieces=True, character_coverage=1.0, num_threads=1,
-        minloglevel=2)
-    proto = model_pb2.ModelProto()
-    proto.ParseFromString(buffer.getvalue())
+    proto = train_bpe(corpus())
     unused = model_pb2.ModelProto.SentencePiece.UNUSED
     user_defined = model_pb2.ModelProto.SentencePiece.USER_DEFINED
     first_turn = min(TURN_TOKENS.values())

@@ -11,9 +11,19 @@ Modes:
 - `length_grouped`: transformers' `get_length_grouped_indices` (mega-batches of
   `50 * batch_size` samples sorted by length, longest batch first), cut into batches; padding
   drops because neighbours have similar lengths.
-- `packed`: a seeded permutation, packed window by window into bins of `max_length` tokens
-  (best-fit decreasing, `packing.pack_sequences`); bins are shuffled and `batch_size` bins make
-  one batch (flattened into one row by `packing.PackedCollator`).
+- `packed`: a seeded permutation, packed window by window into batches of at most
+  `batch_size * max_length` tokens, each sample at most `max_length` (best-fit decreasing,
+  `packing.pack_sequences`); the batches are shuffled and each is flattened into one
+  padding-free row by `packing.PackedCollator`. The budget is the batch's, not a
+  `max_length`-token bin's: a flattened row has no bins inside it, so its cost (memory, and
+  compute for varlen attention) follows its real tokens and the budget bounds them. Bins of
+  `max_length` cannot fill well on image data: LLaVA-1.5 samples are mostly 600-1000 tokens
+  (576 of them image), so two fit a 2048-token bin and a third rarely does
+  (`tests/bench/bench_packing.py` prints the fill and its LP bound).
+
+With `modality` (one label per sample, `mmjobs.data.modality`) on data that mixes text-only and
+image samples, each mode orders every modality on its own and the batches form micro-step units
+that are all-image or all-text across ranks (what DeepSpeed ZeRO-3 needs; see that module).
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import torch
 from torch.utils.data import Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
+from mmjobs.data.modality import micro_step_units, order_units
 from mmjobs.data.packing import pack_sequences
 from mmjobs.logs import get_logger
 
@@ -76,24 +87,31 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     Args:
         lengths: tokens per sample, shape [n] (`ShardDataset.lengths`).
-        batch_size: samples per batch (random, length_grouped) or bins per batch (packed).
+        batch_size: samples per batch (random, length_grouped); in packed mode, the batch's
+            token budget in units of max_length (a batch holds at most
+            `batch_size * max_length` tokens).
         mode: `random`, `length_grouped` or `packed`.
         seed: base seed; the order of epoch `e` depends only on (seed, e).
-        max_length: bin capacity (packed, required); in the padded modes an upper bound on
-            sample length (None: no limit).
+        max_length: the longest sample (required in packed mode; None in the padded modes:
+            no limit).
         rank, world_size: this process's share; batches `rank::world_size` of the global list.
-        drop_last: drop the last global batch if it is short (fewer samples/bins than
-            batch_size).
+        drop_last: drop the last global batch if it has fewer than batch_size samples (padded
+            modes; packed batches are whole samples up to a token budget, none is dropped).
         even_batches: give every rank the same number of batches by repeating the epoch's first
             batches on the ranks that are short (as `DistributedSampler` does), so DDP ranks
             never wait on a peer that has run out. False: ranks are strictly disjoint and
             covering but may differ by one batch.
         on_overlong: samples longer than max_length: `error` (default; truncating would cut
             image tokens away from their pixels) or `drop` (skipped, with a warning).
-        pack_window: samples packed together; bins only form within a window, so larger windows
-            pack tighter and each epoch still gets new bins.
+        pack_window: samples packed together; batches only form within a window, so larger
+            windows pack tighter and each epoch still gets new batches.
         mega_batch_mult: length_grouped mega-batch size in batches (None: transformers'
             default, 50, or fewer on tiny datasets so there are at least 4 mega-batches).
+        modality: per-sample modality labels, shape [n] (`modality.sample_modalities`); when
+            they mix, every micro-step's `world_size` batches share one modality (see
+            `mmjobs.data.modality`; every rank then gets the same number of batches, and
+            drop_last drops each modality's incomplete last micro-step). None, or a single
+            modality: no grouping.
 
     Raises:
         ValueError: bad arguments, or overlong samples with on_overlong="error".
@@ -103,13 +121,18 @@ class ResumableBatchSampler(Sampler[list[int]]):
                  mode: Mode = "random", seed: int = 0, max_length: int | None = None,
                  rank: int = 0, world_size: int = 1, drop_last: bool = False,
                  even_batches: bool = True, on_overlong: str = "error",
-                 pack_window: int = 8192, mega_batch_mult: int | None = None) -> None:
+                 pack_window: int = 8192, mega_batch_mult: int | None = None,
+                 modality: Sequence[int] | np.ndarray | None = None) -> None:
         errors = check_batching_args(batch_size=batch_size, mode=mode, max_length=max_length,
                                      rank=rank, world_size=world_size, on_overlong=on_overlong,
                                      pack_window=pack_window)
+        if modality is not None and len(modality) != len(lengths):
+            errors.append(f"modality: {len(modality)} labels for {len(lengths)} samples; give "
+                          "one per sample")
         if errors:
             raise ValueError("invalid batching arguments:\n  " + "\n  ".join(errors))
         self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.modality = None if modality is None else np.asarray(modality)
         self.batch_size, self.mode, self.seed = batch_size, mode, seed
         self.max_length, self.rank, self.world_size = max_length, rank, world_size
         self.drop_last, self.even_batches = drop_last, even_batches
@@ -139,49 +162,84 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def global_batches(self, epoch: int) -> list[list[int]]:
         """All ranks' batches of `epoch`, in order (a pure function of seed and epoch)."""
-        seed = _seed_for(self.seed, epoch)
-        rng = np.random.default_rng(seed)
-        idx = self.eligible
-        if self.mode == "random":
-            order = idx[rng.permutation(len(idx))].tolist()
-            batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        elif self.mode == "length_grouped":
-            if len(idx) == 0:
-                return []
-            g = torch.Generator().manual_seed(seed)
-            pos = get_length_grouped_indices(self.lengths[idx].tolist(), self.batch_size,
-                                             mega_batch_mult=self.mega_batch_mult, generator=g)
-            order = idx[np.asarray(pos, dtype=np.int64)].tolist()
-            batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        else:
-            bins = self._packed_bins(rng)
-            batches = [[i for b in bins[k:k + self.batch_size] for i in b]
-                       for k in range(0, len(bins), self.batch_size)]
-            if self.drop_last and len(bins) % self.batch_size:
-                batches.pop()  # the last batch holds fewer than batch_size bins
-            return batches
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+        seed, size = _seed_for(self.seed, epoch), self.batch_size
+        if self.groups_modalities:
+            return self._modality_grouped_batches(seed)
+        if self.mode == "packed":  # every batch is full but the last of each window
+            return self._packed_bins(np.random.default_rng(seed), self.eligible)
+        order = self._order(self.eligible, seed).tolist()
+        batches = [order[i:i + size] for i in range(0, len(order), size)]
+        if self.drop_last and batches and len(batches[-1]) < size:
             batches.pop()
         return batches
 
-    def _packed_bins(self, rng: np.random.Generator) -> list[list[int]]:
-        """Shuffle, pack each window of samples into bins, shuffle the bins."""
-        assert self.max_length is not None  # checked in __init__
-        order = self.eligible[rng.permutation(len(self.eligible))]
+    @property
+    def groups_modalities(self) -> bool:
+        """True if batches are grouped by modality (labels given, and the data mixes them)."""
+        return self.modality is not None and np.unique(self.modality[self.eligible]).size > 1
+
+    def _order(self, idx: np.ndarray, seed: int) -> np.ndarray:
+        """The samples `idx` in the order of a padded mode (random, length_grouped)."""
+        if self.mode == "random":
+            return idx[np.random.default_rng(seed).permutation(len(idx))]
+        if len(idx) == 0:
+            return idx
+        g = torch.Generator().manual_seed(seed)
+        pos = get_length_grouped_indices(self.lengths[idx].tolist(), self.batch_size,
+                                         mega_batch_mult=self.mega_batch_mult, generator=g)
+        return idx[np.asarray(pos, dtype=np.int64)]
+
+    def _modality_grouped_batches(self, seed: int) -> list[list[int]]:
+        """Each modality ordered on its own, cut into micro-step units of world_size batches,
+        the units shuffled together (`mmjobs.data.modality`)."""
+        assert self.modality is not None  # checked by groups_modalities
+        rng = np.random.default_rng(seed)
+        units: list[list[list[int]]] = []
+        labels = self.modality[self.eligible]
+        args = {"batch_size": self.batch_size, "world_size": self.world_size,
+                "drop_last": self.drop_last}
+        for value in np.unique(labels):  # sorted: the same draws in the same order every time
+            idx, sub_seed = self.eligible[labels == value], int(rng.integers(2**63))
+            if self.mode == "packed":  # one bin per batch
+                bins = self._packed_bins(np.random.default_rng(sub_seed), idx)
+                units += [[[i for b in batch for i in b] for batch in unit]
+                          for unit in micro_step_units(bins, **{**args, "batch_size": 1})]
+            else:
+                units += micro_step_units(self._order(idx, sub_seed).tolist(), **args)
+        longest = None  # length_grouped: the longest sample's micro-step first, as transformers
+        if self.mode == "length_grouped" and len(self.eligible):
+            longest = int(self.eligible[np.argmax(self.lengths[self.eligible])])
+        return order_units(units, rng, longest=longest)
+
+    @property
+    def tokens_per_batch(self) -> int:
+        """Packed mode: the token budget of one batch (`batch_size * max_length`)."""
+        assert self.max_length is not None  # checked in __init__ for packed mode
+        return self.batch_size * self.max_length
+
+    def _packed_bins(self, rng: np.random.Generator, idx: np.ndarray) -> list[list[int]]:
+        """Shuffle the samples `idx`, pack each window of them into batches of at most
+        `tokens_per_batch` tokens, shuffle the batches."""
+        order = idx[rng.permutation(len(idx))]
         bins: list[list[int]] = []
         for start in range(0, len(order), self.pack_window):
             window = order[start:start + self.pack_window]
             bins.extend(window[b].tolist() for b in pack_sequences(self.lengths[window],
-                                                                  self.max_length))
+                                                                  self.tokens_per_batch))
         # Best-fit decreasing emits long-first bins; shuffle so batch order carries no length
         # trend across the epoch.
         return [bins[i] for i in rng.permutation(len(bins))]
 
     def packed_bins(self, epoch: int) -> list[list[int]]:
-        """All ranks' bins of `epoch` in batch order (packed mode; for inspection and tests)."""
+        """All ranks' packed batches of `epoch` in order, as bins of sample indices (packed
+        mode; the same lists as `global_batches` without modality grouping)."""
         if self.mode != "packed":
             raise ValueError(f"packed_bins: mode is {self.mode!r}, not 'packed'")
-        return self._packed_bins(np.random.default_rng(_seed_for(self.seed, epoch)))
+        if self.groups_modalities:
+            raise ValueError("packed_bins: bins are planned per modality when batches are "
+                             "grouped by modality; read global_batches instead")
+        return self._packed_bins(np.random.default_rng(_seed_for(self.seed, epoch)),
+                                 self.eligible)
 
     def rank_batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of `epoch`, in order (cached for the last epoch asked)."""

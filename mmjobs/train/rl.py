@@ -363,7 +363,7 @@ class RLRecipe(TrainRecipe):
             max_length=card.get("max_length"), seed=cfg.seed,
             num_workers=cfg.dataloader_workers,
             image_processor=getattr(self.loaded.processor, "image_processor", None),
-            rank=self.dist.rank, world_size=self.dist.world_size)
+            rank=self.dist.rank, world_size=self.dist.world_size, **self._modality_options())
 
     def _save_extra_state(self, local: Path) -> None:
         if self.dist.is_main:

@@ -40,6 +40,7 @@ import torch
 
 from mmjobs import storage
 from mmjobs.config import ConfigError, ModelConfig
+from mmjobs.data.modality import ranks_need_same_modality
 from mmjobs.logs import get_logger
 from mmjobs.models.builder import load_model
 from mmjobs.models.connectors import MoEConnector, moe_aux_loss
@@ -168,11 +169,11 @@ class TrainRecipe:
             self.data, **self._loader_options(), mode=cfg.batching,
             max_length=max_length, seed=cfg.seed, num_workers=cfg.dataloader_workers,
             image_processor=image_processor, rank=self.dist.rank,
-            world_size=self.dist.world_size)
+            world_size=self.dist.world_size, **self._modality_options())
         self.eval_loader = None if self.eval_data is None else build_dataloader(
             self.eval_data, batch_size=cfg.per_device_batch_size, mode="random",
             max_length=None, seed=0, num_workers=0, image_processor=image_processor,
-            rank=self.dist.rank, world_size=self.dist.world_size)
+            rank=self.dist.rank, world_size=self.dist.world_size, **self._modality_options())
         self.total_steps = self._count_total_steps()
 
         params = [p for p in model.parameters() if p.requires_grad]
@@ -218,6 +219,17 @@ class TrainRecipe:
     def _loader_options(self) -> dict[str, Any]:
         """`build_dataloader` options of the training loader that differ between recipes."""
         return {"batch_size": self.cfg.per_device_batch_size}
+
+    def _modality_options(self) -> dict[str, bool]:
+        """`build_dataloader`'s modality grouping: on where the ranks' collectives need every
+        micro-step all-image or all-text (unless train.group_by_modality says otherwise)."""
+        frozen = frozen_components(self.cfg)
+        must_match = ranks_need_same_modality(
+            self.cfg.deepspeed, world_size=self.dist.world_size,
+            vision_side_trains=not (frozen["connector"] and frozen["vision_tower"]))
+        group = self.cfg.group_by_modality
+        return {"group_by_modality": must_match if group is None else group,
+                "modality_must_match": must_match}
 
     def _count_total_steps(self) -> int:
         """Training steps: max_steps, or the epochs' worth of optimizer steps."""

@@ -34,7 +34,8 @@ class TrainBase(StrictModel):
     epochs: float = Field(1, gt=0, description="Passes over the data (fractions allowed).")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many steps; -1 uses epochs.")
     per_device_batch_size: int = Field(4, gt=0, description="Micro-batch size per GPU/process "
-                                       "(samples; packed bins when batching=packed; pairs in "
+                                       "(samples; with batching=packed, up to this many "
+                                       "times max_length tokens of whole samples; pairs in "
                                        "dpo/rm, i.e. twice as many sequences per forward; "
                                        "responses in ppo/grpo updates).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -56,6 +57,12 @@ class TrainBase(StrictModel):
         "similar lengths together (less padding, same samples per step); packed (align, sft): "
         "samples concatenated into rows of max_length tokens with position_ids restarting per "
         "sample (no padding; SDPA block-diagonal mask, or flash-attn varlen when installed).")
+    group_by_modality: bool | None = Field(
+        None, description="On data mixing text-only and image rows: every micro-step's batches "
+        "all-image or all-text across ranks (LLaVA's group_by_modality_length), each modality "
+        "ordered by `batching`. None: on where the ranks need it (DeepSpeed ZeRO-3, or ZeRO-2 "
+        "with a trainable connector or vision tower), off elsewhere; false there lets the "
+        "ranks' collectives desynchronise (a warning says so).")
     max_length: int | None = Field(
         None, ge=8, description="Tokens per packed row (packed) or longest sample allowed "
         "(padded modes). None: the pretokenized card's max_length.")

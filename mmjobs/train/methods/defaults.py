@@ -147,8 +147,11 @@ def fingerprinted_settings(cfg: TrainBase) -> dict[str, Any]:
     ppo/grpo, and a per-mode default (`rl.num_generations`, `rl.kl_coef`) as null."""
     mode = cfg.mode
     data = _legacy(cfg, TrainDefaults, _LEGACY)
+    # group_by_modality unset changes no order that ever finished training (it groups only
+    # where ungrouped ranks desynchronise), so it stays out until set.
     skip = NOT_FINGERPRINTED | ({"preference"} if mode not in PREFERENCE_MODES else set()) | \
-        ({"rl"} if mode not in RL_MODES else set())
+        ({"rl"} if mode not in RL_MODES else set()) | \
+        ({"group_by_modality"} if cfg.group_by_modality is None else set())
     return {"mode": mode, **{k: v for k, v in data.items() if k not in skip}}
 
 

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from mmjobs.config import ConfigError, ModelConfig, TrainConfig, load_config
-from mmjobs.train.distributed import deepspeed_config, resolve_mixed_precision
+from mmjobs.train.distributed import (
+    DIST_TIMEOUT_ENV,
+    collective_timeout,
+    deepspeed_config,
+    resolve_mixed_precision,
+)
 from mmjobs.train.methods import SftConfig, train_config
 from mmjobs.train.metrics import FlopsModel, device_peak_flops, flops_model, step_metrics
 
@@ -99,6 +104,19 @@ def test_deepspeed_configs_are_packaged_and_filled(kind):
     assert "auto" not in str(config)
 
 
+def test_the_collective_timeout_comes_from_the_environment(monkeypatch):
+    import datetime
+
+    monkeypatch.delenv(DIST_TIMEOUT_ENV, raising=False)
+    assert collective_timeout() is None  # torch's default
+    monkeypatch.setenv(DIST_TIMEOUT_ENV, "90")
+    assert collective_timeout() == datetime.timedelta(seconds=90)
+    for bad in ("0", "-5", "soon"):
+        monkeypatch.setenv(DIST_TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=f"MMJOBS_DIST_TIMEOUT_S={bad!r}: expected"):
+            collective_timeout()
+
+
 def test_mixed_precision_auto_is_fp32_on_cpu():
     if torch.cuda.is_available():
         pytest.skip("CPU-only check")
@@ -140,3 +158,17 @@ def test_layer_dropout_schedule_sets_each_decoder_layers_adapter_dropout(tiny_ll
              for name, module in model.named_modules()
              if name.endswith("lora_dropout.default")}
     assert found == {("0", 0.3), ("1", 0.1)}
+
+
+def test_an_explicit_group_by_modality_changes_the_fingerprint(tmp_path, tiny_llava_dir,
+                                                               fixed_batch_shards):
+    from mmjobs.stages.train import TrainStageConfig, train_fingerprint
+    from tests.train_fixtures import train_settings
+
+    def fp(**train) -> str:
+        return train_fingerprint(load_config(TrainStageConfig, {
+            "model": {"name_or_path": str(tiny_llava_dir)}, "data": fixed_batch_shards,
+            "output": str(tmp_path), "train": train_settings(**train)}))
+
+    # Set, it decides the batch order on mixed data, so a resume must not switch it.
+    assert len({fp(), fp(group_by_modality=True), fp(group_by_modality=False)}) == 3

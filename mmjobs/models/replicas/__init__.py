@@ -37,6 +37,7 @@ from mmjobs.models.replicas.llava import (
     build_pretrain_projector,
     build_vicuna,
 )
+from mmjobs.models.replicas.xcomposer2 import build_xcomposer2
 
 __all__ = ["PUBLISHED_ROOT", "RECORD_NAME", "REPLICAS", "build_replica", "published_dir"]
 
@@ -51,6 +52,7 @@ REPLICAS: dict[str, Callable[..., None]] = {
     "liuhaotian/llava-v1.5-7b": build_llava_original,
     "facebook/chameleon-7b": build_chameleon,
     "PKU-Alignment/AA-chameleon-7b-base": build_aa_chameleon,
+    "internlm/internlm-xcomposer2-7b": build_xcomposer2,
 }
 
 

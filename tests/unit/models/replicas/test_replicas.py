@@ -64,7 +64,8 @@ def test_every_listed_model_has_a_replica():
     assert set(REPLICAS) == {
         "llava-hf/llava-1.5-7b-hf", "lmsys/vicuna-7b-v1.5", "openai/clip-vit-large-patch14-336",
         "liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5", "liuhaotian/llava-v1.5-7b",
-        "facebook/chameleon-7b", "PKU-Alignment/AA-chameleon-7b-base"}
+        "facebook/chameleon-7b", "PKU-Alignment/AA-chameleon-7b-base",
+        "internlm/internlm-xcomposer2-7b"}
 
 
 def test_published_files_are_copied_byte_for_byte(replica_dir):

@@ -185,3 +185,27 @@ def test_processor_normalises_with_imagenet_statistics_at_224(lavin_dir):
     assert torch.allclose(batch["pixel_values"][0, :, 100, 100], expected, atol=1e-3)
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert int((batch["input_ids"] == image_id).sum()) == 6
+
+
+def test_finetune_mma_trains_lavin_s_adapters_and_exports_them(model, lavin_dir, tmp_path):
+    """`train.finetune: mma`: the trainer's setup freezes all but the adapters, sets the row's
+    dropout walk, and the final export holds exactly the adapter tensors, which load back."""
+    from mmjobs.models.lavin.compose import load_adapters
+    from mmjobs.train.methods import train_config
+    from mmjobs.train.model_setup import export_final, prepare_for_training
+
+    cfg = train_config(mode="sft", finetune="mma", layer_dropout={"preset": "dec_v2"})
+    trained = prepare_for_training(_randomise_adapters(model), cfg)
+    assert {n for n, p in trained.named_parameters() if p.requires_grad} == {
+        n for n, _ in trained.named_parameters() if "adapter" in n}
+    assert trained.adapter_dropouts()["vision"] == preset_dropouts("dec_v2", 24)
+    parts = export_final(trained, None, cfg, tmp_path, processor=None, source_dir=lavin_dir)
+    assert parts == {"adapter": "adapter"}
+    fresh = copy.deepcopy(model)
+    assert load_adapters(fresh, tmp_path / "adapter") == sum(
+        1 for n, _ in model.named_parameters() if "adapter" in n)
+    ids = torch.tensor([[1, 450, 4996, 17354]])
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, trained.eval()(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="finetune: mma trains LaVIN"):
+        prepare_for_training(torch.nn.Linear(2, 2), cfg)

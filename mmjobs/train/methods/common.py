@@ -34,7 +34,8 @@ class TrainBase(StrictModel):
     epochs: float = Field(1, gt=0, description="Passes over the data (fractions allowed).")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many steps; -1 uses epochs.")
     per_device_batch_size: int = Field(4, gt=0, description="Micro-batch size per GPU/process "
-                                       "(samples; packed bins when batching=packed; pairs in "
+                                       "(samples; with batching=packed, up to this many "
+                                       "times max_length tokens of whole samples; pairs in "
                                        "dpo/rm, i.e. twice as many sequences per forward; "
                                        "responses in ppo/grpo updates).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")

@@ -125,24 +125,9 @@ def build_meta_llama(out: Path, *, seed: int = 0, shards: int = 1) -> None:
 
 def build_clip_vit_l14(out: Path, *, seed: int = 0) -> None:
     """openai/clip-vit-large-patch14 (224 px) as a `CLIPModel` (see the module docstring)."""
-    from transformers import CLIPConfig, CLIPModel
+    from mmjobs.models.replicas.llava import write_clip
 
-    from mmjobs.models.replicas._common import write_weights
-
-    vision = {**VISION_SIZES, "num_hidden_layers": CLIP_VISION_LAYERS, "image_size": 224,
-              "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu",
-              "layer_norm_eps": 1e-05}
-    text = {**VISION_SIZES, "max_position_embeddings": 77, "vocab_size": 49408,
-            "projection_dim": 768, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05}
-    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=768,
-                        logit_scale_init_value=2.6592)
-    config.architectures = ["CLIPModel"]
-    config.save_pretrained(out)
-    torch.manual_seed(seed)
-    state = CLIPModel(config).state_dict()
-    state["text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
-    state["vision_model.embeddings.position_ids"] = torch.arange((224 // 14) ** 2 + 1)[None]
-    write_weights(state, out, lambda _: "pytorch_model.bin", index_name=None)
+    write_clip(out, image_size=224, seed=seed, num_hidden_layers=CLIP_VISION_LAYERS)
     write_record(out, name="openai/clip-vit-large-patch14", published=[],
                  generated=["config.json", "pytorch_model.bin"],
                  shrunk={"vision_config": sorted(k for k in VISION_SIZES

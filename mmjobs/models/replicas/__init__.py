@@ -30,6 +30,7 @@ from pathlib import Path
 from mmjobs.logs import get_logger
 from mmjobs.models.replicas._common import PUBLISHED_ROOT, RECORD_NAME, published_dir
 from mmjobs.models.replicas.chameleon import build_aa_chameleon, build_chameleon
+from mmjobs.models.replicas.lavin import build_clip_vit_l14, build_meta_llama
 from mmjobs.models.replicas.llava import (
     build_clip,
     build_llava_hf,
@@ -53,6 +54,8 @@ REPLICAS: dict[str, Callable[..., None]] = {
     "facebook/chameleon-7b": build_chameleon,
     "PKU-Alignment/AA-chameleon-7b-base": build_aa_chameleon,
     "internlm/internlm-xcomposer2-7b": build_xcomposer2,
+    "meta/llama-7b": build_meta_llama,
+    "openai/clip-vit-large-patch14": build_clip_vit_l14,
 }
 
 

@@ -89,7 +89,7 @@ def test_yaml_floats_without_a_dot_and_integer_quantities_are_accepted(tmp_path:
 
 def test_assignment_is_validated() -> None:
     cfg = SftConfig()
-    with pytest.raises(ValueError, match="Input should be 'full' or 'lora'"):
+    with pytest.raises(ValueError, match="Input should be 'full', 'lora' or 'mma'"):
         cfg.finetune = "half"  # type: ignore[assignment]
 
 

@@ -107,7 +107,7 @@ class ConversationFormat(ABC):
         """What a reader of pre-tokenized shards needs to know about the format."""
         out = {"name": self.name, "image_chunks": self.image_chunks,
                "stop_strings": list(self.stop_strings), "stop_tokens": list(self.stop_tokens)}
-        if self.piece_break is not None:  # only formats that use it: other cards stay as they were
+        if self.piece_break is not None:  # only formats using it: other cards stay as they were
             out["piece_break"] = self.piece_break
         if self.truncate:
             out["truncate"] = True

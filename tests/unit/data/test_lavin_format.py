@@ -139,7 +139,7 @@ def test_long_samples_are_cut_as_lavin_cuts(rows, encoder, sp):
 def test_a_prompt_past_the_budget_is_rejected(encoder):
     """No answer token left inside 511 ids: LaVIN would learn nothing from it."""
     prompt = "Question: " + " ".join(LONG.format(i) for i in range(120)) + "\nResponse:"
-    with pytest.raises(SampleRejected, match="too_long.*no assistant token"):
+    with pytest.raises(SampleRejected, match=r"too_long.*no assistant token"):
         encoder.encode_messages("x", [{"role": "user", "content": prompt},
                                       {"role": "assistant", "content": "The answer is A."}], [])
 

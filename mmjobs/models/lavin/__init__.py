@@ -3,6 +3,7 @@
     register()                                    # AutoConfig / AutoModel / AutoProcessor
     build_lavin(llm_dir, clip_dir, out_dir)       # a LaVIN model directory from its parts
     save_adapters(model, dir) / load_adapters(model, dir)   # LaVIN's trainable tensors only
+    load_lavin(model_dir, adapter_dir); lavin_generator(loaded)  # inference (`inference`)
 
 Modules:
 - `config`: `LavinConfig` (LaVIN-7B's defaults);
@@ -12,7 +13,9 @@ Modules:
   `CLIPVisionModel` (visual tokens, modality token and its mask, generation);
 - `processing`: `LavinProcessor` (LLaMA tokenizer + `<image>`, ImageNet-normalised 224 px);
 - `compose`: a LaVIN directory from a Meta or transformers LLaMA and a CLIP checkpoint;
-  adapter files; the standalone ("merged") model.
+  adapter files; the standalone ("merged") model;
+- `inference`: base + trained adapters loaded for generation, prompted and decoded as LaVIN's
+  eval (greedy by default, 64 new tokens, EOS).
 
 Importing this package is cheap: the submodules import transformers.
 """

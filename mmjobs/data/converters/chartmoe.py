@@ -56,8 +56,8 @@ from typing import Any
 from mmjobs import storage
 from mmjobs.data.converters import ConvertContext, register
 from mmjobs.data.converters.llava import (
-    build,
     RowError,
+    build,
     convert_rows,
     convert_turns,
     extras,

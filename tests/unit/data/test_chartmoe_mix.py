@@ -79,7 +79,7 @@ def test_align_mix_samples_without_replacement(tmp_path):
 
 
 def test_bad_rows_are_rejected_once_per_draw_and_counts_reconcile(tmp_path):
-    rows = chartmoe_rows("code", 2) + [{"id": "2", "image": ["x.png"]}]  # no conversations
+    rows = [*chartmoe_rows("code", 2), {"id": "2", "image": ["x.png"]}]  # no conversations
     mix = train_dir(tmp_path, {"chart2code.json": rows}, "./data/chart2code.json -1",
                     name="code_align.txt")
     records, rejects = prepare("chartmoe", mix, mix.parent.parent, tmp_path)
@@ -107,7 +107,7 @@ def test_mix_options_and_paths_are_checked(tmp_path):
     with pytest.raises(ValueError, match=r"line 1: .*a\.json has no rows to draw 1000 from"):
         prepare("chartmoe", empty, empty.parent.parent, tmp_path)
     single = mix.parent / "a.json"
-    with pytest.raises(ValueError, match="mix_base apply to a data-mix .txt input only"):
+    with pytest.raises(ValueError, match=r"mix_base apply to a data-mix \.txt input only"):
         prepare("chartmoe", single, mix.parent, tmp_path, mix_base="..")
     assert mix_base("/x/train/data/sft.txt", "..") == "/x/train"
     assert mix_base("s3://b/train/data/sft.txt", "..") == "s3://b/train"

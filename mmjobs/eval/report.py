@@ -9,7 +9,8 @@ or score output): `metric`, `unit` and the metric's numbers, plus, from the eval
   drop `/` and spaces so names stay single path segments);
 - one bar chart of a summary's categories (`category_bar_chart`);
 - the seed recipes' comparison tables, as markdown or CSV:
-  `ap_table` (ChartMoE's @AP table, one row per setting such as w/o PoT / w/ PoT),
+  `ap_table` (ChartMoE's @AP tables, Human / Augmented / Averaged by tolerance, one per
+  setting such as w/o PoT / w/ PoT),
   `scienceqa_table` (LaVIN's NAT SOC LAN TXT IMG NO G1-6 G7-12 Average per run) and
   `results_table` (MLLM-DataEngine's Main Results: SEED, MMBench, MME, GQA, SQA-IMG, VQAv2
   per model).
@@ -24,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from mmjobs.eval.metrics.base import markdown_table
+from mmjobs.eval.metrics.chartqa import ap_rows
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -213,22 +215,24 @@ def _num(value: float | None, digits: int) -> str:
 
 
 def ap_table(summaries_by_setting: Mapping[str, Summary], fmt: TableFormat = "markdown") -> str:
-    """ChartMoE's @AP table across settings: relaxed accuracy (0-1, 4 decimals).
+    """ChartMoE's @AP tables, one per setting (mode), in the seed README's layout.
 
-    Rows are settings (e.g. "w/o PoT", "w/ PoT"); columns Human, Augmented and Avg (their
-    unweighted mean, ChartMoE's "Averaged") at each tolerance of the first summary.
+    Each setting (e.g. "w/o PoT", "w/ PoT") gets ChartMoE's table: rows Human, Augmented and
+    Averaged (their unweighted mean), columns @0.05 / 0.1 / 0.2 (the summary's tolerances),
+    relaxed accuracy 0-1 with 4 decimals. Markdown: a bold setting name above each table. CSV:
+    one table with a leading `setting` column, three rows per setting.
 
     Raises:
         ValueError: a summary is not a ChartQA summary.
     """
     _require(summaries_by_setting, "chartqa", "ap_table")
-    first = next(iter(summaries_by_setting.values()), None)
-    tols = list(first["tolerances"]) if first else []
-    headers = ["@AP", *(f"{label}@{t}" for label, _ in CHARTQA_SPLITS for t in tols)]
-    rows = [[setting, *(_num(s["accuracy"].get(t, {}).get(key), 4)
-                        for _, key in CHARTQA_SPLITS for t in tols)]
-            for setting, s in summaries_by_setting.items()]
-    return _render(headers, rows, fmt)
+    tables = {setting: ap_rows(s) for setting, s in summaries_by_setting.items()}
+    if fmt == "csv":
+        headers = ["setting", *next(iter(tables.values()), (["@AP"], []))[0]]
+        return _render(headers, [[setting, *row] for setting, (_, rows) in tables.items()
+                                 for row in rows], fmt)
+    return "\n\n".join(f"**{setting}**\n\n{_render(headers, rows, fmt)}"
+                        for setting, (headers, rows) in tables.items())
 
 
 def scienceqa_table(summaries_by_run: Mapping[str, Summary],

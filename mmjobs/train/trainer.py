@@ -68,6 +68,7 @@ from mmjobs.train.model_setup import (
     upcast_trainable,
 )
 from mmjobs.train.objectives import LanguageModelingObjective, Objective
+from mmjobs.train.optim import build_optimizer, group_summary
 from mmjobs.train.schedules import build_lr_scheduler, lr_at_steps, plot_lr_curve
 
 log = get_logger(__name__)
@@ -177,7 +178,8 @@ class TrainRecipe:
         self.total_steps = self._count_total_steps()
 
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = build_optimizer(model, cfg)  # betas, no_decay, param_groups
+        log.info("optimizer groups: %s", "; ".join(group_summary(optimizer)))
         self.scheduler = build_lr_scheduler(
             optimizer, cfg.lr_schedule, num_training_steps=self._scheduler_steps(),
             warmup_ratio=cfg.warmup_ratio, **cfg.lr_schedule_options)

@@ -149,10 +149,17 @@ def fingerprinted_settings(cfg: TrainBase) -> dict[str, Any]:
     data = _legacy(cfg, TrainDefaults, _LEGACY)
     # group_by_modality unset changes no order that ever finished training (it groups only
     # where ungrouped ranks desynchronise), so it stays out until set.
+    # The optimizer settings added later (betas, eps, no_decay, param_groups) likewise stay
+    # out while at their defaults, which are the optimizer every earlier result used.
     skip = NOT_FINGERPRINTED | ({"preference"} if mode not in PREFERENCE_MODES else set()) | \
         ({"rl"} if mode not in RL_MODES else set()) | \
-        ({"group_by_modality"} if cfg.group_by_modality is None else set())
+        ({"group_by_modality"} if cfg.group_by_modality is None else set()) | \
+        {k for k, default in _OPTIMIZER_DEFAULTS.items() if getattr(cfg, k) == default}
     return {"mode": mode, **{k: v for k, v in data.items() if k not in skip}}
+
+
+_OPTIMIZER_DEFAULTS = {"adam_betas": (0.9, 0.999), "adam_eps": 1e-8, "no_decay": "none",
+                       "param_groups": []}
 
 
 def _legacy(value: BaseModel, merged: type[BaseModel], legacy: dict[str, Any]) -> dict[str, Any]:

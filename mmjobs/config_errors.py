@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 CREDENTIAL_HINT = (
     "credentials are never read from recipe files; put them in the environment or a "
@@ -32,6 +32,12 @@ _TOKENIZER_WORDS = re.compile(
     r"tokens(?![a-z])|tokeniz[a-z]*|(?:pad|bos|eos|unk|sep|cls|mask|image|video|special)_token(?:_id)?"
 )
 _INPUT_REPR_MAX = 80
+
+
+class StrictModel(BaseModel):
+    """Base for every config model: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ConfigError(Exception):

@@ -17,22 +17,19 @@ from typing import Literal
 from pydantic import Field
 
 from mmjobs.logs import get_logger
-from mmjobs.stages.common import (
+from mmjobs.stage_contract import (
+    RUN_FIELDS,
+    Stage,
     StageConfig,
     StageResult,
+    StageRun,
     fingerprint,
-    output_uri,
-    reusable_output,
-    stage_cli,
-    stage_tracking,
-    staged_output,
+    run_stage,
 )
 
-STAGE = "make-tiny-model"
+NAME = "make-tiny-model"
 VERSION = 2  # bump when mmjobs.models.tiny builds another model (2: Chameleon VQ decoder)
 log = get_logger(__name__)
-_NOT_FINGERPRINTED = {"experiment", "pipeline_run_id", "output", "recipe", "parent_run_id",
-                      "force"}
 
 
 class MakeTinyModelConfig(StageConfig):
@@ -55,25 +52,23 @@ class MakeTinyModelResult(StageResult):
 
 def main(cfg: MakeTinyModelConfig) -> MakeTinyModelResult:
     """Build (or reuse) the model; see the module docstring."""
-    out = output_uri(cfg, STAGE)
-    fp = fingerprint(STAGE, VERSION, cfg.model_dump(exclude=_NOT_FINGERPRINTED))
-    with stage_tracking(cfg, STAGE, tags={"kind": cfg.kind}) as run:
-        manifest = reusable_output(out, fp, cfg.force)
-        if manifest is not None:
-            run.set_tags({"cached": "true"})
-            return _result(out, manifest.meta, cached=True, run_id=run.run_id)
+    fp = fingerprint(NAME, VERSION, cfg.model_dump(exclude=RUN_FIELDS))
+
+    def build(stage: StageRun) -> dict:
         from mmjobs.models.tiny import build_tiny_chameleon, build_tiny_llava
 
-        build = build_tiny_llava if cfg.kind == "llava" else build_tiny_chameleon
+        make = build_tiny_llava if cfg.kind == "llava" else build_tiny_chameleon
         size = {"image_size": cfg.image_size} if cfg.image_size else {}
-        meta = {"stage": STAGE, "kind": cfg.kind}
-        with staged_output(out, fp, meta=meta) as scratch:  # reads `meta` when it commits
-            build(scratch, vocab_size=cfg.vocab_size, seed=cfg.seed, **size)
+        meta = {"stage": NAME, "kind": cfg.kind}
+        with stage.commit(meta) as scratch:  # reads `meta` when it commits
+            make(scratch, vocab_size=cfg.vocab_size, seed=cfg.seed, **size)
             meta["num_parameters"] = _count(scratch)
-        run.log_metrics({"num_parameters": meta["num_parameters"]})
-        log.info("%s: tiny %s (%d parameters) -> %s", STAGE, cfg.kind, meta["num_parameters"],
-                 out)
-        return _result(out, meta, cached=False, run_id=run.run_id)
+        stage.run.log_metrics({"num_parameters": meta["num_parameters"]})
+        log.info("%s: tiny %s (%d parameters) -> %s", NAME, cfg.kind, meta["num_parameters"],
+                 stage.out)
+        return meta
+
+    return run_stage(cfg, NAME, fp, build, result=_result, tags={"kind": cfg.kind})
 
 
 def _count(model_dir) -> int:
@@ -88,15 +83,13 @@ def _count(model_dir) -> int:
     return total
 
 
-def _result(out: str, meta: dict, *, cached: bool, run_id: str | None) -> MakeTinyModelResult:
+def _result(out: str, meta: dict, cached: bool, run_id: str | None) -> MakeTinyModelResult:
     return MakeTinyModelResult(output=out, cached=cached, mlflow_run_id=run_id, model=out,
                                num_parameters=int(meta.get("num_parameters", 0)))
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m mmjobs.stages.make_tiny_model` / `mmjobs stage make-tiny-model`."""
-    return stage_cli(STAGE, MakeTinyModelConfig, main, argv)
-
+STAGE = Stage(name=NAME, config=MakeTinyModelConfig, result=MakeTinyModelResult, main=main,
+              image="data")
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(STAGE.cli())

@@ -21,18 +21,21 @@ from typing import Any
 from pydantic import Field
 
 from mmjobs import settings, storage
+from mmjobs.config import RecipeConfig
 from mmjobs.logs import get_logger
-from mmjobs.stages.common import (
+from mmjobs.stage_contract import (
+    Input,
+    Stage,
     StageConfig,
     StageResult,
     fingerprint,
     input_fingerprint,
+    remote_code_defaults,
     reusable_output,
-    stage_cli,
     stage_tracking,
 )
 
-STAGE = "pretokenize"
+NAME = "pretokenize"
 FORMAT_VERSION = 1  # bump when the shard contents change for the same inputs
 log = get_logger(__name__)
 
@@ -88,7 +91,7 @@ def main(cfg: PretokenizeConfig) -> PretokenizeResult:
     # Images outside the dataset directory are not covered by its manifest.
     inside = (image_root.rstrip("/") + "/").startswith(cfg.dataset.rstrip("/") + "/")
     image_fp = None if inside else input_fingerprint(image_root)
-    fp = fingerprint(STAGE, FORMAT_VERSION, dataset_fp, image_fp, processor_fp,
+    fp = fingerprint(NAME, FORMAT_VERSION, dataset_fp, image_fp, processor_fp,
                      _chat_and_versions(model_dir, cfg.trust_remote_code),
                      cfg.max_length, cfg.shard_size)
     if cfg.output and cfg.cache_root:
@@ -98,7 +101,7 @@ def main(cfg: PretokenizeConfig) -> PretokenizeResult:
     meta = {"model": cfg.model, "processor_fingerprint": processor_fp,
             "dataset_fingerprint": dataset_fp}
 
-    with stage_tracking(cfg, STAGE, tags={"pretokenize.output": out}) as run:
+    with stage_tracking(cfg, NAME, tags={"pretokenize.output": out}) as run:
         cached = reusable_output(out, fp, cfg.force) is not None
         reused = 0
         if cached:
@@ -160,10 +163,17 @@ def _metrics(card: dict[str, Any], cached: bool, seconds: float) -> dict[str, fl
             **{f"rejected_{reason}": n for reason, n in card["rejected_by_reason"].items()}}
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m mmjobs.stages.pretokenize` / `mmjobs stage pretokenize` (image entrypoint)."""
-    return stage_cli(STAGE, PretokenizeConfig, main, argv)
+def recipe_defaults(recipe: RecipeConfig, step: str) -> dict[str, Any]:
+    """The recipe's `data.max_length` and whether the model needs its own code."""
+    return {**({"max_length": recipe.data.max_length} if recipe.data else {}),
+            **remote_code_defaults(recipe)}
 
+
+# Writes to its content-addressed cache ({store}/cache/pretokenized/<fingerprint>), not to
+# the step's folder; an interrupted run resumes from its finished shards.
+STAGE = Stage(name=NAME, config=PretokenizeConfig, result=PretokenizeResult, main=main,
+              image="data", resumable=True, own_output=False,
+              inputs=(Input("dataset"), Input("model")), recipe_defaults=recipe_defaults)
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(STAGE.cli())

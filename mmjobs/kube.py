@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from mmjobs.logs import get_logger
+
+log = get_logger(__name__)
 
 # Where Kubernetes mounts the service account's namespace into every pod.
 NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -70,3 +75,39 @@ def api_error(e: Any) -> str:
     except (TypeError, ValueError, AttributeError):
         status = getattr(e, "status", None)
         return f"HTTP {status} {getattr(e, 'reason', '')}".strip() if status else str(e)
+
+
+class StatusPoller:
+    """Reads one object's status once per poll, as a step following it must.
+
+    A 404 means someone deleted the object under us (`gone` says it); a failed read (an API
+    server restarting) is retried at the next poll, up to `MAX_API_ERRORS` in a row; `note`
+    logs the object's state when it changes. Failures are raised as `error(message)`.
+    """
+
+    def __init__(self, what: Any, *, error: Callable[[str], Exception],
+                 transient: tuple[type[BaseException], ...], gone: str) -> None:
+        self.what, self.error, self.transient, self.gone = what, error, transient, gone
+        self.failures = 0
+        self.last_state: str | None = None
+
+    def read(self, read: Callable[[], Any]) -> Any | None:
+        """`read()`'s value, or None after a failed read that will be retried."""
+        try:
+            value = read()
+        except self.transient as e:
+            if getattr(e, "status", None) == 404:
+                raise self.error(f"{self.what}: {self.gone}") from None
+            self.failures += 1
+            if self.failures >= MAX_API_ERRORS:
+                raise self.error(f"{self.what}: cannot read its status: {api_error(e)}") from None
+            log.warning("%s: status read failed (%s); retrying", self.what, api_error(e))
+            return None
+        self.failures = 0
+        return value
+
+    def note(self, state: str) -> None:
+        """Log `state` if it differs from the last one noted."""
+        if state != self.last_state:
+            log.info("%s: %s", self.what, state)
+            self.last_state = state

@@ -120,27 +120,15 @@ class ServerObjects:
         from urllib3.exceptions import HTTPError
 
         deadline = time.monotonic() + timeout_s
-        last, errors, problems = "", 0, []
+        poller = kube.StatusPoller(self, error=DeployError, transient=(ApiException, HTTPError),
+                                   gone="deleted while rolling out (by someone else)")
+        problems: list[str] = []
         while True:
-            try:
-                obj = kube.json_body(self.apps.read_namespaced_deployment(self.name, self.namespace,
-                                                                 _preload_content=False))
-                errors = 0
-            except (ApiException, HTTPError) as e:
-                if getattr(e, "status", None) == 404:
-                    raise DeployError(f"{self}: deleted while rolling out (by someone "
-                                      "else)") from None
-                errors += 1
-                if errors >= kube.MAX_API_ERRORS:
-                    raise DeployError(f"{self}: cannot read its status: "
-                                      f"{kube.api_error(e)}") from None
-                log.warning("%s: status read failed (%s); retrying", self, kube.api_error(e))
-                obj = None
+            obj = poller.read(lambda: kube.json_body(self.apps.read_namespaced_deployment(
+                self.name, self.namespace, _preload_content=False)))
             if obj is not None:
                 ready, failure, state = rollout_status(obj)
-                if state != last:
-                    log.info("%s: %s", self, state)
-                    last = state
+                poller.note(state)
                 if ready:
                     return int((obj.get("status") or {}).get("availableReplicas") or 0)
                 problems, fatal = self._pod_problems(max_restarts)
@@ -149,7 +137,7 @@ class ServerObjects:
                     raise DeployError(f"{self}: did not become ready: "
                                       f"{failure or '; '.join(fatal)}{self._more(others)}")
             if time.monotonic() >= deadline:
-                state = last or "no status yet"
+                state = poller.last_state or "no status yet"
                 raise DeployError(f"{self}: not ready after {timeout_s:g} s ({state})"
                                   f"{self._more(problems)}")
             time.sleep(poll_s)

@@ -170,25 +170,12 @@ class _Job:
         from kubernetes.client.exceptions import ApiException
 
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        last_state, errors = None, 0
+        poller = kube.StatusPoller(self, error=RuntimeError, transient=(ApiException,),
+                                   gone="deleted while running (by someone else)")
         while True:
-            try:
-                obj = self._call("get", self.name)
-                errors = 0
-            except ApiException as e:
-                if e.status == 404:
-                    raise RuntimeError(f"{self}: deleted while running (by someone else)") from e
-                errors += 1
-                if errors >= kube.MAX_API_ERRORS:
-                    raise RuntimeError(f"{self}: cannot read its status: "
-                                       f"{kube.api_error(e)}") from e
-                log.warning("%s: status read failed (%s); retrying", self, kube.api_error(e))
-                obj = None
+            obj = poller.read(lambda: self._call("get", self.name))
             if obj is not None:
-                state = _state(obj)
-                if state != last_state:
-                    log.info("%s: %s", self, state)
-                    last_state = state
+                poller.note(_state(obj))
                 ended, failed = self.outcome(obj)
                 if failed is not None:
                     raise RuntimeError(f"{self} failed: {failed} (logs: kubectl -n "
@@ -197,8 +184,8 @@ class _Job:
                     return
             if deadline is not None and time.monotonic() >= deadline:
                 self.delete()
-                raise RuntimeError(f"{self}: timed out after {timeout_s:g} s ({last_state}); "
-                                   "deleted it")
+                raise RuntimeError(f"{self}: timed out after {timeout_s:g} s "
+                                   f"({poller.last_state}); deleted it")
             time.sleep(poll_s)
 
     def stop(self, signum: int) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from mmjobs.config_errors import StrictModel
+from mmjobs.config_base import StrictModel
 
 
 class SecretNames(StrictModel):
@@ -56,6 +56,10 @@ class ClusterConfig(StrictModel):
     """Kubernetes resources for the stage pods (ignored by the local runner)."""
 
     gpus: int = Field(0, ge=0, description="NVIDIA GPUs per node (nvidia.com/gpu).")
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="Memory per GPU in GiB, for `mmjobs plan`'s fits check. None: "
+        "from the node selector nvidia.com/gpu.product (e.g. NVIDIA-A100-SXM4-80GB), else 80 "
+        "assumed (the plan says so).")
     nodes: int = Field(1, ge=1, description="Nodes for training; >1 launches a TrainJob.")
     trainer: Literal["trainjob", "pytorchjob"] = Field(
         "trainjob", description="What runs multi-node training (nodes > 1): a Kubeflow Trainer "

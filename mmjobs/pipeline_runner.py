@@ -34,16 +34,17 @@ from types import ModuleType
 from typing import Any
 
 from mmjobs import settings, storage
-from mmjobs.config import ConfigError, RecipeConfig, dump_recipe, load_recipe
+from mmjobs.config import ConfigError, dump_recipe
 from mmjobs.logs import get_logger
 from mmjobs.pipeline_logs import PipelineError, step_error, step_logs
+from mmjobs.recipe import RecipeConfig, load_recipe
 
 log = get_logger(__name__)
 __all__ = ["PipelineError", "RunOutcome", "compile_recipe", "load", "run_local", "submit",
            "validate"]
 RESULTS_FILE = "results.md"
 # Fields that do not change what a local run computes: left out of the default run id.
-_NOT_IN_RUN_ID = {"description", "cluster", "images"}
+_NOT_IN_RUN_ID = {"description", "cluster", "images", "plan"}
 
 
 # --------------------------------------------------------------------------- loading
@@ -89,12 +90,14 @@ def default_run_id(recipe: RecipeConfig) -> str:
 
 def build_pipeline(recipe: RecipeConfig, *, run_id: str, store_root: str,
                    parent_run_id: str | None = None, for_cluster: bool = False,
-                   source: str | None = None) -> tuple[Callable[..., Any], Any]:
+                   source: str | None = None,
+                   build_cls: type | None = None) -> tuple[Callable[..., Any], Any]:
     """The KFP pipeline function for `recipe` and its `Build` (steps, outputs).
 
     The steps are wired (and every step config validated) once here, so configuration errors
     surface before anything runs; calling the function again (KFP does, to compile or run)
-    wires them again.
+    wires them again. `build_cls` replaces `pipelines.builder.Build` with a subclass (`mmjobs
+    plan` records the steps' configs with one).
 
     Raises:
         ConfigError: unknown pipeline, or invalid step sections (all listed).
@@ -113,8 +116,8 @@ def build_pipeline(recipe: RecipeConfig, *, run_id: str, store_root: str,
 
     @dsl.pipeline(name=recipe.recipe, description=recipe.description or recipe.recipe)
     def pipeline():  # no return annotation: KFP would read it as an output
-        build = Build(recipe, run_id=run_id, store_root=store_root, parent_run_id=parent_run_id,
-                      for_cluster=for_cluster)
+        build = (build_cls or Build)(recipe, run_id=run_id, store_root=store_root,
+                                     parent_run_id=parent_run_id, for_cluster=for_cluster)
         state["build"] = build
         build.add_imports()
         module.wire(build)

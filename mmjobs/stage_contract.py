@@ -34,7 +34,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, Field
 
 from mmjobs import settings, storage
-from mmjobs.config import ConfigError, RecipeConfig, StrictModel, load_config
+from mmjobs.config import ConfigError, StrictModel, load_config
 from mmjobs.logs import get_logger
 
 log = get_logger(__name__)
@@ -117,12 +117,20 @@ class Stage(Generic[C, R]):
         pod_env: environment variables of the step's pod set to one of the recipe's images
             (variable -> image kind), e.g. evaluate's PoT pod image.
         recipe_defaults: the stage's defaults from the recipe-level sections (model, data,
-            train, eval), given the recipe and the step name.
+            train, eval), given the recipe (`mmjobs.recipe.RecipeConfig`: it sits above the
+            core, so it is typed `Any` here) and the step name.
+        step_defaults: adjusts those defaults to the step's own section (section and what
+            the pipeline fixes), e.g. train keeps the recipe-level settings the step's mode has.
+        recipe_check: problems with the recipe-level sections given this stage's steps in the
+            pipeline (step -> its own section), one message each, e.g. train settings that no
+            train step takes.
         component: the component body when `main(cfg).output` is not all it does; gets the
             config and the non-config inputs and outputs, returns the component's string.
         wire: assembles wired inputs whose shape differs from their config field (default:
             each input's value at its `field`).
         errors: exceptions the CLI prints as one line (`mmjobs NAME: message`, exit 1).
+        usage_errors: exceptions that mean a setting must be chosen, not a crash: printed as
+            `mmjobs stage NAME: message`, exit 2 (like a config error).
         exit_codes: exceptions that end the CLI with their own exit code (logged as a
             warning), e.g. a preempted training run's 143.
     """
@@ -139,10 +147,13 @@ class Stage(Generic[C, R]):
     own_output: bool = True
     multinode: bool = False
     pod_env: Mapping[str, str] = field(default_factory=dict)
-    recipe_defaults: Callable[[RecipeConfig, str], dict[str, Any]] | None = None
+    recipe_defaults: Callable[[Any, str], dict[str, Any]] | None = None
+    step_defaults: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
+    recipe_check: Callable[[Any, dict[str, dict[str, Any]]], list[str]] | None = None
     component: Callable[..., str] | None = None
     wire: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     errors: tuple[type[BaseException], ...] = ()
+    usage_errors: tuple[type[BaseException], ...] = ()
     exit_codes: Mapping[type[BaseException], int] = field(default_factory=dict)
 
     @property
@@ -158,12 +169,6 @@ class Stage(Generic[C, R]):
     def cli(self, argv: Sequence[str] | None = None) -> int:
         """The stage's command line (`mmjobs stage NAME ...`, the image entrypoint)."""
         return stage_cli(self, argv)
-
-
-def remote_code_defaults(recipe: RecipeConfig, step: str = "") -> dict[str, Any]:
-    """`trust_remote_code: true` when the recipe's model needs it (what stages loading the
-    model take from the recipe), else nothing."""
-    return {"trust_remote_code": True} if recipe.model.trust_remote_code else {}
 
 
 # --------------------------------------------------------------------------- outputs
@@ -335,6 +340,9 @@ def stage_cli(stage: Stage, argv: Sequence[str] | None = None) -> int:
             print(result.model_dump_json())
     except ConfigError as e:
         print(e, file=sys.stderr)
+        return 2
+    except stage.usage_errors as e:
+        print(f"mmjobs stage {stage.name}: {e}", file=sys.stderr)
         return 2
     except stage.errors as e:
         log.debug("%s failed", stage.name, exc_info=True)

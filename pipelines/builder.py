@@ -5,11 +5,12 @@ A pipeline file only says which steps exist and what feeds what::
     shards = b.step("pretokenize", "pretokenize", dataset=prepared.output, model=base)
 
 `Build.step` assembles the step's stage config — the stage's defaults from the recipe
-(`model`, `data`, `train`, `eval`), then the recipe's `stages.<step>` section, then values
-the pipeline fixes — adds the wiring fields (experiment, run id, parent MLflow run, output
-`{store}/{experiment}/{run_id}/{step}`), validates it against the stage's config model (all
-problems collected, named `stages.<step>.<key>`), creates the task with the stage's
-component and image and, when compiling for a cluster, applies the cluster settings.
+(`model`, `data`, `eval`, and of `train` the settings the step's train.mode has), then the
+recipe's `stages.<step>` section, then values the pipeline fixes — adds the wiring fields
+(experiment, run id, parent MLflow run, output `{store}/{experiment}/{run_id}/{step}`),
+validates it against the stage's config model (all problems collected, named
+`stages.<step>.<key>`), creates the task with the stage's component and image and, when
+compiling for a cluster, applies the cluster settings.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from typing import Any
 from kfp import dsl
 
 from mmjobs import storage
-from mmjobs.config import RecipeConfig
 from mmjobs.config_errors import validation_errors
 from mmjobs.logs import get_logger
+from mmjobs.recipe import RecipeConfig
 from mmjobs.stages import registry
 from pipelines.cluster import apply_cluster_settings, resources_for
 from pipelines.components import component
@@ -73,6 +74,9 @@ class Build:
     errors: list[str] = field(default_factory=list)
     allowed_steps: set[str] = field(default_factory=set)
     imports: list[dsl.PipelineTask] = field(default_factory=list)
+    # stage -> step -> the step's own section (with what the pipeline fixes), for the stages'
+    # checks of the recipe-level sections (`Stage.recipe_check`)
+    sections: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     _tiny: Any = None
 
     # ---------------------------------------------------------------- step configs
@@ -110,6 +114,10 @@ class Build:
         problems += [f"{where}.{path}: the {step} step needs {value!r} here; remove it"
                      for path, value in _flat(fixed or {}).items()
                      if _get(given, path, value) != value]
+        own = _deep_merge(copy.deepcopy(given), fixed or {})
+        self.sections.setdefault(stage, {})[step] = own
+        if spec.step_defaults:  # e.g. the recipe's train defaults serve steps of several modes
+            defaults = spec.step_defaults(dict(defaults or {}), own)
         cfg = _deep_merge(_deep_merge(copy.deepcopy(dict(defaults or {})), given), fixed or {})
         cfg.update({"experiment": self.recipe.experiment, "pipeline_run_id": self.run_id,
                     "recipe": self.recipe.recipe, "parent_run_id": self.parent_run_id})
@@ -252,7 +260,8 @@ class Build:
 
     def check_sections(self) -> None:
         """Errors for `stages.<name>` / `cluster.stages.<name>` naming no step of this
-        pipeline (typos), added to `errors`."""
+        pipeline (typos), and the stages' own checks of the recipe-level sections (e.g. train
+        settings no train step has), added to `errors`."""
         steps = sorted(self.allowed_steps)
         pipeline = self.recipe.pipeline
         for name in self.recipe.stages:
@@ -260,6 +269,9 @@ class Build:
                 hint = _did_you_mean(name, steps)
                 self.errors.append(f"stages.{name}: not a step of pipeline {pipeline}; "
                                    f"{hint}")
+        for spec in registry.stages():  # recipe-level settings no step takes, ...
+            if spec.recipe_check:
+                self.errors += spec.recipe_check(self.recipe, self.sections.get(spec.name, {}))
         kinds = registry.names()
         for name in self.recipe.cluster.stages:
             if name not in self.allowed_steps and name not in kinds:

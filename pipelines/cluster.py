@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from kfp import dsl, kubernetes
 
-from mmjobs.config import ClusterConfig, RecipeConfig
+from mmjobs.config import ClusterConfig
+from mmjobs.recipe import RecipeConfig
 from mmjobs.stages import registry
 
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")

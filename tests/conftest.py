@@ -11,8 +11,8 @@ import pytest
 
 from tests.servers import MLflowServer, S3Server
 
-# Session fixtures building tiny models once: tiny_llava_dir, tiny_chameleon_dir.
-pytest_plugins = ["tests.fixtures_models"]
+# Session fixtures building tiny models once: tiny_llava_dir, tiny_chameleon_dir, replica_dir.
+pytest_plugins = ["tests.fixtures_models", "tests.fixtures_replicas"]
 
 # Variables that would point a test at a developer's real services.
 _LEAKY_ENV = (

@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import Field
 
 from mmjobs.logs import get_logger
+from mmjobs.recipe import remote_code_defaults
 from mmjobs.stage_contract import (
     RUN_FIELDS,
     Input,
@@ -31,7 +32,6 @@ from mmjobs.stage_contract import (
     StageResult,
     StageRun,
     fingerprint,
-    remote_code_defaults,
     run_stage,
 )
 

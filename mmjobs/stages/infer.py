@@ -24,9 +24,10 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from mmjobs import signals, storage
-from mmjobs.config import RecipeConfig
+from mmjobs.data.conversation import FORMAT_HELP, ConversationFormatName
 from mmjobs.layout import INFER_SUMMARY, PREDICTIONS_FILE
 from mmjobs.logs import get_logger
+from mmjobs.recipe import RecipeConfig, conversation_format_defaults, remote_code_defaults
 from mmjobs.stage_contract import (
     RUN_FIELDS,
     Input,
@@ -36,12 +37,13 @@ from mmjobs.stage_contract import (
     StageRun,
     fingerprint,
     input_fingerprint,
-    remote_code_defaults,
     run_stage,
 )
 
 NAME = "infer"
-VERSION = 1  # bump when rows or the output layout change: invalidates cached and partial outputs
+# Bump when rows or the output layout change: invalidates cached and partial outputs.
+# 2: conversation formats (content-part templates no longer repeat the "\n" after an image).
+VERSION = 2
 log = get_logger(__name__)
 # Prompts whose images are loaded and handed to the generator together: enough for its length
 # sorting to pay off, few enough that the decoded images of a window fit in memory.
@@ -86,6 +88,10 @@ class InferConfig(StageConfig):
     num_beams: int = Field(1, ge=1, description="Beam search width; 1 is no beam search.")
     stop_strings: list[str] = Field(default_factory=list, description="Stop an answer at any "
                                     "of these; the answer is trimmed before it.")
+    conversation_format: ConversationFormatName = Field(
+        "auto", description="How prompts are rendered (as pretokenize rendered the training "
+        "data): auto/template = the model's chat template; built-in formats for models "
+        f"without one: {FORMAT_HELP}. A format adds its own stops (e.g. </s>).")
     seed: int = Field(0, description="Sampling seed, set at the start of every window of 8 "
                       "batches.")
     upload_every_seconds: float = Field(60.0, ge=0, description="s3:// outputs: upload the "
@@ -198,7 +204,7 @@ def _generator(cfg: InferConfig) -> Any:
     from mmjobs.eval.generate import Generator, load_for_inference
 
     loaded = load_for_inference(cfg.model, cfg.adapter, trust_remote_code=cfg.trust_remote_code,
-                                dtype=cfg.dtype)
+                                dtype=cfg.dtype, conversation_format=cfg.conversation_format)
     options = dict(batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                    do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p,
                    top_k=cfg.top_k, num_beams=cfg.num_beams, stop_strings=cfg.stop_strings,
@@ -239,7 +245,7 @@ def recipe_defaults(recipe: RecipeConfig, step: str) -> dict[str, Any]:
     """The recipe's `eval` section (batch size, answer length) and the model's dtype."""
     return {"batch_size": recipe.eval.batch_size, "max_new_tokens": recipe.eval.max_new_tokens,
             **({"dtype": recipe.model.dtype} if recipe.model.dtype != "auto" else {}),
-            **remote_code_defaults(recipe)}
+            **remote_code_defaults(recipe), **conversation_format_defaults(recipe)}
 
 
 # An empty `dataset` or `adapter` is not wired: the config decides.

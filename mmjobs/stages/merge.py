@@ -20,6 +20,7 @@ from pydantic import Field
 
 from mmjobs.config import ModelConfig
 from mmjobs.logs import get_logger
+from mmjobs.recipe import remote_code_defaults
 from mmjobs.stage_contract import (
     RUN_FIELDS,
     Input,
@@ -28,7 +29,6 @@ from mmjobs.stage_contract import (
     StageResult,
     StageRun,
     fingerprint,
-    remote_code_defaults,
     run_stage,
 )
 

@@ -34,12 +34,12 @@ from typing import Any
 from pydantic import Field
 
 from mmjobs import storage
-from mmjobs.config import RecipeConfig
 from mmjobs.data.archives import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_BYTES
 from mmjobs.data.converters import IMAGES_DIR, ConvertContext, get_converter
 from mmjobs.data.records import CARD_FILE, REJECTS_FILE, SAMPLES_FILE
 from mmjobs.data.validate import DEFAULT_MAX_IMAGE_PIXELS
 from mmjobs.logs import get_logger
+from mmjobs.recipe import RecipeConfig
 from mmjobs.stage_contract import (
     RUN_FIELDS,
     Stage,

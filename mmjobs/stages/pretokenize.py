@@ -21,8 +21,9 @@ from typing import Any
 from pydantic import Field
 
 from mmjobs import settings, storage
-from mmjobs.config import RecipeConfig
+from mmjobs.data.conversation import FORMAT_HELP, ConversationFormatName, NoChatTemplateError
 from mmjobs.logs import get_logger
+from mmjobs.recipe import RecipeConfig, conversation_format_defaults, remote_code_defaults
 from mmjobs.stage_contract import (
     Input,
     Stage,
@@ -30,13 +31,14 @@ from mmjobs.stage_contract import (
     StageResult,
     fingerprint,
     input_fingerprint,
-    remote_code_defaults,
     reusable_output,
     stage_tracking,
 )
 
 NAME = "pretokenize"
-FORMAT_VERSION = 1  # bump when the shard contents change for the same inputs
+# Bump when the shard contents change for the same inputs. 2: conversation formats; BOS added
+# for templates that do not write it (llava-hf's).
+FORMAT_VERSION = 2
 log = get_logger(__name__)
 
 
@@ -49,8 +51,16 @@ class PretokenizeConfig(StageConfig):
                                    "directory (only processor files are fetched, plus VQ "
                                    "weights for image-token models).")
     max_length: int = Field(2048, ge=8, le=1_048_576,
-                            description="Samples with more tokens are rejected (`too_long`), "
-                                        "never truncated.")
+                            description="Token budget per sample, image tokens included. "
+                                        "Longer samples are rejected (`too_long`) unless "
+                                        "`truncate` is on.")
+    truncate: bool = Field(False, description="Cut the text after the last image at "
+                           "max_length (labels too), as LLaVA cuts at model_max_length, "
+                           "instead of rejecting the sample; images are never cut (a sample "
+                           "whose image tokens do not fit is still a too_long reject).")
+    conversation_format: ConversationFormatName = Field(
+        "auto", description="How conversations become text: auto/template = the model's chat "
+        f"template; built-in formats for models without one: {FORMAT_HELP}.")
     workers: int = Field(1, ge=1, le=512, description="Worker processes (1 = in-process). "
                                                       "Does not change the output.")
     shard_size: int = Field(1000, ge=1, le=1_000_000,
@@ -93,7 +103,7 @@ def main(cfg: PretokenizeConfig) -> PretokenizeResult:
     image_fp = None if inside else input_fingerprint(image_root)
     fp = fingerprint(NAME, FORMAT_VERSION, dataset_fp, image_fp, processor_fp,
                      _chat_and_versions(model_dir, cfg.trust_remote_code),
-                     cfg.max_length, cfg.shard_size)
+                     cfg.max_length, cfg.shard_size, cfg.conversation_format, cfg.truncate)
     if cfg.output and cfg.cache_root:
         log.warning("pretokenize: both output and cache_root are set; writing to output=%s",
                     cfg.output)
@@ -112,7 +122,9 @@ def main(cfg: PretokenizeConfig) -> PretokenizeResult:
             job = PretokenizeJob(dataset=cfg.dataset, model_dir=str(model_dir), out=out,
                                  fingerprint=fp, max_length=cfg.max_length,
                                  shard_size=cfg.shard_size, workers=cfg.workers,
-                                 trust_remote_code=cfg.trust_remote_code, card_meta=meta)
+                                 trust_remote_code=cfg.trust_remote_code, card_meta=meta,
+                                 conversation_format=cfg.conversation_format,
+                                 truncate=cfg.truncate)
             outcome = pretokenize(job, force=cfg.force)
             card, reused = outcome.card, outcome.shards_reused
         seconds = time.monotonic() - start
@@ -164,16 +176,18 @@ def _metrics(card: dict[str, Any], cached: bool, seconds: float) -> dict[str, fl
 
 
 def recipe_defaults(recipe: RecipeConfig, step: str) -> dict[str, Any]:
-    """The recipe's `data.max_length` and whether the model needs its own code."""
+    """The recipe's `data.max_length`, whether the model needs its own code and the
+    conversation format (prompts at inference are rendered alike)."""
     return {**({"max_length": recipe.data.max_length} if recipe.data else {}),
-            **remote_code_defaults(recipe)}
+            **remote_code_defaults(recipe), **conversation_format_defaults(recipe)}
 
 
 # Writes to its content-addressed cache ({store}/cache/pretokenized/<fingerprint>), not to
 # the step's folder; an interrupted run resumes from its finished shards.
 STAGE = Stage(name=NAME, config=PretokenizeConfig, result=PretokenizeResult, main=main,
               image="data", resumable=True, own_output=False,
-              inputs=(Input("dataset"), Input("model")), recipe_defaults=recipe_defaults)
+              inputs=(Input("dataset"), Input("model")), recipe_defaults=recipe_defaults,
+              usage_errors=(NoChatTemplateError,))  # a setting to choose, not a crash
 
 if __name__ == "__main__":
     sys.exit(STAGE.cli())

@@ -82,7 +82,8 @@ def main(cfg: ServeConfig) -> ServeResult:
 
     app = create_app(lambda: load_for_inference(cfg.model, cfg.adapter,
                                                 trust_remote_code=cfg.trust_remote_code,
-                                                dtype=cfg.dtype),
+                                                dtype=cfg.dtype,
+                                                conversation_format=cfg.conversation_format),
                      options, on_load_failure=on_load_failure, metrics=metrics)
     server = uvicorn.Server(uvicorn_config(app, cfg.host, cfg.port, log_level=cfg.log_level,
                                            connections=connections))

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmjobs.config import TrainConfig
 from mmjobs.logs import get_logger
 from mmjobs.train.grpo import group_advantages, grpo_token_losses
+from mmjobs.train.methods import GrpoConfig, PpoConfig
 from mmjobs.train.ppo import gae, kl_penalized_rewards, ppo_losses, whiten
 from mmjobs.train.rollouts import (
     ResponseSampler,
@@ -81,7 +81,7 @@ class RolloutObjective:
     name = "rl"
     stat_names: tuple[str, ...] = ()
 
-    def __init__(self, *, cfg: TrainConfig, sampler: ResponseSampler, reward: Any,
+    def __init__(self, *, cfg: PpoConfig | GrpoConfig, sampler: ResponseSampler, reward: Any,
                  inputs: Any, accelerator: Any, generations: int, float_dtype: torch.dtype,
                  reference_model: nn.Module | None, peft_model: Any) -> None:
         self.cfg, self.rl, self.mode = cfg, cfg.rl, cfg.mode

@@ -20,7 +20,8 @@ import yaml
 from kfp import compiler, dsl
 
 from mmjobs import pipeline_runner, storage
-from mmjobs.config import ConfigError, load_recipe
+from mmjobs.config import ConfigError
+from mmjobs.recipe import load_recipe
 from mmjobs.stages import registry
 from pipelines.builder import Build
 from pipelines.components import component, component_function

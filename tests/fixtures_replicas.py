@@ -1,0 +1,34 @@
+"""Session fixtures: the tiny replicas of the seed base models, built once per test session.
+
+Use from a test directory by importing the fixture into its `conftest.py`::
+
+    from tests.fixtures_replicas import replica_dir  # noqa: F401
+
+(or list `"tests.fixtures_replicas"` in the root conftest's `pytest_plugins`). `replica_dir`
+is a function: `replica_dir("llava-hf/llava-1.5-7b-hf")` builds that replica the first time it
+is asked for (2-10 s each on 2 cores) and returns the same directory afterwards. Treat the
+directories as read-only: copy one before changing it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def replica_dir(tmp_path_factory) -> Callable[[str], Path]:
+    """`get(hub_id) -> Path` of the replica's directory (built on first use)."""
+    from mmjobs.models.replicas import RECORD_NAME, build_replica
+
+    root = tmp_path_factory.getbasetemp() / "replicas"
+
+    def get(name: str) -> Path:
+        target = root / name.replace("/", "--")
+        if not (target / RECORD_NAME).is_file():  # build_replica renames a complete build in
+            build_replica(name, target)
+        return target
+
+    return get

@@ -45,23 +45,18 @@ from mmjobs.stage_contract import (
     Stage,
     StageConfig,
     StageResult,
-    fingerprint,
-    input_fingerprint,
     output_uri,
     reusable_output,
     stage_tracking,
 )
 from mmjobs.train.methods import (
-    DEFAULT_MODE,
-    RL_MODES,
     SftConfig,
     TrainConfig,
-    defaults_for,
-    fingerprinted_settings,
     stage_input_problems,
-    unused_defaults,
+    step_defaults,
+    unused_in_steps,
 )
-from mmjobs.train.outputs import TrainingPreempted
+from mmjobs.train.outputs import TrainingPreempted, inputs_fingerprint
 
 NAME = "train"
 VERSION = 1  # bump when the training semantics change for the same config
@@ -127,21 +122,8 @@ class TrainResult(StageResult):
 
 def train_fingerprint(cfg: TrainStageConfig) -> str:
     """Fingerprint of everything that decides the trained weights."""
-    try:
-        model_fp = input_fingerprint(cfg.model.name_or_path)
-    except (storage.StoreError, FileNotFoundError):
-        model_fp = cfg.model.name_or_path  # a hub id: its name (and revision) is the identity
-    # The settings in the shape they had before per-method configs: earlier results and
-    # checkpoints stay reusable.
-    parts: list[Any] = [NAME, VERSION, cfg.model.model_dump(mode="json"), model_fp,
-                        input_fingerprint(cfg.data),
-                        input_fingerprint(cfg.eval_data) if cfg.eval_data else None,
-                        fingerprinted_settings(cfg.train)]
-    if cfg.train.mode in RL_MODES:  # what the rewards and the ptx loss are computed from
-        reward_model = cfg.train.rl.reward.model
-        parts += [input_fingerprint(reward_model) if reward_model else None,
-                  input_fingerprint(cfg.ptx_data) if cfg.ptx_data else None]
-    return fingerprint(*parts)
+    return inputs_fingerprint(NAME, VERSION, model=cfg.model, data=cfg.data,
+                              eval_data=cfg.eval_data, train=cfg.train, ptx_data=cfg.ptx_data)
 
 
 def main(cfg: TrainStageConfig) -> TrainResult:
@@ -153,7 +135,7 @@ def main(cfg: TrainStageConfig) -> TrainResult:
     """
     from mmjobs.train.distributed import NullRun, env_dist_info
     from mmjobs.train.outputs import publish_final
-    from mmjobs.train.trainer import TrainRecipe
+    from mmjobs.train.run import run_training
 
     out = output_uri(cfg, NAME)
     final = storage.join(out, FINAL_DIR)
@@ -168,40 +150,17 @@ def main(cfg: TrainStageConfig) -> TrainResult:
             run.set_tags({"cached": "true"})
             log.info("train: %s already holds the result for these inputs; nothing to do", final)
             return _final_result(out, manifest.meta, cached=True, run_id=run.run_id)
-        common = {"model": cfg.model, "data": cfg.data, "eval_data": cfg.eval_data,
-                  "train": cfg.train, "output": out, "fingerprint": fp, "resume": cfg.resume,
-                  "run": run}
-        if cfg.train.mode in RL_MODES:
-            from mmjobs.train.rl import RLRecipe
-
-            recipe: TrainRecipe = RLRecipe(ptx_data=cfg.ptx_data, **common)
-        else:
-            recipe = TrainRecipe(**common)
-        try:
-            recipe.setup()
-            summary = recipe.train()
-            outputs = recipe.save_final()
-        except TrainingPreempted as e:
-            run.set_tags({"preempted_at_step": e.step})
-            run.end("KILLED")
-            raise
-        finally:
-            recipe.cleanup()
-        run.log_metrics({"final_loss": summary.final_loss or 0.0, "train_steps": summary.steps,
-                         "train_seconds": summary.seconds, "train_tokens": summary.tokens,
-                         **({"final_eval_loss": summary.eval_loss}
-                            if summary.eval_loss is not None else {}),
-                         **{f"final_{k}": v for k, v in (summary.eval_metrics or {}).items()}},
-                        step=summary.steps)
+        summary, outputs = run_training(model=cfg.model, data=cfg.data,
+                                        eval_data=cfg.eval_data, train=cfg.train, output=out,
+                                        fingerprint=fp, resume=cfg.resume, run=run,
+                                        ptx_data=cfg.ptx_data)
         if main_rank:
             publish_final(run, outputs["final"], log_artifacts=cfg.log_model_artifacts,
                           registered_model_name=cfg.registered_model_name)
         run_id = run.run_id
+    parts = ("adapter", "model", "connector", "reward_model", "value_head")
     return TrainResult(output=out, mlflow_run_id=run_id, final=final,
-                       adapter=outputs.get("adapter"), model=outputs.get("model"),
-                       connector=outputs.get("connector"),
-                       reward_model=outputs.get("reward_model"),
-                       value_head=outputs.get("value_head"),
+                       **{part: outputs.get(part) for part in parts},
                        checkpoints=storage.join(out, CHECKPOINTS_DIR), steps=summary.steps,
                        final_loss=summary.final_loss, eval_loss=summary.eval_loss,
                        eval_metrics=summary.eval_metrics or {},
@@ -271,21 +230,9 @@ def recipe_defaults(recipe: RecipeConfig, step: str) -> dict[str, Any]:
     return {"model": model, "train": recipe.train.model_dump(mode="json", exclude_defaults=True)}
 
 
-def _mode(section: dict[str, Any]) -> str:
-    return (section.get("train") or {}).get("mode") or DEFAULT_MODE
-
-
-def step_defaults(defaults: dict[str, Any], section: dict[str, Any]) -> dict[str, Any]:
-    """The recipe's train defaults serve steps of several modes: a step takes those its
-    mode (from its own section) has."""
-    return {**defaults, "train": defaults_for(_mode(section), defaults.get("train") or {})}
-
-
 def recipe_check(recipe: RecipeConfig, steps: dict[str, dict[str, Any]]) -> list[str]:
     """Recipe-level train settings that no train step of the pipeline takes."""
-    given = recipe.train.model_dump(mode="json", exclude_defaults=True)
-    modes = {step: _mode(section) for step, section in steps.items()}
-    return [f"train.{path}: {message}" for path, message in unused_defaults(given, modes)]
+    return unused_in_steps(recipe.train.model_dump(mode="json", exclude_defaults=True), steps)
 
 
 STAGE = Stage(name=NAME, config=TrainStageConfig, result=TrainResult, main=main, image="train",

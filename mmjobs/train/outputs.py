@@ -1,4 +1,5 @@
-"""What a training run leaves behind, read back without torch: `final/` and train_info.json.
+"""What a training run leaves behind, read back without torch: `final/` and train_info.json,
+and the fingerprint of the inputs that made it.
 
 A training output holds `checkpoints/step-N/` and, committed last, `final/` with the trained
 parts (`adapter/`, `model/`, `connector/` or `reward_model/`, see `mmjobs.layout`) and
@@ -11,14 +12,41 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmjobs import storage
 from mmjobs.layout import ADAPTER_DIR, CONNECTOR_DIR, MODEL_DIR, REWARD_MODEL_DIR, TRAIN_INFO
 from mmjobs.logs import get_logger
+from mmjobs.stage_contract import fingerprint, input_fingerprint
+from mmjobs.train.methods import RL_MODES, TrainConfig, fingerprinted_settings
 
 log = get_logger(__name__)
 PARTS = (ADAPTER_DIR, MODEL_DIR, CONNECTOR_DIR, REWARD_MODEL_DIR)  # the trained parts in final/
+
+
+if TYPE_CHECKING:
+    from mmjobs.config import ModelConfig
+
+
+def inputs_fingerprint(*versioned: Any, model: ModelConfig, data: str, eval_data: str | None,
+                       train: TrainConfig, ptx_data: str | None) -> str:
+    """Fingerprint of everything that decides the trained weights (after `versioned`: the
+    stage's name and version): the model's settings and contents, the data, the settings."""
+    try:
+        model_fp = input_fingerprint(model.name_or_path)
+    except (storage.StoreError, FileNotFoundError):
+        model_fp = model.name_or_path  # a hub id: its name (and revision) is the identity
+    # The settings in the shape they had before per-method configs: earlier results and
+    # checkpoints stay reusable.
+    parts: list[Any] = [*versioned, model.model_dump(mode="json"), model_fp,
+                        input_fingerprint(data),
+                        input_fingerprint(eval_data) if eval_data else None,
+                        fingerprinted_settings(train)]
+    if train.mode in RL_MODES:  # what the rewards and the ptx loss are computed from
+        reward_model = train.rl.reward.model
+        parts += [input_fingerprint(reward_model) if reward_model else None,
+                  input_fingerprint(ptx_data) if ptx_data else None]
+    return fingerprint(*parts)
 
 
 class TrainingPreempted(Exception):

@@ -69,6 +69,7 @@ from mmjobs.train.model_setup import (
 )
 from mmjobs.train.objectives import LanguageModelingObjective, Objective, evaluate_objective
 from mmjobs.train.outputs import TrainingPreempted
+from mmjobs.train.run import check_data_kind
 from mmjobs.train.schedules import build_lr_scheduler, lr_at_steps, plot_lr_curve
 
 log = get_logger(__name__)
@@ -145,7 +146,7 @@ class TrainRecipe:
         cfg, frozen = self.cfg, frozen_components(self.cfg)
         # Before anything heavy: shards of the wrong kind for the mode fail here.
         self.card = json.loads(storage.read_text(storage.join(self.data, SHARDS_CARD)))
-        _check_data_kind(cfg.mode, self.data, self.card, self.eval_data)
+        check_data_kind(cfg.mode, self.data, self.card, self.eval_data)
         self.accelerator = acc = build_accelerator(
             mixed_precision=cfg.mixed_precision, grad_accum=self._backward_passes_per_step(),
             deepspeed=cfg.deepspeed, micro_batch_size=cfg.per_device_batch_size,
@@ -501,26 +502,3 @@ class TrainRecipe:
         self.objective = None  # a DPO frozen reference copy is a whole model
         if self.accelerator is not None:
             release_accelerator(self.accelerator)
-
-
-def _check_data_kind(mode: str, data: str, card: dict[str, Any], eval_data: str | None) -> None:
-    """Preference modes train on pair shards, ppo/grpo on prompt shards, the others on
-    conversation shards.
-
-    Raises:
-        ConfigError: naming the data URI whose shards do not fit the mode.
-    """
-    want = {"dpo": "preference", "rm": "preference", "ppo": "prompt",
-            "grpo": "prompt"}.get(mode, "sample")
-    kinds = [(data, card.get("kind", "sample"))]
-    if eval_data is not None:
-        eval_card = json.loads(storage.read_text(storage.join(eval_data, SHARDS_CARD)))
-        kinds.append((eval_data, eval_card.get("kind", "sample")))
-    how = {"preference": "prepare a preference dataset (canonical-preference, preference) and "
-                         "pretokenize it",
-           "prompt": "prepare a prompt-only dataset (canonical-prompt, prompt-only) and "
-                     "pretokenize it"}.get(want, "pretokenize a conversation dataset")
-    errors = [f"{uri} holds {kind} shards but train.mode {mode} trains on {want} shards; {how}"
-              for uri, kind in kinds if kind != want]
-    if errors:
-        raise ConfigError("train stage data", errors)

@@ -1,7 +1,7 @@
 """The recipe's `cluster:` and `images:` sections: what the stage pods get on Kubernetes.
 
 Only compiling for a cluster reads them (`pipelines/cluster.py`); credentials are referenced
-by Secret name, never held. `mmjobs.config.RecipeConfig` holds both sections.
+by Secret name, never held. `mmjobs.recipe.RecipeConfig` holds both sections.
 """
 
 from __future__ import annotations

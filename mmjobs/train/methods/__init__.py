@@ -11,7 +11,7 @@
 
 Each class holds only its own settings (shared ones in `common.TrainBase` / `FineTuneBase` /
 `EvalPass`) and checks its combinations in its `problems()`. These modules import pydantic only
-(no torch), so `mmjobs.config` and `mmjobs validate` stay fast. The recipe-level `train:`
+(no torch), so `mmjobs.recipe` and `mmjobs validate` stay fast. The recipe-level `train:`
 section (defaults for several steps of different modes) is `defaults.TrainDefaults`.
 """
 

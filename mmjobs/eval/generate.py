@@ -358,7 +358,7 @@ def load_for_inference(model: str, adapter: str | None = None, *,
         return loaded
     from peft import PeftModel
 
-    from mmjobs.train.merge import locate_adapter
+    from mmjobs.models.model_dirs import locate_adapter
 
     adapter_dir = fetch_dir(locate_adapter(adapter), kind="adapters")
     peft_model = PeftModel.from_pretrained(loaded.model, adapter_dir, is_trainable=False)

@@ -8,6 +8,8 @@ or score output): `metric`, `unit` and the metric's numbers, plus, from the eval
   `chartqa.human_0.05` (MLflow accepts only letters, digits, `_ - . /` and spaces; we also
   drop `/` and spaces so names stay single path segments);
 - one bar chart of a summary's categories (`category_bar_chart`);
+- the evaluate stage's summary.md (`evaluation_markdown`: the metric's tables, PoT statuses,
+  the judge's counts), which the KFP UI shows too;
 - the seed recipes' comparison tables, as markdown or CSV:
   `ap_table` (ChartMoE's @AP tables, Human / Augmented / Averaged by tolerance, one per
   setting such as w/o PoT / w/ PoT),
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from mmjobs.eval.metrics.base import markdown_table
 from mmjobs.eval.metrics.chartqa import ap_rows
+from mmjobs.eval.score import summary_markdown
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -296,3 +299,44 @@ def _require(summaries: Mapping[str, Summary], metric: str, where: str) -> None:
         raise ValueError(f"{where}: {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} "
                          f"not {metric} summaries (metric "
                          f"{summaries[wrong[0]].get('metric')!r})")
+
+
+# --------------------------------------------------------------------------- evaluation summary
+
+
+def evaluation_markdown(summary: Summary) -> str:
+    """An evaluate stage's summary as markdown: summary.md, the MLflow run's summary.md and
+    the KFP UI's Markdown artifact."""
+    parts = []
+    if summary.get("label"):
+        parts.append(f"### {summary['label']}")
+    if summary.get("metric"):
+        parts.append(summary_markdown(summary["metric"], summary))
+    if pot := summary.get("pot"):
+        counts = pot["status_counts"]
+        rows = [[status, str(n)] for status, n in counts.items()]
+        rate = "-" if pot["ok_rate"] is None else f"{pot['ok_rate']:.1%}"
+        parts.append(f"**Program of thought**: {pot['programs']} programs, {rate} ran to "
+                     f"completion (wall {pot['limits']['wall_s']}s, CPU "
+                     f"{pot['limits']['cpu_s']}s each; isolation "
+                     f"{pot.get('isolation', 'none')}, executor {pot.get('executor', 'local')})"
+                     "\n\n" + markdown_table(["PoT status", "programs"], rows))
+        if pot.get("warning"):
+            parts.append(f"**Warning**: {pot['warning']}")
+    if judge := summary.get("judge"):
+        keys = ("rows", "judged", "mean_score") if judge["mode"] == "single" else (
+            "rows", "judged", "wins_a", "wins_b", "ties", "win_rate_a",
+            "win_rate_a_excluding_ties")
+        cells = [_cell(judge.get(k)) for k in keys]
+        parts.append(f"**LLM judge** (`{judge['model']}`, {judge['mode']})\n\n"
+                     + markdown_table(["judge", *keys], [[judge["mode"], *cells]]))
+        if judge.get("failures"):
+            parts.append("judge failures: " + ", ".join(f"{k} {v}" for k, v in
+                                                        judge["failures"].items()))
+    return "\n\n".join(parts)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "-" if value is None else str(value)

@@ -22,7 +22,13 @@ from pydantic.fields import FieldInfo
 
 from mmjobs.config_base import StrictModel
 from mmjobs.train.methods.common import NOT_FINGERPRINTED, TrainBase
-from mmjobs.train.methods.modes import METHODS, PREFERENCE_MODES, RL_MODES, TRAIN_MODES
+from mmjobs.train.methods.modes import (
+    DEFAULT_MODE,
+    METHODS,
+    PREFERENCE_MODES,
+    RL_MODES,
+    TRAIN_MODES,
+)
 
 
 class _DefaultsBase(StrictModel):
@@ -114,6 +120,25 @@ def unused_defaults(given: Mapping[str, Any], steps: Mapping[str, str]) -> list[
     return [(path, f"a setting of mode {', '.join(having)} only, and no train step here runs "
                    f"one (train steps: {runs}); remove it, or set it under stages.<step>.train")
             for path, having in _unused(given, modes, {m: METHODS[m] for m in TRAIN_MODES})]
+
+
+def step_defaults(defaults: Mapping[str, Any], section: Mapping[str, Any]) -> dict[str, Any]:
+    """A train step's defaults (a stage config's `model`, `train`, ...) with only the
+    recipe-level train settings its mode has; the mode comes from the step's own section
+    (`section["train"]["mode"]`, default sft)."""
+    train = defaults.get("train") or {}
+    return {**defaults, "train": defaults_for(_step_mode(section), train)}
+
+
+def unused_in_steps(given: Mapping[str, Any], steps: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """`unused_defaults` of the recipe's `train:` settings `given` for the train steps
+    `steps` (step name -> its own section), as `train.<setting>: message` lines."""
+    modes = {step: _step_mode(section) for step, section in steps.items()}
+    return [f"train.{path}: {message}" for path, message in unused_defaults(given, modes)]
+
+
+def _step_mode(section: Mapping[str, Any]) -> str:
+    return (section.get("train") or {}).get("mode") or DEFAULT_MODE
 
 
 def _unused(given: Mapping[str, Any], used: dict[str, type[BaseModel]],

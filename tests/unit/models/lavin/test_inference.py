@@ -15,9 +15,9 @@ import torch
 from mmjobs.data.converters.scienceqa import lavin_example
 from mmjobs.data.sample_encoder import SampleEncoder
 from mmjobs.eval.generate import PromptInput
+from mmjobs.eval.lavin import MAX_NEW_TOKENS, lavin_generator, load_lavin
 from mmjobs.models.builder import LoadedModel
 from mmjobs.models.convert.checkpoints import ConversionError
-from mmjobs.models.lavin.inference import MAX_NEW_TOKENS, lavin_generator, load_lavin
 
 pytestmark = pytest.mark.slow  # about a minute on 2 cores (six adapter steps, 3 models)
 

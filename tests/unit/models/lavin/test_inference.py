@@ -190,3 +190,13 @@ def test_merge_stage_and_stage_loading_give_the_trained_model_s_tokens(trained,
     expected = _tokens(in_memory)
     assert _tokens(merged) == expected
     assert _tokens(over_base) == expected
+
+
+def test_a_prompt_alone_generates_what_it_does_in_a_batch(trained):
+    """A batch of one (what a chat server sends): transformers' generate drops its all-ones
+    attention mask, and the decode steps still attend to the whole prompt."""
+    loaded, _, _ = trained
+    alone = lavin_generator(loaded, batch_size=1, max_new_tokens=16)
+    texts = sorted((i, text, n) for b in alone.generate_batches(_prompts())
+                   for i, text, n in zip(b.indices, b.texts, b.new_tokens, strict=True))
+    assert texts == _tokens(loaded)

@@ -160,8 +160,10 @@ def make_llava_dataengine(root: Path, model: Path) -> list[str]:
 # --------------------------------------------------------------------------- lavin-sweep
 
 
-def make_lavin_sweep(root: Path, model: Path) -> list[str]:
-    """ScienceQA's problems.json / pid_splits.json / images, and two of the six settings."""
+def make_lavin_sweep(root: Path, llama: Path, clip: Path) -> list[str]:
+    """ScienceQA's problems.json / pid_splits.json / images; the build-lavin step joins the
+    Meta-format LLaMA replica `llama` and the 224 px CLIP replica `clip` into the LaVIN every
+    setting (all eight of the recipe) trains on."""
     sqa = make_scienceqa(root / "scienceqa")
     problems = json.loads((sqa / "problems.json").read_text())
     splits = json.loads((sqa / "pid_splits.json").read_text())
@@ -170,16 +172,14 @@ def make_lavin_sweep(root: Path, model: Path) -> list[str]:
         splits["train"].append(pid)
     write_json(sqa / "problems.json", problems)
     write_json(sqa / "pid_splits.json", splits)
-    return [*tiny_model(model), f"data.input={sqa}",
+    lavin = root / "models" / "lavin"
+    return [*tiny_model(lavin), f"data.input={sqa}",
+            f"stages.build-lavin.source={llama}", f"stages.build-lavin.vision_tower={clip}",
+            f"stages.build-lavin.to={lavin}",
             f"stages.prepare.image_root={sqa / 'images'}",
             f"stages.prepare-test.input={sqa}",
             f"stages.prepare-test.image_root={sqa / 'images'}",
-            "stages.pretokenize.max_length=1024",
-            # A LoRA stand-in on the tiny LLaVA until the pipeline builds a LaVIN from the
-            # Meta-format replica and merges/infers mma adapters (issue 16, not done yet).
-            "train.finetune=lora",
-            "train.lora={r: 8, alpha: 8, target_modules: [q_proj, k_proj, v_proj, o_proj]}",
-            "sweep={baseline: {}, dec-dropout: {train: {layer_dropout: {preset: dec}}}}"]
+            "train.max_steps=1", "stages.pretokenize.workers=1"]
 
 
 # --------------------------------------------------------------------------- chameleon-interleaved

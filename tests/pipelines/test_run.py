@@ -4,6 +4,10 @@ and generated fixtures in each recipe's published layout; failures name the step
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,23 +20,32 @@ RUNS: dict[str, Callable[[Path, Path], list[str]]] = {
     "chartwiz": fixtures.make_chartwiz,
     "chartmoe": fixtures.make_chartmoe,
     "llava-dataengine": fixtures.make_llava_dataengine,
-    "lavin-sweep": fixtures.make_lavin_sweep,
 }
+# The eight rows of LaVIN's study (the recipe's sweep), each a setting of the scaled-down run.
+LAVIN_ROWS = {"baseline", "cyclical-lr", "step-decay", "exp-decay", "inc-dropout", "dec-dropout",
+              "inc-dropout-v2", "dec-dropout-v2"}
 # Which evaluations each run reports (results.md rows), and the table it draws.
 EXPECTED = {
     "chartwiz": ({"chartwiz"}, "## Headline per evaluation"),
     "chartmoe": ({"w/o PoT", "w/ PoT"}, "## ChartQA relaxed accuracy (@AP)"),
     "llava-dataengine": ({"mme", "gqa", "scienceqa"}, "## Main results"),
-    "lavin-sweep": ({"baseline", "dec-dropout"}, "## ScienceQA accuracy (%)"),
+    "lavin-sweep": (LAVIN_ROWS, "## ScienceQA accuracy (%)"),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", sorted(RUNS))
-def test_recipe_runs_scaled_down(recipe: str, tmp_path: Path, tiny_llava_dir: Path) -> None:
-    overrides = RUNS[recipe](tmp_path / "data", tiny_llava_dir)
+@pytest.mark.parametrize("recipe", sorted([*RUNS, "lavin-sweep"]))
+def test_recipe_runs_scaled_down(recipe: str, tmp_path: Path,
+                                 request: pytest.FixtureRequest) -> None:
+    if recipe == "lavin-sweep":  # LaVIN from the Meta-format LLaMA replica and the CLIP-224
+        replica = request.getfixturevalue("replica_dir")
+        overrides = fixtures.make_lavin_sweep(tmp_path / "data", replica("meta/llama-7b"),
+                                              replica("openai/clip-vit-large-patch14"))
+    else:
+        overrides = RUNS[recipe](tmp_path / "data", request.getfixturevalue("tiny_llava_dir"))
     imported = tmp_path / "store-copy" / "base-model"
     if recipe == "chartwiz":  # starts from a recipe import, as a cluster run from the hub would
+        tiny_llava_dir = request.getfixturevalue("tiny_llava_dir")
         overrides += [f"imports={{base: {{source: '{tiny_llava_dir}', to: '{imported}'}}}}",
                       f"model.name_or_path={imported}"]
     outcome = pipeline_runner.run_local(f"pipelines/recipes/{recipe}.yaml", overrides)
@@ -48,6 +61,72 @@ def test_recipe_runs_scaled_down(recipe: str, tmp_path: Path, tiny_llava_dir: Pa
     assert not any(outcome.stages_cached.values())  # a first run computes everything
     if outcome.report:  # the report stage (once it exists) wrote its page
         assert storage.exists(outcome.report)
+    if recipe == "lavin-sweep":
+        _check_lavin_rows(outcome, results, tmp_path / "data" / "models" / "lavin")
+        _serve_swept_model(Path(outcome.run_dir) / "merge-dec-dropout", tmp_path)
+
+
+def _check_lavin_rows(outcome: pipeline_runner.RunOutcome, results: str, built: Path) -> None:
+    """The seed's eight-row table, each row a setting trained with its own schedule on the
+    LaVIN the build-lavin step made from the Meta-format replica."""
+    table = results[results.index("## ScienceQA accuracy (%)"):].split("\n\n")[1]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")]
+             for line in table.splitlines() if line.startswith("|")]
+    assert cells[0] == ["Method", "NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12",
+                        "Average"], table
+    assert sorted(row[0] for row in cells[2:]) == sorted(LAVIN_ROWS), table
+    run = Path(outcome.run_dir)
+    assert storage.is_committed(str(built))  # one LaVIN (stages.build-lavin.to) for all rows
+    assert json.loads((built / "config.json").read_text())["model_type"] == "lavin"
+    assert len([name for name in outcome.stages_cached if name.startswith("convert ")]) == 1
+    adapters = {}
+    for row in LAVIN_ROWS:
+        config = json.loads((run / f"sft-{row}" / "final" / "adapter" / "adapter_config.json")
+                            .read_text())
+        assert config["mmjobs_adapter"] == "lavin-mma"
+        adapters[row] = config["meta"]["adapter_dropout"]
+        merged = json.loads((run / f"merge-{row}" / "config.json").read_text())
+        assert merged["model_type"] == "lavin"
+    # The dropout rows walk over the (two) LLaMA blocks as the seed fork's presets say
+    # (inc: 0.1 x 1.01^i, dec: 0.2 x 0.99^i; V2: 1.03 / 0.97); the LR rows keep LaVIN's 0.1.
+    walks = {"baseline": [0.1, 0.1], "step-decay": [0.1, 0.1], "inc-dropout": [0.1, 0.101],
+             "dec-dropout": [0.2, 0.198], "inc-dropout-v2": [0.1, 0.103],
+             "dec-dropout-v2": [0.2, 0.194]}
+    for row, walk in walks.items():
+        assert adapters[row]["text"] == pytest.approx(walk), row
+
+
+def _serve_swept_model(model: Path, tmp_path: Path) -> None:
+    """`mmjobs serve` (the serve stage's entrypoint) on a swept LaVIN: an image question and
+    a text question answered over the OpenAI-compatible API."""
+    from tests.integration.serve.client import Client, chart_png, chat_body
+    from tests.servers import free_port
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mmjobs"), "serve", str(model), "--port", str(port),
+         "--set", "served_model_name=lavin-dec-dropout", "--set", "default_max_new_tokens=6"],
+        cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
+        stderr=log.open("wb"), start_new_session=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}")
+        client.wait_ready(180)
+        with_image = client.chat(chat_body("lavin-dec-dropout", "Which color is the bar?",
+                                           image=chart_png(1), temperature=0))
+        assert with_image.status == 200, with_image.body
+        usage = with_image.json()["usage"]
+        text_only = client.chat(chat_body("lavin-dec-dropout", "Which word rhymes?",
+                                          temperature=0))
+        assert text_only.status == 200, text_only.body
+        # LaVIN's layout: 6 visual tokens after "Image: " (text-only prompts say "N/A").
+        assert usage["prompt_tokens"] > text_only.json()["usage"]["prompt_tokens"]
+        assert 1 <= usage["completion_tokens"] <= 6
+        client.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0, log.read_text()
 
 
 @pytest.mark.slow

@@ -79,6 +79,8 @@ STAGES: dict[str, StageSpec] = {
     "report": StageSpec("mmjobs.stages.report:ReportConfig", "eval"),
     # Writes to its `to` (default {store}/{experiment}/{run}/import): recipes name the place.
     "import": StageSpec("mmjobs.stages.import_:ImportConfig", "data", own_output=False),
+    # Writes to its `to` (the recipe names it in model.name_or_path): recipes' `conversions:`.
+    "convert": StageSpec("mmjobs.stages.convert:ConvertConfig", "data", own_output=False),
     # A server: no output; `serve` blocks in the step's pod, `deploy` (a light launcher, the
     # server itself runs the eval image) creates a Deployment + Service and waits for it.
     "serve": StageSpec("mmjobs.stages.serve:ServeConfig", "eval", ("model", "adapter"),
@@ -220,7 +222,8 @@ class Build:
         task = component(stage, image)(config_json=config_json, **inputs, **extra)
         task.set_display_name(step)
         if stage != "import" and self.imports:
-            task.after(*self.imports)  # steps read what the recipe's imports put in the store
+            # Steps read what the recipe's imports (and conversions) put in the store.
+            task.after(*self.imports)
         if self.for_cluster:
             apply_cluster_settings(task, stage, self.recipe, step)
         else:
@@ -295,6 +298,21 @@ class Build:
                                    "data or stages sections then name)")
             config = self.config(f"import-{name}", "import", section=section, where=where)
             self.imports.append(self.step(f"import-{name}", "import", config=config))
+        self.add_conversions()
+
+    def add_conversions(self) -> None:
+        """One `convert-<name>` step per entry of the recipe's `conversions`, after the imports
+        (they read what those put in the store) and before every other step, which reads the
+        converted model from the URI the recipe names (its `to`)."""
+        converted = []
+        for name, section in self.recipe.conversions.items():
+            where = f"conversions.{name}"
+            if not section.get("to"):
+                self.errors.append(f"{where}.to: required (the store URI the recipe's "
+                                   "model.name_or_path then names)")
+            config = self.config(f"convert-{name}", "convert", section=section, where=where)
+            converted.append(self.step(f"convert-{name}", "convert", config=config))
+        self.imports.extend(converted)
 
     def base_model(self) -> str | dsl.PipelineChannel:
         """The recipe's base model: its URI, or the output of a make-model step building a
@@ -304,7 +322,11 @@ class Build:
             return name
         kind = name.removeprefix("tiny:")
         if self._tiny is None:
-            config = self.config("make-model", "make-tiny-model", defaults={"kind": kind})
+            # `stages.make-model.replica` builds a replica of a real model instead (its sizes
+            # are the real model's: a kind would contradict it).
+            replica = self.recipe.stages.get("make-model", {}).get("replica")
+            config = self.config("make-model", "make-tiny-model",
+                                 defaults={} if replica else {"kind": kind})
             self._tiny = self.step("make-model", "make-tiny-model", config=config).output
         return self._tiny
 

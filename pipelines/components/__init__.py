@@ -29,6 +29,7 @@ MODULES = {
     "evaluate": "evaluate",
     "report": "report",
     "import": "import_",
+    "convert": "convert",
     "serve": "serve",
     "deploy": "deploy",
 }

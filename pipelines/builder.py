@@ -288,31 +288,27 @@ class Build:
     # ---------------------------------------------------------------- recipe defaults
 
     def add_imports(self) -> None:
-        """One `import-<name>` step per entry of the recipe's `imports`, before every other
-        step. Each must say where its copy goes (`to`): the recipe names that URI where the
-        input is used, so no step needs the import's output channel."""
-        for name, section in self.recipe.imports.items():
-            where = f"imports.{name}"
-            if not section.get("to"):
-                self.errors.append(f"{where}.to: required (the store URI the recipe's model, "
-                                   "data or stages sections then name)")
-            config = self.config(f"import-{name}", "import", section=section, where=where)
-            self.imports.append(self.step(f"import-{name}", "import", config=config))
-        self.add_conversions()
+        """One `import-<name>` step per entry of the recipe's `imports`, then one
+        `convert-<name>` step per entry of its `conversions` (after the imports: they read what
+        those put in the store), all before every other step. Each must say where its output
+        goes (`to`): the recipe names that URI where it is used, so no step needs the output
+        channel."""
+        self.imports.extend(self._store_fillers(
+            "imports", "import", "the store URI the recipe's model, data or stages sections "
+            "then name"))
+        self.imports.extend(self._store_fillers(
+            "conversions", "convert", "the store URI the recipe's model.name_or_path then names"))
 
-    def add_conversions(self) -> None:
-        """One `convert-<name>` step per entry of the recipe's `conversions`, after the imports
-        (they read what those put in the store) and before every other step, which reads the
-        converted model from the URI the recipe names (its `to`)."""
-        converted = []
-        for name, section in self.recipe.conversions.items():
-            where = f"conversions.{name}"
+    def _store_fillers(self, key: str, stage: str, to_hint: str) -> list[dsl.PipelineTask]:
+        """The steps of the recipe's `key` section (imports or conversions), run by `stage`."""
+        tasks = []
+        for name, section in getattr(self.recipe, key).items():
+            where = f"{key}.{name}"
             if not section.get("to"):
-                self.errors.append(f"{where}.to: required (the store URI the recipe's "
-                                   "model.name_or_path then names)")
-            config = self.config(f"convert-{name}", "convert", section=section, where=where)
-            converted.append(self.step(f"convert-{name}", "convert", config=config))
-        self.imports.extend(converted)
+                self.errors.append(f"{where}.to: required ({to_hint})")
+            config = self.config(f"{stage}-{name}", stage, section=section, where=where)
+            tasks.append(self.step(f"{stage}-{name}", stage, config=config))
+        return tasks
 
     def base_model(self) -> str | dsl.PipelineChannel:
         """The recipe's base model: its URI, or the output of a make-model step building a

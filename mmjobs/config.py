@@ -83,7 +83,8 @@ SourceFormat = Literal[
 
 # How conversations become model text (mmjobs.data.conversation): the model's chat template, or
 # a seed's built-in format for base models that ship none.
-ConversationFormatName = Literal["auto", "template", "vicuna_v1", "plain", "anything_ti2ti"]
+ConversationFormatName = Literal["auto", "template", "vicuna_v1", "plain", "anything_ti2ti",
+                                 "internlm_xcomposer2", "chartmoe_eval"]
 
 
 class ModelConfig(StrictModel):

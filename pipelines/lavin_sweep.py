@@ -2,7 +2,8 @@
 
 prepare (ScienceQA train split, QCM-ALE prompts) and prepare-test (test split) → pretokenize
 → for each setting of the recipe's `sweep` (cosine baseline, cyclical, step and exponential
-LR decay, increasing / decreasing adapter dropout), in a `dsl.ParallelFor`: sft (LoRA) →
+LR decay, increasing / decreasing adapter dropout and their V2), in a `dsl.ParallelFor`: sft
+(the recipe's train.finetune: mma, LaVIN's adapters) →
 merge → infer → evaluate (ScienceQA accuracy per category) → report (the NAT…Average
 comparison table and graphs).
 """
@@ -27,7 +28,7 @@ def wire(b: Build) -> None:
     shards = b.step("pretokenize", "pretokenize", dataset=train_set.output, model=base)
     # One config per step and setting, validated here; the loop hands each iteration its own.
     configs = {
-        "sft": b.sweep("sft", "train", fixed={"train": {"mode": "sft", "finetune": "lora"}},
+        "sft": b.sweep("sft", "train", fixed={"train": {"mode": "sft"}},  # finetune: recipe
                        wired=("data", "model.name_or_path")),
         "merge": _per_setting(b, "merge", "merge", ("base", "adapter")),
         "infer": _per_setting(b, "infer", "infer", ("model", "dataset")),

@@ -513,10 +513,11 @@ def build_dataloader(shards_uri: str | os.PathLike, *, batch_size: int, mode: Mo
 
     Args:
         shards_uri: local path or s3:// URI of the pretokenize stage's committed output.
-        batch_size: samples per batch (random, length_grouped) or bins per batch (packed).
+        batch_size: samples per batch (random, length_grouped); packed: at most
+            `batch_size * max_length` tokens per batch.
         mode: `random` | `length_grouped` | `packed` (see `mmjobs.data.sampler`).
-        max_length: tokens per bin (packed, required) or the longest sample allowed (padded
-            modes; None = no limit).
+        max_length: the longest sample allowed (required when packed; None = no limit in
+            the padded modes).
         seed: order seed; the batches of epoch e depend only on (seed, e, rank, world_size).
         num_workers: DataLoader worker processes (image decode and processing run there).
         image_processor: applied to each sample's images in the workers (required if the

@@ -23,7 +23,7 @@ here the grouping is strict, tails included:
   belongs to unit i). The micro-steps of one optimizer step may differ in modality: each
   micro-step's forward and backward is a complete set of collectives of its own.
 - Within a modality the samples are ordered as the batching mode orders them (random,
-  length_grouped, packed bins), cut into batches and the batches into units; the units of both
+  length_grouped, packed batches), cut into batches and the batches into units; the units of both
   modalities are then shuffled together (with length_grouped, the unit holding the longest
   sample goes first, so an out-of-memory shows up at step 1, as in transformers).
 - A modality's last, incomplete unit is spread over `world_size` smaller batches when it has at

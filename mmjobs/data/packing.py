@@ -28,8 +28,8 @@ from transformers import DataCollatorWithFlattening
 IGNORE_INDEX = -100
 
 
-def pack_sequences(lengths: Sequence[int] | np.ndarray, max_length: int) -> list[list[int]]:
-    """Pack samples into bins of at most `max_length` tokens (best-fit decreasing).
+def pack_sequences(lengths: Sequence[int] | np.ndarray, capacity: int) -> list[list[int]]:
+    """Pack samples into bins of at most `capacity` tokens (best-fit decreasing).
 
     Samples are taken longest first; each goes into the open bin with the least room that still
     fits it, or into a new bin. Best-fit decreasing uses at most 11/9 OPT + 1 bins, like
@@ -37,21 +37,22 @@ def pack_sequences(lengths: Sequence[int] | np.ndarray, max_length: int) -> list
     binary search, so a 10k-sample window packs in milliseconds.
 
     Args:
-        lengths: token count of each sample, shape [n]; every entry must be <= max_length.
-        max_length: bin capacity in tokens.
+        lengths: token count of each sample, shape [n]; every entry must be <= capacity.
+        capacity: bin capacity in tokens (the sampler packs whole batches:
+            `batch_size * max_length`).
 
     Returns:
         Bins as lists of positions into `lengths`; every position appears in exactly one bin.
         Within a bin, samples are in decreasing length order.
 
     Raises:
-        ValueError: a length is < 1 or > max_length.
+        ValueError: a length is < 1 or > capacity.
     """
     lens = np.asarray(lengths, dtype=np.int64)
     if lens.size == 0:
         return []
-    if int(lens.min()) < 1 or int(lens.max()) > max_length:
-        raise ValueError(f"pack_sequences: lengths must be in [1, {max_length}], got "
+    if int(lens.min()) < 1 or int(lens.max()) > capacity:
+        raise ValueError(f"pack_sequences: lengths must be in [1, {capacity}], got "
                          f"[{int(lens.min())}, {int(lens.max())}]")
     order = np.argsort(-lens, kind="stable")  # stable: ties keep the caller's (shuffled) order
     bins: list[list[int]] = []
@@ -61,7 +62,7 @@ def pack_sequences(lengths: Sequence[int] | np.ndarray, max_length: int) -> list
         at = bisect.bisect_left(free, (size, -1))
         if at == len(free):
             bins.append([pos])
-            remaining, number = max_length - size, len(bins) - 1
+            remaining, number = capacity - size, len(bins) - 1
         else:
             remaining, number = free.pop(at)
             bins[number].append(pos)

@@ -11,9 +11,15 @@ Modes:
 - `length_grouped`: transformers' `get_length_grouped_indices` (mega-batches of
   `50 * batch_size` samples sorted by length, longest batch first), cut into batches; padding
   drops because neighbours have similar lengths.
-- `packed`: a seeded permutation, packed window by window into bins of `max_length` tokens
-  (best-fit decreasing, `packing.pack_sequences`); bins are shuffled and `batch_size` bins make
-  one batch (flattened into one row by `packing.PackedCollator`).
+- `packed`: a seeded permutation, packed window by window into batches of at most
+  `batch_size * max_length` tokens, each sample at most `max_length` (best-fit decreasing,
+  `packing.pack_sequences`); the batches are shuffled and each is flattened into one
+  padding-free row by `packing.PackedCollator`. The budget is the batch's, not a
+  `max_length`-token bin's: a flattened row has no bins inside it, so its cost (memory, and
+  compute for varlen attention) follows its real tokens and the budget bounds them. Bins of
+  `max_length` cannot fill well on image data: LLaVA-1.5 samples are mostly 600-1000 tokens
+  (576 of them image), so two fit a 2048-token bin and a third rarely does
+  (`tests/bench/bench_packing.py` prints the fill and its LP bound).
 
 With `modality` (one label per sample, `mmjobs.data.modality`) on data that mixes text-only and
 image samples, each mode orders every modality on its own and the batches form micro-step units
@@ -81,22 +87,24 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     Args:
         lengths: tokens per sample, shape [n] (`ShardDataset.lengths`).
-        batch_size: samples per batch (random, length_grouped) or bins per batch (packed).
+        batch_size: samples per batch (random, length_grouped); in packed mode, the batch's
+            token budget in units of max_length (a batch holds at most
+            `batch_size * max_length` tokens).
         mode: `random`, `length_grouped` or `packed`.
         seed: base seed; the order of epoch `e` depends only on (seed, e).
-        max_length: bin capacity (packed, required); in the padded modes an upper bound on
-            sample length (None: no limit).
+        max_length: the longest sample (required in packed mode; None in the padded modes:
+            no limit).
         rank, world_size: this process's share; batches `rank::world_size` of the global list.
-        drop_last: drop the last global batch if it is short (fewer samples/bins than
-            batch_size).
+        drop_last: drop the last global batch if it has fewer than batch_size samples (padded
+            modes; packed batches are whole samples up to a token budget, none is dropped).
         even_batches: give every rank the same number of batches by repeating the epoch's first
             batches on the ranks that are short (as `DistributedSampler` does), so DDP ranks
             never wait on a peer that has run out. False: ranks are strictly disjoint and
             covering but may differ by one batch.
         on_overlong: samples longer than max_length: `error` (default; truncating would cut
             image tokens away from their pixels) or `drop` (skipped, with a warning).
-        pack_window: samples packed together; bins only form within a window, so larger windows
-            pack tighter and each epoch still gets new bins.
+        pack_window: samples packed together; batches only form within a window, so larger
+            windows pack tighter and each epoch still gets new batches.
         mega_batch_mult: length_grouped mega-batch size in batches (None: transformers'
             default, 50, or fewer on tiny datasets so there are at least 4 mega-batches).
         modality: per-sample modality labels, shape [n] (`modality.sample_modalities`); when
@@ -157,13 +165,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
         seed, size = _seed_for(self.seed, epoch), self.batch_size
         if self.groups_modalities:
             return self._modality_grouped_batches(seed)
-        if self.mode == "packed":
-            bins = self._packed_bins(np.random.default_rng(seed), self.eligible)
-            batches = [[i for b in bins[k:k + size] for i in b]
-                       for k in range(0, len(bins), size)]
-            if self.drop_last and len(bins) % size:
-                batches.pop()  # the last batch holds fewer than batch_size bins
-            return batches
+        if self.mode == "packed":  # every batch is full but the last of each window
+            return self._packed_bins(np.random.default_rng(seed), self.eligible)
         order = self._order(self.eligible, seed).tolist()
         batches = [order[i:i + size] for i in range(0, len(order), size)]
         if self.drop_last and batches and len(batches[-1]) < size:
@@ -197,10 +200,10 @@ class ResumableBatchSampler(Sampler[list[int]]):
                 "drop_last": self.drop_last}
         for value in np.unique(labels):  # sorted: the same draws in the same order every time
             idx, sub_seed = self.eligible[labels == value], int(rng.integers(2**63))
-            if self.mode == "packed":  # batch_size bins per batch, flattened into samples
+            if self.mode == "packed":  # one bin per batch
                 bins = self._packed_bins(np.random.default_rng(sub_seed), idx)
                 units += [[[i for b in batch for i in b] for batch in unit]
-                          for unit in micro_step_units(bins, **args)]
+                          for unit in micro_step_units(bins, **{**args, "batch_size": 1})]
             else:
                 units += micro_step_units(self._order(idx, sub_seed).tolist(), **args)
         longest = None  # length_grouped: the longest sample's micro-step first, as transformers
@@ -208,21 +211,28 @@ class ResumableBatchSampler(Sampler[list[int]]):
             longest = int(self.eligible[np.argmax(self.lengths[self.eligible])])
         return order_units(units, rng, longest=longest)
 
+    @property
+    def tokens_per_batch(self) -> int:
+        """Packed mode: the token budget of one batch (`batch_size * max_length`)."""
+        assert self.max_length is not None  # checked in __init__ for packed mode
+        return self.batch_size * self.max_length
+
     def _packed_bins(self, rng: np.random.Generator, idx: np.ndarray) -> list[list[int]]:
-        """Shuffle the samples `idx`, pack each window of them into bins, shuffle the bins."""
-        assert self.max_length is not None  # checked in __init__
+        """Shuffle the samples `idx`, pack each window of them into batches of at most
+        `tokens_per_batch` tokens, shuffle the batches."""
         order = idx[rng.permutation(len(idx))]
         bins: list[list[int]] = []
         for start in range(0, len(order), self.pack_window):
             window = order[start:start + self.pack_window]
             bins.extend(window[b].tolist() for b in pack_sequences(self.lengths[window],
-                                                                  self.max_length))
+                                                                  self.tokens_per_batch))
         # Best-fit decreasing emits long-first bins; shuffle so batch order carries no length
         # trend across the epoch.
         return [bins[i] for i in rng.permutation(len(bins))]
 
     def packed_bins(self, epoch: int) -> list[list[int]]:
-        """All ranks' bins of `epoch` in batch order (packed mode; for inspection and tests)."""
+        """All ranks' packed batches of `epoch` in order, as bins of sample indices (packed
+        mode; the same lists as `global_batches` without modality grouping)."""
         if self.mode != "packed":
             raise ValueError(f"packed_bins: mode is {self.mode!r}, not 'packed'")
         if self.groups_modalities:

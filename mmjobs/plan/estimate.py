@@ -249,6 +249,8 @@ def _trains(settings: TrainSettings, frozen: dict[str, bool]) -> str:
     if settings.finetune == "connector":
         return "connector"
     parts = [c.replace("_", " ") for c, is_frozen in frozen.items() if not is_frozen]
+    if settings.finetune == "mma":
+        return "LaVIN MMA adapters (LLaMA + CLIP blocks, adapter_proj, modality token)"
     if settings.finetune == "lora":
         rest = [p for p in parts if p != "language model"]
         return f"LoRA r{settings.lora_r}" + (f" + {' + '.join(rest)}" if rest else "")

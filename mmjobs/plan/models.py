@@ -16,8 +16,8 @@ issue named there). Nothing is downloaded and no code shipped with a checkpoint 
 - `model_directories`: a local directory, `file://` or `s3://` URI holding config.json;
 - `hub_cache`: a hub id whose config.json is in the local Hugging Face cache.
 
-New architectures plug in with `register_resolver` (issue 15: InternLM-XComposer2, issue 16:
-LaVIN / Meta LLaMA), and leave `UNSUPPORTED`.
+New architectures plug in with `register_resolver` (issue 15: InternLM-XComposer2), and leave
+`UNSUPPORTED`. LaVIN (issue 16) resolves from `luogen1996/LaVIN` to LaVIN-7B's `LavinConfig`.
 """
 
 from __future__ import annotations
@@ -84,12 +84,10 @@ UNSUPPORTED: list[UnsupportedArchitecture] = [
         hub_ids=frozenset({"internlm/internlm-xcomposer2-7b",
                            "Coobiw/InternLM-XComposer2_Enhanced", "IDEA-FinAI/ChartMoE"}),
         model_types=frozenset({"internlmxcomposer2"})),
-    UnsupportedArchitecture(
-        "LaVIN (Meta LLaMA-7B in consolidated .pth + CLIP ViT-L/14 + MMA adapters)",
-        "issue 16, lavin-sweep",
-        hub_ids=frozenset({"luogen1996/LaVIN", "meta/llama-7b"}),
-        marker_files=frozenset({"params.json"})),  # Meta's consolidated checkpoint layout
 ]
+# LaVIN-7B (mmjobs.models.lavin: LLaMA-7B from Meta's params.json + CLIP ViT-L/14 + MMA
+# adapters); a LaVIN directory's own config.json (model_type lavin) is read like any other.
+LAVIN_IDS = frozenset({"luogen1996/LaVIN", "luogen1996/LaVIN-7B"})
 
 
 @dataclass
@@ -154,6 +152,10 @@ def config_from_dict(raw: Mapping[str, Any], name: str) -> Any:
     from transformers import CONFIG_MAPPING
 
     model_type = raw.get("model_type")
+    if model_type == "lavin":
+        from mmjobs.models.lavin import register
+
+        register()
     if "mm_vision_tower" in raw or "mm_projector_type" in raw:
         return _original_llava_config(raw, name)
     if model_type not in CONFIG_MAPPING:
@@ -239,6 +241,14 @@ _VISION_TOWERS = {"openai/clip-vit-large-patch14-336": ("llava-hf--llava-1.5-7b-
 def vendored_configs(name: str, context: ResolveContext) -> ResolvedModel | None:
     """Hub ids whose published config is vendored with the replicas."""
     hub_id = _hub_id(name)
+    if hub_id in LAVIN_IDS:
+        from mmjobs.models.lavin import register
+        from mmjobs.models.lavin.config import LavinConfig
+
+        register()
+        return ResolvedModel(name, "LaVIN-7B's architecture (mmjobs.models.lavin.config: "
+                             "LLaMA-7B params.json, CLIP ViT-L/14, scripts/finetuning_sqa_7b.sh)",
+                             LavinConfig())
     if hub_id in _CHAMELEON_IDS:
         return ResolvedModel(name, "the published values of Chameleon-7B's config.json "
                              "(mmjobs.models.replicas.chameleon.CONFIG)", _chameleon_config())
@@ -261,6 +271,7 @@ def model_directories(name: str, context: ResolveContext) -> ResolvedModel | Uns
         raw = json.loads(storage.read_text(config_uri))
     except (storage.StoreError, OSError, ValueError) as e:
         context.notes.append(f"could not read {config_uri}: {e}")
+        _refuse_meta_llama(name)
         return _marked_checkpoint(name)
     for entry in UNSUPPORTED:
         if raw.get("model_type") in entry.model_types:
@@ -324,6 +335,17 @@ def _marked_checkpoint(name: str) -> Unsupported | None:
         if any((root / marker).is_file() for marker in entry.marker_files):
             return Unsupported(name, entry.architecture, entry.issue)
     return None
+
+
+def _refuse_meta_llama(name: str) -> None:
+    """Meta's LLaMA layout (params.json + consolidated.*.pth) is planned once converted."""
+    from mmjobs.models.convert.meta_llama import is_meta_llama
+
+    if not name.startswith("s3://") and is_meta_llama(Path(name.removeprefix("file://"))):
+        raise PlanError(f"cannot plan {name}: Meta's original LLaMA layout (params.json + "
+                        "consolidated.*.pth); convert it first (mmjobs stage convert --set "
+                        f"source={name} --set to=URI) and plan that URI, or set "
+                        "plan.config_from: luogen1996/LaVIN for LaVIN-7B")
 
 
 def _chameleon_config() -> Any:

@@ -9,7 +9,9 @@
 
 Pickles are read only with `torch.load(weights_only=True)`; one that needs code fails the stage
 with the file and the reason, and nothing is committed. `kind: auto` converts original LLaVA
-checkpoints (config with `mm_*` keys) to `LlavaForConditionalGeneration` and anything else to
+checkpoints (config with `mm_*` keys) to `LlavaForConditionalGeneration`, Meta's LLaMA
+(`params.json` + `consolidated.*.pth`, or the `<weights>` folder above them with
+`tokenizer.model`) to `LlamaForCausalLM`, and anything else to
 safetensors under the same tensor names; `kind: llava` with a plain Llama (vicuna) builds the
 LLaVA from it, the vision tower and the separately pretrained projector. The work is in
 `mmjobs.models.convert` (its docstrings record the conversion decisions). Inputs are local
@@ -30,6 +32,7 @@ from mmjobs.models.builder import fetch_dir
 from mmjobs.models.convert import (
     ConversionError,
     GenerationConfigError,
+    convert_meta_llama,
     convert_original_llava,
     convert_to_safetensors,
     detect_kind,
@@ -59,15 +62,17 @@ class ConvertConfig(StageConfig):
 
     source: str = Field(description="Checkpoint folder (local or committed s3://): pickled "
                         "shards, or an original LLaVA / plain Llama checkpoint.")
-    kind: Literal["auto", "safetensors", "llava"] = Field(
-        "auto", description="auto: llava for configs with LLaVA's mm_* keys, else safetensors; "
-        "safetensors: same tensor names; llava: to LlavaForConditionalGeneration.")
+    kind: Literal["auto", "safetensors", "llava", "meta_llama"] = Field(
+        "auto", description="auto: meta_llama for Meta's params.json + consolidated.*.pth, "
+        "llava for configs with LLaVA's mm_* keys, else safetensors; safetensors: same tensor "
+        "names; llava: to LlavaForConditionalGeneration; meta_llama: to LlamaForCausalLM.")
     vision_tower: str | None = Field(None, description="kind llava: the CLIP checkpoint folder "
                                      "(the config's mm_vision_tower).")
     projector: str | None = Field(None, description="kind llava with a plain Llama: "
                                   "mm_projector.bin (or its folder) pretrained for it.")
     dtype: Literal["float16", "bfloat16", "float32"] | None = Field(
-        None, description="kind llava: cast every tensor; default keeps each tensor's dtype.")
+        None, description="kind llava / meta_llama: cast every tensor; default keeps each "
+        "tensor's dtype.")
     max_shard_size: str = Field("5GB", description="Largest safetensors shard.")
     to: str | None = Field(None, description="Where to commit the model (same as `output`).")
 
@@ -105,10 +110,13 @@ def main(cfg: ConvertConfig) -> ConvertResult:
 
 
 def _convert(cfg: ConvertConfig, kind: str, source: Path, scratch: Path) -> dict:
-    if kind == "safetensors":
+    if kind in ("safetensors", "meta_llama"):
         if cfg.vision_tower or cfg.projector:
-            raise ConversionError(f"{cfg.source}: vision_tower/projector apply to kind llava; "
-                                  "this conversion keeps the tensors as they are")
+            raise ConversionError(f"{cfg.source}: vision_tower/projector apply to kind llava, "
+                                  f"not {kind}")
+        if kind == "meta_llama":
+            return convert_meta_llama(source, scratch, dtype=cfg.dtype,
+                                      max_shard_size=cfg.max_shard_size)
         return convert_to_safetensors(source, scratch, max_shard_size=cfg.max_shard_size)
     if not cfg.vision_tower:
         raise ConversionError(f"{cfg.source}: an original LLaVA needs vision_tower (the CLIP "

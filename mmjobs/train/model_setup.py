@@ -67,7 +67,9 @@ def prepare_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         ValueError: no LoRA target matched, or nothing is left to train.
     """
     frozen = frozen_components(cfg)
-    if cfg.mode != "align" and cfg.finetune == "lora":
+    if cfg.mode != "align" and cfg.finetune == "mma":
+        _set_up_mma(model, cfg)
+    elif cfg.mode != "align" and cfg.finetune == "lora":
         model = _wrap_lora(model, cfg, frozen)
     else:
         freeze(model, **frozen)
@@ -99,7 +101,7 @@ def upcast_trainable(model: nn.Module) -> int:
 
 
 def trained_part(cfg: TrainConfig) -> str:
-    """What the trained weights are: `connector` (align), else `lora` or `full`."""
+    """What the trained weights are: `connector` (align), else `lora`, `mma` or `full`."""
     return "connector" if cfg.mode == "align" else cfg.finetune
 
 
@@ -143,6 +145,19 @@ def _wrap_lora(model: nn.Module, cfg: TrainConfig, frozen: dict[str, bool]) -> n
         log.info("per-layer adapter dropout: %s",
                  ", ".join(f"{k}:{v:.3f}" for k, v in applied.items()))
     return model
+
+
+def _set_up_mma(model: nn.Module, cfg: TrainConfig) -> None:
+    """LaVIN: only its adapters train; the dropout preset sets the depth-wise walk."""
+    if not hasattr(model, "train_adapters_only"):
+        raise ValueError(f"train.finetune: mma trains LaVIN's mixture-of-modality adapters, "
+                         f"but the model is a {type(model).__name__}; use a LaVIN model "
+                         "(mmjobs.models.lavin.build_lavin) or finetune: lora")
+    trainable = model.train_adapters_only()
+    preset = cfg.layer_dropout.preset if cfg.layer_dropout is not None else None
+    dropouts = model.apply_dropout_preset(preset)
+    log.info("LaVIN adapters: %d trainable parameters; dropout per LLaMA block %s",
+             trainable, ", ".join(f"{p:.4f}" for p in dropouts["text"]))
 
 
 def lora_targets(model: nn.Module, suffixes: list[str], frozen: dict[str, bool]) -> list[str]:
@@ -228,6 +243,13 @@ def export_final(model: nn.Module, full_state: dict[str, torch.Tensor] | None, c
             conn = whole
         save_connector(conn, out / CONNECTOR_DIR, meta=meta)
         return {"connector": CONNECTOR_DIR}
+    if cfg.finetune == "mma":  # LaVIN: only the adapter tensors (~3.8M for 7B)
+        from mmjobs.models.lavin.compose import adapter_state, save_adapters
+
+        state = full_state if full_state is not None else adapter_state(model)
+        dropouts = model.adapter_dropouts() if hasattr(model, "adapter_dropouts") else None
+        save_adapters(model, out / "adapter", state=state, meta={"adapter_dropout": dropouts})
+        return {"adapter": "adapter"}
     if cfg.finetune == "lora":
         # peft writes the adapters and the modules_to_save (e.g. the connector).
         model.save_pretrained(out / "adapter", state_dict=full_state)

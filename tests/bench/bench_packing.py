@@ -3,10 +3,13 @@
 Run: `.venv/bin/python -m tests.bench.bench_packing [--samples N] [--batch-size B]
 [--max-length L]`.
 
-Efficiency = real tokens / tokens the model computes on. Padded modes compute on
-batch_size x (longest sample in the batch) per batch; packed mode on bins of max_length tokens
-(counted full, although the flattened row carries no padding at all, so this is the figure for
-fixed-shape kernels; varlen kernels only compute the real tokens).
+Efficiency = real tokens / tokens each step is sized for. Padded modes compute on
+batch_size x (longest sample in the batch) per batch. Packed mode fills a token budget of
+batch_size x max_length per batch (one padding-free row; counted full, which is the figure for
+fixed-shape kernels; varlen kernels only compute the real tokens). The named baseline is the
+planner mmjobs used before: bins of max_length tokens, `batch_size` of them per batch — its
+fill is capped by what whole samples allow, and the bench prints that cap (an LP bound, see
+`packing_bound.py`).
 
 Assumed length distribution (a model of LLaVA-1.5's llava_v1_5_mix665k with a Vicuna-style
 tokenizer, 576 image tokens from CLIP ViT-L/14-336, max_length 2048 as in LLaVA-1.5's
@@ -30,6 +33,7 @@ import time
 
 import numpy as np
 
+from mmjobs.data.packing import pack_sequences
 from mmjobs.data.sampler import ResumableBatchSampler
 
 IMAGE_TOKENS = 576
@@ -69,23 +73,33 @@ def llava665k_like_lengths(n: int, seed: int = 0) -> tuple[np.ndarray, dict[str,
 
 
 def measure(lengths: np.ndarray, mode: str, batch_size: int, max_length: int) -> dict:
+    """Plan one epoch in `mode` and count the tokens its steps are sized for."""
     sampler = ResumableBatchSampler(lengths, batch_size=batch_size, mode=mode, seed=0,
                                     max_length=max_length, on_overlong="drop")
     start = time.perf_counter()
+    batches = sampler.global_batches(0)
+    plan_s = time.perf_counter() - start
     if mode == "packed":
-        bins = sampler.packed_bins(0)
-        plan_s = time.perf_counter() - start
-        computed = len(bins) * max_length
-        steps = -(-len(bins) // batch_size)
-        real = int(sum(int(lengths[b].sum()) for b in bins))
+        computed = len(batches) * batch_size * max_length
     else:
-        batches = sampler.global_batches(0)
-        plan_s = time.perf_counter() - start
         computed = sum(len(b) * int(lengths[b].max()) for b in batches)
-        steps = len(batches)
-        real = int(sum(int(lengths[b].sum()) for b in batches))
-    return {"mode": mode, "efficiency": real / computed, "computed": computed, "steps": steps,
-            "plan_s": plan_s, "real": real}
+    real = int(sum(int(lengths[b].sum()) for b in batches))
+    return {"mode": mode, "efficiency": real / computed, "computed": computed,
+            "steps": len(batches), "plan_s": plan_s, "real": real}
+
+
+def measure_bins(lengths: np.ndarray, batch_size: int, bin_tokens: int,
+                 window: int = 8192) -> dict:
+    """The baseline: best-fit decreasing into bins of `bin_tokens`, `batch_size` bins a step."""
+    order = np.random.default_rng(0).permutation(len(lengths))
+    start = time.perf_counter()
+    bins = 0
+    for at in range(0, len(order), window):
+        bins += len(pack_sequences(lengths[order[at:at + window]], bin_tokens))
+    plan_s = time.perf_counter() - start
+    computed = bins * bin_tokens
+    return {"mode": f"bins@{bin_tokens}", "efficiency": int(lengths.sum()) / computed,
+            "computed": computed, "steps": -(-bins // batch_size), "plan_s": plan_s}
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
@@ -93,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--samples", type=int, default=665_000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--no-bound", action="store_true",
+                        help="skip the LP bound on max_length-token bins (~10 s)")
     args = parser.parse_args(argv)
 
     lengths, counts = llava665k_like_lengths(args.samples)
@@ -102,21 +118,29 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     print(f"  lengths: mean {lengths.mean():.0f}, p10 {q[0]:.0f}, p50 {q[1]:.0f}, "
           f"p90 {q[2]:.0f}, p99 {q[3]:.0f}, max {lengths.max()}, "
           f"> max_length {int((lengths > args.max_length).sum())} (dropped)")
+    lengths = lengths[lengths <= args.max_length]
     results = {m: measure(lengths, m, args.batch_size, args.max_length)
                for m in ("random", "length_grouped", "packed")}
-    # Images are 576 tokens, so most samples are 600-1000 tokens: bins of 2048 hold about two,
-    # and the gap left is often too small for a third. Larger bins show how much of the loss
-    # is granularity (the padded modes stay capped by the same max_length per sample).
-    for bin_tokens in (2 * args.max_length, 4 * args.max_length):
-        results[f"packed@{bin_tokens}"] = measure(lengths, "packed", args.batch_size, bin_tokens)
+    results["baseline"] = measure_bins(lengths, args.batch_size, args.max_length)
     base = results["random"]["computed"]
-    print(f"  batch_size={args.batch_size} samples (padded modes) or bins (packed; bin = "
-          f"{args.max_length} tokens unless @N)")
+    print(f"  batch_size={args.batch_size}: samples (padded modes), x {args.max_length} tokens "
+          f"(packed), {args.max_length}-token bins (baseline)")
     print(f"  {'mode':<15} {'non-pad %':>9} {'tokens computed':>16} {'vs random':>9} "
           f"{'steps':>7} {'plan s':>7}")
     for name, r in results.items():
         print(f"  {name:<15} {100 * r['efficiency']:>8.1f}% {r['computed']:>16,} "
               f"{r['computed'] / base:>8.2f}x {r['steps']:>7,} {r['plan_s']:>7.2f}")
+    packed, baseline = results["packed"], results["baseline"]
+    print(f"  packed vs baseline: {baseline['computed'] / packed['computed']:.3f}x fewer tokens "
+          "computed")
+    if not args.no_bound:
+        from tests.bench.packing_bound import max_fill
+
+        start = time.perf_counter()
+        cap = max_fill(lengths, args.max_length)
+        results["bound"] = {"efficiency": cap}
+        print(f"  no packing of whole samples into {args.max_length}-token bins fills more than "
+              f"{100 * cap:.1f}% (LP bound, {time.perf_counter() - start:.0f} s)")
     return results
 
 

@@ -1,4 +1,5 @@
-"""Run benchmarks: `python -m tests.bench.run [NAME ...]` (default: every tests/bench/bench_*.py).
+"""Run benchmarks: `python -m tests.bench.run [NAME ...]` (default: every tests/bench/bench_*.py,
+then `gpu`: tests/bench/gpu/bench_gpu.py, which skips without a CUDA GPU).
 
 Each bench module exposes `main(argv: list[str] | None)` and prints its own figures; pytest
 never collects these files (they are not named test_*.py).
@@ -15,11 +16,12 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     names = argv if argv is not None else sys.argv[1:]
     if not names:
-        names = sorted(p.stem for p in Path(__file__).parent.glob("bench_*.py"))
+        names = [*sorted(p.stem for p in Path(__file__).parent.glob("bench_*.py")), "gpu"]
     for name in names:
         stem = name.removesuffix(".py")
         stem = stem if stem.startswith("bench_") else f"bench_{stem}"  # `run packing` works too
-        module = importlib.import_module(f"tests.bench.{stem}")
+        package = "tests.bench.gpu" if stem == "bench_gpu" else "tests.bench"
+        module = importlib.import_module(f"{package}.{stem}")
         start = time.perf_counter()
         module.main([])
         print(f"[{name}: {time.perf_counter() - start:.1f}s]\n", flush=True)

@@ -204,6 +204,10 @@ def make_lavin_sweep(root: Path, model: Path) -> list[str]:
             f"stages.prepare-test.input={sqa}",
             f"stages.prepare-test.image_root={sqa / 'images'}",
             "stages.pretokenize.max_length=1024",
+            # A LoRA stand-in on the tiny LLaVA until the pipeline builds a LaVIN from the
+            # Meta-format replica and merges/infers mma adapters (issue 16, not done yet).
+            "train.finetune=lora",
+            "train.lora={r: 8, alpha: 8, target_modules: [q_proj, k_proj, v_proj, o_proj]}",
             "sweep={baseline: {}, dec-dropout: {train: {layer_dropout: {preset: dec}}}}"]
 
 

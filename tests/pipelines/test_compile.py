@@ -93,7 +93,7 @@ def test_sweep_fans_out_with_parallel_for(tmp_path: Path) -> None:
     loop = next(t for t in spec["root"]["dag"]["tasks"].values()
                 if "parameterIterator" in t)
     items = loop["parameterIterator"]["items"]["raw"]
-    assert len(yaml.safe_load(items)) == 6  # baseline, 3 LR schedules, 2 dropout schedules
+    assert len(yaml.safe_load(items)) == 8  # baseline, 3 LR schedules, 4 dropout schedules (V2)
     assert "report" in spec["root"]["dag"]["tasks"]
 
 

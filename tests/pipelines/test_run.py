@@ -1,8 +1,9 @@
 """Recipes run end to end locally (KFP's local runner), scaled down onto generated fixtures in
-each recipe's published layout; failures name the step. chartmoe and lavin-sweep run on the
-tiny LLaVA until their base models (InternLM-XComposer2, LLaMA-7B) have replicas; the recipes
-whose base models have one run on it in test_recipes_on_replicas.py and
-test_chameleon_recipe.py. The demo (`make demo`) runs as shipped, on its own tiny model."""
+each recipe's published layout; failures name the step. chartmoe and lavin-sweep still run on
+the tiny LLaVA (their recipe issues move them onto the InternLM-XComposer2 and LLaMA-7B
+replicas); llava-dataengine, chartwiz and chameleon-interleaved run on the replicas of their
+base models in test_recipes_on_replicas.py and test_chameleon_recipe.py. The demo
+(`make demo`) runs as shipped, on its own tiny model."""
 
 from __future__ import annotations
 

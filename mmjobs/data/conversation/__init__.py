@@ -31,6 +31,7 @@ from mmjobs.data.conversation.base import (
 )
 from mmjobs.data.conversation.builtin import VICUNA_SYSTEM, AnythingTI2TI, Plain, VicunaV1
 from mmjobs.data.conversation.template import TemplateFormat, to_parts
+from mmjobs.data.conversation.xcomposer2 import ChartMoEEval, InternLMXComposer2
 from mmjobs.data.records import IMAGE_TOKEN
 
 __all__ = ["BUILTIN_FORMATS", "FORMAT_HELP", "FORMAT_NAMES", "VICUNA_SYSTEM", "ConversationFormat",
@@ -40,7 +41,8 @@ __all__ = ["BUILTIN_FORMATS", "FORMAT_HELP", "FORMAT_NAMES", "VICUNA_SYSTEM", "C
 
 FORMAT_NAMES: tuple[str, ...] = get_args(ConversationFormatName)
 BUILTIN_FORMATS: dict[str, type[ConversationFormat]] = {
-    "vicuna_v1": VicunaV1, "plain": Plain, "anything_ti2ti": AnythingTI2TI}
+    "vicuna_v1": VicunaV1, "plain": Plain, "anything_ti2ti": AnythingTI2TI,
+    "internlm_xcomposer2": InternLMXComposer2, "chartmoe_eval": ChartMoEEval}
 # Shown in errors and config help: which built-in format fits which seed.
 FORMAT_HELP = ("vicuna_v1 (LLaVA-1.5 fine-tuning on vicuna-7b-v1.5 or an original LLaVA "
                "checkpoint), plain (LLaVA projector pretraining), anything_ti2ti (Align-Anything "

@@ -14,7 +14,9 @@ transformers classes, committed to the store with a manifest.
 - `generation_config`: repairs generation configs transformers rejects (vicuna's), with one
   warning; also applied when mmjobs loads and exports models.
 
-Not covered yet: Meta's `consolidated.*.pth` layout (LLaMA-7B for LaVIN).
+- `meta_llama`: Meta's original LLaMA (`params.json` + `consolidated.*.pth` +
+  `tokenizer.model`, what LaVIN loads) -> `LlamaForCausalLM` (rotary rows permuted; the
+  tests compare logits against Meta's forward).
 """
 
 from __future__ import annotations
@@ -42,16 +44,20 @@ from mmjobs.models.convert.generation_config import (
 )
 from mmjobs.models.convert.generic import convert_to_safetensors
 from mmjobs.models.convert.llava import convert_original_llava, is_original_llava
+from mmjobs.models.convert.meta_llama import convert_meta_llama, is_meta_llama
 
 __all__ = ["ConversionError", "GenerationConfigError", "UnsafeCheckpointError", "commit_converted",
-           "convert_original_llava", "convert_to_safetensors", "detect_kind",
-           "is_original_llava", "load_checkpoint_dir", "load_tensors",
+           "convert_meta_llama", "convert_original_llava", "convert_to_safetensors", "detect_kind",
+           "is_meta_llama", "is_original_llava", "load_checkpoint_dir", "load_tensors",
            "repair_generation_config", "repair_generation_config_file",
            "repair_model_generation_config", "save_sharded"]
 
 
 def detect_kind(source_dir: str | Path) -> str:
-    """"llava" for an original LLaVA checkpoint (`mm_*` config keys), else "safetensors"."""
+    """"meta_llama" for Meta's layout, "llava" for an original LLaVA checkpoint (`mm_*` config
+    keys), else "safetensors"."""
+    if is_meta_llama(source_dir):
+        return "meta_llama"
     return "llava" if is_original_llava(source_dir) else "safetensors"
 
 

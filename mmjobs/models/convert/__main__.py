@@ -1,4 +1,5 @@
-"""`python -m mmjobs.models.convert {llava,safetensors} ... --to URI` (see the package docstring).
+"""`python -m mmjobs.models.convert {llava,meta-llama,safetensors} ... --to URI` (see the
+package docstring).
 
 Local paths only for the inputs (use the `convert` stage for store inputs); the output is any
 store URI and is committed with a manifest. A refused or broken checkpoint is one line on
@@ -17,6 +18,7 @@ from mmjobs.models.convert import (
     ConversionError,
     GenerationConfigError,
     commit_converted,
+    convert_meta_llama,
     convert_original_llava,
     convert_to_safetensors,
 )
@@ -35,9 +37,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     llava.add_argument("--projector", help="mm_projector.bin (for a plain Llama)")
     llava.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                        help="cast every tensor (default: keep each tensor's dtype)")
+    meta = sub.add_parser("meta-llama", help="Meta's params.json + consolidated.*.pth (+ "
+                          "tokenizer.model) -> LlamaForCausalLM")
+    meta.add_argument("source", help="the size folder (7B) or the folder above it")
+    meta.add_argument("--tokenizer", help="tokenizer.model (default: in or above source)")
+    meta.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                      help="cast every tensor (default: keep each tensor's dtype)")
     plain = sub.add_parser("safetensors", help="pickled shards -> safetensors, same names")
     plain.add_argument("source")
-    for p in (llava, plain):
+    for p in (llava, meta, plain):
         p.add_argument("--to", required=True, help="output URI (local path or s3://)")
         p.add_argument("--max-shard-size", default="5GB")
     args = parser.parse_args(argv)
@@ -45,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         convert = functools.partial(convert_original_llava, args.llm, args.vision_tower,
                                     projector=args.projector, dtype=args.dtype,
                                     max_shard_size=args.max_shard_size)
+    elif args.kind == "meta-llama":
+        convert = functools.partial(convert_meta_llama, args.source, tokenizer=args.tokenizer,
+                                    dtype=args.dtype, max_shard_size=args.max_shard_size)
     else:
         convert = functools.partial(convert_to_safetensors, args.source,
                                     max_shard_size=args.max_shard_size)

@@ -30,6 +30,7 @@ from pathlib import Path
 from mmjobs.logs import get_logger
 from mmjobs.models.replicas._common import PUBLISHED_ROOT, RECORD_NAME, published_dir
 from mmjobs.models.replicas.chameleon import build_aa_chameleon, build_chameleon
+from mmjobs.models.replicas.lavin import build_clip_vit_l14, build_meta_llama
 from mmjobs.models.replicas.llava import (
     build_clip,
     build_llava_hf,
@@ -37,6 +38,7 @@ from mmjobs.models.replicas.llava import (
     build_pretrain_projector,
     build_vicuna,
 )
+from mmjobs.models.replicas.xcomposer2 import build_xcomposer2
 
 __all__ = ["PUBLISHED_ROOT", "RECORD_NAME", "REPLICAS", "build_replica", "published_dir"]
 
@@ -51,6 +53,9 @@ REPLICAS: dict[str, Callable[..., None]] = {
     "liuhaotian/llava-v1.5-7b": build_llava_original,
     "facebook/chameleon-7b": build_chameleon,
     "PKU-Alignment/AA-chameleon-7b-base": build_aa_chameleon,
+    "internlm/internlm-xcomposer2-7b": build_xcomposer2,
+    "meta/llama-7b": build_meta_llama,
+    "openai/clip-vit-large-patch14": build_clip_vit_l14,
 }
 
 

@@ -97,25 +97,33 @@ def build_vicuna(out: Path, *, seed: int = 0) -> None:
         "liuhaotian/llava-v1.5-7b's index (same architecture, same transformers 4.31 save)")
 
 
-def build_clip(out: Path, *, seed: int = 0) -> None:
-    """openai/clip-vit-large-patch14-336 (see the module docstring)."""
+def write_clip(out: Path, *, image_size: int, seed: int, **vision_sizes: int) -> None:
+    """A CLIP ViT-L/14-style `CLIPModel` (config.json + `pytorch_model.bin` with the
+    position-id buffers the 2022 hub files have) at `image_size`, replica widths, and
+    `vision_sizes` overriding the vision tower's shrunk sizes."""
     from transformers import CLIPConfig, CLIPModel
 
-    vision = {**VISION_SIZES, "image_size": 336, "patch_size": 14, "projection_dim": 768,
-              "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05}
+    vision = {**VISION_SIZES, **vision_sizes, "image_size": image_size, "patch_size": 14,
+              "projection_dim": 768, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05}
     text = {**VISION_SIZES, "max_position_embeddings": 77, "vocab_size": 49408,
             "projection_dim": 768, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05}
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=768,
                         logit_scale_init_value=2.6592)
     config.architectures = ["CLIPModel"]
     config.save_pretrained(out)
-    published = copy_published(CLIP, out, ["preprocessor_config.json"])
     torch.manual_seed(seed)
     state = CLIPModel(config).state_dict()
     # transformers < 4.31 saved the position-id buffers too; the 2022 hub file has them.
     state["text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
-    state["vision_model.embeddings.position_ids"] = torch.arange((336 // 14) ** 2 + 1)[None]
+    state["vision_model.embeddings.position_ids"] = torch.arange(
+        (image_size // 14) ** 2 + 1)[None]
     write_weights(state, out, lambda _: "pytorch_model.bin", index_name=None)
+
+
+def build_clip(out: Path, *, seed: int = 0) -> None:
+    """openai/clip-vit-large-patch14-336 (see the module docstring)."""
+    write_clip(out, image_size=336, seed=seed)
+    published = copy_published(CLIP, out, ["preprocessor_config.json"])
     write_record(out, name="openai/clip-vit-large-patch14-336", published=published,
                  generated=["config.json", "pytorch_model.bin"],
                  shrunk=dict.fromkeys(("text_config", "vision_config"), sorted(VISION_SIZES)),

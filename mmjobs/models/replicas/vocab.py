@@ -24,7 +24,7 @@ import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mmjobs.models.tiny import chameleon_code_token, chart_corpus
 
@@ -62,19 +62,9 @@ def llama_sentencepiece(path: Path, *, seed: int = 0) -> Path:
 
     Needs the `sentencepiece` package (as loading the real `tokenizer.model` files does).
     """
-    import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=replica_corpus(seed=seed), model_writer=buffer, model_type="bpe",
-        vocab_size=_TRAINED_PIECES, hard_vocab_limit=False, byte_fallback=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True, add_dummy_prefix=True,
-        remove_extra_whitespaces=False, normalization_rule_name="identity",
-        allow_whitespace_only_pieces=True, character_coverage=1.0, num_threads=1,
-        minloglevel=2)
-    proto = model_pb2.ModelProto()
-    proto.ParseFromString(buffer.getvalue())
+    proto = train_bpe(replica_corpus(seed=seed))
     unused = model_pb2.ModelProto.SentencePiece.UNUSED
     while len(proto.pieces) < LLAMA_VOCAB:
         piece = proto.pieces.add()
@@ -82,6 +72,26 @@ def llama_sentencepiece(path: Path, *, seed: int = 0) -> Path:
     proto.trainer_spec.vocab_size = LLAMA_VOCAB
     path.write_bytes(proto.SerializeToString())
     return path
+
+
+def train_bpe(sentences: Iterator[str]) -> Any:
+    """A SentencePiece BPE `ModelProto` learnt from `sentences` with Llama-2's / InternLM2's
+    settings (identity normaliser, dummy prefix, digits split, byte fallback; `<unk>` 0, `<s>` 1,
+    `</s>` 2), `_TRAINED_PIECES` pieces; callers pad it to their vocabulary's size."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentences, model_writer=buffer, model_type="bpe",
+        vocab_size=_TRAINED_PIECES, hard_vocab_limit=False, byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True, add_dummy_prefix=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True, character_coverage=1.0, num_threads=1,
+        minloglevel=2)
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(buffer.getvalue())
+    return proto
 
 
 def chameleon_tokenizer(*, seed: int = 0) -> LlamaTokenizer:

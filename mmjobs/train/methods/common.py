@@ -34,7 +34,8 @@ class TrainBase(StrictModel):
     epochs: float = Field(1, gt=0, description="Passes over the data (fractions allowed).")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many steps; -1 uses epochs.")
     per_device_batch_size: int = Field(4, gt=0, description="Micro-batch size per GPU/process "
-                                       "(samples; packed bins when batching=packed; pairs in "
+                                       "(samples; with batching=packed, up to this many "
+                                       "times max_length tokens of whole samples; pairs in "
                                        "dpo/rm, i.e. twice as many sequences per forward; "
                                        "responses in ppo/grpo updates).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -178,12 +179,14 @@ class FineTuneBase(TrainBase):
     """What trains besides the connector: full weights or LoRA adapters, and what is frozen
     (every mode but align; see `mmjobs.train.model_setup`)."""
 
-    finetune: Literal["full", "lora"] = Field(
-        "lora", description="Full weights or LoRA adapters.")
+    finetune: Literal["full", "lora", "mma"] = Field(
+        "lora", description="Full weights, LoRA adapters, or mma: LaVIN's mixture-of-modality "
+        "adapters (a LaVIN model only; every parameter named *adapter* trains, the rest is "
+        "frozen).")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings.")
     layer_dropout: LayerDropoutConfig | None = Field(
-        None, description="Per-layer LoRA dropout schedule (LoRA only); replaces lora.dropout "
-        "in the decoder layers.")
+        None, description="Per-layer adapter dropout schedule: LoRA's dropout in the decoder "
+        "layers, or (mma) LaVIN's adapter dropout in the LLaMA and CLIP blocks.")
     freeze_vision_tower: bool = Field(
         True, description="Keep the vision encoder frozen (LLaVA-1.5 does in both stages).")
     freeze_connector: bool | None = Field(
@@ -196,7 +199,12 @@ class FineTuneBase(TrainBase):
     def problems(self) -> Problems:
         problems = super().problems()
         if self.finetune == "full" and self.layer_dropout is not None:
-            problems.append(("layer_dropout", "needs finetune: lora (it sets adapter dropout)"))
+            problems.append(("layer_dropout", "needs finetune: lora or mma (it sets adapter "
+                             "dropout)"))
+        if self.finetune == "mma" and self.layer_dropout is not None \
+                and self.layer_dropout.preset is None:
+            problems.append(("layer_dropout", "finetune: mma takes a preset (inc, inc_v2, dec, "
+                             "dec_v2: the seed fork's depth-wise walk)"))
         if self.freeze_vision_tower and self.freeze_connector and self.freeze_language_model:
             problems.append(("freeze_language_model", "every component is frozen (vision "
                              "tower, connector, language model); unfreeze at least one"))

@@ -72,7 +72,7 @@ def test_chameleon_7b_has_its_published_size(name):
 
 
 @pytest.mark.parametrize("name", ["Coobiw/InternLM-XComposer2_Enhanced",
-                                  "internlm/internlm-xcomposer2-7b", "luogen1996/LaVIN"])
+                                  "internlm/internlm-xcomposer2-7b"])
 def test_architectures_not_implemented_yet_say_which_issue(name):
     found = resolve_model(name)
     assert isinstance(found, Unsupported)
@@ -90,10 +90,19 @@ def test_a_directory_config_is_read_and_custom_code_never_runs(tmp_path):
         resolve_model(str(tmp_path))
 
 
-def test_a_meta_llama_checkpoint_directory_is_lavin_territory(tmp_path):
-    (tmp_path / "params.json").write_text(json.dumps({"dim": 4096, "n_layers": 32}))
-    found = resolve_model(str(tmp_path))
-    assert isinstance(found, Unsupported) and "issue 16" in found.issue
+def test_a_meta_llama_checkpoint_directory_says_to_convert_it(replica_dir):
+    with pytest.raises(PlanError, match=r"Meta's original LLaMA layout.*mmjobs stage convert"):
+        resolve_model(str(replica_dir("meta/llama-7b") / "7B"))
+
+
+def test_lavin_7b_has_lavin_s_trainable_parameter_count():
+    """LaVIN reports ~3.8M trainable parameters for 7B: per LLaMA block 81,930 (conv_A
+    4096*8+8, conv_B / conv_D 4096*4+4096 each, router 4096*2+2) x 32, per CLIP block 20,490
+    x 24, adapter_proj 659,584, modality embedding 8,192 = 3,781,296."""
+    lavin = _meta("luogen1996/LaVIN")
+    assert type(lavin).__name__ == "LavinForConditionalGeneration"
+    assert lavin.train_adapters_only() == 3_781_296 == 81_930 * 32 + 20_490 * 24 + 659_584 + 8_192
+    assert _params(lavin) == pytest.approx(7.0e9, rel=0.05)  # LLaMA-7B + CLIP-L vision tower
 
 
 def test_unknown_hub_id_says_to_import_it_first(monkeypatch, tmp_path):

@@ -107,10 +107,6 @@ def test_unimplemented_architectures_get_rows_naming_their_issue(every_recipe):
     assert list(chartmoe) == ["align-table", "align-json", "align-code", "sft"]
     assert all("not planned" in row[2] for row in chartmoe.values())
     assert "InternLM-XComposer2" in out and "issue 15" in out
-    lavin = _rows(out, "lavin-sweep")
-    assert list(lavin) == ["sft-baseline", "sft-cyclical-lr", "sft-step-decay", "sft-exp-decay",
-                           "sft-inc-dropout", "sft-dec-dropout"]
-    assert "LaVIN" in out and "issue 16" in out
 
 
 def test_the_gpu_memory_assumption_is_said(every_recipe):
@@ -148,3 +144,14 @@ def test_an_invalid_recipe_is_reported_like_validate(offline):
     status, _, err = _plan(str(RECIPES[0]), "--set", "cluster.gpu_memory_gib=lots")
     assert status == 2
     assert "cluster.gpu_memory_gib" in err
+
+
+def test_lavin_sweep_plans_eight_rows_with_lavin_s_trainable_count(every_recipe):
+    """LaVIN reports about 3.8M trainable parameters for 7B; mmjobs' LaVIN has 3,781,296."""
+    _, out, _ = every_recipe
+    lavin = _rows(out, "lavin-sweep")
+    assert list(lavin) == ["sft-baseline", "sft-cyclical-lr", "sft-step-decay", "sft-exp-decay",
+                           "sft-inc-dropout", "sft-dec-dropout", "sft-inc-dropout-v2",
+                           "sft-dec-dropout-v2"]
+    assert all("LaVIN MMA adapters" in row[2] for row in lavin.values())
+    assert "3,781,296" in out or "3.78M" in out

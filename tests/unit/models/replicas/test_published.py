@@ -20,8 +20,9 @@ def test_files_are_vendored():
     folders = {p.parts[0] for p in VENDORED}
     assert folders == {"llava-hf--llava-1.5-7b-hf", "lmsys--vicuna-7b-v1.5",
                        "openai--clip-vit-large-patch14-336", "liuhaotian--llava-v1.5-7b",
-                       "facebook--chameleon-7b"}
-    assert len(VENDORED) == 23
+                       "facebook--chameleon-7b", "internlm--internlm-xcomposer2-7b",
+                       "meta--llama-7b"}
+    assert len(VENDORED) == 27
 
 
 @pytest.mark.parametrize("rel", VENDORED, ids=str)

@@ -64,7 +64,8 @@ def test_every_listed_model_has_a_replica():
     assert set(REPLICAS) == {
         "llava-hf/llava-1.5-7b-hf", "lmsys/vicuna-7b-v1.5", "openai/clip-vit-large-patch14-336",
         "liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5", "liuhaotian/llava-v1.5-7b",
-        "facebook/chameleon-7b", "PKU-Alignment/AA-chameleon-7b-base"}
+        "facebook/chameleon-7b", "PKU-Alignment/AA-chameleon-7b-base",
+        "internlm/internlm-xcomposer2-7b", "meta/llama-7b", "openai/clip-vit-large-patch14"}
 
 
 def test_published_files_are_copied_byte_for_byte(replica_dir):
@@ -77,7 +78,9 @@ def test_published_files_are_copied_byte_for_byte(replica_dir):
                                        else folder) / file
             assert (model_dir / file).read_bytes() == source.read_bytes(), f"{name}: {file}"
         listed = set(record["published_files"]) | set(record["generated_files"])
-        assert listed | {"replica.json"} == {p.name for p in model_dir.iterdir()}, name
+        on_disk = {p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*")
+                   if p.is_file()}
+        assert listed | {"replica.json"} == on_disk, name
 
 
 # --------------------------------------------------------------------------- llava-hf
@@ -278,3 +281,36 @@ def test_aa_chameleon_decoder_is_found_by_interleaved_inference(replica_dir):
     decoder = VQDecoder(AutoConfig.from_pretrained(model_dir).vq_config)
     decoder.load_state_dict({k[len("decoder."):]: v for k, v in state.items()
                              if k.startswith("decoder.")})  # strict: every tensor fits
+
+
+# --------------------------------------------------------------------------- LaVIN's bases
+
+
+def test_meta_llama_replica_has_meta_s_layout(replica_dir):
+    """LaVIN's `<weights>`: tokenizer.model + 7B/params.json (the published single line, only
+    dim / n_heads / n_layers shrunk) + 7B/consolidated.00.pth (fp16 under Meta's names)."""
+    import sentencepiece as spm
+
+    model_dir = replica_dir("meta/llama-7b")
+    real = (PUBLISHED_ROOT / "meta--llama-7b" / "params.json").read_text()
+    text = (model_dir / "7B" / "params.json").read_text()
+    assert "\n" not in text and list(json.loads(text)) == list(json.loads(real))
+    assert_kept(json.loads(text), json.loads(real), {"dim", "n_heads", "n_layers"}, "params")
+    assert json.loads(text)["vocab_size"] == -1
+    tensors = load_tensors(model_dir / "7B" / "consolidated.00.pth")  # weights_only reads it
+    assert "rope.freqs" in tensors and "layers.1.feed_forward.w3.weight" in tensors
+    assert {t.dtype for n, t in tensors.items()} == {torch.float16}
+    sp = spm.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+    assert (sp.get_piece_size(), sp.unk_id(), sp.bos_id(), sp.eos_id()) == (32000, 0, 1, 2)
+
+
+def test_clip_l14_replica_keeps_224px_and_24_blocks(replica_dir):
+    """LaVIN's CLIP: 224 px / patch 14 (256 patches + CLS), 24 blocks to tap every 4th."""
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained(replica_dir("openai/clip-vit-large-patch14"))
+    vision = model.config.vision_config
+    assert (vision.image_size, vision.patch_size, vision.num_hidden_layers,
+            vision.hidden_act) == (224, 14, 24, "quick_gelu")
+    out = model.vision_model(pixel_values=torch.zeros(1, 3, 224, 224), output_hidden_states=True)
+    assert out.last_hidden_state.shape == (1, 257, vision.hidden_size)

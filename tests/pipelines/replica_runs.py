@@ -81,12 +81,15 @@ def run_recipe(recipe: str, root: Path, mlflow_db_template: Path,
 
 
 def assert_steps_committed(run: ReplicaRun, steps: set[str], stage_count: int) -> None:
-    """Every step ran now (none reused) and each of `steps` committed its output folder."""
+    """Every step ran now (none reused) and each of `steps` committed its output folder (a
+    train step its `final/`, committed after its checkpoints)."""
     cached = run.outcome.stages_cached
     assert len(cached) == stage_count, sorted(cached)
     assert not any(cached.values()), cached  # a first run computes everything
     for step in steps:
-        assert storage.is_committed(str(run.run_dir / step)), f"{step}: not committed"
+        out = run.run_dir / step
+        committed = storage.is_committed(str(out)) or storage.is_committed(str(out / "final"))
+        assert committed, f"{step}: not committed"
 
 
 def rows(path: Path) -> list[dict[str, Any]]:

@@ -157,7 +157,7 @@ def test_chartwiz_trains_in_the_llava_hf_template(chartwiz_run: ReplicaRun) -> N
     assert_steps_committed(run, steps, stage_count=len(steps) + 4)
     imported = run.home.parent / "store-copy" / "llava-1.5-7b-hf"
     assert storage.is_committed(str(imported))
-    assert json.loads((imported / "replica.json").read_text())["name"] == LLAVA_HF
+    assert json.loads((imported / "replica.json").read_text())["replica_of"] == LLAVA_HF
     for dataset in ("prepare-align", "prepare"):
         card = assert_counts_reconcile(run, dataset)
         assert card["counts"]["rejected"] == 0
@@ -186,7 +186,7 @@ def test_demo_make_model_builds_the_llava_hf_replica(demo_run: ReplicaRun) -> No
              "evaluate-trained"}
     assert_steps_committed(run, steps, stage_count=len(steps) + 2)  # pretokenize, report
     record = json.loads((run.run_dir / "make-model" / "replica.json").read_text())
-    assert record["name"] == LLAVA_HF
+    assert record["replica_of"] == LLAVA_HF
     card = assert_counts_reconcile(run, "prepare")
     assert card["max_length"] == fixtures.DEMO_REPLICA_MAX_LENGTH
     _assert_image_tokens(card)

@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo   set up .venv and run the default recipe end to end (CPU, tiny model)"
 	@echo "make test   set up .venv with dev extras and run the whole test suite"
-	@echo "make lint   ruff"
+	@echo "make lint   ruff and the layer contracts (import-linter)"
 	@echo "make bench  benchmarks (tests/bench; not run by CI)"
 
 $(STAMP): pyproject.toml constraints/cpu.txt
@@ -31,6 +31,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mmjobs pipelines tests
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) -m tests.bench.run

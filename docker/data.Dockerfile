@@ -1,4 +1,5 @@
-# mmjobs `data` image (CPU): the prepare and pretokenize stages. No CUDA: torch is the CPU build.
+# mmjobs `data` image (CPU): the data stages (dataset preparation and tokenization, as declared
+# in mmjobs.stages.registry). No CUDA: torch is the CPU build.
 # It is also the Helm chart's default image (charts/mmjobs), so it carries what those pods run:
 # the MLflow server with basic auth (mlflow[auth]) and PostgreSQL (psycopg2-binary), and, for
 # the pipeline-upload job's `mmjobs compile`, kfp-kubernetes, the pipelines/ package and its
@@ -68,7 +69,7 @@ COPY pyproject.toml README.md ./
 COPY mmjobs/ mmjobs/
 # --no-build-isolation: setuptools and wheel came with the dependencies; nothing is fetched.
 RUN sh docker/pip-install.sh --no-deps --no-build-isolation --target /opt/mmjobs . \
-    && /opt/venv/bin/python -c "import mmjobs.stages.prepare, mmjobs.stages.pretokenize"
+    && /opt/venv/bin/python -c "import mmjobs.stages.registry as r; r.check_imports('data')"
 # The pipeline definitions and recipes for `mmjobs compile` (the chart's pipeline-upload job,
 # workingDir /opt/mmjobs): beside the mmjobs package, so `import pipelines` works and recipe
 # paths read as in a checkout (pipelines/recipes/chart-demo.yaml). Bytecode checked by hash, as
@@ -117,7 +118,7 @@ ARG VCS_REF=unknown
 ARG BUILD_DATE=unknown
 ARG SOURCE_URL=""
 LABEL org.opencontainers.image.title="mmjobs-data" \
-      org.opencontainers.image.description="mmjobs CPU stages (prepare, pretokenize), MLflow server, pipeline compile and upload" \
+      org.opencontainers.image.description="mmjobs CPU data stages, MLflow server, pipeline compile and upload" \
       org.opencontainers.image.version="${MMJOBS_VERSION}" \
       org.opencontainers.image.revision="${VCS_REF}" \
       org.opencontainers.image.created="${BUILD_DATE}" \

@@ -89,7 +89,7 @@ FROM deps AS build
 COPY pyproject.toml README.md ./
 COPY mmjobs/ mmjobs/
 RUN sh docker/pip-install.sh --no-deps --no-build-isolation --target /opt/mmjobs . \
-    && /opt/venv/bin/python -c "import mmjobs.stages.infer, mmjobs.stages.evaluate, mmjobs.stages.report"
+    && /opt/venv/bin/python -c "import mmjobs.stages.registry as r; r.check_imports('eval')"
 
 FROM ${BASE_IMAGE} AS runtime
 ARG UID

@@ -1,5 +1,5 @@
-# mmjobs `train` image (CUDA): the train, merge, apply-connector and build-moe-connector stages,
-# with torch's CUDA build (NCCL comes with it), DeepSpeed, TRL and, optionally, flash-attn.
+# mmjobs `train` image (CUDA): the stages declared for it (training, merging, connectors; the
+# build checks them with mmjobs.stages.registry), with torch's CUDA build (NCCL comes with it), DeepSpeed, TRL and, optionally, flash-attn.
 #
 #   make images IMAGES=train  [BUILD_FLAGS="--build-arg FLASH_ATTN_WHEEL=https://.../flash_attn-2.8.3+cu130torch2.13-cp312-cp312-linux_x86_64.whl"]
 #   (on a GPU node) python3 -m mmjobs.cli stage train --config FILE --set ...
@@ -104,7 +104,7 @@ FROM deps AS build
 COPY pyproject.toml README.md ./
 COPY mmjobs/ mmjobs/
 RUN sh docker/pip-install.sh --no-deps --no-build-isolation --target /opt/mmjobs . \
-    && /opt/venv/bin/python -c "import mmjobs.stages.train, mmjobs.stages.merge"
+    && /opt/venv/bin/python -c "import mmjobs.stages.registry as r; r.check_imports('train')"
 
 FROM ${BASE_IMAGE} AS runtime
 ARG UID
@@ -150,7 +150,7 @@ ARG VCS_REF=unknown
 ARG BUILD_DATE=unknown
 ARG SOURCE_URL=""
 LABEL org.opencontainers.image.title="mmjobs-train" \
-      org.opencontainers.image.description="mmjobs CUDA training stages: train, merge, apply-connector, build-moe-connector" \
+      org.opencontainers.image.description="mmjobs CUDA training stages: training, merging, connectors" \
       org.opencontainers.image.version="${MMJOBS_VERSION}" \
       org.opencontainers.image.revision="${VCS_REF}" \
       org.opencontainers.image.created="${BUILD_DATE}" \

@@ -7,20 +7,13 @@ Subcommands import their heavy dependencies (torch, transformers, mlflow) only w
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import re
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
 
 from mmjobs import __version__
-
-# Stage name -> module under mmjobs.stages (stage names are kebab-case, modules snake_case).
-STAGES = ("prepare", "mix", "pretokenize", "train", "apply-connector", "build-moe-connector",
-          "merge", "infer", "evaluate", "report", "make-tiny-model", "import", "serve", "deploy",
-          "convert")
-
+from mmjobs.stages import registry
 
 # --------------------------------------------------------------------------- handlers
 
@@ -85,19 +78,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    stem = "import_" if args.name == "import" else args.name.replace("-", "_")  # a keyword
-    module_name = f"mmjobs.stages.{stem}"
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        built = [s for s in STAGES if importlib.util.find_spec(
-            f"mmjobs.stages.{s.replace('-', '_')}") is not None]
-        print(f"mmjobs stage: no stage {args.name!r} yet; available: {', '.join(built)}",
-              file=sys.stderr)
+        stage = registry.get(args.name)
+    except registry.UnknownStageError as e:
+        print(f"mmjobs stage: {e}", file=sys.stderr)
         return 2
-    return module.cli(args.stage_args)
+    return stage.cli(args.stage_args)
 
 
 def _stage_with_flags(stage: str, flags: dict[str, str]) -> Callable[[argparse.Namespace], int]:
@@ -298,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stage", help="run one pipeline stage (the container entrypoint)",
                        description="Run one stage: mmjobs stage NAME --config FILE --set k=v")
-    p.add_argument("name", choices=STAGES, metavar="NAME", help=", ".join(STAGES))
+    stages = registry.names()
+    p.add_argument("name", choices=stages, metavar="NAME", help=", ".join(stages))
     p.add_argument("stage_args", nargs=argparse.REMAINDER, help="--config FILE --set k=v ...")
     p.set_defaults(func=cmd_stage)
 

@@ -1,8 +1,7 @@
 """What every config model builds on: `StrictModel`, and combination problems named per field.
 
-Kept apart from `mmjobs.config` (the recipe) so component packages can define their own
-config models (e.g. `mmjobs.train.methods`) without importing the recipe module, which
-imports them.
+Kept apart from `mmjobs.config` so component packages can define their own config models
+(e.g. `mmjobs.train.methods`) on the smallest base; the recipe (`mmjobs.recipe`) imports them.
 """
 
 from __future__ import annotations

@@ -21,60 +21,49 @@ in a source checkout), which is imported on demand.
 
 from __future__ import annotations
 
-import builtins
 import collections
-import contextlib
 import importlib
-import io
-import re
 import sys
 import tempfile
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from mmjobs import settings, storage
-from mmjobs.config import ConfigError, RecipeConfig, dump_recipe, load_recipe
+from mmjobs.config import ConfigError, dump_recipe
 from mmjobs.logs import get_logger
+from mmjobs.pipeline_logs import PipelineError, step_error, step_logs
+from mmjobs.recipe import RecipeConfig, load_recipe
 
 log = get_logger(__name__)
+__all__ = ["PipelineError", "RunOutcome", "compile_recipe", "load", "run_local", "submit",
+           "validate"]
 RESULTS_FILE = "results.md"
 # Fields that do not change what a local run computes: left out of the default run id.
 _NOT_IN_RUN_ID = {"description", "cluster", "images", "plan"}
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_FAILED_TASK = re.compile(r"Inner task failed: '([^']+)'")
-_EXECUTING = re.compile(r"Executing task '([^']+)'")
-TAIL_LINES = 40
-_JSON_LINE = re.compile(r'^(?:[{}\[\]],?|"[^"]+": .*)$')
-
-
-class PipelineError(RuntimeError):
-    """A step failed; the message names it and ends with its log tail."""
 
 
 # --------------------------------------------------------------------------- loading
 
 
 def pipelines_package() -> ModuleType:
-    """The repository's `pipelines` package (importable from a source checkout).
+    """The `pipelines` package (the pipeline definitions, installed beside mmjobs).
 
     Raises:
-        ModuleNotFoundError: neither importable nor next to this package.
+        ConfigError: it is not installed (an install without the repository's pipelines/).
     """
-    with contextlib.suppress(ModuleNotFoundError):
+    try:
         return importlib.import_module("pipelines")
-    repo = Path(__file__).resolve().parent.parent
-    if not (repo / "pipelines" / "__init__.py").is_file():
-        raise ModuleNotFoundError(
-            "the pipeline definitions (the repository's pipelines/ folder) are not importable; "
-            "run mmjobs run/compile/submit from a source checkout (pip install -e .)")
-    sys.path.insert(0, str(repo))
-    return importlib.import_module("pipelines")
+    except ModuleNotFoundError as e:
+        if e.name != "pipelines":
+            raise
+        raise ConfigError("pipelines", [
+            "the pipeline definitions (the repository's pipelines/ package) are not installed; "
+            "install mmjobs from a source checkout (pip install -e .)"]) from None
 
 
 def load(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig:
@@ -91,7 +80,7 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig:
 def default_run_id(recipe: RecipeConfig) -> str:
     """A fingerprint of the resolved recipe (minus cluster-only settings): identical re-runs
     share their output folders, so finished steps are reused."""
-    from mmjobs.stages.common import fingerprint
+    from mmjobs.stage_contract import fingerprint
 
     data = recipe.model_dump(mode="json", exclude=_NOT_IN_RUN_ID)
     # Deploying the result for review changes no output: it must not move the run's folders.
@@ -206,11 +195,11 @@ def run_local(path: str | Path, overrides: Sequence[str] = (), *, run_id: str | 
     _fix_local_loop_inputs()
     status = "FAILED"
     try:
-        with _step_logs(verbose, build) as logs:
+        with step_logs(verbose, build) as logs:
             try:
                 pipeline()
             except RuntimeError as e:
-                raise _step_error(e, build, logs) from None
+                raise step_error(e, build, logs) from None
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -353,104 +342,6 @@ def _fix_local_loop_inputs() -> None:
     task_spec_utils.create_parameter_loop_iteration_task_spec = create
     if hasattr(dag.task_spec_utils, "create_parameter_loop_iteration_task_spec"):
         dag.task_spec_utils.create_parameter_loop_iteration_task_spec = create
-
-
-# --------------------------------------------------------------------------- step logs
-
-
-class _StepLogs(io.TextIOBase):
-    """Stdout during a local run. KFP's local runner prints every task's subprocess output
-    and its own progress lines (through a logging handler on stdout) here, in the thread
-    running the task: this keeps each task's recent lines for error messages, names the step
-    a task runs, and drops KFP's executor chatter unless verbose."""
-
-    def __init__(self, out: Any, verbose: bool, steps: dict[str, str]) -> None:
-        self.out, self.verbose, self.steps = out, verbose, steps
-        self.tails: dict[str, collections.deque[str]] = {}
-        self._task: dict[int, str] = {}
-        self._partial: dict[int, str] = {}
-        self._lock = threading.Lock()
-
-    def write(self, text: str) -> int:
-        ident = threading.get_ident()
-        with self._lock:
-            buffered = self._partial.pop(ident, "") + text
-            *lines, rest = buffered.split("\n")
-            if rest:
-                self._partial[ident] = rest
-            for line in lines:
-                self._line(ident, line)
-        return len(text)
-
-    def _line(self, ident: int, line: str) -> None:
-        plain = _ANSI.sub("", line)
-        started = _EXECUTING.search(plain)
-        if started:
-            task = started.group(1)
-            self._task[ident] = task
-            self.tails[task] = collections.deque(maxlen=TAIL_LINES)
-            if task in self.steps:
-                line += f" (step {self.steps[task]})"
-        elif (task := self._task.get(ident)) is not None and not _is_executor_dump(plain):
-            self.tails[task].append(plain.rstrip())
-        if self.verbose or not _is_chatter(plain):
-            self.out.write(line + "\n")
-            self.out.flush()  # progress shows as it happens, also when piped to a file
-
-    def flush(self) -> None:
-        self.out.flush()
-
-
-def _is_executor_dump(line: str) -> bool:
-    """Lines of the executor input/output JSON KFP prints around each task (not the stage's
-    own log lines, which start with a time, nor tracebacks)."""
-    stripped = line.strip()
-    return (not stripped or stripped.startswith("[KFP Executor")
-            or _JSON_LINE.match(stripped) is not None)
-
-
-def _is_chatter(line: str) -> bool:
-    """Lines a person following a run does not need: KFP's executor input/output JSON,
-    separators, and DeepSpeed's "Setting accelerator to CPU" on import."""
-    stripped = line.strip()
-    return (_is_executor_dump(line) or stripped == "Streamed logs:" or set(stripped) == {"-"}
-            or "real_accelerator.py" in stripped)
-
-
-@contextlib.contextmanager
-def _step_logs(verbose: bool, build: Any) -> Iterator[_StepLogs]:
-    logs = _StepLogs(sys.stdout, verbose, {s.task: s.name for s in build.steps})
-    previous, previous_print = sys.stdout, builtins.print
-    sys.stdout = logs  # type: ignore[assignment]  # KFP prints the subprocess output here
-    try:
-        with warnings.catch_warnings():
-            # The local runner ignores display names and runs our stage images' code in this
-            # environment, by design; its warnings about both would repeat for every task.
-            warnings.filterwarnings("ignore", message=".*have no effect in the current local")
-            warnings.filterwarnings("ignore", message=".*custom or non-Python base image")
-            yield logs
-    finally:
-        sys.stdout = previous
-        # KFP's local runner indents each task's output by swapping builtins.print in and out
-        # (kfp.local.logging_utils.indented_print); tasks running in parallel threads can leave
-        # an indenting print behind for the rest of the process. Put the original back.
-        builtins.print = previous_print
-
-
-def _step_error(error: RuntimeError, build: Any, logs: _StepLogs) -> Exception:
-    """KFP's "Inner task failed: 'train-2' ..." as the step name, stage and log tail."""
-    message = _ANSI.sub("", str(error))
-    match = _FAILED_TASK.search(message)
-    if match is None:
-        return error
-    task = match.group(1)
-    step = next((s for s in build.steps if s.task == task), None)
-    name = f"step '{step.name}' (stage {step.stage})" if step else f"task '{task}'"
-    tail = "\n".join(f"    {line}" for line in logs.tails.get(task, [])) or "    (no output)"
-    return PipelineError(
-        f"{name} failed. Last lines of its log:\n{tail}\n"
-        "Fix the cause and run the same command again: finished steps are reused and "
-        "training resumes from its last checkpoint.")
 
 
 # --------------------------------------------------------------------------- cluster

@@ -17,82 +17,26 @@ from __future__ import annotations
 
 import copy
 import difflib
-import importlib
-import importlib.util
 import json
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from kfp import dsl
-from pydantic import BaseModel
 
 from mmjobs import storage
-from mmjobs.config import RecipeConfig
 from mmjobs.config_errors import validation_errors
 from mmjobs.logs import get_logger
-from mmjobs.train.methods import DEFAULT_MODE, defaults_for, unused_defaults
+from mmjobs.recipe import RecipeConfig
+from mmjobs.stages import registry
 from pipelines.cluster import apply_cluster_settings, resources_for
 from pipelines.components import component
 
 log = get_logger(__name__)
 
-
-@dataclass(frozen=True)
-class StageSpec:
-    """How the pipeline layer sees a stage.
-
-    Attributes:
-        config: `module:Class` of the stage config.
-        image: which of the recipe's images runs it (data, train, eval).
-        wired: config fields the pipeline fills from upstream steps (dotted for nested).
-        own_output: whether the step gets `{store}/{experiment}/{run}/{step}` as its output
-            (pretokenize writes to its content-addressed cache instead).
-    """
-
-    config: str
-    image: str
-    wired: tuple[str, ...] = ()
-    own_output: bool = True
-
-    def config_class(self) -> type[BaseModel]:
-        module, name = self.config.split(":")
-        return getattr(importlib.import_module(module), name)
-
-
-STAGES: dict[str, StageSpec] = {
-    "make-tiny-model": StageSpec("mmjobs.stages.make_tiny_model:MakeTinyModelConfig", "data"),
-    "prepare": StageSpec("mmjobs.stages.prepare:PrepareConfig", "data"),
-    "mix": StageSpec("mmjobs.stages.mix:MixConfig", "data", ("datasets",)),
-    "pretokenize": StageSpec("mmjobs.stages.pretokenize:PretokenizeConfig", "data",
-                             ("dataset", "model"), own_output=False),
-    "train": StageSpec("mmjobs.stages.train:TrainStageConfig", "train",
-                       ("data", "model.name_or_path")),
-    "apply-connector": StageSpec("mmjobs.stages.apply_connector:ApplyConnectorConfig", "train",
-                                 ("base", "connector")),
-    "build-moe-connector": StageSpec("mmjobs.stages.build_moe_connector:BuildMoeConfig",
-                                     "train", ("base", "experts")),
-    "merge": StageSpec("mmjobs.stages.merge:MergeConfig", "train", ("base", "adapter")),
-    "infer": StageSpec("mmjobs.stages.infer:InferConfig", "eval", ("model", "dataset",
-                                                                    "adapter")),
-    "evaluate": StageSpec("mmjobs.stages.evaluate:EvaluateConfig", "eval", ("predictions",)),
-    "report": StageSpec("mmjobs.stages.report:ReportConfig", "eval"),
-    # Writes to its `to` (default {store}/{experiment}/{run}/import): recipes name the place.
-    "import": StageSpec("mmjobs.stages.import_:ImportConfig", "data", own_output=False),
-    # Writes to its `to` (the recipe names it in model.name_or_path): recipes' `conversions:`.
-    "convert": StageSpec("mmjobs.stages.convert:ConvertConfig", "data", own_output=False),
-    # A server: no output; `serve` blocks in the step's pod, `deploy` (a light launcher, the
-    # server itself runs the eval image) creates a Deployment + Service and waits for it.
-    "serve": StageSpec("mmjobs.stages.serve:ServeConfig", "eval", ("model", "adapter"),
-                       own_output=False),
-    "deploy": StageSpec("mmjobs.stages.deploy:DeployConfig", "data", ("model", "adapter"),
-                        own_output=False),
-}
 # StageConfig fields every step gets from the pipeline run, never from the recipe.
 RUN_FIELDS = ("experiment", "pipeline_run_id", "output", "recipe", "parent_run_id")
-# Component parameters that fill a config field of another name.
-_PARAM_PATHS = {("train", "model"): "model.name_or_path",
-                ("build-moe-connector", "expert_names"): "experts"}
 _PLACEHOLDER = "<wired by the pipeline>"
 
 
@@ -130,7 +74,9 @@ class Build:
     errors: list[str] = field(default_factory=list)
     allowed_steps: set[str] = field(default_factory=set)
     imports: list[dsl.PipelineTask] = field(default_factory=list)
-    train_modes: dict[str, str] = field(default_factory=dict)  # train step -> its mode
+    # stage -> step -> the step's own section (with what the pipeline fixes), for the stages'
+    # checks of the recipe-level sections (`Stage.recipe_check`)
+    sections: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     _tiny: Any = None
 
     # ---------------------------------------------------------------- step configs
@@ -153,7 +99,7 @@ class Build:
             where: how errors name the section (default `stages.<key>`).
             wired: the config fields filled from upstream steps (default: the stage's).
         """
-        spec = STAGES[stage]
+        spec = registry.get(stage)
         keys = (key,) if isinstance(key, str) else tuple(key or (step,))
         self.allowed_steps.update(keys)
         where = where or f"stages.{keys[-1]}"
@@ -168,8 +114,10 @@ class Build:
         problems += [f"{where}.{path}: the {step} step needs {value!r} here; remove it"
                      for path, value in _flat(fixed or {}).items()
                      if _get(given, path, value) != value]
-        if stage == "train":  # the recipe's train defaults serve steps of several modes
-            defaults = self._train_defaults(step, defaults or {}, given, fixed or {})
+        own = _deep_merge(copy.deepcopy(given), fixed or {})
+        self.sections.setdefault(stage, {})[step] = own
+        if spec.step_defaults:  # e.g. the recipe's train defaults serve steps of several modes
+            defaults = spec.step_defaults(dict(defaults or {}), own)
         cfg = _deep_merge(_deep_merge(copy.deepcopy(dict(defaults or {})), given), fixed or {})
         cfg.update({"experiment": self.recipe.experiment, "pipeline_run_id": self.run_id,
                     "recipe": self.recipe.recipe, "parent_run_id": self.parent_run_id})
@@ -180,20 +128,12 @@ class Build:
         self.errors.extend(problems)
         return cfg
 
-    def _train_defaults(self, step: str, defaults: Mapping[str, Any],
-                        given: Mapping[str, Any], fixed: Mapping[str, Any]) -> dict[str, Any]:
-        """`defaults` with only the recipe-level train settings the step's mode has."""
-        mode = _get(fixed, "train.mode", None) or _get(given, "train.mode", None) or DEFAULT_MODE
-        self.train_modes[step] = mode
-        return {**defaults, "train": defaults_for(mode, defaults.get("train") or {})}
-
-    def _validate(self, spec: StageSpec, cfg: dict[str, Any], wired: tuple[str, ...],
+    def _validate(self, spec: Any, cfg: dict[str, Any], wired: tuple[str, ...],
                   where: str) -> list[str]:
         trial = copy.deepcopy(cfg)
         for path in wired:
-            _set(trial, path, _placeholder_for(spec, path))
-        model_cls = spec.config_class()
-        return [f"{where}.{message}" for _, message in validation_errors(model_cls, trial, [])]
+            _set(trial, path, _placeholder_for(spec.config, path))
+        return [f"{where}.{message}" for _, message in validation_errors(spec.config, trial, [])]
 
     # ---------------------------------------------------------------- tasks
 
@@ -216,9 +156,9 @@ class Build:
             config = self.config(step, stage, key=key, fixed=fixed,
                                  wired=wired_paths(stage, inputs))
         config_json = json.dumps(config) if isinstance(config, dict) else config
-        spec = STAGES[stage]
-        image = self.recipe.images.image(spec.image)  # type: ignore[arg-type]
-        extra = self._multinode(stage, step, image) if stage == "train" else {}
+        spec = registry.get(stage)
+        image = self.recipe.images.image(spec.image)
+        extra = self._multinode(stage, step, image) if spec.multinode else {}
         task = component(stage, image)(config_json=config_json, **inputs, **extra)
         task.set_display_name(step)
         if stage != "import" and self.imports:
@@ -235,8 +175,8 @@ class Build:
         return task
 
     def _multinode(self, stage: str, step: str, image: str) -> dict[str, Any]:
-        """Arguments of the train component that launch a TrainJob (or PyTorchJob) when
-        nodes > 1: node and GPU counts, the image, and `launch_json`, the job's cluster
+        """Arguments of a multi-node stage's component that launch a TrainJob (or PyTorchJob)
+        when nodes > 1: node and GPU counts, the image, and `launch_json`, the job's cluster
         settings (`mmjobs.train.k8s_jobs.JobSettings`; Secret names, never credentials)."""
         cluster = self.recipe.cluster
         nodes = cluster.nodes if self.for_cluster else 1
@@ -253,12 +193,12 @@ class Build:
 
     def report(self, after: list[dsl.PipelineTask], *, title: str) -> dsl.PipelineTask | None:
         """The report step over this run's MLflow runs, after `after`; skipped (with a
-        warning) while `mmjobs.stages.report` does not exist yet."""
-        if importlib.util.find_spec("mmjobs.stages.report") is None:
-            log.warning("report step skipped: mmjobs.stages.report is not available in this "
-                        "version (the run's results table is still written by the runner)")
+        warning) when this version has no report stage."""
+        if "report" not in registry.names():
+            log.warning("report step skipped: no report stage in this version (the run's "
+                        "results table is still written by the runner)")
             return None
-        model_cls = STAGES["report"].config_class()
+        model_cls = registry.get("report").config
         offered = {"title": title}
         defaults = {k: v for k, v in offered.items() if k in model_cls.model_fields}
         config = self.config("report", "report", defaults=defaults)
@@ -327,40 +267,17 @@ class Build:
         return self._tiny
 
     def defaults(self, stage: str, step: str = "") -> dict[str, Any]:
-        """A stage's defaults from the recipe-level sections (model, data, train, eval).
-
-        `data` (source_format, input) describes the step named `prepare` only: recipes with
-        several prepare steps give each its own section.
-        """
-        r = self.recipe
-        trust = {"trust_remote_code": True} if r.model.trust_remote_code else {}
-        # Training data and prompts must be rendered alike: both steps get the recipe's format.
-        fmt = ({"conversation_format": r.model.conversation_format}
-               if r.model.conversation_format != "auto" else {})
-        if stage == "train":
-            model = r.model.model_dump(exclude={"name_or_path"}, exclude_defaults=True)
-            return {"model": model, "train": r.train.model_dump(mode="json",
-                                                                  exclude_defaults=True)}
-        if stage == "pretokenize":
-            return {**({"max_length": r.data.max_length} if r.data else {}), **trust, **fmt}
-        if stage == "prepare" and step == "prepare" and r.data is not None:
-            data = {"source_format": r.data.source_format, "input": r.data.input,
-                    "max_reject_fraction": r.data.max_reject_fraction}
-            return {k: v for k, v in data.items() if v is not None}
-        if stage == "infer":
-            return {"batch_size": r.eval.batch_size, "max_new_tokens": r.eval.max_new_tokens,
-                    **({"dtype": r.model.dtype} if r.model.dtype != "auto" else {}), **trust,
-                    **fmt}
-        if stage in ("merge", "apply-connector", "build-moe-connector"):
-            return dict(trust)
-        return {}
+        """A stage's defaults from the recipe-level sections (model, data, train, eval), as
+        the stage declares them (`recipe_defaults`); `step` names the step they are for."""
+        spec = registry.get(stage)
+        return spec.recipe_defaults(self.recipe, step) if spec.recipe_defaults else {}
 
     # ---------------------------------------------------------------- checks
 
     def check_sections(self) -> None:
         """Errors for `stages.<name>` / `cluster.stages.<name>` naming no step of this
-        pipeline (typos), and for recipe-level train settings no train step has, added to
-        `errors`."""
+        pipeline (typos), and the stages' own checks of the recipe-level sections (e.g. train
+        settings no train step has), added to `errors`."""
         steps = sorted(self.allowed_steps)
         pipeline = self.recipe.pipeline
         for name in self.recipe.stages:
@@ -368,12 +285,12 @@ class Build:
                 hint = _did_you_mean(name, steps)
                 self.errors.append(f"stages.{name}: not a step of pipeline {pipeline}; "
                                    f"{hint}")
-        given = self.recipe.train.model_dump(mode="json", exclude_defaults=True)
-        for path, message in unused_defaults(given, self.train_modes):
-            self.errors.append(f"train.{path}: {message}")
-        kinds = sorted(STAGES)
+        for spec in registry.stages():  # recipe-level settings no step takes, ...
+            if spec.recipe_check:
+                self.errors += spec.recipe_check(self.recipe, self.sections.get(spec.name, {}))
+        kinds = registry.names()
         for name in self.recipe.cluster.stages:
-            if name not in self.allowed_steps and name not in STAGES:
+            if name not in self.allowed_steps and name not in kinds:
                 hint = _did_you_mean(name, steps + kinds)
                 self.errors.append(f"cluster.stages.{name}: neither a step of pipeline "
                                    f"{pipeline} nor a stage kind; {hint}")
@@ -381,7 +298,8 @@ class Build:
 
 def wired_paths(stage: str, inputs: Mapping[str, Any]) -> tuple[str, ...]:
     """The config fields that the component parameters `inputs` fill."""
-    return tuple(dict.fromkeys(_PARAM_PATHS.get((stage, name), name) for name in inputs))
+    fields = {i.name: i.field for i in registry.get(stage).inputs}
+    return tuple(dict.fromkeys(fields.get(name, name) for name in inputs if fields.get(name, name)))
 
 
 def _did_you_mean(name: str, allowed: list[str]) -> str:
@@ -402,10 +320,20 @@ def _top(paths: tuple[str, ...]) -> set[str]:
     return {p for p in paths if "." not in p}
 
 
-def _placeholder_for(spec: StageSpec, path: str) -> Any:
-    if path == "datasets":
+def _placeholder_for(config: type, path: str) -> Any:
+    """A value standing in for a wired input while the config is validated: a list or a map
+    for fields of those types (e.g. mix's datasets, build-moe-connector's experts)."""
+    model: Any = config
+    annotation: Any = None
+    for part in path.split("."):
+        field_info = getattr(model, "model_fields", {}).get(part)
+        if field_info is None:
+            return _PLACEHOLDER
+        annotation = model = field_info.annotation
+    origin = typing.get_origin(annotation)
+    if origin is list:
         return [_PLACEHOLDER]
-    if path == "experts":
+    if origin is dict:
         return {"expert": _PLACEHOLDER}
     return _PLACEHOLDER
 

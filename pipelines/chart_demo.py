@@ -13,8 +13,8 @@ from typing import Any
 
 from kfp import dsl
 
-from mmjobs.config import RecipeConfig
 from mmjobs.logs import get_logger
+from mmjobs.recipe import RecipeConfig
 from pipelines.builder import Build
 from pipelines.cluster import resources_for
 

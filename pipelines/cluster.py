@@ -12,14 +12,10 @@ from dataclasses import dataclass
 
 from kfp import dsl, kubernetes
 
-from mmjobs.config import ClusterConfig, RecipeConfig
-from mmjobs.eval.pot.settings import POD_IMAGE_ENV
+from mmjobs.config import ClusterConfig
+from mmjobs.recipe import RecipeConfig
+from mmjobs.stages import registry
 
-# Stages that resume after preemption (checkpoints, partial predictions, finished shards):
-# retrying them after a pod is killed loses little work.
-RESUMABLE_STAGES = ("train", "infer", "pretokenize")
-# Stages that get cluster.gpus unless cluster.stages says otherwise.
-GPU_STAGES = ("train", "infer", "merge", "apply-connector", "build-moe-connector")
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 SHM_VOLUME = "dshm"
@@ -38,13 +34,15 @@ class Resources:
 
 def resources_for(cluster: ClusterConfig, stage: str, step: str) -> Resources:
     """The step's resources: `cluster.stages.<step>` over `cluster.stages.<stage>` over the
-    cluster-wide values (GPUs only for GPU stages, retries only for resumable ones)."""
+    cluster-wide values (GPUs only for stages that declare `gpu`, retries only for those that
+    declare `resumable`: they resume after preemption, so a retry loses little work)."""
+    spec = registry.get(stage)
     resolved = {
-        "gpus": cluster.gpus if stage in GPU_STAGES else 0,
+        "gpus": cluster.gpus if spec.gpu else 0,
         "cpu": cluster.cpu,
         "memory": cluster.memory,
         "shm_size": cluster.shm_size,
-        "retries": cluster.retries if stage in RESUMABLE_STAGES else 0,
+        "retries": cluster.retries if spec.resumable else 0,
     }
     for key in (stage, step):
         entry = cluster.stages.get(key)
@@ -60,14 +58,15 @@ def apply_cluster_settings(task: dsl.PipelineTask, stage: str, recipe: RecipeCon
     GPUs (`nvidia.com/gpu`), CPU/memory requests = limits, `/dev/shm` as a memory-backed
     emptyDir (PyTorch DataLoader workers share batches through it; the container default is
     64 MiB), node selectors, tolerations, image pull secrets, S3 and MLflow credentials from
-    Secrets as env vars, plain env vars from `cluster.env`, retries and caching; evaluate
-    steps also get the eval image as $MMJOBS_POT_IMAGE for their PoT pod.
+    Secrets as env vars, plain env vars from `cluster.env`, the stage's `pod_env` (e.g.
+    evaluate's $MMJOBS_POT_IMAGE: the eval image, for its PoT pod), retries and caching.
     """
     cluster = recipe.cluster
+    spec = registry.get(stage)
     res = resources_for(cluster, stage, step or stage)
     # Multi-node training runs in a TrainJob with these resources per node; the step's own
     # pod only creates and follows it.
-    launcher = stage == "train" and cluster.nodes > 1
+    launcher = spec.multinode and cluster.nodes > 1
     if res.gpus and not launcher:
         task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(res.gpus)
     if res.cpu and not launcher:
@@ -94,8 +93,8 @@ def apply_cluster_settings(task: dsl.PipelineTask, stage: str, recipe: RecipeCon
                                  optional=True)
     for name, value in cluster.env.items():
         task.set_env_variable(name, value)
-    if stage == "evaluate":  # its PoT Job (mmjobs.eval.pot.pod) runs the same eval image
-        task.set_env_variable(POD_IMAGE_ENV, recipe.images.image("eval"))
+    for name, image in spec.pod_env.items():
+        task.set_env_variable(name, recipe.images.image(image))
     if res.retries:
         task.set_retry(num_retries=res.retries, backoff_duration="60s", backoff_factor=2.0)
     task.set_caching_options(cluster.caching)

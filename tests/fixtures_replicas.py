@@ -32,3 +32,16 @@ def replica_dir(tmp_path_factory) -> Callable[[str], Path]:
         return target
 
     return get
+
+
+@pytest.fixture(scope="session")
+def lavin_model_dir(replica_dir, tmp_path_factory) -> Path:
+    """A LaVIN built from the Meta-format LLaMA replica and the 224 px CLIP replica (float32,
+    adapters seeded), once per session. Read-only, like the replicas."""
+    from mmjobs.models.lavin.compose import build_lavin
+
+    out = tmp_path_factory.getbasetemp() / "lavin-replica"
+    if not (out / "generation_config.json").is_file():  # written last
+        build_lavin(replica_dir("meta/llama-7b"), replica_dir("openai/clip-vit-large-patch14"),
+                    out, seed=1, dtype="float32")
+    return out

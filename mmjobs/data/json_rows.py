@@ -70,6 +70,7 @@ class RawRow:
     locator: str  # "file.jsonl:12", "file.json[3]" or 'problems.json["pid"]'
     data: Any = None
     error: str | None = None
+    line: int | None = None  # JSON Lines: the 1-based line number
 
 
 class _RowDecoder:
@@ -158,7 +159,7 @@ def iter_jsonl(uri: str | os.PathLike) -> Iterator[RawRow]:
             try:
                 text = line.rstrip(b"\r\n").decode("utf-8")
             except UnicodeDecodeError as e:
-                yield RawRow(locator, error=f"invalid UTF-8 at byte {e.start}")
+                yield RawRow(locator, error=f"invalid UTF-8 at byte {e.start}", line=number)
                 continue
             try:
                 value, problem = parse_json_row(text)
@@ -168,12 +169,13 @@ def iter_jsonl(uri: str | os.PathLike) -> Iterator[RawRow]:
                         f"{uri}: line {number} (the last) has no newline and is not valid JSON "
                         f"({e.msg} at column {e.colno}): the file looks truncated; re-download "
                         "or re-copy it (or fix that line)") from None
-                yield RawRow(locator, error=f"invalid JSON: {e.msg} at column {e.colno}")
+                yield RawRow(locator, error=f"invalid JSON: {e.msg} at column {e.colno}",
+                             line=number)
                 continue
             except RecursionError:
-                yield RawRow(locator, error="invalid JSON: nested too deeply")
+                yield RawRow(locator, error="invalid JSON: nested too deeply", line=number)
                 continue
-            yield RawRow(locator, value, problem)
+            yield RawRow(locator, value, problem, line=number)
 
 
 # --------------------------------------------------------------------------- JSON containers

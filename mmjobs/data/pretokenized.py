@@ -57,11 +57,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from mmjobs import storage
+from mmjobs import layout, storage
 
+CARD_FILE = layout.SHARDS_CARD
+REJECTS_FILE = layout.REJECTS_FILE
 FORMAT = "mmjobs.pretokenized/v1"
-CARD_FILE = "card.json"
-REJECTS_FILE = "rejects.jsonl"
 MARKER_DIR = "_shards"
 HISTOGRAM_BINS = 16
 

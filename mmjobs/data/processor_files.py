@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from mmjobs import settings, storage
+from mmjobs import local_cache, storage
 from mmjobs.data.sample_encoder import WEIGHT_SUFFIXES, is_image_token_model
 from mmjobs.logs import get_logger
 
@@ -57,21 +54,14 @@ def materialize_model(uri: str) -> tuple[Path, str]:
     wanted = set(needed_files([f.path for f in manifest.files], config))
     entries = [f for f in manifest.files if f.path in wanted]
     fp = _fingerprint((e.path, e.sha256) for e in entries)
-    target = settings.home() / "cache" / "models" / fp
+    target = local_cache.cache_root("models") / fp
     if target.is_dir():
         return target, fp
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{fp}-", dir=target.parent))
-    try:
-        for entry in entries:
-            local = scratch / entry.path
-            storage.get_file(storage.join(uri, entry.path), local)
-            if local.stat().st_size != entry.size or storage.sha256_file(local) != entry.sha256:
-                raise storage.IntegrityError(f"{storage.join(uri, entry.path)}: size or sha256 "
-                                             "differs from the manifest (corrupt download)")
-        os.replace(scratch, target)  # appears complete or not at all
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+
+    def fill(scratch: Path) -> None:
+        local_cache.download_verified(uri, entries, scratch)
+
+    local_cache.cached(target, fill)
     log.info("%s: fetched %d processor files into %s", uri, len(entries), target)
     return target, fp
 

@@ -26,7 +26,7 @@ from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mmjobs import storage
+from mmjobs import layout, storage
 from mmjobs.data.json_rows import (  # noqa: F401 - re-exported for existing importers
     MalformedInputError,
     RawRow,
@@ -36,10 +36,10 @@ from mmjobs.data.json_rows import (  # noqa: F401 - re-exported for existing imp
     parse_json_row,
 )
 
+SAMPLES_FILE = layout.SAMPLES_FILE
+REJECTS_FILE = layout.REJECTS_FILE
+CARD_FILE = layout.DATASET_CARD
 IMAGE_TOKEN = "<image>"
-SAMPLES_FILE = "samples.jsonl"
-REJECTS_FILE = "rejects.jsonl"
-CARD_FILE = "dataset.json"
 
 Role = Literal["system", "user", "assistant"]
 Kind = Literal["sample", "preference", "prompt"]

@@ -184,7 +184,9 @@ class SampleEncoder:
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.format = resolve_format(conversation_format, self.processor,
                                      where=str(self.model_dir), image_token=self.image_token)
-        self.truncate = truncate
+        # LaVIN cuts every over-long sample (the format says so), at its max_seq_len.
+        self.truncate = truncate or self.format.truncate
+        self.max_length = _model_budget(self.config, max_length, self.model_dir)
         # An image's tokens end after its last placeholder, plus Chameleon's end-of-image.
         self._image_end_id = getattr(self.processor, "image_end_token_id", None)
         self.vq = VQImageTokenizer(self.model_dir, self.config) if is_image_token_model(
@@ -331,7 +333,7 @@ class SampleEncoder:
             expansions, image_inputs = image_expansions(self.processor, pil_images,
                                                         self.image_token, **self._call_kwargs)
             input_ids, offsets = tokenize_image_chunks(self.tokenizer, text, self.image_token,
-                                                       expansions)
+                                                       expansions, self.format.piece_break)
             mask = assistant_token_mask(offsets, spans, [])
             pixel_values = image_inputs.get("pixel_values")
         else:
@@ -392,6 +394,18 @@ class SampleEncoder:
         elif not truncate:
             detail += "; truncate=true would cut the text after the images, as LLaVA does"
         raise SampleRejected(TOO_LONG, detail)
+
+
+def _model_budget(config: Any, max_length: int, model_dir: Path) -> int:
+    """`max_length`, lowered to what the model's fixed layout allows: a LaVIN sequence is at
+    most `max_seq_len` positions with the modality token, so at most `max_seq_len - 1` ids."""
+    if getattr(config, "model_type", None) != "lavin":
+        return max_length
+    budget = int(config.max_seq_len) - 1
+    if max_length > budget:
+        log.info("%s: LaVIN sequences hold max_seq_len=%d positions with the modality token; "
+                 "max_length %d lowered to %d ids", model_dir, budget + 1, max_length, budget)
+    return min(max_length, budget)
 
 
 def assistant_token_mask(offsets: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]],

@@ -196,7 +196,8 @@ class Generator:
             from mmjobs.data.conversation.chunks import encode_chunked_batch
 
             image_token = getattr(self.processor, "image_token", None) or IMAGE_TOKEN
-            batch = encode_chunked_batch(self.processor, texts, images, image_token)
+            batch = encode_chunked_batch(self.processor, texts, images, image_token,
+                                         piece_break=self.format.piece_break)
             return self._to_device(batch)
         bos = self.tokenizer.bos_token
         # A template that renders BOS itself must not get a second one from the tokenizer.
@@ -357,7 +358,7 @@ def load_for_inference(model: str, adapter: str | None = None, *,
         return loaded
     from peft import PeftModel
 
-    from mmjobs.train.merge import locate_adapter
+    from mmjobs.models.model_dirs import locate_adapter
 
     adapter_dir = fetch_dir(locate_adapter(adapter), kind="adapters")
     peft_model = PeftModel.from_pretrained(loaded.model, adapter_dir, is_trainable=False)

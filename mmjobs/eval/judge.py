@@ -14,6 +14,7 @@ module does the same inside mmjobs, in the two formats MT-Bench made common:
 are retried with exponential backoff honouring `Retry-After`, and every reply is cached on
 disk (or in the store) under sha256(model, messages, sampling settings), so a re-run sends
 nothing. The HTTP client is the standard library's: `httpx` is not a dependency of mmjobs.
+Whole predictions files are judged by `mmjobs.eval.judging`.
 """
 
 from __future__ import annotations
@@ -31,10 +32,8 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from itertools import islice
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from mmjobs import storage
@@ -380,133 +379,3 @@ def image_data_uri(image: str | bytes | os.PathLike) -> str:
     mime = next((m for magic, m in _IMAGE_MAGIC if data.startswith(magic)),
                 "application/octet-stream")
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-# --- prediction files --------------------------------------------------------------------------
-
-def judge_predictions(predictions_uri: str, *, client: JudgeClient,
-                      mode: Literal["single", "pairwise"] = "single", output_uri: str,
-                      workers: int = 4, swap: bool = True,
-                      image_root: str | None = None) -> dict[str, Any]:
-    """Judge every row of a predictions JSONL; write per-row judgments and a summary.
-
-    Rows: `id`, `prompt` (text or a conversation), and `prediction` (single; plus optional
-    `reference`, `gt` or `answers`) or `prediction_a` and `prediction_b` (pairwise); optional
-    `images` (store URIs, or paths relative to `image_root`).
-
-    Writes `{output_uri}/judgments.jsonl` (input order) and `{output_uri}/summary.json`.
-    Returns the summary: counts of judged rows and failures by kind, the mean score (single)
-    or wins / losses / ties and win rates of A (pairwise), and `client_stats` (requests,
-    retries, cache hits, unparseable replies).
-
-    Raises:
-        JudgeConfigError: the endpoint rejects requests outright (URL, model or key).
-        ValueError: `mode` or `workers` is invalid.
-    """
-    if mode not in ("single", "pairwise"):
-        raise ValueError(f"mode must be 'single' or 'pairwise', got {mode!r}")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-
-    def judge_row(row: dict[str, Any]) -> dict[str, Any]:
-        return _judge_row(row, client, mode, swap, image_root)
-
-    records: list[dict[str, Any]] = []
-    with storage.open_write(storage.join(output_uri, "judgments.jsonl")) as out, \
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="judge") as pool:
-        for batch in _batches(_read_rows(predictions_uri), workers * 8):
-            for record in pool.map(judge_row, batch):
-                out.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-                records.append(_summary_fields(record))
-    summary = _summarize(records, mode, client)
-    storage.write_text(storage.join(output_uri, "summary.json"), json.dumps(summary, indent=2))
-    return summary
-
-
-def _read_rows(uri: str) -> Iterator[dict[str, Any]]:
-    with storage.open_read(uri) as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except ValueError as e:
-                    raise ValueError(f"{uri}:{number}: not valid JSON ({e})") from e
-
-
-def _batches(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
-    # Bounded batches: the thread pool never holds the whole file.
-    iterator = iter(rows)
-    while batch := list(islice(iterator, size)):
-        yield batch
-
-
-def _prompt_text(prompt: Any) -> str:
-    if isinstance(prompt, list):  # a canonical conversation
-        return "\n".join(f"{turn.get('role', 'user')}: {turn.get('content', '')}"
-                         for turn in prompt if isinstance(turn, dict))
-    return str(prompt)
-
-
-def _reference(row: dict[str, Any]) -> str | None:
-    value = row.get("reference", row.get("gt", row.get("answers")))
-    if isinstance(value, list):
-        return " / ".join(str(v) for v in value) or None
-    return None if value is None else str(value)
-
-
-def _judge_row(row: dict[str, Any], client: JudgeClient, mode: str, swap: bool,
-               image_root: str | None) -> dict[str, Any]:
-    record: dict[str, Any] = {"id": row.get("id"), "mode": mode}
-    needed = ("prompt", "prediction") if mode == "single" else (
-        "prompt", "prediction_a", "prediction_b")
-    missing = [name for name in needed if name not in row]
-    if missing:
-        return {**record, "error": f"missing field(s): {', '.join(missing)}",
-                "failure": "invalid_row"}
-    images = [image if image_root is None or "://" in image or os.path.isabs(image)
-              else storage.join(image_root, image) for image in row.get("images") or []]
-    question = _prompt_text(row["prompt"])
-    try:
-        if mode == "single":
-            judgment = client.grade(question, str(row["prediction"]), _reference(row), images)
-            record.update(asdict(judgment))
-            if judgment.score is None:
-                record["failure"] = "unparseable"
-        else:
-            pair = client.judge_pair(question, str(row["prediction_a"]),
-                                     str(row["prediction_b"]), images=images, swap=swap)
-            record.update(asdict(pair))
-            if pair.winner is None:
-                record["failure"] = "unparseable"
-    except JudgeConfigError:
-        raise
-    except JudgeError as e:
-        record.update(error=str(e), failure="request_failed")
-    except (storage.StoreError, OSError) as e:  # an image that cannot be read
-        record.update(error=str(e), failure="invalid_row")
-    return record
-
-
-def _summary_fields(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: record.get(k) for k in ("score", "winner", "consistent", "failure")}
-
-
-def _summarize(records: list[dict[str, Any]], mode: str, client: JudgeClient) -> dict[str, Any]:
-    failures = Counter(r["failure"] for r in records if r.get("failure"))
-    summary: dict[str, Any] = {"mode": mode, "model": client.model, "rows": len(records),
-                               "judged": len(records) - sum(failures.values()),
-                               "failures": dict(failures), "client_stats": client.stats}
-    if mode == "single":
-        scores = [r["score"] for r in records if r.get("score") is not None]
-        summary["mean_score"] = sum(scores) / len(scores) if scores else None
-        return summary
-    winners = Counter(r["winner"] for r in records if r.get("winner"))
-    wins, losses, ties = winners["A"], winners["B"], winners["tie"]
-    decided = wins + losses + ties
-    summary.update(
-        wins_a=wins, wins_b=losses, ties=ties,
-        inconsistent=sum(1 for r in records if r.get("winner") and r.get("consistent") is False),
-        win_rate_a=wins / decided if decided else None,
-        # Align-Anything's headline number: win rate not counting ties.
-        win_rate_a_excluding_ties=wins / (wins + losses) if wins + losses else None)
-    return summary

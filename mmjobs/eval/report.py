@@ -8,8 +8,11 @@ or score output): `metric`, `unit` and the metric's numbers, plus, from the eval
   `chartqa.human_0.05` (MLflow accepts only letters, digits, `_ - . /` and spaces; we also
   drop `/` and spaces so names stay single path segments);
 - one bar chart of a summary's categories (`category_bar_chart`);
+- the evaluate stage's summary.md (`evaluation_markdown`: the metric's tables, PoT statuses,
+  the judge's counts), which the KFP UI shows too;
 - the seed recipes' comparison tables, as markdown or CSV:
-  `ap_table` (ChartMoE's @AP table, one row per setting such as w/o PoT / w/ PoT),
+  `ap_table` (ChartMoE's @AP tables, Human / Augmented / Averaged by tolerance, one per
+  setting such as w/o PoT / w/ PoT),
   `scienceqa_table` (LaVIN's NAT SOC LAN TXT IMG NO G1-6 G7-12 Average per run) and
   `results_table` (MLLM-DataEngine's Main Results: SEED, MMBench, MME, GQA, SQA-IMG, VQAv2
   per model).
@@ -24,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from mmjobs.eval.metrics.base import markdown_table
+from mmjobs.eval.metrics.chartqa import ap_rows
+from mmjobs.eval.score import summary_markdown
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -213,22 +218,24 @@ def _num(value: float | None, digits: int) -> str:
 
 
 def ap_table(summaries_by_setting: Mapping[str, Summary], fmt: TableFormat = "markdown") -> str:
-    """ChartMoE's @AP table across settings: relaxed accuracy (0-1, 4 decimals).
+    """ChartMoE's @AP tables, one per setting (mode), in the seed README's layout.
 
-    Rows are settings (e.g. "w/o PoT", "w/ PoT"); columns Human, Augmented and Avg (their
-    unweighted mean, ChartMoE's "Averaged") at each tolerance of the first summary.
+    Each setting (e.g. "w/o PoT", "w/ PoT") gets ChartMoE's table: rows Human, Augmented and
+    Averaged (their unweighted mean), columns @0.05 / 0.1 / 0.2 (the summary's tolerances),
+    relaxed accuracy 0-1 with 4 decimals. Markdown: a bold setting name above each table. CSV:
+    one table with a leading `setting` column, three rows per setting.
 
     Raises:
         ValueError: a summary is not a ChartQA summary.
     """
     _require(summaries_by_setting, "chartqa", "ap_table")
-    first = next(iter(summaries_by_setting.values()), None)
-    tols = list(first["tolerances"]) if first else []
-    headers = ["@AP", *(f"{label}@{t}" for label, _ in CHARTQA_SPLITS for t in tols)]
-    rows = [[setting, *(_num(s["accuracy"].get(t, {}).get(key), 4)
-                        for _, key in CHARTQA_SPLITS for t in tols)]
-            for setting, s in summaries_by_setting.items()]
-    return _render(headers, rows, fmt)
+    tables = {setting: ap_rows(s) for setting, s in summaries_by_setting.items()}
+    if fmt == "csv":
+        headers = ["setting", *next(iter(tables.values()), (["@AP"], []))[0]]
+        return _render(headers, [[setting, *row] for setting, (_, rows) in tables.items()
+                                 for row in rows], fmt)
+    return "\n\n".join(f"**{setting}**\n\n{_render(headers, rows, fmt)}"
+                        for setting, (headers, rows) in tables.items())
 
 
 def scienceqa_table(summaries_by_run: Mapping[str, Summary],
@@ -292,3 +299,44 @@ def _require(summaries: Mapping[str, Summary], metric: str, where: str) -> None:
         raise ValueError(f"{where}: {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} "
                          f"not {metric} summaries (metric "
                          f"{summaries[wrong[0]].get('metric')!r})")
+
+
+# --------------------------------------------------------------------------- evaluation summary
+
+
+def evaluation_markdown(summary: Summary) -> str:
+    """An evaluate stage's summary as markdown: summary.md, the MLflow run's summary.md and
+    the KFP UI's Markdown artifact."""
+    parts = []
+    if summary.get("label"):
+        parts.append(f"### {summary['label']}")
+    if summary.get("metric"):
+        parts.append(summary_markdown(summary["metric"], summary))
+    if pot := summary.get("pot"):
+        counts = pot["status_counts"]
+        rows = [[status, str(n)] for status, n in counts.items()]
+        rate = "-" if pot["ok_rate"] is None else f"{pot['ok_rate']:.1%}"
+        parts.append(f"**Program of thought**: {pot['programs']} programs, {rate} ran to "
+                     f"completion (wall {pot['limits']['wall_s']}s, CPU "
+                     f"{pot['limits']['cpu_s']}s each; isolation "
+                     f"{pot.get('isolation', 'none')}, executor {pot.get('executor', 'local')})"
+                     "\n\n" + markdown_table(["PoT status", "programs"], rows))
+        if pot.get("warning"):
+            parts.append(f"**Warning**: {pot['warning']}")
+    if judge := summary.get("judge"):
+        keys = ("rows", "judged", "mean_score") if judge["mode"] == "single" else (
+            "rows", "judged", "wins_a", "wins_b", "ties", "win_rate_a",
+            "win_rate_a_excluding_ties")
+        cells = [_cell(judge.get(k)) for k in keys]
+        parts.append(f"**LLM judge** (`{judge['model']}`, {judge['mode']})\n\n"
+                     + markdown_table(["judge", *keys], [[judge["mode"], *cells]]))
+        if judge.get("failures"):
+            parts.append("judge failures: " + ", ".join(f"{k} {v}" for k, v in
+                                                        judge["failures"].items()))
+    return "\n\n".join(parts)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "-" if value is None else str(value)

@@ -16,6 +16,15 @@ joined with `--ground-truth` where they lack it (`mmjobs.eval.benchmarks.answers
 
     mmjobs score --format mme-eval-tool --predictions eval_tool/LaVIN
     mmjobs score --format llava-mme --predictions llava-v1.5-7b.jsonl --ground-truth MME_Benchmark
+
+ChartQA with program of thought (ChartMoE's `--pot`): `--pot` treats every `prediction` as a
+model response holding a Python program, runs each in the PoT sandbox
+(`mmjobs.eval.pot`, bubblewrap by default; `--pot-isolation none` only where user namespaces
+are unavailable) and scores what it printed, after ChartMoE's post-processing; a program that
+fails scores as "error running...". The output then also holds `predictions_pot.jsonl`
+(response, program, executed answer, sandbox status) and each score row its `pot` record:
+
+    mmjobs score --metric chartqa --variant chartmoe --pot --predictions pot.jsonl --output out
 """
 
 from __future__ import annotations
@@ -25,13 +34,18 @@ import json
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from mmjobs import storage
 from mmjobs.eval.benchmarks.answers import AnswerFileError, answer_formats, read_answers
 from mmjobs.eval.metrics import METRICS, Metric, ScoreInputError, ScoreOptions
 from mmjobs.eval.metrics.chartqa import TOLERANCES
+
+if TYPE_CHECKING:
+    from mmjobs.eval.pot.settings import PotSettings
 
 __all__ = ["METRICS", "ScoreInputError", "score_file", "score_main", "summary_markdown"]
 
@@ -137,7 +151,8 @@ def _jsonl_items(predictions: str | os.PathLike) -> Iterator[tuple[str, Any]]:
 def score_file(metric: str | None, predictions: str | os.PathLike, *,
                variant: str | None = None, tolerance: float | None = None,
                output: str | os.PathLike | None = None, answer_format: str | None = None,
-               ground_truth: Sequence[str] = ()) -> dict[str, Any]:
+               ground_truth: Sequence[str] = (), pot: PotSettings | None = None
+               ) -> dict[str, Any]:
     """Score a predictions JSONL (local path or `s3://` URI) with `metric`.
 
     Args:
@@ -150,12 +165,17 @@ def score_file(metric: str | None, predictions: str | os.PathLike, *,
         answer_format: read `predictions` as this answer-file format
             (`mmjobs.eval.benchmarks.answers`) instead of a predictions JSONL.
         ground_truth: files/folders the answer format joins the ground truth from.
+        pot: ChartQA only: run each prediction's program in the sandbox as these settings say
+            (`enabled` is implied) and score what it prints (see the module docstring).
 
     Returns:
-        The summary: `metric`, `variant`, `predictions`, `unit` and the metric's own numbers.
+        The summary: `metric`, `variant`, `predictions`, `unit` and the metric's own numbers;
+        with `pot`, its `pot` section (program counts by status, limits, isolation).
 
     Raises:
         ScoreInputError: bad options or bad rows (every problem, with line numbers).
+        mmjobs.eval.pot.SandboxError: `pot` asks for an isolation this machine cannot give
+            (checked before any program runs).
         mmjobs.storage.StoreError: the predictions cannot be read or the outputs written.
     """
     source = os.fspath(predictions)
@@ -165,22 +185,50 @@ def score_file(metric: str | None, predictions: str | os.PathLike, *,
                                            f"{', '.join(answer_formats())})"])
         metric = answer_formats()[answer_format].metrics[0]
     spec, options = _resolve(metric, variant, tolerance, source)
+    if pot is not None and spec.name != "chartqa":
+        raise ScoreInputError(source, [f"--pot applies to metric chartqa (ChartMoE's program "
+                                       f"of thought), not {spec.name}; drop --pot"])
     rows, _ = read_rows(predictions, spec, answer_format=answer_format,
                         ground_truth=ground_truth)
-    scores = [{"id": row["id"], **spec.score_row(row, options)} for row in rows]
-    summary = {"metric": spec.name, "variant": options.variant, "predictions": source,
-               **({"format": answer_format, "ground_truth": list(ground_truth)}
-                  if answer_format else {}),
-               **spec.summarize(rows, scores, options)}
-    if output is not None:
-        with storage.open_write(storage.join(output, "scores.jsonl")) as f:
-            for sc in scores:
-                f.write((json.dumps(sc, ensure_ascii=False) + "\n").encode("utf-8"))
-        storage.write_text(storage.join(output, "summary.md"),
-                           summary_markdown(spec.name, summary) + "\n")
-        storage.write_text(storage.join(output, "summary.json"),
-                           json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    with tempfile.TemporaryDirectory(prefix="mmjobs-score-") as tmp:
+        extra: dict[str, Any] = {}
+        pot_records: list[dict[str, Any]] | None = None
+        audit = Path(tmp) / "predictions_pot.jsonl"
+        if pot is not None:
+            rows, pot_records, extra["pot"] = _run_pot(pot, rows, audit)
+        scores = [{"id": row["id"], **spec.score_row(row, options)} for row in rows]
+        summary = {"metric": spec.name, "variant": options.variant, "predictions": source,
+                   **({"format": answer_format, "ground_truth": list(ground_truth)}
+                      if answer_format else {}),
+                   **spec.summarize(rows, scores, options), **extra}
+        if output is not None:
+            if pot_records is not None:
+                storage.put_file(audit, storage.join(output, audit.name))
+                scores = [{**sc, "pot": rec} for sc, rec in zip(scores, pot_records, strict=True)]
+            _write_outputs(output, spec.name, scores, summary)
     return summary
+
+
+def _run_pot(pot: PotSettings, rows: list[dict[str, Any]], audit: Path
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Run every row's program here (`mmjobs.eval.pot.batch.run_rows`; never in a pod: the
+    CLI has no cluster step to name one after)."""
+    from mmjobs.eval.pot.batch import run_rows
+
+    settings = pot.model_copy(update={"enabled": True, "executor": "local"})
+    return run_rows(settings, rows, audit)
+
+
+def _write_outputs(output: str | os.PathLike, metric: str, scores: list[dict[str, Any]],
+                   summary: dict[str, Any]) -> None:
+    """scores.jsonl, summary.md, then summary.json (last: its presence means complete)."""
+    with storage.open_write(storage.join(output, "scores.jsonl")) as f:
+        for sc in scores:
+            f.write((json.dumps(sc, ensure_ascii=False) + "\n").encode("utf-8"))
+    storage.write_text(storage.join(output, "summary.md"), summary_markdown(metric, summary)
+                       + "\n")
+    storage.write_text(storage.join(output, "summary.json"),
+                       json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
 
 
 def summary_markdown(metric: str, summary: Mapping[str, Any]) -> str:
@@ -194,7 +242,7 @@ def summary_markdown(metric: str, summary: Mapping[str, Any]) -> str:
 
 def score_main(argv: Sequence[str] | None = None) -> int:
     """`mmjobs score --metric NAME [--variant V] [--tolerance T] --predictions FILE [--output DIR]
-    [--format F [--ground-truth URI ...]]`.
+    [--format F [--ground-truth URI ...]] [--pot [--pot-isolation I] [--pot-workers N]]`.
 
     Returns:
         0 on success; 1 (with the error on stderr) when the input or options are bad or the
@@ -218,22 +266,51 @@ def score_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ground-truth", action="append", default=[], metavar="URI",
                         help="with --format: a file or folder holding the ground truth "
                         "(repeatable)")
+    parser.add_argument("--pot", action="store_true",
+                        help="chartqa: run each prediction's Python program in the sandbox and "
+                        "score what it prints (ChartMoE's program of thought)")
+    parser.add_argument("--pot-isolation", choices=("bubblewrap", "none"), default=None,
+                        help="with --pot: bubblewrap (default; fails where it cannot isolate) "
+                        "or none (audit hook and rlimits only: trusted models, machines "
+                        "without user namespaces)")
+    parser.add_argument("--pot-workers", type=int, default=None, metavar="N",
+                        help="with --pot: programs run in parallel (default 2)")
     args = parser.parse_args(argv)
+    if not args.pot and (args.pot_isolation or args.pot_workers):
+        parser.error("--pot-isolation and --pot-workers go with --pot")
+    if args.pot_workers is not None and args.pot_workers < 1:
+        parser.error(f"--pot-workers must be >= 1, got {args.pot_workers}")
     if args.metric is None and args.answer_format is None:
         parser.error("--metric is required (or give --format, whose metric is the default)")
     if args.ground_truth and args.answer_format is None:
         parser.error("--ground-truth goes with --format (a predictions JSONL carries its own)")
+    from mmjobs.eval.pot import SandboxError
+
     try:
         summary = score_file(args.metric, args.predictions, variant=args.variant,
                              tolerance=args.tolerance, output=args.output,
-                             answer_format=args.answer_format, ground_truth=args.ground_truth)
-    except (ScoreInputError, storage.StoreError) as e:
+                             answer_format=args.answer_format, ground_truth=args.ground_truth,
+                             pot=_pot_settings(args) if args.pot else None)
+    except (ScoreInputError, storage.StoreError, SandboxError) as e:
         print(f"mmjobs score: {e}", file=sys.stderr)
         return 1
     print(summary_markdown(summary["metric"], summary))
+    if pot := summary.get("pot"):
+        counts = ", ".join(f"{k} {v}" for k, v in pot["status_counts"].items())
+        print(f"\nprogram of thought: {pot['programs']} programs ({counts}); isolation "
+              f"{pot['isolation']}")
+        if pot.get("warning"):
+            print(f"warning: {pot['warning']}", file=sys.stderr)
     if args.output is not None:
         print(f"\nsummary: {storage.join(args.output, 'summary.json')}")
     return 0
+
+
+def _pot_settings(args: argparse.Namespace) -> PotSettings:
+    from mmjobs.eval.pot.settings import PotSettings
+
+    given = {"isolation": args.pot_isolation, "workers": args.pot_workers}
+    return PotSettings(enabled=True, **{k: v for k, v in given.items() if v is not None})
 
 
 if __name__ == "__main__":

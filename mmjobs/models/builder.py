@@ -26,15 +26,10 @@ model a randomly initialised MLP projector (transformers reports the keys as MIS
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import json
 import os
-import re
 import shutil
-import tempfile
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from mmjobs import settings, storage
+from mmjobs import storage
 from mmjobs.config import ModelConfig
 from mmjobs.logs import get_logger
 from mmjobs.models.compose import (
@@ -53,6 +48,13 @@ from mmjobs.models.compose import (
     set_connector,
 )
 from mmjobs.models.convert.generation_config import repair_model_generation_config
+from mmjobs.models.model_dirs import (
+    ModelNotFoundError,
+    committed_root,
+    dir_fingerprint,
+    fetch_dir,
+    resolve_model_dir,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -62,6 +64,7 @@ __all__ = [
     "LoadedModel",
     "ModelLoadError",
     "ModelNotFoundError",
+    "committed_root",
     "connector_module",
     "dir_fingerprint",
     "export_model_dir",
@@ -78,26 +81,11 @@ __all__ = [
 
 log = get_logger(__name__)
 
-CACHE_RECORD = ".mmjobs-cache.json"  # hidden: never copied into exported models
 SAFETENSORS_SUFFIXES = (".safetensors", ".safetensors.index.json")
 PICKLE_SUFFIXES = (".bin", ".bin.index.json", ".pt", ".pth", ".ckpt", ".pkl")
-# How many folders above a URI to look for the committed directory holding it: a training
-# output commits once at its root, and adapters/connectors sit 1-3 levels below
-# (`final/adapter`, `checkpoints/step-100/connector`).
-_MAX_COMMIT_DEPTH = 4
-# `org/name`, `name` or `org/name@revision`; never a path-looking string.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
-# Only these hub files are fetched: safetensors weights and the small files around them, never
-# pickled `.bin` weights (refused anyway) that would double the download.
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken",
-                 "*.py", "*.md"]
 # Auto classes tried, in order, for checkpoints with custom code (`auto_map`).
 _REMOTE_AUTO_CLASSES = ("AutoModelForImageTextToText", "AutoModelForVision2Seq",
                         "AutoModelForCausalLM", "AutoModel")
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """The model is not a local directory, not in the store, and the hub cannot be asked."""
 
 
 class ModelLoadError(ValueError):
@@ -124,233 +112,6 @@ class LoadedModel:
     model_dir: Path
     kind: str
     info: dict[str, Any] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------- locating models
-
-
-def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
-    """A local directory holding the model `name_or_path`.
-
-    - a local directory (plain path or `file://`): returned as is;
-    - `s3://bucket/prefix`: a committed directory (or a folder inside one) downloaded into
-      `$MMJOBS_HOME/cache/models/<fingerprint>`, every file checked against the manifest's
-      sha256; a verified earlier download is reused;
-    - anything else that looks like a hub id (`org/name`, `org/name@revision`): the Hugging Face
-      hub cache, filled by `huggingface_hub.snapshot_download` unless hub access is disabled.
-
-    Raises:
-        ModelNotFoundError: a missing local path, or a hub id while `HF_HUB_OFFLINE` is set and
-            the model is not in the local hub cache.
-        storage.IncompleteDirectoryError: an `s3://` prefix no committed directory covers.
-        storage.IntegrityError: a downloaded file differs from the manifest.
-    """
-    text = os.fspath(name_or_path)
-    if storage.is_s3(text):
-        return fetch_dir(text, kind="models")
-    path = Path(storage.parse(text).key) if "://" in text else Path(text).expanduser()
-    if path.is_dir():
-        return path
-    if "://" in text or not _HUB_ID.match(text):
-        raise ModelNotFoundError(f"model {text!r}: no such directory")
-    return _hub_snapshot(text)
-
-
-def _hub_offline() -> bool:
-    # Read at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import.
-    return any(os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
-               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def _hub_snapshot(hub_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    repo_id, _, revision = hub_id.partition("@")
-    try:  # the local hub cache first: no network at all
-        return Path(snapshot_download(repo_id, revision=revision or None,
-                                      allow_patterns=_HUB_PATTERNS, local_files_only=True))
-    except LocalEntryNotFoundError:
-        pass
-    if _hub_offline():
-        raise ModelNotFoundError(
-            f"model {hub_id!r} not found locally and hub access is disabled (HF_HUB_OFFLINE=1): "
-            "use a local directory or an s3:// model in the store (import hub models with "
-            "`mmjobs import`), or unset HF_HUB_OFFLINE on a machine that can reach the hub")
-    log.info("downloading %s from the Hugging Face hub (safetensors and small files only)",
-             hub_id)
-    try:
-        return Path(snapshot_download(repo_id, revision=revision or None,
-                                      allow_patterns=_HUB_PATTERNS))
-    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-        raise ModelNotFoundError(f"model {hub_id!r}: not a local directory, and the hub has no "
-                                 f"such model or revision ({type(e).__name__})") from e
-
-
-def committed_root(uri: str) -> tuple[str, str, storage.Manifest]:
-    """(committed dir, path of `uri` inside it, its manifest) for `uri` or its nearest ancestor.
-
-    Raises:
-        storage.IncompleteDirectoryError: neither `uri` nor its 4 parents are committed.
-    """
-    current, rel = str(storage.parse(uri)), ""
-    for _ in range(_MAX_COMMIT_DEPTH + 1):
-        if storage.is_committed(current):
-            return current, rel, storage.read_manifest(current)
-        up = _parent(current)
-        if up is None:
-            break
-        current, name = up
-        rel = f"{name}/{rel}" if rel else name
-    raise storage.IncompleteDirectoryError(
-        f"{uri}: no {storage.MANIFEST_NAME} here or in the folders above it, so it is not a "
-        "complete (committed) directory; re-run the stage that writes it, or commit an upload "
-        "with `mmjobs store cp`")
-
-
-def _parent(uri: str) -> tuple[str, str] | None:
-    """(parent URI, last path part) of a normalised URI; None at a bucket or filesystem root."""
-    loc = storage.parse(uri)
-    if loc.scheme == "s3":
-        if not loc.key:
-            return None
-        parent, _, name = loc.key.rpartition("/")
-        return (f"s3://{loc.bucket}/{parent}" if parent else f"s3://{loc.bucket}"), name
-    path = Path(loc.key)
-    return (str(path.parent), path.name) if path.parent != path else None
-
-
-def _entries_under(manifest: storage.Manifest, rel: str) -> list[storage.FileEntry]:
-    """Manifest entries below `rel`, with paths relative to it."""
-    if not rel:
-        return list(manifest.files)
-    prefix = rel.rstrip("/") + "/"
-    return [storage.FileEntry(f.path[len(prefix):], f.size, f.sha256)
-            for f in manifest.files if f.path.startswith(prefix)]
-
-
-def _fp_entries(entries: Iterable[storage.FileEntry]) -> str:
-    """Short hash of (relative path, sha256) pairs: equal for equal contents anywhere."""
-    blob = json.dumps(["dir", sorted((e.path, e.sha256) for e in entries)]).encode()
-    return hashlib.sha256(blob).hexdigest()[:20]
-
-
-def fetch_dir(uri: str, *, kind: str = "models") -> Path:
-    """A local directory with the contents of `uri`.
-
-    Local directories are used in place. An `s3://` URI must be a committed directory or a
-    folder inside one (`{train_output}/final/adapter`); its files are downloaded once into
-    `$MMJOBS_HOME/cache/<kind>/<fingerprint>` and checked against the manifest (size + sha256).
-    A cached copy is reused after checking sizes, and re-hashing files whose mtime changed.
-
-    Raises:
-        storage.StoreNotFoundError: nothing at `uri`.
-        storage.IncompleteDirectoryError / storage.IntegrityError: see `committed_root`,
-            `storage.get_dir`.
-    """
-    if not storage.is_s3(uri):
-        path = Path(storage.parse(uri).key)
-        if not path.is_dir():
-            raise storage.StoreNotFoundError(f"{uri}: no such directory")
-        return path
-    root, rel, manifest = committed_root(uri)
-    entries = _entries_under(manifest, rel)
-    if not entries:
-        raise storage.StoreNotFoundError(f"{uri}: the manifest of {root} lists no files under "
-                                         f"{rel!r}")
-    target = settings.home() / "cache" / kind / _fp_entries(entries)
-    if _cache_is_valid(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        if rel:
-            _download_entries(uri, entries, scratch)
-        else:
-            storage.get_dir(uri, scratch)  # verifies size + sha256 of every file
-        _write_cache_record(scratch, uri, entries)
-        shutil.rmtree(target, ignore_errors=True)  # an invalid earlier copy
-        try:
-            os.replace(scratch, target)  # appears complete or not at all
-        except OSError:
-            if not _cache_is_valid(target):  # not a concurrent writer's complete copy
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    log.info("%s: fetched %d files into %s", uri, len(entries), target)
-    return target
-
-
-def _download_entries(uri: str, entries: list[storage.FileEntry], dst: Path) -> None:
-    def fetch(entry: storage.FileEntry) -> None:
-        local = dst / entry.path
-        storage.get_file(storage.join(uri, entry.path), local)
-        if local.stat().st_size != entry.size or storage.sha256_file(local) != entry.sha256:
-            raise storage.IntegrityError(f"{storage.join(uri, entry.path)}: size or sha256 "
-                                         "differs from the manifest (corrupt download)")
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(fetch, entries))
-
-
-def _write_cache_record(local: Path, source: str, entries: list[storage.FileEntry]) -> None:
-    files = [{"path": e.path, "size": e.size, "sha256": e.sha256,
-              "mtime_ns": (local / e.path).stat().st_mtime_ns} for e in entries]
-    (local / CACHE_RECORD).write_text(json.dumps({"source": source, "files": files}, indent=1))
-
-
-def _cache_is_valid(local: Path) -> bool:
-    """Every recorded file is present with its size; files touched since are re-hashed."""
-    record_path = local / CACHE_RECORD
-    if not record_path.is_file():
-        return False
-    try:
-        files = json.loads(record_path.read_text())["files"]
-        for f in files:
-            stat = (local / f["path"]).stat()
-            if stat.st_size != f["size"]:
-                return False
-            if stat.st_mtime_ns != f["mtime_ns"] and \
-                    storage.sha256_file(local / f["path"]) != f["sha256"]:
-                return False
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return True
-
-
-def dir_fingerprint(uri: str) -> str:
-    """Content fingerprint of a model/adapter/connector directory (for stage fingerprints).
-
-    From the manifest when the directory (or a folder above it) is committed — the same value
-    for a local dir and its copy in S3 — else by hashing every file (local dirs only).
-    """
-    try:
-        _, rel, manifest = committed_root(uri)
-        entries = _entries_under(manifest, rel)
-        if storage.is_s3(uri) or _matches_local(Path(storage.parse(uri).key), entries):
-            return _fp_entries(entries)
-    except storage.IncompleteDirectoryError:
-        if storage.is_s3(uri):
-            raise
-    local = Path(storage.parse(uri).key)
-    if not local.is_dir():
-        raise storage.StoreNotFoundError(f"{uri}: no such directory")
-    return _fp_entries(
-        storage.FileEntry(p.relative_to(local).as_posix(), p.stat().st_size,
-                          storage.sha256_file(p))
-        for p in sorted(local.rglob("*"))
-        if p.is_file() and p.name not in {storage.MANIFEST_NAME, CACHE_RECORD})
-
-
-def _matches_local(local: Path, entries: list[storage.FileEntry]) -> bool:
-    """True if the manifest entries describe exactly the files now in `local` (by size)."""
-    present = {p.relative_to(local).as_posix(): p.stat().st_size for p in local.rglob("*")
-               if p.is_file() and p.name not in {storage.MANIFEST_NAME, CACHE_RECORD}}
-    return bool(entries) and present == {e.path: e.size for e in entries}
 
 
 # --------------------------------------------------------------------------- checks & choices

@@ -15,7 +15,7 @@ Hugging Face directory (`save_pretrained`, safetensors) that later stages load w
   decoder (codes -> 32x32 image, for interleaved generation) is saved next to the weights as
   `vq_decoder.safetensors`: transformers' Chameleon class has no decoder module, so
   `save_pretrained` could not write it and `from_pretrained` would drop it; it is loaded by
-  `mmjobs.eval.interleaved` (see there). Its weights are random like the rest, so decoded
+  `mmjobs.models.vq_decoder` (see there). Its weights are random like the rest, so decoded
   images are deterministic but not pictures of anything.
 
 CLI: `python -m mmjobs.models.tiny llava|chameleon OUT_DIR`.
@@ -263,13 +263,13 @@ def save_vq_decoder(out_dir: str | Path, vq_config, *, seed: int = 0) -> Path:
     """Write a randomly initialised VQ decoder for `vq_config` to `out_dir/vq_decoder.safetensors`.
 
     Tensors are named `model.vqmodel.decoder.*`, as in Anole / Align-Anything checkpoints, so
-    `mmjobs.eval.interleaved.find_decoder_weights` reads this file and those the same way. The
+    `mmjobs.models.vq_decoder.find_decoder_weights` reads this file and those the same way. The
     global RNG is left untouched (the decoder draws from its own seed).
     """
     import torch
     from safetensors.torch import save_file
 
-    from mmjobs.eval.interleaved import DECODER_FILE, VQ_PREFIX, VQDecoder
+    from mmjobs.models.vq_decoder import DECODER_FILE, VQ_PREFIX, VQDecoder
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)

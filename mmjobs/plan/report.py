@@ -61,8 +61,8 @@ def plan_recipe(path: str, overrides: Sequence[str] = ()) -> RecipePlan:
         ConfigError: the recipe is invalid.
         PlanError: its model has no config here, or a step cannot be set up (named).
     """
-    from mmjobs.config import load_recipe
     from mmjobs.plan.settings import train_settings
+    from mmjobs.recipe import load_recipe
 
     recipe = load_recipe(path, overrides)
     steps = training_steps(recipe, str(path))

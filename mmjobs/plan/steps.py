@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmjobs.config import RecipeConfig
+from mmjobs.recipe import RecipeConfig
 
 # Stages whose configs the planner reads.
 RECORDED = ("train", "pretokenize", "make-tiny-model")

@@ -4,7 +4,7 @@
   headline metrics.
 - The seed recipes' tables, drawn by `mmjobs.eval.report` from summaries rebuilt from each
   run's metrics (`mmjobs.report.runs.summary_of`): `chartqa_ap_table` (ChartMoE's @AP table,
-  a row per label such as "w/o PoT" / "w/ PoT"), `scienceqa_runs_table` (LaVIN's category
+  one per label such as "w/o PoT" / "w/ PoT"), `scienceqa_runs_table` (LaVIN's category
   table, a row per run or sweep setting), `main_results_table` (MLLM-DataEngine's Main
   Results, a row per model: the evaluate runs sharing a pipeline run and label).
 """
@@ -60,7 +60,7 @@ def run_summary_table(runs: Sequence[RunRecord], runset: RunSet, *,
 
 
 def chartqa_ap_table(runs: Sequence[RunRecord], names: dict[str, str]) -> Table:
-    """ChartMoE's @AP table, a row per run named by its label (`names`: run id -> name)."""
+    """ChartMoE's @AP table, one per run named by its label (`names`: run id -> name)."""
     summaries = {names[r.run_id]: summary_of(r) for r in runs}
     return Table("chartqa_ap", "ChartQA relaxed accuracy (@AP)", ap_table(summaries),
                  ap_table(summaries, fmt="csv"))

@@ -23,22 +23,22 @@ from typing import Literal
 from pydantic import Field
 
 from mmjobs.logs import get_logger
-from mmjobs.stages.common import (
+from mmjobs.recipe import remote_code_defaults
+from mmjobs.stage_contract import (
+    RUN_FIELDS,
+    Input,
+    Stage,
     StageConfig,
     StageResult,
+    StageRun,
     fingerprint,
-    output_uri,
-    reusable_output,
-    stage_cli,
-    stage_tracking,
-    staged_output,
+    run_stage,
 )
 
-STAGE = "apply-connector"
+NAME = "apply-connector"
 VERSION = 1  # bump when the output changes for the same inputs
 log = get_logger(__name__)
-_NOT_FINGERPRINTED = {"experiment", "pipeline_run_id", "output", "recipe", "parent_run_id",
-                      "force", "base", "connector"}  # base/connector enter by content instead
+_NOT_FINGERPRINTED = RUN_FIELDS | {"base", "connector"}  # they enter by content instead
 
 
 class ApplyConnectorConfig(StageConfig):
@@ -82,15 +82,11 @@ def main(cfg: ApplyConnectorConfig) -> ApplyConnectorResult:
     from mmjobs.models.compose import connector_spec
     from mmjobs.train.moe import load_expert, locate_expert
 
-    out = output_uri(cfg, STAGE)
     located = locate_expert(cfg.connector)
-    fp = fingerprint(STAGE, VERSION, cfg.model_dump(exclude=_NOT_FINGERPRINTED),
+    fp = fingerprint(NAME, VERSION, cfg.model_dump(exclude=_NOT_FINGERPRINTED),
                      dir_fingerprint(cfg.base), dir_fingerprint(located))
-    with stage_tracking(cfg, STAGE) as run:
-        manifest = reusable_output(out, fp, cfg.force)
-        if manifest is not None:
-            run.set_tags({"cached": "true"})
-            return _result(out, manifest.meta, cached=True, run_id=run.run_id)
+
+    def apply(stage: StageRun) -> dict:
         loaded = load_model(ModelConfig(name_or_path=cfg.base, dtype="float32",
                                         trust_remote_code=cfg.trust_remote_code),
                             for_training=False)
@@ -111,18 +107,20 @@ def main(cfg: ApplyConnectorConfig) -> ApplyConnectorResult:
         with torch.no_grad():
             diff = float((installed(probe) - source(probe)).abs().max())
         if diff != 0.0:
-            raise ValueError(f"{STAGE}: the installed connector differs from {located} by "
+            raise ValueError(f"{NAME}: the installed connector differs from {located} by "
                              f"{diff}; please report")
-        meta = {"stage": STAGE, "base": cfg.base, "connector": located,
+        meta = {"stage": NAME, "base": cfg.base, "connector": located,
                 "connector_kind": spec.get("kind", "native"), "native": native,
                 "max_abs_diff": diff}
-        run.log_metrics({"max_abs_diff": diff})
-        with staged_output(out, fp, meta=meta) as scratch:
+        stage.run.log_metrics({"max_abs_diff": diff})
+        with stage.commit(meta) as scratch:
             model = loaded.model.to(saved_dtype(cfg.save_dtype, loaded.model_dir))
             export_model_dir(model, scratch, source_dir=loaded.model_dir)
-        log.info("%s: %s connector from %s installed into %s -> %s", STAGE,
-                 meta["connector_kind"], located, cfg.base, out)
-        return _result(out, meta, cached=False, run_id=run.run_id)
+        log.info("%s: %s connector from %s installed into %s -> %s", NAME,
+                 meta["connector_kind"], located, cfg.base, stage.out)
+        return meta
+
+    return run_stage(cfg, NAME, fp, apply, result=_result)
 
 
 def _same_tensors(a, b) -> bool:
@@ -131,16 +129,15 @@ def _same_tensors(a, b) -> bool:
     return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
 
 
-def _result(out: str, meta: dict, *, cached: bool, run_id: str | None) -> ApplyConnectorResult:
+def _result(out: str, meta: dict, cached: bool, run_id: str | None) -> ApplyConnectorResult:
     return ApplyConnectorResult(output=out, cached=cached, mlflow_run_id=run_id, model=out,
                                 connector_kind=meta["connector_kind"], native=meta["native"],
                                 max_abs_diff=meta["max_abs_diff"])
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m mmjobs.stages.apply_connector` / `mmjobs stage apply-connector`."""
-    return stage_cli(STAGE, ApplyConnectorConfig, main, argv)
-
+STAGE = Stage(name=NAME, config=ApplyConnectorConfig, result=ApplyConnectorResult, main=main,
+              image="train", gpu=True, inputs=(Input("base"), Input("connector")),
+              recipe_defaults=remote_code_defaults)
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(STAGE.cli())

@@ -20,43 +20,25 @@ from __future__ import annotations
 import sys
 from typing import Literal
 
-import torch
 from pydantic import Field, model_validator
 
-from mmjobs.config import ModelConfig
 from mmjobs.logs import get_logger
-from mmjobs.models.builder import (
-    connector_module,
-    dir_fingerprint,
-    export_model_dir,
-    load_model,
-    saved_dtype,
-    set_connector,
-)
-from mmjobs.stages.common import (
+from mmjobs.recipe import remote_code_defaults
+from mmjobs.stage_contract import (
+    RUN_FIELDS,
+    Input,
+    Stage,
     StageConfig,
     StageResult,
+    StageRun,
     fingerprint,
-    output_uri,
-    reusable_output,
-    stage_cli,
-    stage_tracking,
-    staged_output,
-)
-from mmjobs.train.moe import (
-    CONNECTOR_DIR,
-    build_moe_connector,
-    expert_reproduction_error,
-    load_expert,
-    locate_expert,
-    save_connector,
+    run_stage,
 )
 
-STAGE = "build-moe-connector"
+NAME = "build-moe-connector"
 VERSION = 1  # bump when the construction or output layout changes: invalidates cached outputs
 log = get_logger(__name__)
-_NOT_FINGERPRINTED = {"experiment", "pipeline_run_id", "output", "recipe", "parent_run_id",
-                      "force", "base", "experts"}  # base/experts enter by content instead
+_NOT_FINGERPRINTED = RUN_FIELDS | {"base", "experts"}  # base/experts enter by content instead
 
 
 class BuildMoeConfig(StageConfig):
@@ -111,17 +93,33 @@ def main(cfg: BuildMoeConfig) -> BuildMoeResult:
     Raises:
         ValueError: experts of different kinds/shapes, or not matching the base's dims.
     """
-    out = output_uri(cfg, STAGE)
+    import torch
+
+    from mmjobs.config import ModelConfig
+    from mmjobs.models.builder import (
+        connector_module,
+        export_model_dir,
+        load_model,
+        saved_dtype,
+        set_connector,
+    )
+    from mmjobs.models.model_dirs import dir_fingerprint
+    from mmjobs.train.moe import (
+        CONNECTOR_DIR,
+        expert_reproduction_error,
+        load_expert,
+        locate_expert,
+        moe_connector_from,
+        save_connector,
+    )
+
     located = {name: locate_expert(uri) for name, uri in cfg.experts.items()}
-    fp = fingerprint(STAGE, VERSION, cfg.model_dump(exclude=_NOT_FINGERPRINTED),
+    fp = fingerprint(NAME, VERSION, cfg.model_dump(exclude=_NOT_FINGERPRINTED),
                      dir_fingerprint(cfg.base),
                      # a list, not a dict: expert order is expert index
                      [(name, dir_fingerprint(uri)) for name, uri in located.items()])
-    with stage_tracking(cfg, STAGE, tags={"experts": ",".join(cfg.experts)}) as run:
-        manifest = reusable_output(out, fp, cfg.force)
-        if manifest is not None:
-            run.set_tags({"cached": "true"})
-            return _result(out, manifest.meta, cached=True, run_id=run.run_id)
+
+    def build(stage: StageRun) -> dict:
         # float32 while building: exact copies, and the reproduction check compares like dtypes.
         loaded = load_model(ModelConfig(name_or_path=cfg.base, dtype="float32",
                                         trust_remote_code=cfg.trust_remote_code),
@@ -129,9 +127,9 @@ def main(cfg: BuildMoeConfig) -> BuildMoeResult:
         original = connector_module(loaded.model)
         experts = {name: load_expert(uri) for name, uri in located.items()}
         torch.manual_seed(cfg.seed)
-        moe = build_moe_connector(experts, original=original if cfg.include_original else None,
-                                  top_k=cfg.top_k, router_init=cfg.router_init,
-                                  aux_loss_coef=cfg.aux_loss_coef)
+        moe = moe_connector_from(experts, original=original if cfg.include_original else None,
+                                 top_k=cfg.top_k, router_init=cfg.router_init,
+                                 aux_loss_coef=cfg.aux_loss_coef)
         try:
             set_connector(loaded.model, moe)
         except ValueError as e:
@@ -140,35 +138,46 @@ def main(cfg: BuildMoeConfig) -> BuildMoeResult:
         features = torch.randn(2, 7, moe.vision_dim, generator=torch.Generator().manual_seed(0))
         diff = expert_reproduction_error(moe, sources, features)
         if diff != 0.0:
-            raise RuntimeError(f"{STAGE}: an expert differs from its source connector by {diff}; "
+            raise RuntimeError(f"{NAME}: an expert differs from its source connector by {diff}; "
                                "please report (copies must be exact)")
         meta = {
-            "stage": STAGE, "base": cfg.base, "experts": located,
+            "stage": NAME, "base": cfg.base, "experts": located,
             "expert_names": moe.expert_names, "expert_max_abs_diff": diff,
             "connector_parameters": sum(p.numel() for p in moe.parameters()),
         }  # fmt: skip
-        run.log_metrics({"num_experts": moe.num_experts, "expert_max_abs_diff": diff,
-                         "connector_parameters": meta["connector_parameters"],
-                         "model_parameters": sum(p.numel() for p in loaded.model.parameters())})
-        with staged_output(out, fp, meta=meta) as scratch:
+        stage.run.log_metrics({"num_experts": moe.num_experts, "expert_max_abs_diff": diff,
+                               "connector_parameters": meta["connector_parameters"],
+                               "model_parameters": sum(p.numel()
+                                                       for p in loaded.model.parameters())})
+        with stage.commit(meta) as scratch:
             model = loaded.model.to(saved_dtype(cfg.save_dtype, loaded.model_dir))
             export_model_dir(model, scratch, source_dir=loaded.model_dir)
             save_connector(moe, scratch / CONNECTOR_DIR, meta={"experts": located})
-        log.info("%s: %d experts %s -> %s", STAGE, moe.num_experts, moe.expert_names, out)
-        return _result(out, meta, cached=False, run_id=run.run_id)
+        log.info("%s: %d experts %s -> %s", NAME, moe.num_experts, moe.expert_names, stage.out)
+        return meta
+
+    return run_stage(cfg, NAME, fp, build, result=_result,
+                     tags={"experts": ",".join(cfg.experts)})
 
 
-def _result(out: str, meta: dict, *, cached: bool, run_id: str | None) -> BuildMoeResult:
+def _result(out: str, meta: dict, cached: bool, run_id: str | None) -> BuildMoeResult:
     return BuildMoeResult(output=out, cached=cached, mlflow_run_id=run_id, model=out,
                           expert_names=meta["expert_names"],
                           connector_parameters=meta["connector_parameters"],
                           expert_max_abs_diff=meta["expert_max_abs_diff"])
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m mmjobs.stages.build_moe_connector` / `mmjobs stage build-moe-connector`."""
-    return stage_cli(STAGE, BuildMoeConfig, main, argv)
+def _wire(inputs: dict) -> dict:
+    """The pipeline passes expert names and their upstream outputs as two lists (KFP has no
+    maps of task outputs); the config takes them as one name -> URI map, in order."""
+    return {"base": inputs["base"],
+            "experts": dict(zip(inputs["expert_names"], inputs["experts"], strict=True))}
 
+
+STAGE = Stage(name=NAME, config=BuildMoeConfig, result=BuildMoeResult, main=main, image="train",
+              gpu=True, inputs=(Input("base"), Input("expert_names", path="experts", type=list),
+                                Input("experts", type=list)),
+              wire=_wire, recipe_defaults=remote_code_defaults)
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(STAGE.cli())

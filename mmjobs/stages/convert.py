@@ -37,24 +37,23 @@ from mmjobs.models.convert import (
     convert_to_safetensors,
     detect_kind,
 )
-from mmjobs.stages.common import (
+from mmjobs.stage_contract import (
+    RUN_FIELDS,
+    Stage,
     StageConfig,
     StageResult,
+    StageRun,
     fingerprint,
     input_fingerprint,
     output_uri,
-    reusable_output,
-    stage_cli,
-    stage_tracking,
-    staged_output,
+    run_stage,
 )
 
-STAGE = "convert"
+NAME = "convert"
 VERSION = 1  # bump when a conversion's output changes: invalidates cached outputs
 log = get_logger(__name__)
 _INPUTS = ("source", "vision_tower", "projector")
-_NOT_FINGERPRINTED = {"experiment", "pipeline_run_id", "output", "recipe", "parent_run_id",
-                      "force", "to", *_INPUTS}  # inputs enter by content instead
+_NOT_FINGERPRINTED = RUN_FIELDS | {"to", *_INPUTS}  # inputs enter by content instead
 
 
 class ConvertConfig(StageConfig):
@@ -91,22 +90,21 @@ def main(cfg: ConvertConfig) -> ConvertResult:
     Raises:
         ConversionError: unreadable, refused (UnsafeCheckpointError) or unconvertible inputs.
     """
-    out = cfg.to or cfg.output or output_uri(cfg, STAGE)
+    out = cfg.to or cfg.output or output_uri(cfg, NAME)
     inputs = {k: input_fingerprint(getattr(cfg, k)) for k in _INPUTS if getattr(cfg, k)}
-    fp = fingerprint(STAGE, VERSION, cfg.model_dump(exclude=_NOT_FINGERPRINTED), inputs)
-    with stage_tracking(cfg, STAGE, tags={"kind": cfg.kind}) as run:
-        manifest = reusable_output(out, fp, cfg.force)
-        if manifest is not None:
-            run.set_tags({"cached": "true"})
-            return _result(out, manifest.meta, cached=True, run_id=run.run_id)
+    fp = fingerprint(NAME, VERSION, cfg.model_dump(exclude=_NOT_FINGERPRINTED), inputs)
+
+    def convert(stage: StageRun) -> dict:
         source = fetch_dir(cfg.source, kind="checkpoints")
         kind = detect_kind(source) if cfg.kind == "auto" else cfg.kind
-        meta = {"stage": STAGE, **{k: getattr(cfg, k) for k in _INPUTS}}
-        with staged_output(out, fp, meta=meta) as scratch:
+        meta = {"stage": NAME, **{k: getattr(cfg, k) for k in _INPUTS}}
+        with stage.commit(meta) as scratch:
             meta["conversion"] = _convert(cfg, kind, source, scratch)
-        run.log_metrics({"tensors": meta["conversion"]["tensors"]})
-        log.info("%s: %s (%s) -> %s", STAGE, cfg.source, kind, out)
-        return _result(out, meta, cached=False, run_id=run.run_id)
+        stage.run.log_metrics({"tensors": meta["conversion"]["tensors"]})
+        log.info("%s: %s (%s) -> %s", NAME, cfg.source, kind, stage.out)
+        return meta
+
+    return run_stage(cfg, NAME, fp, convert, result=_result, tags={"kind": cfg.kind}, out=out)
 
 
 def _convert(cfg: ConvertConfig, kind: str, source: Path, scratch: Path) -> dict:
@@ -136,21 +134,18 @@ def _local_projector(uri: str | None) -> Path | None:
     return fetch_dir(uri, kind="checkpoints")
 
 
-def _result(out: str, meta: dict, *, cached: bool, run_id: str | None) -> ConvertResult:
+def _result(out: str, meta: dict, cached: bool, run_id: str | None) -> ConvertResult:
     conversion = meta.get("conversion", {})
     return ConvertResult(output=out, cached=cached, mlflow_run_id=run_id, model=out,
                          kind=conversion.get("kind", "?"), tensors=conversion.get("tensors", 0))
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m mmjobs.stages.convert` / `mmjobs stage convert`: a refused or broken
-    checkpoint is one line on stderr and exit status 1, not a traceback."""
-    try:
-        return stage_cli(STAGE, ConvertConfig, main, argv)
-    except (ConversionError, GenerationConfigError, storage.StoreError) as e:
-        print(f"{STAGE}: {e}", file=sys.stderr)
-        return 1
-
+# Checkpoints arrive through `import` (data image, which has torch and sentencepiece); a
+# refused or broken checkpoint is one line on stderr and exit status 1, not a traceback.
+# Writes to its `to`: a recipe's `conversions:` name the URI its model.name_or_path then reads.
+STAGE = Stage(name=NAME, config=ConvertConfig, result=ConvertResult, main=main, image="data",
+              errors=(ConversionError, GenerationConfigError, storage.StoreError),
+              own_output=False)
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(STAGE.cli())

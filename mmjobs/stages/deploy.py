@@ -24,34 +24,22 @@ the namespace: the Helm chart's runner Role grants them with `serve.pipelineDepl
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import time
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+from mmjobs import kube
 from mmjobs.logs import get_logger
 from mmjobs.serve import k8s
+from mmjobs.serve.config import ServeConfig, default_model_name
 from mmjobs.serve.k8s import ServerSpec
-from mmjobs.stages.common import StageConfig, StageResult, stage_cli
+from mmjobs.serve.rollout import DeployError, ServerObjects
+from mmjobs.stage_contract import Input, Stage, StageConfig, StageResult
 
-STAGE = "deploy"
+NAME = "deploy"
 log = get_logger(__name__)
-NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-MAX_API_ERRORS = 10  # consecutive failed status reads (API server restarts) before giving up
-# Container states that will not fix themselves: fail at once instead of waiting for the timeout.
-FATAL_WAITING = {"CreateContainerConfigError", "CreateContainerError", "InvalidImageName",
-                 "ErrImageNeverPull"}
-MESSAGE_LINES = 6  # lines of a crashed container's log tail quoted in the failure
-
-
-class DeployError(RuntimeError):
-    """The server could not be created, or did not become ready (the message says why)."""
 
 
 class DeployConfig(StageConfig, ServerSpec):
@@ -76,8 +64,6 @@ class DeployConfig(StageConfig, ServerSpec):
     @field_validator("serve")
     @classmethod
     def _serve_settings(cls, serve: dict[str, Any]) -> dict[str, Any]:
-        from mmjobs.stages.serve import ServeConfig
-
         reserved = [k for k in serve if k in k8s.RESERVED_SETTINGS]
         if reserved:
             raise PydanticCustomError(
@@ -104,34 +90,6 @@ class DeployResult(StageResult):
     ready_replicas: int
 
 
-def current_namespace() -> str:
-    """The pod's namespace (service account file), else $MMJOBS_NAMESPACE."""
-    if NAMESPACE_FILE.is_file():
-        return NAMESPACE_FILE.read_text().strip()
-    if os.environ.get("MMJOBS_NAMESPACE"):
-        return os.environ["MMJOBS_NAMESPACE"]
-    raise DeployError(f"no namespace: set `namespace` ({NAMESPACE_FILE} is missing and "
-                      "MMJOBS_NAMESPACE is not set)")
-
-
-def api_client(api: Any = None) -> Any:
-    """`api` (a kubernetes ApiClient) itself, or one from the in-cluster service account,
-    falling back to the kubeconfig."""
-    from kubernetes import client, config
-
-    if isinstance(api, client.ApiClient):
-        return api
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        try:
-            config.load_kube_config()
-        except config.ConfigException as e:
-            raise DeployError(f"no Kubernetes API access: not in a pod with a service account "
-                              f"token, and no usable kubeconfig ({e})") from None
-    return client.ApiClient()
-
-
 def main(cfg: DeployConfig, *, api: Any = None) -> DeployResult:
     """Create or update the server and wait until it is ready; see the module docstring.
 
@@ -143,18 +101,23 @@ def main(cfg: DeployConfig, *, api: Any = None) -> DeployResult:
             object of that name is not an mmjobs server, or the rollout failed or timed out
             (naming the pods' reasons).
     """
-    from mmjobs.stages.serve import default_model_name
-
     if not cfg.image:
         raise DeployError("image: required, an image with `mmjobs serve` (pipelines set the "
                           "recipe's eval image)")
-    namespace = cfg.namespace or current_namespace()
+    namespace = cfg.namespace or kube.current_namespace()
+    if not namespace:
+        raise DeployError(f"no namespace: set `namespace` ({kube.NAMESPACE_FILE} is missing and "
+                          f"{kube.NAMESPACE_ENV} is not set)")
     name = cfg.name or k8s.server_name(cfg.experiment)
     annotations = {"mmjobs.io/model": cfg.model, "mmjobs.io/experiment": cfg.experiment,
                    "mmjobs.io/pipeline-run-id": cfg.pipeline_run_id}
     if cfg.adapter:
         annotations["mmjobs.io/adapter"] = cfg.adapter
-    server = _Server(api_client(api), name, namespace)
+    try:
+        client = kube.api_client(api)
+    except kube.KubeAccessError as e:
+        raise DeployError(str(e)) from None
+    server = ServerObjects(client, name, namespace)
     action = server.apply_deployment(k8s.deployment(cfg, name=name, namespace=namespace,
                                                     annotations=annotations,
                                                     progress_deadline_s=int(cfg.timeout_s)))
@@ -171,265 +134,10 @@ def main(cfg: DeployConfig, *, api: Any = None) -> DeployResult:
                         or default_model_name(cfg.model), ready_replicas=ready)
 
 
-class _Server:
-    """One server's Deployment and Service in the API (raw JSON: no model classes needed)."""
-
-    def __init__(self, api: Any, name: str, namespace: str) -> None:
-        from kubernetes import client
-
-        self.apps, self.core = client.AppsV1Api(api), client.CoreV1Api(api)
-        self.name, self.namespace = name, namespace
-
-    def __str__(self) -> str:
-        return f"Deployment {self.namespace}/{self.name}"
-
-    # ------------------------------------------------------------------ create or update
-
-    def apply_deployment(self, manifest: dict[str, Any]) -> str:
-        """Create the Deployment, or replace the spec of our existing one; 'created'/'updated'."""
-        if self._create("deployments", self.apps.create_namespaced_deployment, manifest):
-            return "created"
-        self._check_ours("deployments", self.apps.read_namespaced_deployment)
-        # A JSON patch replacing the spec: lists (env, args) are replaced, not merged, so a
-        # setting removed from the config disappears from the pod too.
-        ops = [{"op": "add", "path": f"/{path}", "value": value} for path, value in (
-            ("metadata/labels", manifest["metadata"]["labels"]),
-            ("metadata/annotations", manifest["metadata"]["annotations"]),
-            ("spec", manifest["spec"]))]
-        self._call("patch", "deployments", self.apps.patch_namespaced_deployment, self.name,
-                   self.namespace, ops)
-        return "updated"
-
-    def apply_service(self, manifest: dict[str, Any]) -> None:
-        """Create the Service, or patch our existing one (its cluster IP stays)."""
-        if self._create("services", self.core.create_namespaced_service, manifest):
-            return
-        self._check_ours("services", self.core.read_namespaced_service)
-        patch = {"metadata": {"labels": manifest["metadata"]["labels"]},
-                 "spec": {key: manifest["spec"][key] for key in ("type", "selector", "ports")}}
-        self._call("patch", "services", self.core.patch_namespaced_service, self.name,
-                   self.namespace, patch)
-
-    def _create(self, resource: str, method: Any, manifest: dict[str, Any]) -> bool:
-        """True if created, False if it exists already."""
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            method(self.namespace, manifest, _preload_content=False)
-            return True
-        except ApiException as e:
-            if e.status == 409:
-                return False
-            raise DeployError(self._refused("create", resource, e)) from None
-
-    def _check_ours(self, resource: str, read: Any) -> None:
-        obj = self._call("get", resource, read, self.name, self.namespace)
-        manager = ((obj.get("metadata") or {}).get("labels") or {}).get(
-            "app.kubernetes.io/managed-by")
-        if manager != k8s.MANAGER:
-            raise DeployError(f"{resource} {self.namespace}/{self.name} exists and is not an "
-                              f"mmjobs server (managed by {manager or 'nobody known'}); choose "
-                              "another name (stages.deploy.name)")
-
-    def _call(self, verb: str, resource: str, method: Any, *args: Any) -> dict[str, Any]:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            return _json(method(*args, _preload_content=False))
-        except ApiException as e:
-            raise DeployError(self._refused(verb, resource, e)) from None
-
-    def _refused(self, verb: str, resource: str, e: Any) -> str:
-        message = f"cannot {verb} {resource} {self.namespace}/{self.name}: {_api_error(e)}"
-        if e.status == 403:
-            message += (f" (the pipeline's service account needs create/get/patch on "
-                        f"deployments and services in {self.namespace}: install the mmjobs "
-                        "chart with serve.pipelineDeploy=true and bind that account to its "
-                        "runner Role with rbac.extraSubjects)")
-        return message
-
-    # ------------------------------------------------------------------ rollout
-
-    def wait(self, *, timeout_s: float, poll_s: float, max_restarts: int) -> int:
-        """Poll until every replica is updated and ready; the number of ready replicas.
-
-        Raises:
-            DeployError: the rollout failed (deadline exceeded, a pod that cannot start or
-                keeps crashing) or `timeout_s` passed; the message quotes the pods' reasons.
-        """
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
-
-        deadline = time.monotonic() + timeout_s
-        last, errors, problems = "", 0, []
-        while True:
-            try:
-                obj = _json(self.apps.read_namespaced_deployment(self.name, self.namespace,
-                                                                 _preload_content=False))
-                errors = 0
-            except (ApiException, HTTPError) as e:
-                if getattr(e, "status", None) == 404:
-                    raise DeployError(f"{self}: deleted while rolling out (by someone "
-                                      "else)") from None
-                errors += 1
-                if errors >= MAX_API_ERRORS:
-                    raise DeployError(f"{self}: cannot read its status: "
-                                      f"{_api_error(e)}") from None
-                log.warning("%s: status read failed (%s); retrying", self, _api_error(e))
-                obj = None
-            if obj is not None:
-                ready, failure, state = rollout_status(obj)
-                if state != last:
-                    log.info("%s: %s", self, state)
-                    last = state
-                if ready:
-                    return int((obj.get("status") or {}).get("availableReplicas") or 0)
-                problems, fatal = self._pod_problems(max_restarts)
-                if failure or fatal:
-                    others = [p for p in problems if p not in fatal]
-                    raise DeployError(f"{self}: did not become ready: "
-                                      f"{failure or '; '.join(fatal)}{self._more(others)}")
-            if time.monotonic() >= deadline:
-                state = last or "no status yet"
-                raise DeployError(f"{self}: not ready after {timeout_s:g} s ({state})"
-                                  f"{self._more(problems)}")
-            time.sleep(poll_s)
-
-    def _pod_problems(self, max_restarts: int) -> tuple[list[str], list[str]]:
-        """(every not-ready pod's reason, the fatal ones); ([], []) if pods cannot be read."""
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
-
-        selector = ",".join(f"{k}={v}" for k, v in k8s.selector(self.name).items())
-        try:
-            pods = _json(self.core.list_namespaced_pod(self.namespace, label_selector=selector,
-                                                       _preload_content=False))
-        except (ApiException, HTTPError) as e:
-            log.warning("%s: cannot list its pods (%s)", self, _api_error(e))
-            return [], []
-        problems, fatal = [], []
-        for pod in pods.get("items") or []:
-            for text, is_fatal in pod_problems(pod, max_restarts):
-                problems.append(text)
-                if is_fatal:
-                    fatal.append(text)
-        return problems, fatal
-
-    def _more(self, problems: list[str]) -> str:
-        """The pods' reasons (if any) and where to look further."""
-        selector = ",".join(f"{k}={v}" for k, v in k8s.selector(self.name).items())
-        pods = f"; pods: {'; '.join(problems)}" if problems else ""
-        return (f"{pods} (more: kubectl -n {self.namespace} describe pods -l {selector}; "
-                f"kubectl -n {self.namespace} logs deployment/{self.name})")
-
-
-def rollout_status(obj: Mapping[str, Any]) -> tuple[bool, str | None, str]:
-    """(done, failure or None, one-line state) of a Deployment, as `kubectl rollout status`
-    judges it: the controller saw the latest spec, every replica is updated, no old replica is
-    left and every updated one is available (ready)."""
-    spec, status = obj.get("spec") or {}, obj.get("status") or {}
-    want = int(spec.get("replicas", 1))
-    generation = int((obj.get("metadata") or {}).get("generation") or 0)
-    if int(status.get("observedGeneration") or 0) < generation:
-        return False, None, "waiting for the controller to see the new spec"
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == "Progressing" and cond.get("reason") == \
-                "ProgressDeadlineExceeded":
-            return False, f"ProgressDeadlineExceeded: {cond.get('message') or ''}".strip(), \
-                "progress deadline exceeded"
-    updated = int(status.get("updatedReplicas") or 0)
-    total = int(status.get("replicas") or 0)
-    available = int(status.get("availableReplicas") or 0)
-    if updated < want:
-        return False, None, f"{updated} of {want} replicas updated"
-    if total > updated:
-        return False, None, f"{total - updated} old replicas terminating"
-    if available < updated:
-        return False, None, f"{available} of {updated} updated replicas ready"
-    return True, None, f"{available} of {want} replicas ready"
-
-
-def pod_problems(pod: Mapping[str, Any], max_restarts: int) -> list[tuple[str, bool]]:
-    """(reason, fatal) for what keeps a pod from being ready; [] for a ready pod.
-
-    Fatal: a container that cannot be created or started (missing Secret or key, bad image
-    name), or one that crashed more than `max_restarts` times (its log tail is the reason:
-    the container reports FallbackToLogsOnError).
-    """
-    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
-    name = meta.get("name", "?")
-    if meta.get("deletionTimestamp"):
-        return []  # an old pod on its way out
-    if status.get("phase") == "Failed":
-        return [(f"{name}: failed ({status.get('reason') or 'Failed'}): "
-                 f"{status.get('message') or 'no message'}", True)]
-    out: list[tuple[str, bool]] = []
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-            out.append((f"{name}: not scheduled ({cond.get('reason') or 'Unschedulable'}): "
-                        f"{cond.get('message') or 'no message'}", False))
-    statuses = [*(status.get("initContainerStatuses") or []),
-                *(status.get("containerStatuses") or [])]
-    for cs in statuses:
-        state, restarts = cs.get("state") or {}, int(cs.get("restartCount") or 0)
-        last = _termination((cs.get("lastState") or {}).get("terminated"))
-        if "waiting" in state:
-            waiting = state["waiting"] or {}
-            reason = waiting.get("reason") or "Waiting"
-            text = f"{name}: {reason}"
-            if waiting.get("message") and reason != "CrashLoopBackOff":
-                text += f": {waiting['message']}"
-            if restarts:
-                text += f" (restarted {restarts}x; last exit {last})" if last else \
-                    f" (restarted {restarts}x)"
-            fatal = reason in FATAL_WAITING or (reason == "CrashLoopBackOff"
-                                                and restarts > max_restarts)
-            out.append((text, fatal))
-        elif "terminated" in state:
-            out.append((f"{name}: exited {_termination(state['terminated'])}", False))
-        elif "running" in state and not cs.get("ready"):
-            text = (f"{name}: running, not ready (/readyz: the model is still loading, or "
-                    "failed to load)")
-            if restarts and last:
-                text += f"; restarted {restarts}x, last exit {last}"
-            out.append((text, False))
-    if not statuses and not out and status.get("phase") == "Pending":
-        out.append((f"{name}: pending", False))
-    return out
-
-
-def _termination(term: Mapping[str, Any] | None) -> str:
-    """'1 (Error): <last lines of the log>' of a terminated container state, or ''."""
-    if not term:
-        return ""
-    text = f"{term.get('exitCode', '?')} ({term.get('reason') or 'Terminated'})"
-    lines = [ln.strip() for ln in str(term.get("message") or "").splitlines() if ln.strip()]
-    if lines:
-        text += ": " + " | ".join(lines[-MESSAGE_LINES:])
-    return text
-
-
-def _json(response: Any) -> dict[str, Any]:
-    data = getattr(response, "data", response)
-    return json.loads(data) if isinstance(data, bytes | str) and data else {}
-
-
-def _api_error(e: Any) -> str:
-    try:
-        return json.loads(e.body).get("message") or f"HTTP {e.status}"
-    except (TypeError, ValueError, AttributeError):
-        status = getattr(e, "status", None)
-        return f"HTTP {status} {getattr(e, 'reason', '')}".strip() if status else str(e)
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m mmjobs.stages.deploy --set model=URI --set image=IMAGE ...`."""
-    try:
-        return stage_cli(STAGE, DeployConfig, main, argv)
-    except DeployError as e:
-        print(f"mmjobs deploy: {e}", file=sys.stderr)
-        return 1
-
+# A light launcher (the server itself runs the recipe's eval image); no output of its own.
+STAGE = Stage(name=NAME, config=DeployConfig, result=DeployResult, main=main, image="data",
+              own_output=False, inputs=(Input("model"), Input("adapter", default="")),
+              errors=(DeployError,))
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(STAGE.cli())

@@ -31,75 +31,41 @@ program, executed answer); with a judge `judge/judgments.jsonl` and `judge/summa
 
 MLflow: one metric per benchmark/category/tolerance (`mmjobs.eval.report.summary_metrics`,
 e.g. `chartqa.human_0.05`, `scienceqa.IMG`, `mme.total`), the bar chart and the markdown
-table as artifacts, tags `metric`, `label`, `headline_metric`. A KFP component passes
-`kfp_metrics(summary)` to its Metrics artifact and `kfp_markdown(summary)` to a Markdown one.
-Re-running with the same config and predictions reuses the committed output.
+table as artifacts, tags `metric`, `label`, `headline_metric`. The KFP component also shows
+the metrics and the tables in the KFP UI (Metrics and Markdown artifacts). Re-running with the
+same config and predictions reuses the committed output. The work is `mmjobs.eval.evaluation`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import Field, model_validator
 
-from mmjobs import settings, storage
-from mmjobs.config import StrictModel
-from mmjobs.eval.metrics import METRICS, ScoreOptions
-from mmjobs.eval.metrics.base import markdown_table
-from mmjobs.eval.metrics.chartqa import TOLERANCES
-from mmjobs.eval.pot.settings import RENAMED, PotSettings
-from mmjobs.eval.report import category_bar_chart, headline, summary_metrics
-from mmjobs.eval.score import read_rows, summary_markdown
-from mmjobs.logs import get_logger
-from mmjobs.stages.common import (
+from mmjobs import storage
+from mmjobs.eval.judging import JudgeSettings
+from mmjobs.eval.metrics import METRICS
+from mmjobs.eval.pot import SandboxError
+from mmjobs.eval.pot.settings import POD_IMAGE_ENV, RENAMED, PotSettings
+from mmjobs.eval.report import category_bar_chart, evaluation_markdown, headline, summary_metrics
+from mmjobs.layout import EVAL_SUMMARY, SCORES_FILE
+from mmjobs.stage_contract import (
+    RUN_FIELDS,
+    Input,
+    Stage,
     StageConfig,
     StageResult,
+    StageRun,
     fingerprint,
-    input_fingerprint,
-    output_uri,
-    reusable_output,
-    stage_cli,
-    stage_tracking,
-    staged_output,
+    run_stage,
 )
 
-STAGE = "evaluate"
+NAME = "evaluate"
 VERSION = 2  # bump when the outputs change: invalidates reused outputs
-PREDICTIONS_FILE = "predictions.jsonl"
-log = get_logger(__name__)
-
-
-class JudgeSettings(StrictModel):
-    """An OpenAI-compatible LLM judge (`mmjobs.eval.judge`)."""
-
-    base_url: str = Field(description="API root with version, e.g. http://vllm:8000/v1.")
-    model: str = Field(description="Judge model name.")
-    mode: Literal["single", "pairwise"] = Field(
-        "single", description="single: 1-10 grade per answer; pairwise: A vs B verdicts.")
-    key_env: str = Field(
-        "OPENAI_API_KEY", validation_alias=AliasChoices("key_env", "api_key_env"),
-        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-        description="Name of the environment variable holding the API key (unset: no key). "
-        "The key itself never goes in a config.")
-    baseline: str | None = Field(
-        None, description="pairwise: predictions JSONL (or infer folder) of the model to "
-        "compare against (B); rows are matched by id. Without it, rows need prediction_a/_b.")
-    workers: int = Field(4, ge=1, description="Concurrent judge requests.")
-    swap: bool = Field(True, description="pairwise: judge both orders (position-bias check).")
-    requests_per_minute: float | None = Field(None, gt=0, description="Client rate limit.")
-    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout.")
-    max_retries: int = Field(5, ge=0, description="Retries for 429/5xx/connection errors.")
-    image_root: str | None = Field(None, description="Where relative row images live.")
-    cache: bool = Field(True, description="Cache replies under {store}/cache/judge (re-runs "
-                        "send nothing).")
 
 
 class EvaluateConfig(StageConfig):
@@ -166,8 +132,6 @@ class EvaluateResult(StageResult):
 
 
 # Fields that do not change the output (where it goes, how it is tracked, how fast).
-_NOT_FINGERPRINTED = {"experiment", "pipeline_run_id", "output", "recipe", "parent_run_id",
-                      "force"}
 _POT_NOT_FINGERPRINTED = {"workers", "bwrap", "executor", "pod"}
 
 
@@ -181,224 +145,35 @@ def main(cfg: EvaluateConfig) -> EvaluateResult:
         mmjobs.eval.judge.JudgeConfigError: the judge endpoint rejects every request.
         mmjobs.storage.StoreError: inputs cannot be read or outputs written.
     """
+    from mmjobs.eval.evaluation import evaluate, predictions_file, predictions_fingerprint
+
     source = predictions_file(cfg.predictions)
     baseline = (predictions_file(cfg.judge.baseline)
                 if cfg.judge is not None and cfg.judge.baseline else None)
-    out = output_uri(cfg, STAGE)
-    exclude: dict[str, Any] = {k: True for k in _NOT_FINGERPRINTED}
+    exclude: dict[str, Any] = {k: True for k in RUN_FIELDS}
     exclude["pot"] = _POT_NOT_FINGERPRINTED
     if cfg.judge is not None:
         exclude["judge"] = {"workers"}
-    fp = fingerprint(STAGE, VERSION, cfg.model_dump(exclude=exclude),
-                     _fingerprint(cfg.predictions, source),
-                     _fingerprint(cfg.judge.baseline, baseline) if baseline else None)
+    fp = fingerprint(NAME, VERSION, cfg.model_dump(exclude=exclude),
+                     predictions_fingerprint(cfg.predictions, source),
+                     predictions_fingerprint(cfg.judge.baseline, baseline) if baseline else None)
     tags = {"metric": cfg.metric or "judge", **({"label": cfg.label} if cfg.label else {}),
             **({"pot": "true"} if cfg.pot.enabled else {})}
-    with stage_tracking(cfg, STAGE, tags=tags) as run:
-        if reusable_output(out, fp, cfg.force) is not None:
-            summary = json.loads(storage.read_text(storage.join(out, "summary.json")))
-            run.set_tags({"cached": "true"})
-            _log_run(run, summary, None)
-            return _result(out, summary, cached=True, run_id=run.run_id)
-        # Un-commit an older output first, so a failure below never leaves one looking current.
-        storage.delete(storage.join(out, storage.MANIFEST_NAME))
-        meta = {"stage": STAGE, "metric": cfg.metric, "label": cfg.label}
-        with staged_output(out, fp, meta=meta) as scratch:
-            summary = evaluate(cfg, source, scratch, baseline=baseline)
-            _log_run(run, summary, scratch)
-        return _result(out, summary, cached=False, run_id=run.run_id)
 
+    def score(stage: StageRun) -> dict[str, Any]:
+        with stage.commit({"stage": NAME, "metric": cfg.metric, "label": cfg.label}) as scratch:
+            summary = evaluate(cfg, source, scratch, baseline=baseline, pod_step=stage.out)
+            _log_run(stage.run, summary, scratch)
+        return summary
 
-def evaluate(cfg: EvaluateConfig, source: str, out_dir: Path, *,
-             baseline: str | None = None) -> dict[str, Any]:
-    """Score `source` as `cfg` says and write the output files into the local `out_dir`.
+    def reused(out: str, manifest: storage.Manifest, run: Any) -> dict[str, Any]:
+        summary = json.loads(storage.read_text(storage.join(out, EVAL_SUMMARY)))
+        _log_run(run, summary, None)
+        return summary
 
-    Returns:
-        The summary (also written to `out_dir/summary.json`).
-    """
-    summary: dict[str, Any] = {"metric": cfg.metric, "label": cfg.label, "predictions": source}
-    if cfg.metric is not None:
-        summary.update(_score(cfg, source, out_dir))
-    if cfg.judge is not None:
-        summary["judge"] = _judge(cfg.judge, source, baseline, out_dir)
-    markdown = kfp_markdown(summary)
-    (out_dir / "summary.md").write_text(markdown + "\n", encoding="utf-8")
-    figure = category_bar_chart(summary)
-    figure.savefig(out_dir / "categories.png", dpi=120)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False)
-                                          + "\n", encoding="utf-8")
-    return summary
-
-
-def _score(cfg: EvaluateConfig, source: str, out_dir: Path) -> dict[str, Any]:
-    spec = METRICS[cfg.metric]  # type: ignore[index]  # checked by the config
-    tolerances = tuple(cfg.tolerances or TOLERANCES) if spec.name == "chartqa" else ()
-    options = ScoreOptions(cfg.variant or spec.default_variant, tolerances)
-    rows, _ = read_rows(source, spec)
-    pot_records: list[dict[str, Any]] | None = None
-    extra: dict[str, Any] = {}
-    if cfg.pot.enabled:
-        from mmjobs.eval.pot.batch import run_rows
-
-        rows, pot_records, extra["pot"] = run_rows(cfg.pot, rows,
-                                                   out_dir / "predictions_pot.jsonl",
-                                                   pod_runner=_pod_runner(cfg))
-    scores = [{"id": row["id"], **spec.score_row(row, options)} for row in rows]
-    with open(out_dir / "scores.jsonl", "w", encoding="utf-8") as f:
-        for i, sc in enumerate(scores):
-            if pot_records is not None:
-                sc = {**sc, "pot": pot_records[i]}
-            f.write(json.dumps(sc, ensure_ascii=False) + "\n")
-    return {"variant": options.variant, **spec.summarize(rows, scores, options), **extra}
-
-
-# --------------------------------------------------------------------------- PoT
-
-
-def _pod_runner(cfg: EvaluateConfig) -> Any:
-    """Runs the programs in a credential-less Job (`pot.executor: pod`), named after the step."""
-    import functools
-
-    from mmjobs.eval.pot import pod
-
-    return functools.partial(pod.run_in_pod, step=output_uri(cfg, STAGE))
-
-
-# --------------------------------------------------------------------------- judge
-
-
-def _judge(judge: JudgeSettings, source: str, baseline: str | None,
-           out_dir: Path) -> dict[str, Any]:
-    from mmjobs.eval.judge import JudgeClient, judge_predictions
-
-    cache = storage.join(settings.store_root(), "cache", "judge") if judge.cache else None
-    client = JudgeClient(judge.base_url, judge.model, api_key_env=judge.key_env,
-                         timeout_s=judge.timeout_s, max_retries=judge.max_retries,
-                         requests_per_minute=judge.requests_per_minute, cache_dir=cache)
-    with tempfile.TemporaryDirectory(prefix="mmjobs-judge-",
-                                     dir=os.environ.get("MMJOBS_TMP")) as tmp:
-        # The judge reads its rows line by line from a local file (an S3 body iterates in
-        # fixed-size chunks, not lines), so rows are always handed over as a local JSONL.
-        rows = Path(tmp) / "rows.jsonl"
-        if judge.mode == "pairwise" and baseline is not None:
-            _write_pairs(source, baseline, rows)
-        else:
-            storage.get_file(source, rows)
-        return judge_predictions(str(rows), client=client, mode=judge.mode,
-                                 output_uri=str(out_dir / "judge"), workers=judge.workers,
-                                 swap=judge.swap, image_root=judge.image_root)
-
-
-def _write_pairs(source: str, baseline: str, path: Path) -> None:
-    """Rows of `source` as A and the same ids of `baseline` as B, for pairwise judging."""
-    b_rows = {row.get("id"): row for row in _jsonl(baseline)}
-    with open(path, "w", encoding="utf-8") as f:
-        for row in _jsonl(source):
-            pair = {k: v for k, v in row.items() if k != "prediction"}
-            pair["prediction_a"] = row.get("prediction")
-            other = b_rows.get(row.get("id"))
-            if other is not None:  # else the judge reports the row as invalid
-                pair["prediction_b"] = other.get("prediction")
-                pair.setdefault("prompt", other.get("prompt"))
-            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
-
-
-def _jsonl(uri: str) -> Iterator[dict[str, Any]]:
-    """Rows of a JSONL, streamed (split on newlines: S3 bodies iterate in chunks)."""
-    with storage.open_read(uri) as f:
-        pending = b""
-        while chunk := f.read(1 << 20):
-            *lines, pending = (pending + chunk).split(b"\n")
-            yield from (json.loads(line) for line in lines if line.strip())
-        if pending.strip():
-            yield json.loads(pending)
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def predictions_file(uri: str) -> str:
-    """The predictions JSONL a `predictions` value names (a file, or an infer output folder).
-
-    Raises:
-        mmjobs.storage.IncompleteDirectoryError: a folder with predictions but no manifest
-            (its infer stage did not finish).
-        mmjobs.storage.StoreNotFoundError: nothing there.
-    """
-    if storage.is_committed(uri):
-        inside = storage.join(uri, PREDICTIONS_FILE)
-        if not storage.exists(inside):
-            raise storage.StoreNotFoundError(f"{uri}: committed folder without "
-                                             f"{PREDICTIONS_FILE}; is it an infer output?")
-        return inside
-    inside = storage.join(uri, PREDICTIONS_FILE)
-    if storage.exists(inside):
-        raise storage.IncompleteDirectoryError(
-            f"{uri}: has {PREDICTIONS_FILE} but no {storage.MANIFEST_NAME}, so the infer stage "
-            "that writes it did not finish; re-run it (or point predictions at the file)")
-    loc = storage.parse(uri)
-    is_file = Path(loc.key).is_file() if loc.scheme == "file" else (
-        storage.exists(uri) and next(storage.list_objects(uri), None) is None)
-    if not is_file:
-        raise storage.StoreNotFoundError(f"{uri}: no predictions (expected a JSONL file or an "
-                                         f"infer output folder holding {PREDICTIONS_FILE})")
-    return str(loc)
-
-
-def _fingerprint(given: str, source: str) -> str:
-    """Committed folders by manifest; files by their bytes (streamed, also on S3)."""
-    if source != str(storage.parse(given)) and storage.is_committed(given):
-        return input_fingerprint(given)
-    digest = hashlib.sha256()
-    with storage.open_read(source) as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()[:20]
-
-
-# --------------------------------------------------------------------------- reporting
-
-
-def kfp_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """The numbers for a KFP `Metrics` artifact (`metrics.log_metric(name, value)` each)."""
-    return summary_metrics(summary)
-
-
-def kfp_markdown(summary: dict[str, Any]) -> str:
-    """The summary as markdown for a KFP `Markdown` artifact (the same text as summary.md)."""
-    parts = []
-    if summary.get("label"):
-        parts.append(f"### {summary['label']}")
-    if summary.get("metric"):
-        parts.append(summary_markdown(summary["metric"], summary))
-    if pot := summary.get("pot"):
-        counts = pot["status_counts"]
-        rows = [[status, str(n)] for status, n in counts.items()]
-        rate = "-" if pot["ok_rate"] is None else f"{pot['ok_rate']:.1%}"
-        parts.append(f"**Program of thought**: {pot['programs']} programs, {rate} ran to "
-                     f"completion (wall {pot['limits']['wall_s']}s, CPU "
-                     f"{pot['limits']['cpu_s']}s each; isolation "
-                     f"{pot.get('isolation', 'none')}, executor {pot.get('executor', 'local')})"
-                     "\n\n" + markdown_table(["PoT status", "programs"], rows))
-        if pot.get("warning"):
-            parts.append(f"**Warning**: {pot['warning']}")
-    if judge := summary.get("judge"):
-        keys = ("rows", "judged", "mean_score") if judge["mode"] == "single" else (
-            "rows", "judged", "wins_a", "wins_b", "ties", "win_rate_a",
-            "win_rate_a_excluding_ties")
-        cells = [_cell(judge.get(k)) for k in keys]
-        parts.append(f"**LLM judge** (`{judge['model']}`, {judge['mode']})\n\n"
-                     + markdown_table(["judge", *keys], [[judge["mode"], *cells]]))
-        if judge.get("failures"):
-            parts.append("judge failures: " + ", ".join(f"{k} {v}" for k, v in
-                                                        judge["failures"].items()))
-    return "\n\n".join(parts)
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return "-" if value is None else str(value)
+    # An older output is un-committed first, so a failure never leaves one looking current.
+    return run_stage(cfg, NAME, fp, score, result=_result, reused=reused, tags=tags,
+                     uncommit_first=True)
 
 
 def _log_run(run: Any, summary: dict[str, Any], scratch: Path | None) -> None:
@@ -407,34 +182,39 @@ def _log_run(run: Any, summary: dict[str, Any], scratch: Path | None) -> None:
     name, _ = headline(summary)
     if name:
         run.set_tags({"headline_metric": name})
-    run.log_text(kfp_markdown(summary) + "\n", "summary.md")
+    run.log_text(evaluation_markdown(summary) + "\n", "summary.md")
     if scratch is None:  # a reused output: draw the chart again rather than download it
         run.log_figure(category_bar_chart(summary), "plots/categories.png")
     else:
         run.log_artifact(scratch / "categories.png", "plots")
-        run.log_artifact(scratch / "summary.json")
+        run.log_artifact(scratch / EVAL_SUMMARY)
 
 
-def _result(out: str, summary: dict[str, Any], *, cached: bool,
+def _result(out: str, summary: dict[str, Any], cached: bool,
             run_id: str | None) -> EvaluateResult:
     name, value = headline(summary)
-    scores = storage.join(out, "scores.jsonl") if summary.get("metric") else ""
+    scores = storage.join(out, SCORES_FILE) if summary.get("metric") else ""
     return EvaluateResult(output=out, cached=cached, mlflow_run_id=run_id,
                           metric=summary.get("metric"), label=summary.get("label"),
                           headline_metric=name, headline=value, summary=summary, scores=scores,
-                          summary_uri=storage.join(out, "summary.json"))
+                          summary_uri=storage.join(out, EVAL_SUMMARY))
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m mmjobs.stages.evaluate` / `mmjobs stage evaluate` (the image entrypoint)."""
-    from mmjobs.eval.pot import SandboxError
+def component(cfg: EvaluateConfig, *, metrics: Any, summary: Any) -> str:
+    """The KFP component's body: run the stage, then show its numbers and tables in the KFP
+    UI (`metrics`: a Metrics artifact, `summary`: a Markdown one)."""
+    result = main(cfg)
+    for name, value in summary_metrics(result.summary).items():
+        metrics.log_metric(name, value)
+    with open(summary.path, "w", encoding="utf-8") as f:
+        f.write(evaluation_markdown(result.summary))
+    return result.output
 
-    try:
-        return stage_cli(STAGE, EvaluateConfig, main, argv)
-    except SandboxError as e:  # one message naming the fix, not a traceback
-        print(f"mmjobs stage {STAGE}: {e}", file=sys.stderr)
-        return 1
 
+# The PoT Job (mmjobs.eval.pot.pod) runs the same eval image, named by $MMJOBS_POT_IMAGE.
+STAGE = Stage(name=NAME, config=EvaluateConfig, result=EvaluateResult, main=main, image="eval",
+              inputs=(Input("predictions"),), outputs={"metrics": "Metrics", "summary": "Markdown"},
+              component=component, pod_env={POD_IMAGE_ENV: "eval"}, errors=(SandboxError,))
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(STAGE.cli())

@@ -32,84 +32,31 @@ pipeline never reads stale data from it.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import sys
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
 from typing import Any, Literal
-from urllib.parse import unquote, urlparse
 
 from pydantic import Field, field_validator, model_validator
 
-from mmjobs import settings, storage
-from mmjobs.data import fetch
-from mmjobs.data.archives import (
-    DEFAULT_MAX_MEMBERS,
-    DEFAULT_MAX_TOTAL_BYTES,
-    extract_archive,
-    is_archive,
-)
+from mmjobs import storage
+from mmjobs.data.archives import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_BYTES
+from mmjobs.data.imports import classify_source, import_source, source_identity
 from mmjobs.logs import get_logger
-from mmjobs.stages.common import (
+from mmjobs.stage_contract import (
+    Stage,
     StageConfig,
     StageResult,
     fingerprint,
-    input_fingerprint,
     output_uri,
     reusable_output,
-    stage_cli,
     stage_tracking,
-    staged_output,
+    uncommit,
 )
 
-STAGE = "import"
+NAME = "import"
 VERSION = 1  # bump when the output layout or meta change: invalidates cached imports
 log = get_logger(__name__)
-# `org/name` as the hub spells repo ids; `hf://name` also allows legacy single-name repos.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_LEGACY_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
-# How the limits are raised, named in the errors that hit them (config field and CLI flag).
-BYTES_OPTION = "max_bytes (mmjobs import --max-bytes N)"
-MEMBERS_OPTION = "max_members (mmjobs import --max-members N)"
-
-
-@dataclass(frozen=True)
-class Source:
-    """A classified `source`: `kind` is hf, http or store; `ref` the repo id, URL or URI."""
-
-    kind: Literal["hf", "http", "store"]
-    ref: str
-
-    def __str__(self) -> str:
-        return f"hf://{self.ref}" if self.kind == "hf" else self.ref
-
-
-def classify_source(text: str) -> Source:
-    """Tell a hub repo, a URL and a store path apart (see the module docstring).
-
-    Raises:
-        ValueError: the source is none of them (the message shows the accepted forms).
-    """
-    text = text.strip()
-    if text.startswith(("http://", "https://")):
-        return Source("http", text)
-    if text.startswith("hf://"):
-        repo_id = text[5:].strip("/")
-        if _HUB_ID.match(repo_id) or _LEGACY_HUB_ID.match(repo_id):
-            return Source("hf", repo_id)
-        raise ValueError(f"source={text!r}: expected hf://org/name (for a dataset repo add "
-                         "repo_type=dataset, not hf://datasets/...)")
-    if "://" in text and not text.startswith(("s3://", "file://")):
-        raise ValueError(f"source={text!r}: unsupported scheme; use hf://org/name, http(s)://, "
-                         "s3://bucket/prefix or a local path")
-    # A bare `org/name` is a hub id unless such a local path exists: local data wins.
-    if _HUB_ID.match(text) and not Path(text).exists():
-        return Source("hf", text)
-    return Source("store", str(storage.parse(text)))
 
 
 class ImportConfig(StageConfig):
@@ -199,12 +146,12 @@ def main(cfg: ImportConfig) -> ImportResult:
         ValueError: the source and the destination are the same place.
     """
     source = classify_source(cfg.source)
-    out = cfg.to or output_uri(cfg, STAGE)
+    out = cfg.to or output_uri(cfg, NAME)
     if source.kind == "store" and str(storage.parse(out)) == source.ref:
         raise ValueError(f"source and to are both {source.ref}; import into another place")
-    with stage_tracking(cfg, STAGE, tags={"source_kind": source.kind}) as run:
-        identity, extra = _identity(cfg, source)
-        fp = fingerprint(STAGE, VERSION, identity)
+    with stage_tracking(cfg, NAME, tags={"source_kind": source.kind}) as run:
+        identity, extra = source_identity(cfg, source)
+        fp = fingerprint(NAME, VERSION, identity)
         manifest = reusable_output(out, fp, cfg.force)
         if manifest is not None and cfg.sha256 and manifest.meta.get("sha256") != cfg.sha256:
             log.info("%s: committed copy has sha256 %s, not the requested one; importing again",
@@ -212,11 +159,9 @@ def main(cfg: ImportConfig) -> ImportResult:
             manifest = None
         cached = manifest is not None
         if manifest is None:
-            # Un-commit an older import now: if this one fails, nothing stale looks current.
-            storage.delete(storage.join(out, storage.MANIFEST_NAME))
-            meta = {"stage": STAGE, **identity, **extra}
-            manifest = _IMPORTERS[identity.get("store_kind") or source.kind](
-                cfg, source, out, fp, meta)
+            uncommit(out)  # if this import fails, nothing stale looks current
+            meta = {"stage": NAME, **identity, **extra}
+            manifest = import_source(cfg, source, out, fp, identity, meta)
         run.set_tags({"cached": str(cached).lower()})
         run.log_metrics({"files": len(manifest.files), "bytes": manifest.total_bytes})
         log.info("%s -> %s: %d files, %d bytes%s", source, out, len(manifest.files),
@@ -228,137 +173,9 @@ def main(cfg: ImportConfig) -> ImportResult:
                             bytes=manifest.total_bytes)
 
 
-def _identity(cfg: ImportConfig, source: Source) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(what defines the import, fingerprinted; extra meta recorded beside it).
-
-    Limits and retries are left out: they decide whether an import succeeds, not what it holds.
-    """
-    identity: dict[str, Any] = {"source": str(source), "source_kind": source.kind}
-    if source.kind == "hf":
-        requested = cfg.revision or "main"
-        commit = fetch.resolve_hub_revision(source.ref, cfg.repo_type, requested)
-        identity.update(repo_type=cfg.repo_type, revision=commit, include=cfg.include,
-                        exclude=cfg.exclude)
-        return identity, {"requested_revision": requested}
-    if source.kind == "http":
-        identity["extract"] = cfg.extract
-        return identity, {}
-    store_kind = _store_kind(source.ref)
-    identity.update(store_kind=store_kind, source_fingerprint=input_fingerprint(source.ref))
-    if store_kind == "file":
-        identity["extract"] = cfg.extract
-    return identity, {}
-
-
-def _store_kind(uri: str) -> Literal["committed", "folder", "file"]:
-    if storage.is_committed(uri):
-        return "committed"
-    loc = storage.parse(uri)
-    if loc.scheme == "file":
-        if Path(loc.key).is_file():
-            return "file"
-        if Path(loc.key).is_dir():
-            return "folder"
-    elif storage.exists(uri):
-        # exists() is true for an object or a prefix; only a prefix lists objects under `uri/`.
-        return "folder" if next(storage.list_objects(uri), None) is not None else "file"
-    raise storage.StoreNotFoundError(f"{uri}: import source not found")
-
-
-# --------------------------------------------------------------------------- importers
-
-
-def _import_hub(cfg: ImportConfig, source: Source, out: str, fp: str,
-                meta: dict[str, Any]) -> storage.Manifest:
-    with staged_output(out, fp, meta=meta) as scratch:
-        fetch.hub_snapshot(source.ref, cfg.repo_type, meta["revision"], scratch,
-                           include=cfg.include, exclude=cfg.exclude)
-    return storage.read_manifest(out)
-
-
-def _import_url(cfg: ImportConfig, source: Source, out: str, fp: str,
-                meta: dict[str, Any]) -> storage.Manifest:
-    # Under MMJOBS_HOME, not a temporary folder: a `.part` left by a failed run is resumed.
-    work = settings.home() / "cache" / "downloads" / fingerprint(source.ref)
-    name = _file_name(urlparse(source.ref).path)
-    try:
-        got = fetch.download(source.ref, work / name, sha256=cfg.sha256, max_bytes=cfg.max_bytes,
-                             retries=cfg.retries, bytes_option=BYTES_OPTION)
-        meta = {**meta, "sha256": got.sha256, "http_validator": got.validator}
-        return _commit_file(cfg, got.path, name, out, fp, meta)
-    finally:
-        (work / name).unlink(missing_ok=True)  # the complete file; a `.part` stays to resume
-        if work.is_dir() and not any(work.iterdir()):
-            work.rmdir()
-
-
-def _import_store_file(cfg: ImportConfig, source: Source, out: str, fp: str,
-                       meta: dict[str, Any]) -> storage.Manifest:
-    name = _file_name(storage.parse(source.ref).key)
-    with tempfile.TemporaryDirectory(prefix="mmjobs-import-",
-                                     dir=os.environ.get("MMJOBS_TMP")) as tmp:
-        work = Path(tmp)
-        storage.get_file(source.ref, work / name)
-        digest = storage.sha256_file(work / name)
-        if cfg.sha256 and digest != cfg.sha256:
-            raise fetch.ChecksumError(f"{source.ref}: sha256 is {digest}, expected {cfg.sha256}")
-        return _commit_file(cfg, work / name, name, out, fp, {**meta, "sha256": digest})
-
-
-def _import_store_dir(cfg: ImportConfig, source: Source, out: str, fp: str,
-                      meta: dict[str, Any]) -> storage.Manifest:
-    if meta["store_kind"] == "committed":
-        log.info("%s: copying the committed directory (every file's sha256 is verified)",
-                 source.ref)
-        storage.copy(source.ref, out)
-    else:
-        log.info("%s: copying a plain folder (no manifest vouches for it) and committing it",
-                 source.ref)
-        storage.copy_uncommitted(source.ref, out)
-    # The copy is committed with the source's meta (or none); record this import's instead.
-    # Until then its fingerprint does not match, so an interruption here is never a cache hit.
-    copied = storage.read_manifest(out)
-    upstream = {k: v for k, v in copied.meta.items() if k != "fingerprint"}
-    manifest = storage.Manifest(files=copied.files, meta={
-        **meta, **({"upstream": upstream} if upstream else {}), "fingerprint": fp})
-    storage.write_text(storage.join(out, storage.MANIFEST_NAME), manifest.to_json())
-    return manifest
-
-
-_IMPORTERS = {"hf": _import_hub, "http": _import_url, "file": _import_store_file,
-              "committed": _import_store_dir, "folder": _import_store_dir}
-
-
-def _commit_file(cfg: ImportConfig, path: Path, name: str, out: str, fp: str,
-                 meta: dict[str, Any]) -> storage.Manifest:
-    """Commit one local file to `out`: extracted if it is an archive (per `extract`), else as is."""
-    unpack = cfg.extract == "always" or (cfg.extract == "auto" and is_archive(name))
-    with staged_output(out, fp, meta={**meta, "extracted": unpack}) as scratch:
-        if unpack:
-            # extract_archive refuses escapes, links, special files, oversize archives,
-            # duplicate members and the store's reserved names.
-            extract_archive(path, scratch, max_total_bytes=cfg.max_bytes,
-                            max_members=cfg.max_members, bytes_option=BYTES_OPTION,
-                            members_option=MEMBERS_OPTION,
-                            reserved_names=storage.RESERVED_NAMES)
-        else:
-            shutil.move(path, scratch / name)
-    return storage.read_manifest(out)
-
-
-def _file_name(path: str) -> str:
-    """A safe file name from a URL path or key (`download` if it has none)."""
-    name = PurePosixPath(unquote(path)).name
-    if not name or name in {".", ".."} or "\\" in name or "\x00" in name \
-            or name == storage.MANIFEST_NAME:
-        return "download"
-    return name
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m mmjobs.stages.import_` / `mmjobs stage import` (the image entrypoint)."""
-    return stage_cli(STAGE, ImportConfig, main, argv)
-
+# Writes to its `to` (default {store}/{experiment}/{run}/import): recipes name the place.
+STAGE = Stage(name=NAME, config=ImportConfig, result=ImportResult, main=main, image="data",
+              own_output=False)
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(STAGE.cli())

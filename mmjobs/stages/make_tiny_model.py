@@ -21,22 +21,19 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from mmjobs.logs import get_logger
-from mmjobs.stages.common import (
+from mmjobs.stage_contract import (
+    RUN_FIELDS,
+    Stage,
     StageConfig,
     StageResult,
+    StageRun,
     fingerprint,
-    output_uri,
-    reusable_output,
-    stage_cli,
-    stage_tracking,
-    staged_output,
+    run_stage,
 )
 
-STAGE = "make-tiny-model"
+NAME = "make-tiny-model"
 VERSION = 2  # bump when mmjobs.models.tiny builds another model (2: Chameleon VQ decoder)
 log = get_logger(__name__)
-_NOT_FINGERPRINTED = {"experiment", "pipeline_run_id", "output", "recipe", "parent_run_id",
-                      "force"}
 
 
 class MakeTinyModelConfig(StageConfig):
@@ -77,23 +74,22 @@ class MakeTinyModelResult(StageResult):
 
 def main(cfg: MakeTinyModelConfig) -> MakeTinyModelResult:
     """Build (or reuse) the model; see the module docstring."""
-    out = output_uri(cfg, STAGE)
     # `replica` joins the fingerprint only when set, so earlier builds stay cached.
-    skip = _NOT_FINGERPRINTED | ({"replica"} if cfg.replica is None else set())
-    fp = fingerprint(STAGE, VERSION, cfg.model_dump(exclude=skip))
+    skip = RUN_FIELDS | ({"replica"} if cfg.replica is None else set())
+    fp = fingerprint(NAME, VERSION, cfg.model_dump(exclude=skip))
     kind = cfg.replica or cfg.kind
-    with stage_tracking(cfg, STAGE, tags={"kind": kind}) as run:
-        manifest = reusable_output(out, fp, cfg.force)
-        if manifest is not None:
-            run.set_tags({"cached": "true"})
-            return _result(out, manifest.meta, cached=True, run_id=run.run_id)
-        meta = {"stage": STAGE, "kind": kind}
-        with staged_output(out, fp, meta=meta) as scratch:  # reads `meta` when it commits
+
+    def build(stage: StageRun) -> dict:
+        meta = {"stage": NAME, "kind": kind}
+        with stage.commit(meta) as scratch:  # reads `meta` when it commits
             _build(cfg, scratch)
             meta["num_parameters"] = _count(scratch)
-        run.log_metrics({"num_parameters": meta["num_parameters"]})
-        log.info("%s: tiny %s (%d parameters) -> %s", STAGE, kind, meta["num_parameters"], out)
-        return _result(out, meta, cached=False, run_id=run.run_id)
+        stage.run.log_metrics({"num_parameters": meta["num_parameters"]})
+        log.info("%s: tiny %s (%d parameters) -> %s", NAME, kind, meta["num_parameters"],
+                 stage.out)
+        return meta
+
+    return run_stage(cfg, NAME, fp, build, result=_result, tags={"kind": kind})
 
 
 def _build(cfg: MakeTinyModelConfig, scratch: Path) -> None:
@@ -125,15 +121,13 @@ def _count(model_dir) -> int:
     return total
 
 
-def _result(out: str, meta: dict, *, cached: bool, run_id: str | None) -> MakeTinyModelResult:
+def _result(out: str, meta: dict, cached: bool, run_id: str | None) -> MakeTinyModelResult:
     return MakeTinyModelResult(output=out, cached=cached, mlflow_run_id=run_id, model=out,
                                num_parameters=int(meta.get("num_parameters", 0)))
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m mmjobs.stages.make_tiny_model` / `mmjobs stage make-tiny-model`."""
-    return stage_cli(STAGE, MakeTinyModelConfig, main, argv)
-
+STAGE = Stage(name=NAME, config=MakeTinyModelConfig, result=MakeTinyModelResult, main=main,
+              image="data")
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(STAGE.cli())

@@ -20,24 +20,22 @@ from pydantic import Field
 
 from mmjobs.config import ModelConfig
 from mmjobs.logs import get_logger
-from mmjobs.models.builder import dir_fingerprint, export_model_dir, fetch_dir, saved_dtype
-from mmjobs.stages.common import (
+from mmjobs.recipe import remote_code_defaults
+from mmjobs.stage_contract import (
+    RUN_FIELDS,
+    Input,
+    Stage,
     StageConfig,
     StageResult,
+    StageRun,
     fingerprint,
-    output_uri,
-    reusable_output,
-    stage_cli,
-    stage_tracking,
-    staged_output,
+    run_stage,
 )
-from mmjobs.train.merge import locate_adapter, merge_lora
 
-STAGE = "merge"
+NAME = "merge"
 VERSION = 1  # bump when merging or the output layout changes: invalidates cached outputs
 log = get_logger(__name__)
-_NOT_FINGERPRINTED = {"experiment", "pipeline_run_id", "output", "recipe", "parent_run_id",
-                      "force", "base", "adapter"}  # base/adapter enter by content instead
+_NOT_FINGERPRINTED = RUN_FIELDS | {"base", "adapter"}  # base/adapter enter by content instead
 
 
 class MergeConfig(StageConfig):
@@ -73,46 +71,48 @@ def main(cfg: MergeConfig) -> MergeResult:
         MergeError: not a LoRA adapter, or it does not fit the base.
         RuntimeError: the self-check difference exceeds `max_logit_diff`.
     """
-    out = output_uri(cfg, STAGE)
+    from mmjobs.models.model_dirs import dir_fingerprint, locate_adapter
+
     adapter = locate_adapter(cfg.adapter)
-    fp = fingerprint(STAGE, VERSION, cfg.model_dump(exclude=_NOT_FINGERPRINTED),
+    fp = fingerprint(NAME, VERSION, cfg.model_dump(exclude=_NOT_FINGERPRINTED),
                      dir_fingerprint(cfg.base), dir_fingerprint(adapter))
-    with stage_tracking(cfg, STAGE) as run:
-        manifest = reusable_output(out, fp, cfg.force)
-        if manifest is not None:
-            run.set_tags({"cached": "true"})
-            return _result(out, manifest.meta, cached=True, run_id=run.run_id)
+
+    def merge(stage: StageRun) -> dict:
+        from mmjobs.models.builder import export_model_dir, fetch_dir, saved_dtype
+        from mmjobs.train.merge import merge_lora
+
         outcome = merge_lora(ModelConfig(name_or_path=cfg.base,
                                          trust_remote_code=cfg.trust_remote_code),
                              fetch_dir(adapter, kind="adapters"))
         diff = outcome.max_logit_diff
         if diff is not None and diff > cfg.max_logit_diff:
-            raise RuntimeError(f"{STAGE}: merged logits differ from base+adapter by {diff:.3g} > "
+            raise RuntimeError(f"{NAME}: merged logits differ from base+adapter by {diff:.3g} > "
                                f"max_logit_diff {cfg.max_logit_diff:g}; nothing was committed")
         model = outcome.loaded.model
-        meta = {"stage": STAGE, "base": cfg.base, "adapter": adapter,
+        meta = {"stage": NAME, "base": cfg.base, "adapter": adapter,
                 "num_parameters": sum(p.numel() for p in model.parameters()),
                 "max_logit_diff": diff, "probe": outcome.probe}
-        run.log_metrics({"merged_parameters": meta["num_parameters"],
-                         **({"max_logit_diff": diff} if diff is not None else {})})
-        with staged_output(out, fp, meta=meta) as scratch:
+        stage.run.log_metrics({"merged_parameters": meta["num_parameters"],
+                               **({"max_logit_diff": diff} if diff is not None else {})})
+        with stage.commit(meta) as scratch:
             model.to(saved_dtype(cfg.save_dtype, outcome.loaded.model_dir))
             export_model_dir(model, scratch, source_dir=outcome.loaded.model_dir)
-        log.info("%s: merged %s into %s -> %s (max logit diff %s)", STAGE, adapter, cfg.base,
-                 out, diff)
-        return _result(out, meta, cached=False, run_id=run.run_id)
+        log.info("%s: merged %s into %s -> %s (max logit diff %s)", NAME, adapter, cfg.base,
+                 stage.out, diff)
+        return meta
+
+    return run_stage(cfg, NAME, fp, merge, result=_result)
 
 
-def _result(out: str, meta: dict, *, cached: bool, run_id: str | None) -> MergeResult:
+def _result(out: str, meta: dict, cached: bool, run_id: str | None) -> MergeResult:
     return MergeResult(output=out, cached=cached, mlflow_run_id=run_id, model=out,
                        adapter=meta["adapter"], num_parameters=meta["num_parameters"],
                        max_logit_diff=meta["max_logit_diff"], probe=meta["probe"])
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m mmjobs.stages.merge` / `mmjobs stage merge` (the image entrypoint)."""
-    return stage_cli(STAGE, MergeConfig, main, argv)
-
+STAGE = Stage(name=NAME, config=MergeConfig, result=MergeResult, main=main, image="train",
+              gpu=True, inputs=(Input("base"), Input("adapter")),
+              recipe_defaults=remote_code_defaults)
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(STAGE.cli())

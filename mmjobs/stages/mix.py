@@ -23,19 +23,18 @@ from pydantic import Field
 
 from mmjobs import storage
 from mmjobs.logs import get_logger, progress
-from mmjobs.stages.common import (
+from mmjobs.stage_contract import (
+    Input,
+    Stage,
     StageConfig,
     StageResult,
+    StageRun,
     fingerprint,
     input_fingerprint,
-    output_uri,
-    reusable_output,
-    stage_cli,
-    stage_tracking,
-    staged_output,
+    run_stage,
 )
 
-STAGE = "mix"
+NAME = "mix"
 VERSION = 1  # bump when the output changes for the same inputs
 log = get_logger(__name__)
 
@@ -77,37 +76,37 @@ def main(cfg: MixConfig) -> MixResult:
         problems.append("datasets have different image roots (" + ", ".join(sorted(roots))
                         + "); prepare them with one image_root so their image paths share it")
     if problems:
-        raise ValueError(f"{STAGE}: " + "; ".join(problems))
-    out = output_uri(cfg, STAGE)
-    fp = fingerprint(STAGE, VERSION, [input_fingerprint(d) for d in cfg.datasets])
-    with stage_tracking(cfg, STAGE, tags={"inputs": str(len(cfg.datasets))}) as run:
-        if reusable_output(out, fp, cfg.force) is not None:
-            run.set_tags({"cached": "true"})
-            return _result(out, cached=True, run_id=run.run_id)
+        raise ValueError(f"{NAME}: " + "; ".join(problems))
+    fp = fingerprint(NAME, VERSION, [input_fingerprint(d) for d in cfg.datasets])
+
+    def mix(stage: StageRun) -> dict:
         seen: set[str] = set()
         per_input: list[int] = []
         image_root = roots.pop()
-        with staged_output(out, fp, meta={"stage": STAGE}) as scratch:
+        with stage.commit({"stage": NAME}) as scratch:
             with open(scratch / SAMPLES_FILE, "w", encoding="utf-8") as f:
                 for index, uri in enumerate(cfg.datasets):
                     count = 0
                     rows = iter_jsonl(storage.join(uri, SAMPLES_FILE))
-                    for row in progress(rows, desc=f"{STAGE} {index + 1}/{len(cfg.datasets)}"):
+                    for row in progress(rows, desc=f"{NAME} {index + 1}/{len(cfg.datasets)}"):
                         record = _tagged(row, index, seen, uri)
                         f.write(json.dumps(record, ensure_ascii=False) + "\n")
                         count += 1
                     per_input.append(count)
-            card = {"kind": kinds.pop(), "image_root": image_root, "source_format": STAGE,
+            card = {"kind": kinds.pop(), "image_root": image_root, "source_format": NAME,
                     "inputs": cfg.datasets,
                     "counts": {"input": sum(per_input), "accepted": sum(per_input),
                                "rejected": 0, "by_reason": {}, "per_input": per_input}}
             (scratch / CARD_FILE).write_text(json.dumps(card, indent=1, ensure_ascii=False)
                                              + "\n", encoding="utf-8")
-        run.log_metrics({"samples": sum(per_input),
-                         **{f"samples.input_{i}": n for i, n in enumerate(per_input)}})
-        log.info("%s: %s samples from %d datasets -> %s", STAGE, per_input, len(per_input), out)
-        return MixResult(output=out, cached=False, mlflow_run_id=run.run_id,
-                         samples=sum(per_input), per_input=per_input, image_root=image_root)
+        stage.run.log_metrics({"samples": sum(per_input),
+                               **{f"samples.input_{i}": n for i, n in enumerate(per_input)}})
+        log.info("%s: %s samples from %d datasets -> %s", NAME, per_input, len(per_input),
+                 stage.out)
+        return card
+
+    return run_stage(cfg, NAME, fp, mix, result=_result, reused=_card,
+                     tags={"inputs": str(len(cfg.datasets))})
 
 
 def _tagged(row: Any, index: int, seen: set[str], uri: str) -> dict[str, Any]:
@@ -117,26 +116,27 @@ def _tagged(row: Any, index: int, seen: set[str], uri: str) -> dict[str, Any]:
     record = dict(row.data)
     record_id = str(record.get("id"))
     if record_id in seen:
-        raise ValueError(f"{STAGE}: id {record_id!r} occurs in more than one input (again in "
+        raise ValueError(f"{NAME}: id {record_id!r} occurs in more than one input (again in "
                          f"{uri}); give the prepare steps distinct id_prefix options")
     seen.add(record_id)
     record["meta"] = {**(record.get("meta") or {}), "mix_source": index}
     return record
 
 
-def _result(out: str, *, cached: bool, run_id: str | None) -> MixResult:
+def _card(out: str, manifest: storage.Manifest, run: Any) -> dict[str, Any]:
     from mmjobs.data.records import CARD_FILE
 
-    card = json.loads(storage.read_text(storage.join(out, CARD_FILE)))
+    return json.loads(storage.read_text(storage.join(out, CARD_FILE)))
+
+
+def _result(out: str, card: dict[str, Any], cached: bool, run_id: str | None) -> MixResult:
     per_input = card["counts"]["per_input"]
     return MixResult(output=out, cached=cached, mlflow_run_id=run_id, samples=sum(per_input),
                      per_input=per_input, image_root=card.get("image_root"))
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m mmjobs.stages.mix` / `mmjobs stage mix` (the image entrypoint)."""
-    return stage_cli(STAGE, MixConfig, main, argv)
-
+STAGE = Stage(name=NAME, config=MixConfig, result=MixResult, main=main, image="data",
+              inputs=(Input("datasets", type=list),))
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(STAGE.cli())

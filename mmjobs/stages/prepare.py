@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import tempfile
 from datetime import UTC, datetime
@@ -35,29 +34,24 @@ from typing import Any
 from pydantic import Field
 
 from mmjobs import storage
-from mmjobs.data.archives import (
-    DEFAULT_MAX_MEMBERS,
-    DEFAULT_MAX_TOTAL_BYTES,
-    extract_archive,
-    is_archive,
-)
-from mmjobs.data.converters import IMAGES_DIR, ConvertContext, Converter, get_converter
-from mmjobs.data.records import CARD_FILE, REJECTS_FILE, SAMPLES_FILE, JsonlWriter, Reject
-from mmjobs.data.validate import DEFAULT_MAX_IMAGE_PIXELS, Validator
-from mmjobs.logs import get_logger, progress
-from mmjobs.stages.common import (
+from mmjobs.data.archives import DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_BYTES
+from mmjobs.data.converters import IMAGES_DIR, ConvertContext, get_converter
+from mmjobs.data.records import CARD_FILE, REJECTS_FILE, SAMPLES_FILE
+from mmjobs.data.validate import DEFAULT_MAX_IMAGE_PIXELS
+from mmjobs.logs import get_logger
+from mmjobs.recipe import RecipeConfig
+from mmjobs.stage_contract import (
+    RUN_FIELDS,
+    Stage,
     StageConfig,
     StageResult,
+    StageRun,
     fingerprint,
     input_fingerprint,
-    output_uri,
-    reusable_output,
-    stage_cli,
-    stage_tracking,
-    staged_output,
+    run_stage,
 )
 
-STAGE = "prepare"
+NAME = "prepare"
 VERSION = 2  # bump when checks or the output format change: invalidates cached outputs
 FAILED_DIR = "_rejected"
 log = get_logger(__name__)
@@ -128,162 +122,63 @@ class PrepareResult(StageResult):
 
 
 # Fields that do not change the output (where it goes, how it is tracked, how fast).
-_NOT_FINGERPRINTED = {"experiment", "pipeline_run_id", "output", "recipe", "parent_run_id",
-                      "force", "image_workers"}
+_NOT_FINGERPRINTED = RUN_FIELDS | {"image_workers"}
 
 
 def main(cfg: PrepareConfig) -> PrepareResult:
     """Run the stage; see the module docstring. Raises `PrepareError` on too many rejects."""
+    from mmjobs.data.conversion import resolve_source, write_dataset
+    from mmjobs.data.validate import Validator
+
     try:
         converter = get_converter(cfg.source_format)
     except KeyError as e:
         raise ValueError(f"source_format: {e.args[0]}") from None
-    out = output_uri(cfg, STAGE)
-    fp = fingerprint(STAGE, VERSION, cfg.model_dump(exclude=_NOT_FINGERPRINTED),
+    fp = fingerprint(NAME, VERSION, cfg.model_dump(exclude=_NOT_FINGERPRINTED),
                      input_fingerprint(cfg.input) if cfg.input else None)
-    with stage_tracking(cfg, STAGE, tags={"source_format": cfg.source_format}) as run:
-        if reusable_output(out, fp, cfg.force) is not None:
-            card = json.loads(storage.read_text(storage.join(out, CARD_FILE)))
-            run.set_tags({"cached": "true"})
-            _log_counts(run, card)
-            return _result(out, card, cached=True, run_id=run.run_id)
-        # Un-commit any older output here now, so a failure below never leaves one that looks
-        # current (put_dir would do this too, but only on success).
-        storage.delete(storage.join(out, storage.MANIFEST_NAME))
-        with tempfile.TemporaryDirectory(prefix="mmjobs-prepare-",
-                                         dir=os.environ.get("MMJOBS_TMP")) as work:
-            source, root, copy_images = _resolve_source(cfg, Path(work))
-            meta = {"stage": STAGE, "kind": converter.kind, "source_format": cfg.source_format}
-            with staged_output(out, fp, meta=meta) as scratch:
-                card = _convert(cfg, converter, source, root, copy_images, scratch, out)
-                _log_counts(run, card)
-                run.log_artifact(scratch / REJECTS_FILE)
-                run.log_artifact(scratch / CARD_FILE)
-                _check_rejects(cfg, card, scratch, out)
-                storage.delete(storage.join(out, FAILED_DIR))  # from an earlier failed run
-        return _result(out, card, cached=False, run_id=run.run_id)
-
-
-def _resolve_source(cfg: PrepareConfig, work: Path) -> tuple[str | None, str | None, bool]:
-    """(converter input, image root, copy images into the output?) for this config.
-
-    Archives are downloaded and extracted under `work`; their images are copied into the
-    output because `work` is deleted when the stage ends. Explicit paths into an archive
-    (`archive_path`, a relative `image_root`) follow the archive's own layout.
-    """
-    if cfg.input is None or not is_archive(cfg.input):
-        root = cfg.image_root or (_default_root(cfg.input) if cfg.input else None)
-        return cfg.input, root, False
-    local = work / "download" / os.path.basename(cfg.input.rstrip("/"))
-    storage.get_file(cfg.input, local)
-    extracted = extract_archive(local, work / "extracted", max_total_bytes=cfg.max_archive_bytes,
-                                max_members=cfg.max_archive_members).target
-    local.unlink()
-    log.info("%s: extracted to %s", cfg.input, extracted)
-    if cfg.archive_path:
-        source = _inside(extracted, cfg.archive_path, "archive_path", cfg.input)
-    else:
-        entries = list(extracted.iterdir())
-        # `tar czf data.tgz data/` -> read inside data/
-        source = entries[0] if len(entries) == 1 and entries[0].is_dir() else extracted
-    root = cfg.image_root
-    if root is None:
-        root = str(source if source.is_dir() else source.parent)
-    elif not storage.is_s3(root) and not os.path.isabs(root):
-        root = str(_inside(extracted, root, "image_root", cfg.input))
-    inside = not storage.is_s3(root) and Path(root).resolve().is_relative_to(work.resolve())
-    return str(source), root, inside
-
-
-def _inside(extracted: Path, rel: str, field: str, archive: str) -> Path:
-    """`extracted / rel`, which must exist and stay inside the extracted folder."""
-    path = (extracted / rel).resolve()
-    if not path.is_relative_to(extracted.resolve()) or not path.exists():
-        listing = ", ".join(sorted(p.name for p in extracted.iterdir())[:10])
-        raise ValueError(f"{field}={rel!r} is not a path inside the archive {archive} (its top "
-                         f"level holds: {listing})")
-    return path
-
-
-def _default_root(uri: str) -> str:
-    """The input itself if it is a folder/prefix, else the folder holding it."""
-    loc = storage.parse(uri)
-    if loc.scheme == "file":
-        path = Path(loc.key)
-        return str(path if path.is_dir() else path.parent)
-    if next(storage.list_objects(uri), None) is not None:  # objects under uri/: a prefix
-        return str(loc)
-    return str(loc).rsplit("/", 1)[0]
-
-
-def _convert(cfg: PrepareConfig, converter: Converter, source: str | None, root: str | None,
-             copy_images: bool, scratch: Path, out: str) -> dict[str, Any]:
-    """Run converter + validator, write samples/rejects/card into `scratch`; return the card."""
     options = {**cfg.options, **({"num": cfg.num} if cfg.num is not None else {})}
-    ctx = ConvertContext(input=source, image_root=root, output_images=scratch / IMAGES_DIR,
-                         options=options, seed=cfg.seed)
-    # Drawn images live in the output; validate them there, where the records point.
-    check_root = str(scratch) if converter.draws_images else root
     in_responses = converter.images_in_responses if cfg.images_in_responses is None else \
         cfg.images_in_responses
-    validator = Validator(check_root, kind=converter.kind, max_image_pixels=cfg.max_image_pixels,
-                          check_images=cfg.check_images, workers=cfg.image_workers,
-                          images_in_responses=in_responses)
-    rows_in = 0
 
-    def counted():  # counts what the converter yields, independently of the validator
-        nonlocal rows_in
-        for item in converter.fn(ctx):
-            rows_in += 1
-            yield item
+    def prepare(stage: StageRun) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="mmjobs-prepare-",
+                                         dir=os.environ.get("MMJOBS_TMP")) as work:
+            source, root, copy_images = resolve_source(
+                cfg.input, Path(work), image_root=cfg.image_root, archive_path=cfg.archive_path,
+                max_archive_bytes=cfg.max_archive_bytes,
+                max_archive_members=cfg.max_archive_members)
+            meta = {"stage": NAME, "kind": converter.kind, "source_format": cfg.source_format}
+            with stage.commit(meta) as scratch:
+                ctx = ConvertContext(input=source, image_root=root,
+                                     output_images=scratch / IMAGES_DIR, options=options,
+                                     seed=cfg.seed)
+                # Drawn images live in the output; validate them there, where records point.
+                validator = Validator(str(scratch) if converter.draws_images else root,
+                                      kind=converter.kind, max_image_pixels=cfg.max_image_pixels,
+                                      check_images=cfg.check_images, workers=cfg.image_workers,
+                                      images_in_responses=in_responses)
+                card = write_dataset(
+                    converter, ctx, validator, scratch, out=stage.out,
+                    copy_from=root if copy_images else None, desc=f"{NAME} {cfg.source_format}",
+                    card={"source_format": cfg.source_format, "input": cfg.input,
+                          "options": options, "seed": cfg.seed,
+                          "created": datetime.now(UTC).isoformat(timespec="seconds")})
+                _log_counts(stage.run, card)
+                stage.run.log_artifact(scratch / REJECTS_FILE)
+                stage.run.log_artifact(scratch / CARD_FILE)
+                _check_rejects(cfg, card, scratch, stage.out)
+                storage.delete(storage.join(stage.out, FAILED_DIR))  # an earlier failed run's
+        return card
 
-    with JsonlWriter(scratch / SAMPLES_FILE) as samples, \
-            JsonlWriter(scratch / REJECTS_FILE) as rejects:
-        for item in progress(validator.run(counted()), desc=f"{STAGE} {cfg.source_format}"):
-            if isinstance(item, Reject):
-                rejects.write(item)
-            else:
-                samples.write(_copy_images(item, root, scratch) if copy_images else item)
-    stats = validator.stats
-    reconciled = rows_in == stats.rows == samples.count + rejects.count
-    if not reconciled or stats.accepted != samples.count:
-        raise RuntimeError(f"{STAGE}: internal error: counts do not reconcile (converter "
-                           f"yielded {rows_in}, validator saw {stats.rows}, wrote "
-                           f"{samples.count} samples + {rejects.count} rejects); please report")
-    image_root = out if converter.draws_images or copy_images else root
-    card = {
-        "kind": converter.kind,
-        "counts": {"input": rows_in, "accepted": samples.count, "rejected": rejects.count,
-                   "by_reason": dict(stats.by_reason.most_common())},
-        "image_root": str(storage.parse(image_root)) if image_root else None,
-        "source_format": cfg.source_format,
-        "input": cfg.input,
-        "options": options,
-        "seed": cfg.seed,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    (scratch / CARD_FILE).write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n",
-                                     encoding="utf-8")
-    return card
+    def reused(out: str, manifest: storage.Manifest, run: Any) -> dict[str, Any]:
+        card = json.loads(storage.read_text(storage.join(out, CARD_FILE)))
+        _log_counts(run, card)
+        return card
 
-
-def _copy_images(record: Any, root: str | None, scratch: Path) -> Any:
-    """Copy a record's images (validated: safe, local) into the output; repoint its paths."""
-    update = {}
-    for name in ("images", "chosen_images", "rejected_images"):
-        paths = getattr(record, name, None)
-        if not paths:
-            continue
-        for path in paths:
-            dest = scratch / IMAGES_DIR / path
-            if not dest.exists():
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                try:  # same filesystem as the extraction: a hard link costs no space
-                    os.link(Path(root or "", path), dest)
-                except OSError:
-                    shutil.copyfile(Path(root or "", path), dest)
-        update[name] = [f"{IMAGES_DIR}/{p}" for p in paths]
-    return record.model_copy(update=update) if update else record
+    # Un-commit any older output first, so a failure never leaves one that looks current
+    # (put_dir would do this too, but only on success).
+    return run_stage(cfg, NAME, fp, prepare, result=_result, reused=reused,
+                     tags={"source_format": cfg.source_format}, uncommit_first=True)
 
 
 def _check_rejects(cfg: PrepareConfig, card: dict[str, Any], scratch: Path, out: str) -> None:
@@ -298,12 +193,12 @@ def _check_rejects(cfg: PrepareConfig, card: dict[str, Any], scratch: Path, out:
         storage.put_file(scratch / name, storage.join(failed, name))
     where = f"see {storage.join(failed, REJECTS_FILE)}"
     if not total:
-        raise PrepareError(f"{STAGE}: converter {cfg.source_format!r} produced no rows from "
+        raise PrepareError(f"{NAME}: converter {cfg.source_format!r} produced no rows from "
                            f"{cfg.input}; check input and source_format")
     top = ", ".join(f"{code} {n}" for code, n in list(counts["by_reason"].items())[:5])
     if not counts["accepted"]:
-        raise PrepareError(f"{STAGE}: all {total} rows rejected; top reasons: {top}; {where}")
-    raise PrepareError(f"{STAGE}: {rejected} of {total} rows rejected ({fraction:.1%}) > "
+        raise PrepareError(f"{NAME}: all {total} rows rejected; top reasons: {top}; {where}")
+    raise PrepareError(f"{NAME}: {rejected} of {total} rows rejected ({fraction:.1%}) > "
                        f"max_reject_fraction {cfg.max_reject_fraction:.1%}; top reasons: {top}; "
                        f"{where} (fix the data, or raise max_reject_fraction if these rows may "
                        "be dropped)")
@@ -319,7 +214,7 @@ def _log_counts(run: Any, card: dict[str, Any]) -> None:
                        "rows": list(counts["by_reason"].values())}, "reject_reasons.json")
 
 
-def _result(out: str, card: dict[str, Any], *, cached: bool, run_id: str | None) -> PrepareResult:
+def _result(out: str, card: dict[str, Any], cached: bool, run_id: str | None) -> PrepareResult:
     counts = card["counts"]
     return PrepareResult(
         output=out, cached=cached, mlflow_run_id=run_id, kind=card["kind"],
@@ -328,21 +223,22 @@ def _result(out: str, card: dict[str, Any], *, cached: bool, run_id: str | None)
         samples=storage.join(out, SAMPLES_FILE), rejects=storage.join(out, REJECTS_FILE))
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m mmjobs.stages.prepare` / `mmjobs stage prepare` (the image entrypoint).
+def recipe_defaults(recipe: RecipeConfig, step: str) -> dict[str, Any]:
+    """The recipe's `data` section (source_format, input) describes the step named `prepare`
+    only: recipes with several prepare steps give each its own section."""
+    data = recipe.data
+    if step != "prepare" or data is None:
+        return {}
+    values = {"source_format": data.source_format, "input": data.input,
+              "max_reject_fraction": data.max_reject_fraction}
+    return {k: v for k, v in values.items() if v is not None}
 
-    Exit 1 with one line on stderr (no traceback) when the input cannot be converted: a broken
-    file (`MalformedInputError` names the row and byte), too many rejects, a bad option.
-    Nothing is committed then.
-    """
-    try:
-        return stage_cli(STAGE, PrepareConfig, main, argv)
-    except (PrepareError, ValueError, storage.StoreError) as e:
-        log.debug("prepare failed", exc_info=True)
-        message = str(e).removeprefix(f"{STAGE}: ")  # PrepareError's own prefix
-        print(f"mmjobs {STAGE}: {message}", file=sys.stderr)
-        return 1
 
+# Bad input is one line on stderr (no traceback), exit 1: a broken file (`MalformedInputError`
+# names the row and byte), too many rejects, a bad option; nothing is committed then.
+STAGE = Stage(name=NAME, config=PrepareConfig, result=PrepareResult, main=main, image="data",
+              recipe_defaults=recipe_defaults,
+              errors=(PrepareError, ValueError, storage.StoreError))
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(STAGE.cli())

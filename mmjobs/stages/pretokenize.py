@@ -23,17 +23,19 @@ from pydantic import Field
 from mmjobs import settings, storage
 from mmjobs.data.conversation import FORMAT_HELP, ConversationFormatName, NoChatTemplateError
 from mmjobs.logs import get_logger
-from mmjobs.stages.common import (
+from mmjobs.recipe import RecipeConfig, conversation_format_defaults, remote_code_defaults
+from mmjobs.stage_contract import (
+    Input,
+    Stage,
     StageConfig,
     StageResult,
     fingerprint,
     input_fingerprint,
     reusable_output,
-    stage_cli,
     stage_tracking,
 )
 
-STAGE = "pretokenize"
+NAME = "pretokenize"
 # Bump when the shard contents change for the same inputs. 2: conversation formats; BOS added
 # for templates that do not write it (llava-hf's).
 FORMAT_VERSION = 2
@@ -99,7 +101,7 @@ def main(cfg: PretokenizeConfig) -> PretokenizeResult:
     # Images outside the dataset directory are not covered by its manifest.
     inside = (image_root.rstrip("/") + "/").startswith(cfg.dataset.rstrip("/") + "/")
     image_fp = None if inside else input_fingerprint(image_root)
-    fp = fingerprint(STAGE, FORMAT_VERSION, dataset_fp, image_fp, processor_fp,
+    fp = fingerprint(NAME, FORMAT_VERSION, dataset_fp, image_fp, processor_fp,
                      _chat_and_versions(model_dir, cfg.trust_remote_code),
                      cfg.max_length, cfg.shard_size, cfg.conversation_format, cfg.truncate)
     if cfg.output and cfg.cache_root:
@@ -109,7 +111,7 @@ def main(cfg: PretokenizeConfig) -> PretokenizeResult:
     meta = {"model": cfg.model, "processor_fingerprint": processor_fp,
             "dataset_fingerprint": dataset_fp}
 
-    with stage_tracking(cfg, STAGE, tags={"pretokenize.output": out}) as run:
+    with stage_tracking(cfg, NAME, tags={"pretokenize.output": out}) as run:
         cached = reusable_output(out, fp, cfg.force) is not None
         reused = 0
         if cached:
@@ -173,14 +175,19 @@ def _metrics(card: dict[str, Any], cached: bool, seconds: float) -> dict[str, fl
             **{f"rejected_{reason}": n for reason, n in card["rejected_by_reason"].items()}}
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m mmjobs.stages.pretokenize` / `mmjobs stage pretokenize` (image entrypoint)."""
-    try:
-        return stage_cli(STAGE, PretokenizeConfig, main, argv)
-    except NoChatTemplateError as e:  # a setting to choose, not a crash
-        print(f"mmjobs stage {STAGE}: {e}", file=sys.stderr)
-        return 2
+def recipe_defaults(recipe: RecipeConfig, step: str) -> dict[str, Any]:
+    """The recipe's `data.max_length`, whether the model needs its own code and the
+    conversation format (prompts at inference are rendered alike)."""
+    return {**({"max_length": recipe.data.max_length} if recipe.data else {}),
+            **remote_code_defaults(recipe), **conversation_format_defaults(recipe)}
 
+
+# Writes to its content-addressed cache ({store}/cache/pretokenized/<fingerprint>), not to
+# the step's folder; an interrupted run resumes from its finished shards.
+STAGE = Stage(name=NAME, config=PretokenizeConfig, result=PretokenizeResult, main=main,
+              image="data", resumable=True, own_output=False,
+              inputs=(Input("dataset"), Input("model")), recipe_defaults=recipe_defaults,
+              usage_errors=(NoChatTemplateError,))  # a setting to choose, not a crash
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(STAGE.cli())

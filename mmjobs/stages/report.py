@@ -28,18 +28,16 @@ from pydantic import Field
 from mmjobs import storage
 from mmjobs.report import REPORT_JSON, REPORT_MD, ReportError, ReportOptions, build_report
 from mmjobs.report.collect import Collected, collect
-from mmjobs.stages.common import (
+from mmjobs.stage_contract import (
+    Stage,
     StageConfig,
     StageResult,
+    StageRun,
     fingerprint,
-    output_uri,
-    reusable_output,
-    stage_cli,
-    stage_tracking,
-    staged_output,
+    run_stage,
 )
 
-STAGE = "report"
+NAME = "report"
 VERSION = 1  # bump when the report's contents change: invalidates reused reports
 _NOT_FINGERPRINTED = {"pipeline_run_id", "output", "recipe", "force"}
 
@@ -86,25 +84,25 @@ def main(cfg: ReportConfig) -> ReportResult:
     # Collect before opening the stage's run: a mistyped experiment name must fail here,
     # not get created by the tracker.
     collected = collect(cfg.experiment, cfg.parent_run_id, max_runs=cfg.max_runs)
-    out = output_uri(cfg, STAGE)
-    fp = fingerprint(STAGE, VERSION, cfg.model_dump(mode="json", exclude=_NOT_FINGERPRINTED),
+    fp = fingerprint(NAME, VERSION, cfg.model_dump(mode="json", exclude=_NOT_FINGERPRINTED),
                      _state(collected))
     scope = cfg.parent_run_id or "experiment"
-    with stage_tracking(cfg, STAGE, tags={"report.scope": scope}) as run:
-        if reusable_output(out, fp, cfg.force) is not None:
-            run.set_tags({"cached": "true"})
-            with tempfile.TemporaryDirectory(prefix="mmjobs-report-") as tmp:
-                storage.get_dir(out, tmp)
-                info = _log_files(run, Path(tmp))
-            return _result(out, info, cached=True, run_id=run.run_id)
-        storage.delete(storage.join(out, storage.MANIFEST_NAME))  # never leave a stale one
+
+    def report(stage: StageRun) -> dict[str, Any]:
         options = ReportOptions(title=cfg.title or _title(cfg), sweep_params=cfg.sweep_params,
                                 headline_metrics=cfg.headline_metrics,
                                 max_series=cfg.max_series)
-        with staged_output(out, fp, meta={"stage": STAGE, "scope": scope}) as scratch:
+        with stage.commit({"stage": NAME, "scope": scope}) as scratch:
             build_report(collected, scratch, options)
-            info = _log_files(run, scratch)
-        return _result(out, info, cached=False, run_id=run.run_id)
+            return _log_files(stage.run, scratch)
+
+    def reused(out: str, manifest: storage.Manifest, run: Any) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="mmjobs-report-") as tmp:
+            storage.get_dir(out, tmp)
+            return _log_files(run, Path(tmp))
+
+    return run_stage(cfg, NAME, fp, report, result=_result, reused=reused,
+                     tags={"report.scope": scope}, uncommit_first=True)
 
 
 def _title(cfg: ReportConfig) -> str:
@@ -134,7 +132,7 @@ def _log_files(run: Any, folder: Path) -> dict[str, Any]:
     return info
 
 
-def _result(out: str, info: dict[str, Any], *, cached: bool, run_id: str | None) -> ReportResult:
+def _result(out: str, info: dict[str, Any], cached: bool, run_id: str | None) -> ReportResult:
     return ReportResult(
         output=out, cached=cached, mlflow_run_id=run_id,
         report_md=storage.join(out, REPORT_MD), report_json=storage.join(out, REPORT_JSON),
@@ -143,17 +141,8 @@ def _result(out: str, info: dict[str, Any], *, cached: bool, run_id: str | None)
         runs=info["counts"]["runs"], skipped=info["counts"]["skipped"])
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m mmjobs.stages.report` / `mmjobs stage report` (the image entrypoint).
-
-    Exits 1 with the reason on stderr when the experiment or parent run does not exist.
-    """
-    try:
-        return stage_cli(STAGE, ReportConfig, main, argv)
-    except ReportError as e:
-        print(f"mmjobs report: {e}", file=sys.stderr)
-        return 1
-
+STAGE = Stage(name=NAME, config=ReportConfig, result=ReportResult, main=main, image="eval",
+              errors=(ReportError,))
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(STAGE.cli())

@@ -14,14 +14,11 @@ train on prompt shards (pretokenize of a `kind: prompt` dataset), sampling and s
 responses as they go (`mmjobs.train.rl`); `ptx_data` (SFT shards) adds a next-token loss.
 
 Outputs under `output` (default `{store}/{experiment}/{pipeline_run_id}/train`):
-- `checkpoints/step-N/` — resumable state every `train.checkpoint_every_steps`, committed with
-  a manifest; the newest is resumed from automatically (`resume: true`), the last
-  `train.keep_last_checkpoints` are kept;
-- `final/` — committed last: `adapter/` (LoRA, peft format, with the connector when it
-  trained), `model/` (full fine-tune, with the processor), `connector/` (align;
-  `mmjobs.train.moe.save_connector` format) or `reward_model/` (rm; see
-  `mmjobs.train.reward_model`, loaded with `load_reward_model`), plus `train_info.json`; ppo
-  adds the critic's `value_head.safetensors` next to the policy's adapter/ or model/.
+`checkpoints/step-N/`, resumable state every `train.checkpoint_every_steps` (the newest is
+resumed from automatically, `resume: true`; the last `train.keep_last_checkpoints` are kept),
+and `final/`, committed last, with what was trained and `train_info.json` (see
+`mmjobs.train.outputs`). With `cluster.nodes` > 1 the pipeline step launches this stage as a
+multi-node job instead (`launch`, `mmjobs.train.multinode`).
 
 A re-run whose `final/` was made from the same inputs (fingerprint) is a no-op. SIGTERM (pod
 preemption) commits a checkpoint at the next step boundary and exits with code 143; running
@@ -31,7 +28,7 @@ the same command again resumes from it.
 from __future__ import annotations
 
 import contextlib
-import io
+import json
 import sys
 from typing import Any
 
@@ -40,26 +37,28 @@ from pydantic import Field, model_validator
 from mmjobs import storage
 from mmjobs.config import ModelConfig
 from mmjobs.config_base import config_problems
+from mmjobs.layout import CHECKPOINTS_DIR, FINAL_DIR
 from mmjobs.logs import get_logger
-from mmjobs.stages.common import (
+from mmjobs.recipe import RecipeConfig
+from mmjobs.stage_contract import (
+    Input,
+    Stage,
     StageConfig,
     StageResult,
-    fingerprint,
-    input_fingerprint,
     output_uri,
     reusable_output,
-    stage_cli,
     stage_tracking,
 )
 from mmjobs.train.methods import (
-    RL_MODES,
     SftConfig,
     TrainConfig,
-    fingerprinted_settings,
     stage_input_problems,
+    step_defaults,
+    unused_in_steps,
 )
+from mmjobs.train.outputs import TrainingPreempted, inputs_fingerprint
 
-STAGE = "train"
+NAME = "train"
 VERSION = 1  # bump when the training semantics change for the same config
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what Kubernetes and shells expect
 log = get_logger(__name__)
@@ -123,21 +122,8 @@ class TrainResult(StageResult):
 
 def train_fingerprint(cfg: TrainStageConfig) -> str:
     """Fingerprint of everything that decides the trained weights."""
-    try:
-        model_fp = input_fingerprint(cfg.model.name_or_path)
-    except (storage.StoreError, FileNotFoundError):
-        model_fp = cfg.model.name_or_path  # a hub id: its name (and revision) is the identity
-    # The settings in the shape they had before per-method configs: earlier results and
-    # checkpoints stay reusable.
-    parts: list[Any] = [STAGE, VERSION, cfg.model.model_dump(mode="json"), model_fp,
-                        input_fingerprint(cfg.data),
-                        input_fingerprint(cfg.eval_data) if cfg.eval_data else None,
-                        fingerprinted_settings(cfg.train)]
-    if cfg.train.mode in RL_MODES:  # what the rewards and the ptx loss are computed from
-        reward_model = cfg.train.rl.reward.model
-        parts += [input_fingerprint(reward_model) if reward_model else None,
-                  input_fingerprint(cfg.ptx_data) if cfg.ptx_data else None]
-    return fingerprint(*parts)
+    return inputs_fingerprint(NAME, VERSION, model=cfg.model, data=cfg.data,
+                              eval_data=cfg.eval_data, train=cfg.train, ptx_data=cfg.ptx_data)
 
 
 def main(cfg: TrainStageConfig) -> TrainResult:
@@ -147,55 +133,34 @@ def main(cfg: TrainStageConfig) -> TrainResult:
         TrainingPreempted: SIGTERM stopped training after committing a checkpoint.
         ConfigError: bad combinations in `cfg.train`.
     """
-    from mmjobs.train.checkpoint import CHECKPOINTS_DIR, TrainingPreempted
     from mmjobs.train.distributed import NullRun, env_dist_info
-    from mmjobs.train.trainer import FINAL_DIR, TrainRecipe
+    from mmjobs.train.outputs import publish_final
+    from mmjobs.train.run import run_training
 
-    out = output_uri(cfg, STAGE)
+    out = output_uri(cfg, NAME)
     final = storage.join(out, FINAL_DIR)
     fp = train_fingerprint(cfg)
     main_rank = env_dist_info().is_main
     tags = {"train.output": out, "train.final_uri": final, "train.mode": cfg.train.mode}
-    tracking = stage_tracking(cfg, STAGE, tags=tags) if main_rank else contextlib.nullcontext(
+    tracking = stage_tracking(cfg, NAME, tags=tags) if main_rank else contextlib.nullcontext(
         NullRun())
     with tracking as run:
         manifest = reusable_output(final, fp, cfg.force)
         if manifest is not None:
             run.set_tags({"cached": "true"})
-            return _cached_result(out, final, manifest.meta, run.run_id)
-        common = {"model": cfg.model, "data": cfg.data, "eval_data": cfg.eval_data,
-                  "train": cfg.train, "output": out, "fingerprint": fp, "resume": cfg.resume,
-                  "run": run}
-        if cfg.train.mode in RL_MODES:
-            from mmjobs.train.rl import RLRecipe
-
-            recipe: TrainRecipe = RLRecipe(ptx_data=cfg.ptx_data, **common)
-        else:
-            recipe = TrainRecipe(**common)
-        try:
-            recipe.setup()
-            summary = recipe.train()
-            outputs = recipe.save_final()
-        except TrainingPreempted as e:
-            run.set_tags({"preempted_at_step": e.step})
-            run.end("KILLED")
-            raise
-        finally:
-            recipe.cleanup()
-        run.log_metrics({"final_loss": summary.final_loss or 0.0, "train_steps": summary.steps,
-                         "train_seconds": summary.seconds, "train_tokens": summary.tokens,
-                         **({"final_eval_loss": summary.eval_loss}
-                            if summary.eval_loss is not None else {}),
-                         **{f"final_{k}": v for k, v in (summary.eval_metrics or {}).items()}},
-                        step=summary.steps)
+            log.info("train: %s already holds the result for these inputs; nothing to do", final)
+            return _final_result(out, manifest.meta, cached=True, run_id=run.run_id)
+        summary, outputs = run_training(model=cfg.model, data=cfg.data,
+                                        eval_data=cfg.eval_data, train=cfg.train, output=out,
+                                        fingerprint=fp, resume=cfg.resume, run=run,
+                                        ptx_data=cfg.ptx_data)
         if main_rank:
-            _log_outputs(cfg, run, outputs)
+            publish_final(run, outputs["final"], log_artifacts=cfg.log_model_artifacts,
+                          registered_model_name=cfg.registered_model_name)
         run_id = run.run_id
+    parts = ("adapter", "model", "connector", "reward_model", "value_head")
     return TrainResult(output=out, mlflow_run_id=run_id, final=final,
-                       adapter=outputs.get("adapter"), model=outputs.get("model"),
-                       connector=outputs.get("connector"),
-                       reward_model=outputs.get("reward_model"),
-                       value_head=outputs.get("value_head"),
+                       **{part: outputs.get(part) for part in parts},
                        checkpoints=storage.join(out, CHECKPOINTS_DIR), steps=summary.steps,
                        final_loss=summary.final_loss, eval_loss=summary.eval_loss,
                        eval_metrics=summary.eval_metrics or {},
@@ -203,75 +168,85 @@ def main(cfg: TrainStageConfig) -> TrainResult:
                        seconds=round(summary.seconds, 3))
 
 
-def _log_outputs(cfg: TrainStageConfig, run: Any, outputs: dict[str, str]) -> None:
-    """Artifacts and model registration (optional; tracking never fails the stage)."""
-    final = outputs["final"]
-    run.log_params({"train.final_uri": final})
-    if cfg.log_model_artifacts and not storage.is_s3(final):
-        run.log_artifact(storage.parse(final).key, artifact_path=None)
-    elif cfg.log_model_artifacts:
-        log.warning("log_model_artifacts: final/ is in S3 (%s); not copying it into MLflow",
-                    final)
-    if cfg.registered_model_name and run.run_id:
-        try:
-            from mlflow import MlflowClient
+def _final_result(out: str, meta: dict[str, Any], *, cached: bool, run_id: str | None = None,
+                  launched: bool = False) -> TrainResult:
+    """The result of a committed `final/` (reused here, or left by a multi-node job)."""
+    from mmjobs.train.outputs import PARTS, read_train_info
 
-            from mmjobs import settings
-
-            client = MlflowClient(settings.tracking_uri())
-            with contextlib.suppress(Exception):  # already exists
-                client.create_registered_model(cfg.registered_model_name)
-            version = client.create_model_version(cfg.registered_model_name, source=final,
-                                                  run_id=run.run_id)
-            run.set_tags({"registered_model": f"{cfg.registered_model_name}/{version.version}"})
-            log.info("registered %s as %s version %s", final, cfg.registered_model_name,
-                     version.version)
-        except Exception as e:  # the registry is optional; the result is in the store
-            log.warning("could not register %s as %s: %s", final, cfg.registered_model_name, e)
-
-
-def _cached_result(out: str, final: str, meta: dict[str, Any], run_id: str | None) -> TrainResult:
-    from mmjobs.train.checkpoint import CHECKPOINTS_DIR
-    from mmjobs.train.trainer import INFO_FILE
-
-    info = {}
-    with contextlib.suppress(storage.StoreError, ValueError):
-        import json
-
-        info = json.loads(storage.read_text(storage.join(final, INFO_FILE)))
-    parts = {k: storage.join(final, v) for k, v in info.get("outputs", {}).items()}
-    log.info("train: %s already holds the result for these inputs; nothing to do", final)
-    return TrainResult(output=out, cached=True, mlflow_run_id=run_id, final=final,
+    final = storage.join(out, FINAL_DIR)
+    info = read_train_info(final, strict=launched)
+    parts = {k: v for k, v in info["parts"].items() if k in PARTS or not launched}
+    return TrainResult(output=out, cached=cached, mlflow_run_id=run_id, final=final,
                        checkpoints=storage.join(out, CHECKPOINTS_DIR),
                        steps=int(info.get("steps", meta.get("steps", 0))),
                        final_loss=info.get("final_loss"),
                        eval_metrics=info.get("eval_metrics") or {}, **parts)
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`python -m mmjobs.stages.train` / `mmjobs stage train` (the image entrypoint).
+# --------------------------------------------------------------------------- multi-node
 
-    Exits 143 after a SIGTERM checkpoint (Kubernetes then restarts or reschedules the pod),
-    2 on config errors.
-    """
-    from mmjobs.config import ConfigError
-    from mmjobs.train.checkpoint import TrainingPreempted
-    from mmjobs.train.distributed import env_dist_info
 
-    # Under torchrun every rank runs this; only rank 0 prints the result line the pipeline
-    # component reads.
-    quiet = contextlib.redirect_stdout(io.StringIO()) if not env_dist_info().is_main else \
-        contextlib.nullcontext()
+def job_manifest(cfg: TrainStageConfig, **job: Any) -> dict[str, Any]:
+    """The TrainJob / PyTorchJob `launch` creates (see `mmjobs.train.multinode.build_manifest`
+    for `job`'s keys)."""
+    from mmjobs.train.multinode import build_manifest
+
+    return build_manifest(cfg, out=output_uri(cfg, NAME), **job)
+
+
+def launch(cfg: TrainStageConfig, **job: Any) -> TrainResult:
+    """Run this stage as a multi-node job (TrainJob or PyTorchJob) and wait for its result;
+    `job`: nodes, gpus_per_node, image, settings, ... of `launch_multinode`."""
+    from mmjobs.train.multinode import launch_multinode
+
+    out = output_uri(cfg, NAME)
     try:
-        with quiet:
-            return stage_cli(STAGE, TrainStageConfig, main, argv)
-    except TrainingPreempted as e:
-        log.warning("train: %s", e)
-        return EXIT_PREEMPTED
-    except ConfigError as e:  # combinations found once the data and model are known
-        print(e, file=sys.stderr)
-        return 2
+        fp = train_fingerprint(cfg)
+    except (storage.StoreError, FileNotFoundError) as e:  # the job's stage checks again
+        log.warning("train: cannot fingerprint the inputs here (%s); launching anyway", e)
+        fp = None
+    meta, cached = launch_multinode(cfg, out=out, fingerprint=fp, **job)
+    return _final_result(out, meta, cached=cached, launched=True)
 
+
+def component(cfg: TrainStageConfig, *, nodes: int = 1, gpus_per_node: int = 0,
+              image: str = "", launch_json: str = "{}") -> str:
+    """The KFP component's body. With nodes > 1 the step launches a Kubeflow Trainer TrainJob
+    (`launch_json`: its cluster settings, `mmjobs.train.k8s_jobs.JobSettings`: Secret names,
+    never secrets) and follows it; it runs this stage under torchrun on every node. Returns
+    the model directory of a full fine-tune, else the training output (`final/adapter` or
+    `final/connector` inside: merge, apply-connector and build-moe-connector find them)."""
+    if nodes > 1:
+        result = launch(cfg, nodes=nodes, gpus_per_node=gpus_per_node, image=image,
+                        settings=json.loads(launch_json or "{}"))
+    else:
+        result = main(cfg)
+    return result.model or result.output
+
+
+def recipe_defaults(recipe: RecipeConfig, step: str) -> dict[str, Any]:
+    """The recipe's `model` (but its name: the pipeline wires the base) and `train` sections."""
+    model = recipe.model.model_dump(exclude={"name_or_path"}, exclude_defaults=True)
+    return {"model": model, "train": recipe.train.model_dump(mode="json", exclude_defaults=True)}
+
+
+def recipe_check(recipe: RecipeConfig, steps: dict[str, dict[str, Any]]) -> list[str]:
+    """Recipe-level train settings that no train step of the pipeline takes."""
+    return unused_in_steps(recipe.train.model_dump(mode="json", exclude_defaults=True), steps)
+
+
+STAGE = Stage(name=NAME, config=TrainStageConfig, result=TrainResult, main=main, image="train",
+              gpu=True, resumable=True, multinode=True,
+              inputs=(Input("data"), Input("model", path="model.name_or_path"),
+                      Input("ptx_data", default=""),  # ppo/grpo: SFT shards, train.rl.ptx_coef
+                      Input("nodes", path=None, type=int, default=1),
+                      Input("gpus_per_node", path=None, type=int, default=0),
+                      Input("image", path=None, default=""),
+                      Input("launch_json", path=None, default="{}")),
+              component=component, recipe_defaults=recipe_defaults,
+              step_defaults=step_defaults, recipe_check=recipe_check,
+              # SIGTERM committed a checkpoint: Kubernetes restarts or reschedules the pod.
+              exit_codes={TrainingPreempted: EXIT_PREEMPTED})
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(STAGE.cli())

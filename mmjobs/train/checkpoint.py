@@ -24,11 +24,11 @@ without one (an upload interrupted by a kill) are ignored and later deleted by `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
 import shutil
-import signal
 import tempfile
 import threading
 import time
@@ -41,12 +41,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmjobs import storage
+from mmjobs import layout, local_cache, signals, storage
 from mmjobs.logs import get_logger
 
+CHECKPOINTS_DIR = layout.CHECKPOINTS_DIR
 log = get_logger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
@@ -55,15 +55,6 @@ DEEPSPEED_DIR = "deepspeed"
 MARKERS_DIR = "_ranks"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _RANK_FILE = re.compile(r"(?:^|/)ranks/rank-(\d+)/|zero_pp_rank_(\d+)_")
-
-
-class TrainingPreempted(Exception):
-    """SIGTERM arrived; a checkpoint was committed at `step` and training stopped."""
-
-    def __init__(self, step: int, checkpoint: str | None) -> None:
-        super().__init__(f"preempted (SIGTERM): checkpoint step-{step} committed at "
-                         f"{checkpoint}; re-run the same command to resume")
-        self.step, self.checkpoint = step, checkpoint
 
 
 @dataclass(frozen=True)
@@ -193,15 +184,8 @@ def fetch_checkpoint(uri: str, local: Path, rank: int) -> dict[str, Any]:
         match = _RANK_FILE.search(path)
         return match is None or int(match.group(1) or match.group(2)) == rank
 
-    def fetch(entry: storage.FileEntry) -> None:
-        target = local / entry.path
-        storage.get_file(storage.join(uri, entry.path), target)
-        if target.stat().st_size != entry.size or storage.sha256_file(target) != entry.sha256:
-            raise storage.IntegrityError(f"{storage.join(uri, entry.path)}: differs from the "
-                                         "checkpoint manifest (corrupt upload?)")
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(fetch, [e for e in manifest.files if needed(e.path)]))
+    local_cache.download_verified(uri, [e for e in manifest.files if needed(e.path)], local,
+                                  what="the checkpoint manifest")
     return json.loads((local / STATE_FILE).read_text())
 
 
@@ -326,22 +310,65 @@ class PreemptionWatcher:
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
-        self._installed = False
+        self._stack = contextlib.ExitStack()
 
     def install(self) -> None:
         """Handle SIGTERM from now on (main thread only; elsewhere this is a no-op)."""
-        if threading.current_thread() is not threading.main_thread():
+        if not self._stack.enter_context(signals.handling(self._handle)):
             log.warning("not in the main thread: SIGTERM will not trigger a final checkpoint")
-            return
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-        self._installed = True
 
     def uninstall(self) -> None:
         """Restore the previous SIGTERM handler."""
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._installed = False
+        self._stack.close()
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def _handle(self, signum: int) -> None:
         self.requested = True  # only set a flag: the loop acts at the next step boundary
+
+
+# --------------------------------------------------------------------------- training state
+
+
+def save_training_state(local: Path, *, accelerator: Any, model: Any, optimizer: Any,
+                        scheduler: Any, loader_state: dict[str, Any], deepspeed: bool, rank: int,
+                        state: dict[str, Any] | None) -> None:
+    """Write a training step's resumable state into the staging dir `local` (every rank calls
+    it): DeepSpeed's own checkpoint (a collective) or the trainable weights and the optimizer,
+    the schedule and `state.json` (rank 0, which passes `state`), and this rank's data
+    position and RNG states."""
+    from safetensors.torch import save_file
+
+    from mmjobs.train.model_setup import trainable_state
+
+    if deepspeed:  # a collective: every rank writes its own optimizer shards
+        model.save_checkpoint(str(local / DEEPSPEED_DIR), tag="ds", save_latest=False,
+                              exclude_frozen_parameters=True)
+    elif state is not None:
+        save_file(trainable_state(accelerator.unwrap_model(model)), str(local / TRAINABLE_FILE))
+        save_torch(optimizer.state_dict(), local / OPTIMIZER_FILE)
+    if state is not None:
+        save_torch(scheduler.state_dict(), local / SCHEDULER_FILE)
+        (local / STATE_FILE).write_text(json.dumps(state, indent=1))
+    write_rank_state(local, rank, loader_state)
+
+
+def load_training_state(local: Path, *, accelerator: Any, model: Any, optimizer: Any,
+                        scheduler: Any, deepspeed: bool, rank: int
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load what `save_training_state` wrote into the prepared model, optimizer and schedule.
+
+    Returns:
+        (this rank's RNG states, to restore last; its data position).
+    """
+    from safetensors.torch import load_file
+
+    from mmjobs.train.model_setup import load_trainable_state
+
+    if deepspeed:
+        model.load_checkpoint(str(local / DEEPSPEED_DIR), tag="ds", load_module_strict=False,
+                              load_lr_scheduler_states=False)
+    else:
+        load_trainable_state(accelerator.unwrap_model(model),
+                             load_file(str(local / TRAINABLE_FILE)))
+        optimizer.load_state_dict(load_torch(local / OPTIMIZER_FILE))
+    scheduler.load_state_dict(load_torch(local / SCHEDULER_FILE))
+    return read_rank_state(local, rank)

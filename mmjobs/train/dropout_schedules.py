@@ -23,20 +23,16 @@ from collections.abc import Sequence
 from torch import nn
 
 from mmjobs.logs import get_logger
+from mmjobs.models.lavin.presets import LAVIN_DROPOUT_PRESETS
 
 log = get_logger(__name__)
+
+__all__ = ["LAVIN_DROPOUT_PRESETS", "apply_layer_dropout", "layer_dropout_values"]
 
 DROPOUT_SCHEDULES = (
     "constant", "increasing", "decreasing", "increasing_geometric", "decreasing_geometric",
 )  # fmt: skip
 
-# The seed's table rows, ready for `layer_dropout_values(kind, n, **kwargs)`.
-LAVIN_DROPOUT_PRESETS: dict[str, tuple[str, dict[str, float]]] = {
-    "inc": ("increasing_geometric", {"p": 0.1, "factor": 1.01, "limit": 0.2}),
-    "inc_v2": ("increasing_geometric", {"p": 0.1, "factor": 1.03, "limit": 0.2}),
-    "dec": ("decreasing_geometric", {"p": 0.2, "factor": 0.99, "limit": 0.1}),
-    "dec_v2": ("decreasing_geometric", {"p": 0.2, "factor": 0.97, "limit": 0.1}),
-}
 
 # `...layers.<i>.` in module names: `base_model.model.model.layers.3.self_attn.q_proj...`
 # (Llama) or `...model.language_model.layers.3...` (Llava).

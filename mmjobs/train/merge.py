@@ -18,16 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmjobs import storage
 from mmjobs.config import ModelConfig
 from mmjobs.logs import get_logger
 from mmjobs.models.builder import LoadedModel, load_model
+from mmjobs.models.model_dirs import locate_adapter
 
 log = get_logger(__name__)
-
-ADAPTER_CONFIG = "adapter_config.json"
-# Where an adapter URI may keep the adapter, relative to the URI, in the order tried.
-ADAPTER_LAYOUTS = ("", "final/adapter", "adapter")
+__all__ = ["MergeError", "MergeOutcome", "locate_adapter", "merge_lora"]
 
 
 class MergeError(ValueError):
@@ -48,21 +45,6 @@ class MergeOutcome:
     loaded: LoadedModel
     max_logit_diff: float | None
     probe: str
-
-
-def locate_adapter(uri: str) -> str:
-    """The adapter directory `uri` points at: itself, or `final/adapter` / `adapter` under it.
-
-    Raises:
-        storage.StoreNotFoundError: no `adapter_config.json` in any of those places.
-    """
-    for rel in ADAPTER_LAYOUTS:
-        candidate = storage.join(uri, rel) if rel else uri
-        if storage.exists(storage.join(candidate, ADAPTER_CONFIG)):
-            return candidate
-    raise storage.StoreNotFoundError(
-        f"{uri}: no {ADAPTER_CONFIG} here or under final/adapter/ or adapter/; give the peft "
-        "adapter directory or the training output that holds it")
 
 
 def merge_lora(base: ModelConfig, adapter_dir: str | os.PathLike) -> MergeOutcome:

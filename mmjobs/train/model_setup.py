@@ -9,7 +9,7 @@
 
 dpo, rm, ppo and grpo freeze and wrap like sft (full or LoRA); rm adds a value head around the
 result (`mmjobs.train.reward_model.RewardModel`), ppo a per-token value head, the critic
-(`mmjobs.train.rl.PolicyWithValueHead`).
+(`mmjobs.train.rl_objective.PolicyWithValueHead`).
 
 Components are told apart by parameter names (`mmjobs.models.compose.component_of`). LoRA
 targets are resolved here to full module names inside the unfrozen components, so a

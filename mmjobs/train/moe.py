@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from mmjobs import storage
+from mmjobs.layout import CONNECTOR_DIR
 from mmjobs.logs import get_logger
 from mmjobs.models import connectors
 from mmjobs.models.builder import fetch_dir
@@ -40,7 +41,6 @@ from mmjobs.models.connectors import MLP2xGeluConnector, MoEConnector
 
 log = get_logger(__name__)
 
-CONNECTOR_DIR = "connector"
 CONNECTOR_WEIGHTS = "connector.safetensors"
 CONNECTOR_CONFIG = connectors.CONFIG_NAME  # "connector_config.json"
 FORMAT = "mmjobs-connector"
@@ -198,7 +198,7 @@ def projector_from_model_dir(model_dir: str | os.PathLike) -> nn.Module:
 # --------------------------------------------------------------------------- construction
 
 
-def build_moe_connector(experts: Mapping[str, nn.Module], *, original: nn.Module | None = None,
+def moe_connector_from(experts: Mapping[str, nn.Module], *, original: nn.Module | None = None,
                         top_k: int = 2, router_init: str = "normal",
                         aux_loss_coef: float = 0.0) -> MoEConnector:
     """An MoE connector whose experts are copies of `experts` (and `original` as expert 0).

@@ -1,82 +1,60 @@
-"""Multi-node training: launch the train stage as a TrainJob (or PyTorchJob) and follow it.
+"""Multi-node training: launch a stage as a TrainJob (or PyTorchJob) and follow it.
 
-The pipeline's train component calls `launch_multinode` when a recipe sets `cluster.nodes`
-> 1. It runs in the KFP pod (no GPU of its own), creates the job through the Kubernetes API
-(manifests from `mmjobs.train.k8s_jobs`), polls its conditions until it completes or fails,
-and returns the same `TrainResult` as `mmjobs.stages.train.main`, read from the committed
-output in the store. The job's name is derived from experiment, run and step, so a KFP retry
-of the step adopts the job its previous attempt created (or replaces it if it failed).
+The train stage's pipeline component launches itself this way when a recipe sets
+`cluster.nodes` > 1 (`mmjobs.stages.train.launch`). It runs in the KFP pod (no GPU of its
+own), creates the job through the Kubernetes API (manifests from `mmjobs.train.k8s_jobs`),
+polls its conditions until it completes or fails, and returns the committed `final/` it left
+in the store. The job's name is derived from experiment, run and step, so a KFP retry of the
+step adopts the job its previous attempt created (or replaces it if it failed).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-import threading
 import time
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-from mmjobs import storage
+from mmjobs import kube, signals, storage
+from mmjobs.layout import FINAL_DIR
 from mmjobs.logs import get_logger
-from mmjobs.stages.common import output_uri, reusable_output
-from mmjobs.stages.train import STAGE, TrainResult, TrainStageConfig, train_fingerprint
+from mmjobs.stage_contract import StageConfig, reusable_output
 from mmjobs.train import k8s_jobs
 from mmjobs.train.k8s_jobs import JobSettings
 
 log = get_logger(__name__)
-NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+NAMESPACE_FILE = kube.NAMESPACE_FILE
 # Condition types that end a job, per kind: (success, failure).
 DONE = {"trainjob": ("Complete", "Failed"), "pytorchjob": ("Succeeded", "Failed")}
 API = {"trainjob": k8s_jobs.TRAINJOB_API, "pytorchjob": k8s_jobs.PYTORCHJOB_API}
 BUILD = {"trainjob": k8s_jobs.trainjob, "pytorchjob": k8s_jobs.pytorchjob}
-MAX_API_ERRORS = 10  # consecutive failed polls (API server restarts) before giving up
-# The train stage's output layout (mmjobs.train.trainer / checkpoint, which import torch; the
-# launcher pod does not need it): {output}/final/train_info.json, {output}/checkpoints/.
-FINAL_DIR, INFO_FILE, CHECKPOINTS_DIR = "final", "train_info.json", "checkpoints"
 
 
 def current_namespace() -> str:
     """The pod's namespace (service account file), else $MMJOBS_NAMESPACE."""
-    if NAMESPACE_FILE.is_file():
-        return NAMESPACE_FILE.read_text().strip()
-    if os.environ.get("MMJOBS_NAMESPACE"):
-        return os.environ["MMJOBS_NAMESPACE"]
-    raise RuntimeError(f"multi-node training: no namespace ({NAMESPACE_FILE} is missing and "
-                       "MMJOBS_NAMESPACE is not set)")
+    namespace = kube.current_namespace(NAMESPACE_FILE)
+    if namespace is None:
+        raise RuntimeError(f"multi-node training: no namespace ({NAMESPACE_FILE} is missing and "
+                           f"{kube.NAMESPACE_ENV} is not set)")
+    return namespace
 
 
 def custom_objects_api(api: Any = None) -> Any:
     """A CustomObjectsApi: `api` itself, one over `api` (an ApiClient), or one from the
     in-cluster service account, falling back to the kubeconfig."""
-    from kubernetes import client, config
+    from kubernetes import client
 
     if isinstance(api, client.CustomObjectsApi):
         return api
-    if isinstance(api, client.ApiClient):
-        return client.CustomObjectsApi(api)
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return client.CustomObjectsApi()
+    return client.CustomObjectsApi(kube.api_client(api))
 
 
-def step_name(cfg: TrainStageConfig) -> str:
-    """The pipeline step (`{store}/{experiment}/{run}/{step}`: the output's last folder)."""
-    return output_uri(cfg, STAGE).rstrip("/").rsplit("/", 1)[-1]
-
-
-def build_manifest(cfg: TrainStageConfig, *, nodes: int, gpus_per_node: int, image: str,
+def build_manifest(cfg: StageConfig, *, out: str, nodes: int, gpus_per_node: int, image: str,
                    namespace: str, settings: JobSettings) -> dict[str, Any]:
-    """The job for `cfg` (its output resolved, so every rank writes to the same place)."""
-    out = output_uri(cfg, STAGE)
+    """The job running the stage `cfg` configures, writing to `out` (its resolved output, so
+    every rank writes to the same place; the last folder of `out` is the pipeline step)."""
     config = cfg.model_copy(update={"output": out}).model_dump(mode="json",
                                                                exclude_defaults=True)
-    step = step_name(cfg)
+    step = out.rstrip("/").rsplit("/", 1)[-1]
     annotations = {"mmjobs.io/experiment": cfg.experiment,
                    "mmjobs.io/pipeline-run-id": cfg.pipeline_run_id,
                    "mmjobs.io/step": step, "mmjobs.io/output": out}
@@ -86,19 +64,27 @@ def build_manifest(cfg: TrainStageConfig, *, nodes: int, gpus_per_node: int, ima
         annotations=annotations)
 
 
-def launch_multinode(cfg: TrainStageConfig, *, nodes: int, gpus_per_node: int, image: str,
+def launch_multinode(cfg: StageConfig, *, out: str, fingerprint: str | None, nodes: int,
+                     gpus_per_node: int, image: str,
                      settings: JobSettings | Mapping[str, Any] | None = None,
                      kind: str | None = None, namespace: str | None = None, api: Any = None,
-                     poll_s: float = 15.0, timeout_s: float | None = None) -> TrainResult:
-    """Run the train stage on `nodes` nodes x `gpus_per_node` GPUs and wait for it.
+                     poll_s: float = 15.0, timeout_s: float | None = None
+                     ) -> tuple[dict[str, Any], bool]:
+    """Run `cfg`'s stage on `nodes` nodes x `gpus_per_node` GPUs and wait for its `final/`.
 
     Args:
+        out: the stage's output; `{out}/final` is what the job commits.
+        fingerprint: the inputs' fingerprint: a committed `final/` made from them is reused
+            (no job), and the job's must match it (None: could not be computed here).
         settings: cluster settings of the job (a `JobSettings` or its JSON-mode dict).
         kind: `trainjob` or `pytorchjob` (default: `settings.kind`).
         namespace: default: the pod's namespace (see `current_namespace`).
         api: a kubernetes `CustomObjectsApi` or `ApiClient` (default: in-cluster config).
         poll_s: seconds between status polls.
         timeout_s: give up (deleting the job) after this long; default: wait forever.
+
+    Returns:
+        (the committed `final/`'s manifest meta, whether an earlier result was reused).
 
     Raises:
         RuntimeError: the job failed or timed out (naming the job, reason and message), or it
@@ -107,23 +93,24 @@ def launch_multinode(cfg: TrainStageConfig, *, nodes: int, gpus_per_node: int, i
     settings = JobSettings.model_validate(settings or {})
     if kind is not None:
         settings = settings.model_copy(update={"kind": kind})
-    final = storage.join(output_uri(cfg, STAGE), FINAL_DIR)
-    fp = _fingerprint(cfg)
-    if fp and (manifest := reusable_output(final, fp, cfg.force)) is not None:
-        return _result(cfg, final, manifest.meta, cached=True)
-    manifest_doc = build_manifest(cfg, nodes=nodes, gpus_per_node=gpus_per_node, image=image,
-                                  namespace=namespace or current_namespace(), settings=settings)
+    final = storage.join(out, FINAL_DIR)
+    if fingerprint and (manifest := reusable_output(final, fingerprint, cfg.force)) is not None:
+        log.info("%s already holds the result for these inputs; no job needed", final)
+        return manifest.meta, True
+    manifest_doc = build_manifest(cfg, out=out, nodes=nodes, gpus_per_node=gpus_per_node,
+                                  image=image, namespace=namespace or current_namespace(),
+                                  settings=settings)
     job = _Job(custom_objects_api(api), settings.kind, manifest_doc)
-    with _delete_on_sigterm(job):
+    with signals.handling(job.stop):
         job.start()
         job.wait(poll_s=poll_s, timeout_s=timeout_s)
     if not storage.is_committed(final):
         raise RuntimeError(f"{job}: finished, but {final} holds no committed result")
     meta = storage.read_manifest(final).meta
-    if fp and meta.get("fingerprint") != fp:
+    if fingerprint and meta.get("fingerprint") != fingerprint:
         raise RuntimeError(f"{job}: finished, but {final} was made from other inputs "
-                           f"(fingerprint {meta.get('fingerprint')}, expected {fp})")
-    return _result(cfg, final, meta, cached=False)
+                           f"(fingerprint {meta.get('fingerprint')}, expected {fingerprint})")
+    return meta, False
 
 
 class _Job:
@@ -152,7 +139,7 @@ class _Job:
             return
         except ApiException as e:
             if e.status != 409:
-                raise RuntimeError(f"{self}: could not be created: {_api_error(e)}") from e
+                raise RuntimeError(f"{self}: could not be created: {kube.api_error(e)}") from e
         existing = self._call("get", self.name)
         ended, failed = self.outcome(existing)
         if ended and failed is not None:
@@ -183,24 +170,12 @@ class _Job:
         from kubernetes.client.exceptions import ApiException
 
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        last_state, errors = None, 0
+        poller = kube.StatusPoller(self, error=RuntimeError, transient=(ApiException,),
+                                   gone="deleted while running (by someone else)")
         while True:
-            try:
-                obj = self._call("get", self.name)
-                errors = 0
-            except ApiException as e:
-                if e.status == 404:
-                    raise RuntimeError(f"{self}: deleted while running (by someone else)") from e
-                errors += 1
-                if errors >= MAX_API_ERRORS:
-                    raise RuntimeError(f"{self}: cannot read its status: {_api_error(e)}") from e
-                log.warning("%s: status read failed (%s); retrying", self, _api_error(e))
-                obj = None
+            obj = poller.read(lambda: self._call("get", self.name))
             if obj is not None:
-                state = _state(obj)
-                if state != last_state:
-                    log.info("%s: %s", self, state)
-                    last_state = state
+                poller.note(_state(obj))
                 ended, failed = self.outcome(obj)
                 if failed is not None:
                     raise RuntimeError(f"{self} failed: {failed} (logs: kubectl -n "
@@ -209,9 +184,16 @@ class _Job:
                     return
             if deadline is not None and time.monotonic() >= deadline:
                 self.delete()
-                raise RuntimeError(f"{self}: timed out after {timeout_s:g} s ({last_state}); "
-                                   "deleted it")
+                raise RuntimeError(f"{self}: timed out after {timeout_s:g} s "
+                                   f"({poller.last_state}); deleted it")
             time.sleep(poll_s)
+
+    def stop(self, signum: int) -> None:
+        """The step's pod was stopped (a cancelled run: KFP deletes the pod, which gets
+        SIGTERM): delete the job, which would otherwise keep its GPUs, and exit."""
+        log.warning("%s: step stopped (SIGTERM); deleting the job", self)
+        self.delete()
+        signals.exit_for(signum)
 
     def _pod_selector(self) -> str:
         if self.kind == "trainjob":
@@ -226,7 +208,7 @@ class _Job:
             log.info("%s: deleted", self)
         except ApiException as e:
             if e.status != 404:
-                log.warning("%s: could not delete it: %s", self, _api_error(e))
+                log.warning("%s: could not delete it: %s", self, kube.api_error(e))
 
     def _wait_gone(self, timeout_s: float = 300.0, poll_s: float = 1.0) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -243,26 +225,6 @@ class _Job:
         raise RuntimeError(f"{self}: still exists {timeout_s:g} s after deleting it")
 
 
-@contextlib.contextmanager
-def _delete_on_sigterm(job: _Job) -> Iterator[None]:
-    """Delete the job when the step's pod is stopped (a cancelled run: KFP deletes the pod,
-    which gets SIGTERM); the job would otherwise keep its GPUs. Main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: Any) -> None:
-        log.warning("%s: step stopped (SIGTERM); deleting the job", job)
-        job.delete()
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _nodes(manifest: dict[str, Any]) -> int:
     spec = manifest["spec"]
     if "trainer" in spec:
@@ -276,34 +238,3 @@ def _state(obj: Mapping[str, Any]) -> str:
              if c.get("status") == "True"]
     return ", ".join(f"{c.get('type')}" + (f" ({c['reason']})" if c.get("reason") else "")
                      for c in conds) or "Pending"
-
-
-def _api_error(e: Any) -> str:
-    try:
-        return json.loads(e.body).get("message") or f"HTTP {e.status}"
-    except (TypeError, ValueError, AttributeError):
-        return f"HTTP {e.status} {e.reason}"
-
-
-def _fingerprint(cfg: TrainStageConfig) -> str | None:
-    try:
-        return train_fingerprint(cfg)
-    except (storage.StoreError, FileNotFoundError) as e:  # the job's stage checks again
-        log.warning("train: cannot fingerprint the inputs here (%s); launching anyway", e)
-        return None
-
-
-def _result(cfg: TrainStageConfig, final: str, meta: dict[str, Any], *,
-            cached: bool) -> TrainResult:
-    """The stage's result from the committed `final/` (its train_info.json)."""
-    info = json.loads(storage.read_text(storage.join(final, INFO_FILE)))
-    parts = {k: storage.join(final, v) for k, v in (info.get("outputs") or {}).items()
-             if k in ("adapter", "model", "connector", "reward_model")}
-    out = output_uri(cfg, STAGE)
-    if cached:
-        log.info("train: %s already holds the result for these inputs; no job needed", final)
-    return TrainResult(output=out, cached=cached, final=final,
-                       checkpoints=storage.join(out, CHECKPOINTS_DIR),
-                       steps=int(info.get("steps", meta.get("steps", 0))),
-                       final_loss=info.get("final_loss"),
-                       eval_metrics=info.get("eval_metrics") or {}, **parts)

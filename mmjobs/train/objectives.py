@@ -57,3 +57,29 @@ class LanguageModelingObjective:
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         summed, _ = loss_sum(model(**self.inputs(batch)).logits, batch["labels"])
         return summed, {}
+
+
+def evaluate_objective(objective: Objective, model: nn.Module, loader: Any, accelerator: Any
+                       ) -> tuple[float, float, dict[str, float]]:
+    """The objective over a whole eval loader, summed over all ranks, without gradients and
+    without drawing from the training RNG streams; `model` is back in train mode after.
+
+    Returns:
+        (mean loss per unit, units counted, mean of each of the objective's stats).
+    """
+    from mmjobs.train.distributed import all_reduce_sum
+
+    names = objective.stat_names
+    model.eval()
+    total, count, stats = 0.0, 0, dict.fromkeys(names, 0.0)
+    loader.set_epoch(0)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        for batch in loader:
+            summed, batch_stats = objective.loss(model, batch)
+            total, count = total + float(summed), count + objective.count(batch)
+            for key, value in batch_stats.items():
+                stats[key] += float(value)
+    model.train()
+    total, count, *sums = all_reduce_sum(accelerator, [total, count, *(stats[k] for k in names)])
+    return (total / max(count, 1.0), count,
+            {k: v / max(count, 1.0) for k, v in zip(names, sums, strict=True)})

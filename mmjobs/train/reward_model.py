@@ -36,15 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmjobs.config import ModelConfig
+from mmjobs.layout import REWARD_MODEL_DIR, VALUE_HEAD_FILE
 from mmjobs.logs import get_logger
 from mmjobs.train.batches import IGNORE_INDEX
 from mmjobs.train.methods import RmConfig, RmPreference
 
 log = get_logger(__name__)
 
-REWARD_MODEL_DIR = "reward_model"
 CONFIG_FILE = "reward_model.json"
-VALUE_HEAD_FILE = "value_head.safetensors"
 FORMAT = "mmjobs.reward_model/v1"
 RM_STATS = ("reward_chosen", "reward_rejected", "reward_margin", "accuracy",
             "response_len_chosen", "response_len_rejected")

@@ -41,6 +41,8 @@ import torch
 from mmjobs import storage
 from mmjobs.config import ConfigError, ModelConfig
 from mmjobs.data.modality import ranks_need_same_modality
+from mmjobs.layout import FINAL_DIR, SHARDS_CARD
+from mmjobs.layout import TRAIN_INFO as INFO_FILE
 from mmjobs.logs import get_logger
 from mmjobs.models.builder import load_model
 from mmjobs.models.connectors import MoEConnector, moe_aux_loss
@@ -60,19 +62,18 @@ from mmjobs.train.metrics import device_peak_flops, flops_model, log_step, patch
 from mmjobs.train.model_setup import (
     export_final,
     frozen_components,
-    load_trainable_state,
     parameter_counts,
     prepare_for_training,
-    trainable_state,
     trained_part,
     upcast_trainable,
 )
-from mmjobs.train.objectives import LanguageModelingObjective, Objective
+from mmjobs.train.objectives import LanguageModelingObjective, Objective, evaluate_objective
+from mmjobs.train.optim import build_optimizer, group_summary
+from mmjobs.train.outputs import TrainingPreempted
+from mmjobs.train.run import check_data_kind
 from mmjobs.train.schedules import build_lr_scheduler, lr_at_steps, plot_lr_curve
 
 log = get_logger(__name__)
-FINAL_DIR = "final"
-INFO_FILE = "train_info.json"
 
 
 @dataclass
@@ -145,8 +146,8 @@ class TrainRecipe:
 
         cfg, frozen = self.cfg, frozen_components(self.cfg)
         # Before anything heavy: shards of the wrong kind for the mode fail here.
-        self.card = json.loads(storage.read_text(storage.join(self.data, "card.json")))
-        _check_data_kind(cfg.mode, self.data, self.card, self.eval_data)
+        self.card = json.loads(storage.read_text(storage.join(self.data, SHARDS_CARD)))
+        check_data_kind(cfg.mode, self.data, self.card, self.eval_data)
         self.accelerator = acc = build_accelerator(
             mixed_precision=cfg.mixed_precision, grad_accum=self._backward_passes_per_step(),
             deepspeed=cfg.deepspeed, micro_batch_size=cfg.per_device_batch_size,
@@ -177,7 +178,8 @@ class TrainRecipe:
         self.total_steps = self._count_total_steps()
 
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = build_optimizer(model, cfg)  # betas, no_decay, param_groups
+        log.info("optimizer groups: %s", "; ".join(group_summary(optimizer)))
         self.scheduler = build_lr_scheduler(
             optimizer, cfg.lr_schedule, num_training_steps=self._scheduler_steps(),
             warmup_ratio=cfg.warmup_ratio, **cfg.lr_schedule_options)
@@ -312,18 +314,9 @@ class TrainRecipe:
                 raise ValueError(f"{info.uri} was written by {state['world_size']} processes, "
                                  f"this run has {self.dist.world_size}; resume with the same "
                                  "number of processes (the data split depends on it)")
-            if self.deepspeed:
-                self.model.load_checkpoint(str(local / ckpt.DEEPSPEED_DIR), tag="ds",
-                                           load_module_strict=False,
-                                           load_lr_scheduler_states=False)
-            else:
-                from safetensors.torch import load_file
-
-                unwrapped = self.accelerator.unwrap_model(self.model)
-                load_trainable_state(unwrapped, load_file(str(local / ckpt.TRAINABLE_FILE)))
-                self.optimizer.load_state_dict(ckpt.load_torch(local / ckpt.OPTIMIZER_FILE))
-            self.scheduler.load_state_dict(ckpt.load_torch(local / ckpt.SCHEDULER_FILE))
-            rng, loader_state = ckpt.read_rank_state(local, self.dist.rank)
+            rng, loader_state = ckpt.load_training_state(
+                local, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer,
+                scheduler=self.scheduler, deepspeed=self.deepspeed, rank=self.dist.rank)
             self.loader.load_state_dict(loader_state)
             self.step = self.resumed_from = int(state["step"])
             self.last_loss = state.get("loss")
@@ -392,7 +385,7 @@ class TrainRecipe:
                 log.warning("SIGTERM received: stopped at step %d/%d; checkpoint committed at "
                             "%s; exiting (re-run the same command to resume)", self.step,
                             self.total_steps, uri)
-                raise ckpt.TrainingPreempted(self.step, uri)
+                raise TrainingPreempted(self.step, uri)
             if self.eval_loader is not None and cfg.eval_every_steps and \
                     self.step % cfg.eval_every_steps == 0:
                 eval_loss = self.evaluate()
@@ -428,22 +421,9 @@ class TrainRecipe:
         ranks); the objective's stats are logged as `eval_<stat>` means (e.g. `eval_accuracy`,
         a reward model's pairwise accuracy) and kept in `eval_metrics`."""
         assert self.eval_loader is not None and self.objective is not None
-        names = self.objective.stat_names
-        self.model.eval()
-        total, count, stats = 0.0, 0, dict.fromkeys(names, 0.0)
-        self.eval_loader.set_epoch(0)
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            for batch in self.eval_loader:
-                summed, batch_stats = self.objective.loss(self.model, batch)
-                total, count = total + float(summed), count + self.objective.count(batch)
-                for key, value in batch_stats.items():
-                    stats[key] += float(value)
-        self.model.train()
-        total, count, *sums = all_reduce_sum(self.accelerator,
-                                             [total, count, *(stats[k] for k in names)])
-        loss = total / max(count, 1.0)
-        self.eval_metrics = {f"eval_{k}": v / max(count, 1.0)
-                             for k, v in zip(names, sums, strict=True)}
+        loss, count, means = evaluate_objective(self.objective, self.model, self.eval_loader,
+                                                self.accelerator)
+        self.eval_metrics = {f"eval_{k}": v for k, v in means.items()}
         self.run.log_metrics({"eval_loss": loss, **self.eval_metrics}, step=self.step)
         unit = "tokens" if self.objective.name == "lm" else "pairs"
         log.info("step %d: eval loss %.4f over %d %s%s", self.step, loss, int(count), unit,
@@ -454,25 +434,16 @@ class TrainRecipe:
     def save_checkpoint(self, *, background: bool = True) -> str:
         """Write this step's resumable state locally, then commit it to
         `{output}/checkpoints/step-N` (in the background unless told otherwise)."""
-        from safetensors.torch import save_file
-
         local = self.uploader.staging_dir()
-        main = self.dist.is_main
-        if self.deepspeed:  # a collective: every rank writes its own optimizer shards
-            self.model.save_checkpoint(str(local / ckpt.DEEPSPEED_DIR), tag="ds",
-                                       save_latest=False, exclude_frozen_parameters=True)
-        elif main:
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            save_file(trainable_state(unwrapped), str(local / ckpt.TRAINABLE_FILE))
-            ckpt.save_torch(self.optimizer.state_dict(), local / ckpt.OPTIMIZER_FILE)
-        if main:
-            ckpt.save_torch(self.scheduler.state_dict(), local / ckpt.SCHEDULER_FILE)
-            state = {"step": self.step, "total_steps": self.total_steps, "loss": self.last_loss,
-                     "fingerprint": self.fingerprint, "world_size": self.dist.world_size,
-                     "mode": self.cfg.mode, "finetune": trained_part(self.cfg),
-                     "deepspeed": self.cfg.deepspeed}
-            (local / ckpt.STATE_FILE).write_text(json.dumps(state, indent=1))
-        ckpt.write_rank_state(local, self.dist.rank, self.loader.state_dict())
+        state = {"step": self.step, "total_steps": self.total_steps, "loss": self.last_loss,
+                 "fingerprint": self.fingerprint, "world_size": self.dist.world_size,
+                 "mode": self.cfg.mode, "finetune": trained_part(self.cfg),
+                 "deepspeed": self.cfg.deepspeed}
+        ckpt.save_training_state(
+            local, accelerator=self.accelerator, model=self.model, optimizer=self.optimizer,
+            scheduler=self.scheduler, loader_state=self.loader.state_dict(),
+            deepspeed=self.deepspeed, rank=self.dist.rank,
+            state=state if self.dist.is_main else None)
         self._save_extra_state(local)
         meta = {"fingerprint": self.fingerprint, "kind": "train-checkpoint"}
         return self.uploader.commit(local, self.step, meta, background=background)
@@ -533,26 +504,3 @@ class TrainRecipe:
         self.objective = None  # a DPO frozen reference copy is a whole model
         if self.accelerator is not None:
             release_accelerator(self.accelerator)
-
-
-def _check_data_kind(mode: str, data: str, card: dict[str, Any], eval_data: str | None) -> None:
-    """Preference modes train on pair shards, ppo/grpo on prompt shards, the others on
-    conversation shards.
-
-    Raises:
-        ConfigError: naming the data URI whose shards do not fit the mode.
-    """
-    want = {"dpo": "preference", "rm": "preference", "ppo": "prompt",
-            "grpo": "prompt"}.get(mode, "sample")
-    kinds = [(data, card.get("kind", "sample"))]
-    if eval_data is not None:
-        eval_card = json.loads(storage.read_text(storage.join(eval_data, "card.json")))
-        kinds.append((eval_data, eval_card.get("kind", "sample")))
-    how = {"preference": "prepare a preference dataset (canonical-preference, preference) and "
-                         "pretokenize it",
-           "prompt": "prepare a prompt-only dataset (canonical-prompt, prompt-only) and "
-                     "pretokenize it"}.get(want, "pretokenize a conversation dataset")
-    errors = [f"{uri} holds {kind} shards but train.mode {mode} trains on {want} shards; {how}"
-              for uri, kind in kinds if kind != want]
-    if errors:
-        raise ConfigError("train stage data", errors)

@@ -46,7 +46,8 @@ LR = 1e-3
 
 
 def train_config(batch_size: int, steps: int) -> Any:
-    from mmjobs.config import TrainConfig, load_config
+    from mmjobs.config import load_config
+    from mmjobs.train.methods import TrainConfig
 
     return load_config(TrainConfig, {
         "mode": "sft", "finetune": "lora", "lr": LR, "max_steps": steps,

@@ -358,12 +358,12 @@ def test_component_deploys_with_the_client_from_a_kubeconfig(kube, tmp_path: Pat
     """The component body as KFP runs it: config JSON + the wired model; the client comes
     from the environment (a kubeconfig here; in a pod, the service account)."""
 
-    from pipelines.components import deploy as component
+    from pipelines.components import component_function
 
     fake, _, host = kube
     use_kubeconfig(monkeypatch, tmp_path, host)
     monkeypatch.setenv("MMJOBS_NAMESPACE", NAMESPACE)
     cfg = config().model_dump(mode="json", exclude={"model", "namespace"})
-    url = component.deploy(json.dumps(cfg), MODEL)
+    url = component_function("deploy")(json.dumps(cfg), MODEL)
     assert url == f"http://{NAME}.{NAMESPACE}.svc.cluster.local:8000"
     assert fake.calls("POST") == [f"POST {DEPLOYMENTS}", f"POST {SERVICES}"]

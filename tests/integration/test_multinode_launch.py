@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from mmjobs import storage
+from mmjobs.stages import train as train_stage
 from mmjobs.stages.train import TrainStageConfig, train_fingerprint
 from mmjobs.train import multinode
 from tests.fake_kube import fake_kube_api
@@ -138,13 +139,13 @@ def commit_result(cfg: TrainStageConfig, fingerprint: str | None = None) -> Call
 
 
 def job_name(cfg: TrainStageConfig) -> str:
-    return multinode.build_manifest(cfg, nodes=2, gpus_per_node=8, image=IMAGE,
+    return train_stage.job_manifest(cfg, nodes=2, gpus_per_node=8, image=IMAGE,
                                     namespace=NAMESPACE,
                                     settings=multinode.JobSettings())["metadata"]["name"]
 
 
 def launch(cfg: TrainStageConfig, api: Any, **kwargs: Any) -> Any:
-    return multinode.launch_multinode(cfg, nodes=2, gpus_per_node=8, image=IMAGE,
+    return train_stage.launch(cfg, nodes=2, gpus_per_node=8, image=IMAGE,
                                       namespace=NAMESPACE, api=api, **{**FAST, **kwargs})
 
 
@@ -190,7 +191,7 @@ def test_failed_condition_fails_the_step_naming_job_and_message(kube, cfg):
 
 def test_retry_adopts_the_running_job_of_its_earlier_attempt(kube, cfg):
     fake, api = kube
-    earlier = multinode.build_manifest(cfg, nodes=2, gpus_per_node=8, image=IMAGE,
+    earlier = train_stage.job_manifest(cfg, nodes=2, gpus_per_node=8, image=IMAGE,
                                        namespace=NAMESPACE, settings=multinode.JobSettings())
     fake.add("trainjobs", earlier)
     name = earlier["metadata"]["name"]
@@ -207,7 +208,7 @@ def test_retry_adopts_the_running_job_of_its_earlier_attempt(kube, cfg):
 
 def test_retry_replaces_a_job_that_failed_in_its_earlier_attempt(kube, cfg):
     fake, api = kube
-    earlier = multinode.build_manifest(cfg, nodes=2, gpus_per_node=8, image=IMAGE,
+    earlier = train_stage.job_manifest(cfg, nodes=2, gpus_per_node=8, image=IMAGE,
                                        namespace=NAMESPACE, settings=multinode.JobSettings())
     earlier["status"] = {"conditions": [condition("Failed", "PodFailed", "node lost")]}
     fake.add("trainjobs", earlier)

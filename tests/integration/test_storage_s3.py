@@ -308,7 +308,7 @@ def test_control_characters_in_names_are_escaped_in_store_ls(tmp_path, s3_bucket
 
 def test_a_changed_single_s3_input_file_changes_the_stage_input_fingerprint(s3_bucket):
     # A stage whose input is one S3 object must not reuse outputs made from its old content.
-    from mmjobs.stages.common import input_fingerprint
+    from mmjobs.stage_contract import input_fingerprint
 
     uri = f"s3://{s3_bucket}/raw/mix.json"
     storage.write_bytes(uri, b'[{"id": "a"}]')

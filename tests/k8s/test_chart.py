@@ -519,7 +519,7 @@ def test_rbac_extra_subjects():
 def test_pipeline_upload_job_overrides_are_valid_recipe_overrides():
     """The overrides the hook passes to `mmjobs compile` load with the real recipe and point
     the pipelines at this release's store, MLflow and Secrets."""
-    from mmjobs.config import load_recipe
+    from mmjobs.recipe import load_recipe
 
     docs = manifests(render(VALUE_SETS["everything"]))
     (job,) = find(docs, "Job", "pipeline-upload")

@@ -16,6 +16,7 @@ deploy step) and the same NetworkPolicy covers them. For several value sets:
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import helm_python as helm
@@ -205,7 +206,7 @@ def test_arguments_parse_back_to_the_intended_serve_config(monkeypatch):
         seen.append(cfg)
         return stage.ServeResult(output="http://x", model_name="m", requests=0)
 
-    monkeypatch.setattr(stage, "main", fake_main)
+    monkeypatch.setattr(stage, "STAGE", dataclasses.replace(stage.STAGE, main=fake_main))
     for name in ("gpu-key-minio", "external-s3-adapter"):
         _, container = server_pod(manifests(render(SERVE_SETS[name])))
         assert container["command"][-1] == "serve"

@@ -1,5 +1,6 @@
 """The model-server manifests a deploy step creates (mmjobs.serve.k8s) and the deploy stage's
-config and status logic (mmjobs.stages.deploy), without a cluster.
+config (mmjobs.stages.deploy) and rollout status logic (mmjobs.serve.rollout), without a
+cluster.
 
 - Deployment and Service validate against the Kubernetes schemas of both supported versions
   (strict) for several specs; the pod has the security defaults of every mmjobs pod, the
@@ -11,6 +12,7 @@ config and status logic (mmjobs.stages.deploy), without a cluster.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from mmjobs.serve import k8s
+from mmjobs.serve import k8s, rollout
 from mmjobs.stages import deploy
 from tests.k8s import policy
 from tests.k8s.validation import KUBE_VERSIONS, validate_manifest
@@ -134,8 +136,9 @@ def test_arguments_parse_back_in_mmjobs_serve(monkeypatch):
     from mmjobs.stages import serve as stage
 
     seen = []
-    monkeypatch.setattr(stage, "main", lambda cfg: seen.append(cfg) or stage.ServeResult(
-        output="http://x", model_name="m", requests=0))
+    monkeypatch.setattr(stage, "STAGE", dataclasses.replace(
+        stage.STAGE, main=lambda cfg: seen.append(cfg) or stage.ServeResult(
+            output="http://x", model_name="m", requests=0)))
     container = container_of(build("gpu-everything")[1])
     assert container["command"] == ["python3", "-m", "mmjobs.cli", "serve"]
     assert cli.main(["serve", *container["args"]]) == 0
@@ -208,7 +211,7 @@ def test_deploy_config_takes_recipe_spellings():
                  "availableReplicas": 2}}, (True, None, "2 of 2 replicas ready")),
 ], ids=["stale", "updating", "old-left", "not-ready", "ready"])
 def test_rollout_status(obj, expected):
-    assert deploy.rollout_status(obj) == expected
+    assert rollout.rollout_status(obj) == expected
 
 
 def test_pod_problems():
@@ -217,16 +220,16 @@ def test_pod_problems():
             "phase": status.pop("phase", "Running"), "containerStatuses": statuses or [],
             **status}}
 
-    assert deploy.pod_problems(pod([{"ready": True, "state": {"running": {}}}]), 2) == []
-    loading = deploy.pod_problems(pod([{"ready": False, "state": {"running": {}}}]), 2)
+    assert rollout.pod_problems(pod([{"ready": True, "state": {"running": {}}}]), 2) == []
+    loading = rollout.pod_problems(pod([{"ready": False, "state": {"running": {}}}]), 2)
     assert loading == [("p: running, not ready (/readyz: the model is still loading, or "
                         "failed to load)", False)]
-    pulling = deploy.pod_problems(pod([{"state": {"waiting": {
+    pulling = rollout.pod_problems(pod([{"state": {"waiting": {
         "reason": "ImagePullBackOff", "message": "Back-off pulling image x"}}}],
         phase="Pending"), 2)
     assert pulling == [("p: ImagePullBackOff: Back-off pulling image x", False)]
-    evicted = deploy.pod_problems(pod(phase="Failed", reason="Evicted",
+    evicted = rollout.pod_problems(pod(phase="Failed", reason="Evicted",
                                       message="low on ephemeral-storage"), 2)
     assert evicted == [("p: failed (Evicted): low on ephemeral-storage", True)]
-    assert deploy.pod_problems({"metadata": {"name": "old", "deletionTimestamp": "now"},
+    assert rollout.pod_problems({"metadata": {"name": "old", "deletionTimestamp": "now"},
                                 "status": {"phase": "Running"}}, 2) == []

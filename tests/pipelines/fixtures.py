@@ -114,16 +114,25 @@ def make_chartmoe(root: Path, model: Path) -> list[str]:
         image(root / "sft" / f"{i}.png", (40 * i, 80, 120))
     write_json(root / "sft.json", rows)
     make_chartqa(root / "ChartQA")
-    return [*tiny_model(model),
-            "stages.prepare-align.input=null", "stages.prepare-align.num=3",
+    # The recipe's XComposer2 settings (ChartMoE-Data mixes, its turn formats, 4096 tokens)
+    # wait for the native model's stage wiring (issue 15); the scaled-down run is a tiny LLaVA
+    # on generated alignment tables, so they are set back here.
+    xcomposer2_off = [
+        "stages.prepare-align.source_format=chart-align", "stages.prepare-align.image_root=null",
+        *(f"stages.prepare-{t}.input=null" for t in ("table", "json", "code")),
+        "stages.pretokenize.conversation_format=auto", "stages.infer.conversation_format=auto",
+        "train.max_length=null"]
+    return [*tiny_model(model), *xcomposer2_off,
+            "stages.prepare-align.num=3",
             "stages.prepare-align.options.image_size=56",
             f"stages.prepare-sft.input={root / 'sft.json'}",
+            f"stages.prepare-sft.image_root={root}",
             f"stages.infer.benchmark_root={root / 'ChartQA'}",
             "stages.pretokenize.max_length=2048", "stages.pretokenize.workers=1",
             "stages.pretokenize.trust_remote_code=false",
             "stages.align.train.per_device_batch_size=2", "stages.align.train.grad_accum=1",
             "stages.sft.train.lora.target_modules=[q_proj,v_proj]",
-            "stages.infer.max_new_tokens=16", "stages.infer-direct.max_new_tokens=4"]
+            "stages.infer.max_new_tokens=16"]
 
 
 # --------------------------------------------------------------------------- llava-dataengine

@@ -139,7 +139,8 @@ def test_recipe_train_defaults_reach_the_steps_whose_mode_has_them() -> None:
         pipeline_runner.load_recipe("pipelines/recipes/chameleon-interleaved.yaml",
                                     ["train.rl.target_kl=6.0", "train.preference.beta=0.2"]),
         run_id="check", store_root="/check")[1]
-    assert build.train_modes == {"sft": "sft", "rm": "rm", "dpo": "dpo", "ppo": "ppo"}
+    assert {step: section["train"]["mode"] for step, section in build.sections["train"].items()} \
+        == {"sft": "sft", "rm": "rm", "dpo": "dpo", "ppo": "ppo"}
 
 
 def test_sweep_settings_are_checked_with_their_name() -> None:

@@ -17,8 +17,8 @@ import yaml
 
 from mmjobs import pipeline_runner
 from mmjobs.config import ConfigError
+from mmjobs.stages import train as train_stage
 from mmjobs.stages.train import TrainStageConfig
-from mmjobs.train import multinode
 from mmjobs.train.k8s_jobs import JobSettings
 from tests.k8s.validation import KUBE_VERSIONS, validate_manifest
 
@@ -90,7 +90,7 @@ def test_the_job_launched_from_the_compiled_step_is_valid(trainer, tmp_path, mon
     config["data"] = "s3://mmjobs/store/cache/pretokenized/abc"  # wired at run time
     config["model"] = {**config.get("model", {}), "name_or_path": "s3://mmjobs/models/llava"}
     cfg = TrainStageConfig.model_validate(config)
-    doc = multinode.build_manifest(cfg, nodes=train["nodes"], gpus_per_node=train["gpus_per_node"],
+    doc = train_stage.job_manifest(cfg, nodes=train["nodes"], gpus_per_node=train["gpus_per_node"],
                                    image=train["image"], namespace="mmjobs",
                                    settings=JobSettings.model_validate_json(train["launch_json"]))
     assert doc["kind"] == {"trainjob": "TrainJob", "pytorchjob": "PyTorchJob"}[trainer]

@@ -20,9 +20,11 @@ import yaml
 from kfp import compiler, dsl
 
 from mmjobs import pipeline_runner, storage
-from mmjobs.config import ConfigError, load_recipe
-from pipelines.builder import STAGES, Build
-from pipelines.components import MODULES, component
+from mmjobs.config import ConfigError
+from mmjobs.recipe import load_recipe
+from mmjobs.stages import registry
+from pipelines.builder import Build
+from pipelines.components import component, component_function
 
 RECIPE = "pipelines/recipes/chart-demo.yaml"
 FAKE_SECRET = "fake/secret+value/must-never-appear"
@@ -36,14 +38,14 @@ def compiled(tmp_path: Path, overrides: list[str]) -> tuple[dict, dict]:
 
 
 def test_every_stage_kind_has_a_component_and_an_image():
-    assert set(MODULES) == set(STAGES)
-    assert {k: STAGES[k].image for k in ("import", "serve", "deploy")} == {
+    for stage in registry.names():
+        assert callable(component(stage, "img:1")), stage
+    stages = {name: registry.get(name) for name in ("import", "serve", "deploy")}
+    assert {k: s.image for k, s in stages.items()} == {
         "import": "data", "serve": "eval", "deploy": "data"}
-    for stage in ("import", "serve", "deploy"):
-        assert STAGES[stage].own_output is False
-        assert STAGES[stage].config_class().__name__ in {"ImportConfig", "ServeConfig",
-                                                         "DeployConfig"}
-        assert callable(component(stage, "img:1"))
+    for stage in stages.values():
+        assert stage.own_output is False
+        assert stage.config.__name__ in {"ImportConfig", "ServeConfig", "DeployConfig"}
 
 
 def test_import_serve_and_deploy_steps_compile(tmp_path: Path):
@@ -66,21 +68,20 @@ def test_import_serve_and_deploy_steps_compile(tmp_path: Path):
     spec = next(yaml.safe_load_all(out.read_text()))
     executors = spec["deploymentSpec"]["executors"]
     images = {name: e["container"]["image"] for name, e in executors.items()}
-    assert images == {"exec-import-source": "ghcr.io/mmjobs/mmjobs-data:0.1.0",
+    assert images == {"exec-import": "ghcr.io/mmjobs/mmjobs-data:0.1.0",
                       "exec-serve": "ghcr.io/mmjobs/mmjobs-eval:0.1.0",
                       "exec-deploy": "ghcr.io/mmjobs/mmjobs-data:0.1.0"}
     tasks = spec["root"]["dag"]["tasks"]
-    config = json.loads(tasks["import-source"]["inputs"]["parameters"]["config_json"][
+    config = json.loads(tasks["import"]["inputs"]["parameters"]["config_json"][
         "runtimeValue"]["constant"])
     assert config["to"] == "s3://mmjobs/models/llava-1.5-7b" and "output" not in config
     for name in ("serve", "deploy"):
         model = tasks[name]["inputs"]["parameters"]["model"]["taskOutputParameter"]
-        assert model["producerTask"] == "import-source"
+        assert model["producerTask"] == "import"
 
 
 def test_import_component_copies_a_folder_into_the_store(tmp_path: Path):
-    from pipelines.components.import_ import import_source
-
+    import_source = component_function("import")
     source = tmp_path / "raw"
     source.mkdir()
     (source / "a.txt").write_text("hello")

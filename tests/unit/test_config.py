@@ -11,19 +11,10 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from mmjobs.config import (
-    ConfigError,
-    DataConfig,
-    RecipeConfig,
-    TrainConfig,
-    dump_recipe,
-    flatten,
-    load_config,
-    load_recipe,
-    validate_main,
-)
+from mmjobs.config import ConfigError, DataConfig, dump_recipe, flatten, load_config
 from mmjobs.config_errors import is_credential_key
-from mmjobs.train.methods import SftConfig
+from mmjobs.recipe import RecipeConfig, load_recipe, validate_main
+from mmjobs.train.methods import SftConfig, TrainConfig
 
 MINIMAL = """\
 recipe: chart-demo
@@ -89,7 +80,7 @@ def test_yaml_floats_without_a_dot_and_integer_quantities_are_accepted(tmp_path:
 
 def test_assignment_is_validated() -> None:
     cfg = SftConfig()
-    with pytest.raises(ValueError, match="Input should be 'full' or 'lora'"):
+    with pytest.raises(ValueError, match="Input should be 'full', 'lora' or 'mma'"):
         cfg.finetune = "half"  # type: ignore[assignment]
 
 

@@ -19,9 +19,11 @@ from typing import Any
 
 import pytest
 
+from mmjobs import layout
 from mmjobs.config import ClusterConfig, ConfigError, load_config
+from mmjobs.stages import train as train_stage
 from mmjobs.stages.train import TrainStageConfig
-from mmjobs.train import k8s_jobs, multinode
+from mmjobs.train import k8s_jobs
 from mmjobs.train.k8s_jobs import JobSettings
 from tests.k8s import policy
 from tests.k8s.validation import KUBE_VERSIONS, validate_manifest
@@ -60,7 +62,7 @@ def settings(kind: str = "trainjob", **overrides: Any) -> JobSettings:
 
 def manifest(kind: str = "trainjob", *, nodes: int = 2, gpus: int = 8,
              **overrides: Any) -> dict[str, Any]:
-    return multinode.build_manifest(stage_config(), nodes=nodes, gpus_per_node=gpus,
+    return train_stage.job_manifest(stage_config(), nodes=nodes, gpus_per_node=gpus,
                                     image=IMAGE, namespace="team-a",
                                     settings=settings(kind, **overrides))
 
@@ -237,7 +239,7 @@ def test_manifest_name_comes_from_experiment_run_and_step() -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_rank_arguments_parse_back_to_the_stage_config(kind: str) -> None:
     cfg = stage_config(eval_data=None, registered_model_name="llava-sft: v1")
-    doc = multinode.build_manifest(cfg, nodes=2, gpus_per_node=8, image=IMAGE,
+    doc = train_stage.job_manifest(cfg, nodes=2, gpus_per_node=8, image=IMAGE,
                                    namespace="team-a", settings=settings(kind))
     args = trainer_container(doc)["args"]
     assert args[::2] == ["--set"] * (len(args) // 2)
@@ -248,7 +250,7 @@ def test_rank_arguments_parse_back_to_the_stage_config(kind: str) -> None:
     ppo = stage_config(eval_data=None, train={
         "mode": "ppo", "deepspeed": "zero2", "rl": {"kl_coef": 0.02, "reward": {
             "kind": "model", "model": "s3://mmjobs/store/rm/final"}}})
-    doc = multinode.build_manifest(ppo, nodes=2, gpus_per_node=8, image=IMAGE,
+    doc = train_stage.job_manifest(ppo, nodes=2, gpus_per_node=8, image=IMAGE,
                                    namespace="team-a", settings=settings(kind))
     parsed = load_config(TrainStageConfig, {}, trainer_container(doc)["args"][1::2])
     assert parsed == ppo and parsed.train.mode == "ppo"
@@ -258,7 +260,7 @@ def test_output_defaults_to_the_store_layout_resolved_by_the_launcher(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MMJOBS_STORE", "s3://bucket/root")
     cfg = stage_config(output=None)
-    doc = multinode.build_manifest(cfg, nodes=2, gpus_per_node=1, image=IMAGE,
+    doc = train_stage.job_manifest(cfg, nodes=2, gpus_per_node=1, image=IMAGE,
                                    namespace="ns", settings=settings())
     args = doc["spec"]["trainer"]["args"]
     assert "output=s3://bucket/root/llava-dataengine/run-0123456789ab/train" in args
@@ -280,5 +282,5 @@ def test_output_layout_constants_match_the_trainer() -> None:
     from mmjobs.train.checkpoint import CHECKPOINTS_DIR
     from mmjobs.train.trainer import FINAL_DIR, INFO_FILE
 
-    assert (multinode.FINAL_DIR, multinode.INFO_FILE, multinode.CHECKPOINTS_DIR) == (
+    assert (layout.FINAL_DIR, layout.TRAIN_INFO, layout.CHECKPOINTS_DIR) == (
         FINAL_DIR, INFO_FILE, CHECKPOINTS_DIR)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from kfp.local import logging_utils
 
-from mmjobs import pipeline_runner
+from mmjobs import pipeline_logs
 
 
 def test_parallel_kfp_tasks_do_not_leave_print_indented() -> None:
@@ -30,7 +30,7 @@ def test_parallel_kfp_tasks_do_not_leave_print_indented() -> None:
             b_in.set()
             a_out.wait(5)
 
-    with pipeline_runner._step_logs(False, SimpleNamespace(steps=[])):
+    with pipeline_logs.step_logs(False, SimpleNamespace(steps=[])):
         threads = [threading.Thread(target=task_a), threading.Thread(target=task_b)]
         for t in threads:
             t.start()

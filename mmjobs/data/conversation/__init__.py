@@ -13,6 +13,8 @@ infer and serve stages):
   (vicuna-7b-v1.5 / original LLaVA checkpoints).
 - `plain`: LLaVA's projector pretraining, image + caption + "\\n".
 - `anything_ti2ti`: Align-Anything's `USER: \\n...\\nASSISTANT:...` + EOS + SEP (Chameleon).
+- `internlm_xcomposer2`, `chartmoe_eval`: InternLM-XComposer2's turns (ChartMoE).
+- `lavin`: LaVIN's `Image: <image>{prompt}{answer}</s>` layout (ScienceQA "Response:").
 
 See `README.md` in this folder for the exact texts, labels and the decisions taken.
 """
@@ -30,6 +32,7 @@ from mmjobs.data.conversation.base import (
     SpecialTokens,
 )
 from mmjobs.data.conversation.builtin import VICUNA_SYSTEM, AnythingTI2TI, Plain, VicunaV1
+from mmjobs.data.conversation.lavin import Lavin
 from mmjobs.data.conversation.template import TemplateFormat, to_parts
 from mmjobs.data.conversation.xcomposer2 import ChartMoEEval, InternLMXComposer2
 from mmjobs.data.records import IMAGE_TOKEN
@@ -42,11 +45,11 @@ __all__ = ["BUILTIN_FORMATS", "FORMAT_HELP", "FORMAT_NAMES", "VICUNA_SYSTEM", "C
 FORMAT_NAMES: tuple[str, ...] = get_args(ConversationFormatName)
 BUILTIN_FORMATS: dict[str, type[ConversationFormat]] = {
     "vicuna_v1": VicunaV1, "plain": Plain, "anything_ti2ti": AnythingTI2TI,
-    "internlm_xcomposer2": InternLMXComposer2, "chartmoe_eval": ChartMoEEval}
+    "internlm_xcomposer2": InternLMXComposer2, "chartmoe_eval": ChartMoEEval, "lavin": Lavin}
 # Shown in errors and config help: which built-in format fits which seed.
 FORMAT_HELP = ("vicuna_v1 (LLaVA-1.5 fine-tuning on vicuna-7b-v1.5 or an original LLaVA "
                "checkpoint), plain (LLaVA projector pretraining), anything_ti2ti (Align-Anything "
-               "on Chameleon)")
+               "on Chameleon), lavin (LaVIN on ScienceQA)")
 
 
 class NoChatTemplateError(ValueError):

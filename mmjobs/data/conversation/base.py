@@ -72,6 +72,11 @@ class ConversationFormat(ABC):
             as a fresh text (LLaVA's `tokenizer_image_token`), instead of the whole text at once.
         stop_strings: generation stops at these strings (the answer is cut before them).
         stop_tokens: token strings that end an answer, besides the model's EOS.
+        piece_break: with `image_chunks`, a marker in the text that, like an image, ends one
+            piece and starts the next, but adds no token (LaVIN's "Image: N/A" prefix is
+            tokenized apart from the prompt).
+        truncate: the seed cuts over-long samples instead of dropping them (LaVIN); the
+            encoder then truncates whatever the stage's `truncate` says.
     """
 
     name: str = ""
@@ -79,6 +84,8 @@ class ConversationFormat(ABC):
     image_chunks: bool = False
     stop_strings: tuple[str, ...] = ()
     stop_tokens: tuple[str, ...] = ()
+    piece_break: str | None = None
+    truncate: bool = False
 
     @abstractmethod
     def render(self, messages: Sequence[Message]) -> Rendered:
@@ -98,8 +105,13 @@ class ConversationFormat(ABC):
 
     def describe(self) -> dict[str, Any]:
         """What a reader of pre-tokenized shards needs to know about the format."""
-        return {"name": self.name, "image_chunks": self.image_chunks,
-                "stop_strings": list(self.stop_strings), "stop_tokens": list(self.stop_tokens)}
+        out = {"name": self.name, "image_chunks": self.image_chunks,
+               "stop_strings": list(self.stop_strings), "stop_tokens": list(self.stop_tokens)}
+        if self.piece_break is not None:  # only formats using it: other cards stay as they were
+            out["piece_break"] = self.piece_break
+        if self.truncate:
+            out["truncate"] = True
+        return out
 
 
 def split_system(messages: Sequence[Message]) -> tuple[str | None, list[Message]]:

@@ -7,16 +7,20 @@ after an image gets one token that tokenizing the whole prompt at once does not 
 (`<image>\\nWhat` -> `-200 ▁ <0x0A> What` instead of `<image> <0x0A> What`). transformers'
 LLaVA needs a real token per image feature instead of the sentinel, so here each image becomes
 the ids the processor expands it to (576 `<image>` ids for LLaVA-1.5 at 336 px).
+
+LaVIN tokenizes its "Image: N/A" prefix and the prompt with separate calls as well; a format's
+`piece_break` marker splits the text there like an image would, without adding ids.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 
 def tokenize_image_chunks(tokenizer: Any, text: str, image_token: str,
-                          expansions: Sequence[Sequence[int]]
+                          expansions: Sequence[Sequence[int]], piece_break: str | None = None
                           ) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of `text` tokenized piece by piece between image markers, and their offsets.
 
@@ -25,6 +29,8 @@ def tokenize_image_chunks(tokenizer: Any, text: str, image_token: str,
         text: the rendered conversation, `image_token` where each image goes.
         image_token: the marker string.
         expansions: per image, in order, the ids it becomes.
+        piece_break: a marker that also separates pieces but becomes no token (the format's
+            `piece_break`; LaVIN's text-only prefix).
 
     Returns:
         `(ids, offsets)`: offsets are `(start, end)` character ranges in `text`; an image's
@@ -33,26 +39,31 @@ def tokenize_image_chunks(tokenizer: Any, text: str, image_token: str,
     Raises:
         ValueError: the number of markers differs from `len(expansions)`.
     """
-    pieces = text.split(image_token)
-    if len(pieces) - 1 != len(expansions):
-        raise ValueError(f"{len(pieces) - 1} {image_token} markers but {len(expansions)} "
+    markers = re.escape(image_token) + (f"|{re.escape(piece_break)}" if piece_break else "")
+    parts = re.split(f"({markers})", text)  # piece, marker, piece, marker, ..., piece
+    found = parts[1::2].count(image_token)
+    if found != len(expansions):
+        raise ValueError(f"{found} {image_token} markers but {len(expansions)} "
                          "image expansions")
     bos = getattr(tokenizer, "bos_token_id", None)
     ids: list[int] = []
     offsets: list[tuple[int, int]] = []
-    pos = 0
-    for k, piece in enumerate(pieces):
-        if k:
-            ids += list(expansions[k - 1])
-            offsets += [(pos, pos + len(image_token))] * len(expansions[k - 1])
-            pos += len(image_token)
-        enc = tokenizer(piece, add_special_tokens=True, return_offsets_mapping=True)
+    pos = images = 0
+    for k, part in enumerate(parts):
+        if k % 2:  # a marker: an image's ids, or nothing for a piece break
+            if part == image_token:
+                ids += list(expansions[images])
+                offsets += [(pos, pos + len(part))] * len(expansions[images])
+                images += 1
+            pos += len(part)
+            continue
+        enc = tokenizer(part, add_special_tokens=True, return_offsets_mapping=True)
         piece_ids, piece_offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
         if k and bos is not None and piece_ids[:1] == [bos]:
             piece_ids, piece_offsets = piece_ids[1:], piece_offsets[1:]
         ids += [int(t) for t in piece_ids]
         offsets += [(pos + int(s), pos + int(e)) for s, e in piece_offsets]
-        pos += len(piece)
+        pos += len(part)
     return ids, offsets
 
 
@@ -83,12 +94,14 @@ def image_expansions(processor: Any, images: Sequence[Any], image_token: str,
 
 def encode_chunked_batch(processor: Any, texts: Sequence[str],
                          images: Sequence[Sequence[Any]], image_token: str, *,
-                         padding_side: str = "left", **kwargs: Any) -> dict[str, Any]:
+                         padding_side: str = "left", piece_break: str | None = None,
+                         **kwargs: Any) -> dict[str, Any]:
     """A padded batch (`input_ids`, `attention_mask`, image tensors) of texts tokenized with
     `tokenize_image_chunks`; what `processor(text=texts, images=..., padding=True)` returns
     for formats that tokenize like LLaVA.
 
-    `kwargs` go to the processor's per-image calls.
+    `piece_break`: the format's (see `tokenize_image_chunks`); `kwargs` go to the processor's
+    per-image calls.
     """
     import torch
 
@@ -97,7 +110,8 @@ def encode_chunked_batch(processor: Any, texts: Sequence[str],
     image_inputs: dict[str, list[Any]] = {}
     for text, row_images in zip(texts, images, strict=True):
         expansions, tensors = image_expansions(processor, row_images, image_token, **kwargs)
-        rows.append(tokenize_image_chunks(tokenizer, text, image_token, expansions)[0])
+        rows.append(tokenize_image_chunks(tokenizer, text, image_token, expansions,
+                                          piece_break)[0])
         for key, value in tensors.items():
             image_inputs.setdefault(key, []).append(value)
     width = max(len(r) for r in rows)

@@ -18,7 +18,8 @@ Generation stops at `[UNUSED_TOKEN_145]` or EOS.
 
 `chartmoe_eval` (ChartMoE's `eval_ChartQA.py` / `ChartMoE_Robot`): the same turns, but every
 image of the prompt goes first, right after BOS, and the question's text follows the turn header
-stripped: `<image>[UNUSED_TOKEN_146]user\\n{prompt}[UNUSED_TOKEN_145]\\n
+as given, not stripped (`self.prompt.format(question)`; only the images and the line break
+after each are taken out): `<image>[UNUSED_TOKEN_146]user\\n{prompt}[UNUSED_TOKEN_145]\\n
 [UNUSED_TOKEN_146]assistant\\n`. The robot inserts the image embeddings at character 0 rather
 than at a placeholder; this renders the same sequence.
 """
@@ -74,8 +75,13 @@ class InternLMXComposer2(ConversationFormat):
             if turn["role"] == "user":
                 if self.images_first:
                     front += self.tokens.image * content.count(self.tokens.image)
-                    content = content.replace(self.tokens.image, "")
-                text += f"{TURN_START}user\n{content.strip()}{TURN_END}\n"
+                    # ChartMoE's robot formats the question as given (no strip): drop only the
+                    # images and the line break a benchmark put after each.
+                    content = content.replace(self.tokens.image + "\n", "").replace(
+                        self.tokens.image, "")
+                else:
+                    content = content.strip()
+                text += f"{TURN_START}user\n{content}{TURN_END}\n"
             else:
                 text += f"{TURN_START}assistant\n"
                 start = len(text)

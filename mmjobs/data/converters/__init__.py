@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmjobs import layout
 from mmjobs.data.records import Kind, Record, Reject
 
-IMAGES_DIR = "images"
+IMAGES_DIR = layout.IMAGES_DIR
 
 
 @dataclass

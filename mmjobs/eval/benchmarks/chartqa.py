@@ -9,15 +9,19 @@ Official layout (vis-nlp/ChartQA, as ChartMoE's `eval_ChartQA.py` reads it)::
 Items: id `"<split>-<position in the file>"`, one image, fields `answers` (`[label]`) and
 `split` (`human` | `augmented`).
 
-Prompts are ChartMoE's (IDEA-FinAI/ChartMoE `chartmoe/eval_ChartQA.py::ChartQATester`, the
-user text inside its InternLM-XComposer2 chat template), with `<image>` in front:
+Prompts are ChartMoE's, character for character (IDEA-FinAI/ChartMoE@132b036
+`chartmoe/eval_ChartQA.py::ChartQATester`: the user text inside its InternLM-XComposer2 chat
+template; the question is appended right after the instruction's period, no space, and not
+stripped), with `<image>\n` in front (the `chartmoe_eval` conversation format moves it right
+after BOS, as ChartMoE's robot does):
 
-- default: "Answer the question using a single word or phrase. {question}";
+- default: "Answer the question using a single word or phrase.{question}";
 - `pot: true`: program-of-thought prompt `pot_prompt` (ChartMoE's `--pot_idx`): 0 = "Please give
-  the program of thought. {question}", 1 (default, the one ChartMoE's README reports) = "Please
+  the program of thought.{question}", 1 (default, the one ChartMoE's README reports) = "Please
   give the program of thought in python code. Use print function to output the answer in the
-  end. {question}". Score such predictions with the evaluate stage's `pot: true`, which runs the
-  programs in the sandbox.
+  end.{question}". Score such predictions with the evaluate stage's `pot: true` or
+  `mmjobs score --pot`, which run the programs in the sandbox. ChartMoE decodes greedily with
+  up to 500 new tokens in both modes (the `chartmoe` recipe's `eval.max_new_tokens`).
 
 The two files are serialised differently (`test_human.json` is one line, `test_augmented.json`
 is TAB-indented); both are streamed. Labels stay strings ("0.57", "Yes"), and image names are
@@ -50,11 +54,12 @@ from mmjobs.eval.benchmarks.base import (
 SPLITS = ("human", "augmented")
 LAYOUT = "test/test_human.json, test/test_augmented.json, test/png/"
 # ChartMoE eval_ChartQA.py: self.prompt and pot_prompts[0], pot_prompts[1] (user text only).
-CHARTMOE_PROMPT = "Answer the question using a single word or phrase. {question}"
+# No space before {question}: ChartMoE formats '...phrase.{}' (the README's numbers are that).
+CHARTMOE_PROMPT = "Answer the question using a single word or phrase.{question}"
 CHARTMOE_POT_PROMPTS = (
-    "Please give the program of thought. {question}",
+    "Please give the program of thought.{question}",
     "Please give the program of thought in python code. Use print function to output the "
-    "answer in the end. {question}",
+    "answer in the end.{question}",
 )
 
 

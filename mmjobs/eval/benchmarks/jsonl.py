@@ -17,7 +17,6 @@ The prompt is `<image>\\n` per image + question + `prompt_suffix` (default none)
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from itertools import islice
@@ -26,6 +25,7 @@ from typing import Any
 from pydantic import Field
 
 from mmjobs import storage
+from mmjobs.data.json_rows import MalformedInputError, iter_jsonl
 from mmjobs.eval.benchmarks.base import (
     Benchmark,
     BenchmarkError,
@@ -89,13 +89,20 @@ def iter_lines(uri: str) -> Iterator[tuple[int, bytes]]:
             yield n + 1, pending
 
 
+def _rows(uri: str) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of every non-blank line; a line that is not JSON (or a file cut
+    off mid-line) is a `BenchmarkError` naming the file and line."""
+    try:
+        for raw in iter_jsonl(uri):
+            if raw.data is None and raw.error:
+                raise BenchmarkError(f"{uri}: line {raw.line}: not JSON ({raw.error})")
+            yield raw.line or 0, raw.data
+    except MalformedInputError as e:
+        raise BenchmarkError(str(e)) from None
+
+
 def _items(uri: str, image_root: str, opts: JsonlOptions) -> Iterator[BenchmarkItem]:
-    rows = ((n, line) for n, line in iter_lines(uri) if line.strip())
-    for n, line in islice(rows, opts.limit):
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise BenchmarkError(f"{uri}: line {n}: not JSON ({e})") from e
+    for n, row in islice(_rows(uri), opts.limit):
         if not isinstance(row, dict) or not isinstance(row.get("question"), str):
             raise BenchmarkError(f"{uri}: line {n}: expected an object with a string "
                                  "'question'")

@@ -138,14 +138,21 @@ def summarize(rows: Sequence[Row], scores: Sequence[Mapping[str, Any]],
             "tolerances": [tolerance_key(t) for t in options.tolerances], "accuracy": accuracy}
 
 
-def render(summary: Mapping[str, Any]) -> str:
-    """The @AP table: Human / Augmented / Averaged rows, one column per tolerance."""
+AP_ROWS = (("Human", "human"), ("Augmented", "augmented"), ("Averaged", "average"))
+
+
+def ap_rows(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """ChartMoE's @AP table (`eval_ChartQA.py`'s PrettyTable) as headers and rows: Human /
+    Augmented / Averaged, one column per tolerance, fractions with 4 decimals."""
     tols = summary["tolerances"]
     acc = summary["accuracy"]
-    rows = [[label, *(fmt(acc[t][key], 4) for t in tols)]
-            for label, key in (("Human", "human"), ("Augmented", "augmented"),
-                               ("Averaged", "average"))]
-    return markdown_table(["@AP", *tols], rows)
+    rows = [[label, *(fmt(acc.get(t, {}).get(key), 4) for t in tols)] for label, key in AP_ROWS]
+    return ["@AP", *tols], rows
+
+
+def render(summary: Mapping[str, Any]) -> str:
+    """The @AP table: Human / Augmented / Averaged rows, one column per tolerance."""
+    return markdown_table(*ap_rows(summary))
 
 
 METRIC = Metric(

@@ -23,10 +23,22 @@ Variants:
   ``pred_text[1:3]`` is ``"."``, not ``". "``).
 - ``llava-dot``: also accepts a bare ``"X."`` (two characters), a rule several LLaVA-derived
   copies of eval_science_qa.py add before the regex.
+- ``lavin``: luogen1996/LaVIN ``eval.py``: the letter of the *first* match of
+  ``The answer is ([A-Z]).`` (LaVIN generates "The answer is A. BECAUSE: ..." and may repeat
+  it); no other rule. No match ("FAILED"), or a letter beyond the choices, gets
+  ``random.choice`` over the choices (``get_pred_idx``), as LaVIN scores it: a guess that is
+  right about 1 time in the number of choices. Here the guess is drawn from a generator
+  seeded with the row id, so a score is reproducible. LaVIN searches the decoded prompt and
+  answer together; mmjobs' predictions hold the answer only (LaVIN's ScienceQA prompt never
+  contains the phrase, so the first match is the same).
+- ``lavin-strict``: LaVIN's parsing, but a failure is wrong (no guess).
+
+``unparsed`` counts the rows with no letter; ``guessed`` the rows scored by a guess.
 """
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -53,7 +65,11 @@ _ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
 
 
 def parse_answer(text: str, variant: str = "llava") -> str | None:
-    """The option letter LLaVA's eval_science_qa.py reads from a prediction, or None (FAILED)."""
+    """The option letter the variant's eval script (LLaVA's eval_science_qa.py, LaVIN's
+    eval.py) reads from a prediction, or None (FAILED)."""
+    if variant.startswith("lavin"):
+        found = _ANSWER_IS.findall(text)
+        return found[0] if found else None
     if text in OPTIONS:
         return text
     if len(text) >= 3 and text[0] in OPTIONS and text[1:3] == ". ":
@@ -82,11 +98,21 @@ def categories(row: Row) -> list[str]:
     return cats
 
 
+def lavin_guess(row_id: Any, n_choices: int) -> int:
+    """LaVIN's `random.choice(range(len(choices)))` for a failed parse, drawn from a generator
+    seeded with the row id (the same guess on every scoring run)."""
+    return random.Random(f"lavin-guess:{row_id}").randrange(n_choices)
+
+
 def score_row(row: Row, options: ScoreOptions) -> dict[str, Any]:
     letter = parse_answer(row["prediction"], options.variant)
-    pred = predicted_index(letter, len(row["choices"]))
+    n_choices = len(row["choices"])
+    pred = predicted_index(letter, n_choices)
+    guessed = options.variant == "lavin" and pred == -1
+    if guessed:
+        pred = lavin_guess(row["id"], n_choices)
     return {"parsed": letter, "pred": pred, "correct": float(pred == row["answer"]),
-            "categories": categories(row)}
+            "categories": categories(row), **({"guessed": True} if guessed else {})}
 
 
 def summarize(rows: Sequence[Row], scores: Sequence[Mapping[str, Any]],
@@ -101,7 +127,8 @@ def summarize(rows: Sequence[Row], scores: Sequence[Mapping[str, Any]],
         accuracy[cat], counts[cat] = acc(lambda sc, c=cat: c in sc["categories"])
     accuracy["Avg"], counts["Avg"] = acc(lambda sc: True)
     return {"unit": "percent", "count": len(scores), "accuracy": accuracy, "counts": counts,
-            "unparsed": sum(1 for sc in scores if sc["parsed"] is None)}
+            "unparsed": sum(1 for sc in scores if sc["parsed"] is None),
+            "guessed": sum(1 for sc in scores if sc.get("guessed"))}
 
 
 def render(summary: Mapping[str, Any]) -> str:
@@ -122,7 +149,7 @@ def _consistency(row: Row) -> list[str]:
 METRIC = Metric(
     name="scienceqa",
     title="ScienceQA accuracy",
-    variants=("llava", "llava-dot"),
+    variants=("llava", "llava-dot", "lavin", "lavin-strict"),
     required_fields={
         "choices": is_str_list(), "answer": is_int, "subject": one_of(*SUBJECTS.values()),
         "grade": one_of(*GRADES), "hint": is_str, "has_image": is_bool,

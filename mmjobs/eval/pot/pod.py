@@ -30,11 +30,10 @@ import socket
 import time
 import urllib.parse
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+from mmjobs import kube, storage, storage_s3
 from mmjobs import settings as mmjobs_settings
-from mmjobs import storage, storage_s3
 from mmjobs.eval.pot.launch import SandboxError
 from mmjobs.eval.pot.sandbox import PotResult
 from mmjobs.eval.pot.settings import POD_IMAGE_ENV, PotSettings
@@ -44,7 +43,6 @@ log = get_logger(__name__)
 COMPONENT = "pot-sandbox"  # the label the shipped NetworkPolicy selects
 LABELS = {"app.kubernetes.io/name": "mmjobs", "app.kubernetes.io/part-of": "mmjobs",
           "app.kubernetes.io/component": COMPONENT}
-NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 RUN_AS = 10001  # the eval image's user
 MAX_RESULTS_BYTES = 512 << 20
 
@@ -203,22 +201,17 @@ def job_manifest(*, name: str, namespace: str, image: str, settings: PotSettings
 
 
 def _current_namespace() -> str:
-    if NAMESPACE_FILE.is_file():
-        return NAMESPACE_FILE.read_text().strip()
-    raise ValueError(f"pot.executor is pod: set pot.pod.namespace ({NAMESPACE_FILE} is "
-                     "missing: not running in a pod)")
+    namespace = kube.current_namespace(env=False)  # a PoT Job runs beside its step's pod
+    if namespace is None:
+        raise ValueError(f"pot.executor is pod: set pot.pod.namespace ({kube.NAMESPACE_FILE} "
+                         "is missing: not running in a pod)")
+    return namespace
 
 
 def _batch_api(api: Any) -> Any:
-    from kubernetes import client, config
+    from kubernetes import client
 
-    if api is None:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        api = client.ApiClient()
-    return client.BatchV1Api(api)
+    return client.BatchV1Api(kube.api_client(api))
 
 
 def _wait(batch: Any, namespace: str, name: str, timeout_s: float, poll_s: float) -> None:

@@ -3,6 +3,7 @@
     register()                                    # AutoConfig / AutoModel / AutoProcessor
     build_lavin(llm_dir, clip_dir, out_dir)       # a LaVIN model directory from its parts
     save_adapters(model, dir) / load_adapters(model, dir)   # LaVIN's trainable tensors only
+    mmjobs.eval.lavin: load_lavin(model_dir, adapter_dir); lavin_generator(loaded)
 
 Modules:
 - `config`: `LavinConfig` (LaVIN-7B's defaults);
@@ -12,7 +13,10 @@ Modules:
   `CLIPVisionModel` (visual tokens, modality token and its mask, generation);
 - `processing`: `LavinProcessor` (LLaMA tokenizer + `<image>`, ImageNet-normalised 224 px);
 - `compose`: a LaVIN directory from a Meta or transformers LLaMA and a CLIP checkpoint;
-  adapter files; the standalone ("merged") model.
+  adapter files; the standalone ("merged") model;
+- `presets`: the study's adapter-dropout rows (shared with LoRA's dropout schedules).
+Inference (base + trained adapters, prompted and decoded as LaVIN's eval) is
+`mmjobs.eval.lavin`, above the model.
 
 Importing this package is cheap: the submodules import transformers.
 """

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmjobs.models.lavin.presets import LAVIN_DROPOUT_PRESETS
+
 
 class RepAdapterRouter(nn.Module):
     """LaVIN's `RepAdapter_Router` (see the module docstring).
@@ -175,13 +177,11 @@ def preset_dropouts(preset: str | None, num_layers: int) -> list[float]:
     `None` / "base": LaVIN's 0.1 in every layer. "inc", "dec", "inc_v2", "dec_v2": the seed
     fork's `--dropout_prob/--dropout_var/--dropout_lim` (its scripts and README: inc 0.1 x1.01
     up to 0.2, dec 0.2 x0.99 down to 0.1, V2 with x1.03 / x0.97), the numbers shared with
-    `mmjobs.train.dropout_schedules.LAVIN_DROPOUT_PRESETS`.
+    LoRA's schedules (`presets.LAVIN_DROPOUT_PRESETS`).
 
     Raises:
         ValueError: an unknown preset (the message lists the known ones).
     """
-    from mmjobs.train.dropout_schedules import LAVIN_DROPOUT_PRESETS
-
     if preset in (None, "base"):
         return depth_dropout(num_layers, 0.1, 1.0, 0.2)
     if preset not in LAVIN_DROPOUT_PRESETS:

@@ -95,7 +95,7 @@ def _build(out: Path, *, name: str, with_decoder: bool, seed: int) -> None:
     model = ChameleonForConditionalGeneration(model_config)
     tensors = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     if with_decoder:
-        from mmjobs.eval.interleaved import VQ_PREFIX, VQDecoder
+        from mmjobs.models.vq_decoder import VQ_PREFIX, VQDecoder
 
         decoder = VQDecoder(vq)
         tensors.update({f"{VQ_PREFIX}decoder.{k}": v.to(torch.bfloat16)

@@ -11,7 +11,7 @@
 
 Each class holds only its own settings (shared ones in `common.TrainBase` / `FineTuneBase` /
 `EvalPass`) and checks its combinations in its `problems()`. These modules import pydantic only
-(no torch), so `mmjobs.config` and `mmjobs validate` stay fast. The recipe-level `train:`
+(no torch), so `mmjobs.recipe` and `mmjobs validate` stay fast. The recipe-level `train:`
 section (defaults for several steps of different modes) is `defaults.TrainDefaults`.
 """
 
@@ -29,7 +29,9 @@ from mmjobs.train.methods.defaults import (
     defaults_for,
     fingerprinted_settings,
     settings_table,
+    step_defaults,
     unused_defaults,
+    unused_in_steps,
 )
 from mmjobs.train.methods.dpo import DpoConfig, DpoPreference
 from mmjobs.train.methods.grpo import GrpoConfig, GrpoRL
@@ -55,5 +57,6 @@ __all__ = [
     "GrpoConfig", "GrpoRL", "LayerDropoutConfig", "LoraConfig", "PpoConfig", "PpoRL", "RLBase",
     "RewardConfig", "RmConfig", "RmPreference", "SftConfig", "TrainBase", "TrainConfig",
     "TrainDefaults", "defaults_for", "fingerprinted_settings", "mode_of", "settings_table",
-    "stage_input_problems", "train_config", "unused_defaults",
+    "stage_input_problems", "step_defaults", "train_config", "unused_defaults",
+    "unused_in_steps",
 ]

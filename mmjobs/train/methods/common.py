@@ -26,6 +26,16 @@ NOT_FINGERPRINTED = frozenset({"checkpoint_every_steps", "keep_last_checkpoints"
                                "log_every_steps", "eval_every_steps", "dataloader_workers"})
 
 
+class ParamGroup(StrictModel):
+    """An optimizer parameter group of `train.param_groups`."""
+
+    match: str = Field(min_length=1, description="Substring of the parameter names in this "
+                       "group, e.g. 'vision_proj' or 'experts.0.'.")
+    lr: float | None = Field(None, gt=0, description="Peak lr of the group (None: train.lr).")
+    weight_decay: float | None = Field(None, ge=0, description="Weight decay of the group "
+                                       "(None: train.weight_decay).")
+
+
 class TrainBase(StrictModel):
     """Settings every training mode has: optimisation, batching, precision, checkpoints."""
 
@@ -50,6 +60,20 @@ class TrainBase(StrictModel):
         "step gamma, step_size; exponential gamma, min_lr (see mmjobs.train.schedules).")
     warmup_ratio: float = Field(0.03, ge=0, le=1, description="Fraction of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field(
+        (0.9, 0.999), description="AdamW (beta1, beta2); e.g. [0.9, 0.95] as ChartMoE's and "
+        "InternLM-XComposer2's scripts set (--adam_beta2 0.95).")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    no_decay: Literal["none", "bias_and_norm"] = Field(
+        "none", description="Parameters exempt from weight decay: none, or bias_and_norm "
+        "(names containing 'bias' and LayerNorm/RMSNorm weights: transformers' Trainer rule, "
+        "which scripts built on it such as ChartMoE's train.py get).")
+    param_groups: list[ParamGroup] = Field(
+        default_factory=list, description="Optimizer groups with their own learning rate "
+        "and/or weight decay, e.g. [{match: gate, lr: 1.0e-4}]: a trainable parameter goes "
+        "to the first group whose `match` is a substring of its name, the rest use lr and "
+        "weight_decay. Every group must match a trainable parameter (checked at the start of "
+        "training). The schedule scales each group's lr alike.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables.")
     seed: int = Field(42, description="Seed for data order and initialisation.")
     batching: Literal["random", "length_grouped", "packed"] = Field(
@@ -97,7 +121,15 @@ class TrainBase(StrictModel):
     def problems(self) -> Problems:
         """Combinations of settings no single field can check, as `(setting, message)` pairs
         (empty when the config is consistent); each method adds its own."""
-        return []
+        problems: Problems = []
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            problems.append(("adam_betas", f"each beta must be in [0, 1), got "
+                                           f"{list(self.adam_betas)}; e.g. [0.9, 0.95]"))
+        matches = [g.match for g in self.param_groups]
+        if len(set(matches)) != len(matches):
+            problems.append(("param_groups", f"two groups share a match ({matches}); merge "
+                                             "them"))
+        return problems
 
     def packed_problem(self, what: str) -> Problems:
         """The problem of `batching: packed` in a mode whose batches are not conversations."""

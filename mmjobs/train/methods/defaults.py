@@ -22,7 +22,13 @@ from pydantic.fields import FieldInfo
 
 from mmjobs.config_base import StrictModel
 from mmjobs.train.methods.common import NOT_FINGERPRINTED, TrainBase
-from mmjobs.train.methods.modes import METHODS, PREFERENCE_MODES, RL_MODES, TRAIN_MODES
+from mmjobs.train.methods.modes import (
+    DEFAULT_MODE,
+    METHODS,
+    PREFERENCE_MODES,
+    RL_MODES,
+    TRAIN_MODES,
+)
 
 
 class _DefaultsBase(StrictModel):
@@ -116,6 +122,25 @@ def unused_defaults(given: Mapping[str, Any], steps: Mapping[str, str]) -> list[
             for path, having in _unused(given, modes, {m: METHODS[m] for m in TRAIN_MODES})]
 
 
+def step_defaults(defaults: Mapping[str, Any], section: Mapping[str, Any]) -> dict[str, Any]:
+    """A train step's defaults (a stage config's `model`, `train`, ...) with only the
+    recipe-level train settings its mode has; the mode comes from the step's own section
+    (`section["train"]["mode"]`, default sft)."""
+    train = defaults.get("train") or {}
+    return {**defaults, "train": defaults_for(_step_mode(section), train)}
+
+
+def unused_in_steps(given: Mapping[str, Any], steps: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """`unused_defaults` of the recipe's `train:` settings `given` for the train steps
+    `steps` (step name -> its own section), as `train.<setting>: message` lines."""
+    modes = {step: _step_mode(section) for step, section in steps.items()}
+    return [f"train.{path}: {message}" for path, message in unused_defaults(given, modes)]
+
+
+def _step_mode(section: Mapping[str, Any]) -> str:
+    return (section.get("train") or {}).get("mode") or DEFAULT_MODE
+
+
 def _unused(given: Mapping[str, Any], used: dict[str, type[BaseModel]],
             every: dict[str, type[BaseModel]], prefix: str = "") -> list[tuple[str, list[str]]]:
     """(path, modes having it) of each key of `given` that no model of `used` has."""
@@ -149,10 +174,17 @@ def fingerprinted_settings(cfg: TrainBase) -> dict[str, Any]:
     data = _legacy(cfg, TrainDefaults, _LEGACY)
     # group_by_modality unset changes no order that ever finished training (it groups only
     # where ungrouped ranks desynchronise), so it stays out until set.
+    # The optimizer settings added later (betas, eps, no_decay, param_groups) likewise stay
+    # out while at their defaults, which are the optimizer every earlier result used.
     skip = NOT_FINGERPRINTED | ({"preference"} if mode not in PREFERENCE_MODES else set()) | \
         ({"rl"} if mode not in RL_MODES else set()) | \
-        ({"group_by_modality"} if cfg.group_by_modality is None else set())
+        ({"group_by_modality"} if cfg.group_by_modality is None else set()) | \
+        {k for k, default in _OPTIMIZER_DEFAULTS.items() if getattr(cfg, k) == default}
     return {"mode": mode, **{k: v for k, v in data.items() if k not in skip}}
+
+
+_OPTIMIZER_DEFAULTS = {"adam_betas": (0.9, 0.999), "adam_eps": 1e-8, "no_decay": "none",
+                       "param_groups": []}
 
 
 def _legacy(value: BaseModel, merged: type[BaseModel], legacy: dict[str, Any]) -> dict[str, Any]:

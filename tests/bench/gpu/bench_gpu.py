@@ -143,11 +143,12 @@ def time_steps(step: Callable[[], None], device: torch.device, steps: int) -> tu
 
 def train_case(case: Case, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Time one training step configuration."""
-    from mmjobs.config import TrainConfig, load_config
+    from mmjobs.config import load_config
     from mmjobs.data.loader import PaddedCollator
     from mmjobs.data.packing import PackedCollator
     from mmjobs.models.builder import trainable_parameter_summary
     from mmjobs.train.batches import loss_sum, model_inputs
+    from mmjobs.train.methods import TrainConfig
     from mmjobs.train.metrics import device_peak_flops, flops_model
     from mmjobs.train.model_setup import prepare_for_training, upcast_trainable
 

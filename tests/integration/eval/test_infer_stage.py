@@ -88,9 +88,9 @@ def test_predictions_have_one_row_per_prompt(tiny_llava_dir, tmp_path, monkeypat
     assert not (tmp_path / "out" / "predictions.partial.jsonl").exists()
     # Same inputs again: a no-op through the CLI, which prints the result as JSON.
     counter = CountingGenerator(monkeypatch)
-    assert infer.cli(["--set", f"model={tiny_llava_dir}", "--set", f"dataset={dataset}",
-                      "--set", f"output={tmp_path / 'out'}", "--set", "batch_size=2",
-                      "--set", "max_new_tokens=6"]) == 0
+    assert infer.STAGE.cli(["--set", f"model={tiny_llava_dir}", "--set", f"dataset={dataset}",
+                            "--set", f"output={tmp_path / 'out'}", "--set", "batch_size=2",
+                            "--set", "max_new_tokens=6"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["cached"] is True and printed["rows"] == N and counter.prompts == 0
 

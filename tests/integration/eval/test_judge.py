@@ -27,10 +27,10 @@ from mmjobs.eval.judge import (
     JudgeClient,
     JudgeConfigError,
     JudgeError,
-    judge_predictions,
     parse_rating,
     parse_verdict,
 )
+from mmjobs.eval.judging import judge_predictions
 
 pytestmark = pytest.mark.integration
 

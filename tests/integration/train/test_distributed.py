@@ -3,7 +3,7 @@
 Each launch runs this module as the rank entrypoint (`python -m torch.distributed.run
 --standalone --nproc_per_node 2 -m tests.integration.train.test_distributed --config F`): the
 `__main__` block below wraps two trainer functions and then runs the real stage CLI
-(`mmjobs.stages.train.cli`). The wrappers only record: every rank writes the trainable
+(`mmjobs.stages.train.STAGE.cli`). The wrappers only record: every rank writes the trainable
 parameters it holds when training ends (ZeRO-3 shards gathered) and the loss and gradient
 norm it computed at each step. That is how the test sees rank 1 at all: the stage logs,
 commits and prints on rank 0 only.
@@ -366,6 +366,6 @@ def test_deepspeed_zero3_full_equals_one_process(tmp_path, tiny_llava_dir, chart
 
 if __name__ == "__main__":  # a rank under torchrun (see the module docstring)
     install_rank_recorder(Path(os.environ[DUMP_ENV]))
-    from mmjobs.stages.train import cli
+    from mmjobs.stages.train import STAGE
 
-    sys.exit(cli())
+    sys.exit(STAGE.cli())

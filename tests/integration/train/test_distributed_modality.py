@@ -217,6 +217,6 @@ if __name__ == "__main__":  # a rank under torchrun (see the module docstring)
     if os.environ.get(STALL_ENV):
         sys.exit(stall_one_rank())
     install_micro_batch_recorder(Path(os.environ[RECORD_ENV]))
-    from mmjobs.stages.train import cli
+    from mmjobs.stages.train import STAGE
 
-    sys.exit(cli())
+    sys.exit(STAGE.cli())

@@ -196,8 +196,8 @@ def test_a_model_without_a_template_is_told_which_formats_exist(replica_dir, tmp
     local = write_chart_dataset(tmp_path / "local", [sample("<image>\nWhat?", "A.").model_dump()])
     dataset = commit_dataset(local, str(tmp_path / "dataset"))
     model = replica_dir("facebook/chameleon-7b")
-    code = pretokenize.cli(["--set", f"dataset={dataset}", "--set", f"model={model}",
-                            "--set", f"output={tmp_path / 'out'}"])
+    code = pretokenize.STAGE.cli(["--set", f"dataset={dataset}", "--set", f"model={model}",
+                                  "--set", f"output={tmp_path / 'out'}"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert f"mmjobs stage pretokenize: {model}: the model ships no chat template" in err

@@ -44,6 +44,37 @@ def test_chartmoe_eval_prompt_puts_the_image_right_after_bos():
                       "[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n")
 
 
+def test_chartmoe_eval_prompt_is_eval_chartqas_text_for_real_chartqa_items(tmp_path):
+    """Every real ChartQA item, direct and PoT idx 1, renders exactly as ChartMoE's
+    `self.prompt.format(query)` (no strip: a noisy human query keeps its spaces)."""
+    import json
+
+    from mmjobs.eval.benchmarks import load_benchmark
+    from tests.real_data import REAL, placeholder_images
+
+    root = REAL / "chartqa"
+    rows = [r for split in ("human", "augmented")
+            for r in json.loads((root / "test" / f"test_{split}.json").read_text("utf-8"))]
+    pngs = placeholder_images(tmp_path / "png", {r["imgname"] for r in rows})
+    fmt = resolve_format("chartmoe_eval", None, image_token="<ImageHere>")
+    upstream = {  # eval_ChartQA.py: self.prompt and pot_prompts[1], verbatim
+        False: "[UNUSED_TOKEN_146]user\nAnswer the question using a single word or phrase.{}"
+               "[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n",
+        True: "[UNUSED_TOKEN_146]user\nPlease give the program of thought in python code. Use "
+              "print function to output the answer in the end.{}[UNUSED_TOKEN_145]\n"
+              "[UNUSED_TOKEN_146]assistant\n"}
+    for pot, template in upstream.items():
+        items = list(load_benchmark("chartqa", root, image_dir=str(pngs), pot=pot))
+        assert len(items) == len(rows) == 66
+        for item, row in zip(items, rows, strict=True):
+            rendered = fmt.render_prompt([{"role": "user", "content": item.prompt}])
+            assert rendered == "<ImageHere>" + template.format(row["query"])
+    # a query with surrounding spaces keeps them, as ChartMoE's str.format does
+    padded = fmt.render_prompt([{"role": "user", "content": "<image>\nQ.  Which year ? "}])
+    assert padded == ("<ImageHere>[UNUSED_TOKEN_146]user\nQ.  Which year ? [UNUSED_TOKEN_145]\n"
+                      "[UNUSED_TOKEN_146]assistant\n")
+
+
 def test_multi_turn_labels_only_answers(xcomposer2_dir):
     from mmjobs.models.xcomposer2 import register
 

@@ -234,7 +234,8 @@ def test_chartqa_items_fields_and_chartmoe_prompts(tmp_path) -> None:
     items = list(load_benchmark("chartqa", root))
     assert [it.id for it in items] == ["human-0", "human-1", "augmented-0"]
     first = items[0]
-    assert first.prompt == ("<image>\nAnswer the question using a single word or phrase. "
+    # ChartMoE's eval_ChartQA.py appends the question right after the period
+    assert first.prompt == ("<image>\nAnswer the question using a single word or phrase."
                             "What is the value of {x} in 2019?")
     assert first.images == [str(root / "test" / "png" / "41699051005347.png")]
     assert first.fields == {"answers": ["13"], "split": "human"}
@@ -242,10 +243,10 @@ def test_chartqa_items_fields_and_chartmoe_prompts(tmp_path) -> None:
 
     pot = list(load_benchmark("chartqa", root, pot=True, splits=["augmented"]))
     assert pot[0].prompt == ("<image>\nPlease give the program of thought in python code. Use "
-                             "print function to output the answer in the end. What is the "
+                             "print function to output the answer in the end.What is the "
                              "highest value?")
     pot0 = next(load_benchmark("chartqa", root, pot=True, pot_prompt=0, limit=1))
-    assert pot0.prompt.endswith("Please give the program of thought. What is the value of "
+    assert pot0.prompt.endswith("Please give the program of thought.What is the value of "
                                 "{x} in 2019?")
     custom = next(load_benchmark("chartqa", root, prompt_template="<image> Q: {question}"))
     assert custom.prompt == "<image> Q: What is the value of {x} in 2019?"  # no second token

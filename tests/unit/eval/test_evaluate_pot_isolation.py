@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mmjobs import storage
-from mmjobs.stages.evaluate import cli
+from mmjobs.stages.evaluate import STAGE
 from tests.unit.eval.test_evaluate_stage import chartqa_pot_rows, read_jsonl, write_jsonl
 
 
@@ -33,7 +33,7 @@ def test_evaluate_refuses_pot_when_isolation_is_unavailable(tmp_path, capsys, bw
     preds = write_jsonl(tmp_path / "predictions.jsonl", chartqa_pot_rows(outside))
     out = tmp_path / "out"
     path = str(tmp_path / "no-such-bwrap") if bwrap == "missing" else bwrap
-    code = cli(_args(preds, out, "--set", "pot.enabled=true", "--set", f"pot.bwrap={path}"))
+    code = STAGE.cli(_args(preds, out, "--set", "pot.enabled=true", "--set", f"pot.bwrap={path}"))
     err = capsys.readouterr().err
     assert code == 1
     assert says in err
@@ -51,7 +51,7 @@ def test_isolation_none_runs_with_the_audit_hook_warns_and_records_it(tmp_path, 
     preds = write_jsonl(tmp_path / "predictions.jsonl", chartqa_pot_rows(outside))
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING, logger="mmjobs"):
-        code = cli(_args(preds, out, "--set", "pot.enabled=true", "--set",
+        code = STAGE.cli(_args(preds, out, "--set", "pot.enabled=true", "--set",
                          "pot.isolation=none", "--set", "pot.wall_s=5", "--set", "pot.cpu_s=1",
                          "--set", f"pot.bwrap={tmp_path / 'no-such-bwrap'}"))
     assert code == 0, capsys.readouterr().err
@@ -70,10 +70,10 @@ def test_isolation_none_runs_with_the_audit_hook_warns_and_records_it(tmp_path, 
 
 def test_pot_shorthand_and_renamed_keys(tmp_path, capsys):
     preds = write_jsonl(tmp_path / "p.jsonl", [])
-    code = cli(_args(preds, tmp_path / "out", "--set", "pot=true", "--set", "pot_wall_s=3"))
+    code = STAGE.cli(_args(preds, tmp_path / "out", "--set", "pot=true", "--set", "pot_wall_s=3"))
     err = capsys.readouterr().err
     assert code == 2
     assert "pot_wall_s was renamed: set pot.wall_s instead" in err
-    code = cli(_args(preds, tmp_path / "out", "--set", "pot.isolation=docker"))
+    code = STAGE.cli(_args(preds, tmp_path / "out", "--set", "pot.isolation=docker"))
     assert code == 2
     assert "'bubblewrap' or 'none'" in capsys.readouterr().err

@@ -13,15 +13,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mmjobs import settings, storage
+from mmjobs.eval.evaluation import predictions_file
 from mmjobs.eval.metrics import ScoreInputError
-from mmjobs.stages.evaluate import (
-    EvaluateConfig,
-    cli,
-    kfp_markdown,
-    kfp_metrics,
-    main,
-    predictions_file,
-)
+from mmjobs.eval.report import evaluation_markdown, summary_metrics
+from mmjobs.stages.evaluate import STAGE, EvaluateConfig, main
 from tests.integration.eval.test_judge import FakeJudgeServer
 from tests.unit.eval.pot_support import needs_pot_isolation
 
@@ -115,8 +110,8 @@ def test_chartqa_with_pot_scores_what_programs_print_and_survives_hostile_ones(t
     assert tags["label"] == "w/ PoT" and tags["metric"] == "chartqa" and tags["pot"] == "true"
     assert tags["headline_metric"] == "chartqa.average_0.05"
     assert {"summary.md", "summary.json", "config.yaml", "plots/categories.png"} <= artifacts
-    assert kfp_metrics(summary) == {k: v for k, v in metrics.items()}
-    assert kfp_markdown(summary) + "\n" == md
+    assert summary_metrics(summary) == {k: v for k, v in metrics.items()}
+    assert evaluation_markdown(summary) + "\n" == md
 
     # Same predictions and config: the committed output is reused.
     again = main(cfg)
@@ -189,23 +184,23 @@ def test_predictions_inputs(tmp_path):
 
 
 def test_config_errors_are_reported_together(tmp_path, capsys):
-    code = cli(["--set", "predictions=p.jsonl", "--set", "metric=gqa", "--set", "pot=true",
-                "--set", "tolerances=[0.1]", "--set", "variant=nope"])
+    code = STAGE.cli(["--set", "predictions=p.jsonl", "--set", "metric=gqa", "--set", "pot=true",
+                      "--set", "tolerances=[0.1]", "--set", "variant=nope"])
     err = capsys.readouterr().err
     assert code == 2
     assert "variant 'nope' is not a variant of gqa; choose one of official, llava" in err
     assert "tolerances apply to metric chartqa only, not gqa" in err
     assert "pot applies to metric chartqa (ChartMoE's PoT), not gqa" in err
-    assert cli(["--set", "predictions=p.jsonl"]) == 2
+    assert STAGE.cli(["--set", "predictions=p.jsonl"]) == 2
     assert "set metric (e.g. metric=chartqa), judge, or both" in capsys.readouterr().err
-    assert cli(["--set", "predictions=p.jsonl", "--set", "metric=chartqaa"]) == 2
+    assert STAGE.cli(["--set", "predictions=p.jsonl", "--set", "metric=chartqaa"]) == 2
     assert "metric 'chartqaa' is unknown; choose one of chartqa" in capsys.readouterr().err
 
 
 def test_cli_prints_the_result(tmp_path, capsys):
     preds = write_jsonl(tmp_path / "p.jsonl", scienceqa_rows())
-    code = cli(["--set", f"predictions={preds}", "--set", "metric=scienceqa",
-                "--set", f"output={tmp_path / 'out'}"])
+    code = STAGE.cli(["--set", f"predictions={preds}", "--set", "metric=scienceqa",
+                      "--set", f"output={tmp_path / 'out'}"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["headline_metric"] == "scienceqa.Avg" and result["metric"] == "scienceqa"

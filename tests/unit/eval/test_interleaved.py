@@ -19,15 +19,12 @@ from PIL import Image
 
 from mmjobs import storage
 from mmjobs.eval.interleaved import (
-    DECODER_FILE,
-    ImageDecoder,
     ImageSpanLogitsProcessor,
-    VQDecoder,
     enable_image_generation,
-    find_decoder_weights,
     image_code_tokens,
     image_name,
 )
+from mmjobs.models.vq_decoder import DECODER_FILE, ImageDecoder, VQDecoder, find_decoder_weights
 
 COLOURS = {"red": (230, 20, 20), "blue": (20, 40, 230)}
 

@@ -39,7 +39,7 @@ def test_loader_reads_both_serialisations(tmp_path):
     assert "01499440003158.png" in {r["imgname"] for r in flat}  # leading zero kept
     labels = {r["label"] for r in flat}
     assert {"0.57", "1.216666667", "Yes", "No", "Italy"} <= labels  # strings, as published
-    assert loaded[0].prompt == ("<image>\nAnswer the question using a single word or phrase. "
+    assert loaded[0].prompt == ("<image>\nAnswer the question using a single word or phrase."
                                 "How many food item is shown in the bar graph?")
     # the default layout wants test/png/ under root: the real folder has no images
     with pytest.raises(FileNotFoundError, match="test/png/"):

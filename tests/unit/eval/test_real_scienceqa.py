@@ -90,3 +90,22 @@ def test_metric_parses_outputs_as_the_results_files_did():
     # both files hold the same first 25 test pids, in pid_splits.json's order
     splits = json.loads(real("scienceqa/official/pid_splits.json").read_text())
     assert list(gpt3["results"]) == list(llava["results"]) == splits["test"]
+
+
+def test_lavin_parser_reads_the_recorded_qcm_ale_answers():
+    """GPT-3's QCM-ALE outputs ("The answer is B. BECAUSE: ...") are the text LaVIN is trained
+    to produce: LaVIN's parser (first match) reads the recorded index from every non-empty
+    one; the three empty outputs fail and are guessed (ScienceQA and LaVIN both guess)."""
+    from mmjobs.eval.metrics.scienceqa import lavin_guess
+
+    gpt3 = json.loads(real("scienceqa/official/results_gpt3_final_test_QCM-ALE_2_seed_3.json")
+                      .read_text())
+    failed = []
+    for pid, output in gpt3["outputs"].items():
+        letter = parse_answer(output, "lavin")
+        if letter is None:
+            failed.append(pid)
+            assert 0 <= lavin_guess(pid, 5) < 5
+            continue
+        assert predicted_index(letter, 5) == gpt3["results"][pid], pid
+    assert failed == ["15", "22", "26"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmjobs.eval.metrics.scienceqa import parse_answer, predicted_index
+from mmjobs.eval.metrics.scienceqa import lavin_guess, parse_answer, predicted_index
 from mmjobs.eval.score import ScoreInputError
 
 
@@ -80,3 +80,39 @@ def test_bad_rows_are_reported(score):
     assert "line 1: field 'grade'" in text
     assert "line 2: field 'subject'" in text
     assert "line 3: field 'answer': index 3" in text
+
+
+@pytest.mark.parametrize(("text", "letter"), [
+    ("The answer is B. BECAUSE: magnets attract.", "B"),
+    ("The answer is A. The answer is B.", "A"),            # LaVIN takes the first match
+    ("Because ... The answer is D!", "D"),                 # "." matches any character
+    ("The answer is C", None),                             # ...but needs one
+    ("B", None),                                           # no bare-letter rule in LaVIN
+    ("B. a cat", None),
+    ("the answer is A.", None),                            # case-sensitive
+    ("", None),
+])
+def test_parse_answer_lavin(text, letter):
+    assert parse_answer(text, "lavin") == letter == parse_answer(text, "lavin-strict")
+
+
+def test_lavin_guesses_failures_reproducibly_and_strict_counts_them_wrong(score):
+    """LaVIN's get_pred_idx: FAILED or a letter past the choices -> a random choice; here one
+    seeded with the row id, so two scoring runs agree and the guess is a valid index."""
+    rows = [row(1, "The answer is A. BECAUSE: x", "natural science", "grade3", "", True),
+            row(2, "The answer is E.", "social science", "grade8", "", False),  # 3 choices
+            row(3, "no idea", "language science", "grade12", "h", False),
+            row(4, "The answer is B. The answer is A.", "natural science", "grade6", "", False)]
+    summary, scores = score("scienceqa", rows, variant="lavin")
+    again, scores_again = score("scienceqa", rows, variant="lavin")
+    assert scores == scores_again and summary["accuracy"] == again["accuracy"]
+    assert [s["parsed"] for s in scores] == ["A", "E", None, "B"]
+    assert [bool(s.get("guessed")) for s in scores] == [False, True, True, False]
+    assert summary["guessed"] == 2 and summary["unparsed"] == 1
+    assert all(0 <= s["pred"] < 3 for s in scores)
+    assert scores[0]["correct"] == 1.0 and scores[3]["pred"] == 1
+    guesses = {lavin_guess(i, 3) for i in range(60)}  # the seed really varies the guess
+    assert guesses == {0, 1, 2}
+    strict, strict_scores = score("scienceqa", rows, variant="lavin-strict")
+    assert [s["pred"] for s in strict_scores] == [0, -1, -1, 1]
+    assert strict["guessed"] == 0 and strict["accuracy"]["Avg"] == 25.0

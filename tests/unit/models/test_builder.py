@@ -18,7 +18,7 @@ from PIL import Image
 
 from mmjobs import storage
 from mmjobs.config import ModelConfig
-from mmjobs.models import builder, compose
+from mmjobs.models import builder, compose, model_dirs
 from mmjobs.models.connectors import LinearConnector, MLP2xGeluConnector, MoEConnector
 from tests.fixtures_models import build_once
 
@@ -157,10 +157,10 @@ def test_cache_record_detects_changed_files(tmp_path):
     d.mkdir()
     (d / "a.json").write_text("{}")
     entry = storage.FileEntry("a.json", 2, storage.sha256_file(d / "a.json"))
-    builder._write_cache_record(d, "s3://b/m", [entry])
-    assert builder._cache_is_valid(d)
+    model_dirs._write_cache_record(d, "s3://b/m", [entry])
+    assert model_dirs._cache_is_valid(d)
     (d / "a.json").write_text("[]")  # same size, new content and mtime: re-hashed
-    assert not builder._cache_is_valid(d)
+    assert not model_dirs._cache_is_valid(d)
 
 
 # --------------------------------------------------------------------------- loading

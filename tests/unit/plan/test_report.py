@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from mmjobs import cli
-from mmjobs.config import load_recipe
 from mmjobs.plan.steps import training_steps
+from mmjobs.recipe import load_recipe
 
 RECIPES = sorted(Path(__file__).parents[3].joinpath("pipelines", "recipes").glob("*.yaml"))
 

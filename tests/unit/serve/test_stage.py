@@ -21,7 +21,8 @@ def test_cli_forwards_flags_and_overrides(monkeypatch):
         seen.append(cfg)
         return ServeResult(output="http://x", model_name="m", requests=0)
 
-    monkeypatch.setattr(serve_stage, "main", fake_main)
+    monkeypatch.setattr(serve_stage, "STAGE", dataclasses.replace(serve_stage.STAGE,
+                                                                  main=fake_main))
     assert mmjobs_main(["serve", "s3://runs/x/merge", "--adapter", "/a", "--port", "9001",
                         "--host", "0.0.0.0", "--api-key-env", "MY_KEY",
                         "--set", "max_batch_size=4"]) == 0
@@ -52,7 +53,7 @@ def test_default_model_name(uri, name):
 
 def test_an_empty_key_variable_stops_before_loading(monkeypatch, capsys):
     monkeypatch.delenv("NO_SUCH_SERVE_KEY", raising=False)
-    code = serve_stage.cli(["--set", "model=/nowhere", "--set", "key_env=NO_SUCH_SERVE_KEY"])
+    code = serve_stage.STAGE.cli(["--set", "model=/nowhere", "--set", "key_env=NO_SUCH_SERVE_KEY"])
     assert code == 1
     assert "$NO_SUCH_SERVE_KEY is unset or empty" in capsys.readouterr().err
 

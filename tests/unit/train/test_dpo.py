@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from mmjobs.config import ConfigError, ModelConfig, TrainConfig, load_config
+from mmjobs.config import ConfigError, ModelConfig, load_config
 from mmjobs.models.builder import load_model
+from mmjobs.train.methods import TrainConfig
 from mmjobs.train.preference import DPO_STATS, sequence_logps
 from mmjobs.train.trainer import TrainRecipe
 from tests.chart_dataset import preference_pairs, write_chart_dataset

@@ -16,8 +16,9 @@ from mmjobs import storage
 from mmjobs.config import ModelConfig
 from mmjobs.models.builder import connector_module, export_model_dir, load_model, set_connector
 from mmjobs.models.connectors import MoEConnector
+from mmjobs.models.model_dirs import locate_adapter
 from mmjobs.stages.merge import MergeConfig, main
-from mmjobs.train.merge import MergeError, locate_adapter
+from mmjobs.train.merge import MergeError
 from tests.fixtures_models import build_once
 
 

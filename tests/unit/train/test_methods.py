@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from mmjobs.config import ConfigError, TrainConfig, load_config, load_recipe
-from mmjobs.stages.common import fingerprint
+from mmjobs.config import ConfigError, load_config
+from mmjobs.recipe import load_recipe
+from mmjobs.stage_contract import fingerprint
 from mmjobs.stages.train import TrainStageConfig
 from mmjobs.train.methods import (
     METHODS,
@@ -23,6 +24,7 @@ from mmjobs.train.methods import (
     PpoConfig,
     RmConfig,
     SftConfig,
+    TrainConfig,
     TrainDefaults,
     defaults_for,
     fingerprinted_settings,
@@ -237,10 +239,10 @@ def test_train_help_lists_every_mode(capsys):
         main(["train", "--help"])
     text = re.sub(r"\s+", " ", capsys.readouterr().out)
     assert "align | sft | dpo | rm | ppo | grpo" in text
-    from mmjobs.stages.train import cli
+    from mmjobs.stages.train import STAGE
 
     with pytest.raises(SystemExit):
-        cli(["--help"])
+        STAGE.cli(["--help"])
     text = re.sub(r"\s+", " ", capsys.readouterr().out)
     assert all(f"{mode}" in text for mode in TRAIN_MODES)
     assert "align (the connector alone), sft (full or LoRA), dpo and rm" in text

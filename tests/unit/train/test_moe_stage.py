@@ -29,12 +29,12 @@ from mmjobs.models.connectors import (
     moe_aux_loss,
     save_moe_connector,
 )
-from mmjobs.stages.build_moe_connector import BuildMoeConfig, cli, main
+from mmjobs.stages.build_moe_connector import STAGE, BuildMoeConfig, main
 from mmjobs.train.moe import (
     as_mmjobs_connector,
-    build_moe_connector,
     load_connector,
     load_expert,
+    moe_connector_from,
     save_connector,
 )
 from tests.fixtures_models import build_once
@@ -158,10 +158,10 @@ def test_rerun_is_a_noop_and_cli_prints_the_result(llava_dir, experts, tmp_path,
             "--set", "include_original=false", "--set", "top_k=1"]
     for name, (uri, _) in experts.items():
         args += ["--set", f"experts.{name}={uri}"]
-    assert cli(args) == 0
+    assert STAGE.cli(args) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert first["expert_names"] == ["table", "json", "code"] and not first["cached"]
-    assert cli(args) == 0
+    assert STAGE.cli(args) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["cached"] and again["model"] == first["model"]
 
@@ -195,7 +195,7 @@ def test_connector_checkpoints_round_trip(llava_dir, tmp_path):
     torch.manual_seed(0)
     x = torch.randn(2, 5, 64)
     native = connector_module(load_model(ModelConfig(name_or_path=str(llava_dir))).model)
-    moe = build_moe_connector({"a": MLP2xGeluConnector(64, 128), "b": native}, top_k=1)
+    moe = moe_connector_from({"a": MLP2xGeluConnector(64, 128), "b": native}, top_k=1)
     for name, module in {"linear": LinearConnector(64, 128, bias=False), "native": native,
                          "moe": moe}.items():
         restored = load_connector(save_connector(module, tmp_path / name))

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmjobs.config import ModelConfig, TrainConfig, load_config
+from mmjobs.config import ModelConfig, load_config
 from mmjobs.models.builder import load_model
+from mmjobs.train.methods import TrainConfig
 from mmjobs.train.reward_model import (
     CONFIG_FILE,
     RM_STATS,

@@ -9,8 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mmjobs.config import ConfigError, RewardConfig, TrainConfig, load_config
+from mmjobs.config import ConfigError, load_config
 from mmjobs.train.grpo import group_advantages, grpo_token_losses
+from mmjobs.train.methods import RewardConfig, TrainConfig
 from mmjobs.train.ppo import (
     AdaptiveKLController,
     gae,

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from mmjobs.config import ModelConfig, RewardConfig
+from mmjobs.config import ModelConfig
 from mmjobs.data.sample_encoder import IGNORE_INDEX, SampleEncoder
 from mmjobs.models.builder import load_model
 from mmjobs.train.batches import model_inputs
-from mmjobs.train.methods import RmConfig
+from mmjobs.train.methods import RewardConfig, RmConfig
 from mmjobs.train.rollouts import (
     ModelReward,
     ResponseSampler,

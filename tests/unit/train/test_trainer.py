@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmjobs.config import ModelConfig, TrainConfig, load_config
+from mmjobs.config import ModelConfig, load_config
 from mmjobs.models.builder import load_model
 from mmjobs.models.compose import component_of
+from mmjobs.train.methods import TrainConfig
 from mmjobs.train.trainer import TrainRecipe
 from tests.train_fixtures import OVERFIT_LORA, RecordingRun, read_tensors, train_settings
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmjobs.config import ConfigError, ModelConfig, TrainConfig, load_config
+from mmjobs.config import ConfigError, ModelConfig, load_config
 from mmjobs.train.distributed import (
     DIST_TIMEOUT_ENV,
     collective_timeout,
     deepspeed_config,
     resolve_mixed_precision,
 )
-from mmjobs.train.methods import SftConfig, train_config
+from mmjobs.train.methods import SftConfig, TrainConfig, train_config
 from mmjobs.train.metrics import FlopsModel, device_peak_flops, flops_model, step_metrics
 
 

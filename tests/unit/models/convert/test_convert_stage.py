@@ -69,15 +69,16 @@ def test_a_hostile_pickle_fails_the_stage_in_one_line_and_commits_nothing(
     shard = source / "pytorch_model-00002-of-00002.bin"
     torch.save({**torch.load(shard, weights_only=True), "x": _WritesMarker(marker)}, shard)
     out = tmp_path / "out"
-    code = stage.cli(["--set", f"source={source}", "--set", f"to={out}"])
+    code = stage.STAGE.cli(["--set", f"source={source}", "--set", f"to={out}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1
-    assert err[0].startswith(f"convert: {shard}: refused: loading it would run code")
+    assert err[0].startswith(f"mmjobs convert: {shard}: refused: loading it would run code")
     assert not marker.exists() and not storage.is_committed(str(out))
 
 
 def test_a_missing_source_is_one_line(tmp_path, capsys):
-    code = stage.cli(["--set", f"source={tmp_path / 'nowhere'}", "--set", f"to={tmp_path / 'o'}"])
+    code = stage.STAGE.cli(["--set", f"source={tmp_path / 'nowhere'}",
+                            "--set", f"to={tmp_path / 'o'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "nowhere" in err[0] and "not found" in err[0]
 

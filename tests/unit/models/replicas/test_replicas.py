@@ -274,7 +274,7 @@ def test_chameleon_replica_ids_geometry_and_loading(replica_dir, name):
 def test_aa_chameleon_decoder_is_found_by_interleaved_inference(replica_dir):
     from transformers import AutoConfig
 
-    from mmjobs.eval.interleaved import VQDecoder, find_decoder_weights
+    from mmjobs.models.vq_decoder import VQDecoder, find_decoder_weights
 
     model_dir = replica_dir("PKU-Alignment/AA-chameleon-7b-base")
     state = find_decoder_weights(model_dir)

@@ -1,0 +1,125 @@
+"""The stage registry: every module in `mmjobs/stages/` is a stage that declares itself.
+
+A stage module ends with `STAGE = Stage(...)` (`mmjobs.stage_contract.Stage`); nothing else
+lists stages. Names come from the module names without importing them (`make_tiny_model.py`
+is `make-tiny-model`, `import_.py` is `import`), so `mmjobs --help` stays fast; `get(name)`
+imports the one module a command needs. Readers: the CLI (`mmjobs stage NAME`), the KFP
+components (`pipelines/components.py`, whose body is `run_component`), the pipeline builder
+(configs, images, wired inputs), the cluster settings (GPUs, retries) and the images' import
+checks (`check_imports`).
+
+    python -c "import mmjobs.stages.registry as r; r.check_imports('train')"
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import keyword
+import pkgutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported when needed: `names()` must stay cheap for `mmjobs --help`
+    from mmjobs.stage_contract import Stage
+
+# Modules of this package that are not stages.
+SHARED = frozenset({"registry"})
+
+
+class UnknownStageError(KeyError):
+    """No stage of that name; the message lists the known ones."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def module_name(stage: str) -> str:
+    """The module of a stage name (`build-moe-connector` -> `build_moe_connector`)."""
+    stem = stage.replace("-", "_")
+    return f"{stem}_" if keyword.iskeyword(stem) else stem
+
+
+def names() -> list[str]:
+    """Every stage's name, sorted (found from the module names; nothing is imported)."""
+    here = [str(Path(__file__).parent)]
+    return sorted(m.name.rstrip("_").replace("_", "-") for m in pkgutil.iter_modules(here)
+                  if m.name not in SHARED and not m.name.startswith("_"))
+
+
+def get(name: str) -> Stage:
+    """The declaration of stage `name` (imports its module).
+
+    Raises:
+        UnknownStageError: no such stage (the message lists them).
+    """
+    from mmjobs.stage_contract import Stage
+
+    if name not in names():
+        raise UnknownStageError(f"no stage {name!r}; available: {', '.join(names())}")
+    module = importlib.import_module(f"{__package__}.{module_name(name)}")
+    stage = getattr(module, "STAGE", None)
+    if not isinstance(stage, Stage) or stage.name != name:
+        raise TypeError(f"{module.__name__} must end with STAGE = Stage(name={name!r}, ...)")
+    return stage
+
+
+def stages() -> list[Stage]:
+    """Every stage's declaration (imports every stage module)."""
+    return [get(name) for name in names()]
+
+
+def check_imports(image: str) -> list[str]:
+    """Import every stage module, the ones that run in `image` (data, train or eval)
+    included; raises if one cannot be imported. The images run this at build time.
+
+    Returns:
+        The stage names checked (printed as well).
+    """
+    checked = [s.name for s in stages() if s.image == image]
+    if not checked:
+        raise ValueError(f"no stage runs in an image named {image!r}")
+    print(f"{image} image: stages {', '.join(checked)} import")
+    return checked
+
+
+# --------------------------------------------------------------------------- KFP
+
+
+def run_component(name: str, config_json: str, **inputs: Any) -> str:
+    """The body of every stage's KFP component (see `pipelines/components.py`).
+
+    `config_json` is the step's config without its wired inputs; `inputs` are the component's
+    other parameters (upstream outputs, launch settings) and output artifacts. Wired inputs
+    go into their config fields (an optional one left at its default is not wired: the
+    config decides), the config is validated, and the stage runs: `main(cfg).output`, or the
+    stage's own `component` body when it declares one.
+    """
+    stage = get(name)
+    config = json.loads(config_json)
+    wired: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    declared = {i.name: i for i in stage.inputs}
+    for key, value in inputs.items():
+        spec = declared.get(key)
+        if spec is None or spec.field is None:
+            rest[key] = value
+        elif spec.default is ... or value != spec.default:
+            wired[key] = value
+    fields = stage.wire(wired) if stage.wire else {declared[k].field: v for k, v in wired.items()}
+    for path, value in fields.items():
+        _set(config, path, list(value) if isinstance(value, list | tuple) else value)
+    cfg = stage.config.model_validate(config)
+    if stage.component is not None:
+        return stage.component(cfg, **rest)
+    return stage.main(cfg).output
+
+
+def _set(data: dict[str, Any], path: str, value: Any) -> None:
+    """`data[a][b] = value` for path `a.b` (keeping what else `data[a]` holds)."""
+    *parents, last = path.split(".")
+    node = data
+    for part in parents:
+        node[part] = dict(node.get(part) or {})
+        node = node[part]
+    node[last] = value

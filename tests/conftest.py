@@ -11,8 +11,9 @@ import pytest
 
 from tests.servers import MLflowServer, S3Server
 
-# Session fixtures building tiny models once: tiny_llava_dir, tiny_chameleon_dir.
-pytest_plugins = ["tests.fixtures_models"]
+# Session fixtures building tiny models once (tiny_llava_dir, tiny_chameleon_dir), and the
+# lane markers every test gets (tests/lanes.py).
+pytest_plugins = ["tests.fixtures_models", "tests.lanes"]
 
 # Variables that would point a test at a developer's real services.
 _LEAKY_ENV = (

@@ -32,7 +32,7 @@ from tests.containers.podman import (
     torch_cpu_wheels_dir,
 )
 
-pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.containers, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 IMAGE = "localhost/mmjobs-data:test"
 TORCH_VERSION = "2.13.0"  # docker/data.Dockerfile's TORCH_VERSION default

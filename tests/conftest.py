@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.once import build_once
 from tests.servers import MLflowServer, S3Server
 
 # Session fixtures building tiny models once (tiny_llava_dir, tiny_chameleon_dir), and the
@@ -30,9 +31,12 @@ def mlflow_db_template(tmp_path_factory) -> Path:
     """
     from mlflow.tracking import MlflowClient
 
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
+    def migrate(directory: Path) -> None:
+        directory.mkdir()
+        MlflowClient(f"sqlite:///{directory / 'mlflow.db'}").search_experiments()
+
+    # Built once per run, also under pytest-xdist (the workers share it).
+    return build_once(tmp_path_factory.getbasetemp(), "mlflow-template", migrate) / "mlflow.db"
 
 
 @pytest.fixture(autouse=True)

@@ -39,16 +39,22 @@ def mlflow_db_template(tmp_path_factory) -> Path:
     return build_once(tmp_path_factory.getbasetemp(), "mlflow-template", migrate) / "mlflow.db"
 
 
-@pytest.fixture(autouse=True)
-def isolated_env(tmp_path, monkeypatch, mlflow_db_template) -> None:
-    """Every test gets its own MMJOBS_HOME, MLflow database, and no credentials from the shell."""
+def isolate(monkeypatch: pytest.MonkeyPatch, home: Path, mlflow_db_template: Path) -> Path:
+    """Point MMJOBS_HOME at `home` (created) with a fresh MLflow database from the template,
+    and drop every variable that could reach a developer's real services; returns `home`."""
     for name in _LEAKY_ENV:
         monkeypatch.delenv(name, raising=False)
-    home = tmp_path / "mmjobs-home"
-    home.mkdir()
+    home.mkdir(parents=True)
     shutil.copyfile(mlflow_db_template, home / "mlflow.db")
     monkeypatch.setenv("MMJOBS_HOME", str(home))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    return home
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, monkeypatch, mlflow_db_template) -> None:
+    """Every test gets its own MMJOBS_HOME, MLflow database, and no credentials from the shell."""
+    isolate(monkeypatch, tmp_path / "mmjobs-home", mlflow_db_template)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,8 @@ from mmjobs import __version__
 
 # Stage name -> module under mmjobs.stages (stage names are kebab-case, modules snake_case).
 STAGES = ("prepare", "mix", "pretokenize", "train", "apply-connector", "build-moe-connector",
-          "merge", "infer", "evaluate", "report", "make-tiny-model", "import", "serve", "deploy")
+          "merge", "infer", "evaluate", "report", "make-tiny-model", "import", "serve", "deploy",
+          "convert")
 
 
 # --------------------------------------------------------------------------- handlers
@@ -357,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="stage config YAML (see README: Training)")
     p.add_argument("--model", help="base model URI (sets model.name_or_path)")
     p.add_argument("--data", help="pretokenized shards URI")
-    p.add_argument("--mode", help="align | sft (sets train.mode)")
+    p.add_argument("--mode", help="align | sft | dpo | rm | ppo | grpo (sets train.mode; the "
+                                  "settings of each mode: README Training)")
     p.add_argument("--output", help="output URI (default: the store layout)")
     overrides(p)
     p.set_defaults(func=_stage_with_flags("train", {"model": "model.name_or_path", "data": "data",
@@ -434,9 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
         "model": "model", "adapter": "adapter", "host": "host", "port": "port",
         "api_key_env": "key_env"}))
 
+    # Parsed by mmjobs.plan.report.main (main() hands it the raw arguments).
+    sub.add_parser("plan", help="real-size dry run of a recipe's training steps on the meta "
+                                "device: parameters, memory per GPU, fits or not, FLOPs")
     # Parsed by mmjobs.eval.score.score_main (main() hands it the raw arguments).
     sub.add_parser("score", help="score a predictions file with an official metric: --metric "
-                                 "NAME --predictions FILE [--variant V] [--tolerance T]")
+                                 "NAME --predictions FILE [--variant V] [--tolerance T] "
+                                 "[--format F --ground-truth URI]")
 
     store = sub.add_parser("store", help="list and copy data between local paths and S3")
     store_sub = store.add_subparsers(dest="store_command", required=True, metavar="ls|cp")
@@ -479,6 +485,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mmjobs.eval.score import score_main
 
         return score_main(argv[1:])
+    if argv[:1] == ["plan"]:
+        from mmjobs.plan.report import main as plan_main
+
+        return plan_main(argv[1:])
     if argv[:1] == ["stage"] and len(argv) > 1 and not argv[1].startswith("-"):
         return cmd_stage(argparse.Namespace(name=argv[1], stage_args=argv[2:]))
     args = build_parser().parse_args(argv)

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Tag, TypeAdapter, ValidationError
+
+from mmjobs.config_base import PROBLEMS_ERROR
 
 CREDENTIAL_HINT = (
     "credentials are never read from recipe files; put them in the environment or a "
@@ -110,13 +112,57 @@ def _is_model(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, BaseModel)
 
 
-def field_type_at(model_cls: type[BaseModel], loc: tuple[str | int, ...]) -> Any:
+def tagged_members(tp: Any) -> dict[str, type[BaseModel]]:
+    """`{tag: model}` of a discriminated union whose members are `Annotated[Model, Tag(t)]`
+    (e.g. `mmjobs.train.methods.TrainConfig`: mode -> config class); empty for other types."""
+    if get_origin(tp) is Annotated:
+        return tagged_members(get_args(tp)[0])
+    if get_origin(tp) not in (Union, types.UnionType):
+        return {}
+    members = {}
+    for arg in get_args(tp):
+        tags = [m.tag for m in getattr(arg, "__metadata__", ()) if isinstance(m, Tag)]
+        if not tags or not _is_model(get_args(arg)[0]):
+            return {}
+        members[tags[0]] = get_args(arg)[0]
+    return members
+
+
+def _tag_key(tag: str, model: type[BaseModel]) -> str:
+    """The field a member's tag comes from: the one whose only allowed value is the tag."""
+    return next((name for name, info in model.model_fields.items()
+                 if get_args(info.annotation) == (tag,)), "tag")
+
+
+def validate_as(tp: Any, data: Any) -> Any:
+    """Validate `data` as `tp`: a model class, or a type such as a discriminated union."""
+    if _is_model(tp):
+        return tp.model_validate(data)
+    return TypeAdapter(tp).validate_python(data)
+
+
+def field_names(tp: Any) -> list[str]:
+    """The keys a mapping of type `tp` may have (every member's, for a union of models)."""
+    names: dict[str, None] = {}
+    for cand in _candidates(tp):
+        if _is_model(cand):
+            names.update(dict.fromkeys(cand.model_fields))
+    return list(names)
+
+
+def field_type_at(model_cls: Any, loc: tuple[str | int, ...]) -> Any:
     """The declared type at ``loc`` below ``model_cls``, or None if the path is not declared.
 
-    Descends through model fields, Optional wrappers, and list/dict element types.
+    Descends through model fields, Optional wrappers, union members, and list/dict element
+    types; a union member's tag in ``loc`` (as pydantic puts it in error locations) selects
+    that member.
     """
     tp: Any = model_cls
     for part in loc:
+        members = tagged_members(tp)
+        if isinstance(part, str) and part in members:
+            tp = members[part]  # a member's tag in an error location
+            continue
         nxt = None
         for cand in _candidates(tp):
             origin = get_origin(cand)
@@ -143,11 +189,15 @@ def unknown_key_message(model_cls: type[BaseModel] | None, key: str) -> str:
     """``unknown key; did you mean 'lr'?`` or, with no close match, the allowed names.
 
     A model may list keys it no longer has in a class attribute ``RENAMED_KEYS`` ({old: new
-    dotted key}); those get ``renamed: set <new> instead``.
+    dotted key}); those get ``renamed: set <new> instead``. ``REMOVED_KEYS`` ({key: what to do
+    instead}) explains keys that have no replacement in this section.
     """
     renamed = getattr(model_cls, "RENAMED_KEYS", None) or {}
     if key in renamed:
         return f"{key} was renamed: set {renamed[key]} instead"
+    removed = getattr(model_cls, "REMOVED_KEYS", None) or {}
+    if key in removed:
+        return f"not a setting here: {removed[key]}"
     allowed = list(model_cls.model_fields) if model_cls else []
     # cutoff 0.5 (difflib's default is 0.6) so single-letter fields match: 'rnk' -> 'r'.
     close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
@@ -157,22 +207,81 @@ def unknown_key_message(model_cls: type[BaseModel] | None, key: str) -> str:
 
 
 def describe_validation_error(
-    model_cls: type[BaseModel], err: Mapping[str, Any], *, hide_input: bool = False
+    model_cls: Any, err: Mapping[str, Any], *, hide_input: bool = False
 ) -> str:
     """The message part (after ``<path>: ``) for one entry of ``ValidationError.errors()``.
 
     ``hide_input`` replaces the offending value with ``<redacted>`` (it holds credentials).
+    Inside a discriminated union (e.g. a train config chosen by `mode`), a key of another member
+    reads ``not a setting of mode dpo (it is for ppo, grpo); remove it``.
     """
     loc = tuple(err["loc"])
     if err["type"] == "missing":
         return "required field missing"
     if err["type"] == "extra_forbidden":
+        union = _innermost_union(model_cls, loc[:-1])
+        if union is not None:
+            key, tag, members, below = union
+            others = [t for t, member in members.items()
+                      if t != tag and field_type_at(member, (*below, loc[-1])) is not None]
+            if others:
+                return (f"not a setting of {key} {tag} (it is for {', '.join(others)}); "
+                        "remove it")
         parent = section_model(field_type_at(model_cls, loc[:-1]))
         return unknown_key_message(parent, str(loc[-1]))
+    if err["type"] == "union_tag_invalid":
+        members = tagged_members(field_type_at(model_cls, loc))
+        tag = (err.get("ctx") or {}).get("tag", err["input"])
+        return f"got {tag!r} — choose one of {', '.join(members)}"
     shown = "<redacted>" if hide_input else repr(err["input"])
     if len(shown) > _INPUT_REPR_MAX:
         shown = shown[: _INPUT_REPR_MAX - 3] + "..."
     return f"got {shown} — {err['msg']}"
+
+
+def _innermost_union(model_cls: Any, loc: tuple[str | int, ...]
+                     ) -> tuple[str, str, dict[str, type[BaseModel]], tuple] | None:
+    """For an error location inside a tagged union member: (tag key, tag, members, the path
+    below the member), else None."""
+    tp: Any = model_cls
+    found = None
+    for i, part in enumerate(loc):
+        members = tagged_members(tp)
+        if isinstance(part, str) and part in members:
+            found = (_tag_key(part, members[part]), part, members, tuple(loc[i + 1:]))
+        tp = field_type_at(tp, (part,))
+        if tp is None:
+            break
+    return found
+
+
+def clean_loc(model_cls: Any, loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """``loc`` without the union tags pydantic inserts (``train.dpo.rl`` -> ``train.rl``)."""
+    out: list[str | int] = []
+    tp: Any = model_cls
+    for part in loc:
+        members = tagged_members(tp)
+        if isinstance(part, str) and part in members:
+            tp = members[part]
+            continue
+        out.append(part)
+        tp = field_type_at(tp, (part,)) if tp is not None else None
+    return tuple(out)
+
+
+def _messages(model_cls: Any, err: Mapping[str, Any], hide: bool
+              ) -> list[tuple[tuple[str | int, ...], str]]:
+    """(clean location, message) pairs of one pydantic error: one per problem for a
+    `config_problems` error, where the location names the setting to change."""
+    loc = clean_loc(model_cls, tuple(err["loc"]))
+    if err["type"] == PROBLEMS_ERROR:
+        return [((*loc, *field.split(".")), message)
+                for field, message in err["ctx"]["problems"]]
+    if err["type"] == "union_tag_invalid":
+        members = tagged_members(field_type_at(model_cls, tuple(err["loc"])))
+        key = _tag_key(*next(iter(members.items()))) if members else "tag"
+        return [((*loc, key), describe_validation_error(model_cls, err, hide_input=hide))]
+    return [(loc, describe_validation_error(model_cls, err, hide_input=hide))]
 
 
 def yaml_error_message(source: str, exc: yaml.YAMLError) -> str:
@@ -184,7 +293,7 @@ def yaml_error_message(source: str, exc: yaml.YAMLError) -> str:
     return f"{source}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
-def parse_override(model_cls: type[BaseModel], text: str) -> tuple[tuple[str, ...], Any, str] | str:
+def parse_override(model_cls: Any, text: str) -> tuple[tuple[str, ...], Any, str] | str:
     """Parse ``KEY=VALUE`` against the schema.
 
     Returns:
@@ -204,6 +313,8 @@ def parse_override(model_cls: type[BaseModel], text: str) -> tuple[tuple[str, ..
         return f"{label}: invalid YAML value: {getattr(exc, 'problem', None) or exc}"
     for i, part in enumerate(path):
         parent = field_type_at(model_cls, path[:i])
+        if tagged_members(parent):
+            break  # which keys exist depends on the member chosen: validation reports them
         parent_model = section_model(parent)
         if parent_model is None:
             if get_origin(parent) is dict:
@@ -242,14 +353,14 @@ def read_yaml(path: Path, source: str) -> tuple[Any, list[str]]:
 
 
 def validation_errors(
-    model_cls: type[BaseModel],
+    model_cls: Any,
     data: dict[str, Any],
     overrides: list[tuple[int, tuple[str, ...], str]],
 ) -> list[tuple[int, str]]:
     """Credential keys plus pydantic errors as ``(origin, line)`` pairs.
 
     Args:
-        model_cls: model to validate against.
+        model_cls: model (or discriminated union, see `validate_as`) to validate against.
         data: the file's data with overrides already applied.
         overrides: ``(index, path, label)`` of each applied override, in command-line order.
 
@@ -259,26 +370,31 @@ def validation_errors(
     """
     creds = find_credential_keys(data)
 
-    def origin(loc: tuple) -> tuple[int, str]:
+    def origin(loc: tuple, unknown_key: bool = False) -> tuple[int, str]:
         for i, path, label in reversed(overrides):  # the last override wins, as when applied
             if loc[: len(path)] == path:
                 if any(c[: len(path)] == path for c in creds):
                     label = label.split("=", 1)[0] + "=***"  # never echo credentials
                 return i, label + (f" ({dotted(loc)})" if len(loc) > len(path) else "")
+        for i, path, label in reversed(overrides if unknown_key else ()):
+            # A key that does not belong here, which an override wrote inside
+            # (`--set train.rl.kl_coef=1` for a mode without rl): named without the value.
+            if path[: len(loc)] == loc:
+                return i, f"{label.split('=', 1)[0]} ({dotted(loc)})"
         return -1, dotted(loc)
 
     out = [(idx, f"{label}: {CREDENTIAL_HINT}") for idx, label in map(origin, creds)]
     try:
-        model_cls.model_validate(data)
+        validate_as(model_cls, data)
     except ValidationError as exc:
         for err in exc.errors():
-            loc = tuple(err["loc"])
+            loc = clean_loc(model_cls, tuple(err["loc"]))
             if any(loc[: len(c)] == c for c in creds):
                 continue  # already reported as a credential
             # An error above a credential (e.g. a mapping where a string belongs) would
             # print the mapping, credential included.
             hide = any(c[: len(loc)] == loc for c in creds)
-            idx, label = origin(loc)
-            message = describe_validation_error(model_cls, err, hide_input=hide)
-            out.append((idx, f"{label}: {message}"))
+            for where, message in _messages(model_cls, err, hide):
+                idx, label = origin(where, unknown_key=err["type"] == "extra_forbidden")
+                out.append((idx, f"{label}: {message}"))
     return out

@@ -45,7 +45,7 @@ from mmjobs.logs import get_logger
 log = get_logger(__name__)
 RESULTS_FILE = "results.md"
 # Fields that do not change what a local run computes: left out of the default run id.
-_NOT_IN_RUN_ID = {"description", "cluster", "images"}
+_NOT_IN_RUN_ID = {"description", "cluster", "images", "plan"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _FAILED_TASK = re.compile(r"Inner task failed: '([^']+)'")
 _EXECUTING = re.compile(r"Executing task '([^']+)'")
@@ -101,12 +101,14 @@ def default_run_id(recipe: RecipeConfig) -> str:
 
 def build_pipeline(recipe: RecipeConfig, *, run_id: str, store_root: str,
                    parent_run_id: str | None = None, for_cluster: bool = False,
-                   source: str | None = None) -> tuple[Callable[..., Any], Any]:
+                   source: str | None = None,
+                   build_cls: type | None = None) -> tuple[Callable[..., Any], Any]:
     """The KFP pipeline function for `recipe` and its `Build` (steps, outputs).
 
     The steps are wired (and every step config validated) once here, so configuration errors
     surface before anything runs; calling the function again (KFP does, to compile or run)
-    wires them again.
+    wires them again. `build_cls` replaces `pipelines.builder.Build` with a subclass (`mmjobs
+    plan` records the steps' configs with one).
 
     Raises:
         ConfigError: unknown pipeline, or invalid step sections (all listed).
@@ -125,8 +127,8 @@ def build_pipeline(recipe: RecipeConfig, *, run_id: str, store_root: str,
 
     @dsl.pipeline(name=recipe.recipe, description=recipe.description or recipe.recipe)
     def pipeline():  # no return annotation: KFP would read it as an output
-        build = Build(recipe, run_id=run_id, store_root=store_root, parent_run_id=parent_run_id,
-                      for_cluster=for_cluster)
+        build = (build_cls or Build)(recipe, run_id=run_id, store_root=store_root,
+                                     parent_run_id=parent_run_id, for_cluster=for_cluster)
         state["build"] = build
         build.add_imports()
         module.wire(build)

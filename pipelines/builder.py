@@ -5,11 +5,12 @@ A pipeline file only says which steps exist and what feeds what::
     shards = b.step("pretokenize", "pretokenize", dataset=prepared.output, model=base)
 
 `Build.step` assembles the step's stage config — the stage's defaults from the recipe
-(`model`, `data`, `train`, `eval`), then the recipe's `stages.<step>` section, then values
-the pipeline fixes — adds the wiring fields (experiment, run id, parent MLflow run, output
-`{store}/{experiment}/{run_id}/{step}`), validates it against the stage's config model (all
-problems collected, named `stages.<step>.<key>`), creates the task with the stage's
-component and image and, when compiling for a cluster, applies the cluster settings.
+(`model`, `data`, `eval`, and of `train` the settings the step's train.mode has), then the
+recipe's `stages.<step>` section, then values the pipeline fixes — adds the wiring fields
+(experiment, run id, parent MLflow run, output `{store}/{experiment}/{run_id}/{step}`),
+validates it against the stage's config model (all problems collected, named
+`stages.<step>.<key>`), creates the task with the stage's component and image and, when
+compiling for a cluster, applies the cluster settings.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from mmjobs import storage
 from mmjobs.config import RecipeConfig
 from mmjobs.config_errors import validation_errors
 from mmjobs.logs import get_logger
+from mmjobs.train.methods import DEFAULT_MODE, defaults_for, unused_defaults
 from pipelines.cluster import apply_cluster_settings, resources_for
 from pipelines.components import component
 
@@ -126,6 +128,7 @@ class Build:
     errors: list[str] = field(default_factory=list)
     allowed_steps: set[str] = field(default_factory=set)
     imports: list[dsl.PipelineTask] = field(default_factory=list)
+    train_modes: dict[str, str] = field(default_factory=dict)  # train step -> its mode
     _tiny: Any = None
 
     # ---------------------------------------------------------------- step configs
@@ -163,6 +166,8 @@ class Build:
         problems += [f"{where}.{path}: the {step} step needs {value!r} here; remove it"
                      for path, value in _flat(fixed or {}).items()
                      if _get(given, path, value) != value]
+        if stage == "train":  # the recipe's train defaults serve steps of several modes
+            defaults = self._train_defaults(step, defaults or {}, given, fixed or {})
         cfg = _deep_merge(_deep_merge(copy.deepcopy(dict(defaults or {})), given), fixed or {})
         cfg.update({"experiment": self.recipe.experiment, "pipeline_run_id": self.run_id,
                     "recipe": self.recipe.recipe, "parent_run_id": self.parent_run_id})
@@ -172,6 +177,13 @@ class Build:
         problems += self._validate(spec, cfg, wired or spec.wired, where)
         self.errors.extend(problems)
         return cfg
+
+    def _train_defaults(self, step: str, defaults: Mapping[str, Any],
+                        given: Mapping[str, Any], fixed: Mapping[str, Any]) -> dict[str, Any]:
+        """`defaults` with only the recipe-level train settings the step's mode has."""
+        mode = _get(fixed, "train.mode", None) or _get(given, "train.mode", None) or DEFAULT_MODE
+        self.train_modes[step] = mode
+        return {**defaults, "train": defaults_for(mode, defaults.get("train") or {})}
 
     def _validate(self, spec: StageSpec, cfg: dict[str, Any], wired: tuple[str, ...],
                   where: str) -> list[str]:
@@ -304,19 +316,23 @@ class Build:
         """
         r = self.recipe
         trust = {"trust_remote_code": True} if r.model.trust_remote_code else {}
+        # Training data and prompts must be rendered alike: both steps get the recipe's format.
+        fmt = ({"conversation_format": r.model.conversation_format}
+               if r.model.conversation_format != "auto" else {})
         if stage == "train":
             model = r.model.model_dump(exclude={"name_or_path"}, exclude_defaults=True)
             return {"model": model, "train": r.train.model_dump(mode="json",
                                                                   exclude_defaults=True)}
         if stage == "pretokenize":
-            return {**({"max_length": r.data.max_length} if r.data else {}), **trust}
+            return {**({"max_length": r.data.max_length} if r.data else {}), **trust, **fmt}
         if stage == "prepare" and step == "prepare" and r.data is not None:
             data = {"source_format": r.data.source_format, "input": r.data.input,
                     "max_reject_fraction": r.data.max_reject_fraction}
             return {k: v for k, v in data.items() if v is not None}
         if stage == "infer":
             return {"batch_size": r.eval.batch_size, "max_new_tokens": r.eval.max_new_tokens,
-                    **({"dtype": r.model.dtype} if r.model.dtype != "auto" else {}), **trust}
+                    **({"dtype": r.model.dtype} if r.model.dtype != "auto" else {}), **trust,
+                    **fmt}
         if stage in ("merge", "apply-connector", "build-moe-connector"):
             return dict(trust)
         return {}
@@ -325,7 +341,8 @@ class Build:
 
     def check_sections(self) -> None:
         """Errors for `stages.<name>` / `cluster.stages.<name>` naming no step of this
-        pipeline (typos), added to `errors`."""
+        pipeline (typos), and for recipe-level train settings no train step has, added to
+        `errors`."""
         steps = sorted(self.allowed_steps)
         pipeline = self.recipe.pipeline
         for name in self.recipe.stages:
@@ -333,6 +350,9 @@ class Build:
                 hint = _did_you_mean(name, steps)
                 self.errors.append(f"stages.{name}: not a step of pipeline {pipeline}; "
                                    f"{hint}")
+        given = self.recipe.train.model_dump(mode="json", exclude_defaults=True)
+        for path, message in unused_defaults(given, self.train_modes):
+            self.errors.append(f"train.{path}: {message}")
         kinds = sorted(STAGES)
         for name in self.recipe.cluster.stages:
             if name not in self.allowed_steps and name not in STAGES:

@@ -91,6 +91,8 @@ def deploy_defaults(recipe: RecipeConfig) -> dict[str, Any]:
     serve = {"dtype": recipe.model.dtype} if recipe.model.dtype != "auto" else {}
     if recipe.model.trust_remote_code:
         serve["trust_remote_code"] = True
+    if recipe.model.conversation_format != "auto":  # chats rendered as the model was trained
+        serve["conversation_format"] = recipe.model.conversation_format
     if serve:
         defaults["serve"] = serve
     return defaults

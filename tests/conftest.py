@@ -12,9 +12,9 @@ import pytest
 from tests.once import build_once
 from tests.servers import MLflowServer, S3Server
 
-# Session fixtures building tiny models once (tiny_llava_dir, tiny_chameleon_dir), and the
-# lane markers every test gets (tests/lanes.py).
-pytest_plugins = ["tests.fixtures_models", "tests.lanes"]
+# Session fixtures building tiny models once (tiny_llava_dir, tiny_chameleon_dir, replica_dir),
+# and the lane markers every test gets (tests/lanes.py).
+pytest_plugins = ["tests.fixtures_models", "tests.fixtures_replicas", "tests.lanes"]
 
 # Variables that would point a test at a developer's real services.
 _LEAKY_ENV = (

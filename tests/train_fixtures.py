@@ -130,13 +130,16 @@ class RecordingRun:
 
 
 def train_settings(**overrides: Any) -> dict[str, Any]:
-    """A fast LoRA SFT config (as a mapping for `load_config`); keys override."""
+    """A fast LoRA SFT config (as a mapping for `load_config`); keys override. With
+    `mode="align"` the adapter settings are left out: align trains the connector alone."""
     base: dict[str, Any] = {
         "mode": "sft", "finetune": "lora", "lr": 1e-2, "max_steps": 12,
         "per_device_batch_size": 4, "grad_accum": 1, "batching": "random",
         "checkpoint_every_steps": 4, "keep_last_checkpoints": 2, "dataloader_workers": 0,
         "warmup_ratio": 0.0, "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
     }
+    if overrides.get("mode") == "align":
+        del base["finetune"], base["lora"]
     return {**base, **overrides}
 
 

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmjobs import settings, storage
 from mmjobs.data.images import ImageModeError, decode_rgb
+from mmjobs.data.modality import modality_plan
 from mmjobs.data.packing import IGNORE_INDEX, PackedCollator, concat_image_features
 from mmjobs.data.sampler import Mode, ResumableBatchSampler, check_batching_args
 from mmjobs.logs import get_logger
@@ -506,7 +507,8 @@ def build_dataloader(shards_uri: str | os.PathLike, *, batch_size: int, mode: Mo
                      drop_last: bool = False, even_batches: bool = True,
                      on_overlong: str = "error", pack_window: int = 8192,
                      cache_dir: str | os.PathLike | None = None,
-                     pin_memory: bool = False) -> ShardDataLoader:
+                     pin_memory: bool = False, group_by_modality: bool = False,
+                     modality_must_match: bool = False) -> ShardDataLoader:
     """Build the training loader over a committed pretokenized directory.
 
     Args:
@@ -525,6 +527,10 @@ def build_dataloader(shards_uri: str | os.PathLike, *, batch_size: int, mode: Mo
         drop_last, even_batches, on_overlong, pack_window: see `ResumableBatchSampler`.
         cache_dir: local cache for converted shards.
         pin_memory: pin batches for faster host-to-GPU copies.
+        group_by_modality: when the rows mix text-only and image samples, make every
+            micro-step's batches all-image or all-text across ranks (`mmjobs.data.modality`).
+        modality_must_match: the caller's collectives need that (DeepSpeed; see
+            `modality.ranks_need_same_modality`); mixed rows without the grouping get a warning.
 
     Returns:
         A `ShardDataLoader`; padded modes yield `PaddedCollator` batches, packed mode yields
@@ -551,10 +557,12 @@ def build_dataloader(shards_uri: str | os.PathLike, *, batch_size: int, mode: Mo
         raise ValueError(f"{shards_uri}: preference pairs cannot be packed (the chosen and "
                          "rejected sides are scored as padded rows); use mode random or "
                          "length_grouped")
+    modality = modality_plan(dataset.num_images, group=group_by_modality,
+                             must_match=modality_must_match, source=shards_uri)
     sampler = ResumableBatchSampler(
         dataset.lengths, batch_size=batch_size, mode=mode, seed=seed, max_length=max_length,
         rank=rank, world_size=world_size, drop_last=drop_last, even_batches=even_batches,
-        on_overlong=on_overlong, pack_window=pack_window)
+        on_overlong=on_overlong, pack_window=pack_window, modality=modality)
     pad = pad_token_id if pad_token_id is not None else dataset.card.get("pad_token_id")
     pad = int(pad) if pad is not None else 0
     if mode == "packed":

@@ -65,6 +65,17 @@ class PretokenizeJob:
     workers: int = 1
     trust_remote_code: bool = False
     card_meta: dict[str, Any] = field(default_factory=dict)  # model id, fingerprints, ...
+    conversation_format: str = "auto"  # mmjobs.data.conversation.FORMAT_NAMES
+    truncate: bool = False  # cut text past max_length (LLaVA) instead of rejecting the row
+
+    def encoder(self) -> Any:
+        """The `SampleEncoder` for this job (loads the processor)."""
+        from mmjobs.data.sample_encoder import SampleEncoder
+
+        return SampleEncoder(self.model_dir, max_length=self.max_length,
+                             trust_remote_code=self.trust_remote_code,
+                             conversation_format=self.conversation_format,
+                             truncate=self.truncate)
 
 
 @dataclass
@@ -110,8 +121,6 @@ def pretokenize(job: PretokenizeJob, *, force: bool = False) -> PretokenizeOutco
             model has no chat template.
         RuntimeError: a worker process died (the finished shards are kept; re-run to resume).
     """
-    from mmjobs.data.sample_encoder import SampleEncoder
-
     storage.read_manifest(job.dataset)  # an uncommitted dataset is incomplete: never read it
     dataset_card = json.loads(storage.read_text(storage.join(job.dataset, DATASET_CARD)))
     kind = dataset_card.get("kind", "sample")
@@ -120,8 +129,7 @@ def pretokenize(job: PretokenizeJob, *, force: bool = False) -> PretokenizeOutco
                          f"prompt datasets, not {kind!r}")
     ctx = _Context(job, resolve_image_root(job.dataset, dataset_card), kind)
     # Loading the processor here first fails fast on a bad model, before any worker starts.
-    ctx.encoder = SampleEncoder(job.model_dir, max_length=job.max_length,
-                                trust_remote_code=job.trust_remote_code)
+    ctx.encoder = job.encoder()
     storage.delete(storage.join(job.out, storage.MANIFEST_NAME))
     finished = {} if force else _finished_shards(job)
     _remove_leftovers(job.out, finished)
@@ -208,13 +216,10 @@ def _init_worker(job: PretokenizeJob, image_root: str, kind: str) -> None:
     global _WORKER
     import torch
 
-    from mmjobs.data.sample_encoder import SampleEncoder
-
     # Workers share the cores: one torch thread each avoids oversubscription.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.workers))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _WORKER = _Context(job, image_root, kind, SampleEncoder(
-        job.model_dir, max_length=job.max_length, trust_remote_code=job.trust_remote_code))
+    _WORKER = _Context(job, image_root, kind, job.encoder())
 
 
 def _encode_shard_in_worker(index: int, rows: list[RawRow]) -> dict[str, Any]:
@@ -302,9 +307,10 @@ def _encode_row(ctx: _Context, row: RawRow):
 
 
 def encode_prompt(encoder: Any, record: Any, images: list[bytes]) -> Any:
-    """Encode a prompt-only record as the model sees it before answering: the chat template
-    with `add_generation_prompt=True`, processed with its images (VQ codes written over the
-    image positions for image-token models), labels all -100.
+    """Encode a prompt-only record as the model sees it before answering: the conversation
+    format's generation prompt, processed with its images (VQ codes written over the image
+    positions for image-token models), labels all -100. Never truncated: a rollout continues
+    from the prompt's end.
 
     Args:
         encoder: a `SampleEncoder`.
@@ -315,17 +321,15 @@ def encode_prompt(encoder: Any, record: Any, images: list[bytes]) -> Any:
         An `EncodedSample` (the sample shard row layout).
 
     Raises:
-        SampleRejected: wrong image count, undecodable image, or longer than max_length.
+        SampleRejected: wrong image count, undecodable image, a conversation the format
+            cannot render, or longer than max_length.
     """
-    from transformers.utils.chat_template_utils import render_jinja_template
-
     from mmjobs.data.sample_encoder import (
         IGNORE_INDEX,
         EncodedSample,
         SampleRejected,
         _open_image,
     )
-    from mmjobs.data.validate import TOO_LONG
 
     messages = [{"role": t.role, "content": t.content} for t in record.prompt]
     placeholders = sum(m["content"].count(encoder.image_token) for m in messages)
@@ -333,28 +337,11 @@ def encode_prompt(encoder: Any, record: Any, images: list[bytes]) -> Any:
         raise SampleRejected("placeholder_mismatch", f"{placeholders} {encoder.image_token} "
                              f"markers but {len(images)} images")
     pil_images = [_open_image(b, i) for i, b in enumerate(images)]
-    texts, _ = render_jinja_template(conversations=[messages],
-                                     chat_template=encoder.chat_template,
-                                     add_generation_prompt=True,
-                                     **encoder.tokenizer.special_tokens_map)
-    out = encoder.processor(text=[texts[0]], images=pil_images or None,
-                            add_special_tokens=False, **encoder._call_kwargs)
-    input_ids = [int(t) for t in out["input_ids"][0]]
-    if len(input_ids) > encoder.max_length:
-        raise SampleRejected(TOO_LONG, f"{len(input_ids)} tokens > max_length "
-                             f"{encoder.max_length}")
-    positions = [i for i, t in enumerate(input_ids) if t == encoder.image_token_id]
-    if encoder.vq is not None and pil_images:
-        codes = encoder.vq.tokens(out["pixel_values"])
-        if len(codes) != len(positions):
-            raise RuntimeError(f"{record.id}: the processor made {len(positions)} image "
-                               f"positions but the VQ encoder {len(codes)} codes")
-        for pos, code in zip(positions, codes, strict=True):
-            input_ids[pos] = code
-    return EncodedSample(id=record.id, input_ids=input_ids,
-                         labels=[IGNORE_INDEX] * len(input_ids),
+    tokens = encoder.tokenize(record.id, encoder.render_prompt(messages), [], pil_images)
+    return EncodedSample(id=record.id, input_ids=tokens.input_ids,
+                         labels=[IGNORE_INDEX] * len(tokens.input_ids),
                          images=[] if encoder.vq is not None else list(images),
-                         num_image_tokens=len(positions))
+                         num_image_tokens=tokens.num_image_tokens)
 
 
 def _read_images(ctx: _Context, paths: list[str]) -> list[bytes]:

@@ -2,14 +2,18 @@
 
 `SampleEncoder(model_dir).encode(sample, image_bytes)` does, for one conversation:
 
-1. Render the chat template to text, with the character spans of each assistant turn: from
-   the template's `{% generation %}` blocks when it has them, else by rendering the
-   conversation up to each assistant turn with `add_generation_prompt=True` and taking the
-   difference (works for any template whose renderings of a prefix are prefixes).
-2. Call the processor on that text and the images (never truncating): it expands each
-   `<image>` to the model's image-token count and tokenizes, returning character offsets.
-3. Labels = input ids on tokens that overlap an assistant span (the assistant's text and its
-   end-of-turn token), -100 elsewhere.
+1. Render the conversation with its conversation format (`mmjobs.data.conversation`: the
+   model's chat template, or a seed's built-in format such as LLaVA's `vicuna_v1`) to text,
+   with the character spans that carry labels (each assistant turn and its end-of-turn
+   token).
+2. Call the processor on that text and the images: it expands each `<image>` to the model's
+   image-token count and tokenizes (with the tokenizer's BOS unless the text starts with it),
+   returning character offsets. Formats that tokenize like LLaVA (`image_chunks`) tokenize
+   the text between images piece by piece instead (`mmjobs.data.conversation.chunks`).
+   More tokens than `max_length`: a `too_long` reject naming the image tokens, or, with
+   `truncate`, the text after the last image is cut at `max_length` as LLaVA cuts at
+   `model_max_length` (images are never cut).
+3. Labels = input ids on tokens that overlap a labelled span, -100 elsewhere.
 4. Image-token models (Chameleon): run the model's VQ encoder once and write the real image
    token ids over the `<image>` placeholders, in `input_ids` and, inside assistant turns, in
    `labels` (Align-Anything's pre-tokenization, so the model can learn to generate images).
@@ -20,26 +24,27 @@ chosen response and prompt + rejected response, labelled on the response only.
 
 A sample that cannot be encoded raises `SampleRejected(code, detail)` with a reason code from
 `mmjobs.data.validate.REASONS` (`too_long`, `placeholder_mismatch`, `image_corrupt`,
-`empty_assistant`), the vocabulary the whole pipeline shares.
+`empty_assistant`, `format_mismatch`), the vocabulary the whole pipeline shares.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmjobs.data.conversation import FormatMismatch, chat_template_of, resolve_format
+from mmjobs.data.conversation.chunks import image_expansions, tokenize_image_chunks
+from mmjobs.data.conversation.template import GENERATION_RE
 from mmjobs.data.records import IMAGE_TOKEN, PreferenceSample, Sample
 from mmjobs.data.validate import TOO_LONG, reason
 from mmjobs.logs import get_logger
 
 log = get_logger(__name__)
 IGNORE_INDEX = -100  # PyTorch cross-entropy's ignore_index: no loss on these positions
-_GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
 # Weight files, which only image-token models need at pre-tokenization time.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json",
                    ".bin.index.json")
@@ -133,11 +138,33 @@ def is_image_token_model(config: Any) -> bool:
     return model_type == "chameleon"
 
 
+@dataclass
+class Tokens:
+    """A tokenized text: ids, which of them carry labels, and how many are image tokens."""
+
+    input_ids: list[int]
+    mask: list[bool]
+    num_image_tokens: int
+
+
 class SampleEncoder:
-    """A model's processor + chat template (+ VQ image tokenizer), loaded once per process."""
+    """A model's processor + conversation format (+ VQ image tokenizer), loaded once per process.
+
+    Args:
+        model_dir: the model (processor files; VQ weights for image-token models).
+        max_length: longest sequence, image tokens included.
+        trust_remote_code: run processor code shipped with the model.
+        conversation_format: a name from `mmjobs.data.conversation.FORMAT_NAMES`.
+        truncate: cut text past `max_length` instead of rejecting the sample (never images).
+
+    Raises:
+        ValueError: not an image-text processor, or no way to render conversations (no chat
+            template and `conversation_format` auto/template).
+    """
 
     def __init__(self, model_dir: str | Path, *, max_length: int,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, conversation_format: str = "auto",
+                 truncate: bool = False) -> None:
         from transformers import AutoConfig, AutoProcessor
 
         self.model_dir = Path(model_dir)
@@ -152,13 +179,14 @@ class SampleEncoder:
             raise ValueError(f"{self.model_dir}: AutoProcessor gave {type(self.processor).__name__}"
                              ", not an image-text processor with a tokenizer; point `model` at a "
                              "vision-language model directory")
-        self.chat_template = (getattr(self.processor, "chat_template", None)
-                              or self.tokenizer.chat_template)
-        if not self.chat_template:
-            raise ValueError(f"{self.model_dir}: neither the processor nor the tokenizer has a "
-                             "chat template; add chat_template.jinja to the model directory")
+        self.chat_template = chat_template_of(self.processor)
         self.image_token = getattr(self.processor, "image_token", IMAGE_TOKEN)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.format = resolve_format(conversation_format, self.processor,
+                                     where=str(self.model_dir), image_token=self.image_token)
+        self.truncate = truncate
+        # An image's tokens end after its last placeholder, plus Chameleon's end-of-image.
+        self._image_end_id = getattr(self.processor, "image_end_token_id", None)
         self.vq = VQImageTokenizer(self.model_dir, self.config) if is_image_token_model(
             self.config) else None
         # Chameleon's processor appends its separator token unless told the text is complete.
@@ -184,7 +212,9 @@ class SampleEncoder:
             "pad_token_id": self.tokenizer.pad_token_id,
             "eos_token_id": self.tokenizer.eos_token_id,
             "chat_template_has_generation_blocks": bool(
-                _GENERATION_RE.search(self.chat_template)),
+                self.chat_template and GENERATION_RE.search(self.chat_template)),
+            "conversation_format": self.format.describe(),
+            "truncate": self.truncate,
             "transformers_version": transformers.__version__,
         }
 
@@ -257,66 +287,111 @@ class SampleEncoder:
         text, spans = self.render(messages)
         if last_turn_only:
             spans = spans[-1:]
-        out = self.processor(
-            text=[text], images=pil_images or None, add_special_tokens=False,
-            return_offsets_mapping=True, return_text_replacement_offsets=True,
-            **self._call_kwargs,
-        )
-        if pil_images and "text_replacement_offsets" not in out:
-            raise RuntimeError(f"{type(self.processor).__name__} does not report "
-                               "text_replacement_offsets, so assistant spans cannot be mapped "
-                               "past the expanded image tokens; it is not supported yet")
-        input_ids = [int(t) for t in out["input_ids"][0]]
-        if len(input_ids) > self.max_length:
-            raise SampleRejected(TOO_LONG, f"{len(input_ids)} tokens > max_length "
-                                 f"{self.max_length}")
-        mask = assistant_token_mask(out["offset_mapping"][0], spans,
-                                    (out.get("text_replacement_offsets") or [[]])[0])
-        if not any(mask):
+        tokens = self.tokenize(sample_id, text, spans, pil_images, truncate=self.truncate)
+        if not any(tokens.mask):
             raise SampleRejected("empty_assistant", "no assistant tokens to learn from")
+        labels = [t if m else IGNORE_INDEX
+                  for t, m in zip(tokens.input_ids, tokens.mask, strict=True)]
+        return EncodedSample(id=sample_id, input_ids=tokens.input_ids, labels=labels,
+                             images=[] if self.vq is not None else list(images),
+                             num_image_tokens=tokens.num_image_tokens)
+
+    def render(self, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+        """The conversation as text, and the character spans that carry labels.
+
+        Raises:
+            SampleRejected: `format_mismatch`, the conversation does not fit the format.
+        """
+        try:
+            rendered = self.format.render(messages)
+        except FormatMismatch as e:
+            raise SampleRejected("format_mismatch", f"{self.format.name}: {e}") from None
+        return rendered.text, rendered.spans
+
+    def render_prompt(self, messages: list[dict[str, Any]]) -> str:
+        """The conversation followed by the format's generation prompt.
+
+        Raises:
+            SampleRejected: `format_mismatch`.
+        """
+        try:
+            return self.format.render_prompt(messages)
+        except FormatMismatch as e:
+            raise SampleRejected("format_mismatch", f"{self.format.name}: {e}") from None
+
+    def tokenize(self, sample_id: str, text: str, spans: Sequence[tuple[int, int]],
+                 pil_images: Sequence[Any], *, truncate: bool = False) -> Tokens:
+        """Tokens of a rendered text with its (decoded) images; `mask` marks tokens overlapping
+        `spans`. Image-token models get the images' VQ codes over the placeholders.
+
+        Raises:
+            SampleRejected: `too_long` (see `_fit`).
+        """
+        if self.format.image_chunks:
+            expansions, image_inputs = image_expansions(self.processor, pil_images,
+                                                        self.image_token, **self._call_kwargs)
+            input_ids, offsets = tokenize_image_chunks(self.tokenizer, text, self.image_token,
+                                                       expansions)
+            mask = assistant_token_mask(offsets, spans, [])
+            pixel_values = image_inputs.get("pixel_values")
+        else:
+            bos = self.tokenizer.bos_token
+            out = self.processor(
+                text=[text], images=list(pil_images) or None,
+                # A format or template that writes BOS itself must not get a second one.
+                add_special_tokens=not (bos and text.startswith(bos)),
+                return_offsets_mapping=True, return_text_replacement_offsets=True,
+                **self._call_kwargs,
+            )
+            if pil_images and "text_replacement_offsets" not in out:
+                raise RuntimeError(f"{type(self.processor).__name__} does not report "
+                                   "text_replacement_offsets, so assistant spans cannot be "
+                                   "mapped past the expanded image tokens; it is not supported "
+                                   "yet")
+            input_ids = [int(t) for t in out["input_ids"][0]]
+            mask = assistant_token_mask(out["offset_mapping"][0], spans,
+                                        (out.get("text_replacement_offsets") or [[]])[0])
+            pixel_values = out.get("pixel_values")
         positions = [i for i, t in enumerate(input_ids) if t == self.image_token_id]
+        input_ids, mask = self._fit(input_ids, mask, positions, len(pil_images), truncate)
         if self.vq is not None and pil_images:
-            codes = self.vq.tokens(out["pixel_values"])  # (num_images * codes_per_image,)
+            codes = self.vq.tokens(pixel_values)  # (num_images * codes_per_image,)
             if len(codes) != len(positions):
                 raise RuntimeError(f"{sample_id}: the processor made {len(positions)} image "
                                    f"positions but the VQ encoder {len(codes)} codes; the "
                                    "processor's image_seq_length does not match the VQ model")
             for pos, code in zip(positions, codes, strict=True):
                 input_ids[pos] = code
-        labels = [t if m else IGNORE_INDEX for t, m in zip(input_ids, mask, strict=True)]
-        return EncodedSample(id=sample_id, input_ids=input_ids, labels=labels,
-                             images=[] if self.vq is not None else list(images),
-                             num_image_tokens=len(positions))
+        return Tokens(input_ids, mask, len(positions))
 
-    def render(self, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
-        """Render the chat template; return the text and the assistant turns' char spans."""
-        from transformers.utils.chat_template_utils import render_jinja_template
-
-        def render(msgs: list[dict[str, Any]], **kw: Any) -> tuple[str, list]:
-            texts, indices = render_jinja_template(
-                conversations=[msgs], chat_template=self.chat_template,
-                **self.tokenizer.special_tokens_map, **kw)
-            return texts[0], (indices[0] if indices else [])
-
-        if _GENERATION_RE.search(self.chat_template):
-            text, spans = render(messages, return_assistant_tokens_mask=True)
-            return text, [(int(s), int(e)) for s, e in spans]
-        text, _ = render(messages)
-        spans = []
-        for k, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            prompt, _ = render(messages[:k], add_generation_prompt=True)
-            upto, _ = render(messages[:k + 1])
-            if not (text.startswith(upto) and upto.startswith(prompt)):
-                raise ValueError(
-                    f"{self.model_dir}: the chat template has no {{% generation %}} blocks and "
-                    "its renderings of a conversation prefix are not prefixes of the whole, so "
-                    "assistant turns cannot be located; add {% generation %}...{% endgeneration "
-                    "%} around the assistant content in the template")
-            # Trailing whitespace after the end-of-turn token is formatting, not output.
-            spans.append((len(prompt), len(upto.rstrip())))
-        return text, spans
+    def _fit(self, input_ids: list[int], mask: list[bool], positions: list[int],
+             num_images: int, truncate: bool) -> tuple[list[int], list[bool]]:
+        """`input_ids`/`mask` within `max_length`: unchanged, cut after the last image
+        (`truncate`), or a `too_long` reject that says what the images need."""
+        limit = self.max_length
+        if len(input_ids) <= limit:
+            return input_ids, mask
+        images_end = 0
+        if positions:
+            images_end = positions[-1] + 1
+            if images_end < len(input_ids) and input_ids[images_end] == self._image_end_id:
+                images_end += 1
+        if truncate and images_end <= limit:
+            if not any(mask[:limit]):
+                raise SampleRejected(TOO_LONG, f"{len(input_ids)} tokens > max_length {limit}, "
+                                     "and cut at max_length no assistant token is left")
+            return input_ids[:limit], mask[:limit]
+        detail = f"{len(input_ids)} tokens > max_length {limit}"
+        if positions:
+            detail = (f"{len(input_ids)} tokens ({len(positions)} of them image tokens for "
+                      f"{num_images} image{'s' if num_images != 1 else ''}) > max_length "
+                      f"{limit}")
+        if images_end > limit:
+            detail += (f"; the image tokens end at token {images_end}, and images are never "
+                       "cut: raise max_length or use fewer images")
+        elif not truncate:
+            detail += "; truncate=true would cut the text after the images, as LLaVA does"
+        raise SampleRejected(TOO_LONG, detail)
 
 
 def assistant_token_mask(offsets: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]],
@@ -361,6 +436,7 @@ class VQImageTokenizer:
     """
 
     PREFIX = "model.vqmodel."
+    DECODER = "model.vqmodel.decoder."
 
     def __init__(self, model_dir: Path, config: Any) -> None:
         import torch
@@ -375,7 +451,8 @@ class VQImageTokenizer:
         for path in _weight_files(model_dir, self.PREFIX):
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                    if key.startswith(self.PREFIX):
+                    # The image decoder (AA-chameleon ships one) only draws images.
+                    if key.startswith(self.PREFIX) and not key.startswith(self.DECODER):
                         state[key[len(self.PREFIX):]] = f.get_tensor(key)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if missing or unexpected:

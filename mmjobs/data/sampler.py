@@ -14,6 +14,10 @@ Modes:
 - `packed`: a seeded permutation, packed window by window into bins of `max_length` tokens
   (best-fit decreasing, `packing.pack_sequences`); bins are shuffled and `batch_size` bins make
   one batch (flattened into one row by `packing.PackedCollator`).
+
+With `modality` (one label per sample, `mmjobs.data.modality`) on data that mixes text-only and
+image samples, each mode orders every modality on its own and the batches form micro-step units
+that are all-image or all-text across ranks (what DeepSpeed ZeRO-3 needs; see that module).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from torch.utils.data import Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
+from mmjobs.data.modality import micro_step_units, order_units
 from mmjobs.data.packing import pack_sequences
 from mmjobs.logs import get_logger
 
@@ -94,6 +99,11 @@ class ResumableBatchSampler(Sampler[list[int]]):
             pack tighter and each epoch still gets new bins.
         mega_batch_mult: length_grouped mega-batch size in batches (None: transformers'
             default, 50, or fewer on tiny datasets so there are at least 4 mega-batches).
+        modality: per-sample modality labels, shape [n] (`modality.sample_modalities`); when
+            they mix, every micro-step's `world_size` batches share one modality (see
+            `mmjobs.data.modality`; every rank then gets the same number of batches, and
+            drop_last drops each modality's incomplete last micro-step). None, or a single
+            modality: no grouping.
 
     Raises:
         ValueError: bad arguments, or overlong samples with on_overlong="error".
@@ -103,13 +113,18 @@ class ResumableBatchSampler(Sampler[list[int]]):
                  mode: Mode = "random", seed: int = 0, max_length: int | None = None,
                  rank: int = 0, world_size: int = 1, drop_last: bool = False,
                  even_batches: bool = True, on_overlong: str = "error",
-                 pack_window: int = 8192, mega_batch_mult: int | None = None) -> None:
+                 pack_window: int = 8192, mega_batch_mult: int | None = None,
+                 modality: Sequence[int] | np.ndarray | None = None) -> None:
         errors = check_batching_args(batch_size=batch_size, mode=mode, max_length=max_length,
                                      rank=rank, world_size=world_size, on_overlong=on_overlong,
                                      pack_window=pack_window)
+        if modality is not None and len(modality) != len(lengths):
+            errors.append(f"modality: {len(modality)} labels for {len(lengths)} samples; give "
+                          "one per sample")
         if errors:
             raise ValueError("invalid batching arguments:\n  " + "\n  ".join(errors))
         self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.modality = None if modality is None else np.asarray(modality)
         self.batch_size, self.mode, self.seed = batch_size, mode, seed
         self.max_length, self.rank, self.world_size = max_length, rank, world_size
         self.drop_last, self.even_batches = drop_last, even_batches
@@ -139,35 +154,64 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def global_batches(self, epoch: int) -> list[list[int]]:
         """All ranks' batches of `epoch`, in order (a pure function of seed and epoch)."""
-        seed = _seed_for(self.seed, epoch)
-        rng = np.random.default_rng(seed)
-        idx = self.eligible
-        if self.mode == "random":
-            order = idx[rng.permutation(len(idx))].tolist()
-            batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        elif self.mode == "length_grouped":
-            if len(idx) == 0:
-                return []
-            g = torch.Generator().manual_seed(seed)
-            pos = get_length_grouped_indices(self.lengths[idx].tolist(), self.batch_size,
-                                             mega_batch_mult=self.mega_batch_mult, generator=g)
-            order = idx[np.asarray(pos, dtype=np.int64)].tolist()
-            batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        else:
-            bins = self._packed_bins(rng)
-            batches = [[i for b in bins[k:k + self.batch_size] for i in b]
-                       for k in range(0, len(bins), self.batch_size)]
-            if self.drop_last and len(bins) % self.batch_size:
+        seed, size = _seed_for(self.seed, epoch), self.batch_size
+        if self.groups_modalities:
+            return self._modality_grouped_batches(seed)
+        if self.mode == "packed":
+            bins = self._packed_bins(np.random.default_rng(seed), self.eligible)
+            batches = [[i for b in bins[k:k + size] for i in b]
+                       for k in range(0, len(bins), size)]
+            if self.drop_last and len(bins) % size:
                 batches.pop()  # the last batch holds fewer than batch_size bins
             return batches
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+        order = self._order(self.eligible, seed).tolist()
+        batches = [order[i:i + size] for i in range(0, len(order), size)]
+        if self.drop_last and batches and len(batches[-1]) < size:
             batches.pop()
         return batches
 
-    def _packed_bins(self, rng: np.random.Generator) -> list[list[int]]:
-        """Shuffle, pack each window of samples into bins, shuffle the bins."""
+    @property
+    def groups_modalities(self) -> bool:
+        """True if batches are grouped by modality (labels given, and the data mixes them)."""
+        return self.modality is not None and np.unique(self.modality[self.eligible]).size > 1
+
+    def _order(self, idx: np.ndarray, seed: int) -> np.ndarray:
+        """The samples `idx` in the order of a padded mode (random, length_grouped)."""
+        if self.mode == "random":
+            return idx[np.random.default_rng(seed).permutation(len(idx))]
+        if len(idx) == 0:
+            return idx
+        g = torch.Generator().manual_seed(seed)
+        pos = get_length_grouped_indices(self.lengths[idx].tolist(), self.batch_size,
+                                         mega_batch_mult=self.mega_batch_mult, generator=g)
+        return idx[np.asarray(pos, dtype=np.int64)]
+
+    def _modality_grouped_batches(self, seed: int) -> list[list[int]]:
+        """Each modality ordered on its own, cut into micro-step units of world_size batches,
+        the units shuffled together (`mmjobs.data.modality`)."""
+        assert self.modality is not None  # checked by groups_modalities
+        rng = np.random.default_rng(seed)
+        units: list[list[list[int]]] = []
+        labels = self.modality[self.eligible]
+        args = {"batch_size": self.batch_size, "world_size": self.world_size,
+                "drop_last": self.drop_last}
+        for value in np.unique(labels):  # sorted: the same draws in the same order every time
+            idx, sub_seed = self.eligible[labels == value], int(rng.integers(2**63))
+            if self.mode == "packed":  # batch_size bins per batch, flattened into samples
+                bins = self._packed_bins(np.random.default_rng(sub_seed), idx)
+                units += [[[i for b in batch for i in b] for batch in unit]
+                          for unit in micro_step_units(bins, **args)]
+            else:
+                units += micro_step_units(self._order(idx, sub_seed).tolist(), **args)
+        longest = None  # length_grouped: the longest sample's micro-step first, as transformers
+        if self.mode == "length_grouped" and len(self.eligible):
+            longest = int(self.eligible[np.argmax(self.lengths[self.eligible])])
+        return order_units(units, rng, longest=longest)
+
+    def _packed_bins(self, rng: np.random.Generator, idx: np.ndarray) -> list[list[int]]:
+        """Shuffle the samples `idx`, pack each window of them into bins, shuffle the bins."""
         assert self.max_length is not None  # checked in __init__
-        order = self.eligible[rng.permutation(len(self.eligible))]
+        order = idx[rng.permutation(len(idx))]
         bins: list[list[int]] = []
         for start in range(0, len(order), self.pack_window):
             window = order[start:start + self.pack_window]
@@ -181,7 +225,11 @@ class ResumableBatchSampler(Sampler[list[int]]):
         """All ranks' bins of `epoch` in batch order (packed mode; for inspection and tests)."""
         if self.mode != "packed":
             raise ValueError(f"packed_bins: mode is {self.mode!r}, not 'packed'")
-        return self._packed_bins(np.random.default_rng(_seed_for(self.seed, epoch)))
+        if self.groups_modalities:
+            raise ValueError("packed_bins: bins are planned per modality when batches are "
+                             "grouped by modality; read global_batches instead")
+        return self._packed_bins(np.random.default_rng(_seed_for(self.seed, epoch)),
+                                 self.eligible)
 
     def rank_batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of `epoch`, in order (cached for the last epoch asked)."""

@@ -73,6 +73,8 @@ REASONS: dict[str, str] = {
     "invalid_json": "an input line or item is not valid JSON",
     "invalid_record": "a row is not a valid canonical record",
     "too_long": "a sample has more tokens than max_length (checked by pretokenize)",
+    "format_mismatch": "a conversation the conversation format cannot render (e.g. plain "
+                       "takes one image and a caption; checked by pretokenize)",
     "invalid_row": "the converter could not convert a row of the source format",
 }
 TOO_LONG = "too_long"

@@ -102,15 +102,20 @@ class Generator:
             same prompts and batch size; the global RNG state is restored afterwards).
         sort_window: prompts sorted by length together; default `8 * batch_size`. Larger
             windows pad less; order is restored either way.
+        conversation_format: how prompts are rendered (`mmjobs.data.conversation`); default
+            `loaded.info["conversation_format"]` (set by `load_for_inference`), else auto.
+            The format's stop strings and stop tokens are added to the stops.
 
     Raises:
-        ValueError: a parameter is out of range (all problems in one message).
+        ValueError: a parameter is out of range (all problems in one message), or the format
+            cannot be used with this model.
     """
 
     def __init__(self, loaded: LoadedModel, *, batch_size: int = 16, max_new_tokens: int = 64,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, num_beams: int = 1, stop_strings: Sequence[str] = (),
-                 seed: int = 0, sort_window: int | None = None) -> None:
+                 seed: int = 0, sort_window: int | None = None,
+                 conversation_format: str | None = None) -> None:
         problems = [msg for bad, msg in [
             (batch_size < 1, f"batch_size={batch_size} must be >= 1"),
             (max_new_tokens < 1, f"max_new_tokens={max_new_tokens} must be >= 1"),
@@ -129,7 +134,9 @@ class Generator:
         self.processor = loaded.processor
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.batch_size = batch_size
-        self.stop_strings = [s for s in stop_strings if s]
+        self.format = _conversation_format(loaded, conversation_format)
+        format_stops = list(self.format.stop_strings) if self.format else []
+        self.stop_strings = list(dict.fromkeys(s for s in [*stop_strings, *format_stops] if s))
         self.seed = seed
         self.sort_window = sort_window or 8 * batch_size
         self.takes_images = hasattr(self.processor, "image_processor")
@@ -148,9 +155,14 @@ class Generator:
 
         defaults = getattr(self.model, "generation_config", None)
         eos = getattr(defaults, "eos_token_id", None)
+        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        if self.format and self.format.stop_tokens:  # e.g. Chameleon's <reserved08706>
+            ids = [self.tokenizer.convert_tokens_to_ids(t) for t in self.format.stop_tokens]
+            known = eos if isinstance(eos, list) else [eos] if eos is not None else []
+            eos = list(dict.fromkeys([*known, *(i for i in ids if i is not None)]))
         config = GenerationConfig(
             do_sample=do_sample, use_cache=True,
-            eos_token_id=eos if eos is not None else self.tokenizer.eos_token_id,
+            eos_token_id=eos,
             pad_token_id=self.tokenizer.pad_token_id, **params)
         if do_sample:  # only then: greedy decoding with sampling params set logs warnings
             config.update(temperature=temperature, top_p=top_p, top_k=top_k)
@@ -161,28 +173,31 @@ class Generator:
     # ----------------------------------------------------------------------- prompts
 
     def render(self, prompt: PromptInput) -> str:
-        """The prompt as the model sees it: chat template with a generation prompt.
+        """The prompt as the model sees it: its conversation format's generation prompt.
 
-        Processors with a template get content parts (`{"type": "image"}` / `{"type": "text"}`),
-        the format HF processor templates expect, so each puts its own image token where
-        `<image>` was. A tokenizer's template gets plain strings. Without any template the turns'
-        text is joined, `<image>` replaced by the processor's image token.
+        With the model's chat template, turns become string content or content parts,
+        whichever the template renders (`mmjobs.data.conversation.template`). A model with
+        no template and no format set gets the turns' text joined, `<image>` replaced by the
+        processor's image token.
+
+        Raises:
+            mmjobs.data.conversation.FormatMismatch: the format cannot render the turns.
         """
         turns = _turns(prompt.prompt)
-        if self.takes_images and getattr(self.processor, "chat_template", None):
-            messages = [{"role": t["role"], "content": _content_parts(t["content"])}
-                        for t in turns]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True,
-                                                      tokenize=False)
-        if getattr(self.tokenizer, "chat_template", None):  # text templates take strings
-            return self.tokenizer.apply_chat_template(turns, add_generation_prompt=True,
-                                                      tokenize=False)
+        if self.format is not None:
+            return self.format.render_prompt(turns)
         image_token = getattr(self.processor, "image_token", None) or IMAGE_TOKEN
         return "\n".join(t["content"] for t in turns).replace(IMAGE_TOKEN, image_token)
 
     def _encode(self, texts: list[str], images: list[list[Image.Image]]) -> Mapping[str, Any]:
         """Tokenize + process a batch: `input_ids`/`attention_mask` `[B, L]` (left-padded),
         `pixel_values` `[num_images, C, H, W]` for LLaVA-style processors."""
+        if self.format is not None and self.format.image_chunks:  # tokenized as LLaVA does
+            from mmjobs.data.conversation.chunks import encode_chunked_batch
+
+            image_token = getattr(self.processor, "image_token", None) or IMAGE_TOKEN
+            batch = encode_chunked_batch(self.processor, texts, images, image_token)
+            return self._to_device(batch)
         bos = self.tokenizer.bos_token
         # A template that renders BOS itself must not get a second one from the tokenizer.
         kwargs: dict[str, Any] = {
@@ -199,8 +214,12 @@ class Generator:
                 raise ValueError(f"{self.loaded.model_dir}: prompts have images but the model's "
                                  "processor takes none (only a tokenizer was found)")
             kwargs["images"] = flat
-        batch = self.processor(text=texts, **kwargs)
-        if "pixel_values" in batch:  # images in the model's dtype; ids stay integers
+        return self._to_device(self.processor(text=texts, **kwargs))
+
+    def _to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """The batch on the model's device; images in the model's dtype, ids stay integers."""
+        batch = dict(batch)
+        if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
         return {k: v.to(self.model.device) if torch.is_tensor(v) else v
                 for k, v in batch.items()}
@@ -285,15 +304,22 @@ def _turns(prompt: str | Sequence[Any]) -> list[dict[str, str]]:
     return turns
 
 
-def _content_parts(text: str) -> list[dict[str, str]]:
-    """`"<image>\\nWhat?"` -> `[{"type": "image"}, {"type": "text", "text": "\\nWhat?"}]`."""
-    parts: list[dict[str, str]] = []
-    for k, piece in enumerate(text.split(IMAGE_TOKEN)):
-        if k:
-            parts.append({"type": "image"})
-        if piece:
-            parts.append({"type": "text", "text": piece})
-    return parts
+def _conversation_format(loaded: LoadedModel, name: str | None) -> Any:
+    """The resolved format for `loaded`; None for `auto` on a model without any template
+    (prompts are then the turns' text joined, as before formats existed)."""
+    from mmjobs.data.conversation import NoChatTemplateError, resolve_format
+
+    name = name or loaded.info.get("conversation_format") or "auto"
+    if loaded.processor is None:
+        return None
+    try:
+        return resolve_format(name, loaded.processor, where=str(loaded.model_dir))
+    except NoChatTemplateError:
+        if name != "auto":
+            raise
+        log.warning("%s: no chat template and no conversation_format: prompts are the turns' "
+                    "text joined by newlines; set conversation_format", loaded.model_dir)
+        return None
 
 
 # --------------------------------------------------------------------------- loading
@@ -302,7 +328,8 @@ def _content_parts(text: str) -> list[dict[str, str]]:
 def load_for_inference(model: str, adapter: str | None = None, *,
                        trust_remote_code: bool = False, dtype: str = "auto",
                        device: str | torch.device | None = None,
-                       merge: bool | None = None) -> LoadedModel:
+                       merge: bool | None = None,
+                       conversation_format: str = "auto") -> LoadedModel:
     """Load a model for generation: a merged model, or a base model plus a LoRA adapter.
 
     Args:
@@ -315,13 +342,17 @@ def load_for_inference(model: str, adapter: str | None = None, *,
             base model's speed (LoRA adds two small matmuls per target layer otherwise).
             Default: merge float32 models only; in bf16/fp16, W + B·A would round much of the
             small LoRA update away, so the adapter stays separate.
+        conversation_format: recorded in `info`; `Generator`s of this model render prompts
+            with it (see `mmjobs.data.conversation`).
 
     Returns:
-        The `LoadedModel`, in eval mode; `info` gains `adapter` and `adapter_merged`.
+        The `LoadedModel`, in eval mode; `info` gains `conversation_format`, `adapter` and
+        `adapter_merged`.
     """
     target = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     spec = ModelConfig(name_or_path=model, trust_remote_code=trust_remote_code, dtype=dtype)
     loaded = load_model(spec, for_training=False, device=target)
+    loaded.info["conversation_format"] = conversation_format
     if adapter is None:
         return loaded
     from peft import PeftModel

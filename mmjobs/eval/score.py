@@ -9,6 +9,13 @@ is validated before anything is scored; all problems are reported together, with
 in one `ScoreInputError` — a bad row is never skipped. With an output directory, three files are
 written there (through `mmjobs.storage`, so `s3://` works): `scores.jsonl` (one line per row:
 `id` + its score fields), `summary.md` (the tables) and `summary.json` (last).
+
+Answer files as other tools write them (the MME eval_tool's `<task>.txt`, LLaVA's answers
+JSONL, the MMBench upload sheet, SEED-Bench/GQA/VQA result files) are read with `--format`,
+joined with `--ground-truth` where they lack it (`mmjobs.eval.benchmarks.answers`):
+
+    mmjobs score --format mme-eval-tool --predictions eval_tool/LaVIN
+    mmjobs score --format llava-mme --predictions llava-v1.5-7b.jsonl --ground-truth MME_Benchmark
 """
 
 from __future__ import annotations
@@ -18,10 +25,11 @@ import json
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from mmjobs import storage
+from mmjobs.eval.benchmarks.answers import AnswerFileError, answer_formats, read_answers
 from mmjobs.eval.metrics import METRICS, Metric, ScoreInputError, ScoreOptions
 from mmjobs.eval.metrics.chartqa import TOLERANCES
 
@@ -53,67 +61,95 @@ def _resolve(metric: str, variant: str | None, tolerance: float | None,
     return spec, ScoreOptions(variant or spec.default_variant, tolerances)
 
 
-def read_rows(predictions: str | os.PathLike, spec: Metric) -> tuple[list[dict], list[int]]:
-    """Read and validate every row of a predictions JSONL.
+def read_rows(predictions: str | os.PathLike, spec: Metric, *, answer_format: str | None = None,
+              ground_truth: Sequence[str] = ()) -> tuple[list[dict], list[str]]:
+    """Read and validate every row of a predictions JSONL (or an answer file of `answer_format`).
 
     Returns:
-        The rows and their 1-based line numbers (blank lines are not rows).
+        The rows and where each came from ("line 7"; for answer files "OCR.txt line 7").
 
     Raises:
         ScoreInputError: listing every bad line (unparseable JSON, missing or wrong fields,
-            duplicate ids) and every problem between rows (e.g. MME pairs).
+            duplicate ids, answers without ground truth) and every problem between rows (e.g.
+            MME pairs); also an answer file or ground truth that cannot be read at all.
         mmjobs.storage.StoreError: the file cannot be read.
     """
     source = os.fspath(predictions)
+    if answer_format is None:
+        items = _jsonl_items(predictions)
+    else:
+        try:
+            items = ((a.where, a.row if a.error is None else a.error)
+                     for a in read_answers(answer_format, source, ground_truth, spec.name))
+        except AnswerFileError as e:
+            raise ScoreInputError(source, [str(e)]) from None
     rows: list[dict] = []
-    lines: list[int] = []
+    labels: list[str] = []
     errors: list[str] = []
-    first_line_of: dict[Any, int] = {}
+    first_seen: dict[Any, str] = {}
+    try:
+        for where, row in items:
+            if isinstance(row, str):  # the reader's reason this line cannot be scored
+                errors.append(f"{where}: {row}")
+                continue
+            problems = spec.check_row(row)
+            errors += [f"{where}: {p}" for p in problems]
+            row_id = row.get("id")
+            if isinstance(row_id, str | int) and not isinstance(row_id, bool):
+                if row_id in first_seen:
+                    errors.append(f"{where}: duplicate id {row_id!r} (first on "
+                                  f"{first_seen[row_id]})")
+                else:
+                    first_seen[row_id] = where
+            if not problems:
+                rows.append(row)
+                labels.append(where)
+    except AnswerFileError as e:
+        raise ScoreInputError(source, [str(e)]) from None
+    if not errors and not rows:
+        errors.append("no prediction rows (the file is empty)")
+    if not errors and spec.check_dataset is not None:
+        errors += spec.check_dataset(rows, labels)
+    if errors:
+        raise ScoreInputError(source, errors)
+    return rows, labels
+
+
+def _jsonl_items(predictions: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """("line N", the row or why it is not one) for every non-blank line of a JSONL."""
     with storage.open_read(predictions) as f:
         for line_no, raw in enumerate(f, start=1):
+            where = f"line {line_no}"
             try:
                 text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8").strip()
                 if not text:
                     continue
                 row = json.loads(text)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                errors.append(f"line {line_no}: not a JSON object ({e})")
+                yield where, f"not a JSON object ({e})"
                 continue
             if not isinstance(row, dict):
-                errors.append(f"line {line_no}: expected a JSON object, got {type(row).__name__}")
+                yield where, f"expected a JSON object, got {type(row).__name__}"
                 continue
-            problems = spec.check_row(row)
-            errors += [f"line {line_no}: {p}" for p in problems]
-            row_id = row.get("id")
-            if isinstance(row_id, str | int) and not isinstance(row_id, bool):
-                if row_id in first_line_of:
-                    errors.append(f"line {line_no}: duplicate id {row_id!r} "
-                                  f"(first on line {first_line_of[row_id]})")
-                else:
-                    first_line_of[row_id] = line_no
-            if not problems:
-                rows.append(row)
-                lines.append(line_no)
-    if not errors and not rows:
-        errors.append("no prediction rows (the file is empty)")
-    if not errors and spec.check_dataset is not None:
-        errors += spec.check_dataset(rows, lines)
-    if errors:
-        raise ScoreInputError(source, errors)
-    return rows, lines
+            yield where, row
 
 
-def score_file(metric: str, predictions: str | os.PathLike, *, variant: str | None = None,
-               tolerance: float | None = None, output: str | os.PathLike | None = None
-               ) -> dict[str, Any]:
+def score_file(metric: str | None, predictions: str | os.PathLike, *,
+               variant: str | None = None, tolerance: float | None = None,
+               output: str | os.PathLike | None = None, answer_format: str | None = None,
+               ground_truth: Sequence[str] = ()) -> dict[str, Any]:
     """Score a predictions JSONL (local path or `s3://` URI) with `metric`.
 
     Args:
-        metric: a key of `METRICS` (chartqa, vqav2, scienceqa, mme, mmbench, gqa, seedbench).
-        predictions: the predictions JSONL.
+        metric: a key of `METRICS` (chartqa, vqav2, scienceqa, mme, mmbench, gqa, seedbench);
+            None: the default metric of `answer_format`.
+        predictions: the predictions JSONL, or an answer file of `answer_format`.
         variant: a variant of the metric (default: its first, see the metric's docstring).
         tolerance: ChartQA only: score this relaxed-accuracy tolerance instead of 0.05, 0.1, 0.2.
         output: a directory (or prefix) to write `scores.jsonl`, `summary.md`, `summary.json`.
+        answer_format: read `predictions` as this answer-file format
+            (`mmjobs.eval.benchmarks.answers`) instead of a predictions JSONL.
+        ground_truth: files/folders the answer format joins the ground truth from.
 
     Returns:
         The summary: `metric`, `variant`, `predictions`, `unit` and the metric's own numbers.
@@ -123,10 +159,18 @@ def score_file(metric: str, predictions: str | os.PathLike, *, variant: str | No
         mmjobs.storage.StoreError: the predictions cannot be read or the outputs written.
     """
     source = os.fspath(predictions)
+    if metric is None:
+        if answer_format not in answer_formats():
+            raise ScoreInputError(source, ["no metric: give --metric, or a --format (one of "
+                                           f"{', '.join(answer_formats())})"])
+        metric = answer_formats()[answer_format].metrics[0]
     spec, options = _resolve(metric, variant, tolerance, source)
-    rows, _ = read_rows(predictions, spec)
+    rows, _ = read_rows(predictions, spec, answer_format=answer_format,
+                        ground_truth=ground_truth)
     scores = [{"id": row["id"], **spec.score_row(row, options)} for row in rows]
     summary = {"metric": spec.name, "variant": options.variant, "predictions": source,
+               **({"format": answer_format, "ground_truth": list(ground_truth)}
+                  if answer_format else {}),
                **spec.summarize(rows, scores, options)}
     if output is not None:
         with storage.open_write(storage.join(output, "scores.jsonl")) as f:
@@ -149,7 +193,8 @@ def summary_markdown(metric: str, summary: Mapping[str, Any]) -> str:
 
 
 def score_main(argv: Sequence[str] | None = None) -> int:
-    """`mmjobs score --metric NAME [--variant V] [--tolerance T] --predictions FILE [--output DIR]`.
+    """`mmjobs score --metric NAME [--variant V] [--tolerance T] --predictions FILE [--output DIR]
+    [--format F [--ground-truth URI ...]]`.
 
     Returns:
         0 on success; 1 (with the error on stderr) when the input or options are bad or the
@@ -157,8 +202,9 @@ def score_main(argv: Sequence[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(
         prog="mmjobs score", description="Score a predictions JSONL with an official metric.")
-    parser.add_argument("--metric", required=True, choices=list(METRICS),
-                        help="benchmark metric")
+    formats = answer_formats()
+    parser.add_argument("--metric", choices=list(METRICS),
+                        help="benchmark metric (default with --format: the format's)")
     parser.add_argument("--variant", help="metric variant (default: the reference scorer; "
                         + "; ".join(f"{n}: {', '.join(m.variants)}" for n, m in METRICS.items())
                         + ")")
@@ -166,14 +212,25 @@ def score_main(argv: Sequence[str] | None = None) -> int:
                         help="chartqa only: one relaxed-accuracy tolerance instead of 0.05/0.1/0.2")
     parser.add_argument("--predictions", required=True, help="predictions JSONL (path or s3://)")
     parser.add_argument("--output", help="directory for scores.jsonl, summary.md, summary.json")
+    parser.add_argument("--format", choices=list(formats), dest="answer_format",
+                        help="read --predictions as another tool's answer file: "
+                        + "; ".join(f"{n}: {f.help}" for n, f in formats.items()))
+    parser.add_argument("--ground-truth", action="append", default=[], metavar="URI",
+                        help="with --format: a file or folder holding the ground truth "
+                        "(repeatable)")
     args = parser.parse_args(argv)
+    if args.metric is None and args.answer_format is None:
+        parser.error("--metric is required (or give --format, whose metric is the default)")
+    if args.ground_truth and args.answer_format is None:
+        parser.error("--ground-truth goes with --format (a predictions JSONL carries its own)")
     try:
         summary = score_file(args.metric, args.predictions, variant=args.variant,
-                             tolerance=args.tolerance, output=args.output)
+                             tolerance=args.tolerance, output=args.output,
+                             answer_format=args.answer_format, ground_truth=args.ground_truth)
     except (ScoreInputError, storage.StoreError) as e:
         print(f"mmjobs score: {e}", file=sys.stderr)
         return 1
-    print(summary_markdown(args.metric, summary))
+    print(summary_markdown(summary["metric"], summary))
     if args.output is not None:
         print(f"\nsummary: {storage.join(args.output, 'summary.json')}")
     return 0

@@ -12,7 +12,10 @@ Safety rules, all enforced here rather than left to each caller:
   `trust_remote_code`; otherwise the checkpoint is refused with a message naming the switch;
 - `s3://` models must be committed directories (or folders inside one); files are verified
   against the manifest's sha256 on download;
-- hub ids are contacted only when hub access is enabled (`HF_HUB_OFFLINE` unset).
+- hub ids are contacted only when hub access is enabled (`HF_HUB_OFFLINE` unset);
+- a generation config transformers rejects (vicuna-7b-v1.5's sampling flags without
+  `do_sample`) is repaired on load and before export, with one warning
+  (`mmjobs.models.convert.generation_config`), instead of failing the final save.
 
 LLaVA models whose connector is one of mmjobs' own (`linear`, `moe`; see
 `mmjobs.models.compose`) record it as `mmjobs_connector` in config.json; `load_model` rebuilds it
@@ -49,6 +52,7 @@ from mmjobs.models.compose import (
     connector_module,
     set_connector,
 )
+from mmjobs.models.convert.generation_config import repair_model_generation_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -361,9 +365,11 @@ def check_weights_are_safetensors(model_dir: Path) -> None:
     if pickles:
         raise ModelLoadError(
             f"{model_dir}: weights are only in pickle files ({', '.join(pickles[:3])}); mmjobs "
-            "loads safetensors only, because unpickling can run arbitrary code. Convert the "
-            "checkpoint once where you trust it (`model.save_pretrained(dir)` writes "
-            "safetensors) and use that directory")
+            "loads safetensors only, because unpickling can run arbitrary code. Convert them "
+            "once with the convert stage, which reads pickles with torch.load(weights_only=True) "
+            "and refuses any that need code (`mmjobs stage convert --set source=DIR --set "
+            "to=URI`; original LLaVA checkpoints also need --set vision_tower=CLIP_DIR), and "
+            "use its output")
     raise ModelLoadError(f"{model_dir}: no weights (*.safetensors) found")
 
 
@@ -489,6 +495,8 @@ def load_model(spec: ModelConfig, *, for_training: bool = True,
             text_config.use_cache = False
     else:
         model.eval().requires_grad_(False)
+    # vicuna-style generation configs would make every later save_pretrained fail.
+    repair_model_generation_config(model, model_dir)
     if device is not None:
         model.to(target)
     processor = _load_processor(model_dir, trust)
@@ -611,6 +619,7 @@ def export_model_dir(model: PreTrainedModel, out_dir: str | os.PathLike,
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    repair_model_generation_config(model, source_dir)  # transformers refuses to save some
     model.save_pretrained(out)  # safetensors: the only format transformers 5 writes
     if source_dir is not None:
         for src in sorted(Path(source_dir).iterdir()):

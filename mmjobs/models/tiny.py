@@ -45,6 +45,7 @@ END_OF_TURN = "<|end|>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, IMAGE_TOKEN, *ROLE_TOKENS, END_OF_TURN)
 # Chameleon's processor hardcodes these names for begin/end of image and the chat separator.
 CHAMELEON_BOI, CHAMELEON_EOI, CHAMELEON_SEP = "<racm3:break>", "<eoss>", "<reserved08706>"
+CHAMELEON_MULTIPLIERS = [1, 1, 2, 2]  # the tiny VQ encoder's levels: 8x downsampling
 
 # Renders system/user turns as `<|role|>\n{text}<|end|>\n` and assistant turns as
 # `<|assistant|>\n{text}</s>\n`. The `{% generation %}` block covers exactly the assistant text
@@ -148,6 +149,53 @@ def chameleon_code_token(code: int) -> str:
     return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
 
 
+def default_token_ids() -> dict[str, int]:
+    """The special-token ids every tiny tokenizer gets (`SPECIAL_TOKENS` order)."""
+    return {"pad_token_id": SPECIAL_TOKENS.index(PAD), "bos_token_id": SPECIAL_TOKENS.index(BOS),
+            "eos_token_id": SPECIAL_TOKENS.index(EOS)}
+
+
+def tiny_llava_config(*, image_size: int = 56, patch_size: int = 14, vocab_size: int = 1000,
+                      token_ids: dict[str, int] | None = None,
+                      image_token_id: int = SPECIAL_TOKENS.index(IMAGE_TOKEN)):
+    """The `LlavaConfig` of `build_tiny_llava` (CLIP width 64 + mlp2x_gelu + Llama width 128,
+    2 layers each) for a tokenizer of `vocab_size` tokens with these special ids."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=image_size,
+                              patch_size=patch_size, projection_dim=64)
+    text = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, vocab_size=vocab_size,
+                       max_position_embeddings=4096, tie_word_embeddings=False,
+                       **(token_ids or default_token_ids()))
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=image_token_id,
+        projector_hidden_act="gelu",  # Linear-GELU-Linear: LLaVA-1.5's mlp2x_gelu
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+    )
+
+
+def tiny_chameleon_config(*, image_size: int = 32, num_codes: int = 64, vocab_size: int = 1000,
+                          token_ids: dict[str, int] | None = None,
+                          vocabulary_map: dict[str, int] | None = None):
+    """The `ChameleonConfig` of `build_tiny_chameleon` (width 64, 2 layers; VQ encoder with
+    channel multipliers 1,1,2,2). `vocabulary_map` defaults to the `<image>` id alone, enough
+    to build the model's modules (the image-token lookups are computed when first used)."""
+    from transformers import ChameleonConfig, ChameleonVQVAEConfig
+
+    vq = ChameleonVQVAEConfig(embed_dim=32, num_embeddings=num_codes, latent_channels=32,
+                              resolution=image_size, base_channels=32,
+                              channel_multiplier=CHAMELEON_MULTIPLIERS, num_res_blocks=1,
+                              attn_resolutions=[])
+    return ChameleonConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+        vq_config=vq.to_dict(),
+        vocabulary_map=vocabulary_map or {IMAGE_TOKEN: SPECIAL_TOKENS.index(IMAGE_TOKEN)},
+        **(token_ids or default_token_ids()))
+
+
 def build_tiny_llava(out_dir: str | Path, *, image_size: int = 56, patch_size: int = 14,
                      vocab_size: int = 1000, seed: int = 0) -> Path:
     """Build a tiny LLaVA (CLIP + mlp2x_gelu + Llama), save model + processor to `out_dir`.
@@ -158,30 +206,14 @@ def build_tiny_llava(out_dir: str | Path, *, image_size: int = 56, patch_size: i
         `out_dir`, loadable with `AutoModelForImageTextToText` and `AutoProcessor`.
     """
     import torch
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
     if image_size % patch_size:
         raise ValueError(f"image_size={image_size} must be a multiple of patch_size={patch_size}")
     tokenizer = train_tiny_tokenizer(chart_corpus(seed=seed), vocab_size)
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, image_size=image_size,
-                              patch_size=patch_size, projection_dim=64)
-    text = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, vocab_size=len(tokenizer),
-                       max_position_embeddings=4096, tie_word_embeddings=False,
-                       **_token_ids(tokenizer))
-    config = LlavaConfig(
-        vision_config=vision, text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        projector_hidden_act="gelu",  # Linear-GELU-Linear: LLaVA-1.5's mlp2x_gelu
-        vision_feature_select_strategy="default", vision_feature_layer=-2,
-    )
+    config = tiny_llava_config(image_size=image_size, patch_size=patch_size,
+                               vocab_size=len(tokenizer), token_ids=_token_ids(tokenizer),
+                               image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     processor = LlavaProcessor(
@@ -203,15 +235,9 @@ def build_tiny_chameleon(out_dir: str | Path, *, image_size: int = 32, num_codes
     returns their token ids, shape `(batch, codes_per_image)`.
     """
     import torch
-    from transformers import (
-        ChameleonConfig,
-        ChameleonForConditionalGeneration,
-        ChameleonProcessor,
-        ChameleonVQVAEConfig,
-    )
+    from transformers import ChameleonForConditionalGeneration, ChameleonProcessor
 
-    multipliers = [1, 1, 2, 2]
-    downsample = 2 ** (len(multipliers) - 1)
+    downsample = 2 ** (len(CHAMELEON_MULTIPLIERS) - 1)
     if image_size % downsample:
         raise ValueError(f"image_size={image_size} must be a multiple of {downsample}")
     code_tokens = [chameleon_code_token(i) for i in range(num_codes)]
@@ -219,14 +245,9 @@ def build_tiny_chameleon(out_dir: str | Path, *, image_size: int = 32, num_codes
         chart_corpus(seed=seed), vocab_size,
         extra_special_tokens=[CHAMELEON_BOI, CHAMELEON_EOI, CHAMELEON_SEP, *code_tokens])
     tokenizer.add_special_tokens({"sep_token": CHAMELEON_SEP})
-    vq = ChameleonVQVAEConfig(embed_dim=32, num_embeddings=num_codes, latent_channels=32,
-                              resolution=image_size, base_channels=32,
-                              channel_multiplier=multipliers, num_res_blocks=1,
-                              attn_resolutions=[])
-    config = ChameleonConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-        vq_config=vq.to_dict(), vocabulary_map=tokenizer.get_vocab(), **_token_ids(tokenizer))
+    config = tiny_chameleon_config(image_size=image_size, num_codes=num_codes,
+                                   vocab_size=len(tokenizer), token_ids=_token_ids(tokenizer),
+                                   vocabulary_map=tokenizer.get_vocab())
     torch.manual_seed(seed)
     model = ChameleonForConditionalGeneration(config)
     processor = ChameleonProcessor(image_processor=_image_processor("chameleon", image_size),

@@ -43,6 +43,7 @@ from typing import IO, Any, Literal
 from pydantic import Field, model_validator
 
 from mmjobs import storage
+from mmjobs.data.conversation import FORMAT_HELP, ConversationFormatName
 from mmjobs.logs import get_logger, progress
 from mmjobs.stages.common import (
     StageConfig,
@@ -57,7 +58,9 @@ from mmjobs.stages.common import (
 )
 
 STAGE = "infer"
-VERSION = 1  # bump when rows or the output layout change: invalidates cached and partial outputs
+# Bump when rows or the output layout change: invalidates cached and partial outputs.
+# 2: conversation formats (content-part templates no longer repeat the "\n" after an image).
+VERSION = 2
 PREDICTIONS_FILE = "predictions.jsonl"
 PARTIAL_FILE = "predictions.partial.jsonl"
 PARTIAL_META = "predictions.partial.json"
@@ -106,6 +109,10 @@ class InferConfig(StageConfig):
     num_beams: int = Field(1, ge=1, description="Beam search width; 1 is no beam search.")
     stop_strings: list[str] = Field(default_factory=list, description="Stop an answer at any "
                                     "of these; the answer is trimmed before it.")
+    conversation_format: ConversationFormatName = Field(
+        "auto", description="How prompts are rendered (as pretokenize rendered the training "
+        "data): auto/template = the model's chat template; built-in formats for models "
+        f"without one: {FORMAT_HELP}. A format adds its own stops (e.g. </s>).")
     seed: int = Field(0, description="Sampling seed, set at the start of every window of 8 "
                       "batches.")
     upload_every_seconds: float = Field(60.0, ge=0, description="s3:// outputs: upload the "
@@ -300,7 +307,7 @@ def _generator(cfg: InferConfig) -> Any:
     from mmjobs.eval.generate import Generator, load_for_inference
 
     loaded = load_for_inference(cfg.model, cfg.adapter, trust_remote_code=cfg.trust_remote_code,
-                                dtype=cfg.dtype)
+                                dtype=cfg.dtype, conversation_format=cfg.conversation_format)
     options = dict(batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                    do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p,
                    top_k=cfg.top_k, num_beams=cfg.num_beams, stop_strings=cfg.stop_strings,

@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import Field
 
 from mmjobs import settings, storage
+from mmjobs.data.conversation import FORMAT_HELP, ConversationFormatName, NoChatTemplateError
 from mmjobs.logs import get_logger
 from mmjobs.stages.common import (
     StageConfig,
@@ -33,7 +34,9 @@ from mmjobs.stages.common import (
 )
 
 STAGE = "pretokenize"
-FORMAT_VERSION = 1  # bump when the shard contents change for the same inputs
+# Bump when the shard contents change for the same inputs. 2: conversation formats; BOS added
+# for templates that do not write it (llava-hf's).
+FORMAT_VERSION = 2
 log = get_logger(__name__)
 
 
@@ -46,8 +49,16 @@ class PretokenizeConfig(StageConfig):
                                    "directory (only processor files are fetched, plus VQ "
                                    "weights for image-token models).")
     max_length: int = Field(2048, ge=8, le=1_048_576,
-                            description="Samples with more tokens are rejected (`too_long`), "
-                                        "never truncated.")
+                            description="Token budget per sample, image tokens included. "
+                                        "Longer samples are rejected (`too_long`) unless "
+                                        "`truncate` is on.")
+    truncate: bool = Field(False, description="Cut the text after the last image at "
+                           "max_length (labels too), as LLaVA cuts at model_max_length, "
+                           "instead of rejecting the sample; images are never cut (a sample "
+                           "whose image tokens do not fit is still a too_long reject).")
+    conversation_format: ConversationFormatName = Field(
+        "auto", description="How conversations become text: auto/template = the model's chat "
+        f"template; built-in formats for models without one: {FORMAT_HELP}.")
     workers: int = Field(1, ge=1, le=512, description="Worker processes (1 = in-process). "
                                                       "Does not change the output.")
     shard_size: int = Field(1000, ge=1, le=1_000_000,
@@ -90,7 +101,7 @@ def main(cfg: PretokenizeConfig) -> PretokenizeResult:
     image_fp = None if inside else input_fingerprint(image_root)
     fp = fingerprint(STAGE, FORMAT_VERSION, dataset_fp, image_fp, processor_fp,
                      _chat_and_versions(model_dir, cfg.trust_remote_code),
-                     cfg.max_length, cfg.shard_size)
+                     cfg.max_length, cfg.shard_size, cfg.conversation_format, cfg.truncate)
     if cfg.output and cfg.cache_root:
         log.warning("pretokenize: both output and cache_root are set; writing to output=%s",
                     cfg.output)
@@ -109,7 +120,9 @@ def main(cfg: PretokenizeConfig) -> PretokenizeResult:
             job = PretokenizeJob(dataset=cfg.dataset, model_dir=str(model_dir), out=out,
                                  fingerprint=fp, max_length=cfg.max_length,
                                  shard_size=cfg.shard_size, workers=cfg.workers,
-                                 trust_remote_code=cfg.trust_remote_code, card_meta=meta)
+                                 trust_remote_code=cfg.trust_remote_code, card_meta=meta,
+                                 conversation_format=cfg.conversation_format,
+                                 truncate=cfg.truncate)
             outcome = pretokenize(job, force=cfg.force)
             card, reused = outcome.card, outcome.shards_reused
         seconds = time.monotonic() - start
@@ -162,7 +175,11 @@ def _metrics(card: dict[str, Any], cached: bool, seconds: float) -> dict[str, fl
 
 def cli(argv: list[str] | None = None) -> int:
     """`python -m mmjobs.stages.pretokenize` / `mmjobs stage pretokenize` (image entrypoint)."""
-    return stage_cli(STAGE, PretokenizeConfig, main, argv)
+    try:
+        return stage_cli(STAGE, PretokenizeConfig, main, argv)
+    except NoChatTemplateError as e:  # a setting to choose, not a crash
+        print(f"mmjobs stage {STAGE}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from mmjobs.data.conversation import FORMAT_HELP, ConversationFormatName
 from mmjobs.logs import get_logger
 from mmjobs.serve.limits import LIMIT_DOCS as _DOC
 from mmjobs.serve.limits import ConnectionLimits, Limits
@@ -58,6 +59,9 @@ class ServeConfig(StageConfig):
     trust_remote_code: bool = Field(False, description="Run code shipped with the model.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight dtype; auto: bfloat16 on GPUs that support it, else float32.")
+    conversation_format: ConversationFormatName = Field(
+        "auto", description="How chats are rendered (as the model was trained): auto/template "
+        f"= the model's chat template; built-in formats for models without one: {FORMAT_HELP}.")
     host: str = Field("127.0.0.1", description="Address to listen on; 0.0.0.0 in a pod "
                       "(then set key_env, or keep the port cluster-internal).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 picks a free one.")
@@ -177,7 +181,8 @@ def main(cfg: ServeConfig) -> ServeResult:
 
     app = create_app(lambda: load_for_inference(cfg.model, cfg.adapter,
                                                 trust_remote_code=cfg.trust_remote_code,
-                                                dtype=cfg.dtype),
+                                                dtype=cfg.dtype,
+                                                conversation_format=cfg.conversation_format),
                      options, on_load_failure=on_load_failure, metrics=metrics)
     server = uvicorn.Server(uvicorn_config(app, cfg.host, cfg.port, log_level=cfg.log_level,
                                            connections=connections))

@@ -35,11 +35,11 @@ import io
 import sys
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field, model_validator
 
 from mmjobs import storage
-from mmjobs.config import ModelConfig, TrainConfig
+from mmjobs.config import ModelConfig
+from mmjobs.config_base import config_problems
 from mmjobs.logs import get_logger
 from mmjobs.stages.common import (
     StageConfig,
@@ -51,33 +51,38 @@ from mmjobs.stages.common import (
     stage_cli,
     stage_tracking,
 )
+from mmjobs.train.methods import (
+    RL_MODES,
+    SftConfig,
+    TrainConfig,
+    fingerprinted_settings,
+    stage_input_problems,
+)
 
 STAGE = "train"
 VERSION = 1  # bump when the training semantics change for the same config
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what Kubernetes and shells expect
 log = get_logger(__name__)
 
-# Train settings that do not change the trained weights (a resume may change them freely).
-_NOT_FINGERPRINTED = {"checkpoint_every_steps", "keep_last_checkpoints", "log_every_steps",
-                      "eval_every_steps", "dataloader_workers"}
-TRAIN_MODES = ("align", "sft", "dpo", "rm", "ppo", "grpo")
-RL_MODES = ("ppo", "grpo")
-
 
 class TrainStageConfig(StageConfig):
-    """Train a vision-language model on pretokenized shards (align, SFT full or LoRA, DPO,
-    reward model, PPO, GRPO)."""
+    """Train a vision-language model on pretokenized shards. train.mode picks the method and
+    which train.* settings apply: align (the connector alone), sft (full or LoRA), dpo and rm
+    (a reward model) on preference pairs, ppo and grpo on prompts. The settings of each mode:
+    README "Training" (mmjobs.train.methods)."""
 
     model: ModelConfig = Field(description="Base model to train.")
     data: str = Field(description="URI of the pretokenize stage's committed shards.")
     eval_data: str | None = Field(None, description="Pretokenized shards for the eval loss "
                                                     "(train.eval_every_steps and at the end); "
                                                     "for rm also the pairwise accuracy. "
-                                                    "Not used by ppo/grpo.")
+                                                    "Modes align, sft, dpo, rm.")
     ptx_data: str | None = Field(None, description="ppo/grpo: pretokenized SFT shards whose "
                                  "next-token loss is mixed into every update with weight "
                                  "train.rl.ptx_coef (Align-Anything's ptx).")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
+    train: TrainConfig = Field(default_factory=SftConfig, description="Training settings of "
+                               "one mode (train.mode: align, sft, dpo, rm, ppo or grpo; "
+                               "default sft).")
     resume: bool = Field(True, description="Continue from the newest committed checkpoint "
                          "under output. false: start over, deleting existing checkpoints.")
     log_model_artifacts: bool = Field(
@@ -86,21 +91,12 @@ class TrainStageConfig(StageConfig):
     registered_model_name: str | None = Field(
         None, description="Register final/ as a new version of this MLflow registered model.")
 
-    @field_validator("train")
-    @classmethod
-    def _trainable_mode(cls, value: TrainConfig) -> TrainConfig:
-        if value.mode not in TRAIN_MODES:
-            raise PydanticCustomError(
-                "train_mode", "mode '{mode}': the train stage runs align, sft, dpo, rm, ppo "
-                "and grpo", {"mode": value.mode})
-        return value
-
     @model_validator(mode="after")
-    def _ptx_for_rl_only(self) -> TrainStageConfig:
-        if self.ptx_data and self.train.mode not in RL_MODES:
-            raise PydanticCustomError(
-                "ptx_data", "ptx_data is used by train.mode ppo and grpo only (mode is "
-                "'{mode}'); remove it", {"mode": self.train.mode})
+    def _inputs_for_the_mode(self) -> TrainStageConfig:
+        problems = stage_input_problems(self.train, eval_data=self.eval_data,
+                                        ptx_data=self.ptx_data)
+        if problems:
+            raise config_problems(problems)
         return self
 
 
@@ -131,14 +127,12 @@ def train_fingerprint(cfg: TrainStageConfig) -> str:
         model_fp = input_fingerprint(cfg.model.name_or_path)
     except (storage.StoreError, FileNotFoundError):
         model_fp = cfg.model.name_or_path  # a hub id: its name (and revision) is the identity
-    # Preference and RL settings only count in the modes that read them, so adding them did
-    # not invalidate earlier results of the other modes.
-    skip = _NOT_FINGERPRINTED | ({"preference"} if cfg.train.mode not in ("dpo", "rm") else
-                                 set()) | ({"rl"} if cfg.train.mode not in RL_MODES else set())
+    # The settings in the shape they had before per-method configs: earlier results and
+    # checkpoints stay reusable.
     parts: list[Any] = [STAGE, VERSION, cfg.model.model_dump(mode="json"), model_fp,
                         input_fingerprint(cfg.data),
                         input_fingerprint(cfg.eval_data) if cfg.eval_data else None,
-                        cfg.train.model_dump(mode="json", exclude=skip)]
+                        fingerprinted_settings(cfg.train)]
     if cfg.train.mode in RL_MODES:  # what the rewards and the ptx loss are computed from
         reward_model = cfg.train.rl.reward.model
         parts += [input_fingerprint(reward_model) if reward_model else None,

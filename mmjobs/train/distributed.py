@@ -13,6 +13,7 @@ Mixed precision `auto` means bf16 autocast on a GPU that supports bf16 and fp32 
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import os
 from dataclasses import dataclass
@@ -114,6 +115,32 @@ def _walk(node: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
+DIST_TIMEOUT_ENV = "MMJOBS_DIST_TIMEOUT_S"
+
+
+def collective_timeout() -> datetime.timedelta | None:
+    """How long a collective waits for the other ranks: `$MMJOBS_DIST_TIMEOUT_S` seconds, or
+    None for torch's default (30 min with gloo, 10 with NCCL).
+
+    A rank that never joins (it crashed, or the ranks' collectives desynchronised) then fails
+    the job after this long instead of holding every GPU for half an hour.
+
+    Raises:
+        ValueError: the variable is set but is not a number of seconds > 0.
+    """
+    raw = os.environ.get(DIST_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{DIST_TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0 (or "
+                         "unset for torch's default)")
+    return datetime.timedelta(seconds=seconds)
+
+
 def build_accelerator(*, mixed_precision: str, grad_accum: int, deepspeed: str,
                       micro_batch_size: int, max_grad_norm: float, hidden_size: int | None,
                       find_unused_parameters: bool = False) -> Any:
@@ -149,10 +176,12 @@ def build_accelerator(*, mixed_precision: str, grad_accum: int, deepspeed: str,
                                  zero3_init_flag=deepspeed.startswith("zero3"))
     handlers: list[Any] = [DistributedDataParallelKwargs(
         find_unused_parameters=find_unused_parameters)]
-    if plugin is not None and cpu:
+    timeout = collective_timeout()
+    if (plugin is not None and cpu) or timeout is not None:
         # accelerate finds no backend for DeepSpeed without a GPU and would silently run every
         # rank as a separate single process; name gloo so DeepSpeed joins the ranks.
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        handlers.append(InitProcessGroupKwargs(backend="gloo" if cpu else "nccl",
+                                               timeout=timeout))
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=grad_accum,
                               deepspeed_plugin=plugin, cpu=cpu and plugin is None,
                               kwargs_handlers=handlers)

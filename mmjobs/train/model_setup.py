@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmjobs.config import TrainConfig
 from mmjobs.logs import get_logger
 from mmjobs.models.builder import (
     connector_module,
@@ -43,37 +42,17 @@ from mmjobs.train.dropout_schedules import (
     apply_layer_dropout,
     layer_dropout_values,
 )
+from mmjobs.train.methods import TrainConfig
 from mmjobs.train.moe import CONNECTOR_DIR, save_connector
 
 log = get_logger(__name__)
 
-TRAINING_MODES = ("align", "sft", "dpo", "rm", "ppo", "grpo")
 _LORA_LAYER_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
-
-
-def check_train_config(cfg: TrainConfig) -> list[str]:
-    """Problems with a train config for this trainer (`TrainConfig` itself rejects bad
-    combinations of freeze flags, modes and dropout schedules at load time)."""
-    if cfg.mode not in TRAINING_MODES:
-        return [f"train.mode: got {cfg.mode!r}; the train stage runs "
-                f"{', '.join(TRAINING_MODES)}"]
-    errors = []
-    if cfg.mode == "dpo" and cfg.preference.reference == "frozen_copy" and \
-            cfg.deepspeed.startswith("zero3"):
-        errors.append("train.preference.reference: frozen_copy keeps a whole second model on "
-                      "every GPU, which ZeRO-3 is meant to avoid; use finetune: lora with "
-                      "reference: implicit_lora, or deepspeed: zero2")
-    if cfg.mode in ("ppo", "grpo") and cfg.rl.reference_kind(cfg.finetune) == "frozen_copy" \
-            and cfg.deepspeed.startswith("zero3"):
-        errors.append("train.rl.reference: frozen_copy keeps a whole second model on every GPU, "
-                      "which ZeRO-3 is meant to avoid; use finetune: lora (reference "
-                      "implicit_lora), or deepspeed: zero2")
-    return errors
 
 
 def frozen_components(cfg: TrainConfig) -> dict[str, bool]:
     """`{vision_tower, connector, language_model}` → frozen? for this config."""
-    if cfg.mode == "align":
+    if cfg.mode == "align":  # align has no freeze settings: the connector trains alone
         return {"vision_tower": True, "connector": False, "language_model": True}
     return {"vision_tower": cfg.freeze_vision_tower, "connector": bool(cfg.freeze_connector),
             "language_model": bool(cfg.freeze_language_model)}
@@ -117,6 +96,11 @@ def upcast_trainable(model: nn.Module) -> int:
             param.data = param.data.float()
             cast += 1
     return cast
+
+
+def trained_part(cfg: TrainConfig) -> str:
+    """What the trained weights are: `connector` (align), else `lora` or `full`."""
+    return "connector" if cfg.mode == "align" else cfg.finetune
 
 
 def parameter_counts(model: nn.Module) -> dict[str, dict[str, int]]:

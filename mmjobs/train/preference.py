@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmjobs.config import PreferenceConfig
 from mmjobs.train.batches import IGNORE_INDEX
+from mmjobs.train.methods import DpoPreference
 
 InputsFn = Callable[[Mapping[str, Any]], dict[str, Any]]
 DPO_STATS = ("rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy",
@@ -137,7 +137,7 @@ class DPOObjective:
     name = "dpo"
     stat_names = DPO_STATS
 
-    def __init__(self, cfg: PreferenceConfig, inputs: InputsFn, *, peft_model: Any = None,
+    def __init__(self, cfg: DpoPreference, inputs: InputsFn, *, peft_model: Any = None,
                  reference_model: nn.Module | None = None) -> None:
         if cfg.reference == "implicit_lora" and not hasattr(peft_model, "disable_adapter"):
             raise ValueError("train.preference.reference: implicit_lora needs a LoRA model "

@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmjobs.config import ModelConfig, PreferenceConfig, TrainConfig
+from mmjobs.config import ModelConfig
 from mmjobs.logs import get_logger
 from mmjobs.train.batches import IGNORE_INDEX
+from mmjobs.train.methods import RmConfig, RmPreference
 
 log = get_logger(__name__)
 
@@ -159,7 +160,7 @@ class RewardObjective:
     name = "rm"
     stat_names = RM_STATS
 
-    def __init__(self, cfg: PreferenceConfig, inputs: InputsFn) -> None:
+    def __init__(self, cfg: RmPreference, inputs: InputsFn) -> None:
         self.cfg, self.inputs = cfg, inputs
 
     def count(self, batch: Mapping[str, Any]) -> int:
@@ -186,7 +187,7 @@ class RewardObjective:
 
 
 def export_reward_model(model: RewardModel, full_state: dict[str, torch.Tensor] | None,
-                        cfg: TrainConfig, out: Path, *, base_model: ModelConfig, processor: Any,
+                        cfg: RmConfig, out: Path, *, base_model: ModelConfig, processor: Any,
                         source_dir: Path | None, meta: dict[str, Any]) -> dict[str, str]:
     """Write `out/reward_model/` (rank 0 only); see the module docstring.
 
@@ -228,12 +229,13 @@ class RewardScorer:
     """Encodes `(prompt, response, images)` like pretokenize did for training pairs."""
 
     def __init__(self, model_dir: Path, image_processor: Any, *, max_length: int,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, conversation_format: str = "auto") -> None:
         from mmjobs.data.loader import PaddedCollator
         from mmjobs.data.sample_encoder import SampleEncoder
 
         self.encoder = SampleEncoder(model_dir, max_length=max_length,
-                                     trust_remote_code=trust_remote_code)
+                                     trust_remote_code=trust_remote_code,
+                                     conversation_format=conversation_format)
         self.image_processor = image_processor
         self.collate = PaddedCollator(self.encoder.tokenizer.pad_token_id or 0)
 
@@ -312,7 +314,9 @@ def load_reward_model(uri: str, *, device: str | torch.device | None = None,
     model.scorer = RewardScorer(loaded.model_dir, getattr(loaded.processor, "image_processor",
                                                           None),
                                 max_length=max_length or int(info.get("max_length") or 4096),
-                                trust_remote_code=spec.trust_remote_code)
+                                trust_remote_code=spec.trust_remote_code,
+                                # the recipe's model.conversation_format, as its shards had
+                                conversation_format=spec.conversation_format)
     log.info("loaded reward model %s (%s weights on %s)", uri, info["weights"],
              spec.name_or_path)
     return model

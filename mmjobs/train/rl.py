@@ -1,7 +1,7 @@
 """The PPO and GRPO recipe (train.mode ppo / grpo): rollouts, rewards, KL to a reference, updates.
 
     recipe = RLRecipe(model=ModelConfig(name_or_path=...), data="s3://.../prompt-shards",
-                      train=TrainConfig(mode="ppo", rl={"reward": {"model": RM_URI}}),
+                      train=PpoConfig(rl={"reward": {"model": RM_URI}}),
                       output=OUT, fingerprint=FP, ptx_data=None, run=mlflow_run)
     recipe.setup(); summary = recipe.train(); outputs = recipe.save_final(); recipe.cleanup()
 
@@ -57,13 +57,14 @@ import torch
 from torch import nn
 
 from mmjobs import storage
-from mmjobs.config import ConfigError, TrainConfig
+from mmjobs.config import ConfigError
 from mmjobs.logs import get_logger
 from mmjobs.train import checkpoint as ckpt
 from mmjobs.train import trainer as base_trainer
 from mmjobs.train.batches import loss_sum, num_images, sample_lengths
 from mmjobs.train.distributed import all_reduce_sum
 from mmjobs.train.grpo import group_advantages, grpo_token_losses
+from mmjobs.train.methods import RL_MODES, GrpoConfig, PpoConfig
 from mmjobs.train.ppo import AdaptiveKLController, gae, kl_penalized_rewards, ppo_losses, whiten
 from mmjobs.train.rollouts import (
     ResponseSampler,
@@ -77,7 +78,6 @@ from mmjobs.train.trainer import TrainRecipe, TrainSummary
 
 log = get_logger(__name__)
 
-RL_MODES = ("ppo", "grpo")
 VALUE_HEAD_FILE = "value_head.safetensors"
 STATE_FILE = "rl_state.json"
 PTX_LOADER_FILE = "ptx_loader.json"
@@ -139,7 +139,7 @@ class RolloutObjective:
     name = "rl"
     stat_names: tuple[str, ...] = ()
 
-    def __init__(self, *, cfg: TrainConfig, sampler: ResponseSampler, reward: Any,
+    def __init__(self, *, cfg: PpoConfig | GrpoConfig, sampler: ResponseSampler, reward: Any,
                  inputs: Any, accelerator: Any, generations: int, float_dtype: torch.dtype,
                  reference_model: nn.Module | None, peft_model: Any) -> None:
         self.cfg, self.rl, self.mode = cfg, cfg.rl, cfg.mode
@@ -284,11 +284,11 @@ class RLRecipe(TrainRecipe):
         self.ptx_data = ptx_data
         self.ptx_loader: Any = None
         self._ptx_iter: Any = None
-        self.generations = rl.generations(cfg.mode)
+        self.generations = rl.num_generations
         self.per_update = cfg.per_device_batch_size * cfg.grad_accum
         self.updates_per_step = rl.ppo_epochs * rl.rollout_batch_size * self.generations \
             // self.per_update
-        self.kl = AdaptiveKLController(rl.initial_kl_coef(cfg.mode), rl.target_kl,
+        self.kl = AdaptiveKLController(rl.kl_coef, rl.target_kl,
                                        rl.kl_horizon)
         self.step_stats: dict[str, float] = {}
 
@@ -363,7 +363,7 @@ class RLRecipe(TrainRecipe):
             max_length=card.get("max_length"), seed=cfg.seed,
             num_workers=cfg.dataloader_workers,
             image_processor=getattr(self.loaded.processor, "image_processor", None),
-            rank=self.dist.rank, world_size=self.dist.world_size)
+            rank=self.dist.rank, world_size=self.dist.world_size, **self._modality_options())
 
     def _save_extra_state(self, local: Path) -> None:
         if self.dist.is_main:

@@ -39,9 +39,9 @@ from typing import Any
 
 import torch
 
-from mmjobs.config import RewardConfig
 from mmjobs.logs import get_logger
 from mmjobs.train.batches import IGNORE_INDEX
+from mmjobs.train.methods import RewardConfig
 
 log = get_logger(__name__)
 

@@ -1,7 +1,7 @@
 """The training recipe: align, SFT, DPO or a reward model (full / LoRA), resumable.
 
     recipe = TrainRecipe(model=ModelConfig(name_or_path=...), data="s3://.../shards",
-                         train=TrainConfig(mode="sft", finetune="lora"), output=OUT,
+                         train=SftConfig(finetune="lora"), output=OUT,
                          fingerprint=FP, run=mlflow_run)
     recipe.setup(); summary = recipe.train(); outputs = recipe.save_final(); recipe.cleanup()
 
@@ -39,7 +39,8 @@ from typing import Any
 import torch
 
 from mmjobs import storage
-from mmjobs.config import ConfigError, ModelConfig, TrainConfig
+from mmjobs.config import ConfigError, ModelConfig
+from mmjobs.data.modality import ranks_need_same_modality
 from mmjobs.logs import get_logger
 from mmjobs.models.builder import load_model
 from mmjobs.models.connectors import MoEConnector, moe_aux_loss
@@ -54,15 +55,16 @@ from mmjobs.train.distributed import (
     release_accelerator,
     text_hidden_size,
 )
+from mmjobs.train.methods import TrainConfig
 from mmjobs.train.metrics import device_peak_flops, flops_model, log_step, patches_per_image
 from mmjobs.train.model_setup import (
-    check_train_config,
     export_final,
     frozen_components,
     load_trainable_state,
     parameter_counts,
     prepare_for_training,
     trainable_state,
+    trained_part,
     upcast_trainable,
 )
 from mmjobs.train.objectives import LanguageModelingObjective, Objective
@@ -92,13 +94,14 @@ class TrainRecipe:
     `setup`, `train`, `save_final`, `cleanup` (`save_checkpoint` runs from `train`).
 
     Raises:
-        ConfigError: from the constructor, listing every bad combination in `train`.
+        ConfigError: from the constructor, for bad `train.lr_schedule_options` (every other
+            combination is checked when `train` is validated, by its mode's config class).
     """
 
     def __init__(self, *, model: ModelConfig, data: str, train: TrainConfig, output: str,
                  fingerprint: str, eval_data: str | None = None, resume: bool = True,
                  run: Any = None) -> None:
-        errors = check_train_config(train)
+        errors = []
         try:  # schedule options are checked on a dummy run, before anything heavy starts
             lr_at_steps(train.lr_schedule, [0], lr=train.lr, num_training_steps=100,
                         warmup_ratio=train.warmup_ratio, **train.lr_schedule_options)
@@ -166,11 +169,11 @@ class TrainRecipe:
             self.data, **self._loader_options(), mode=cfg.batching,
             max_length=max_length, seed=cfg.seed, num_workers=cfg.dataloader_workers,
             image_processor=image_processor, rank=self.dist.rank,
-            world_size=self.dist.world_size)
+            world_size=self.dist.world_size, **self._modality_options())
         self.eval_loader = None if self.eval_data is None else build_dataloader(
             self.eval_data, batch_size=cfg.per_device_batch_size, mode="random",
             max_length=None, seed=0, num_workers=0, image_processor=image_processor,
-            rank=self.dist.rank, world_size=self.dist.world_size)
+            rank=self.dist.rank, world_size=self.dist.world_size, **self._modality_options())
         self.total_steps = self._count_total_steps()
 
         params = [p for p in model.parameters() if p.requires_grad]
@@ -216,6 +219,17 @@ class TrainRecipe:
     def _loader_options(self) -> dict[str, Any]:
         """`build_dataloader` options of the training loader that differ between recipes."""
         return {"batch_size": self.cfg.per_device_batch_size}
+
+    def _modality_options(self) -> dict[str, bool]:
+        """`build_dataloader`'s modality grouping: on where the ranks' collectives need every
+        micro-step all-image or all-text (unless train.group_by_modality says otherwise)."""
+        frozen = frozen_components(self.cfg)
+        must_match = ranks_need_same_modality(
+            self.cfg.deepspeed, world_size=self.dist.world_size,
+            vision_side_trains=not (frozen["connector"] and frozen["vision_tower"]))
+        group = self.cfg.group_by_modality
+        return {"group_by_modality": must_match if group is None else group,
+                "modality_must_match": must_match}
 
     def _count_total_steps(self) -> int:
         """Training steps: max_steps, or the epochs' worth of optimizer steps."""
@@ -275,7 +289,7 @@ class TrainRecipe:
                             warmup_ratio=cfg.warmup_ratio, **cfg.lr_schedule_options)
         self.run.log_figure(fig, "plots/lr_schedule.png")
         log.info("training %d steps (%s, %s), %d batches/epoch on each of %d rank(s)%s",
-                 self.total_steps, cfg.mode, cfg.finetune if cfg.mode != "align" else "connector",
+                 self.total_steps, cfg.mode, trained_part(cfg),
                  len(self.loader), self.dist.world_size,
                  f", resumed at step {self.resumed_from}" if self.resumed_from else "")
 
@@ -455,7 +469,7 @@ class TrainRecipe:
             ckpt.save_torch(self.scheduler.state_dict(), local / ckpt.SCHEDULER_FILE)
             state = {"step": self.step, "total_steps": self.total_steps, "loss": self.last_loss,
                      "fingerprint": self.fingerprint, "world_size": self.dist.world_size,
-                     "mode": self.cfg.mode, "finetune": self.cfg.finetune,
+                     "mode": self.cfg.mode, "finetune": trained_part(self.cfg),
                      "deepspeed": self.cfg.deepspeed}
             (local / ckpt.STATE_FILE).write_text(json.dumps(state, indent=1))
         ckpt.write_rank_state(local, self.dist.rank, self.loader.state_dict())
@@ -479,7 +493,7 @@ class TrainRecipe:
             try:
                 parts = self._export(acc.unwrap_model(self.model), full_state, scratch)
                 info = {"base_model": self.spec.model_dump(mode="json"), "data": self.data,
-                        "mode": self.cfg.mode, "finetune": self.cfg.finetune,
+                        "mode": self.cfg.mode, "finetune": trained_part(self.cfg),
                         "steps": self.step, "final_loss": self.last_loss, "outputs": parts,
                         "eval_metrics": self.eval_metrics,
                         "fingerprint": self.fingerprint}

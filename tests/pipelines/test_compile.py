@@ -115,6 +115,33 @@ def test_step_sections_are_checked_against_stage_configs() -> None:
     ]
 
 
+def test_recipe_train_defaults_reach_the_steps_whose_mode_has_them() -> None:
+    # chart-demo's align step has no lora or layer_dropout: the sft step takes them; both take
+    # eval_every_steps. The same settings in the align step's own section are errors.
+    pipeline_runner.load("pipelines/recipes/chart-demo.yaml", [
+        "train.lora.r=4", "train.layer_dropout={preset: inc}", "train.eval_every_steps=5"])
+    with pytest.raises(ConfigError) as e:
+        pipeline_runner.load("pipelines/recipes/chart-demo.yaml", [
+            "stages.align.train.lora.r=4", "train.rl.kl_coef=0.1", "train.preference.beta=1",
+            "stages.sft.train.rl.reward.kind=length"])
+    assert e.value.errors == [
+        "stages.align.train.lora: not a setting of mode align (it is for sft, dpo, rm, ppo, "
+        "grpo); remove it",
+        "stages.sft.train.rl: not a setting of mode sft (it is for ppo, grpo); remove it",
+        "train.preference: a setting of mode dpo, rm only, and no train step here runs one "
+        "(train steps: align (align), sft (sft)); remove it, or set it under "
+        "stages.<step>.train",
+        "train.rl: a setting of mode ppo, grpo only, and no train step here runs one (train "
+        "steps: align (align), sft (sft)); remove it, or set it under stages.<step>.train",
+    ]
+    # The chameleon recipe's train defaults serve its sft, rm, dpo and ppo steps at once.
+    build = pipeline_runner.build_pipeline(
+        pipeline_runner.load_recipe("pipelines/recipes/chameleon-interleaved.yaml",
+                                    ["train.rl.target_kl=6.0", "train.preference.beta=0.2"]),
+        run_id="check", store_root="/check")[1]
+    assert build.train_modes == {"sft": "sft", "rm": "rm", "dpo": "dpo", "ppo": "ppo"}
+
+
 def test_sweep_settings_are_checked_with_their_name() -> None:
     with pytest.raises(ConfigError) as e:
         pipeline_runner.load("pipelines/recipes/lavin-sweep.yaml",

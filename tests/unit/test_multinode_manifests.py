@@ -244,6 +244,14 @@ def test_rank_arguments_parse_back_to_the_stage_config(kind: str) -> None:
     parsed = load_config(TrainStageConfig, {}, args[1::2])
     assert parsed == cfg
     assert parsed.train.lr_schedule_options == {"gamma": 1e-05}  # a float, not a string
+    # Every mode keeps its config class (the dump leaves defaults out, never the mode).
+    ppo = stage_config(eval_data=None, train={
+        "mode": "ppo", "deepspeed": "zero2", "rl": {"kl_coef": 0.02, "reward": {
+            "kind": "model", "model": "s3://mmjobs/store/rm/final"}}})
+    doc = multinode.build_manifest(ppo, nodes=2, gpus_per_node=8, image=IMAGE,
+                                   namespace="team-a", settings=settings(kind))
+    parsed = load_config(TrainStageConfig, {}, trainer_container(doc)["args"][1::2])
+    assert parsed == ppo and parsed.train.mode == "ppo"
 
 
 def test_output_defaults_to_the_store_layout_resolved_by_the_launcher(

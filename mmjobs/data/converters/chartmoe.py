@@ -20,13 +20,25 @@ Options:
 
 Rejected rows: as for `llava` (missing id, missing/empty conversations, unknown role,
 non-string value, malformed `image`).
+
+Data-mix files. ChartMoE's training scripts take a `.txt` listing the JSON files to mix, one
+`path amount` per line separated by one space (`chartmoe/train/data/sft.txt`:
+`./data/chartqa.json 70` / `./data/chartgemma.json -1`). `read_data_mix` parses one into
+`MixEntry`s, and `MixEntry.rows` says how many rows `chartmoe/train/train.py` draws from each
+file: with `--given_num True` (all four of ChartMoE's train scripts) the amount is in
+THOUSANDS of rows (`int(float(n) * 1000)`: 70 -> 70,000) and -1 means every row; without it
+the amount is a ratio of the file's rows (none = every row). A file with fewer rows than asked
+is padded with random duplicates, a larger one sampled without replacement.
 """
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
+from mmjobs import storage
 from mmjobs.data.converters import ConvertContext, register
 from mmjobs.data.converters.llava import (
     build,
@@ -63,3 +75,79 @@ def convert_chartmoe(ctx: ConvertContext) -> Iterator[Record | Reject]:
                                 "meta": meta})
 
     yield from convert_rows(uri, one)
+
+
+# --------------------------------------------------------------------------- data-mix files
+
+
+@dataclass(frozen=True)
+class MixEntry:
+    """One line of a ChartMoE data-mix file.
+
+    Attributes:
+        path: the JSON file as written (ChartMoE's paths are relative to `chartmoe/train`).
+        amount: the number after the path (thousands of rows, -1, or a ratio); None if absent.
+        line: the line number, for messages.
+    """
+
+    path: str
+    amount: float | None
+    line: int
+
+    def rows(self, available: int, *, given_num: bool = True) -> int:
+        """Rows ChartMoE's train.py draws from this file when it holds `available` rows."""
+        if self.amount is None or (given_num and self.amount == -1):
+            return available
+        return int(self.amount * 1000) if given_num else int(available * self.amount)
+
+    def resolve(self, base: str) -> str:
+        """The file's URI, `path` taken relative to `base` (the folder train.py ran in)."""
+        rel = posixpath.normpath(self.path)
+        if storage.is_s3(rel) or rel.startswith("/"):
+            return self.path
+        if rel.startswith("../"):
+            raise ValueError(f"data-mix line {self.line}: {self.path!r} leaves the base "
+                             f"folder {base}; list files inside it")
+        return storage.join(base, rel)
+
+
+def parse_data_mix(text: str, source: str = "data mix", *, given_num: bool = True
+                   ) -> list[MixEntry]:
+    """Parse a data-mix file's text; every bad line is named in one `ValueError`.
+
+    Blank lines are skipped (train.py would try to open a file named ""). With `given_num`
+    each line must have an amount, as train.py asserts.
+    """
+    entries: list[MixEntry] = []
+    errors: list[str] = []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        fields = line.split(" ")  # one space, as train.py splits: two spaces are an error there
+        amount: float | None = None
+        if len(fields) == 2:
+            try:
+                amount = float(fields[1])
+            except ValueError:
+                errors.append(f"line {n}: amount {fields[1]!r} is not a number")
+                continue
+            if amount < 0 and amount != -1:
+                errors.append(f"line {n}: amount {fields[1]} is negative (only -1, meaning "
+                              "every row, is allowed)")
+                continue
+        elif len(fields) != 1 or given_num:
+            errors.append(f"line {n}: expected 'path amount' separated by one space, got "
+                          f"{line!r}")
+            continue
+        entries.append(MixEntry(fields[0], amount, n))
+    if errors:
+        raise ValueError(f"{source}: " + "; ".join(errors))
+    if not entries:
+        raise ValueError(f"{source}: lists no files")
+    return entries
+
+
+def read_data_mix(uri: str, *, given_num: bool = True) -> list[MixEntry]:
+    """Read and parse a ChartMoE data-mix `.txt` (local path or `s3://`)."""
+    return parse_data_mix(storage.read_text(uri), uri, given_num=given_num)

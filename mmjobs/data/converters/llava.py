@@ -33,10 +33,12 @@ import posixpath
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from mmjobs import storage
 from mmjobs.data.converters import ConvertContext, register
 from mmjobs.data.records import (
     IMAGE_TOKEN,
     Kind,
+    MalformedInputError,
     RawRow,
     Record,
     Reject,
@@ -88,11 +90,36 @@ def iter_rows(uri: str) -> Iterator[RawRow]:
 
     Bad rows come back with `error` set; a file whose structure breaks (truncated, not an
     array, data after the array, ...) raises `MalformedInputError` naming the row and byte
-    offset, so no converter can silently lose the rows after a bad one.
+    offset, so no converter can silently lose the rows after a bad one. A git-lfs pointer in
+    place of the data (a clone without `git lfs pull`) is refused up front with that fix.
     """
+    refuse_lfs_pointer(uri)
     if uri.lower().endswith(JSONL_SUFFIXES):
         return iter_jsonl(uri)
     return iter_json_array(uri)
+
+
+LFS_POINTER_START = b"version https://git-lfs.github.com/spec/"
+
+
+def refuse_lfs_pointer(uri: str) -> None:
+    """Raise `MalformedInputError` if `uri` is a git-lfs pointer file rather than the data.
+
+    Repositories that keep large files in git-lfs (e.g. copies of `llava_v1_5_mix665k.json`)
+    check out a ~130-byte text file naming the real file's sha256 and size until `git lfs pull`
+    fetches it; without this check it would read as a JSON syntax error at byte 0.
+    """
+    with storage.open_read(uri) as f:
+        head = f.read(512)
+    if not head.startswith(LFS_POINTER_START):
+        return
+    fields = dict(line.split(" ", 1) for line in head.decode("utf-8", "replace").splitlines()
+                  if " " in line)
+    size = fields.get("size", "?")
+    raise MalformedInputError(
+        f"{uri}: is a git-lfs pointer ({fields.get('oid', 'no oid')}, size {size} bytes), not "
+        "the data itself: fetch the file (`git lfs pull` in the repository it came from, or "
+        "download it from where the dataset is published) and pass that")
 
 
 def json_type(value: Any) -> str:

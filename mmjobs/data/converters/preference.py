@@ -1,5 +1,5 @@
-"""`preference`, `prompt-only`, `align-anything-ti2ti`: Align-Anything-style JSON/JSONL to
-preference / prompt / sample records.
+"""`preference`, `prompt-only`, `align-anything-ti2ti`, `alpaca`: Align-Anything-style JSON/JSONL
+to preference / prompt / sample records.
 
 Source formats (PKU-Alignment/align-anything, `align_anything/configs/template.py`; the file is
 a top-level JSON array, or JSONL by extension). Preference rows, either of::
@@ -32,7 +32,17 @@ the output images become VQ tokens inside the labels: the model learns to draw t
 prompt may also be `prompt`, the input images `image`/`images`, the output images
 `output_image`/`output_images`.
 
-Options (all three converters):
+Supervised text rows in the Alpaca layout (`alpaca`; align-anything's own text-to-text SFT
+assets, `assets/text_to_text/supervised/train.json`)::
+
+    {"instruction": "Give three tips for staying healthy.", "input": "",
+     "output": "1.Eat a balanced diet ...", "text": "Below is an instruction that ..."}
+
+become a text-only `sample`: the user turn is `instruction` and `input` joined by a space, as
+align-anything's `Dialogue` template joins them (without the trailing space an empty input
+leaves there), the assistant turn is `output`; `text` (Alpaca's own full prompt) goes to meta.
+
+Options (all four converters; `alpaca` has no images, so only `id_prefix`):
     image_separator: between the leading `<image>` tokens and the prompt text (default "\\n",
         the LLaVA convention used across mmjobs; align-anything's Chameleon template uses "").
     id_prefix: ids are the row's `id`, else "{id_prefix}{file stem}-{index}" (default "").
@@ -40,10 +50,10 @@ Option (`preference` only):
     preferred_key: the field naming the better response (default "better_response_id";
         align-anything datasets also use e.g. "overall_response", "more_helpful_response_id").
 
-Rejected rows: missing prompt; missing responses (or, for align-anything-ti2ti, a response
-with neither text nor output images); missing preferred id or one that names
-neither response (a tie); an empty response; chosen identical to rejected. (`<image>` counts
-are checked by the prepare stage's validator.)
+Rejected rows: missing prompt (alpaca: missing instruction or output); missing responses (or,
+for align-anything-ti2ti, a response with neither text nor output images); missing preferred
+id or one that names neither response (a tie); an empty response; chosen identical to
+rejected. (`<image>` counts are checked by the prepare stage's validator.)
 """
 
 from __future__ import annotations
@@ -205,5 +215,33 @@ def convert_ti2ti(ctx: ConvertContext) -> Iterator[Record | Reject]:
             "id": record_id, "images": [*images, *outputs],
             "conversations": [*prompt, {"role": "assistant", "content": answer}],
             "meta": meta})
+
+    yield from convert_rows(uri, one)
+
+
+@register("alpaca", help="Alpaca-layout supervised JSON/JSONL (instruction, input, output), "
+                         "e.g. align-anything's text-to-text SFT assets")
+def convert_alpaca(ctx: ConvertContext) -> Iterator[Record | Reject]:
+    """Convert instruction/input/output rows to text-only samples; see the module docstring."""
+    uri = require_input(ctx, "alpaca")
+    opts = resolve_options(ctx, "alpaca", {"id_prefix": ""})
+    stem = file_stem(uri)
+
+    def one(data: dict[str, Any], index: int, locator: str) -> Record:
+        record_id = get_id(data, prefix=opts["id_prefix"], fallback=f"{stem}-{index}")
+        texts = {k: data.get(k, "") for k in ("instruction", "input", "output")}
+        for key, value in texts.items():
+            if not isinstance(value, str):
+                raise RowError(f"{key} is a JSON {json_type(value)}, not a string")
+        if not texts["instruction"].strip():
+            raise RowError("missing instruction")
+        if not texts["output"].strip():
+            raise RowError("missing output (an empty answer cannot be trained on)")
+        prompt = " ".join(t for t in (texts["instruction"], texts["input"]) if t.strip())
+        return build("sample", {
+            "id": record_id, "images": [],
+            "conversations": [{"role": "user", "content": prompt},
+                              {"role": "assistant", "content": texts["output"]}],
+            "meta": extras(data, {"id", "instruction", "input", "output"}, "alpaca")})
 
     yield from convert_rows(uri, one)

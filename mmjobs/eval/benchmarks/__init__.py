@@ -20,6 +20,7 @@ it and the official layout — and returns an iterator that streams the items. E
 | `vqav2`     | `vqav2`     | v2_OpenEnded_mscoco_<split>_questions.json + annotations, COCO |
 | `seedbench` | `seedbench` | SEED-Bench.json, SEED-Bench-image/<data_id>                   |
 | `jsonl`     | (any)       | a JSONL of id, question, image, answers/answer, extra fields  |
+| `llava-questions` | (any) | LLaVA-1.5's eval question JSONL (question_id, image, text)  |
 
 Options per loader are the fields of its `*Options` model (`BENCHMARKS[name].options`), all
 taking `limit`; unknown options are errors.
@@ -33,7 +34,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mmjobs.eval.benchmarks import chartqa, gqa, jsonl, mmbench, mme, scienceqa, seedbench, vqav2
+from mmjobs.eval.benchmarks import (
+    chartqa,
+    gqa,
+    jsonl,
+    llava_questions,
+    mmbench,
+    mme,
+    scienceqa,
+    seedbench,
+    vqav2,
+)
 from mmjobs.eval.benchmarks.base import (
     Benchmark,
     BenchmarkError,
@@ -45,7 +56,7 @@ from mmjobs.eval.benchmarks.base import (
 
 BENCHMARKS: dict[str, Benchmark] = {m.BENCHMARK.name: m.BENCHMARK for m in
                                     (chartqa, scienceqa, mme, mmbench, gqa, vqav2, seedbench,
-                                     jsonl)}
+                                     jsonl, llava_questions)}
 
 __all__ = ["BENCHMARKS", "Benchmark", "BenchmarkError", "BenchmarkItem", "BenchmarkOptions",
            "MissingBenchmarkFilesError", "benchmark_options", "load_benchmark"]
@@ -72,7 +83,8 @@ def load_benchmark(name: str, root: str | os.PathLike, options: Mapping[str, Any
 
     Args:
         name: a key of `BENCHMARKS`.
-        root: the benchmark's folder or prefix (for mmbench and jsonl, also the file itself).
+        root: the benchmark's folder or prefix (for mmbench, jsonl and llava-questions, also the
+            file itself).
         options: loader options (see each module's docstring); `kwargs` are merged over them.
 
     Returns:

@@ -19,8 +19,13 @@ user text inside its InternLM-XComposer2 chat template), with `<image>` in front
   end. {question}". Score such predictions with the evaluate stage's `pot: true`, which runs the
   programs in the sandbox.
 
+The two files are serialised differently (`test_human.json` is one line, `test_augmented.json`
+is TAB-indented); both are streamed. Labels stay strings ("0.57", "Yes"), and image names are
+used verbatim (`01499440003158.png` keeps its leading zero).
+
 Options: `splits` (default both), `prompt_template` (overrides either prompt; must contain
-`{question}`), `pot`, `pot_prompt`, `limit` (per split).
+`{question}`), `pot`, `pot_prompt`, `image_dir` (default `test/png` under root; or an absolute
+path / `s3://` prefix), `limit` (per split).
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ class ChartQAOptions(BenchmarkOptions):
         "(or its PoT prompt with pot: true).")
     pot: bool = Field(False, description="Ask for a Python program (program of thought).")
     pot_prompt: Literal[0, 1] = Field(1, description="ChartMoE's --pot_idx: which PoT prompt.")
+    image_dir: str = Field("test/png", description="Chart images: a folder under root, or an "
+                           "absolute path / s3:// prefix.")
 
     @field_validator("prompt_template")
     @classmethod
@@ -82,19 +89,27 @@ def template(opts: ChartQAOptions) -> str:
 
 def load(root: str, opts: ChartQAOptions) -> Iterator[BenchmarkItem]:
     """Check the layout, then stream the items of each requested split (see module doc)."""
-    require_files("ChartQA", root, [*(f"test/test_{s}.json" for s in opts.splits), "test/png/"],
-                  LAYOUT)
-    return _items(root, opts, template(opts))
+    required = [f"test/test_{s}.json" for s in opts.splits]
+    if storage.is_s3(opts.image_dir) or opts.image_dir.startswith("/"):
+        image_dir = str(storage.parse(opts.image_dir)).rstrip("/")
+        parent, name = image_dir.rsplit("/", 1)
+        require_files("ChartQA", parent, [name + "/"], LAYOUT)
+    else:
+        image_dir = storage.join(root, opts.image_dir)
+        required.append(opts.image_dir.rstrip("/") + "/")
+    require_files("ChartQA", root, required, LAYOUT)
+    return _items(root, opts, template(opts), image_dir)
 
 
-def _items(root: str, opts: ChartQAOptions, text: str) -> Iterator[BenchmarkItem]:
+def _items(root: str, opts: ChartQAOptions, text: str, image_dir: str
+           ) -> Iterator[BenchmarkItem]:
     for split in opts.splits:
         uri = storage.join(root, "test", f"test_{split}.json")
         for n, row in enumerate(islice(stream_json(uri, "item"), opts.limit)):
             if not isinstance(row, dict) or not all(k in row for k in ("imgname", "query",
                                                                         "label")):
                 raise BenchmarkError(f"{uri}: entry {n} lacks imgname/query/label: {row!r:.200}")
-            image = storage.join(root, "test", "png", str(row["imgname"]))
+            image = storage.join(image_dir, str(row["imgname"]))
             # str.replace, not str.format: braces in a question or template stay literal.
             prompt = text.replace("{question}", str(row["query"]))
             yield BenchmarkItem(id=f"{split}-{n}", prompt=with_image_tokens(prompt, 1),

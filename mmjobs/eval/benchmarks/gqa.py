@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from itertools import islice
+from typing import Any
 
 from pydantic import Field
 
@@ -53,15 +54,21 @@ def load(root: str, opts: GQAOptions) -> Iterator[BenchmarkItem]:
     return _items(root, opts)
 
 
+def question_fields(qid: str, q: Any, uri: str) -> dict[str, Any]:
+    """The metric fields of one question of a GQA questions file (see the module docstring)."""
+    if not isinstance(q, dict) or not all(k in q for k in ("imageId", "question", "answer")):
+        raise BenchmarkError(f"{uri}: question {qid} lacks imageId/question/answer")
+    fields = {"answer": str(q["answer"]), "is_balanced": bool(q.get("isBalanced", True))}
+    structural = (q.get("types") or {}).get("structural")
+    if structural is not None:
+        fields["structural_type"] = str(structural)
+    return fields
+
+
 def _items(root: str, opts: GQAOptions) -> Iterator[BenchmarkItem]:
     uri = storage.join(root, opts.questions)
     for qid, q in islice(stream_json(uri, "", kv=True), opts.limit):
-        if not isinstance(q, dict) or not all(k in q for k in ("imageId", "question", "answer")):
-            raise BenchmarkError(f"{uri}: question {qid} lacks imageId/question/answer")
-        fields = {"answer": str(q["answer"]), "is_balanced": bool(q.get("isBalanced", True))}
-        structural = (q.get("types") or {}).get("structural")
-        if structural is not None:
-            fields["structural_type"] = str(structural)
+        fields = question_fields(qid, q, uri)
         yield BenchmarkItem(
             id=str(qid), prompt=with_image_tokens(q["question"] + opts.prompt_suffix, 1),
             images=[storage.join(root, opts.image_dir, f"{q['imageId']}.jpg")], fields=fields)

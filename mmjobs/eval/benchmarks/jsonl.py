@@ -53,19 +53,30 @@ class JsonlOptions(BenchmarkOptions):
 
 def load(root: str, opts: JsonlOptions) -> Iterator[BenchmarkItem]:
     """Check the file exists, then stream its rows as items."""
-    if root.lower().endswith((".jsonl", ".json")):
-        uri = root
-        folder = root.rsplit("/", 1)[0] if storage.is_s3(root) else os.path.dirname(root)
-    else:
-        uri, folder = storage.join(root, opts.file), root
-    if not storage.exists(uri):
-        raise MissingBenchmarkFilesError(
-            f"JSONL: missing {uri}; expected the official layout: {LAYOUT}")
-    image_root = str(storage.parse(opts.image_root)) if opts.image_root else folder
+    uri, image_root = locate(root, opts.file, opts.image_root, (".jsonl", ".json"), "JSONL",
+                             LAYOUT)
     return _items(uri, image_root, opts)
 
 
-def _lines(uri: str) -> Iterator[tuple[int, bytes]]:
+def locate(root: str, file: str, image_root: str | None, suffixes: tuple[str, ...],
+           title: str, layout: str) -> tuple[str, str]:
+    """(the question file, the image root) for a root naming the file or its folder.
+
+    Raises `MissingBenchmarkFilesError` when the file does not exist.
+    """
+    if root.lower().endswith(suffixes):
+        uri = root
+        folder = root.rsplit("/", 1)[0] if storage.is_s3(root) else os.path.dirname(root)
+    else:
+        uri, folder = storage.join(root, file), root
+    if not storage.exists(uri):
+        raise MissingBenchmarkFilesError(
+            f"{title}: missing {uri}; expected the official layout: {layout}")
+    return uri, str(storage.parse(image_root)) if image_root else folder
+
+
+def iter_lines(uri: str) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, line without its newline) for every line of a file, streamed."""
     with storage.open_read(uri) as f:
         pending = b""
         n = 0
@@ -79,7 +90,7 @@ def _lines(uri: str) -> Iterator[tuple[int, bytes]]:
 
 
 def _items(uri: str, image_root: str, opts: JsonlOptions) -> Iterator[BenchmarkItem]:
-    rows = ((n, line) for n, line in _lines(uri) if line.strip())
+    rows = ((n, line) for n, line in iter_lines(uri) if line.strip())
     for n, line in islice(rows, opts.limit):
         try:
             row = json.loads(line)

@@ -96,16 +96,21 @@ def load(root: str, opts: MMBenchOptions) -> Iterator[BenchmarkItem]:
     return _items(tsv, opts, image_cache(tsv, opts))
 
 
-def _rows(tsv: str) -> Iterator[dict[str, str]]:
+def read_tsv(tsv: str, required: tuple[str, ...] = _REQUIRED_COLUMNS, layout: str = LAYOUT
+             ) -> Iterator[dict[str, str]]:
+    """Stream the rows of an MMBench-style TSV (header row; quoted cells may span lines).
+
+    Raises `BenchmarkError` when a `required` column is missing, naming `layout`.
+    """
     # Base64 images are far longer than csv's default 128 KiB field limit.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     with storage.open_read(tsv) as raw:
         text = io.TextIOWrapper(_Readable(raw), encoding="utf-8-sig", newline="")
         reader = csv.DictReader(text, delimiter="\t")
-        missing = [c for c in _REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
             raise BenchmarkError(f"MMBench: {tsv} lacks the column(s) {', '.join(missing)}; "
-                                 f"expected {LAYOUT}")
+                                 f"expected {layout}")
         yield from reader
 
 
@@ -124,7 +129,7 @@ class _Readable(io.RawIOBase):
         return len(data)
 
 
-def _missing(value: str | None) -> bool:
+def is_missing(value: str | None) -> bool:
     """LLaVA's `is_none`: empty, "nan" or "none" (pandas writes NaN as an empty cell)."""
     return value is None or value.strip().lower() in ("", "nan", "none")
 
@@ -133,7 +138,7 @@ def _items(tsv: str, opts: MMBenchOptions, cache: Path) -> Iterator[BenchmarkIte
     cache.mkdir(parents=True, exist_ok=True)
     decoded: dict[str, str] = {}  # row index -> image file (for rows that refer to another's)
     skipped_copies = 0
-    for n, row in enumerate(_rows(tsv), start=2):  # line 1 is the header
+    for n, row in enumerate(read_tsv(tsv), start=2):  # line 1 is the header
         if opts.limit is not None and n - 2 >= opts.limit:
             break
         try:
@@ -147,10 +152,10 @@ def _items(tsv: str, opts: MMBenchOptions, cache: Path) -> Iterator[BenchmarkIte
         image = _image(row, index, decoded, cache, tsv, n)
         texts = []
         for letter in string.ascii_uppercase:
-            if letter not in row or _missing(row[letter]):
+            if letter not in row or is_missing(row[letter]):
                 break  # LLaVA get_options: the options end at the first missing one
             texts.append(row[letter])
-        answer = None if _missing(row.get("answer")) else row["answer"].strip()
+        answer = None if is_missing(row.get("answer")) else row["answer"].strip()
         rotations = range(max(len(texts), 1)) if opts.circular and index < CIRCULAR_OFFSET else [0]
         for k in rotations:
             rotated = texts[k:] + texts[:k]
@@ -167,14 +172,14 @@ def _items(tsv: str, opts: MMBenchOptions, cache: Path) -> Iterator[BenchmarkIte
 def _item(row: dict[str, str], index: int, texts: list[str], gt: str | None, image: str,
           opts: MMBenchOptions) -> BenchmarkItem:
     question = row["question"]
-    if not _missing(row.get("hint")):
+    if not is_missing(row.get("hint")):
         question = row["hint"] + "\n" + question
     prompt = f"{question}\n{lettered(texts)}{opts.prompt_suffix}"
     fields: dict[str, Any] = {"index": index,
                               "options": dict(zip(string.ascii_uppercase, texts, strict=False))}
     if gt is not None:
         fields["gt"] = gt
-    if not _missing(row.get("category")):
+    if not is_missing(row.get("category")):
         fields["category"] = row["category"]
     return BenchmarkItem(id=str(index), prompt=with_image_tokens(prompt, 1), images=[image],
                          fields=fields)

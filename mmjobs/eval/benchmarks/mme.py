@@ -14,12 +14,19 @@ the task:
 The loader does not hard-code which task is which: a task with a `questions_answers_YN/`
 folder is read from there and `images/`, any other from its own folder.
 
+Questions may instead come from the official eval_tool's answer-file templates
+(`questions_dir`: `eval_tool/Your_Results/` holds one `<task>.txt` per task, lines
+`image<TAB>question<TAB>Yes|No`, in the order `calculation.py` pairs them): then items follow
+those files (a 4th column, a model's response, is ignored) and only the images come from
+`root`, found by file stem in the task's `images/` folder or the task folder itself (LLaVA's
+converted files name `<stem>.txt` in the first column: the stem is what counts).
+
 Items: id `"<task>/<image>/<0|1>"`, fields `task`, `image` (the image file name; the metric
 pairs an image's two questions by it) and `gt` (`yes`/`no`). The prompt is the question as
 written (it already ends with "Please answer yes or no."), plus `prompt_suffix` (default none;
 LLaVA-1.5's `llava_mme.jsonl` adds "\\nAnswer the question using a single word or phrase.").
 
-Options: `tasks` (default all 14), `prompt_suffix`, `limit` (images per task).
+Options: `tasks` (default all 14), `questions_dir`, `prompt_suffix`, `limit` (images per task).
 """
 
 from __future__ import annotations
@@ -55,6 +62,10 @@ class MMEOptions(BenchmarkOptions):
     tasks: list[str] = Field(default_factory=lambda: list(TASKS), min_length=1,
                              description="Subtasks to load (folder names).")
     prompt_suffix: str = Field("", description="Appended to each question.")
+    questions_dir: str | None = Field(
+        None, description="Folder (or s3:// prefix) of eval_tool-style <task>.txt files "
+        "(image, question, Yes/No per line) to read the questions from, e.g. "
+        "eval_tool/Your_Results; images still come from root.")
 
     @field_validator("tasks")
     @classmethod
@@ -74,12 +85,81 @@ def load(root: str, opts: MMEOptions) -> Iterator[BenchmarkItem]:
         root = storage.join(root, "MME_Benchmark")  # the zip's inner folder
         files = {rel.split("/", 1)[1]: uri for rel, uri in files.items()
                  if rel.startswith("MME_Benchmark/")}
+    if opts.questions_dir is not None:
+        return _eval_tool_items(root, files, opts)
     plans = {task: _plan(task, files) for task in opts.tasks}
     missing = [storage.join(root, t) + "/" for t, p in plans.items() if not p]
     if missing:
         raise MissingBenchmarkFilesError(
             f"MME: missing {', '.join(missing)}; expected the official layout: {LAYOUT}")
     return _items(plans, opts)
+
+
+def _eval_tool_items(root: str, files: dict[str, str], opts: MMEOptions
+                     ) -> Iterator[BenchmarkItem]:
+    """Items from eval_tool `<task>.txt` question lists, images from the benchmark `root`."""
+    qdir = str(storage.parse(opts.questions_dir))
+    texts = {task: storage.join(qdir, f"{task}.txt") for task in opts.tasks}
+    missing = [uri for uri in texts.values() if not storage.exists(uri)]
+    if missing:
+        raise MissingBenchmarkFilesError(
+            f"MME: missing {', '.join(missing)}; questions_dir must hold one <task>.txt per "
+            "task (image<TAB>question<TAB>Yes|No per line), like eval_tool/Your_Results")
+    plans = {}
+    for task, uri in texts.items():
+        lines = eval_tool_lines(storage.read_text(uri), uri, min_fields=3)
+        images = list(dict.fromkeys(line[0] for line in lines))[:opts.limit]  # file order
+        found = {name: _find_image(task, name, files) for name in images}
+        absent = [name for name, image in found.items() if image is None]
+        if absent:
+            raise MissingBenchmarkFilesError(
+                f"MME: {uri} names images not found under {storage.join(root, task)}/ (or its "
+                f"images/): {', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}; "
+                f"expected the official layout: {LAYOUT}")
+        plans[task] = [(line, found[line[0]]) for line in lines if line[0] in found]
+    return _eval_tool_stream(plans, opts)
+
+
+def _eval_tool_stream(plans: dict[str, list[tuple[list[str], str | None]]],
+                      opts: MMEOptions) -> Iterator[BenchmarkItem]:
+    for task, lines in plans.items():
+        seen: dict[str, int] = {}
+        for (name, question, gt, *_), image in lines:
+            k = seen[name] = seen.get(name, -1) + 1
+            image_name = posixpath.basename(storage.parse(image).key)
+            yield BenchmarkItem(
+                id=f"{task}/{image_name}/{k}",
+                prompt=with_image_tokens(question + opts.prompt_suffix, 1), images=[image],
+                fields={"task": task, "image": image_name, "gt": gt.strip().lower()})
+
+
+def _find_image(task: str, name: str, files: dict[str, str]) -> str | None:
+    """The URI of `name`'s image (matched by stem) in `<task>/images/` or `<task>/`."""
+    stem = posixpath.splitext(name)[0]
+    for folder in (f"{task}/{IMAGE_DIR}", task):
+        for suffix in IMAGE_SUFFIXES:
+            for candidate in (f"{folder}/{stem}{suffix}", f"{folder}/{stem}{suffix.upper()}"):
+                if candidate in files:
+                    return files[candidate]
+    return None
+
+
+def eval_tool_lines(text: str, source: str, *, min_fields: int) -> list[list[str]]:
+    """The tab-separated fields of every line of an eval_tool `<task>.txt`.
+
+    Lines are `image<TAB>question<TAB>Yes|No[<TAB>response]`, LF-terminated (the terminator is
+    not part of the last field). Raises `BenchmarkError` naming the first bad line.
+    """
+    lines = []
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < min_fields or fields[2].strip().lower() not in ("yes", "no"):
+            raise BenchmarkError(f"{source}: line {n} is not 'image<TAB>question<TAB>Yes|No'"
+                                 f"{'<TAB>response' if min_fields > 3 else ''}: {line!r:.120}")
+        lines.append(fields)
+    return lines
 
 
 def _plan(task: str, files: dict[str, str]) -> list[tuple[str, str, str]]:

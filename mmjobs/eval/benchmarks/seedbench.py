@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from itertools import islice
+from typing import Any
 
 from pydantic import Field
 
@@ -62,13 +63,24 @@ def _image_questions(uri: str) -> Iterator[dict]:
             yield q
 
 
+def question_fields(q: Any, uri: str) -> dict[str, Any]:
+    """The metric fields of one SEED-Bench question: `answer`, `question_type_id`,
+    `data_type`."""
+    try:
+        return {"answer": str(q["answer"]), "question_type_id": int(q["question_type_id"]),
+                "data_type": str(q.get("data_type", "image"))}
+    except (KeyError, TypeError, ValueError) as e:
+        qid = q.get("question_id") if isinstance(q, dict) else None
+        raise BenchmarkError(f"{uri}: question {qid!r} lacks answer/question_type_id "
+                             f"({type(e).__name__}: {e})") from e
+
+
 def _items(root: str, opts: SEEDBenchOptions) -> Iterator[BenchmarkItem]:
     uri = storage.join(root, opts.file)
     for q in islice(_image_questions(uri), opts.limit):
+        fields = question_fields(q, uri)
         try:
             choices = [str(q[c]) for c in CHOICES]
-            fields = {"answer": str(q["answer"]), "question_type_id": int(q["question_type_id"]),
-                      "data_type": "image"}
             prompt = f"{q['question']}\n{lettered(choices)}{opts.prompt_suffix}"
             image = storage.join(root, opts.image_dir, str(q["data_id"]))
             qid = str(q["question_id"])

@@ -16,7 +16,8 @@ evaluation server; LLaVA-1.5 reports test-dev this way). Both JSON files are str
 is ~0.5 GB); they list questions in the same order, so they are joined in lockstep, and only
 if the order ever differs are the remaining annotations indexed by question id.
 
-Items: id = str(question_id); fields `answers` (the 10 annotator answers) and `answer_type`.
+Items: id = str(question_id); fields `answers` (the 10 annotator answers), `answer_type` and
+`question_type` (the metric's per-type breakdowns).
 Prompt: LLaVA-1.5's (`llava_vqav2_mscoco_test-dev2015.jsonl`): `<image>\\n{question}` +
 "\\nAnswer the question using a single word or phrase." (`prompt_suffix`).
 """
@@ -93,20 +94,24 @@ def _items(root: str, opts: VQAv2Options, questions: str, annotations: str | Non
                             images=[storage.join(root, image_dir, name)], fields=fields)
 
 
+def annotation_fields(a: dict[str, Any]) -> dict[str, Any]:
+    """The metric fields of one VQA annotation: the 10 `answers`, `answer_type`,
+    `question_type`."""
+    answers = [str(x["answer"]) for x in a.get("answers", [])]
+    out: dict[str, Any] = {"answers": answers}
+    for key in ("answer_type", "question_type"):
+        if a.get(key) is not None:
+            out[key] = str(a[key])
+    return out
+
+
 def _annotations(uri: str) -> Any:
     """A coroutine: send a question id, receive that question's fields.
 
     Walks the annotations in file order while the ids match; on the first mismatch it indexes
     the rest of the file (answers only) and serves from the index.
     """
-
-    def fields(a: dict[str, Any]) -> dict[str, Any]:
-        answers = [str(x["answer"]) for x in a.get("answers", [])]
-        out: dict[str, Any] = {"answers": answers}
-        if a.get("answer_type") is not None:
-            out["answer_type"] = str(a["answer_type"])
-        return out
-
+    fields = annotation_fields
     def run() -> Any:
         stream = stream_json(uri, "annotations.item")
         index: dict[int, dict[str, Any]] | None = None

@@ -68,7 +68,8 @@ class Metric:
         render: summary -> markdown table(s).
         optional_fields: field -> check, applied only when the field is present and not null.
         check_consistency: row -> problems involving several fields (e.g. answer index in range).
-        check_dataset: (rows, line numbers) -> problems involving several rows (e.g. MME pairs).
+        check_dataset: (rows, where each came from, e.g. "line 7") -> problems involving
+            several rows (e.g. MME pairs).
     """
 
     name: str
@@ -80,7 +81,7 @@ class Metric:
     render: Callable[[Mapping[str, Any]], str]
     optional_fields: Mapping[str, Check] = field(default_factory=dict)
     check_consistency: Callable[[Row], list[str]] | None = None
-    check_dataset: Callable[[Sequence[Row], Sequence[int]], list[str]] | None = None
+    check_dataset: Callable[[Sequence[Row], Sequence[str]], list[str]] | None = None
 
     @property
     def default_variant(self) -> str:

@@ -86,14 +86,14 @@ def summarize(rows: Sequence[Row], scores: Sequence[Mapping[str, Any]],
             "missing_tasks": [t for t in (*PERCEPTION, *COGNITION) if t not in tasks]}
 
 
-def check_pairs(rows: Sequence[Row], lines: Sequence[int]) -> list[str]:
+def check_pairs(rows: Sequence[Row], where: Sequence[str]) -> list[str]:
     """Every (task, image) must have exactly two questions, as calculation.py asserts."""
-    by_image: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for row, line in zip(rows, lines, strict=True):
-        by_image[row["task"], row["image"]].append(line)
-    return [f"line{'s' if len(ls) > 1 else ''} {', '.join(map(str, ls))}: task {t!r} image "
-            f"{i!r} has {len(ls)} question{'s' if len(ls) > 1 else ''}; MME pairs exactly 2 "
-            "per image (one yes, one no)"
+    by_image: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for row, label in zip(rows, where, strict=True):
+        by_image[row["task"], row["image"]].append(label)
+    return [f"{', '.join(ls)}: task {t!r} image {i!r} has {len(ls)} "
+            f"question{'s' if len(ls) > 1 else ''}; MME pairs exactly 2 per image (one yes, "
+            "one no)"
             for (t, i), ls in by_image.items() if len(ls) != 2]
 
 

@@ -1,7 +1,9 @@
 """SEED-Bench accuracy (`--metric seedbench`) per question type and overall.
 
-Rows: `answer` (``A``–``D``) and `question_type_id` (1–12 in SEED-Bench-1); optional
-`data_type` (``image``/``video``) adds per-data-type accuracy, as LLaVA's script prints.
+Rows: `answer` (``A``–``D``); optional `question_type_id` (1–12 in SEED-Bench-1) adds the
+per-question-type accuracy (SEED-Bench's own result files carry only the answer: their types
+come from SEED-Bench.json), and `data_type` (``image``/``video``) per-data-type accuracy, as
+LLaVA's script prints.
 
 Aggregation reproduces AILab-CVC/SEED-Bench ``eval.py::run_inference`` and haotian-liu/LLaVA
 ``scripts/convert_seed_for_submission.py::eval_single``: accuracy per ``question_type_id`` =
@@ -59,10 +61,10 @@ def extract_option(prediction: str, variant: str = "llava") -> str:
 
 def score_row(row: Row, options: ScoreOptions) -> dict[str, Any]:
     pred = extract_option(row["prediction"], options.variant)
-    scores: dict[str, Any] = {"question_type_id": row["question_type_id"], "pred": pred,
-                              "correct": float(pred == row["answer"])}
-    if row.get("data_type") is not None:
-        scores["data_type"] = row["data_type"]
+    scores: dict[str, Any] = {"pred": pred, "correct": float(pred == row["answer"])}
+    for key in ("question_type_id", "data_type"):
+        if row.get(key) is not None:
+            scores[key] = row[key]
     return scores
 
 
@@ -101,8 +103,8 @@ METRIC = Metric(
     name="seedbench",
     title="SEED-Bench accuracy",
     variants=("llava", "lmms"),
-    required_fields={"answer": one_of("A", "B", "C", "D"), "question_type_id": is_int},
-    optional_fields={"data_type": is_str},
+    required_fields={"answer": one_of("A", "B", "C", "D")},
+    optional_fields={"question_type_id": is_int, "data_type": is_str},
     score_row=score_row,
     summarize=summarize,
     render=render,

@@ -1,7 +1,9 @@
 """VQAv2 accuracy (`--metric vqav2`): the official leave-one-annotator-out accuracy.
 
 Rows: `answers` (the 10 annotator answer strings); optional `answer_type` (yes/no, number,
-other) adds a per-answer-type breakdown, as the official tool does.
+other) and `question_type` (the annotation's `question_type`, one of the 65 prefixes in
+`QuestionTypes/mscoco_question_types.txt`, e.g. "what color is the") add per-answer-type and
+per-question-type breakdowns, as the official tool's `perAnswerType` / `perQuestionType` do.
 
 A question's accuracy is the mean, over the 10 subsets that leave one annotator out, of
 ``min(1, #matching answers among the other 9 / 3)`` (two matching annotators give 0.6).
@@ -30,7 +32,8 @@ Variants (they differ only in *when* answers are normalised):
   normalised (again) as in ``official``. lmms-eval's comma regex ``(?<=\\d)(\\,)+(?=\\d)`` is used.
 
 Summary: ``accuracy`` in percent over all rows (the official tool rounds to 2 decimals when
-printing; here values are unrounded), plus ``per_answer_type`` when rows carry `answer_type`.
+printing; here values are unrounded), plus ``per_answer_type`` / ``per_question_type`` when
+rows carry `answer_type` / `question_type`.
 """
 
 from __future__ import annotations
@@ -154,31 +157,37 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], variant: str = "offici
 def score_row(row: Row, options: ScoreOptions) -> dict[str, Any]:
     scores: dict[str, Any] = {"accuracy": vqa_accuracy(row["prediction"], row["answers"],
                                                        options.variant)}
-    if row.get("answer_type") is not None:
-        scores["answer_type"] = row["answer_type"]
+    for key in ("answer_type", "question_type"):
+        if row.get(key) is not None:
+            scores[key] = row[key]
     return scores
 
 
 def summarize(rows: Sequence[Row], scores: Sequence[Mapping[str, Any]],
               options: ScoreOptions) -> dict[str, Any]:
-    by_type: dict[str, list[float]] = defaultdict(list)
-    for sc in scores:
-        if "answer_type" in sc:
-            by_type[sc["answer_type"]].append(sc["accuracy"])
     summary: dict[str, Any] = {
         "unit": "percent", "count": len(scores),
         "accuracy": ratio(sum(sc["accuracy"] for sc in scores), len(scores)),
     }
-    if by_type:
-        summary["per_answer_type"] = {t: ratio(sum(v), len(v)) for t, v in sorted(by_type.items())}
+    for key in ("answer_type", "question_type"):
+        by_type: dict[str, list[float]] = defaultdict(list)
+        for sc in scores:
+            if key in sc:
+                by_type[sc[key]].append(sc["accuracy"])
+        if by_type:
+            summary[f"per_{key}"] = {t: ratio(sum(v), len(v)) for t, v in sorted(by_type.items())}
     return summary
 
 
 def render(summary: Mapping[str, Any]) -> str:
     types = summary.get("per_answer_type", {})
-    return markdown_table(["VQAv2", *types, "Overall"],
-                          [["Accuracy", *(fmt(v) for v in types.values()),
-                            fmt(summary["accuracy"])]])
+    table = markdown_table(["VQAv2", *types, "Overall"],
+                           [["Accuracy", *(fmt(v) for v in types.values()),
+                             fmt(summary["accuracy"])]])
+    if questions := summary.get("per_question_type"):
+        table += "\n\n" + markdown_table(["VQAv2 question type", "accuracy"],
+                                          [[t, fmt(v)] for t, v in questions.items()])
+    return table
 
 
 METRIC = Metric(
@@ -186,7 +195,7 @@ METRIC = Metric(
     title="VQAv2 accuracy",
     variants=("official", "legacy", "lmms"),
     required_fields={"answers": is_str_list(10)},
-    optional_fields={"answer_type": is_str},
+    optional_fields={"answer_type": is_str, "question_type": is_str},
     score_row=score_row,
     summarize=summarize,
     render=render,

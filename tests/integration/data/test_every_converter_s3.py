@@ -47,6 +47,8 @@ CASES = {
          "response_2": "A cat.", "better_response_id": 1}]), ["img/a.png"], {}),
     "prompt-only": ("prompts.jsonl", json.dumps({"prompt": "Describe it.", "image": "img/a.png"}),
                     ["img/a.png"], {}),
+    "alpaca": ("train.json", json.dumps([
+        {"instruction": "Give three tips.", "input": "", "output": "1. Sleep."}]), [], {}),
     "canonical": ("samples.jsonl", "\n".join(json.dumps(canonical(i)) for i in range(3)),
                   ["img/a.png"], {}),
     "synthetic-charts": (None, None, [], {"num": 2, "seed": 3}),

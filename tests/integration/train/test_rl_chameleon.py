@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
-from mmjobs.config import ModelConfig, TrainConfig, load_config
+from mmjobs.config import ModelConfig, load_config
 from mmjobs.stages.train import TrainStageConfig, main
+from mmjobs.train.methods import RmConfig
 from tests.fixtures_models import tiny_chameleon_dir  # noqa: F401
 from tests.integration.train.rl_fixtures import build_prompt_shards, prompt_records
 from tests.train_fixtures import stage_settings
@@ -31,7 +32,7 @@ def test_ppo_with_a_reward_model_on_chameleon(tmp_path, tiny_chameleon_dir,  # n
     spec = ModelConfig(name_or_path=str(tiny_chameleon_dir))
     loaded = load_model(spec, for_training=False)
     torch.manual_seed(0)
-    export_reward_model(RewardModel(loaded.model), None, TrainConfig(mode="rm", finetune="full"),
+    export_reward_model(RewardModel(loaded.model), None, RmConfig(finetune="full"),
                         tmp_path / "rm", base_model=spec, processor=loaded.processor,
                         source_dir=loaded.model_dir, meta={"max_length": 256})
     result = main(load_config(TrainStageConfig, stage_settings(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -119,8 +120,11 @@ def test_rejects_reconcile_and_card(llava_run):
                (llava_run.out / fmt.REJECTS_FILE).read_text().splitlines()]
     too_long = {r["row"]: r["reason"] for r in rejects if r["reason"].startswith("too_long")}
     assert set(too_long) == {"chart-6", "chart-13"}
-    assert all(re.fullmatch(rf"too_long: \d+ tokens > max_length {MAX_LENGTH}", r)
-               for r in too_long.values())
+    # The reason says how many tokens are images, and what would fit the text.
+    assert all(re.fullmatch(rf"too_long: \d+ tokens \(\d+ of them image tokens for \d images?\) "
+                            rf"> max_length {MAX_LENGTH}; truncate=true would cut the text after "
+                            "the images, as LLaVA does", r)
+               for r in too_long.values()), too_long
     written = set(_rows(llava_run.out)["id"])
     assert written | {r["row"] for r in rejects} == set(llava_run.samples) | {"samples.jsonl:23"}
 
@@ -265,12 +269,16 @@ def test_prefix_rendering_matches_generation_blocks(tiny_llava_dir):
     encoder = SampleEncoder(tiny_llava_dir, max_length=1000)
     images = [_png()] * len(sample.images)
     with_blocks = encoder.encode(sample, images)
-    encoder.chat_template = re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "",
-                                   encoder.chat_template)
+
+    def use_template(template: str) -> None:
+        encoder.format = dataclasses.replace(encoder.format, chat_template=template)
+
+    use_template(re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", encoder.chat_template))
+    assert not encoder.format.has_generation_blocks
     without = encoder.encode(sample, images)
     assert (without.input_ids, without.labels) == (with_blocks.input_ids, with_blocks.labels)
 
-    encoder.chat_template = "{% for m in messages|reverse %}{{ m['content'] }}{% endfor %}"
+    use_template("{% for m in messages|reverse %}{{ m['content'] }}{% endfor %}")
     with pytest.raises(ValueError, match="generation"):
         encoder.encode(sample, images)
 

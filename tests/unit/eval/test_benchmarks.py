@@ -204,10 +204,11 @@ def score_correct(tmp_path: Path, metric: str, items: list[BenchmarkItem],
 
 def test_registry_names_and_metrics() -> None:
     assert list(BENCHMARKS) == ["chartqa", "scienceqa", "mme", "mmbench", "gqa", "vqav2",
-                                "seedbench", "jsonl"]
+                                "seedbench", "jsonl", "llava-questions"]
     assert {n: b.metric for n, b in BENCHMARKS.items()} == {
         "chartqa": "chartqa", "scienceqa": "scienceqa", "mme": "mme", "mmbench": "mmbench",
-        "gqa": "gqa", "vqav2": "vqav2", "seedbench": "seedbench", "jsonl": None}
+        "gqa": "gqa", "vqav2": "vqav2", "seedbench": "seedbench", "jsonl": None,
+        "llava-questions": None}
 
 
 def test_unknown_benchmark_and_bad_options_are_reported_together(tmp_path) -> None:

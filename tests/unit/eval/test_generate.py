@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from mmjobs.data.conversation import to_parts
 from mmjobs.eval.generate import (
     Generator,
     PromptInput,
-    _content_parts,
     load_for_inference,
     trim_at_stop,
 )
@@ -107,7 +107,7 @@ def test_conversations_and_content_parts(loaded):
     assert "You read charts." in text and text.count("<image>") == 2
     assert text.endswith("<|assistant|>\n")
     assert len(gen.generate([PromptInput(turns, [chart(1), chart(2)])])) == 1
-    assert _content_parts("a<image>b<image>") == [
+    assert to_parts("a<image>b<image>") == [
         {"type": "text", "text": "a"}, {"type": "image"}, {"type": "text", "text": "b"},
         {"type": "image"}]
     with pytest.raises(ValueError, match="must end with a user turn"):

@@ -143,7 +143,9 @@ def test_preference_settings_only_fingerprint_the_preference_modes(tmp_path, tin
             "model": {"name_or_path": str(tiny_llava_dir)}, "data": fixed_batch_shards,
             "output": str(tmp_path), "train": train_settings(**train)}))
 
-    # sft results made before preference settings existed stay reusable...
-    assert fp() == fp(preference={"beta": 0.5})
+    # sft has no preference settings (its results made before they existed stay reusable)...
+    with pytest.raises(ConfigError, match=r"preference: not a setting of mode sft \(it is for "
+                                          r"dpo, rm\)"):
+        fp(preference={"beta": 0.5})
     # ...while they decide what dpo trains.
     assert fp(mode="dpo") != fp(mode="dpo", preference={"beta": 0.5})

@@ -194,10 +194,12 @@ def test_rl_config_problems_are_reported_together():
     with pytest.raises(ConfigError, match="min_length 9 is above max_length 3"):
         load_config(TrainConfig, train_settings(
             mode="ppo", rl={"reward": {"kind": "length", "min_length": 9, "max_length": 3}}))
+    keyword = {"kind": "keyword", "keywords": ["x"]}
     cfg = load_config(TrainConfig, train_settings(mode="grpo", per_device_batch_size=8, rl={
-        "rollout_batch_size": 2, "reward": {"kind": "keyword", "keywords": ["x"]}}))
-    assert (cfg.rl.generations("grpo"), cfg.rl.initial_kl_coef("grpo")) == (8, 0.01)
-    assert (cfg.rl.generations("ppo"), cfg.rl.initial_kl_coef("ppo")) == (1, 0.02)
+        "rollout_batch_size": 2, "reward": keyword}))
+    assert (cfg.rl.num_generations, cfg.rl.kl_coef) == (8, 0.01)  # each mode's own defaults
+    ppo = load_config(TrainConfig, train_settings(mode="ppo", rl={"reward": keyword}))
+    assert (ppo.rl.num_generations, ppo.rl.kl_coef) == (1, 0.02)
     assert cfg.rl.reference_kind("lora") == "implicit_lora"
     assert cfg.rl.reference_kind("full") == "frozen_copy"
 
@@ -224,7 +226,9 @@ def test_rl_settings_only_fingerprint_the_rl_modes(tmp_path, tiny_llava_dir, fix
             "model": {"name_or_path": str(tiny_llava_dir)}, "data": fixed_batch_shards,
             "output": str(tmp_path), "train": train_settings(**train)}))
 
-    assert fp() == fp(rl={"max_new_tokens": 7})  # sft results stay reusable
+    with pytest.raises(ConfigError, match=r"rl: not a setting of mode sft \(it is for ppo, "
+                                          r"grpo\); remove it"):
+        fp(rl={"max_new_tokens": 7})  # sft has no rl settings (its results stay reusable)
     keyword = {"kind": "keyword", "keywords": ["x"]}
     assert fp(mode="ppo", rl={"reward": keyword}) != fp(
         mode="ppo", rl={"reward": keyword, "max_new_tokens": 7})

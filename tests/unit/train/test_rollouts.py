@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from mmjobs.config import ModelConfig, RewardConfig, TrainConfig
+from mmjobs.config import ModelConfig, RewardConfig
 from mmjobs.data.sample_encoder import IGNORE_INDEX, SampleEncoder
 from mmjobs.models.builder import load_model
 from mmjobs.train.batches import model_inputs
+from mmjobs.train.methods import RmConfig
 from mmjobs.train.rollouts import (
     ModelReward,
     ResponseSampler,
@@ -152,7 +153,7 @@ def test_a_reward_model_scores_policy_tokens_like_its_training_pairs(
     spec = ModelConfig(name_or_path=str(tiny_llava_dir))
     loaded = load_model(spec, for_training=False)
     torch.manual_seed(3)
-    export_reward_model(RewardModel(loaded.model), None, TrainConfig(mode="rm", finetune="full"),
+    export_reward_model(RewardModel(loaded.model), None, RmConfig(finetune="full"),
                         tmp_path, base_model=spec, processor=loaded.processor,
                         source_dir=loaded.model_dir, meta={"max_length": 256})
     uri = str(tmp_path / "reward_model")

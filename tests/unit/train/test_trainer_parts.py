@@ -6,13 +6,22 @@ import pytest
 import torch
 
 from mmjobs.config import ConfigError, ModelConfig, TrainConfig, load_config
-from mmjobs.train.distributed import deepspeed_config, resolve_mixed_precision
+from mmjobs.train.distributed import (
+    DIST_TIMEOUT_ENV,
+    collective_timeout,
+    deepspeed_config,
+    resolve_mixed_precision,
+)
+from mmjobs.train.methods import SftConfig, train_config
 from mmjobs.train.metrics import FlopsModel, device_peak_flops, flops_model, step_metrics
 
 
 @pytest.mark.parametrize(("settings", "message"), [
-    ({"mode": "align", "freeze_connector": True}, "nothing to train in align mode"),
-    ({"mode": "align", "freeze_language_model": False}, "trains the connector only"),
+    # align trains the connector alone: it has no freeze (or adapter) settings.
+    ({"mode": "align", "freeze_connector": True},
+     r"freeze_connector: not a setting of mode align \(it is for sft, dpo, rm, ppo, grpo\)"),
+    ({"mode": "align", "freeze_language_model": False},
+     "freeze_language_model: not a setting of mode align"),
     ({"finetune": "full", "layer_dropout": {"preset": "inc"}}, "needs finetune: lora"),
     ({"freeze_connector": True, "freeze_language_model": True}, "every component is frozen"),
     ({"layer_dropout": {"preset": "inc", "kind": "constant"}}, "exactly one of `preset`"),
@@ -40,7 +49,8 @@ def test_train_stage_runs_every_mode_and_lists_all_errors():
 
 
 def test_default_config_trains_lora_with_checkpoints():
-    cfg = TrainConfig()
+    cfg = train_config()
+    assert isinstance(cfg, SftConfig)
     assert (cfg.mode, cfg.finetune, cfg.deepspeed, cfg.mixed_precision) == (
         "sft", "lora", "none", "auto")
     assert cfg.checkpoint_every_steps > 0 and cfg.keep_last_checkpoints >= 1
@@ -94,6 +104,19 @@ def test_deepspeed_configs_are_packaged_and_filled(kind):
     assert "auto" not in str(config)
 
 
+def test_the_collective_timeout_comes_from_the_environment(monkeypatch):
+    import datetime
+
+    monkeypatch.delenv(DIST_TIMEOUT_ENV, raising=False)
+    assert collective_timeout() is None  # torch's default
+    monkeypatch.setenv(DIST_TIMEOUT_ENV, "90")
+    assert collective_timeout() == datetime.timedelta(seconds=90)
+    for bad in ("0", "-5", "soon"):
+        monkeypatch.setenv(DIST_TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=f"MMJOBS_DIST_TIMEOUT_S={bad!r}: expected"):
+            collective_timeout()
+
+
 def test_mixed_precision_auto_is_fp32_on_cpu():
     if torch.cuda.is_available():
         pytest.skip("CPU-only check")
@@ -107,7 +130,7 @@ def test_lora_targets_stay_out_of_frozen_components(tiny_llava_dir):
     from mmjobs.train.model_setup import frozen_components, lora_targets
 
     model = load_model(ModelConfig(name_or_path=str(tiny_llava_dir))).model
-    frozen = frozen_components(TrainConfig())
+    frozen = frozen_components(SftConfig())
     targets = lora_targets(model, ["q_proj", "v_proj"], frozen)
     assert len(targets) == 4 and all(t.startswith("model.language_model.") for t in targets)
     with_vision = lora_targets(model, ["q_proj"], {**frozen, "vision_tower": False})
@@ -135,3 +158,17 @@ def test_layer_dropout_schedule_sets_each_decoder_layers_adapter_dropout(tiny_ll
              for name, module in model.named_modules()
              if name.endswith("lora_dropout.default")}
     assert found == {("0", 0.3), ("1", 0.1)}
+
+
+def test_an_explicit_group_by_modality_changes_the_fingerprint(tmp_path, tiny_llava_dir,
+                                                               fixed_batch_shards):
+    from mmjobs.stages.train import TrainStageConfig, train_fingerprint
+    from tests.train_fixtures import train_settings
+
+    def fp(**train) -> str:
+        return train_fingerprint(load_config(TrainStageConfig, {
+            "model": {"name_or_path": str(tiny_llava_dir)}, "data": fixed_batch_shards,
+            "output": str(tmp_path), "train": train_settings(**train)}))
+
+    # Set, it decides the batch order on mixed data, so a resume must not switch it.
+    assert len({fp(), fp(group_by_modality=True), fp(group_by_modality=False)}) == 3

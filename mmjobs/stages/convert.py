@@ -1,0 +1,148 @@
+"""Stage `convert`: a pickled or original-layout checkpoint -> a safetensors transformers model.
+
+    mmjobs stage convert --set source=s3://raw/vicuna-7b-v1.5 --set to=s3://models/vicuna
+    mmjobs stage convert --set source=s3://raw/llava-v1.5-7b \
+        --set vision_tower=s3://raw/clip-vit-large-patch14-336 --set to=s3://models/llava-1.5
+    mmjobs stage convert --set source=s3://raw/vicuna-7b-v1.5 --set kind=llava \
+        --set vision_tower=s3://raw/clip-vit-large-patch14-336 \
+        --set projector=s3://raw/llava-pretrain/mm_projector.bin --set to=s3://models/llava-pt
+
+Pickles are read only with `torch.load(weights_only=True)`; one that needs code fails the stage
+with the file and the reason, and nothing is committed. `kind: auto` converts original LLaVA
+checkpoints (config with `mm_*` keys) to `LlavaForConditionalGeneration` and anything else to
+safetensors under the same tensor names; `kind: llava` with a plain Llama (vicuna) builds the
+LLaVA from it, the vision tower and the separately pretrained projector. The work is in
+`mmjobs.models.convert` (its docstrings record the conversion decisions). Inputs are local
+folders or committed store directories (`mmjobs import` puts hub repos there).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from mmjobs import storage
+from mmjobs.logs import get_logger
+from mmjobs.models.builder import fetch_dir
+from mmjobs.models.convert import (
+    ConversionError,
+    GenerationConfigError,
+    convert_original_llava,
+    convert_to_safetensors,
+    detect_kind,
+)
+from mmjobs.stages.common import (
+    StageConfig,
+    StageResult,
+    fingerprint,
+    input_fingerprint,
+    output_uri,
+    reusable_output,
+    stage_cli,
+    stage_tracking,
+    staged_output,
+)
+
+STAGE = "convert"
+VERSION = 1  # bump when a conversion's output changes: invalidates cached outputs
+log = get_logger(__name__)
+_INPUTS = ("source", "vision_tower", "projector")
+_NOT_FINGERPRINTED = {"experiment", "pipeline_run_id", "output", "recipe", "parent_run_id",
+                      "force", "to", *_INPUTS}  # inputs enter by content instead
+
+
+class ConvertConfig(StageConfig):
+    """Convert a checkpoint to a safetensors transformers model (restricted unpickling)."""
+
+    source: str = Field(description="Checkpoint folder (local or committed s3://): pickled "
+                        "shards, or an original LLaVA / plain Llama checkpoint.")
+    kind: Literal["auto", "safetensors", "llava"] = Field(
+        "auto", description="auto: llava for configs with LLaVA's mm_* keys, else safetensors; "
+        "safetensors: same tensor names; llava: to LlavaForConditionalGeneration.")
+    vision_tower: str | None = Field(None, description="kind llava: the CLIP checkpoint folder "
+                                     "(the config's mm_vision_tower).")
+    projector: str | None = Field(None, description="kind llava with a plain Llama: "
+                                  "mm_projector.bin (or its folder) pretrained for it.")
+    dtype: Literal["float16", "bfloat16", "float32"] | None = Field(
+        None, description="kind llava: cast every tensor; default keeps each tensor's dtype.")
+    max_shard_size: str = Field("5GB", description="Largest safetensors shard.")
+    to: str | None = Field(None, description="Where to commit the model (same as `output`).")
+
+
+class ConvertResult(StageResult):
+    """Where the converted model is and what was converted."""
+
+    model: str
+    kind: str
+    tensors: int
+
+
+def main(cfg: ConvertConfig) -> ConvertResult:
+    """Run the stage; see the module docstring.
+
+    Raises:
+        ConversionError: unreadable, refused (UnsafeCheckpointError) or unconvertible inputs.
+    """
+    out = cfg.to or cfg.output or output_uri(cfg, STAGE)
+    inputs = {k: input_fingerprint(getattr(cfg, k)) for k in _INPUTS if getattr(cfg, k)}
+    fp = fingerprint(STAGE, VERSION, cfg.model_dump(exclude=_NOT_FINGERPRINTED), inputs)
+    with stage_tracking(cfg, STAGE, tags={"kind": cfg.kind}) as run:
+        manifest = reusable_output(out, fp, cfg.force)
+        if manifest is not None:
+            run.set_tags({"cached": "true"})
+            return _result(out, manifest.meta, cached=True, run_id=run.run_id)
+        source = fetch_dir(cfg.source, kind="checkpoints")
+        kind = detect_kind(source) if cfg.kind == "auto" else cfg.kind
+        meta = {"stage": STAGE, **{k: getattr(cfg, k) for k in _INPUTS}}
+        with staged_output(out, fp, meta=meta) as scratch:
+            meta["conversion"] = _convert(cfg, kind, source, scratch)
+        run.log_metrics({"tensors": meta["conversion"]["tensors"]})
+        log.info("%s: %s (%s) -> %s", STAGE, cfg.source, kind, out)
+        return _result(out, meta, cached=False, run_id=run.run_id)
+
+
+def _convert(cfg: ConvertConfig, kind: str, source: Path, scratch: Path) -> dict:
+    if kind == "safetensors":
+        if cfg.vision_tower or cfg.projector:
+            raise ConversionError(f"{cfg.source}: vision_tower/projector apply to kind llava; "
+                                  "this conversion keeps the tensors as they are")
+        return convert_to_safetensors(source, scratch, max_shard_size=cfg.max_shard_size)
+    if not cfg.vision_tower:
+        raise ConversionError(f"{cfg.source}: an original LLaVA needs vision_tower (the CLIP "
+                              "checkpoint its mm_vision_tower names)")
+    return convert_original_llava(source, fetch_dir(cfg.vision_tower, kind="checkpoints"),
+                                  scratch, projector=_local_projector(cfg.projector),
+                                  max_shard_size=cfg.max_shard_size, dtype=cfg.dtype)
+
+
+def _local_projector(uri: str | None) -> Path | None:
+    """The projector as a local path; an s3:// file is read from its committed folder."""
+    if uri is None or not uri.startswith("s3://"):
+        return Path(uri) if uri else None
+    if uri.rstrip("/").endswith((".bin", ".pt", ".pth", ".safetensors")):
+        folder, _, name = uri.rstrip("/").rpartition("/")
+        return fetch_dir(folder, kind="checkpoints") / name
+    return fetch_dir(uri, kind="checkpoints")
+
+
+def _result(out: str, meta: dict, *, cached: bool, run_id: str | None) -> ConvertResult:
+    conversion = meta.get("conversion", {})
+    return ConvertResult(output=out, cached=cached, mlflow_run_id=run_id, model=out,
+                         kind=conversion.get("kind", "?"), tensors=conversion.get("tensors", 0))
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m mmjobs.stages.convert` / `mmjobs stage convert`: a refused or broken
+    checkpoint is one line on stderr and exit status 1, not a traceback."""
+    try:
+        return stage_cli(STAGE, ConvertConfig, main, argv)
+    except (ConversionError, GenerationConfigError, storage.StoreError) as e:
+        print(f"{STAGE}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -5,15 +5,13 @@ Chameleon (built by the make-model step) and a fake OpenAI-compatible judge on l
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
 from mmjobs import pipeline_runner, storage
-from tests.integration.eval.test_judge import FakeJudgeServer
-from tests.pipelines import fixtures
+from tests.pipelines.runs import RecipeRuns, uses_run
 
 RECIPE = Path("pipelines/recipes/chameleon-interleaved.yaml")
 FAKE_KEY_ID = "AKIAFAKEPIPELINETEST"
@@ -81,22 +79,11 @@ def test_recipe_compiles_with_gpus_and_the_judge_secret(tmp_path: Path,
         assert {"mmjobs-s3", "mmjobs-mlflow"} <= set(secrets)
 
 
-@pytest.fixture
-def judge_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeJudgeServer]:
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy",
-                 "ALL_PROXY", "OPENAI_API_KEY"):
-        monkeypatch.delenv(name, raising=False)
-    server = FakeJudgeServer().start()
-    yield server
-    server.stop()
-
-
 @pytest.mark.slow
-def test_recipe_runs_scaled_down(tmp_path: Path, judge_server: FakeJudgeServer) -> None:
-    root = tmp_path / "data"
-    root.mkdir()
-    overrides = fixtures.make_chameleon_interleaved(root, judge_server.base_url)
-    outcome = pipeline_runner.run_local(str(RECIPE), overrides)
+@uses_run("chameleon-interleaved")
+def test_recipe_runs_scaled_down(recipe_runs: RecipeRuns) -> None:
+    run = recipe_runs.get("chameleon-interleaved")  # judged by a fake server (runs.py)
+    outcome = run.outcome
     assert set(outcome.headlines) == {"sft", "dpo", "ppo"}
     assert all(name == "judge.mean_score" and value is not None
                for name, value in outcome.headlines.values()), outcome.headlines
@@ -114,8 +101,8 @@ def test_recipe_runs_scaled_down(tmp_path: Path, judge_server: FakeJudgeServer) 
         assert summary["judge"]["judged"] == 2
     # Judged answers went over the wire with the prompt's image attached (identical answers
     # of the three models are judged once: replies are cached by request).
-    assert 2 <= len(judge_server.seen) <= 6
-    for seen in judge_server.seen:
+    assert 2 <= len(run.judge_requests) <= 6
+    for seen in run.judge_requests:
         parts = seen.body["messages"][-1]["content"]
         assert any(p.get("type") == "image_url" for p in parts)
     if outcome.report:

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,9 @@ from typing import Any
 import pytest
 
 from mmjobs import pipeline_runner, storage
+from tests.conftest import isolate
+from tests.pipelines.runs import run_variables
 
-# Variables that would point a run at a developer's services (tests/conftest.py's list).
-_LEAKY_ENV = ("MMJOBS_STORE", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_PROFILE",
-              "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-              "MLFLOW_S3_ENDPOINT_URL", "http_proxy", "HTTP_PROXY", "https_proxy",
-              "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "OPENAI_API_KEY")
 IGNORE_INDEX = -100
 
 
@@ -53,15 +49,8 @@ def run_environment(home: Path, mlflow_db_template: Path) -> Iterator[None]:
     """Its own MMJOBS_HOME and MLflow database, no credentials or proxies from the shell, one
     intra-op thread per step process (see mmjobs.demo for why)."""
     with pytest.MonkeyPatch.context() as mp:
-        for name in _LEAKY_ENV:
-            mp.delenv(name, raising=False)
-        home.mkdir(parents=True, exist_ok=True)
-        if not (home / "mlflow.db").exists():
-            shutil.copyfile(mlflow_db_template, home / "mlflow.db")
-        mp.setenv("MMJOBS_HOME", str(home))
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
-        mp.setenv("OMP_NUM_THREADS", "1")
-        mp.setenv("MKL_NUM_THREADS", "1")
+        isolate(mp, home, mlflow_db_template)
+        run_variables(mp)  # one thread per step, no proxy to the loopback judge
         yield
 
 

@@ -8,18 +8,14 @@ base models in test_recipes_on_replicas.py and test_chameleon_recipe.py. The dem
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from mmjobs import pipeline_runner, storage
 from tests.pipelines import fixtures
+from tests.pipelines.runs import RecipeRuns, uses_run
 
-RUNS: dict[str, Callable[[Path, Path], list[str]]] = {
-    "chartmoe": fixtures.make_chartmoe,
-    "lavin-sweep": fixtures.make_lavin_sweep,
-}
 # Which evaluations each run reports (results.md rows), and the table it draws.
 EXPECTED = {
     "chartmoe": ({"w/o PoT", "w/ PoT"}, "## ChartQA relaxed accuracy (@AP)"),
@@ -28,10 +24,10 @@ EXPECTED = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", sorted(RUNS))
-def test_recipe_runs_scaled_down(recipe: str, tmp_path: Path, tiny_llava_dir: Path) -> None:
-    overrides = RUNS[recipe](tmp_path / "data", tiny_llava_dir)
-    outcome = pipeline_runner.run_local(f"pipelines/recipes/{recipe}.yaml", overrides)
+@pytest.mark.parametrize("recipe", [pytest.param(r, marks=uses_run(r)) for r in sorted(EXPECTED)])
+def test_recipe_runs_scaled_down(recipe: str, recipe_runs: RecipeRuns) -> None:
+    run = recipe_runs.get(recipe)
+    outcome = run.outcome
     labels, table = EXPECTED[recipe]
     assert set(outcome.headlines) == labels
     assert all(value is not None for _, value in outcome.headlines.values())
@@ -56,15 +52,17 @@ def test_failed_step_is_named_with_its_log_tail(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_demo_rerun_reuses_every_step(tmp_path: Path) -> None:
-    recipe = "pipelines/recipes/chart-demo.yaml"
-    first = pipeline_runner.run_local(recipe, fixtures.chart_demo())
+@uses_run("chart-demo")
+def test_demo_rerun_reuses_every_step(recipe_runs: RecipeRuns) -> None:
+    demo = recipe_runs.get("chart-demo")
+    first = demo.outcome
     assert set(first.headlines) == {"untrained", "trained"}
     checkpoints = Path(first.run_dir) / "sft" / "checkpoints"
     before = {p.name: p.stat().st_mtime_ns for p in checkpoints.iterdir()}
     assert before  # checkpoint_every_steps=1 committed some
 
-    second = pipeline_runner.run_local(recipe, fixtures.chart_demo())
+    with demo.environment():  # the same MMJOBS_HOME: the same store and MLflow database
+        second = pipeline_runner.run_local(demo.path, demo.overrides)
     assert second.run_id == first.run_id  # the default id is the recipe's fingerprint
     # Every stage reuses its committed output, except the report: it reports on this new
     # pipeline run (its MLflow parent), so it has something new to say.

@@ -21,26 +21,22 @@ import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from mmjobs import pipeline_runner
 from tests.conftest import isolate
-from tests.integration.eval.test_judge import FakeJudgeServer
 from tests.pipelines import fixtures
 
 RECIPES = Path("pipelines/recipes")
 # Recipe -> the overrides that scale it down onto files made under the given directory.
+# The recipes whose base models have replicas run on them, once per module, in
+# test_recipes_on_replicas.py and test_chameleon_recipe.py (tests/pipelines/replica_runs.py).
 SCALE_DOWN: dict[str, Callable[[Path, Path], list[str]]] = {
     "chart-demo": lambda root, model: fixtures.chart_demo(),
-    "chartwiz": fixtures.make_chartwiz,
     "chartmoe": fixtures.make_chartmoe,
-    "llava-dataengine": fixtures.make_llava_dataengine,
     "lavin-sweep": fixtures.make_lavin_sweep,
 }
-# Where chartwiz's recipe import puts the base model, under its run's root.
-IMPORTED = Path("store-copy/base-model")
 # Variables a run needs besides its own MMJOBS_HOME: one intra-op thread per step process
 # (see mmjobs.demo for why), no proxy between the judge client and its loopback server.
 RUN_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -53,7 +49,8 @@ def uses_run(recipe: str) -> pytest.MarkDecorator:
     return pytest.mark.xdist_group(f"recipe-run-{recipe}")
 
 
-def _run_variables(mp: pytest.MonkeyPatch) -> None:
+def run_variables(mp: pytest.MonkeyPatch) -> None:
+    """One intra-op thread per step process, no proxy between a client and a loopback server."""
     for name, value in RUN_ENV.items():
         mp.setenv(name, value)
     for name in PROXY_ENV:
@@ -68,7 +65,6 @@ class SharedRun:
     outcome: pipeline_runner.RunOutcome
     root: Path  # everything of this run: data/ (its inputs), mmjobs-home/ (store, MLflow, KFP)
     overrides: list[str]
-    judge_requests: list[Any] = dataclasses.field(default_factory=list)
 
     @property
     def path(self) -> str:
@@ -85,7 +81,7 @@ class SharedRun:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MMJOBS_HOME", str(self.home))
             mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{self.home / 'mlflow.db'}")
-            _run_variables(mp)
+            run_variables(mp)
             yield
 
 
@@ -117,18 +113,6 @@ class RecipeRuns:
         path = str(RECIPES / f"{recipe}.yaml")
         with pytest.MonkeyPatch.context() as mp:
             isolate(mp, root / "mmjobs-home", self.mlflow_db_template)
-            _run_variables(mp)
-            if recipe == "chameleon-interleaved":  # judged by a fake server on loopback
-                judge = FakeJudgeServer().start()
-                try:
-                    overrides = fixtures.make_chameleon_interleaved(data, judge.base_url)
-                    outcome = pipeline_runner.run_local(path, overrides)
-                finally:
-                    judge.stop()
-                return SharedRun(recipe, outcome, root, overrides, list(judge.seen))
+            run_variables(mp)
             overrides = SCALE_DOWN[recipe](data, self.tiny_llava)
-            if recipe == "chartwiz":  # starts from a recipe import, as a cluster run would
-                imported = root / IMPORTED
-                overrides += [f"imports={{base: {{source: '{self.tiny_llava}', "
-                              f"to: '{imported}'}}}}", f"model.name_or_path={imported}"]
             return SharedRun(recipe, pipeline_runner.run_local(path, overrides), root, overrides)

@@ -1,14 +1,14 @@
 """Pipeline `lavin-sweep`: LaVIN's schedule study on ScienceQA, one fine-tune per setting.
 
-build-lavin (stage convert, kind lavin: Meta's LLaMA + CLIP ViT-L/14 → a LaVIN directory with
-its MMA adapters initialised; without a `stages.build-lavin` section the recipe's model is the
-LaVIN) · prepare (ScienceQA train split, QCM-ALE prompts) and prepare-test (test split) →
-pretokenize → for each setting of the recipe's `sweep` (cosine baseline, cyclical, step and
-exponential LR decay, increasing / decreasing adapter dropout and their V2), in a
-`dsl.ParallelFor`: sft (the recipe's train.finetune: mma, LaVIN's adapters) → merge (the
-standalone LaVIN: base + that setting's adapters) → infer → evaluate (ScienceQA accuracy per
-category) → [deploy: with `stages.deploy.enabled: true`, on a cluster, each setting's LaVIN
-behind its own `mmjobs serve`] · report (the NAT…Average comparison table and graphs).
+convert-lavin (the recipe's `conversions.lavin`, stage convert, kind lavin: Meta's LLaMA +
+CLIP ViT-L/14 → the LaVIN directory model.name_or_path names, MMA adapters initialised) ·
+prepare (ScienceQA train split, QCM-ALE prompts) and prepare-test (test split) → pretokenize →
+for each setting of the recipe's `sweep` (cosine baseline, cyclical, step and exponential LR
+decay, increasing / decreasing adapter dropout and their V2), in a `dsl.ParallelFor`: sft (the
+recipe's train.finetune: mma, LaVIN's adapters) → merge (the standalone LaVIN: base + that
+setting's adapters) → infer → evaluate (ScienceQA accuracy per category) → [deploy: with
+`stages.deploy.enabled: true`, on a cluster, each setting's LaVIN behind its own `mmjobs
+serve`] · report (the NAT…Average comparison table and graphs).
 """
 
 from __future__ import annotations
@@ -28,9 +28,7 @@ log = get_logger(__name__)
 
 def wire(b: Build) -> None:
     """Create the steps; see the module docstring."""
-    # One LaVIN for every setting: the rows differ only in what trains on it.
-    base = (b.step("build-lavin", "convert").output if "build-lavin" in b.recipe.stages
-            else b.base_model())
+    base = b.base_model()  # one LaVIN for every setting (the recipe's conversions.lavin)
     train_set = b.step("prepare", "prepare")
     test_set = b.step("prepare-test", "prepare")
     shards = b.step("pretokenize", "pretokenize", dataset=train_set.output, model=base)

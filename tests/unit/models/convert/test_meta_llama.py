@@ -209,7 +209,7 @@ def test_the_convert_stage_detects_the_weights_folder_and_commits(replica_dir, t
 
 def test_the_convert_stage_builds_a_lavin(replica_dir, lavin_model_dir, tmp_path):
     """kind lavin: the Meta-format LLaMA + the 224 px CLIP -> the LaVIN `build_lavin` writes
-    (same seed, same tensors); lavin-sweep's build-lavin step. Without a CLIP it says so."""
+    (same seed, same tensors); lavin-sweep's conversions.lavin step. Without a CLIP it says so."""
     from mmjobs import storage
     from mmjobs.models.convert.checkpoints import load_checkpoint_dir
     from mmjobs.stages import convert as stage

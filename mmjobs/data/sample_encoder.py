@@ -167,7 +167,10 @@ class SampleEncoder:
                  truncate: bool = False) -> None:
         from transformers import AutoConfig, AutoProcessor
 
+        from mmjobs.models.lavin import register_if_lavin
+
         self.model_dir = Path(model_dir)
+        register_if_lavin(self.model_dir)
         self.max_length = max_length
         # local_files_only: pre-tokenization never reaches a model hub, even by accident.
         self.config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True,

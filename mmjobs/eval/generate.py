@@ -331,7 +331,8 @@ def load_for_inference(model: str, adapter: str | None = None, *,
                        device: str | torch.device | None = None,
                        merge: bool | None = None,
                        conversation_format: str = "auto") -> LoadedModel:
-    """Load a model for generation: a merged model, or a base model plus a LoRA adapter.
+    """Load a model for generation: a merged model, or a base model plus a LoRA adapter (or
+    LaVIN's MMA adapters, `train.finetune: mma`, over a LaVIN base).
 
     Args:
         model: the (base) model: local dir, s3:// committed dir or hub id (see `load_model`).
@@ -353,6 +354,9 @@ def load_for_inference(model: str, adapter: str | None = None, *,
     target = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     spec = ModelConfig(name_or_path=model, trust_remote_code=trust_remote_code, dtype=dtype)
     loaded = load_model(spec, for_training=False, device=target)
+    lavin = loaded.info.get("model_type") == "lavin"
+    if lavin and conversation_format == "auto":  # LaVIN has no chat template: its own layout
+        conversation_format = "lavin"
     loaded.info["conversation_format"] = conversation_format
     if adapter is None:
         return loaded
@@ -361,6 +365,13 @@ def load_for_inference(model: str, adapter: str | None = None, *,
     from mmjobs.models.model_dirs import locate_adapter
 
     adapter_dir = fetch_dir(locate_adapter(adapter), kind="adapters")
+    if lavin:  # MMA adapters replace the initial ones in place (nothing to fold: see compose)
+        from mmjobs.models.lavin.compose import load_adapters
+
+        tensors = load_adapters(loaded.model, adapter_dir)
+        loaded.info.update(adapter=adapter, adapter_merged=False, adapter_tensors=tensors)
+        log.info("loaded %d LaVIN adapter tensors from %s", tensors, adapter)
+        return loaded
     peft_model = PeftModel.from_pretrained(loaded.model, adapter_dir, is_trainable=False)
     peft_model.eval()
     if merge is None:

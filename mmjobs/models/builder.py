@@ -48,6 +48,7 @@ from mmjobs.models.compose import (
     set_connector,
 )
 from mmjobs.models.convert.generation_config import repair_model_generation_config
+from mmjobs.models.lavin import register_if_lavin
 from mmjobs.models.model_dirs import (
     ModelNotFoundError,
     committed_root,
@@ -228,6 +229,7 @@ def load_model(spec: ModelConfig, *, for_training: bool = True,
     raw_config = json.loads(config_path.read_text())
     check_remote_code(raw_config, spec, model_dir)
     check_weights_are_safetensors(model_dir)
+    register_if_lavin(model_dir)  # mmjobs' own class: teach transformers' Auto classes
     target = torch.device(device) if device is not None else torch.device(
         "cuda" if _cuda_available() else "cpu")
     trust = {"trust_remote_code": True} if spec.trust_remote_code else {}

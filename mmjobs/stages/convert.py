@@ -6,6 +6,8 @@
     mmjobs stage convert --set source=s3://raw/vicuna-7b-v1.5 --set kind=llava \
         --set vision_tower=s3://raw/clip-vit-large-patch14-336 \
         --set projector=s3://raw/llava-pretrain/mm_projector.bin --set to=s3://models/llava-pt
+    mmjobs stage convert --set source=s3://raw/llama-7b --set kind=lavin \
+        --set vision_tower=s3://raw/clip-vit-large-patch14 --set to=s3://models/lavin-7b
 
 Pickles are read only with `torch.load(weights_only=True)`; one that needs code fails the stage
 with the file and the reason, and nothing is committed. `kind: auto` converts original LLaVA
@@ -13,7 +15,9 @@ checkpoints (config with `mm_*` keys) to `LlavaForConditionalGeneration`, Meta's
 (`params.json` + `consolidated.*.pth`, or the `<weights>` folder above them with
 `tokenizer.model`) to `LlamaForCausalLM`, and anything else to
 safetensors under the same tensor names; `kind: llava` with a plain Llama (vicuna) builds the
-LLaVA from it, the vision tower and the separately pretrained projector. The work is in
+LLaVA from it, the vision tower and the separately pretrained projector; `kind: lavin` builds
+a LaVIN (`mmjobs.models.lavin.build_lavin`: the LLaMA, Meta's layout converted on the way, and
+the CLIP joined by freshly initialised MMA adapters). The work is in
 `mmjobs.models.convert` (its docstrings record the conversion decisions). Inputs are local
 folders or committed store directories (`mmjobs import` puts hub repos there).
 """
@@ -61,12 +65,16 @@ class ConvertConfig(StageConfig):
 
     source: str = Field(description="Checkpoint folder (local or committed s3://): pickled "
                         "shards, or an original LLaVA / plain Llama checkpoint.")
-    kind: Literal["auto", "safetensors", "llava", "meta_llama"] = Field(
+    kind: Literal["auto", "safetensors", "llava", "meta_llama", "lavin"] = Field(
         "auto", description="auto: meta_llama for Meta's params.json + consolidated.*.pth, "
         "llava for configs with LLaVA's mm_* keys, else safetensors; safetensors: same tensor "
-        "names; llava: to LlavaForConditionalGeneration; meta_llama: to LlamaForCausalLM.")
+        "names; llava: to LlavaForConditionalGeneration; meta_llama: to LlamaForCausalLM; "
+        "lavin: a LaVIN (mmjobs.models.lavin) from a Meta or transformers LLaMA and the CLIP "
+        "in vision_tower, adapters initialised (never chosen by auto).")
     vision_tower: str | None = Field(None, description="kind llava: the CLIP checkpoint folder "
-                                     "(the config's mm_vision_tower).")
+                                     "(the config's mm_vision_tower); kind lavin: the CLIP "
+                                     "ViT-L/14 (224 px) checkpoint.")
+    seed: int = Field(0, description="kind lavin: seeds the adapters' initialisation.")
     projector: str | None = Field(None, description="kind llava with a plain Llama: "
                                   "mm_projector.bin (or its folder) pretrained for it.")
     dtype: Literal["float16", "bfloat16", "float32"] | None = Field(
@@ -108,6 +116,16 @@ def main(cfg: ConvertConfig) -> ConvertResult:
 
 
 def _convert(cfg: ConvertConfig, kind: str, source: Path, scratch: Path) -> dict:
+    if kind == "lavin":
+        from mmjobs.models.lavin.compose import build_lavin
+
+        if not cfg.vision_tower or cfg.projector:
+            raise ConversionError(f"{cfg.source}: kind lavin needs vision_tower (the CLIP "
+                                  "ViT-L/14 checkpoint) and takes no projector (LaVIN's "
+                                  "adapter projection starts untrained)")
+        summary = build_lavin(source, fetch_dir(cfg.vision_tower, kind="checkpoints"), scratch,
+                              seed=cfg.seed, dtype=cfg.dtype, max_shard_size=cfg.max_shard_size)
+        return {**summary, "language_model": cfg.source, "vision_tower": cfg.vision_tower}
     if kind in ("safetensors", "meta_llama"):
         if cfg.vision_tower or cfg.projector:
             raise ConversionError(f"{cfg.source}: vision_tower/projector apply to kind llava, "

@@ -9,12 +9,17 @@ config.json and the base's processor/tokenizer files (byte for byte), so `load_m
 `AutoProcessor` and serving read it like any model. Before committing, logits of the merged
 model are compared with base + adapter on a probe batch (`max_logit_diff`); a difference above
 `max_logit_diff` fails the stage.
+
+LaVIN's MMA adapters (`train.finetune: mma`) are not folded (their routers depend on the
+input): the output is the LaVIN directory with the trained adapters in place of the initial
+ones (adapters float32, the rest in `save_dtype`), and the self-check reloads it and compares
+its logits with base + adapters.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -79,11 +84,14 @@ def main(cfg: MergeConfig) -> MergeResult:
 
     def merge(stage: StageRun) -> dict:
         from mmjobs.models.builder import export_model_dir, fetch_dir, saved_dtype
-        from mmjobs.train.merge import merge_lora
+        from mmjobs.models.lavin.compose import is_lavin_adapter
+        from mmjobs.train.merge import merge_lora, merge_mma
 
-        outcome = merge_lora(ModelConfig(name_or_path=cfg.base,
-                                         trust_remote_code=cfg.trust_remote_code),
-                             fetch_dir(adapter, kind="adapters"))
+        base = ModelConfig(name_or_path=cfg.base, trust_remote_code=cfg.trust_remote_code)
+        adapter_dir = fetch_dir(adapter, kind="adapters")
+        if is_lavin_adapter(adapter_dir):  # LaVIN: base + trained MMA adapters, standalone
+            return _merge_mma(stage, merge_mma(base, adapter_dir), adapter)
+        outcome = merge_lora(base, adapter_dir)
         diff = outcome.max_logit_diff
         if diff is not None and diff > cfg.max_logit_diff:
             raise RuntimeError(f"{NAME}: merged logits differ from base+adapter by {diff:.3g} > "
@@ -99,6 +107,33 @@ def main(cfg: MergeConfig) -> MergeResult:
             export_model_dir(model, scratch, source_dir=outcome.loaded.model_dir)
         log.info("%s: merged %s into %s -> %s (max logit diff %s)", NAME, adapter, cfg.base,
                  stage.out, diff)
+        return meta
+
+    def _merge_mma(stage: StageRun, outcome: Any, adapter: str) -> dict:
+        from mmjobs.models.builder import export_model_dir, saved_dtype
+        from mmjobs.models.lavin.compose import is_trainable_name
+        from mmjobs.train.merge import standalone_diff
+
+        model = outcome.loaded.model
+        meta = {"stage": NAME, "base": cfg.base, "adapter": adapter, "kind": "lavin-mma",
+                "num_parameters": sum(p.numel() for p in model.parameters()),
+                "probe": outcome.probe}
+        with stage.commit(meta) as scratch:
+            dtype = saved_dtype(cfg.save_dtype, outcome.loaded.model_dir)
+            for name, param in model.named_parameters():  # adapters stay float32, as LaVIN's
+                if not is_trainable_name(name):
+                    param.data = param.data.to(dtype)
+            export_model_dir(model, scratch, source_dir=outcome.loaded.model_dir)
+            diff = standalone_diff(outcome, scratch)
+            meta["max_logit_diff"] = diff
+            if diff is not None and diff > cfg.max_logit_diff:
+                raise RuntimeError(f"{NAME}: the standalone LaVIN's logits differ from base + "
+                                   f"adapters by {diff:.3g} > max_logit_diff "
+                                   f"{cfg.max_logit_diff:g}; nothing was committed")
+        stage.run.log_metrics({"merged_parameters": meta["num_parameters"],
+                               **({"max_logit_diff": diff} if diff is not None else {})})
+        log.info("%s: LaVIN %s + MMA adapters %s -> %s (max logit diff %s)", NAME, cfg.base,
+                 adapter, stage.out, diff)
         return meta
 
     return run_stage(cfg, NAME, fp, merge, result=_result)

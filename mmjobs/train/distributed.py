@@ -196,9 +196,11 @@ def text_hidden_size(spec: Any) -> int | None:
     from transformers import AutoConfig
 
     from mmjobs.models.builder import resolve_model_dir
+    from mmjobs.models.lavin import register_if_lavin
 
-    config = AutoConfig.from_pretrained(resolve_model_dir(spec.name_or_path),
-                                        trust_remote_code=spec.trust_remote_code)
+    model_dir = resolve_model_dir(spec.name_or_path)
+    register_if_lavin(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=spec.trust_remote_code)
     return getattr(config.get_text_config(), "hidden_size", None)
 
 

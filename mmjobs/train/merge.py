@@ -6,6 +6,11 @@ under its output, e.g. `{train_output}/final/adapter`. `merge_lora` loads the ba
 `load_model` (so mmjobs connectors are rebuilt before the adapter attaches), applies the adapter,
 runs a probe batch, merges (`merge_and_unload`: W ← W + B·A·alpha/r; the modules_to_save copies
 replace the originals) and runs the probe again: the largest logit difference is the self-check.
+
+LaVIN's MMA adapters (`train.finetune: mma`) cannot be folded into the weights (their routers
+depend on the input; see `mmjobs.models.lavin.compose`): `merge_mma` loads the base with the
+trained adapters in place of the initial ones, the stage writes that standalone model, and
+`standalone_diff` reloads what was written and compares its logits with the model in memory.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from mmjobs.models.builder import LoadedModel, load_model
 from mmjobs.models.model_dirs import locate_adapter
 
 log = get_logger(__name__)
-__all__ = ["MergeError", "MergeOutcome", "locate_adapter", "merge_lora"]
+__all__ = ["MergeError", "MergeOutcome", "locate_adapter", "merge_lora", "merge_mma",
+           "standalone_diff"]
 
 
 class MergeError(ValueError):
@@ -77,6 +83,46 @@ def merge_lora(base: ModelConfig, adapter_dir: str | os.PathLike) -> MergeOutcom
     diff = None if before is None else (before - after).abs().max().item()
     loaded.model = merged
     return MergeOutcome(loaded=loaded, max_logit_diff=diff, probe=probe)
+
+
+def merge_mma(base: ModelConfig, adapter_dir: str | os.PathLike) -> MergeOutcome:
+    """Load the LaVIN `base` (float32) with the trained MMA adapters of `adapter_dir`.
+
+    Returns an outcome whose `max_logit_diff` is None until `standalone_diff` has checked the
+    written directory.
+
+    Raises:
+        MergeError: `base` is not a LaVIN, or the adapters do not fit it.
+    """
+    from mmjobs.models.convert.checkpoints import ConversionError
+    from mmjobs.models.lavin.compose import load_adapters
+
+    loaded = load_model(base.model_copy(update={"dtype": "float32"}), for_training=False)
+    if loaded.info.get("model_type") != "lavin":
+        raise MergeError(f"{adapter_dir}: LaVIN MMA adapters, but base {base.name_or_path} is a "
+                         f"{loaded.info.get('model_type')}; give the LaVIN directory they were "
+                         "trained on")
+    try:
+        tensors = load_adapters(loaded.model, adapter_dir)
+    except ConversionError as e:
+        raise MergeError(str(e)) from e
+    loaded.info.update(adapter=str(adapter_dir), adapter_tensors=tensors)
+    _, probe = probe_batch(loaded)
+    return MergeOutcome(loaded=loaded, max_logit_diff=None, probe=probe)
+
+
+def standalone_diff(outcome: MergeOutcome, model_dir: str | os.PathLike) -> float | None:
+    """max |logits| difference on the probe batch between the model in `outcome` and the
+    directory written from it (reloaded as `load_model` reads it, in float32)."""
+    batch, _ = probe_batch(outcome.loaded)
+    if batch is None:
+        return None
+    reloaded = load_model(ModelConfig(name_or_path=str(model_dir), dtype="float32"),
+                          for_training=False)
+    before = _logits(outcome.loaded.model.float(), batch)
+    after = _logits(reloaded.model, batch)
+    assert before is not None and after is not None
+    return (before - after).abs().max().item()
 
 
 def probe_batch(loaded: LoadedModel) -> tuple[dict[str, torch.Tensor] | None, str]:

@@ -198,8 +198,16 @@ def make_llava_dataengine(root: Path, parts: dict[str, Path]) -> list[str]:
 # --------------------------------------------------------------------------- lavin-sweep
 
 
-def make_lavin_sweep(root: Path, model: Path) -> list[str]:
-    """ScienceQA's problems.json / pid_splits.json / images, and two of the six settings."""
+def make_lavin_sweep(root: Path) -> list[str]:
+    """ScienceQA's problems.json / pid_splits.json / images, and the replicas of LaVIN's parts
+    (Meta-format LLaMA, 224 px CLIP) that the recipe's conversions.lavin step joins into the
+    LaVIN every setting (all eight of the recipe) trains on."""
+    from mmjobs.models.replicas import build_replica
+
+    parts = {}
+    for name in ("meta/llama-7b", "openai/clip-vit-large-patch14"):
+        parts[name] = root / "replicas" / name.replace("/", "--")
+        build_replica(name, parts[name])
     sqa = make_scienceqa(root / "scienceqa")
     problems = json.loads((sqa / "problems.json").read_text())
     splits = json.loads((sqa / "pid_splits.json").read_text())
@@ -208,16 +216,15 @@ def make_lavin_sweep(root: Path, model: Path) -> list[str]:
         splits["train"].append(pid)
     write_json(sqa / "problems.json", problems)
     write_json(sqa / "pid_splits.json", splits)
-    return [*tiny_model(model), f"data.input={sqa}",
+    lavin = root / "models" / "lavin"
+    return [*tiny_model(lavin), f"data.input={sqa}",
+            f"conversions.lavin.source={parts['meta/llama-7b']}",
+            f"conversions.lavin.vision_tower={parts['openai/clip-vit-large-patch14']}",
+            f"conversions.lavin.to={lavin}",
             f"stages.prepare.image_root={sqa / 'images'}",
             f"stages.prepare-test.input={sqa}",
             f"stages.prepare-test.image_root={sqa / 'images'}",
-            "stages.pretokenize.max_length=1024",
-            # A LoRA stand-in on the tiny LLaVA until the pipeline builds a LaVIN from the
-            # Meta-format replica and merges/infers mma adapters (issue 16, not done yet).
-            "train.finetune=lora",
-            "train.lora={r: 8, alpha: 8, target_modules: [q_proj, k_proj, v_proj, o_proj]}",
-            "sweep={baseline: {}, dec-dropout: {train: {layer_dropout: {preset: dec}}}}"]
+            "train.max_steps=1", "stages.pretokenize.workers=1"]
 
 
 # --------------------------------------------------------------------------- chameleon-interleaved

@@ -35,7 +35,7 @@ RECIPES = Path("pipelines/recipes")
 SCALE_DOWN: dict[str, Callable[[Path, Path], list[str]]] = {
     "chart-demo": lambda root, model: fixtures.chart_demo(),
     "chartmoe": fixtures.make_chartmoe,
-    "lavin-sweep": fixtures.make_lavin_sweep,
+    "lavin-sweep": lambda root, model: fixtures.make_lavin_sweep(root),  # its own replicas
 }
 # Variables a run needs besides its own MMJOBS_HOME: one intra-op thread per step process
 # (see mmjobs.demo for why), no proxy between the judge client and its loopback server.

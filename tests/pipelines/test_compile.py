@@ -94,7 +94,44 @@ def test_sweep_fans_out_with_parallel_for(tmp_path: Path) -> None:
                 if "parameterIterator" in t)
     items = loop["parameterIterator"]["items"]["raw"]
     assert len(yaml.safe_load(items)) == 8  # baseline, 3 LR schedules, 4 dropout schedules (V2)
-    assert "report" in spec["root"]["dag"]["tasks"]
+    tasks = spec["root"]["dag"]["tasks"]
+    assert "report" in tasks
+    # One LaVIN built (Meta LLaMA + CLIP, conversions.lavin) before every other step.
+    convert = next(t for t in tasks.values() if t["taskInfo"]["name"] == "convert-lavin")
+    config = json.loads(convert["inputs"]["parameters"]["config_json"]["runtimeValue"]
+                        ["constant"])
+    assert (config["kind"], config["to"]) == ("lavin", "s3://mmjobs-models/lavin-7b")
+    assert all("convert" in t.get("dependentTasks", []) for name, t in tasks.items()
+               if name != "convert"), {n: t.get("dependentTasks") for n, t in tasks.items()}
+
+
+def test_sweep_deploys_each_setting_s_lavin_when_enabled(tmp_path: Path) -> None:
+    out = tmp_path / "p.yaml"
+    pipeline_runner.compile_recipe("pipelines/recipes/lavin-sweep.yaml", out,
+                                   ["stages.deploy.enabled=true",
+                                    "stages.deploy.name=lavin"])
+    spec = next(yaml.safe_load_all(out.read_text()))
+    loop = next(t for t in spec["root"]["dag"]["tasks"].values()
+                if "parameterIterator" in t)
+    body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    deploy = body["deploy"]
+    assert deploy["inputs"]["parameters"]["model"]["taskOutputParameter"] == {
+        "producerTask": "merge", "outputParameterKey": "Output"}
+    assert "evaluate" in deploy["dependentTasks"]
+    configs = [json.loads(item["deploy"])
+               for item in yaml.safe_load(loop["parameterIterator"]["items"]["raw"])]
+    assert {(c["name"], c["serve"]["served_model_name"]) for c in configs} == {
+        (f"lavin-{row}", row) for row in ("baseline", "cyclical-lr", "step-decay", "exp-decay",
+                                          "inc-dropout", "dec-dropout", "inc-dropout-v2",
+                                          "dec-dropout-v2")}
+    assert all(c["serve"]["conversation_format"] == "lavin" for c in configs)
+    # Without enabled: true, no deploy step (the section is still checked).
+    pipeline_runner.compile_recipe("pipelines/recipes/lavin-sweep.yaml", out,
+                                   ["stages.deploy.replicas=2"])
+    spec = next(yaml.safe_load_all(out.read_text()))
+    loop = next(t for t in spec["root"]["dag"]["tasks"].values()
+                if "parameterIterator" in t)
+    assert "deploy" not in spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
 
 
 def test_step_sections_are_checked_against_stage_configs() -> None:

@@ -1,13 +1,18 @@
 """Recipes run end to end locally (KFP's local runner), scaled down onto generated fixtures in
-each recipe's published layout; failures name the step. chartmoe and lavin-sweep still run on
-the tiny LLaVA (their recipe issues move them onto the InternLM-XComposer2 and LLaMA-7B
-replicas); llava-dataengine, chartwiz and chameleon-interleaved run on the replicas of their
+each recipe's published layout; failures name the step. chartmoe still runs on the tiny LLaVA
+(its recipe issue moves it onto the InternLM-XComposer2 replica); lavin-sweep builds its LaVIN
+from the Meta-format LLaMA and CLIP-224 replicas, runs all eight rows and serves one of them;
+llava-dataengine, chartwiz and chameleon-interleaved run on the replicas of their
 base models in test_recipes_on_replicas.py and test_chameleon_recipe.py. The demo
 (`make demo`) runs as shipped, on its own tiny model."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,16 +21,19 @@ from mmjobs import pipeline_runner, storage
 from tests.pipelines import fixtures
 from tests.pipelines.runs import RecipeRuns, uses_run
 
+# The eight rows of LaVIN's study (the recipe's sweep), each a setting of the scaled-down run.
+LAVIN_ROWS = {"baseline", "cyclical-lr", "step-decay", "exp-decay", "inc-dropout", "dec-dropout",
+              "inc-dropout-v2", "dec-dropout-v2"}
 # Which evaluations each run reports (results.md rows), and the table it draws.
 EXPECTED = {
     "chartmoe": ({"w/o PoT", "w/ PoT"}, "## ChartQA relaxed accuracy (@AP)"),
-    "lavin-sweep": ({"baseline", "dec-dropout"}, "## ScienceQA accuracy (%)"),
+    "lavin-sweep": (LAVIN_ROWS, "## ScienceQA accuracy (%)"),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", [pytest.param(r, marks=uses_run(r)) for r in sorted(EXPECTED)])
-def test_recipe_runs_scaled_down(recipe: str, recipe_runs: RecipeRuns) -> None:
+def test_recipe_runs_scaled_down(recipe: str, recipe_runs: RecipeRuns, tmp_path: Path) -> None:
     run = recipe_runs.get(recipe)
     outcome = run.outcome
     labels, table = EXPECTED[recipe]
@@ -37,6 +45,72 @@ def test_recipe_runs_scaled_down(recipe: str, recipe_runs: RecipeRuns) -> None:
     assert not any(outcome.stages_cached.values())  # a first run computes everything
     if outcome.report:  # the report stage (once it exists) wrote its page
         assert storage.exists(outcome.report)
+    if recipe == "lavin-sweep":
+        _check_lavin_rows(outcome, results, run.root / "data" / "models" / "lavin")
+        _serve_swept_model(Path(outcome.run_dir) / "merge-dec-dropout", tmp_path)
+
+
+def _check_lavin_rows(outcome: pipeline_runner.RunOutcome, results: str, built: Path) -> None:
+    """The seed's eight-row table, each row a setting trained with its own schedule on the
+    LaVIN the convert-lavin step made from the Meta-format replica."""
+    table = results[results.index("## ScienceQA accuracy (%)"):].split("\n\n")[1]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")]
+             for line in table.splitlines() if line.startswith("|")]
+    assert cells[0] == ["Method", "NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12",
+                        "Average"], table
+    assert sorted(row[0] for row in cells[2:]) == sorted(LAVIN_ROWS), table
+    run = Path(outcome.run_dir)
+    assert storage.is_committed(str(built))  # one LaVIN (conversions.lavin.to) for all rows
+    assert json.loads((built / "config.json").read_text())["model_type"] == "lavin"
+    assert len([name for name in outcome.stages_cached if name.startswith("convert ")]) == 1
+    adapters = {}
+    for row in LAVIN_ROWS:
+        config = json.loads((run / f"sft-{row}" / "final" / "adapter" / "adapter_config.json")
+                            .read_text())
+        assert config["mmjobs_adapter"] == "lavin-mma"
+        adapters[row] = config["meta"]["adapter_dropout"]
+        merged = json.loads((run / f"merge-{row}" / "config.json").read_text())
+        assert merged["model_type"] == "lavin"
+    # The dropout rows walk over the (two) LLaMA blocks as the seed fork's presets say
+    # (inc: 0.1 x 1.01^i, dec: 0.2 x 0.99^i; V2: 1.03 / 0.97); the LR rows keep LaVIN's 0.1.
+    walks = {"baseline": [0.1, 0.1], "step-decay": [0.1, 0.1], "inc-dropout": [0.1, 0.101],
+             "dec-dropout": [0.2, 0.198], "inc-dropout-v2": [0.1, 0.103],
+             "dec-dropout-v2": [0.2, 0.194]}
+    for row, walk in walks.items():
+        assert adapters[row]["text"] == pytest.approx(walk), row
+
+
+def _serve_swept_model(model: Path, tmp_path: Path) -> None:
+    """`mmjobs serve` (the serve stage's entrypoint) on a swept LaVIN: an image question and
+    a text question answered over the OpenAI-compatible API."""
+    from tests.integration.serve.client import Client, chart_png, chat_body
+    from tests.servers import free_port
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mmjobs"), "serve", str(model), "--port", str(port),
+         "--set", "served_model_name=lavin-dec-dropout", "--set", "default_max_new_tokens=6"],
+        cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
+        stderr=log.open("wb"), start_new_session=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}")
+        client.wait_ready(180)
+        with_image = client.chat(chat_body("lavin-dec-dropout", "Which color is the bar?",
+                                           image=chart_png(1), temperature=0))
+        assert with_image.status == 200, with_image.body
+        usage = with_image.json()["usage"]
+        text_only = client.chat(chat_body("lavin-dec-dropout", "Which word rhymes?",
+                                          temperature=0))
+        assert text_only.status == 200, text_only.body
+        # LaVIN's layout: 6 visual tokens after "Image: " (text-only prompts say "N/A").
+        assert usage["prompt_tokens"] > text_only.json()["usage"]["prompt_tokens"]
+        assert 1 <= usage["completion_tokens"] <= 6
+        client.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0, log.read_text()
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """LaVIN in mmjobs: LLaMA + CLIP ViT-L/14 joined by mixture-of-modality (MMA) adapters.
 
     register()                                    # AutoConfig / AutoModel / AutoProcessor
+    register_if_lavin(model_dir)                  # the same, for a LaVIN directory only
     build_lavin(llm_dir, clip_dir, out_dir)       # a LaVIN model directory from its parts
     save_adapters(model, dir) / load_adapters(model, dir)   # LaVIN's trainable tensors only
     mmjobs.eval.lavin: load_lavin(model_dir, adapter_dir); lavin_generator(loaded)
@@ -48,6 +49,15 @@ def register() -> None:
                                          exist_ok=True)
     AutoProcessor.register(LavinConfig, LavinProcessor, exist_ok=True)
     _registered = True
+
+
+def register_if_lavin(path: str | Path) -> bool:
+    """`register()` when `path` holds a LaVIN config (before transformers' Auto classes read
+    it: LaVIN is mmjobs' own class, not a transformers model type); True if it did."""
+    if is_lavin_dir(path):
+        register()
+        return True
+    return False
 
 
 def is_lavin_dir(path: str | Path) -> bool:

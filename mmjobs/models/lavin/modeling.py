@@ -258,7 +258,10 @@ class LavinForConditionalGeneration(LavinPreTrainedModel, GenerationMixin):
         prompt_pass = cache is None or cache.get_seq_length() == 0
         batch = input_ids.shape[0]
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            # transformers' generate drops an all-ones mask (a batch of one): every past token
+            # counts then, and the cache also holds the modality token (not in the mask).
+            past = 0 if prompt_pass else cache.get_seq_length() - 1
+            attention_mask = input_ids.new_ones(batch, past + input_ids.shape[1])
         embeds = self.embed(input_ids, pixel_values if prompt_pass else None)
         if prompt_pass:
             has_image = (input_ids == self.config.image_token_id).any(dim=1).long()

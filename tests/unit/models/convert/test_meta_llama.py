@@ -205,3 +205,23 @@ def test_the_convert_stage_detects_the_weights_folder_and_commits(replica_dir, t
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float16
     assert not list(out.glob("*.pth")) and not list(out.glob("*.bin"))
+
+
+def test_the_convert_stage_builds_a_lavin(replica_dir, lavin_model_dir, tmp_path):
+    """kind lavin: the Meta-format LLaMA + the 224 px CLIP -> the LaVIN `build_lavin` writes
+    (same seed, same tensors); lavin-sweep's conversions.lavin step. Without a CLIP it says so."""
+    from mmjobs import storage
+    from mmjobs.models.convert.checkpoints import load_checkpoint_dir
+    from mmjobs.stages import convert as stage
+
+    out = tmp_path / "store" / "lavin"
+    result = stage.main(stage.ConvertConfig(
+        source=str(replica_dir("meta/llama-7b")), kind="lavin", seed=1, dtype="float32",
+        vision_tower=str(replica_dir("openai/clip-vit-large-patch14")), to=str(out)))
+    assert (result.kind, result.cached) == ("lavin", False) and storage.is_committed(str(out))
+    built, expected = load_checkpoint_dir(out), load_checkpoint_dir(lavin_model_dir)
+    assert built.keys() == expected.keys() and result.tensors == len(expected)
+    assert all(torch.equal(built[k], expected[k]) for k in expected)
+    with pytest.raises(ConversionError, match="kind lavin needs vision_tower"):
+        stage.main(stage.ConvertConfig(source=str(replica_dir("meta/llama-7b")), kind="lavin",
+                                       to=str(tmp_path / "no-clip")))

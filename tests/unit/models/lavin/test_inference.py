@@ -161,3 +161,42 @@ def test_refuses_what_is_not_lavin(lavin_model_dir, replica_dir, tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     with pytest.raises(ConversionError, match=r"no LaVIN adapter_config\.json"):
         load_lavin(lavin_model_dir, tmp_path)
+
+
+def _tokens(loaded) -> list:
+    gen = lavin_generator(loaded, batch_size=2, max_new_tokens=16)
+    return sorted((i, text, n) for b in gen.generate_batches(_prompts())
+                  for i, text, n in zip(b.indices, b.texts, b.new_tokens, strict=True))
+
+
+def test_merge_stage_and_stage_loading_give_the_trained_model_s_tokens(trained,
+                                                                       lavin_model_dir,
+                                                                       tmp_path):
+    """The merge stage on a train.finetune: mma output: the standalone LaVIN (reloaded and
+    compared by the stage), and what infer and serve load (`load_for_inference`: the merged
+    directory, or the base + the run's adapters) generate the trained model's tokens in
+    LaVIN's layout."""
+    from mmjobs.eval.generate import load_for_inference
+    from mmjobs.stages.merge import MergeConfig, main
+
+    in_memory, run, _ = trained
+    result = main(MergeConfig(base=str(lavin_model_dir), adapter=str(run),
+                              output=str(tmp_path / "merged")))
+    assert result.max_logit_diff is not None and result.max_logit_diff < 1e-5
+    assert result.probe in ("image+text", "text")
+    merged = load_for_inference(result.model, device="cpu")
+    over_base = load_for_inference(str(lavin_model_dir), str(run), device="cpu")
+    assert merged.info["conversation_format"] == over_base.info["conversation_format"] == "lavin"
+    expected = _tokens(in_memory)
+    assert _tokens(merged) == expected
+    assert _tokens(over_base) == expected
+
+
+def test_a_prompt_alone_generates_what_it_does_in_a_batch(trained):
+    """A batch of one (what a chat server sends): transformers' generate drops its all-ones
+    attention mask, and the decode steps still attend to the whole prompt."""
+    loaded, _, _ = trained
+    alone = lavin_generator(loaded, batch_size=1, max_new_tokens=16)
+    texts = sorted((i, text, n) for b in alone.generate_batches(_prompts())
+                   for i, text, n in zip(b.indices, b.texts, b.new_tokens, strict=True))
+    assert texts == _tokens(loaded)

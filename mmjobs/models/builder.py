@@ -40,6 +40,7 @@ from torch import nn
 from mmjobs import storage
 from mmjobs.config import ModelConfig
 from mmjobs.logs import get_logger
+from mmjobs.models import register_native_models
 from mmjobs.models.compose import (
     COMPONENTS,
     component_of,
@@ -220,6 +221,7 @@ def load_model(spec: ModelConfig, *, for_training: bool = True,
     """
     from transformers import AutoConfig
 
+    register_native_models()
     model_dir = resolve_model_dir(spec.name_or_path)
     config_path = model_dir / "config.json"
     if not config_path.is_file():

@@ -14,7 +14,6 @@ from tests.pipelines import fixtures
 
 RUNS: dict[str, Callable[[Path, Path], list[str]]] = {
     "chartwiz": fixtures.make_chartwiz,
-    "chartmoe": fixtures.make_chartmoe,
     "llava-dataengine": fixtures.make_llava_dataengine,
     "lavin-sweep": fixtures.make_lavin_sweep,
 }
@@ -48,6 +47,25 @@ def test_recipe_runs_scaled_down(recipe: str, tmp_path: Path, tiny_llava_dir: Pa
     assert not any(outcome.stages_cached.values())  # a first run computes everything
     if outcome.report:  # the report stage (once it exists) wrote its page
         assert storage.exists(outcome.report)
+
+
+@pytest.mark.slow
+def test_chartmoe_runs_on_the_xcomposer2_replica(tmp_path: Path, replica_dir) -> None:
+    """The hub-layout InternLM-XComposer2 replica (remote-code config, one `.bin`) through
+    import -> convert -> pretokenize -> three align runs -> MoE build -> LoRA SFT -> merge ->
+    ChartQA direct and PoT -> report, with trust_remote_code off throughout."""
+    overrides = fixtures.make_chartmoe(tmp_path / "data",
+                                       replica_dir("internlm/internlm-xcomposer2-7b"),
+                                       replica_dir("openai/clip-vit-large-patch14-336"))
+    outcome = pipeline_runner.run_local("pipelines/recipes/chartmoe.yaml", overrides)
+    assert set(outcome.headlines) == {"w/o PoT", "w/ PoT"}
+    assert all(value is not None for _, value in outcome.headlines.values())
+    results = storage.read_text(outcome.results)
+    assert "## ChartQA relaxed accuracy (@AP)" in results
+    for row in ("Human", "Augmented", "Averaged"):
+        assert f"| {row} |" in results, results
+    assert "@0.05" in results and "@0.2" in results
+    assert not any(outcome.stages_cached.values())
 
 
 @pytest.mark.slow

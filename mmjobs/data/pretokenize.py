@@ -327,7 +327,6 @@ def encode_prompt(encoder: Any, record: Any, images: list[bytes]) -> Any:
     from mmjobs.data.sample_encoder import (
         IGNORE_INDEX,
         EncodedSample,
-        SampleRejected,
         _open_image,
     )
 

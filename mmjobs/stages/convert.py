@@ -163,7 +163,8 @@ def _result(out: str, meta: dict, cached: bool, run_id: str | None) -> ConvertRe
 # Checkpoints arrive through `import` (data image, which has torch and sentencepiece); a
 # refused or broken checkpoint is one line on stderr and exit status 1, not a traceback.
 STAGE = Stage(name=NAME, config=ConvertConfig, result=ConvertResult, main=main, image="data",
-              inputs=(Input("source"),), errors=(ConversionError, GenerationConfigError, storage.StoreError))
+              inputs=(Input("source"),),
+              errors=(ConversionError, GenerationConfigError, storage.StoreError))
 
 if __name__ == "__main__":
     sys.exit(STAGE.cli())

@@ -105,7 +105,8 @@ def make_chartmoe(root: Path, model: Path, clip: Path) -> list[str]:
         for i in range(3):
             rows.append({"id": f"{target}-{i}", "image": [f"images/{target}/{i}.png"],
                          "conversations": [
-                             {"from": "user", "value": f"<ImageHere>Convert the chart to {target}."},
+                             {"from": "user",
+                              "value": f"<ImageHere>Convert the chart to {target}."},
                              {"from": "assistant", "value": answer.format(v=10 + i)}]})
             image(data / "images" / target / f"{i}.png", (40 * i, 60, 90))
         write_json(data / "data" / f"chart2{target}.json", rows)

@@ -130,3 +130,43 @@ def test_a_pickle_that_needs_code_is_refused(replica_dir, tmp_path):
     with pytest.raises(UnsafeCheckpointError, match=r"pytorch_model\.bin: refused"):
         convert_xcomposer2(src, tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_the_hub_layout_is_detected_for_the_convert_stage(replica_dir, native):
+    from mmjobs.models.convert import detect_kind
+
+    assert detect_kind(replica_dir(NAME)) == "xcomposer2"
+    assert detect_kind(native) == "xcomposer2"  # converting again reads the config as well
+
+
+def test_the_builder_and_pretokenize_read_the_converted_dir_without_remote_code(native):
+    import io
+
+    from mmjobs.config import ModelConfig
+    from mmjobs.data.sample_encoder import SampleEncoder, SampleRejected
+    from mmjobs.models.builder import load_model
+    from mmjobs.train.moe import as_mmjobs_connector
+
+    loaded = load_model(ModelConfig(name_or_path=str(native)), for_training=False)
+    assert type(loaded.model).__name__ == "XComposer2ForCausalLM"
+    assert type(loaded.processor).__name__ == "XComposer2Processor"
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    encoder = SampleEncoder(native, max_length=2048, conversation_format="internlm_xcomposer2")
+    for marker in ("<image>", "<ImageHere>"):  # canonical rows, or ChartMoE-Data's text as is
+        encoded = encoder.encode_messages("r", [
+            {"role": "user", "content": f"{marker}What is the peak?"},
+            {"role": "assistant", "content": "42"}], [png])
+        assert encoded.num_image_tokens == 1225
+        assert encoded.input_ids.count(loaded.model.config.image_token_id) == 1225
+        labelled = [t for t in encoded.labels if t != -100]
+        assert encoder.tokenizer.decode(labelled) == "42[UNUSED_TOKEN_145]\n</s>"
+    with pytest.raises(SampleRejected, match=r"0 <ImageHere> / <image> markers but 1 images"):
+        encoder.encode_messages("r", [{"role": "user", "content": "What is the peak?"},
+                                      {"role": "assistant", "content": "42"}], [png])
+    # vision_proj (nn.Sequential) saves as mmjobs' mlp2x_gelu connector, same outputs.
+    features = torch.randn(3, loaded.model.config.vision_config.hidden_size)
+    plain = as_mmjobs_connector(loaded.model.vision_proj)
+    assert type(plain).__name__ == "MLP2xGeluConnector"
+    assert torch.equal(plain(features), loaded.model.vision_proj(features))

@@ -170,3 +170,27 @@ def test_the_builder_and_pretokenize_read_the_converted_dir_without_remote_code(
     plain = as_mmjobs_connector(loaded.model.vision_proj)
     assert type(plain).__name__ == "MLP2xGeluConnector"
     assert torch.equal(plain(features), loaded.model.vision_proj(features))
+
+
+def test_chartmoe_eval_puts_the_image_right_after_bos_and_stops_at_the_turn_end(native):
+    from mmjobs.config import ModelConfig
+    from mmjobs.eval.generate import Generator, PromptInput
+    from mmjobs.models.builder import load_model
+
+    loaded = load_model(ModelConfig(name_or_path=str(native)), for_training=False)
+    gen = Generator(loaded, max_new_tokens=3, conversation_format="chartmoe_eval")
+    prompt = PromptInput("<image>\nAnswer the question using a single word or phrase.Peak?",
+                         [Image.new("RGB", (80, 60), (200, 30, 30))])
+    text = gen.render(prompt)
+    assert text == ("<ImageHere>[UNUSED_TOKEN_146]user\nAnswer the question using a single "
+                    "word or phrase.Peak?[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n")
+    ids = gen._encode([text], [prompt.images])["input_ids"][0].tolist()
+    image_id = loaded.model.config.image_token_id
+    # BOS, the 1225 image positions, then the text as the tokenizer reads it alone (ChartMoE's
+    # robot tokenizes the prompt with BOS and puts the image embeddings after BOS).
+    after = gen.tokenizer(text.removeprefix("<ImageHere>"), add_special_tokens=False).input_ids
+    assert ids[0] == 1 and ids[1:1226] == [image_id] * 1225 and ids[1226:] == after
+    assert 92543 in after[:2]
+    eos = gen.generation_config.eos_token_id
+    assert 92542 in eos and 2 in eos  # [UNUSED_TOKEN_145] ends the answer, as does </s>
+    assert len(gen.generate([prompt])) == 1

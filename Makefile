@@ -5,14 +5,24 @@ PY     := $(VENV)/bin/python
 # Installing is keyed on the dependency files: edit them and the next target reinstalls.
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` and the lanes (0: one process). Each test module, and
+# each xdist_group (a shared recipe run, the distributed lane), stays on one worker; the
+# longest lanes go first (tests/lanes.py). test-fast runs in one process: on 2 cores the
+# second worker's collection costs more than it saves there (README: Development).
+TEST_WORKERS ?= 2
+FAST_WORKERS ?= 0
+PYTEST = $(PY) -m pytest -n $(1) --dist loadgroup --no-loadscope-reorder
+LANES  := unit integration pipelines containers distributed
 
-.PHONY: demo test lint bench doctor clean help
+.PHONY: demo test test-fast $(addprefix test-,$(LANES)) lint bench doctor clean help
 
 help:
-	@echo "make demo   set up .venv and run the default recipe end to end (CPU, tiny model)"
-	@echo "make test   set up .venv with dev extras and run the whole test suite"
-	@echo "make lint   ruff and the layer contracts (import-linter)"
-	@echo "make bench  benchmarks (tests/bench; not run by CI)"
+	@echo "make demo       set up .venv and run the default recipe end to end (CPU, tiny model)"
+	@echo "make test       set up .venv with dev extras and run the whole test suite (CI)"
+	@echo "make test-fast  the unit lane without its slow tests: everyday work"
+	@echo "make test-LANE  one lane: $(LANES) (README: Development)"
+	@echo "make lint       ruff and the layer contracts (import-linter)"
+	@echo "make bench      benchmarks (tests/bench; not run by CI)"
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "mmjobs needs Python >= 3.11"'
@@ -27,7 +37,13 @@ demo: $(STAMP)
 	$(PY) -m mmjobs.demo
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(call PYTEST,$(TEST_WORKERS)) $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(call PYTEST,$(FAST_WORKERS)) -m "unit and not slow" $(PYTEST_ARGS)
+
+$(addprefix test-,$(LANES)): test-%: $(STAMP)
+	$(call PYTEST,$(TEST_WORKERS)) -m $* $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mmjobs pipelines tests

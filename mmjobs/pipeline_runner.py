@@ -85,6 +85,8 @@ def default_run_id(recipe: RecipeConfig) -> str:
     data = recipe.model_dump(mode="json", exclude=_NOT_IN_RUN_ID)
     # Deploying the result for review changes no output: it must not move the run's folders.
     data.get("stages", {}).pop("deploy", None)
+    if not data.get("conversions"):  # recipes without conversions keep their earlier run ids
+        data.pop("conversions", None)
     return f"run-{fingerprint(data)[:12]}"
 
 

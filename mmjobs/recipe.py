@@ -98,8 +98,16 @@ class RecipeConfig(StrictModel):
         "the store URI the recipe then names in model/data/stages; revision, include, sha256, "
         "...: see `mmjobs import --help`). Each runs as step `import-<name>`; an identical "
         "earlier import is reused.")
+    conversions: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Checkpoints the pipeline converts after the imports and before every "
+        "other step: kebab-case name -> a convert step's settings (source; kind auto|"
+        "safetensors|llava; vision_tower and projector for LLaVA composed from vicuna + CLIP + "
+        "mm_projector.bin; to: the store URI the recipe then names; see `mmjobs stage convert "
+        "--help`). Each runs as step `convert-<name>`; an identical earlier conversion is "
+        "reused. Pickles are read with torch.load(weights_only=True) only.")
 
-    @field_validator("sweep", "imports")
+    @field_validator("sweep", "imports", "conversions")
     @classmethod
     def _kebab_settings(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         bad = [name for name in value if not re.fullmatch(_KEBAB, name)]

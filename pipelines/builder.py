@@ -162,7 +162,8 @@ class Build:
         task = component(stage, image)(config_json=config_json, **inputs, **extra)
         task.set_display_name(step)
         if stage != "import" and self.imports:
-            task.after(*self.imports)  # steps read what the recipe's imports put in the store
+            # Steps read what the recipe's imports (and conversions) put in the store.
+            task.after(*self.imports)
         if self.for_cluster:
             apply_cluster_settings(task, stage, self.recipe, step)
         else:
@@ -227,16 +228,27 @@ class Build:
     # ---------------------------------------------------------------- recipe defaults
 
     def add_imports(self) -> None:
-        """One `import-<name>` step per entry of the recipe's `imports`, before every other
-        step. Each must say where its copy goes (`to`): the recipe names that URI where the
-        input is used, so no step needs the import's output channel."""
-        for name, section in self.recipe.imports.items():
-            where = f"imports.{name}"
+        """One `import-<name>` step per entry of the recipe's `imports`, then one
+        `convert-<name>` step per entry of its `conversions` (after the imports: they read what
+        those put in the store), all before every other step. Each must say where its output
+        goes (`to`): the recipe names that URI where it is used, so no step needs the output
+        channel."""
+        self.imports.extend(self._store_fillers(
+            "imports", "import", "the store URI the recipe's model, data or stages sections "
+            "then name"))
+        self.imports.extend(self._store_fillers(
+            "conversions", "convert", "the store URI the recipe's model.name_or_path then names"))
+
+    def _store_fillers(self, key: str, stage: str, to_hint: str) -> list[dsl.PipelineTask]:
+        """The steps of the recipe's `key` section (imports or conversions), run by `stage`."""
+        tasks = []
+        for name, section in getattr(self.recipe, key).items():
+            where = f"{key}.{name}"
             if not section.get("to"):
-                self.errors.append(f"{where}.to: required (the store URI the recipe's model, "
-                                   "data or stages sections then name)")
-            config = self.config(f"import-{name}", "import", section=section, where=where)
-            self.imports.append(self.step(f"import-{name}", "import", config=config))
+                self.errors.append(f"{where}.to: required ({to_hint})")
+            config = self.config(f"{stage}-{name}", stage, section=section, where=where)
+            tasks.append(self.step(f"{stage}-{name}", stage, config=config))
+        return tasks
 
     def base_model(self) -> str | dsl.PipelineChannel:
         """The recipe's base model: its URI, or the output of a make-model step building a
@@ -246,7 +258,11 @@ class Build:
             return name
         kind = name.removeprefix("tiny:")
         if self._tiny is None:
-            config = self.config("make-model", "make-tiny-model", defaults={"kind": kind})
+            # `stages.make-model.replica` builds a replica of a real model instead (its sizes
+            # are the real model's: a kind would contradict it).
+            replica = self.recipe.stages.get("make-model", {}).get("replica")
+            config = self.config("make-model", "make-tiny-model",
+                                 defaults={} if replica else {"kind": kind})
             self._tiny = self.step("make-model", "make-tiny-model", config=config).output
         return self._tiny
 

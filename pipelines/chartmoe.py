@@ -1,7 +1,5 @@
 """Pipeline `chartmoe`: ChartMoE's diversely aligned MoE-MLP connector, then LoRA SFT.
 
-convert-base (the hub's InternLM-XComposer2 checkpoint, a `.bin` read with `weights_only`, →
-mmjobs' native XComposer2: safetensors + its 490 px processor; no remote code runs) →
 prepare-{table,json,code} (chart → table / JSON / plotting-code alignment data) → pretokenize
 each → three align runs (independent, so they run in parallel) → build-moe-connector (the
 base's connector as expert 0, then table, json, code) → prepare-sft → pretokenize-sft → sft
@@ -20,7 +18,7 @@ EXPERTS = ("table", "json", "code")
 
 def wire(b: Build) -> None:
     """Create the steps; see the module docstring."""
-    base = b.step("convert-base", "convert", source=b.base_model()).output
+    base = b.base_model()
     aligned = []
     for target in EXPERTS:
         data = b.step(f"prepare-{target}", "prepare", key=("prepare-align", f"prepare-{target}"))

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.once import build_once
 from tests.servers import MLflowServer, S3Server
 
-# Session fixtures building tiny models once: tiny_llava_dir, tiny_chameleon_dir, replica_dir.
-pytest_plugins = ["tests.fixtures_models", "tests.fixtures_replicas"]
+# Session fixtures building tiny models once (tiny_llava_dir, tiny_chameleon_dir, replica_dir),
+# and the lane markers every test gets (tests/lanes.py).
+pytest_plugins = ["tests.fixtures_models", "tests.fixtures_replicas", "tests.lanes"]
 
 # Variables that would point a test at a developer's real services.
 _LEAKY_ENV = (
@@ -29,21 +31,30 @@ def mlflow_db_template(tmp_path_factory) -> Path:
     """
     from mlflow.tracking import MlflowClient
 
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
+    def migrate(directory: Path) -> None:
+        directory.mkdir()
+        MlflowClient(f"sqlite:///{directory / 'mlflow.db'}").search_experiments()
+
+    # Built once per run, also under pytest-xdist (the workers share it).
+    return build_once(tmp_path_factory.getbasetemp(), "mlflow-template", migrate) / "mlflow.db"
+
+
+def isolate(monkeypatch: pytest.MonkeyPatch, home: Path, mlflow_db_template: Path) -> Path:
+    """Point MMJOBS_HOME at `home` (created) with a fresh MLflow database from the template,
+    and drop every variable that could reach a developer's real services; returns `home`."""
+    for name in _LEAKY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    home.mkdir(parents=True)
+    shutil.copyfile(mlflow_db_template, home / "mlflow.db")
+    monkeypatch.setenv("MMJOBS_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    return home
 
 
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path, monkeypatch, mlflow_db_template) -> None:
     """Every test gets its own MMJOBS_HOME, MLflow database, and no credentials from the shell."""
-    for name in _LEAKY_ENV:
-        monkeypatch.delenv(name, raising=False)
-    home = tmp_path / "mmjobs-home"
-    home.mkdir()
-    shutil.copyfile(mlflow_db_template, home / "mlflow.db")
-    monkeypatch.setenv("MMJOBS_HOME", str(home))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    isolate(monkeypatch, tmp_path / "mmjobs-home", mlflow_db_template)
 
 
 @pytest.fixture(scope="session")

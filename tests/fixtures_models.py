@@ -5,31 +5,20 @@ Use from any test directory by importing the fixtures into its `conftest.py`::
     from tests.fixtures_models import tiny_chameleon_dir, tiny_llava_dir  # noqa: F401
 
 (or list `"tests.fixtures_models"` in the root conftest's `pytest_plugins`). The models are
-built under the session's base temp dir and reused by every directory that imports the
-fixtures, so they are built once even when several conftests import them. Treat the
-directories as read-only: copy one before changing it.
+built under the run's temp dir and reused by every directory that imports the fixtures and
+by every pytest-xdist worker, so they are built once even when several conftests import them.
+Treat the directories as read-only: copy one before changing it.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.once import build_once
 
-def build_once(base: Path, name: str, build: Callable[[Path], Path]) -> Path:
-    """Build a model into `base/tiny-models/name` unless a complete build is already there."""
-    target = base / "tiny-models" / name
-    if not (target / "config.json").is_file():
-        scratch = target.with_name(f".{name}-{os.getpid()}")
-        shutil.rmtree(scratch, ignore_errors=True)
-        build(scratch)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(scratch, target)  # complete or absent, never half-built
-    return target
+__all__ = ["build_once", "tiny_chameleon_dir", "tiny_llava_dir"]
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,9 @@ Use from a test directory by importing the fixture into its `conftest.py`::
 
 (or list `"tests.fixtures_replicas"` in the root conftest's `pytest_plugins`). `replica_dir`
 is a function: `replica_dir("llava-hf/llava-1.5-7b-hf")` builds that replica the first time it
-is asked for (2-10 s each on 2 cores) and returns the same directory afterwards. Treat the
-directories as read-only: copy one before changing it.
+is asked for (2-10 s each on 2 cores) and returns the same directory afterwards; under
+pytest-xdist the workers share one build (tests/once.py). Treat the directories as read-only:
+copy one before changing it.
 """
 
 from __future__ import annotations
@@ -17,19 +18,22 @@ from pathlib import Path
 
 import pytest
 
+from tests.once import build_once
+
 
 @pytest.fixture(scope="session")
 def replica_dir(tmp_path_factory) -> Callable[[str], Path]:
     """`get(hub_id) -> Path` of the replica's directory (built on first use)."""
-    from mmjobs.models.replicas import RECORD_NAME, build_replica
+    from mmjobs.models.replicas import build_replica
 
-    root = tmp_path_factory.getbasetemp() / "replicas"
+    base = tmp_path_factory.getbasetemp()
+    built: dict[str, Path] = {}
 
     def get(name: str) -> Path:
-        target = root / name.replace("/", "--")
-        if not (target / RECORD_NAME).is_file():  # build_replica renames a complete build in
-            build_replica(name, target)
-        return target
+        if name not in built:
+            built[name] = build_once(base, "replica-" + name.replace("/", "--"),
+                                     lambda scratch: build_replica(name, scratch))
+        return built[name]
 
     return get
 

@@ -42,7 +42,6 @@ from mmjobs.models.convert import (
 )
 from mmjobs.stage_contract import (
     RUN_FIELDS,
-    Input,
     Stage,
     StageConfig,
     StageResult,
@@ -162,9 +161,10 @@ def _result(out: str, meta: dict, cached: bool, run_id: str | None) -> ConvertRe
 
 # Checkpoints arrive through `import` (data image, which has torch and sentencepiece); a
 # refused or broken checkpoint is one line on stderr and exit status 1, not a traceback.
+# Writes to its `to`: a recipe's `conversions:` name the URI its model.name_or_path then reads.
 STAGE = Stage(name=NAME, config=ConvertConfig, result=ConvertResult, main=main, image="data",
-              inputs=(Input("source"),),
-              errors=(ConversionError, GenerationConfigError, storage.StoreError))
+              errors=(ConversionError, GenerationConfigError, storage.StoreError),
+              own_output=False)
 
 if __name__ == "__main__":
     sys.exit(STAGE.cli())

@@ -9,11 +9,13 @@ a pytest skip that says what, never a failure: a failure means the image itself 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,3 +92,29 @@ def torch_cpu_wheels_dir(version: str) -> Path | None:
             if path.is_dir() and any(path.glob(f"torch-{version}+cpu-*.whl")):
                 return path
     return None
+
+
+# What `.dockerignore` lets into the build context: the images are made of these and nothing else.
+BUILD_CONTEXT = ("pyproject.toml", "README.md", "mmjobs", "pipelines", "docker")
+
+
+def build_context_key(podman: Podman, build_args: Iterable[str]) -> str:
+    """A digest of everything an image build reads: the files of the build context (as
+    `.dockerignore` filters it: no __pycache__ or .pyc), the build arguments, and the id of
+    the local base image. The same key means the same image, so a test run reuses the image
+    a previous run (or another worktree) built from identical inputs instead of rebuilding.
+    """
+    digest = hashlib.sha256()
+    for top in BUILD_CONTEXT:
+        root = REPO / top
+        files = [root] if root.is_file() else sorted(
+            p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+            and p.suffix != ".pyc")
+        for path in files:
+            digest.update(path.relative_to(REPO).as_posix().encode() + b"\0")
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    for arg in build_args:
+        digest.update(arg.encode() + b"\0")
+    base = podman("image", "inspect", "--format", "{{.Id}}", BASE_IMAGE, check=False)
+    digest.update(base.stdout.strip().encode())
+    return digest.hexdigest()[:16]

@@ -9,8 +9,10 @@ so it also runs, the same way, what the chart runs in it: `mmjobs compile` of th
 in the pipeline-upload job's working directory, and the MLflow server with basic auth (its ini
 written by the chart's init-container script). Skipped, with the reason, where podman cannot run.
 
-The first build downloads the image's dependencies (~10 min here); later builds reuse podman's
-layer cache unless pyproject.toml or docker/ changed (an mmjobs/ change rebuilds in seconds).
+The first build downloads the image's dependencies (~6 min here); later builds reuse podman's
+layer cache unless pyproject.toml or docker/ changed (an mmjobs/ change rebuilds only the last
+layers), and a run whose build context is unchanged (the image tag carries its digest) builds
+nothing.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ from tests.containers.podman import (
     HOST_CA_BUNDLE,
     REPO,
     Podman,
+    build_context_key,
     podman_or_skip,
     torch_cpu_wheels_dir,
 )
 
-pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.containers, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-IMAGE = "localhost/mmjobs-data:test"
+IMAGE_REPO = "localhost/mmjobs-data"
 TORCH_VERSION = "2.13.0"  # docker/data.Dockerfile's TORCH_VERSION default
 UID = "10001"
 CHART_VALUES = REPO / "charts" / "mmjobs" / "values.yaml"
@@ -48,14 +51,23 @@ def podman(tmp_path_factory) -> Podman:
 
 @pytest.fixture(scope="session")
 def data_image(podman, tmp_path_factory) -> str:
-    """Build the data image with `make images`; the build log is kept next to the test's tmp."""
+    """The data image, built with `make images` once per build context: its tag carries a
+    digest of the context (`build_context_key`), and an image already built from the same
+    context is used as is. The build log is kept next to the test's tmp."""
     wheels = torch_cpu_wheels_dir(TORCH_VERSION)
     if wheels is None:
         pytest.skip(f"no torch-{TORCH_VERSION}+cpu wheel in pip's find-links: PyPI has only "
                     "CUDA builds, and the data image must stay CPU-only")
+    settings = [f"BASE_IMAGE={BASE_IMAGE}", f"TORCH_VERSION={TORCH_VERSION}",
+                *(f"WHEEL={w.name}" for w in sorted(wheels.glob(f"torch-{TORCH_VERSION}+cpu-*")))]
+    tag = f"test-{build_context_key(podman, settings)}"
+    image = f"{IMAGE_REPO}:{tag}"
+    if podman("image", "exists", image, check=False).returncode == 0:
+        print(f"data image {image} reused: built earlier from the same build context")
+        return image
     log = tmp_path_factory.mktemp("image-build") / "data-build.log"
     argv = ["make", "--no-print-directory", "images", "IMAGES=data",
-            "IMAGE_PREFIX=localhost/mmjobs-", "IMAGE_TAG=test",
+            "IMAGE_PREFIX=localhost/mmjobs-", f"IMAGE_TAG={tag}",
             f"CONTAINER={podman.argv[0]}", f"CONTAINER_FLAGS={' '.join(podman.argv[1:])}",
             f"CONTAINERS_CONF={podman.env['CONTAINERS_CONF']}", f"BASE_IMAGE={BASE_IMAGE}",
             f"WHEELS_DIR={wheels}", "BUILD_FLAGS=--network=host"]
@@ -69,8 +81,8 @@ def data_image(podman, tmp_path_factory) -> str:
     if proc.returncode != 0:
         pytest.fail(f"`{' '.join(argv)}` exited {proc.returncode} after {took:.0f}s; "
                     f"last lines of {log}:\n{log.read_text()[-5000:]}")
-    print(f"data image built in {took:.0f}s (log: {log})")
-    return IMAGE
+    print(f"data image {image} built in {took:.0f}s (log: {log})")
+    return image
 
 
 def run_stage(podman: Podman, image: str, env: dict[str, str], stage: str,

@@ -170,6 +170,7 @@ def test_upload_pipelines_new_existing_and_failing(tmp_path, monkeypatch, capsys
     assert "FAIL" in err and "missing.yaml" in err
 
 
+@pytest.mark.slow
 def test_upload_job_compiles_the_real_recipe(tmp_path, monkeypatch):
     """The exact compile the hook runs: `mmjobs compile` with the rendered overrides."""
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")

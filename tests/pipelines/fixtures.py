@@ -58,6 +58,18 @@ def chart_demo() -> list[str]:
     ]
 
 
+# The demo's chart questions on llava-hf: 576 image tokens + a short question and answer.
+DEMO_REPLICA_MAX_LENGTH = 640
+
+
+def chart_demo_on_replica(replica: str = "llava-hf/llava-1.5-7b-hf") -> list[str]:
+    """The demo with its make-model step building the replica of a real base model (the
+    section is replaced whole: the demo's 56 px tiny-model size does not apply), a
+    max_length its 576 image tokens fit, and small batches (598-token samples)."""
+    return [*chart_demo(), f"stages.make-model={{replica: {replica}}}",
+            f"data.max_length={DEMO_REPLICA_MAX_LENGTH}", "train.per_device_batch_size=2"]
+
+
 # --------------------------------------------------------------------------- chartwiz
 
 
@@ -96,7 +108,7 @@ def make_chartmoe(root: Path, model: Path, clip: Path) -> list[str]:
     """ChartMoE-Data JSON in its published layout (`<ImageHere>`, user/assistant) with a mix
     file per target, ChartMoE SFT JSON, ChartQA; the base is the InternLM-XComposer2 replica
     (`model`: a remote-code config and one `.bin`), imported into the store and converted by
-    the recipe's convert-base step, with `clip` the CLIP replica its ViT was built from."""
+    the recipe's `conversions.base`, with `clip` the CLIP replica its ViT was built from."""
     data = root / "train"
     targets = {"table": "| year | value |\n| 2019 | {v} |", "json": '{{"2019": {v}}}',
                "code": "plt.bar(['2019'], [{v}])"}
@@ -122,9 +134,11 @@ def make_chartmoe(root: Path, model: Path, clip: Path) -> list[str]:
     write_json(root / "sft.json", rows)
     make_chartqa(root / "ChartQA")
     imported = root.parent / "store-copy" / "xcomposer2-hub"
-    return [*tiny_model(imported),
+    converted = root.parent / "store-copy" / "xcomposer2"
+    return [*tiny_model(converted),
             f"imports={{base: {{source: '{model}', to: '{imported}'}}}}",
-            f"stages.convert-base.vision_tower={clip}",
+            f"conversions.base.source={imported}", f"conversions.base.vision_tower={clip}",
+            f"conversions.base.to={converted}",
             f"stages.prepare-align.image_root={data}",
             *(f"stages.prepare-{t}.input={data / 'data' / f'{t}_align.txt'}" for t in targets),
             f"stages.prepare-sft.input={root / 'sft.json'}",
@@ -141,9 +155,23 @@ def make_chartmoe(root: Path, model: Path, clip: Path) -> list[str]:
 # --------------------------------------------------------------------------- llava-dataengine
 
 
-def make_llava_dataengine(root: Path, model: Path) -> list[str]:
+# The hub repos llava-dataengine imports and composes (its `imports:` entries), by entry name.
+LLAVA_PARTS = {"vicuna": "lmsys/vicuna-7b-v1.5",
+               "clip": "openai/clip-vit-large-patch14-336",
+               "projector": "liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5"}
+
+
+LONG_ANSWER = " ".join(["The chart is red and the sky is blue."] * 200)
+
+
+def make_llava_dataengine(root: Path, parts: dict[str, Path]) -> list[str]:
     """mix665k-style and DataEngine JSON over one image root (coco/train2017), plus three of
-    the six benchmarks in their official layouts (MME, GQA, ScienceQA)."""
+    the six benchmarks in their official layouts (MME, GQA, ScienceQA).
+
+    The base model is built as the recipe builds it: its `imports:` copy the replicas of
+    vicuna-7b-v1.5, CLIP-336 and the pretrain projector (`parts`, keyed like LLAVA_PARTS) into
+    a store folder under `root`, and its `conversions.base` composes them into a transformers
+    LLaVA there (`model.name_or_path` follows `conversions.base.to`)."""
     data = root / "playground" / "data"
     for image_id in (1, 2, 3):
         image(data / "coco" / "train2017" / f"{image_id:012d}.jpg", (60 * image_id, 0, 0),
@@ -153,14 +181,26 @@ def make_llava_dataengine(root: Path, model: Path) -> list[str]:
             {"from": "human", "value": "<image>\nWhat color is it?"},
             {"from": "gpt", "value": "It is red."}]} for i in (1, 2, 3)] + [
         {"id": "text-only", "conversations": [{"from": "human", "value": "Hi"},
-                                              {"from": "gpt", "value": "Hello."}]}])
+                                              {"from": "gpt", "value": "Hello."}]},
+        # Past max_length (2048) with its image: LLaVA (and the recipe) truncates the text.
+        {"id": "long", "image": "coco/train2017/000000000001.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe it at length."},
+            {"from": "gpt", "value": LONG_ANSWER}]}])
     write_json(root / "dataengine.json", [
         {"image_id": i, "question": "What is in the picture?", "choices": ["a cat", "a dog"],
          "correct_choice_idx": i % 2, "rationales": []} for i in (1, 2, 3)])
     benchmarks = {"mme": make_mme, "gqa": make_gqa, "scienceqa": make_scienceqa}
     for name, make in benchmarks.items():
         make(root / name)
-    return [*tiny_model(model),
+    hub = {name: root / "models" / "hub" / name for name in LLAVA_PARTS}
+    composed = root / "models" / "llava-v1.5-7b-pretrain"
+    # A local source takes no hub filters (include): each entry is replaced whole.
+    imports = [f"imports.{name}={{source: '{parts[name]}', to: '{hub[name]}'}}"
+               for name in LLAVA_PARTS]
+    return [*imports, f"conversions.base.source={hub['vicuna']}",
+            f"conversions.base.vision_tower={hub['clip']}",
+            f"conversions.base.projector={hub['projector'] / 'mm_projector.bin'}",
+            f"conversions.base.to={composed}", *tiny_model(composed),
             f"stages.prepare-llava.input={root / 'llava_mix.json'}",
             f"stages.prepare-llava.image_root={data}",
             f"stages.prepare-dataengine.input={root / 'dataengine.json'}",
@@ -200,18 +240,26 @@ def make_lavin_sweep(root: Path, model: Path) -> list[str]:
 # --------------------------------------------------------------------------- chameleon-interleaved
 
 
-def make_chameleon_interleaved(root: Path, judge_url: str) -> list[str]:
+TOO_MANY_IMAGES = "four-images"
+
+
+def make_chameleon_interleaved(root: Path, judge_url: str, model: Path) -> list[str]:
     """Align-Anything layouts (TI2TI SFT rows whose responses hold an image, preference pairs,
-    prompt-only rows), a tiny Chameleon built by the make-model step, and a judge at
-    `judge_url` (an OpenAI-compatible server). Preference responses are text only: until the
-    model loader lifts upstream's image-logit mask, an image in a DPO response has log-prob
-    -inf (the image-token learning test applies the lift itself)."""
+    prompt-only rows), the base `model` (the AA-chameleon-7b-base replica: 1,024 VQ tokens per
+    512 px image) and a judge at `judge_url` (an OpenAI-compatible server). The recipe's own
+    max_length (4096) and anything_ti2ti format apply. Preference responses are text only:
+    until the model loader lifts upstream's image-logit mask, an image in a DPO response has
+    log-prob -inf (the image-token learning test applies the lift itself)."""
     colours = {"red": (230, 20, 20), "blue": (20, 40, 230)}
     for name, rgb in colours.items():
         image(root / f"{name}.png", rgb)
     sft = [{"id": f"{name}-{i}", "question": f"Draw a {name} square.", "image_url": [],
             "response": f"Here is a {name} square:", "output_image_url": f"{name}.png"}
            for name in colours for i in range(2)]
+    # Four images of 1,026 tokens cannot fit the recipe's 4096: a too_long reject, not a crash.
+    sft.append({"id": TOO_MANY_IMAGES, "question": "Compare these three.",
+                "image_url": ["red.png", "blue.png", "red.png"], "response": "This one:",
+                "output_image_url": "blue.png"})
     pairs = [{"question": "What colour is this?", "image": f"{name}.png",
               "response_1": f"It is {name}.", "response_2": "I cannot tell.",
               "better_response_id": 1} for name in colours for _ in range(2)]
@@ -222,10 +270,11 @@ def make_chameleon_interleaved(root: Path, judge_url: str) -> list[str]:
     steps = {"prepare-sft": "sft", "prepare-preference": "preference",
              "prepare-prompts": "prompts", "prepare-test": "prompts"}
     return [
-        "model.name_or_path=tiny:chameleon", *SCALE_DOWN,
-        "eval.max_new_tokens=24",  # room for one 16-token image and its begin/end tokens
+        *tiny_model(model),
+        # A 1,026-token image would take minutes to sample on CPU: short text answers.
+        "eval.max_new_tokens=8",
         *(f"stages.{step}.input={root / name}.jsonl" for step, name in steps.items()),
-        "stages.pretokenize.workers=1", "stages.pretokenize.max_length=256",
+        "stages.pretokenize.workers=1",
         "stages.dpo.train.deepspeed=none", "stages.ppo.train.deepspeed=none",
         "stages.ppo.train.rl.rollout_batch_size=2", "stages.ppo.train.rl.max_new_tokens=8",
         f"stages.evaluate.judge.base_url={judge_url}", "stages.evaluate.judge.model=judge-1",

@@ -239,3 +239,41 @@ def test_a_recipe_import_must_say_where_its_copy_goes() -> None:
         pipeline_runner.load(
             "pipelines/recipes/chartwiz.yaml", ["imports={base: {source: org/model}}"])
     assert "imports.base.to: required" in str(e.value)
+
+
+def test_llava_dataengine_imports_then_composes_its_base_before_any_other_step(
+        tmp_path: Path) -> None:
+    out = tmp_path / "p.yaml"
+    pipeline_runner.compile_recipe("pipelines/recipes/llava-dataengine.yaml", out)
+    spec = next(yaml.safe_load_all(out.read_text()))
+    tasks = spec["root"]["dag"]["tasks"]
+    by_step = {t["taskInfo"]["name"]: key for key, t in tasks.items()}
+    imports = {by_step[f"import-{name}"] for name in ("vicuna", "clip", "projector")}
+    convert = tasks[by_step["convert-base"]]
+    assert set(convert["dependentTasks"]) == imports  # reads what the imports committed
+    for step in ("prepare-llava", "prepare-dataengine", "mix", "pretokenize", "sft"):
+        assert by_step["convert-base"] in tasks[by_step[step]]["dependentTasks"], step
+    config = json.loads(convert["inputs"]["parameters"]["config_json"]["runtimeValue"]
+                        ["constant"])
+    assert config["kind"] == "llava" and config["to"] == "s3://mmjobs-models/llava-v1.5-7b-pretrain"
+    assert config["projector"].endswith("/mm_projector.bin")
+    executor = spec["deploymentSpec"]["executors"][convert["componentRef"]["name"]
+                                                   .replace("comp-", "exec-")]
+    resources = executor["container"]["resources"]
+    assert "accelerator" not in resources  # a conversion needs no GPU
+    assert resources["cpuLimit"] == 8.0
+
+
+def test_a_conversion_must_say_where_its_model_goes() -> None:
+    with pytest.raises(ConfigError) as e:
+        pipeline_runner.load("pipelines/recipes/llava-dataengine.yaml", [
+            "conversions.base.to=null", "conversions.Other={source: x}",
+            "conversions.more={source: s3://a/b, kind: pickle, to: s3://a/c}"])
+    assert e.value.errors[0].startswith("conversions: got {")
+    assert e.value.errors[0].endswith("names must be kebab-case, got 'Other'")
+    with pytest.raises(ConfigError) as e:
+        pipeline_runner.load("pipelines/recipes/llava-dataengine.yaml", [
+            "conversions.base.to=null",
+            "conversions.more={source: s3://a/b, kind: pickle, to: s3://a/c}"])
+    assert any(err.startswith("conversions.base.to: required") for err in e.value.errors)
+    assert any(err.startswith("conversions.more.kind: got 'pickle'") for err in e.value.errors)

@@ -1,44 +1,32 @@
-"""Every recipe runs end to end locally (KFP's local runner), scaled down onto a tiny model
-and generated fixtures in each recipe's published layout; failures name the step."""
+"""Recipes run end to end locally (KFP's local runner), scaled down onto generated fixtures in
+each recipe's published layout; failures name the step. lavin-sweep still runs on the tiny
+LLaVA (its recipe issue moves it onto the LLaMA-7B replica); llava-dataengine, chartwiz,
+chameleon-interleaved and chartmoe run on the replicas of their base models in
+test_recipes_on_replicas.py, test_chameleon_recipe.py and test_chartmoe_recipe.py. The demo
+(`make demo`) runs as shipped, on its own tiny model."""
 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from mmjobs import pipeline_runner, storage
 from tests.pipelines import fixtures
+from tests.pipelines.runs import RecipeRuns, uses_run
 
-RUNS: dict[str, Callable[[Path, Path], list[str]]] = {
-    "chartwiz": fixtures.make_chartwiz,
-    "llava-dataengine": fixtures.make_llava_dataengine,
-    "lavin-sweep": fixtures.make_lavin_sweep,
-}
 # Which evaluations each run reports (results.md rows), and the table it draws.
 EXPECTED = {
-    "chartwiz": ({"chartwiz"}, "## Headline per evaluation"),
-    "chartmoe": ({"w/o PoT", "w/ PoT"}, "## ChartQA relaxed accuracy (@AP)"),
-    "llava-dataengine": ({"mme", "gqa", "scienceqa"}, "## Main results"),
     "lavin-sweep": ({"baseline", "dec-dropout"}, "## ScienceQA accuracy (%)"),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", sorted(RUNS))
-def test_recipe_runs_scaled_down(recipe: str, tmp_path: Path, tiny_llava_dir: Path) -> None:
-    overrides = RUNS[recipe](tmp_path / "data", tiny_llava_dir)
-    imported = tmp_path / "store-copy" / "base-model"
-    if recipe == "chartwiz":  # starts from a recipe import, as a cluster run from the hub would
-        overrides += [f"imports={{base: {{source: '{tiny_llava_dir}', to: '{imported}'}}}}",
-                      f"model.name_or_path={imported}"]
-    outcome = pipeline_runner.run_local(f"pipelines/recipes/{recipe}.yaml", overrides)
-    if recipe == "chartwiz":
-        assert storage.is_committed(str(imported))
-        assert any(name.startswith("import ") for name in outcome.stages_cached)
+@pytest.mark.parametrize("recipe", [pytest.param(r, marks=uses_run(r)) for r in sorted(EXPECTED)])
+def test_recipe_runs_scaled_down(recipe: str, recipe_runs: RecipeRuns) -> None:
+    run = recipe_runs.get(recipe)
+    outcome = run.outcome
     labels, table = EXPECTED[recipe]
     assert set(outcome.headlines) == labels
     assert all(value is not None for _, value in outcome.headlines.values())
@@ -51,35 +39,36 @@ def test_recipe_runs_scaled_down(recipe: str, tmp_path: Path, tiny_llava_dir: Pa
 
 
 @pytest.mark.slow
-def test_chartmoe_runs_on_the_xcomposer2_replica(tmp_path: Path, replica_dir) -> None:
-    """The hub-layout InternLM-XComposer2 replica (remote-code config, one `.bin`) through
-    import -> convert -> pretokenize -> three align runs -> MoE build -> LoRA SFT -> merge ->
-    ChartQA direct and PoT -> report, with trust_remote_code off throughout."""
-    overrides = fixtures.make_chartmoe(tmp_path / "data",
-                                       replica_dir("internlm/internlm-xcomposer2-7b"),
-                                       replica_dir("openai/clip-vit-large-patch14-336"))
-    outcome = pipeline_runner.run_local("pipelines/recipes/chartmoe.yaml", overrides)
-    assert set(outcome.headlines) == {"w/o PoT", "w/ PoT"}
-    assert all(value is not None for _, value in outcome.headlines.values())
-    results = storage.read_text(outcome.results)
-    # The seed's @AP layout: one table per mode, rows Human / Augmented / Averaged.
-    for mode in ("w/o PoT", "w/ PoT"):
-        table = results.split(f"**{mode}**", 1)[1].split("**", 1)[0].split("\n## ", 1)[0]
-        assert re.search(r"\| @AP\s+\|\s+0\.05 \|\s+0\.1 \|\s+0\.2 \|", table), table
-        assert [line.split("|")[1].strip() for line in table.splitlines()
-                if line.startswith("| ") and "@AP" not in line] == ["Human", "Augmented",
-                                                                     "Averaged"]
-    assert not any(outcome.stages_cached.values())
-    run = Path(outcome.results).parent
-    merged = json.loads((run / "merge" / "config.json").read_text())
-    assert merged["architectures"] == ["XComposer2ForCausalLM"] and "auto_map" not in merged
-    moe = merged["mmjobs_connector"]  # the original vision_proj first, then table, json, code
-    assert (moe["kind"], moe["expert_names"], moe["top_k"]) == (
-        "moe", ["original", "table", "json", "code"], 2)
-    adapter = json.loads((run / "sft" / "final" / "adapter" / "adapter_config.json").read_text())
-    assert {name.rsplit(".", 1)[1] for name in adapter["target_modules"]} == {
-        "wqkv", "wo", "w1", "w2", "w3"}
-    assert adapter["modules_to_save"] == ["vision_proj"]  # the MoE connector trains in full
-    info = json.loads((run / "align-table" / "final" / "train_info.json").read_text())
-    assert info["outputs"] == {"connector": "connector"}
-    assert info["base_model"]["trust_remote_code"] is False
+def test_failed_step_is_named_with_its_log_tail(tmp_path: Path) -> None:
+    # A converter that needs an input file, given none: the prepare step fails first.
+    with pytest.raises(pipeline_runner.PipelineError) as e:
+        pipeline_runner.run_local("pipelines/recipes/chart-demo.yaml", [
+            *fixtures.chart_demo(), "stages.prepare.source_format=llava"])
+    message = str(e.value)
+    assert message.startswith("step 'prepare' (stage prepare) failed. Last lines of its log:")
+    assert "llava" in message and "input" in message
+    assert "run the same command again" in message
+
+
+@pytest.mark.slow
+@uses_run("chart-demo")
+def test_demo_rerun_reuses_every_step(recipe_runs: RecipeRuns) -> None:
+    demo = recipe_runs.get("chart-demo")
+    first = demo.outcome
+    assert set(first.headlines) == {"untrained", "trained"}
+    checkpoints = Path(first.run_dir) / "sft" / "checkpoints"
+    before = {p.name: p.stat().st_mtime_ns for p in checkpoints.iterdir()}
+    assert before  # checkpoint_every_steps=1 committed some
+
+    with demo.environment():  # the same MMJOBS_HOME: the same store and MLflow database
+        second = pipeline_runner.run_local(demo.path, demo.overrides)
+    assert second.run_id == first.run_id  # the default id is the recipe's fingerprint
+    # Every stage reuses its committed output, except the report: it reports on this new
+    # pipeline run (its MLflow parent), so it has something new to say.
+    reused = {name: cached for name, cached in second.stages_cached.items()
+              if not name.startswith("report ")}
+    assert len(reused) == 12 and all(reused.values()), second.stages_cached
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoints.iterdir()} == before
+    assert second.headlines == first.headlines
+    summary = json.loads((Path(first.run_dir) / "evaluate-trained" / "summary.json").read_text())
+    assert summary["label"] == "trained" and summary["metric"] == "chartqa"

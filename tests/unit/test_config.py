@@ -332,10 +332,8 @@ def test_top_level_list_is_rejected(tmp_path: Path) -> None:
     path = write(tmp_path, "- recipe: a\n")
     assert errors_of(path) == [
         f"{path}: expected a mapping of keys (recipe:, description:, experiment:, model:, "
-        "data:, train:, eval:, cluster:, pipeline:, images:, stages:, sweep:, plan:, imports:) "
-        "at the "
-        "top, "
-        "got a list"
+        "data:, train:, eval:, cluster:, pipeline:, images:, stages:, sweep:, plan:, imports:, "
+        "conversions:) at the top, got a list"
     ]
 
 

@@ -158,6 +158,7 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+@pytest.mark.slow
 def test_unreachable_server_spools_without_raising_or_blocking(tmp_path):
     """Nothing listens on the port: every call returns at once, one warning, all spooled."""
     handler = _Lines()

@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[3]
 DUMP_ENV = "MMJOBS_TEST_RANK_DUMP"

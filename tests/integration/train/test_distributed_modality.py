@@ -30,7 +30,8 @@ import pytest
 from tests.integration.train.test_distributed import deepspeed_op  # noqa: F401 - fixture
 
 # deepspeed_op: DeepSpeed's CPU op built once, outside the runs' wall clock.
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("deepspeed_op")]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow,
+              pytest.mark.usefixtures("deepspeed_op")]
 
 REPO = Path(__file__).resolve().parents[3]
 RECORD_ENV = "MMJOBS_TEST_MICRO_BATCHES"

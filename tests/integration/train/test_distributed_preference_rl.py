@@ -39,7 +39,7 @@ from tests.integration.train.test_distributed import (
     deepspeed_op,  # noqa: F401 - module fixture
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 LORA = {"max_steps": STEPS, "per_device_batch_size": 2, "checkpoint_every_steps": 4,
         "keep_last_checkpoints": 2, "warmup_ratio": 0.0, "finetune": "lora", "lr": 1e-2,

@@ -144,6 +144,7 @@ def test_llava_needs_an_input(tmp_path):
         list(get_converter("llava").fn(ctx))
 
 
+@pytest.mark.slow
 def test_llava_streams_a_large_array_in_bounded_memory(tmp_path):
     """50k rows (~20 MB of JSON, ~100 MB as Python objects) convert with a small peak."""
     n = 50_000

@@ -181,6 +181,7 @@ def test_identical_rerun_is_a_cache_hit(llava_run, shared_tracking, tiny_llava_d
     assert not other.cached and other.fingerprint != again.fingerprint
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_only_the_remaining_shards(llava_run, shared_tracking, tmp_path,
                                                            tiny_llava_dir):
     cfg = _config(llava_run.dataset, tiny_llava_dir, tmp_path / "cache")
@@ -200,6 +201,7 @@ def test_killed_run_resumes_with_only_the_remaining_shards(llava_run, shared_tra
     assert _file_digests(out) == _file_digests(llava_run.out)
 
 
+@pytest.mark.slow
 def test_workers_2_equals_workers_1_even_after_a_worker_dies(llava_run, shared_tracking,
                                                              monkeypatch, tmp_path,
                                                              tiny_llava_dir):

@@ -42,6 +42,7 @@ def loaded(tiny_llava_dir):
     return load_for_inference(str(tiny_llava_dir))
 
 
+@pytest.mark.slow
 def test_batched_greedy_equals_one_at_a_time(loaded):
     items = prompts()
     batched = Generator(loaded, batch_size=4, max_new_tokens=12)
@@ -137,6 +138,7 @@ def make_lora(base_dir: Path, adapter_dir: Path, merged_dir: Path) -> None:
     export_model_dir(peft_model.merge_and_unload(), merged_dir, source_dir=base_dir)
 
 
+@pytest.mark.slow
 def test_adapter_unmerged_and_merged_agree(tiny_llava_dir, tmp_path):
     make_lora(tiny_llava_dir, tmp_path / "adapter", tmp_path / "merged")
     items = prompts()

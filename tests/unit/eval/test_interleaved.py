@@ -181,6 +181,7 @@ def image_token_loss(model_dir: Path, rows: list[dict[str, Any]]) -> float:
     return total / count
 
 
+@pytest.mark.slow
 def test_chameleon_learns_image_tokens_in_responses_and_generates_them(
         tmp_path, tiny_chameleon_dir, one_thread):
     from mmjobs.stages import infer, prepare, pretokenize, train

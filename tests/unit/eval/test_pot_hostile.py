@@ -55,7 +55,7 @@ FULL_STATUS = {
 OS_ONLY_STATUS = {"memory-bomb": "memory", "infinite-loop": "timeout",
                   "huge-output": "output_limit", "orphan-then-hang": "timeout"}
 
-pytestmark = needs_pot_isolation
+pytestmark = [needs_pot_isolation, pytest.mark.slow]  # the hostile suite runs twice: ~20 s
 
 
 class Listeners:

@@ -103,6 +103,7 @@ def test_aux_loss_is_positive_differentiable_and_balanced_at_one() -> None:
     assert moe_aux_loss(nn.Sequential(moe, plain)) == moe.aux_loss
 
 
+@pytest.mark.slow
 def test_it_trains_on_a_toy_regression() -> None:
     torch.manual_seed(0)
     moe = MoEConnector(DV, DT, num_experts=4, top_k=2, aux_loss_coef=0.01)

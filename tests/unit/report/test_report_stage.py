@@ -93,6 +93,7 @@ def test_report_of_a_pipeline_run(experiment: Experiment) -> None:
             "chartqa_ap.csv", "config.yaml"} <= artifacts
 
 
+@pytest.mark.slow
 def test_unchanged_runs_reuse_the_report_until_a_run_changes(experiment: Experiment) -> None:
     cfg = ReportConfig(experiment=experiment.name, parent_run_id=experiment.parent)
     first = main(cfg)
@@ -109,6 +110,7 @@ def test_unchanged_runs_reuse_the_report_until_a_run_changes(experiment: Experim
     assert rows[3][0] == "step" and rows[3][-1] == "90.00"
 
 
+@pytest.mark.slow
 def test_whole_experiment_leaves_out_pipeline_and_report_runs(experiment: Experiment,
                                                               tmp_path: Path) -> None:
     main(ReportConfig(experiment=experiment.name, parent_run_id=experiment.parent))

@@ -141,6 +141,7 @@ def test_run_summary_table_markdown_and_csv() -> None:
         "evaluate,0123456789abcdef,evaluate,-,finished,cosine,88.82,")
 
 
+@pytest.mark.slow
 def test_hundreds_of_runs_are_split_over_figures(tmp_path: Path) -> None:
     runs, schedules = [], ("cosine", "step", "exponential", "cyclic_triangular")
     for i in range(100):

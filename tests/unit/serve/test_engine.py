@@ -38,6 +38,7 @@ def test_delta_filter_holds_back_what_could_still_change():
     assert half_char.finish("ab가") == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [(), ("a", "\n")])
 def test_stream_matches_batched_answers(loaded, stop):
     settings = Settings.make(12, stop)

@@ -1,0 +1,203 @@
+"""llava-dataengine, chartwiz and chart-demo run end to end (KFP's local runner), scaled down
+onto the replicas of their real base models (`mmjobs.models.replicas`): 336 px CLIP images of
+576 tokens, the real tokenizers' special ids, the real chat template or none.
+
+- llava-dataengine starts as the recipe does: its `imports:` copy vicuna-7b-v1.5, CLIP-336 and
+  the LLaVA-1.5 pretrain projector (pickles, as published) into the store and
+  `conversions.base` composes them into a transformers LLaVA; it trains in vicuna_v1.
+- chartwiz imports the llava-hf/llava-1.5-7b-hf replica and trains in its chat template.
+- chart-demo's make-model step builds the llava-hf replica (`stages.make-model.replica`).
+  `make demo` itself keeps its tiny model: its accuracy story (38/40 chart types after 1000
+  CPU steps on 56 px charts) needs a model that small; test_run.py covers that run.
+
+Each recipe runs once per module (a module-scoped fixture per recipe); the tests read what a
+user would: committed outputs, shard counts and rejects, decoded labels, MLflow metrics,
+results.md and the evaluate summaries.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmjobs import storage
+from tests.pipelines import fixtures
+from tests.pipelines.replica_runs import (
+    ReplicaRun,
+    assert_counts_reconcile,
+    assert_steps_committed,
+    assert_trained,
+    decoded_labels,
+    evaluation,
+    rows,
+    run_recipe,
+)
+
+pytestmark = pytest.mark.slow
+LLAVA_HF = "llava-hf/llava-1.5-7b-hf"
+LLAVA_IMAGE_TOKENS = 576  # (336 / 14) ** 2
+
+
+def _answers(run: ReplicaRun, dataset_step: str) -> dict[str, str]:
+    """Sample id -> its assistant text (every fixture sample has one assistant turn)."""
+    out = {}
+    for sample in rows(run.run_dir / dataset_step / "samples.jsonl"):
+        replies = [t["content"] for t in sample["conversations"] if t["role"] == "assistant"]
+        assert len(replies) == 1, sample
+        out[sample["id"]] = replies[0]
+    return out
+
+
+def _assert_image_tokens(card: dict) -> None:
+    """Every written row of an image dataset carries the real model's 576 image tokens."""
+    assert card["tokens"]["image"] == LLAVA_IMAGE_TOKENS * card["images"], card["tokens"]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def dataengine_run(tmp_path_factory, replica_dir, mlflow_db_template) -> ReplicaRun:
+    parts = {name: replica_dir(hub_id) for name, hub_id in fixtures.LLAVA_PARTS.items()}
+    return run_recipe("llava-dataengine", tmp_path_factory.mktemp("llava-dataengine"),
+                      mlflow_db_template, lambda data: fixtures.make_llava_dataengine(data, parts))
+
+
+@pytest.fixture(scope="module")
+def chartwiz_run(tmp_path_factory, replica_dir, mlflow_db_template) -> ReplicaRun:
+    replica = replica_dir(LLAVA_HF)
+
+    def overrides(data: Path) -> list[str]:
+        imported = data.parent / "store-copy" / "llava-1.5-7b-hf"  # as a hub import would
+        return [*fixtures.make_chartwiz(data, replica),
+                f"imports={{base: {{source: '{replica}', to: '{imported}'}}}}",
+                f"model.name_or_path={imported}"]
+
+    return run_recipe("chartwiz", tmp_path_factory.mktemp("chartwiz"), mlflow_db_template,
+                      overrides)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, mlflow_db_template) -> ReplicaRun:
+    return run_recipe("chart-demo", tmp_path_factory.mktemp("chart-demo"), mlflow_db_template,
+                      lambda data: fixtures.chart_demo_on_replica(LLAVA_HF))
+
+
+# --------------------------------------------------------------------------- llava-dataengine
+
+
+def test_dataengine_composes_its_base_from_the_published_parts(
+        dataengine_run: ReplicaRun) -> None:
+    run = dataengine_run
+    steps = {"prepare-llava", "prepare-dataengine", "mix", "sft", "merge",
+             *(f"{kind}-{b}" for kind in ("infer", "evaluate") for b in ("mme", "gqa",
+                                                                          "scienceqa"))}
+    # + 3 imports, the conversion, pretokenize and the report
+    assert_steps_committed(run, steps, stage_count=len(steps) + 6)
+    hub = run.home.parent / "data" / "models"
+    for name in fixtures.LLAVA_PARTS:
+        assert storage.is_committed(str(hub / "hub" / name))
+    composed = hub / "llava-v1.5-7b-pretrain"
+    manifest = storage.read_manifest(str(composed))
+    assert manifest.meta["conversion"]["kind"] == "llava"
+    config = json.loads((composed / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["image_token_index"] == 32000
+    assert config["vision_config"]["image_size"] == 336
+    assert not list(composed.glob("*.bin"))  # safetensors only
+    assert list(composed.glob("*.safetensors"))
+
+
+def test_dataengine_labels_are_vicuna_v1_answers(dataengine_run: ReplicaRun) -> None:
+    run = dataengine_run
+    card = assert_counts_reconcile(run, "mix")
+    # 5 mix665k rows (one text-only, one cut at max_length as LLaVA cuts it) + 3 DataEngine
+    # questions: none is dropped.
+    assert card["counts"] == {"input": 8, "written": 8, "rejected": 0}
+    assert card["processor"]["conversation_format"]["name"] == "vicuna_v1"
+    assert card["processor"]["truncate"] is True
+    assert card["tokens"]["max_length"] == card["max_length"] == 2048
+    _assert_image_tokens(card)
+    assert card["images"] == 7
+    composed = run.home.parent / "data" / "models" / "llava-v1.5-7b-pretrain"
+    labels = decoded_labels(run, "mix", composed)
+    answers = _answers(run, "mix")
+    assert set(labels) == set(answers)
+    long = labels.pop("long").strip()  # the answer's first tokens, and no </s>
+    assert fixtures.LONG_ANSWER.startswith(long) and len(long) > 100
+    for sample_id, text in labels.items():  # LLaVA's preprocess_v1: the answer and its </s>
+        assert text.strip() == answers[sample_id] + "</s>", (sample_id, text)
+    assert labels["l1"].strip() == "It is red.</s>"
+
+
+def test_dataengine_trains_and_reports_three_benchmarks(dataengine_run: ReplicaRun) -> None:
+    run = dataengine_run
+    assert_trained(run, train_steps=1)
+    assert set(run.outcome.headlines) == {"mme", "gqa", "scienceqa"}
+    assert all(value is not None for _, value in run.outcome.headlines.values())
+    results = storage.read_text(run.outcome.results)
+    assert "## Main results" in results and "LLaVA-1.5-7B + MLLM-DataEngine" in results
+    for benchmark in ("mme", "gqa", "scienceqa"):
+        summary = evaluation(run, f"evaluate-{benchmark}")
+        assert summary["metric"] == benchmark and summary["label"] == benchmark
+        predictions = rows(run.run_dir / f"infer-{benchmark}" / "predictions.jsonl")
+        assert predictions and all("prediction" in p for p in predictions)
+    assert run.outcome.report and storage.exists(run.outcome.report)
+
+
+# --------------------------------------------------------------------------- chartwiz
+
+
+def test_chartwiz_trains_in_the_llava_hf_template(chartwiz_run: ReplicaRun) -> None:
+    run = chartwiz_run
+    steps = {"prepare-align", "prepare", "prepare-test", "align", "apply-connector",
+             "finetune", "infer", "evaluate"}
+    # + the import, two pretokenize steps and the report
+    assert_steps_committed(run, steps, stage_count=len(steps) + 4)
+    imported = run.home.parent / "store-copy" / "llava-1.5-7b-hf"
+    assert storage.is_committed(str(imported))
+    assert json.loads((imported / "replica.json").read_text())["replica_of"] == LLAVA_HF
+    for dataset in ("prepare-align", "prepare"):
+        card = assert_counts_reconcile(run, dataset)
+        assert card["counts"]["rejected"] == 0
+        assert card["processor"]["conversation_format"]["name"] == "template"
+        _assert_image_tokens(card)
+        labels = decoded_labels(run, dataset, imported)
+        answers = _answers(run, dataset)
+        # llava-hf's template labels the answer and writes no EOS after it.
+        assert labels and all(text.strip() == answers[i].strip() for i, text in labels.items())
+    assert_trained(run, train_steps=2)  # align and finetune
+    assert set(run.outcome.headlines) == {"chartwiz"}
+    summary = evaluation(run, "evaluate")  # the results row is labelled by the pipeline
+    predictions = rows(run.run_dir / "infer" / "predictions.jsonl")
+    assert summary["metric"] == "gqa"
+    assert summary["count"] == len(predictions) == 4  # 2 test charts x 2 questions
+    assert "## Headline per evaluation" in storage.read_text(run.outcome.results)
+
+
+# --------------------------------------------------------------------------- chart-demo
+
+
+def test_demo_make_model_builds_the_llava_hf_replica(demo_run: ReplicaRun) -> None:
+    run = demo_run
+    steps = {"make-model", "prepare", "prepare-test", "align", "apply-connector", "sft",
+             "merge", "infer-untrained", "infer-trained", "evaluate-untrained",
+             "evaluate-trained"}
+    assert_steps_committed(run, steps, stage_count=len(steps) + 2)  # pretokenize, report
+    record = json.loads((run.run_dir / "make-model" / "replica.json").read_text())
+    assert record["replica_of"] == LLAVA_HF
+    card = assert_counts_reconcile(run, "prepare")
+    assert card["max_length"] == fixtures.DEMO_REPLICA_MAX_LENGTH
+    _assert_image_tokens(card)
+    labels = decoded_labels(run, "prepare", run.run_dir / "make-model")
+    answers = _answers(run, "prepare")
+    assert labels and all(text.strip() == answers[i] for i, text in labels.items())
+    assert_trained(run, train_steps=2)  # align and sft
+    assert set(run.outcome.headlines) == {"untrained", "trained"}
+    for label in ("untrained", "trained"):
+        summary = evaluation(run, f"evaluate-{label}")
+        assert summary["label"] == label and summary["metric"] == "chartqa"
+        assert summary["count"] == len(rows(run.run_dir / f"infer-{label}" /
+                                            "predictions.jsonl")) > 0
+    assert "## ChartQA relaxed accuracy (@AP)" in storage.read_text(run.outcome.results)

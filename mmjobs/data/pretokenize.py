@@ -327,15 +327,11 @@ def encode_prompt(encoder: Any, record: Any, images: list[bytes]) -> Any:
     from mmjobs.data.sample_encoder import (
         IGNORE_INDEX,
         EncodedSample,
-        SampleRejected,
         _open_image,
     )
 
     messages = [{"role": t.role, "content": t.content} for t in record.prompt]
-    placeholders = sum(m["content"].count(encoder.image_token) for m in messages)
-    if placeholders != len(images):
-        raise SampleRejected("placeholder_mismatch", f"{placeholders} {encoder.image_token} "
-                             f"markers but {len(images)} images")
+    encoder.check_placeholders(messages, images)
     pil_images = [_open_image(b, i) for i, b in enumerate(images)]
     tokens = encoder.tokenize(record.id, encoder.render_prompt(messages), [], pil_images)
     return EncodedSample(id=record.id, input_ids=tokens.input_ids,

@@ -167,10 +167,10 @@ class SampleEncoder:
                  truncate: bool = False) -> None:
         from transformers import AutoConfig, AutoProcessor
 
-        from mmjobs.models.lavin import register_if_lavin
+        from mmjobs.models import register_native_models
 
+        register_native_models()  # XComposer2, LaVIN: mmjobs' own classes, no remote code
         self.model_dir = Path(model_dir)
-        register_if_lavin(self.model_dir)
         self.max_length = max_length
         # local_files_only: pre-tokenization never reaches a model hub, even by accident.
         self.config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True,
@@ -273,6 +273,21 @@ class SampleEncoder:
             chosen_num_image_tokens=chosen.num_image_tokens,
             rejected_num_image_tokens=rejected.num_image_tokens)
 
+    def check_placeholders(self, messages: Sequence[dict[str, Any]],
+                           images: Sequence[bytes]) -> None:
+        """One image placeholder per image, or `SampleRejected("placeholder_mismatch")`.
+
+        Canonical rows mark images with `<image>`; the conversation formats write the
+        processor's own token there (XComposer2's `<ImageHere>`), and a row that already has
+        that token (ChartMoE-Data's text kept as it was) means the same, so both count.
+        """
+        markers = {IMAGE_TOKEN, self.image_token}
+        placeholders = sum(m["content"].count(marker) for m in messages for marker in markers)
+        if placeholders != len(images):
+            raise SampleRejected("placeholder_mismatch",
+                                 f"{placeholders} {' / '.join(sorted(markers))} markers but "
+                                 f"{len(images)} images")
+
     def encode_messages(self, sample_id: str, messages: list[dict[str, Any]],
                         images: Sequence[bytes], *,
                         last_turn_only: bool = False) -> EncodedSample:
@@ -283,11 +298,7 @@ class SampleEncoder:
         Raises:
             SampleRejected: see `encode`.
         """
-        placeholders = sum(m["content"].count(self.image_token) for m in messages)
-        if placeholders != len(images):
-            raise SampleRejected("placeholder_mismatch",
-                                 f"{placeholders} {self.image_token} markers but "
-                                 f"{len(images)} images")
+        self.check_placeholders(messages, images)
         pil_images = [_open_image(b, i) for i, b in enumerate(images)]
         text, spans = self.render(messages)
         if last_turn_only:

@@ -40,6 +40,7 @@ from torch import nn
 from mmjobs import storage
 from mmjobs.config import ModelConfig
 from mmjobs.logs import get_logger
+from mmjobs.models import register_native_models
 from mmjobs.models.compose import (
     COMPONENTS,
     component_of,
@@ -48,7 +49,6 @@ from mmjobs.models.compose import (
     set_connector,
 )
 from mmjobs.models.convert.generation_config import repair_model_generation_config
-from mmjobs.models.lavin import register_if_lavin
 from mmjobs.models.model_dirs import (
     ModelNotFoundError,
     committed_root,
@@ -221,6 +221,7 @@ def load_model(spec: ModelConfig, *, for_training: bool = True,
     """
     from transformers import AutoConfig
 
+    register_native_models()
     model_dir = resolve_model_dir(spec.name_or_path)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
@@ -229,7 +230,6 @@ def load_model(spec: ModelConfig, *, for_training: bool = True,
     raw_config = json.loads(config_path.read_text())
     check_remote_code(raw_config, spec, model_dir)
     check_weights_are_safetensors(model_dir)
-    register_if_lavin(model_dir)  # mmjobs' own class: teach transformers' Auto classes
     target = torch.device(device) if device is not None else torch.device(
         "cuda" if _cuda_available() else "cpu")
     trust = {"trust_remote_code": True} if spec.trust_remote_code else {}

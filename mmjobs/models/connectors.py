@@ -123,13 +123,17 @@ class MoEConnector(nn.Module):
 
     def reset_router(self, init: str = "normal") -> None:
         """`zeros`: all experts equally likely at first (top-k ties go to the lowest indices);
-        `normal`: N(0, 0.02²), small random logits that break ties per token."""
+        `normal`: N(0, 0.02²), small random logits that break ties per token; `linear`:
+        `nn.Linear`'s own initialisation (Kaiming-uniform, bound 1/sqrt(vision_dim)), what
+        ChartMoE's gate gets (`nn.Linear(..., bias=False)`, never re-initialised)."""
         if init == "zeros":
             nn.init.zeros_(self.router.weight)
         elif init == "normal":
             nn.init.normal_(self.router.weight, std=0.02)
+        elif init == "linear":
+            self.router.reset_parameters()
         else:
-            raise ValueError(f"router_init: got {init!r}; use 'zeros' or 'normal'")
+            raise ValueError(f"router_init: got {init!r}; use 'zeros', 'normal' or 'linear'")
         self.router_init = init
 
     def force_expert(self, index: int | None) -> None:

@@ -16,8 +16,10 @@ issue named there). Nothing is downloaded and no code shipped with a checkpoint 
 - `model_directories`: a local directory, `file://` or `s3://` URI holding config.json;
 - `hub_cache`: a hub id whose config.json is in the local Hugging Face cache.
 
-New architectures plug in with `register_resolver` (issue 15: InternLM-XComposer2), and leave
-`UNSUPPORTED`. LaVIN (issue 16) resolves from `luogen1996/LaVIN` to LaVIN-7B's `LavinConfig`.
+New architectures plug in with `register_resolver`, and leave `UNSUPPORTED`. LaVIN (issue 16)
+resolves from `luogen1996/LaVIN` to LaVIN-7B's `LavinConfig`; InternLM-XComposer2 (issue 15)
+from its published config.json (also for Coobiw/InternLM-XComposer2_Enhanced, ChartMoE's copy)
+to mmjobs' native `XComposer2Config` at 490 px.
 """
 
 from __future__ import annotations
@@ -77,14 +79,12 @@ class UnsupportedArchitecture:
     marker_files: frozenset[str] = frozenset()
 
 
-UNSUPPORTED: list[UnsupportedArchitecture] = [
-    UnsupportedArchitecture(
-        "InternLM-XComposer2 (custom code: CLIP ViT-L/14-490 + partial LoRA InternLM2-7B)",
-        "issue 15, chartmoe",
-        hub_ids=frozenset({"internlm/internlm-xcomposer2-7b",
-                           "Coobiw/InternLM-XComposer2_Enhanced", "IDEA-FinAI/ChartMoE"}),
-        model_types=frozenset({"internlmxcomposer2"})),
-]
+# Empty: every seed architecture is implemented (InternLM-XComposer2 natively, issue 15).
+UNSUPPORTED: list[UnsupportedArchitecture] = []
+# InternLM-XComposer2: ChartMoE starts from Coobiw's copy, the published 7B with flash
+# attention and batching added to its remote code (same architecture, same config keys).
+XCOMPOSER2_IDS = {"internlm/internlm-xcomposer2-7b": "internlm/internlm-xcomposer2-7b",
+                  "Coobiw/InternLM-XComposer2_Enhanced": "internlm/internlm-xcomposer2-7b"}
 # LaVIN-7B (mmjobs.models.lavin: LLaMA-7B from Meta's params.json + CLIP ViT-L/14 + MMA
 # adapters); a LaVIN directory's own config.json (model_type lavin) is read like any other.
 LAVIN_IDS = frozenset({"luogen1996/LaVIN", "luogen1996/LaVIN-7B"})
@@ -152,6 +152,8 @@ def config_from_dict(raw: Mapping[str, Any], name: str) -> Any:
     from transformers import CONFIG_MAPPING
 
     model_type = raw.get("model_type")
+    if model_type == "internlmxcomposer2":
+        return _xcomposer2_config(raw)
     if model_type == "lavin":
         from mmjobs.models.lavin import register
 
@@ -188,6 +190,23 @@ def build_meta_model(config: Any) -> Any:
         if spec:
             set_connector(model, connector_from_spec(spec))
     return model
+
+
+def _xcomposer2_config(raw: Mapping[str, Any]) -> Any:
+    """mmjobs' native `XComposer2Config` for a published (remote-code) or converted config.
+
+    A published config.json lacks what the remote code hard-codes; the native config's
+    defaults are those facts (CLIP ViT-L/14-336 read at 490 px, Partial-LoRA r 256), and
+    `img_size` is the 490 every ChartMoE script trains at, not the published 224.
+    """
+    from mmjobs.models import register_native_models
+    from mmjobs.models.xcomposer2.configuration import XComposer2Config
+
+    register_native_models()
+    data = {k: v for k, v in raw.items() if k != "model_type"}
+    if "vision_config" not in data:  # the hub's config: the remote code resizes to 490
+        data.pop("img_size", None)
+    return XComposer2Config(**data)
 
 
 # --------------------------------------------------------------------------- resolvers
@@ -252,11 +271,12 @@ def vendored_configs(name: str, context: ResolveContext) -> ResolvedModel | None
     if hub_id in _CHAMELEON_IDS:
         return ResolvedModel(name, "the published values of Chameleon-7B's config.json "
                              "(mmjobs.models.replicas.chameleon.CONFIG)", _chameleon_config())
-    path = PUBLISHED_ROOT / hub_id.replace("/", "--") / "config.json"
+    published_as = XCOMPOSER2_IDS.get(hub_id, hub_id)
+    path = PUBLISHED_ROOT / published_as.replace("/", "--") / "config.json"
     if "/" not in hub_id or not path.is_file():
         return None
     raw = json.loads(path.read_text())
-    return ResolvedModel(name, f"published config.json of {hub_id} (vendored in "
+    return ResolvedModel(name, f"published config.json of {published_as} (vendored in "
                          "mmjobs/models/replicas/published)", config_from_dict(raw, name))
 
 

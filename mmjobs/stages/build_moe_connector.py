@@ -52,9 +52,10 @@ class BuildMoeConfig(StageConfig):
     include_original: bool = Field(True, description="Add the base's connector as expert 0 "
                                    "named 'original' (ChartMoE does).")
     top_k: int = Field(2, ge=1, description="Experts per token; ChartMoE uses 2 of 4.")
-    router_init: Literal["zeros", "normal"] = Field(
+    router_init: Literal["zeros", "normal", "linear"] = Field(
         "normal", description="zeros: experts equally likely (ties go to low indices); normal: "
-        "N(0, 0.02²) logits that break ties per token.")
+        "N(0, 0.02²) logits that break ties per token; linear: nn.Linear's default "
+        "(Kaiming-uniform), as ChartMoE's gate.")
     aux_loss_coef: float = Field(0.0, ge=0, description="Load-balancing loss weight stored "
                                  "with the connector (ChartMoE's balanced variant: 0.1).")
     seed: int = Field(0, description="Seed for the router's initialisation.")

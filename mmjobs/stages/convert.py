@@ -17,7 +17,10 @@ checkpoints (config with `mm_*` keys) to `LlavaForConditionalGeneration`, Meta's
 safetensors under the same tensor names; `kind: llava` with a plain Llama (vicuna) builds the
 LLaVA from it, the vision tower and the separately pretrained projector; `kind: lavin` builds
 a LaVIN (`mmjobs.models.lavin.build_lavin`: the LLaMA, Meta's layout converted on the way, and
-the CLIP joined by freshly initialised MMA adapters). The work is in
+the CLIP joined by freshly initialised MMA adapters). InternLM-XComposer2
+(`model_type: internlmxcomposer2`, the hub's remote-code checkpoint) becomes mmjobs' native
+XComposer2 (`mmjobs.models.xcomposer2.convert`: safetensors under the official names, the
+490 px processor, `vision_tower` the CLIP its ViT was built from when given). The work is in
 `mmjobs.models.convert` (its docstrings record the conversion decisions). Inputs are local
 folders or committed store directories (`mmjobs import` puts hub repos there).
 """
@@ -65,21 +68,28 @@ class ConvertConfig(StageConfig):
 
     source: str = Field(description="Checkpoint folder (local or committed s3://): pickled "
                         "shards, or an original LLaVA / plain Llama checkpoint.")
-    kind: Literal["auto", "safetensors", "llava", "meta_llama", "lavin"] = Field(
+    kind: Literal["auto", "safetensors", "llava", "meta_llama", "xcomposer2", "lavin"] = Field(
         "auto", description="auto: meta_llama for Meta's params.json + consolidated.*.pth, "
-        "llava for configs with LLaVA's mm_* keys, else safetensors; safetensors: same tensor "
-        "names; llava: to LlavaForConditionalGeneration; meta_llama: to LlamaForCausalLM; "
-        "lavin: a LaVIN (mmjobs.models.lavin) from a Meta or transformers LLaMA and the CLIP "
-        "in vision_tower, adapters initialised (never chosen by auto).")
+        "xcomposer2 for model_type internlmxcomposer2, llava for configs with LLaVA's mm_* "
+        "keys, else safetensors; safetensors: same tensor names; llava: to "
+        "LlavaForConditionalGeneration; meta_llama: to LlamaForCausalLM; xcomposer2: to "
+        "mmjobs' native XComposer2 (+ its processor); lavin: a LaVIN (mmjobs.models.lavin) "
+        "from a Meta or transformers LLaMA and the CLIP in vision_tower, adapters initialised "
+        "(never chosen by auto).")
     vision_tower: str | None = Field(None, description="kind llava: the CLIP checkpoint folder "
-                                     "(the config's mm_vision_tower); kind lavin: the CLIP "
-                                     "ViT-L/14 (224 px) checkpoint.")
+                                     "(the config's mm_vision_tower); kind xcomposer2: the CLIP "
+                                     "its ViT was built from (default: CLIP ViT-L/14-336's "
+                                     "published geometry); kind lavin: the CLIP ViT-L/14 "
+                                     "(224 px) checkpoint.")
+    img_size: int = Field(490, ge=14, description="kind xcomposer2: input resolution (ChartMoE "
+                          "and XComposer2 train at 490 px; the ViT's positions are "
+                          "interpolated to it).")
     seed: int = Field(0, description="kind lavin: seeds the adapters' initialisation.")
     projector: str | None = Field(None, description="kind llava with a plain Llama: "
                                   "mm_projector.bin (or its folder) pretrained for it.")
     dtype: Literal["float16", "bfloat16", "float32"] | None = Field(
-        None, description="kind llava / meta_llama: cast every tensor; default keeps each "
-        "tensor's dtype.")
+        None, description="kind llava / meta_llama / xcomposer2: cast every tensor; default "
+        "keeps each tensor's dtype.")
     max_shard_size: str = Field("5GB", description="Largest safetensors shard.")
     to: str | None = Field(None, description="Where to commit the model (same as `output`).")
 
@@ -126,6 +136,15 @@ def _convert(cfg: ConvertConfig, kind: str, source: Path, scratch: Path) -> dict
         summary = build_lavin(source, fetch_dir(cfg.vision_tower, kind="checkpoints"), scratch,
                               seed=cfg.seed, dtype=cfg.dtype, max_shard_size=cfg.max_shard_size)
         return {**summary, "language_model": cfg.source, "vision_tower": cfg.vision_tower}
+    if kind == "xcomposer2":
+        from mmjobs.models.xcomposer2 import convert_xcomposer2
+
+        if cfg.projector:
+            raise ConversionError(f"{cfg.source}: projector applies to kind llava, not "
+                                  "xcomposer2 (its vision_proj is in the checkpoint)")
+        vision = fetch_dir(cfg.vision_tower, kind="checkpoints") if cfg.vision_tower else None
+        return convert_xcomposer2(source, scratch, vision_dir=vision, img_size=cfg.img_size,
+                                  dtype=cfg.dtype, max_shard_size=cfg.max_shard_size)
     if kind in ("safetensors", "meta_llama"):
         if cfg.vision_tower or cfg.projector:
             raise ConversionError(f"{cfg.source}: vision_tower/projector apply to kind llava, "

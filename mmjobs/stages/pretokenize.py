@@ -154,9 +154,9 @@ def _chat_and_versions(model_dir: Any, trust_remote_code: bool) -> dict[str, str
     import transformers
     from transformers import AutoProcessor
 
-    from mmjobs.models.lavin import register_if_lavin
+    from mmjobs.models import register_native_models
 
-    register_if_lavin(model_dir)
+    register_native_models()
     processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True,
                                               trust_remote_code=trust_remote_code)
     tokenizer = getattr(processor, "tokenizer", processor)

@@ -195,12 +195,12 @@ def text_hidden_size(spec: Any) -> int | None:
     """The language model's hidden size from a model's config.json (no weights loaded)."""
     from transformers import AutoConfig
 
+    from mmjobs.models import register_native_models
     from mmjobs.models.builder import resolve_model_dir
-    from mmjobs.models.lavin import register_if_lavin
 
-    model_dir = resolve_model_dir(spec.name_or_path)
-    register_if_lavin(model_dir)
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=spec.trust_remote_code)
+    register_native_models()
+    config = AutoConfig.from_pretrained(resolve_model_dir(spec.name_or_path),
+                                        trust_remote_code=spec.trust_remote_code)
     return getattr(config.get_text_config(), "hidden_size", None)
 
 

@@ -43,7 +43,7 @@ from mmjobs.train.dropout_schedules import (
     layer_dropout_values,
 )
 from mmjobs.train.methods import TrainConfig
-from mmjobs.train.moe import CONNECTOR_DIR, save_connector
+from mmjobs.train.moe import CONNECTOR_DIR, mlp2x_layers, save_connector
 
 log = get_logger(__name__)
 
@@ -208,11 +208,13 @@ def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
 
 
 def _native_projector_spec(module: nn.Module) -> dict[str, Any]:
-    """transformers' LLaVA projector has mmjobs' mlp2x_gelu key names: describe it as one."""
-    first, last = getattr(module, "linear_1", None), getattr(module, "linear_2", None)
-    if not isinstance(first, nn.Linear) or not isinstance(last, nn.Linear):
+    """transformers' LLaVA projector and XComposer2's `vision_proj` are mlp2x_gelu connectors
+    under other key names: describe them as one."""
+    layers = mlp2x_layers(module)
+    if layers is None:
         raise ValueError(f"cannot describe connector {type(module).__name__} (expected "
-                         "linear_1/linear_2 or an mmjobs connector)")
+                         "linear_1/linear_2, Linear-GELU-Linear or an mmjobs connector)")
+    first, last = layers
     return {"kind": "mlp2x_gelu", "version": 1, "vision_dim": first.in_features,
             "text_dim": last.out_features, "bias": first.bias is not None}
 
@@ -238,8 +240,12 @@ def export_final(model: nn.Module, full_state: dict[str, torch.Tensor] | None, c
         if full_state is not None:  # ZeRO-3: the module holds shards; rebuild it whole
             prefix = next(n for n, m in model.named_modules() if m is conn) + "."
             whole = connector_from_spec(connector_spec(conn) or _native_projector_spec(conn))
-            whole.load_state_dict({k[len(prefix):]: v for k, v in full_state.items()
-                                   if k.startswith(prefix)})
+            state = {k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)}
+            if isinstance(conn, nn.Sequential):  # XComposer2's vision_proj.{0,2}
+                names = {"0": "linear_1", "2": "linear_2"}
+                state = {f"{names[k.split('.', 1)[0]]}.{k.split('.', 1)[1]}": v
+                         for k, v in state.items()}
+            whole.load_state_dict(state)
             conn = whole
         save_connector(conn, out / CONNECTOR_DIR, meta=meta)
         return {"connector": CONNECTOR_DIR}

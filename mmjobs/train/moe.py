@@ -54,7 +54,8 @@ EXPERT_LAYOUTS = ("", CONNECTOR_DIR, f"final/{CONNECTOR_DIR}")
 
 def as_mmjobs_connector(module: nn.Module) -> nn.Module:
     """`module` as one of mmjobs' connector classes (unwrapping peft, converting transformers'
-    `LlavaMultiModalProjector` with exact GELU into an equivalent `MLP2xGeluConnector`).
+    `LlavaMultiModalProjector` and XComposer2's `vision_proj` (`nn.Sequential` of Linear, GELU,
+    Linear), with exact GELU, into an equivalent `MLP2xGeluConnector`).
 
     Raises:
         ValueError: a module that is not a linear / mlp2x_gelu / moe connector.
@@ -64,18 +65,33 @@ def as_mmjobs_connector(module: nn.Module) -> nn.Module:
         module = wrapped[module.active_adapters[0]]
     if connector_spec(module) is not None:
         return module
-    act = getattr(module, "act", None)
-    exact_gelu = (type(act).__name__ == "GELUActivation" and not getattr(act, "use_gelu_python",
-                                                                          False)) or (
-        isinstance(act, nn.GELU) and act.approximate == "none")
-    if isinstance(getattr(module, "linear_1", None), nn.Linear) and exact_gelu:
-        first, last = module.linear_1, module.linear_2
+    layers = mlp2x_layers(module)
+    if layers is not None:
+        first, last = layers
         plain = MLP2xGeluConnector(first.in_features, last.out_features,
                                    bias=first.bias is not None).to(first.weight.dtype)
-        plain.load_state_dict(module.state_dict(), strict=True)  # identical key names
+        plain.load_state_dict({f"linear_1.{k}": v for k, v in first.state_dict().items()}
+                              | {f"linear_2.{k}": v for k, v in last.state_dict().items()},
+                              strict=True)
         return plain
     raise ValueError(f"{type(module).__name__} is not a connector mmjobs can save (linear, "
                      "mlp2x_gelu with exact GELU, or moe)")
+
+
+def mlp2x_layers(module: nn.Module) -> tuple[nn.Linear, nn.Linear] | None:
+    """(first, last) Linear of a Linear-exact GELU-Linear connector in transformers' LLaVA
+    layout (`linear_1`, `act`, `linear_2`) or as an `nn.Sequential` (XComposer2's
+    `vision_proj`, LLaVA's original `mm_projector`); None for anything else."""
+    if isinstance(module, nn.Sequential) and len(module) == 3:
+        first, act, last = module
+    else:
+        first, act, last = (getattr(module, n, None) for n in ("linear_1", "act", "linear_2"))
+    exact_gelu = (type(act).__name__ == "GELUActivation" and not getattr(act, "use_gelu_python",
+                                                                          False)) or (
+        isinstance(act, nn.GELU) and act.approximate == "none")
+    if isinstance(first, nn.Linear) and isinstance(last, nn.Linear) and exact_gelu:
+        return first, last
+    return None
 
 
 def save_connector(module: nn.Module, directory: str | os.PathLike,

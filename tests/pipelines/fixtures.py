@@ -104,8 +104,27 @@ def make_chartwiz(root: Path, model: Path) -> list[str]:
 # --------------------------------------------------------------------------- chartmoe
 
 
-def make_chartmoe(root: Path, model: Path) -> list[str]:
-    """Generated alignment tables (chart-align draws them), ChartMoE SFT JSON, ChartQA."""
+def make_chartmoe(root: Path, model: Path, clip: Path) -> list[str]:
+    """ChartMoE-Data JSON in its published layout (`<ImageHere>`, user/assistant) with a mix
+    file per target, ChartMoE SFT JSON, ChartQA; the base is the InternLM-XComposer2 replica
+    (`model`: a remote-code config and one `.bin`), imported into the store and converted by
+    the recipe's `conversions.base`, with `clip` the CLIP replica its ViT was built from."""
+    data = root / "train"
+    targets = {"table": "| year | value |\n| 2019 | {v} |", "json": '{{"2019": {v}}}',
+               "code": "plt.bar(['2019'], [{v}])"}
+    for target, answer in targets.items():
+        rows = []
+        for i in range(3):
+            rows.append({"id": f"{target}-{i}", "image": [f"images/{target}/{i}.png"],
+                         "conversations": [
+                             {"from": "user",
+                              "value": f"<ImageHere>Convert the chart to {target}."},
+                             {"from": "assistant", "value": answer.format(v=10 + i)}]})
+            image(data / "images" / target / f"{i}.png", (40 * i, 60, 90))
+        write_json(data / "data" / f"chart2{target}.json", rows)
+        # `path N`: N x 1000 rows; 0.003 = the three rows (ChartMoE-Data's mix layout).
+        (data / "data" / f"{target}_align.txt").write_text(
+            f"data/chart2{target}.json 0.003\n")
     rows = []
     for i in range(4):
         rows.append({"id": str(i), "image": [f"sft/{i}.png"], "conversations": [
@@ -114,24 +133,22 @@ def make_chartmoe(root: Path, model: Path) -> list[str]:
         image(root / "sft" / f"{i}.png", (40 * i, 80, 120))
     write_json(root / "sft.json", rows)
     make_chartqa(root / "ChartQA")
-    # The recipe's XComposer2 settings (ChartMoE-Data mixes, its turn formats, 4096 tokens)
-    # wait for the native model's stage wiring (issue 15); the scaled-down run is a tiny LLaVA
-    # on generated alignment tables, so they are set back here.
-    xcomposer2_off = [
-        "stages.prepare-align.source_format=chart-align", "stages.prepare-align.image_root=null",
-        *(f"stages.prepare-{t}.input=null" for t in ("table", "json", "code")),
-        "stages.pretokenize.conversation_format=auto", "stages.infer.conversation_format=auto",
-        "train.max_length=null"]
-    return [*tiny_model(model), *xcomposer2_off,
-            "stages.prepare-align.num=3",
-            "stages.prepare-align.options.image_size=56",
+    imported = root.parent / "store-copy" / "xcomposer2-hub"
+    converted = root.parent / "store-copy" / "xcomposer2"
+    return [*tiny_model(converted),
+            f"imports={{base: {{source: '{model}', to: '{imported}'}}}}",
+            f"conversions.base.source={imported}", f"conversions.base.vision_tower={clip}",
+            f"conversions.base.to={converted}",
+            f"stages.prepare-align.image_root={data}",
+            *(f"stages.prepare-{t}.input={data / 'data' / f'{t}_align.txt'}" for t in targets),
             f"stages.prepare-sft.input={root / 'sft.json'}",
             f"stages.prepare-sft.image_root={root}",
             f"stages.infer.benchmark_root={root / 'ChartQA'}",
+            "train.max_length=2048",
             "stages.pretokenize.max_length=2048", "stages.pretokenize.workers=1",
-            "stages.pretokenize.trust_remote_code=false",
             "stages.align.train.per_device_batch_size=2", "stages.align.train.grad_accum=1",
-            "stages.sft.train.lora.target_modules=[q_proj,v_proj]",
+            "stages.sft.train.per_device_batch_size=2", "stages.sft.train.grad_accum=1",
+            "stages.sft.train.lora.r=4", "stages.sft.train.lora.alpha=8",
             "stages.infer.max_new_tokens=16"]
 
 

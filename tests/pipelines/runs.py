@@ -2,7 +2,7 @@
 
 A full recipe run is the most expensive thing the suite does (one to three minutes each), so
 each recipe runs at most once per test session, through the session fixture `recipe_runs`
-(tests/pipelines/conftest.py): `recipe_runs.get("chartmoe")` runs it the first time and hands
+(tests/pipelines/conftest.py): `recipe_runs.get("lavin-sweep")` runs it the first time and hands
 every later caller the same `SharedRun`. A test that inspects a run asks for it the same way
 and adds `@uses_run(NAME)` (or `pytest.param(NAME, marks=uses_run(NAME))`), which keeps every
 test of one run on the same pytest-xdist worker (`--dist loadgroup`), so the run is not made
@@ -31,10 +31,10 @@ from tests.pipelines import fixtures
 RECIPES = Path("pipelines/recipes")
 # Recipe -> the overrides that scale it down onto files made under the given directory.
 # The recipes whose base models have replicas run on them, once per module, in
-# test_recipes_on_replicas.py and test_chameleon_recipe.py (tests/pipelines/replica_runs.py).
+# test_recipes_on_replicas.py, test_chameleon_recipe.py and test_chartmoe_recipe.py
+# (tests/pipelines/replica_runs.py).
 SCALE_DOWN: dict[str, Callable[[Path, Path], list[str]]] = {
     "chart-demo": lambda root, model: fixtures.chart_demo(),
-    "chartmoe": fixtures.make_chartmoe,
     "lavin-sweep": lambda root, model: fixtures.make_lavin_sweep(root),  # its own replicas
 }
 # Variables a run needs besides its own MMJOBS_HOME: one intra-op thread per step process

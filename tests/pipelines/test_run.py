@@ -1,10 +1,9 @@
 """Recipes run end to end locally (KFP's local runner), scaled down onto generated fixtures in
-each recipe's published layout; failures name the step. chartmoe still runs on the tiny LLaVA
-(its recipe issue moves it onto the InternLM-XComposer2 replica); lavin-sweep builds its LaVIN
-from the Meta-format LLaMA and CLIP-224 replicas, runs all eight rows and serves one of them;
-llava-dataengine, chartwiz and chameleon-interleaved run on the replicas of their
-base models in test_recipes_on_replicas.py and test_chameleon_recipe.py. The demo
-(`make demo`) runs as shipped, on its own tiny model."""
+each recipe's published layout; failures name the step. lavin-sweep builds its LaVIN from the
+Meta-format LLaMA and CLIP-224 replicas, runs all eight rows and serves one of them;
+llava-dataengine, chartwiz, chameleon-interleaved and chartmoe run on the replicas of their base
+models in test_recipes_on_replicas.py, test_chameleon_recipe.py and test_chartmoe_recipe.py.
+The demo (`make demo`) runs as shipped, on its own tiny model."""
 
 from __future__ import annotations
 
@@ -26,7 +25,6 @@ LAVIN_ROWS = {"baseline", "cyclical-lr", "step-decay", "exp-decay", "inc-dropout
               "inc-dropout-v2", "dec-dropout-v2"}
 # Which evaluations each run reports (results.md rows), and the table it draws.
 EXPECTED = {
-    "chartmoe": ({"w/o PoT", "w/ PoT"}, "## ChartQA relaxed accuracy (@AP)"),
     "lavin-sweep": (LAVIN_ROWS, "## ScienceQA accuracy (%)"),
 }
 

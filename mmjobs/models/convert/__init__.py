@@ -54,10 +54,15 @@ __all__ = ["ConversionError", "GenerationConfigError", "UnsafeCheckpointError", 
 
 
 def detect_kind(source_dir: str | Path) -> str:
-    """"meta_llama" for Meta's layout, "llava" for an original LLaVA checkpoint (`mm_*` config
+    """"meta_llama" for Meta's layout, "xcomposer2" for an InternLM-XComposer2 checkpoint
+    (`model_type: internlmxcomposer2`), "llava" for an original LLaVA checkpoint (`mm_*` config
     keys), else "safetensors"."""
+    from mmjobs.models.xcomposer2 import is_xcomposer2  # its converter imports this package
+
     if is_meta_llama(source_dir):
         return "meta_llama"
+    if is_xcomposer2(source_dir):
+        return "xcomposer2"
     return "llava" if is_original_llava(source_dir) else "safetensors"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -203,3 +204,17 @@ def test_replaces_llava_multi_modal_projector() -> None:
     model.model.multi_modal_projector = original
     expected = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
     assert torch.equal(image_features, expected)
+
+
+def test_router_inits_zeros_normal_and_chartmoe_s_nn_linear_default() -> None:
+    """`linear` is what ChartMoE's gate gets: nn.Linear's Kaiming-uniform, |w| <= 1/sqrt(in)."""
+    torch.manual_seed(0)
+    moe = MoEConnector(1024, 8, 4, router_init="linear")
+    bound = 1 / math.sqrt(1024)
+    weight = moe.router.weight
+    assert moe.router.bias is None and weight.abs().max() <= bound
+    assert weight.abs().max() > 0.9 * bound  # uniform over the whole range, not N(0, 0.02^2)
+    moe.reset_router("zeros")
+    assert not moe.router.weight.any()
+    with pytest.raises(ValueError, match="'zeros', 'normal' or 'linear'"):
+        moe.reset_router("uniform")

@@ -12,7 +12,6 @@ from mmjobs.plan.models import (
     PlanError,
     ResolveContext,
     ResolvedModel,
-    Unsupported,
     build_meta_model,
     resolve_model,
 )
@@ -73,19 +72,31 @@ def test_chameleon_7b_has_its_published_size(name):
 
 @pytest.mark.parametrize("name", ["Coobiw/InternLM-XComposer2_Enhanced",
                                   "internlm/internlm-xcomposer2-7b"])
-def test_architectures_not_implemented_yet_say_which_issue(name):
-    found = resolve_model(name)
-    assert isinstance(found, Unsupported)
-    assert "issue 15" in found.message() or "issue 16" in found.message()
+def test_xcomposer2_7b_is_internlm2_7b_with_partial_lora_plus_clip_l_at_490(name):
+    """By hand: InternLM2-7B is 7,737,708,544 (2 x 92544 x 4096 embeddings/output, per layer
+    wqkv 4096 x 6144 + wo 4096^2 + w1/w2/w3 3 x 4096 x 14336 + two norms, 32 layers, final
+    norm); Partial-LoRA r 256 adds 256 x (in + out) per linear: 18,874,368 per layer. The ViT is
+    CLIP ViT-L/14-336's 303,507,456 with 35x35+1 positions instead of 24x24+1 (649 x 1024
+    more); vision_proj is 1024 -> 4096 -> 4096 with biases."""
+    model = _meta(name)
+    assert type(model).__name__ == "XComposer2ForCausalLM"
+    assert model.config.image_tokens == 1225
+    parts = trainable_parameter_summary(model)
+    assert parts["language_model"]["total"] == 7_737_708_544 + 32 * 18_874_368
+    assert parts["vision_tower"]["total"] == 303_507_456 + 649 * 1024
+    assert parts["connector"]["total"] == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert _params(model) == pytest.approx(8.67e9, rel=1e-3)
 
 
 def test_a_directory_config_is_read_and_custom_code_never_runs(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(
         {"model_type": "internlmxcomposer2", "auto_map": {"AutoModel": "x.Model"}}))
-    assert isinstance(resolve_model(str(tmp_path)), Unsupported)
+    (tmp_path / "modeling.py").write_text("raise SystemExit('must never be imported')\n")
+    found = resolve_model(str(tmp_path))  # mmjobs' own XComposer2, not the auto_map's code
+    assert isinstance(found, ResolvedModel)
+    assert type(found.config).__module__ == "mmjobs.models.xcomposer2.configuration"
     (tmp_path / "config.json").write_text(json.dumps(
         {"model_type": "my_vlm", "auto_map": {"AutoModel": "modeling.Model"}}))
-    (tmp_path / "modeling.py").write_text("raise SystemExit('must never be imported')\n")
     with pytest.raises(PlanError, match=r"my_vlm.*auto_map.*never runs"):
         resolve_model(str(tmp_path))
 

@@ -101,12 +101,15 @@ def test_chameleon_steps_are_all_planned_with_their_zero_stages(every_recipe):
     assert all(row[11] == "yes" for row in rows.values())
 
 
-def test_unimplemented_architectures_get_rows_naming_their_issue(every_recipe):
+def test_chartmoe_plans_the_real_xcomposer2_on_its_four_gpus(every_recipe):
     _, out, _ = every_recipe
     chartmoe = _rows(out, "chartmoe")
     assert list(chartmoe) == ["align-table", "align-json", "align-code", "sft"]
-    assert all("not planned" in row[2] for row in chartmoe.values())
-    assert "InternLM-XComposer2" in out and "issue 15" in out
+    assert {row[2] for row in chartmoe.values()} == {"connector", "LoRA r64 + connector"}
+    assert all(row[3] == "8.67B" and row[6] == "4 x 80G" and row[11] == "yes"
+               for row in chartmoe.values())
+    assert chartmoe["align-table"][7] == "4 x 4096 (1225 img), accum 16"
+    assert "published config.json of internlm/internlm-xcomposer2-7b" in out
 
 
 def test_the_gpu_memory_assumption_is_said(every_recipe):

@@ -130,3 +130,67 @@ def test_a_pickle_that_needs_code_is_refused(replica_dir, tmp_path):
     with pytest.raises(UnsafeCheckpointError, match=r"pytorch_model\.bin: refused"):
         convert_xcomposer2(src, tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_the_hub_layout_is_detected_for_the_convert_stage(replica_dir, native):
+    from mmjobs.models.convert import detect_kind
+
+    assert detect_kind(replica_dir(NAME)) == "xcomposer2"
+    assert detect_kind(native) == "xcomposer2"  # converting again reads the config as well
+
+
+def test_the_builder_and_pretokenize_read_the_converted_dir_without_remote_code(native):
+    import io
+
+    from mmjobs.config import ModelConfig
+    from mmjobs.data.sample_encoder import SampleEncoder, SampleRejected
+    from mmjobs.models.builder import load_model
+    from mmjobs.train.moe import as_mmjobs_connector
+
+    loaded = load_model(ModelConfig(name_or_path=str(native)), for_training=False)
+    assert type(loaded.model).__name__ == "XComposer2ForCausalLM"
+    assert type(loaded.processor).__name__ == "XComposer2Processor"
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    encoder = SampleEncoder(native, max_length=2048, conversation_format="internlm_xcomposer2")
+    for marker in ("<image>", "<ImageHere>"):  # canonical rows, or ChartMoE-Data's text as is
+        encoded = encoder.encode_messages("r", [
+            {"role": "user", "content": f"{marker}What is the peak?"},
+            {"role": "assistant", "content": "42"}], [png])
+        assert encoded.num_image_tokens == 1225
+        assert encoded.input_ids.count(loaded.model.config.image_token_id) == 1225
+        labelled = [t for t in encoded.labels if t != -100]
+        assert encoder.tokenizer.decode(labelled) == "42[UNUSED_TOKEN_145]\n</s>"
+    with pytest.raises(SampleRejected, match=r"0 <ImageHere> / <image> markers but 1 images"):
+        encoder.encode_messages("r", [{"role": "user", "content": "What is the peak?"},
+                                      {"role": "assistant", "content": "42"}], [png])
+    # vision_proj (nn.Sequential) saves as mmjobs' mlp2x_gelu connector, same outputs.
+    features = torch.randn(3, loaded.model.config.vision_config.hidden_size)
+    plain = as_mmjobs_connector(loaded.model.vision_proj)
+    assert type(plain).__name__ == "MLP2xGeluConnector"
+    assert torch.equal(plain(features), loaded.model.vision_proj(features))
+
+
+def test_chartmoe_eval_puts_the_image_right_after_bos_and_stops_at_the_turn_end(native):
+    from mmjobs.config import ModelConfig
+    from mmjobs.eval.generate import Generator, PromptInput
+    from mmjobs.models.builder import load_model
+
+    loaded = load_model(ModelConfig(name_or_path=str(native)), for_training=False)
+    gen = Generator(loaded, max_new_tokens=3, conversation_format="chartmoe_eval")
+    prompt = PromptInput("<image>\nAnswer the question using a single word or phrase.Peak?",
+                         [Image.new("RGB", (80, 60), (200, 30, 30))])
+    text = gen.render(prompt)
+    assert text == ("<ImageHere>[UNUSED_TOKEN_146]user\nAnswer the question using a single "
+                    "word or phrase.Peak?[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\n")
+    ids = gen._encode([text], [prompt.images])["input_ids"][0].tolist()
+    image_id = loaded.model.config.image_token_id
+    # BOS, the 1225 image positions, then the text as the tokenizer reads it alone (ChartMoE's
+    # robot tokenizes the prompt with BOS and puts the image embeddings after BOS).
+    after = gen.tokenizer(text.removeprefix("<ImageHere>"), add_special_tokens=False).input_ids
+    assert ids[0] == 1 and ids[1:1226] == [image_id] * 1225 and ids[1226:] == after
+    assert 92543 in after[:2]
+    eos = gen.generation_config.eos_token_id
+    assert 92542 in eos and 2 in eos  # [UNUSED_TOKEN_145] ends the answer, as does </s>
+    assert len(gen.generate([prompt])) == 1

@@ -326,6 +326,10 @@ def _conversation_format(loaded: LoadedModel, name: str | None) -> Any:
 # --------------------------------------------------------------------------- loading
 
 
+# Models mmjobs implements itself ship no chat template; `auto` means their own turn format.
+NATIVE_FORMATS = {"lavin": "lavin", "internlmxcomposer2": "internlm_xcomposer2"}
+
+
 def load_for_inference(model: str, adapter: str | None = None, *,
                        trust_remote_code: bool = False, dtype: str = "auto",
                        device: str | torch.device | None = None,
@@ -355,8 +359,8 @@ def load_for_inference(model: str, adapter: str | None = None, *,
     spec = ModelConfig(name_or_path=model, trust_remote_code=trust_remote_code, dtype=dtype)
     loaded = load_model(spec, for_training=False, device=target)
     lavin = loaded.info.get("model_type") == "lavin"
-    if lavin and conversation_format == "auto":  # LaVIN has no chat template: its own layout
-        conversation_format = "lavin"
+    if conversation_format == "auto":  # no chat template: the model's own turn layout
+        conversation_format = NATIVE_FORMATS.get(loaded.info.get("model_type"), "auto")
     loaded.info["conversation_format"] = conversation_format
     if adapter is None:
         return loaded

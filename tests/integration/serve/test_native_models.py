@@ -1,0 +1,38 @@
+"""`mmjobs serve` on the models mmjobs implements itself: the XComposer2 replica, converted as
+the chartmoe recipe converts its base, answers chat requests with and without an image in
+XComposer2's own turn format (no chat template ships with it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.serve.client import Client, chart_png, chat_body
+from tests.integration.serve.conftest import MODEL_NAME
+
+
+@pytest.fixture(scope="module")
+def xcomposer2(replica_dir, tmp_path_factory):
+    from mmjobs.eval.generate import load_for_inference
+    from mmjobs.models.xcomposer2 import convert_xcomposer2
+
+    out = tmp_path_factory.mktemp("xc2-serve") / "native"
+    convert_xcomposer2(replica_dir("internlm/internlm-xcomposer2-7b"), out,
+                       vision_dir=replica_dir("openai/clip-vit-large-patch14-336"))
+    return load_for_inference(str(out))
+
+
+def test_xcomposer2_answers_with_and_without_an_image(xcomposer2, start_server):
+    assert xcomposer2.info["conversation_format"] == "internlm_xcomposer2"
+    client = Client(start_server(load=lambda: xcomposer2).url)
+    try:
+        with_image = client.chat(chat_body(MODEL_NAME, image=chart_png(1), max_tokens=4,
+                                           temperature=0))
+        text_only = client.chat(chat_body(MODEL_NAME, max_tokens=4, temperature=0))
+    finally:
+        client.close()
+    assert with_image.status == 200, with_image.body
+    assert text_only.status == 200, text_only.body
+    image_usage, text_usage = with_image.json()["usage"], text_only.json()["usage"]
+    # 490 px: 35 x 35 = 1225 image positions stand in for the one <ImageHere> placeholder.
+    assert image_usage["prompt_tokens"] - text_usage["prompt_tokens"] >= 1225
+    assert 1 <= image_usage["completion_tokens"] <= 4

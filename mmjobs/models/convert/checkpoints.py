@@ -37,6 +37,22 @@ class UnsafeCheckpointError(ConversionError):
     """A pickle needs code (not just tensors) to load, so it is refused."""
 
 
+def layout_mismatch(expected: Mapping[str, tuple[int, ...]],
+                    tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """What keeps `tensors` from loading into a model whose state dict has the names and
+    shapes `expected` (a few examples of missing, unexpected and wrongly shaped tensors), or
+    None when they fit exactly."""
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors)
+                   if tuple(tensors[k].shape) != expected[k])
+    details = [f"missing {missing[:4]}" if missing else "",
+               f"unexpected {extra[:4]}" if extra else "",
+               "shape " + ", ".join(f"{k} {tuple(tensors[k].shape)} != {expected[k]}"
+                                    for k in wrong[:3]) if wrong else ""]
+    return "; ".join(d for d in details if d) or None
+
+
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of one checkpoint file, by name (a flat `{name: tensor}` dict).
 

@@ -61,6 +61,7 @@ import torch
 from mmjobs.logs import get_logger
 from mmjobs.models.convert.checkpoints import (
     ConversionError,
+    layout_mismatch,
     load_checkpoint_dir,
     load_tensors,
     save_sharded,
@@ -314,17 +315,10 @@ def _check_layout(tensors: dict[str, torch.Tensor], config: Any) -> None:
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     expected = {llava_hf_name(k): tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors)
-                   if tuple(tensors[k].shape) != expected[k])
-    if missing or extra or wrong:
-        details = [f"missing {missing[:4]}" if missing else "",
-                   f"unexpected {extra[:4]}" if extra else "",
-                   "shape " + ", ".join(f"{k} {tuple(tensors[k].shape)} != {expected[k]}"
-                                        for k in wrong[:3]) if wrong else ""]
+    problem = layout_mismatch(expected, tensors)
+    if problem:
         raise ConversionError("the converted tensors do not fit transformers' LLaVA for this "
-                              "config: " + "; ".join(d for d in details if d))
+                              f"config: {problem}")
 
 
 def _generation_config(llm_dir: Path, out: Path, pad_token_id: int) -> None:

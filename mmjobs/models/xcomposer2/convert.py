@@ -36,7 +36,12 @@ import torch
 import torch.nn.functional as F
 
 from mmjobs.logs import get_logger
-from mmjobs.models.convert.checkpoints import ConversionError, load_checkpoint_dir, save_sharded
+from mmjobs.models.convert.checkpoints import (
+    ConversionError,
+    layout_mismatch,
+    load_checkpoint_dir,
+    save_sharded,
+)
 from mmjobs.models.xcomposer2.configuration import (
     CLIP_L14_336,
     IMAGE_TOKEN,
@@ -171,18 +176,11 @@ def check_layout(tensors: dict[str, torch.Tensor], config: XComposer2Config) -> 
         model = XComposer2ForCausalLM(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
                 if not k.endswith("position_ids")}
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors)
-                   if tuple(tensors[k].shape) != expected[k])
-    if missing or extra or wrong:
-        details = [f"missing {missing[:4]}" if missing else "",
-                   f"unexpected {extra[:4]}" if extra else "",
-                   "shape " + ", ".join(f"{k} {tuple(tensors[k].shape)} != {expected[k]}"
-                                        for k in wrong[:3]) if wrong else ""]
+    problem = layout_mismatch(expected, tensors)
+    if problem:
         raise ConversionError("the checkpoint does not fit InternLM-XComposer2 for this config "
                               "(a different CLIP than vision_tower? a newer XComposer "
-                              "version?): " + "; ".join(d for d in details if d))
+                              f"version?): {problem}")
 
 
 def interpolate_positions(weight: torch.Tensor, grid: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 A pipeline file only says which steps exist and what feeds what::
 
-    shards = b.step("pretokenize", "pretokenize", dataset=prepared.output, model=base)
+    sft = b.step("sft", "train", data=shards.output, model=base, key="sft")
 
 `Build.step` assembles the step's stage config — the stage's defaults from the recipe
 (`model`, `data`, `eval`, and of `train` the settings the step's train.mode has), then the

@@ -140,8 +140,8 @@ def _parquet_to_ipc(src: Path, dst: Path) -> int:
             if pc.any(bad.fill_null(True)).as_py():
                 first = pc.index(bad.fill_null(True), True).as_py()
                 raise ValueError(f"{src.name}: row {batch.column('id')[first].as_py()!r} has "
-                                 "length, len(input_ids) and len(labels) that disagree; re-run "
-                                 "pretokenize")
+                                 "length, len(input_ids) and len(labels) that disagree; "
+                                 "re-run pretokenize")
             writer.write_batch(batch.replace_schema_metadata(None))
             rows += batch.num_rows
     return rows

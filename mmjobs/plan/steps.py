@@ -2,10 +2,11 @@
 
 `training_steps` wires the recipe's pipeline exactly as `mmjobs compile` does
 (`mmjobs.pipeline_runner.build_pipeline`, which validates every step's config) with a `Build`
-subclass that records the config of each train, pretokenize and make-tiny-model step and what
-feeds it. A train step's sequence length is then its `train.max_length`, or the `max_length`
-of the pretokenize step whose shards it reads (the card's value), and its GPUs are what the
-cluster section gives that step (`pipelines.cluster.resources_for`).
+subclass that records the config of each training, pre-tokenization and model-building step
+and what feeds it (the stages are named by their modules' `NAME`, not here). A train step's
+sequence length is then its `train.max_length`, or the `max_length` of the pre-tokenization
+step whose shards it reads (the card's value), and its GPUs are what the cluster section gives
+that step (`pipelines.cluster.resources_for`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,13 @@ from typing import Any
 
 from mmjobs.recipe import RecipeConfig
 
-# Stages whose configs the planner reads.
-RECORDED = ("train", "pretokenize", "make-tiny-model")
+
+def _recorded_stages() -> dict[str, str]:
+    """The stages whose configs the planner reads, by their declared names -> their role."""
+    from mmjobs.stages import make_tiny_model, pretokenize, train
+
+    return {train.NAME: "train", pretokenize.NAME: "shards", make_tiny_model.NAME: "model"}
+
 # Keyword arguments of `Build.step` that are not component inputs.
 _STEP_OPTIONS = frozenset({"key", "fixed", "config", "label", "row", "each"})
 
@@ -58,18 +64,21 @@ class RecipeSteps:
 class _Recorded:
     name: str
     section: str
-    stage: str
+    role: str  # train | shards | model (`_recorded_stages`)
     config: dict[str, Any]
     task: str
     inputs: dict[str, Any]
 
 
 def _recording_build_class() -> type:
-    """`pipelines.builder.Build` with a `step` that records the configs of `RECORDED` stages."""
+    """`pipelines.builder.Build` with a `step` that records the configs of the train,
+    pretokenize and make-tiny-model steps (`_recorded_stages`)."""
     from mmjobs import pipeline_runner
 
     pipeline_runner.pipelines_package()
     from pipelines.builder import Build, wired_paths
+
+    recorded_stages = _recorded_stages()
 
     @dataclass
     class RecordingBuild(Build):
@@ -77,18 +86,18 @@ def _recording_build_class() -> type:
 
         def step(self, step: str, stage: str, **kwargs: Any) -> Any:
             inputs = {k: v for k, v in kwargs.items() if k not in _STEP_OPTIONS}
-            if stage in RECORDED and kwargs.get("config") is None:
+            if stage in recorded_stages and kwargs.get("config") is None:
                 # What Build.step would build itself, made here so it can be recorded.
                 kwargs["config"] = self.config(step, stage, key=kwargs.get("key"),
                                                fixed=kwargs.get("fixed"),
                                                wired=wired_paths(stage, inputs))
             task = super().step(step, stage, **kwargs)
-            if stage in RECORDED:
+            if stage in recorded_stages:
                 for cfg in kwargs.get("each") or [kwargs["config"]]:
                     if isinstance(cfg, dict):  # a sweep's loop item stands for `each`
                         name = str(cfg.get("output") or step).rstrip("/").rsplit("/", 1)[-1]
-                        self.recorded.append(_Recorded(name, step, stage, cfg, task.name,
-                                                       inputs))
+                        self.recorded.append(_Recorded(name, step, recorded_stages[stage], cfg,
+                                                       task.name, inputs))
             return task
 
     return RecordingBuild
@@ -111,9 +120,9 @@ def training_steps(recipe: RecipeConfig, source: str) -> RecipeSteps:
     names = {s.task: s.name for s in build.steps}  # every step, to name a model's producer
     out = RecipeSteps()
     for rec in build.recorded:
-        if rec.stage == "make-tiny-model":
+        if rec.role == "model":
             out.make_model = rec.config
-        if rec.stage != "train":
+        if rec.role != "train":
             continue
         shards = by_task.get(_task_of(rec.inputs.get("data")) or "")
         model_task = _task_of(rec.inputs.get("model"))

@@ -39,7 +39,8 @@ from tests.k8s.validation import KUBE_VERSIONS, validate_manifest
 from tests.unit.eval.pot_support import needs_pot_isolation
 from tests.unit.eval.test_evaluate_stage import chartqa_pot_rows, read_jsonl
 
-pytestmark = [pytest.mark.integration, needs_pot_isolation]
+pytestmark = [pytest.mark.integration, needs_pot_isolation,
+              pytest.mark.xdist_group("pot-sandbox")]  # see test_pot_hostile
 
 NAMESPACE = "team-a"
 IMAGE = "ghcr.io/mmjobs/mmjobs-eval:0.1.0"

@@ -18,6 +18,8 @@ from mmjobs import storage
 from mmjobs.stages.evaluate import STAGE
 from tests.unit.eval.test_evaluate_stage import chartqa_pot_rows, read_jsonl, write_jsonl
 
+pytestmark = pytest.mark.xdist_group("pot-sandbox")  # sandboxed programs: see test_pot_hostile
+
 
 def _args(preds: Path, out: Path, *extra: str) -> list[str]:
     return ["--set", f"predictions={preds}", "--set", "metric=chartqa", "--set",

@@ -20,6 +20,8 @@ from mmjobs.stages.evaluate import STAGE, EvaluateConfig, main
 from tests.integration.eval.test_judge import FakeJudgeServer
 from tests.unit.eval.pot_support import needs_pot_isolation
 
+pytestmark = pytest.mark.xdist_group("pot-sandbox")  # sandboxed programs: see test_pot_hostile
+
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

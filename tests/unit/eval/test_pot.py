@@ -27,7 +27,7 @@ from mmjobs.eval.pot import (
 )
 from tests.unit.eval.pot_support import needs_pot_isolation
 
-pytestmark = needs_pot_isolation
+pytestmark = [needs_pot_isolation, pytest.mark.xdist_group("pot-sandbox")]  # see test_pot_hostile
 
 LIMITS = SandboxLimits(wall_s=5.0, cpu_s=2, memory_bytes=1 << 30)
 

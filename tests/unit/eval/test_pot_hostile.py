@@ -55,7 +55,10 @@ FULL_STATUS = {
 OS_ONLY_STATUS = {"memory-bomb": "memory", "infinite-loop": "timeout",
                   "huge-output": "output_limit", "orphan-then-hang": "timeout"}
 
-pytestmark = [needs_pot_isolation, pytest.mark.slow]  # the hostile suite runs twice: ~20 s
+# One xdist worker runs every module that starts sandboxed programs: they all run as uid
+# 65534, whose RLIMIT_NPROC counts the processes of both workers (fork fails with EAGAIN).
+pytestmark = [needs_pot_isolation, pytest.mark.slow,  # the hostile suite runs twice: ~20 s
+              pytest.mark.xdist_group("pot-sandbox")]
 
 
 class Listeners:

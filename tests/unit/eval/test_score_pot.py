@@ -13,6 +13,8 @@ from tests.real_data import REAL
 from tests.unit.eval.conftest import write_jsonl
 from tests.unit.eval.pot_support import needs_pot_isolation
 
+pytestmark = pytest.mark.xdist_group("pot-sandbox")  # sandboxed programs: see test_pot_hostile
+
 TEST = REAL / "chartqa" / "test"
 
 # Responses as a PoT model writes them (ChartMoE's pot_idx 1 prompt), keyed by row id; every

@@ -16,6 +16,10 @@ from mmjobs import storage
 from tests.pipelines import fixtures
 from tests.pipelines.replica_runs import ReplicaRun, run_recipe
 
+# Its PoT evaluation runs sandboxed programs as uid 65534: on the worker of the other modules
+# that do (tests/unit/eval/test_pot_hostile.py says why).
+pytestmark = pytest.mark.xdist_group("pot-sandbox")
+
 
 @pytest.fixture(scope="module")
 def chartmoe_run(tmp_path_factory, replica_dir, mlflow_db_template) -> ReplicaRun:

@@ -311,15 +311,58 @@ def _collect_results(build: Any, outcome: RunOutcome) -> None:
         outcome.headlines[label] = headline(summary)
         rows.setdefault(step.row or label, {})[summary.get("metric") or "judge"] = summary
     if summaries:
-        text = results_markdown(build.recipe.recipe, summaries, rows)
+        amounts = ({row: _data_amount(uri) for row, uri in build.row_data.items()}
+                   if build.row_data else None)
+        text = results_markdown(build.recipe.recipe, summaries, rows, data_amounts=amounts,
+                                submissions=_submissions(build))
         outcome.results = storage.join(outcome.run_dir, RESULTS_FILE)
         storage.write_text(outcome.results, text)
 
 
+def _data_amount(dataset: str | None) -> int | None:
+    """Accepted samples of a committed canonical dataset (its card), None without one."""
+    import json
+
+    from mmjobs.layout import DATASET_CARD
+
+    if dataset is None:
+        return None
+    try:
+        card = json.loads(storage.read_text(storage.join(dataset, DATASET_CARD)))
+        return int(card["counts"]["accepted"])
+    except (storage.StoreError, ValueError, KeyError, TypeError) as e:
+        log.warning("no data amount for %s: %s", dataset, e)
+        return None
+
+
+def _submissions(build: Any) -> list[dict[str, Any]]:
+    """The evaluation-server upload files the run's infer steps wrote (their infer.json)."""
+    import json
+
+    from mmjobs.layout import INFER_SUMMARY
+
+    found = []
+    for step in build.steps:
+        if step.stage != "infer" or not step.output:
+            continue
+        try:
+            summary = json.loads(storage.read_text(storage.join(step.output, INFER_SUMMARY)))
+        except (storage.StoreError, ValueError):
+            continue
+        if summary.get("submission"):
+            found.append({**summary["submission"], "step": step.name,
+                          "uri": storage.join(step.output, summary["submission"]["file"])})
+    return found
+
+
 def results_markdown(title: str, summaries: dict[str, dict[str, Any]],
-                     rows: dict[str, dict[str, dict[str, Any]]]) -> str:
+                     rows: dict[str, dict[str, dict[str, Any]]], *,
+                     data_amounts: dict[str, int | None] | None = None,
+                     submissions: Sequence[dict[str, Any]] = ()) -> str:
     """The run's evaluations as the seed tables: ChartMoE's @AP table for ChartQA, LaVIN's
-    NAT…Average table for ScienceQA, MLLM-DataEngine's Main Results across benchmarks."""
+    NAT…Average table for ScienceQA, MLLM-DataEngine's Main Results across benchmarks (with
+    `data_amounts`, its Incremental Dataset / Data Amount columns), and the evaluation-server
+    upload files (`submissions`, from the infer steps)."""
     from mmjobs.eval.report import ap_table, headline, results_table, scienceqa_table
 
     parts = [f"# {title}: results", ""]
@@ -327,12 +370,19 @@ def results_markdown(title: str, summaries: dict[str, dict[str, Any]],
     for label, summary in summaries.items():
         by_metric[summary.get("metric") or "judge"][label] = summary
     if len({m for r in rows.values() for m in r}) > 2:
-        parts += ["## Main results", "", results_table(rows), ""]
+        parts += ["## Main results", "", results_table(rows, data_amounts=data_amounts), ""]
     for metric, group in by_metric.items():
         if metric == "chartqa":
             parts += ["## ChartQA relaxed accuracy (@AP)", "", ap_table(group), ""]
         elif metric == "scienceqa":
             parts += ["## ScienceQA accuracy (%)", "", scienceqa_table(group), ""]
+    if submissions:
+        parts += ["## Evaluation-server uploads", "",
+                  "| step | file | questions | answered | unanswered |",
+                  "| --- | --- | --- | --- | --- |"]
+        parts += [f"| {u['step']} | {u['uri']} | {u['questions']} | {u['answered']} | "
+                  f"{u['unanswered']} |" for u in submissions]
+        parts.append("")
     parts += ["## Headline per evaluation", "", "| evaluation | metric | value |",
               "| --- | --- | --- |"]
     for label, summary in summaries.items():

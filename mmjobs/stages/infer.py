@@ -10,7 +10,10 @@ committed output holds `predictions.jsonl` (one row per prompt, in source order:
 `prompt`, `prediction`, then `answers`/`gt` and the prompt's fields, which `mmjobs score`
 reads) and `infer.json` (counts, seconds, tokens/s). `modalities: [text, image]` lets answers
 of image-token models (Chameleon) contain images, written as PNGs under `images/`
-(`mmjobs.eval.interleaved`). Resumable: answered rows survive a kill or SIGTERM, and a restart
+(`mmjobs.eval.interleaved`). `submission: true` (benchmarks vqav2, mmbench, seedbench) also
+writes the evaluation server's upload file under `submission/` (`mmjobs.eval.submission`: every
+question of the benchmark's files, "" or an empty cell where unanswered; its counts go into
+infer.json). Resumable: answered rows survive a kill or SIGTERM, and a restart
 with the same row-shaping settings answers only the other ids (`mmjobs.eval.predictions`).
 """
 
@@ -42,6 +45,7 @@ from mmjobs.stage_contract import (
 )
 
 NAME = "infer"
+SUBMITTABLE = ("vqav2", "mmbench", "seedbench")  # mmjobs.eval.submission.WRITERS
 # Bump when rows or the output layout change: invalidates cached and partial outputs.
 # 2: conversation formats (content-part templates no longer repeat the "\n" after an image).
 VERSION = 2
@@ -52,7 +56,8 @@ _WINDOW_BATCHES = 8
 # Fields that change no row: where output goes, how it is tracked, how fast it is made (model,
 # adapter and dataset enter by content; limit and split pick rows only).
 _NOT_IN_ROWS = RUN_FIELDS | {"model", "adapter", "dataset", "batch_size", "upload_every_seconds",
-                             "limit", "split"}
+                             "limit", "split", "submission"}
+SUBMISSION_DIR = "submission"
 
 
 class InferConfig(StageConfig):
@@ -114,9 +119,17 @@ class InferConfig(StageConfig):
                                    "default the model. Set it to the base model for fully "
                                    "fine-tuned or merged models, which are saved without it.")
 
+    submission: bool = Field(False, description="Also write the evaluation server's upload file "
+                             "(vqav2 test splits: EvalAI JSON; mmbench: xlsx; seedbench: JSONL) "
+                             "under submission/, as LLaVA-1.5's convert_*_for_submission.py do.")
+
     @model_validator(mode="after")
     def _check_source(self) -> InferConfig:
         problems = []
+        if self.submission and self.benchmark not in SUBMITTABLE:
+            problems.append(f"submission applies to the benchmarks {', '.join(SUBMITTABLE)} "
+                            f"(evaluation-server formats), not {self.benchmark or 'a dataset'}; "
+                            "set submission=false")
         if (self.dataset is None) == (self.benchmark is None):
             problems.append("give exactly one of `dataset` (a canonical dataset URI) and "
                             "`benchmark` (a benchmark name)")
@@ -168,7 +181,10 @@ def main(cfg: InferConfig) -> InferResult:
     from mmjobs.eval.prompts import iter_items
 
     row_fp = _rows_fingerprint(cfg)
-    fp = fingerprint(NAME, row_fp, cfg.limit, cfg.split)
+    # The upload file is an output of its own: fingerprinted only when asked for, so other
+    # infer outputs keep their fingerprints.
+    fp = fingerprint(NAME, row_fp, cfg.limit, cfg.split, *(["submission"] if cfg.submission
+                                                           else []))
     source = cfg.dataset or f"benchmark {cfg.benchmark} at {cfg.benchmark_root}"
 
     def infer(stage: StageRun) -> dict[str, Any]:
@@ -196,6 +212,8 @@ def main(cfg: InferConfig) -> InferResult:
                                        images_from=stage.out if cfg.interleaved else None)
             if images is not None:
                 summary["output_images"] = images
+            if cfg.submission:
+                summary["submission"] = _submission(cfg, rows, scratch)
             (scratch / INFER_SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
             stage.run.log_artifact(scratch / INFER_SUMMARY)
         partial.discard()  # after the commit: a crash before it still has the rows
@@ -234,6 +252,20 @@ def _agreement(cfg: InferConfig, rows: dict[str, dict[str, Any]],
     log.info("%s: the endpoint agrees with the in-process model on %d of %d sampled rows",
              NAME, report["sample"] - report["differ"], report["sample"])
     return report
+
+
+def _submission(cfg: InferConfig, rows: dict[str, dict[str, Any]], scratch: Any) -> dict[str, Any]:
+    """The server upload file under submission/ (see mmjobs.eval.submission); its summary."""
+    from mmjobs.eval.submission import write_submission
+
+    # benchmark and benchmark_root are set: the config refuses submission without them.
+    summary = write_submission(str(cfg.benchmark), str(cfg.benchmark_root),
+                               cfg.benchmark_options, rows, scratch / SUBMISSION_DIR)
+    summary["file"] = f"{SUBMISSION_DIR}/{summary['file']}"
+    log.info("%s: %s for the %s server: %d questions, %d answered, %d unanswered", NAME,
+             summary["file"], cfg.benchmark, summary["questions"], summary["answered"],
+             summary["unanswered"])
+    return summary
 
 
 def _generator(cfg: InferConfig) -> Any:

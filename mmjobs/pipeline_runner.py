@@ -270,7 +270,8 @@ def _collect_results(build: Any, outcome: RunOutcome) -> None:
 def results_markdown(title: str, summaries: dict[str, dict[str, Any]],
                      rows: dict[str, dict[str, dict[str, Any]]]) -> str:
     """The run's evaluations as the seed tables: ChartMoE's @AP table for ChartQA, LaVIN's
-    NAT…Average table for ScienceQA, MLLM-DataEngine's Main Results across benchmarks."""
+    NAT…Average table for ScienceQA, MLLM-DataEngine's Main Results across benchmarks, the
+    per-task table of the `chartwiz` metric."""
     from mmjobs.eval.report import ap_table, headline, results_table, scienceqa_table
 
     parts = [f"# {title}: results", ""]
@@ -284,6 +285,12 @@ def results_markdown(title: str, summaries: dict[str, dict[str, Any]],
             parts += ["## ChartQA relaxed accuracy (@AP)", "", ap_table(group), ""]
         elif metric == "scienceqa":
             parts += ["## ScienceQA accuracy (%)", "", scienceqa_table(group), ""]
+        elif metric == "chartwiz":  # per task: relaxed on numbers, exact otherwise
+            from mmjobs.eval.metrics.chartwiz import render as chartwiz_table
+
+            for label, summary in group.items():
+                parts += [f"## ChartWiz chart QA accuracy (%): {label}", "",
+                          chartwiz_table(summary), ""]
     parts += ["## Headline per evaluation", "", "| evaluation | metric | value |",
               "| --- | --- | --- |"]
     for label, summary in summaries.items():

@@ -88,3 +88,14 @@ def test_real_chartqa_labels_score_as_the_reference_rule_does(score):
     assert summary["tasks"]["near"]["accuracy"] == 100.0
     assert summary["tasks"]["far"]["accuracy"] == 0.0
     assert 0 < summary["tasks"]["qa"]["numeric"] < summary["tasks"]["qa"]["count"]
+
+
+def test_the_run_results_show_the_per_task_table(score):
+    from mmjobs.pipeline_runner import results_markdown
+
+    summary, _ = score("chartwiz", [r(1, "21", ["20"]), r(2, "x", ["y"], task="table")])
+    summary = {**summary, "metric": "chartwiz", "label": "chartwiz"}
+    text = results_markdown("chartwiz", {"chartwiz": summary}, {"chartwiz": {"chartwiz": summary}})
+    assert "## ChartWiz chart QA accuracy (%): chartwiz" in text
+    assert "| qa " in text and "| table " in text and "Relaxed@5%" in text
+    assert "| chartwiz | chartwiz.accuracy | 50 |" in text

@@ -327,7 +327,7 @@ def test_synatra_replica_keeps_the_hub_config_and_token_ids(replica_dir):
     model_dir = replica_dir("maywell/Synatra-7B-v0.3-dpo")
     config = AutoConfig.from_pretrained(model_dir)
     assert (config.model_type, config.vocab_size, config.eos_token_id, config.sliding_window,
-            config.rope_theta) == ("mistral", 32002, 32000, 4096, 10000.0)
+            config.rope_parameters["rope_theta"]) == ("mistral", 32002, 32000, 4096, 10000.0)
     assert config.num_attention_heads // config.num_key_value_heads == 32 // 8
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     assert len(tokenizer) == 32002 and tokenizer.eos_token_id == 32000

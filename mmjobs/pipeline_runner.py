@@ -361,8 +361,9 @@ def results_markdown(title: str, summaries: dict[str, dict[str, Any]],
                      submissions: Sequence[dict[str, Any]] = ()) -> str:
     """The run's evaluations as the seed tables: ChartMoE's @AP table for ChartQA, LaVIN's
     NAT…Average table for ScienceQA, MLLM-DataEngine's Main Results across benchmarks (with
-    `data_amounts`, its Incremental Dataset / Data Amount columns), and the evaluation-server
-    upload files (`submissions`, from the infer steps)."""
+    `data_amounts`, its Incremental Dataset / Data Amount columns), the per-task table of the
+    `chartwiz` metric, and the evaluation-server upload files (`submissions`, from the infer
+    steps)."""
     from mmjobs.eval.report import ap_table, headline, results_table, scienceqa_table
 
     parts = [f"# {title}: results", ""]
@@ -376,6 +377,12 @@ def results_markdown(title: str, summaries: dict[str, dict[str, Any]],
             parts += ["## ChartQA relaxed accuracy (@AP)", "", ap_table(group), ""]
         elif metric == "scienceqa":
             parts += ["## ScienceQA accuracy (%)", "", scienceqa_table(group), ""]
+        elif metric == "chartwiz":  # per task: relaxed on numbers, exact otherwise
+            from mmjobs.eval.metrics.chartwiz import render as chartwiz_table
+
+            for label, summary in group.items():
+                parts += [f"## ChartWiz chart QA accuracy (%): {label}", "",
+                          chartwiz_table(summary), ""]
     if submissions:
         parts += ["## Evaluation-server uploads", "",
                   "| step | file | questions | answered | unanswered |",

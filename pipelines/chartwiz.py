@@ -1,10 +1,12 @@
-"""Pipeline `chartwiz`: ChartWiz (Korean chart QA on LLaVA) from AI-hub chart annotations.
+"""Pipeline `chartwiz`: ChartWiz (Korean chart QA, "LLaVA with DePlot") from AI-hub charts.
 
 prepare-align (AI-hub charts -> chart-to-table samples) and prepare (table, description,
 summary and QA samples) from the train split, prepare-test (QA of the test split) →
-pretokenize both → align (projector only, chart → table: ChartWiz's pretraining) →
-apply-connector → finetune (full or LoRA, `stages.finetune.train.finetune`; LoRA adds a merge)
-→ infer (batch inference on the test QA) → evaluate → report.
+pretokenize both (pretokenize-align reads `stages.pretokenize` refined by
+`stages.pretokenize-align`: the recipe sets LLaVA's `plain` format there) → align (projector
+only, chart → table: ChartWiz's pretraining) → apply-connector → finetune (full or LoRA,
+`stages.finetune.train.finetune`; LoRA adds a merge) → infer (batch inference on the test QA)
+→ evaluate (`stages.evaluate.metric`) → report.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ def wire(b: Build) -> None:
     align_set = b.step("prepare-align", "prepare")
     train_set = b.step("prepare", "prepare")
     test_set = b.step("prepare-test", "prepare")
-    align_shards = b.step("pretokenize-align", "pretokenize", key="pretokenize",
+    align_shards = b.step("pretokenize-align", "pretokenize",
+                          key=("pretokenize", "pretokenize-align"),
                           dataset=align_set.output, model=base)
     shards = b.step("pretokenize", "pretokenize", dataset=train_set.output, model=base)
     align = b.step("align", "train", fixed={"train": {"mode": "align"}},

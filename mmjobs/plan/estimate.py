@@ -270,6 +270,12 @@ def _text_dims(config: Any, model: Any) -> TextDims:
 def _vision_dims(config: Any, text_hidden: int) -> tuple[VisionDims | None, int]:
     """(the vision tower's dims or None, image tokens per image in the sequence)."""
     vision = getattr(config, "vision_config", None)
+    if getattr(config, "model_type", None) == "deplot_llava":
+        # ChartWiz's Pix2Struct encoder: every one of max_patches positions is a token.
+        tokens = int(config.image_seq_length)
+        return VisionDims(layers=int(vision.num_hidden_layers), hidden=int(vision.hidden_size),
+                          intermediate=int(vision.d_ff), patches=tokens, image_tokens=tokens,
+                          text_hidden=text_hidden), tokens
     if vision is not None and hasattr(vision, "patch_size"):
         grid = (int(vision.image_size) // int(vision.patch_size)) ** 2
         # LLaVA's processor expands <image> to the patches the strategy keeps ("default"

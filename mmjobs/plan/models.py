@@ -154,6 +154,10 @@ def config_from_dict(raw: Mapping[str, Any], name: str) -> Any:
     model_type = raw.get("model_type")
     if model_type == "internlmxcomposer2":
         return _xcomposer2_config(raw)
+    if model_type == "deplot_llava":
+        from mmjobs.models.deplot import register as register_deplot
+
+        register_deplot()
     if model_type == "lavin":
         from mmjobs.models.lavin import register
 
@@ -248,6 +252,8 @@ def tiny_models(name: str, context: ResolveContext) -> ResolvedModel | Unsupport
     return ResolvedModel(name, "mmjobs.models.tiny (the make-model step's sizes)", config)
 
 
+# ChartWiz (a GitHub repo, no hub model): `plan.config_from` names it for the composed model.
+CHARTWIZ_ID = "allright2024/ChartWiz"
 # Chameleon-7B's config.json embeds a 65,536-entry vocabulary_map and is not vendored; the
 # replica module keeps its published values. Both hub ids share the architecture.
 _CHAMELEON_IDS = ("facebook/chameleon-7b", "PKU-Alignment/AA-chameleon-7b-base")
@@ -268,6 +274,12 @@ def vendored_configs(name: str, context: ResolveContext) -> ResolvedModel | None
         return ResolvedModel(name, "LaVIN-7B's architecture (mmjobs.models.lavin.config: "
                              "LLaMA-7B params.json, CLIP ViT-L/14, scripts/finetuning_sqa_7b.sh)",
                              LavinConfig())
+    if hub_id == CHARTWIZ_ID:
+        from mmjobs.models.deplot.presets import chartwiz_config
+
+        return ResolvedModel(name, "ChartWiz's composition (mmjobs.models.deplot.presets: "
+                             "Synatra-7B-v0.3-dpo's config.json + pix2struct-base's encoder, "
+                             "512 patches)", chartwiz_config())
     if hub_id in _CHAMELEON_IDS:
         return ResolvedModel(name, "the published values of Chameleon-7B's config.json "
                              "(mmjobs.models.replicas.chameleon.CONFIG)", _chameleon_config())

@@ -198,7 +198,12 @@ class ServeGenerator(Generator):
 
     def __init__(self, *args: Any, stop_strings: Sequence[str] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.stop_strings = [s for s in stop_strings if s]
+        # The conversation format's stops (vicuna_v1's "</s>", plain's "\n") stay: RowStops
+        # matches them too. transformers' own matching is switched off, or generate() would
+        # ask for a tokenizer argument and fail on every such format.
+        format_stops = self.stop_strings
+        self.stop_strings = list(dict.fromkeys([*(s for s in stop_strings if s), *format_stops]))
+        self.generation_config.stop_strings = None
         self.max_new_tokens = int(self.generation_config.max_new_tokens)
         self._prompt_tokens: list[int] = []
         self._cancelled: Sequence[threading.Event] = ()  # per prompt of the current `run`

@@ -8,6 +8,8 @@
         --set projector=s3://raw/llava-pretrain/mm_projector.bin --set to=s3://models/llava-pt
     mmjobs stage convert --set source=s3://raw/llama-7b --set kind=lavin \
         --set vision_tower=s3://raw/clip-vit-large-patch14 --set to=s3://models/lavin-7b
+    mmjobs stage convert --set source=s3://raw/Synatra-7B-v0.3-dpo --set kind=deplot_llava \
+        --set vision_tower=s3://raw/pix2struct-base --set to=s3://models/chartwiz-base
 
 Pickles are read only with `torch.load(weights_only=True)`; one that needs code fails the stage
 with the file and the reason, and nothing is committed. `kind: auto` converts original LLaVA
@@ -17,7 +19,10 @@ checkpoints (config with `mm_*` keys) to `LlavaForConditionalGeneration`, Meta's
 safetensors under the same tensor names; `kind: llava` with a plain Llama (vicuna) builds the
 LLaVA from it, the vision tower and the separately pretrained projector; `kind: lavin` builds
 a LaVIN (`mmjobs.models.lavin.build_lavin`: the LLaMA, Meta's layout converted on the way, and
-the CLIP joined by freshly initialised MMA adapters). InternLM-XComposer2
+the CLIP joined by freshly initialised MMA adapters); `kind: deplot_llava` builds ChartWiz's
+"LLaVA with DePlot" (`mmjobs.models.deplot`: the causal LM in `source`, the Pix2Struct encoder
+of `vision_tower`, a fresh `mlp2x_gelu` projector, `max_patches` image tokens per image;
+safetensors inputs only). InternLM-XComposer2
 (`model_type: internlmxcomposer2`, the hub's remote-code checkpoint) becomes mmjobs' native
 XComposer2 (`mmjobs.models.xcomposer2.convert`: safetensors under the official names, the
 490 px processor, `vision_tower` the CLIP its ViT was built from when given). The work is in
@@ -68,14 +73,16 @@ class ConvertConfig(StageConfig):
 
     source: str = Field(description="Checkpoint folder (local or committed s3://): pickled "
                         "shards, or an original LLaVA / plain Llama checkpoint.")
-    kind: Literal["auto", "safetensors", "llava", "meta_llama", "xcomposer2", "lavin"] = Field(
+    kind: Literal["auto", "safetensors", "llava", "meta_llama", "xcomposer2", "lavin",
+                  "deplot_llava"] = Field(
         "auto", description="auto: meta_llama for Meta's params.json + consolidated.*.pth, "
         "xcomposer2 for model_type internlmxcomposer2, llava for configs with LLaVA's mm_* "
         "keys, else safetensors; safetensors: same tensor names; llava: to "
         "LlavaForConditionalGeneration; meta_llama: to LlamaForCausalLM; xcomposer2: to "
         "mmjobs' native XComposer2 (+ its processor); lavin: a LaVIN (mmjobs.models.lavin) "
         "from a Meta or transformers LLaMA and the CLIP in vision_tower, adapters initialised "
-        "(never chosen by auto).")
+        "(never chosen by auto); deplot_llava: ChartWiz's Pix2Struct encoder (vision_tower) + "
+        "the causal LM in source + a fresh mlp2x_gelu projector (never chosen by auto).")
     vision_tower: str | None = Field(None, description="kind llava: the CLIP checkpoint folder "
                                      "(the config's mm_vision_tower); kind xcomposer2: the CLIP "
                                      "its ViT was built from (default: CLIP ViT-L/14-336's "
@@ -84,7 +91,10 @@ class ConvertConfig(StageConfig):
     img_size: int = Field(490, ge=14, description="kind xcomposer2: input resolution (ChartMoE "
                           "and XComposer2 train at 490 px; the ViT's positions are "
                           "interpolated to it).")
-    seed: int = Field(0, description="kind lavin: seeds the adapters' initialisation.")
+    seed: int = Field(0, description="kind lavin / deplot_llava: seeds the adapters' or the "
+                      "projector's initialisation.")
+    max_patches: int = Field(512, ge=1, description="kind deplot_llava: Pix2Struct patches, "
+                             "and so image tokens, per image (ChartWiz's train.py: 512).")
     projector: str | None = Field(None, description="kind llava with a plain Llama: "
                                   "mm_projector.bin (or its folder) pretrained for it.")
     dtype: Literal["float16", "bfloat16", "float32"] | None = Field(
@@ -126,6 +136,20 @@ def main(cfg: ConvertConfig) -> ConvertResult:
 
 
 def _convert(cfg: ConvertConfig, kind: str, source: Path, scratch: Path) -> dict:
+    if kind == "deplot_llava":
+        from mmjobs.models.deplot.compose import save_composed_deplot_llava
+
+        if not cfg.vision_tower or cfg.projector:
+            raise ConversionError(f"{cfg.source}: kind deplot_llava needs vision_tower (the "
+                                  "Pix2Struct/DePlot checkpoint) and takes no projector (the "
+                                  "align step trains it, as ChartWiz's pretrain.sh does)")
+        vision = fetch_dir(cfg.vision_tower, kind="checkpoints")
+        try:
+            summary = save_composed_deplot_llava(scratch, vision, source,
+                                                 max_patches=cfg.max_patches, seed=cfg.seed)
+        except ValueError as e:  # not a Pix2Struct model, pickled weights, ...
+            raise ConversionError(f"{cfg.source} + {cfg.vision_tower}: {e}") from None
+        return {**summary, "language_model": cfg.source, "vision_tower": cfg.vision_tower}
     if kind == "lavin":
         from mmjobs.models.lavin.compose import build_lavin
 

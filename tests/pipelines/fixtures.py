@@ -86,8 +86,16 @@ def _aihub_chart(i: int, split: str) -> dict[str, Any]:
                    {"question": "가장 큰 지역은?", "answer": "부산"}]}
 
 
-def make_chartwiz(root: Path, model: Path) -> list[str]:
-    """AI-hub layout: <split>/text_data/text_<type>/*.json + <split>/img_data/img_<type>/*.jpg."""
+CHARTWIZ_PARTS = {"synatra": "maywell/Synatra-7B-v0.3-dpo",
+                  "pix2struct": "ybelkada/pix2struct-base"}
+
+
+def make_chartwiz(root: Path, parts: dict[str, Path]) -> list[str]:
+    """AI-hub layout: <split>/text_data/text_<type>/*.json + <split>/img_data/img_<type>/*.jpg.
+
+    The base model is built as the recipe builds it: its `imports:` copy the replicas of
+    Synatra-7B-v0.3-dpo and pix2struct-base (`parts`, keyed like CHARTWIZ_PARTS) into a store
+    folder under `root`, and its `conversions.base` (kind deplot_llava) composes them there."""
     kind = "vertical bar_standard"
     for split, n in (("train", 4), ("test", 2)):
         for i in range(n):
@@ -96,10 +104,18 @@ def make_chartwiz(root: Path, model: Path) -> list[str]:
             image(root / split / "img_data" / f"img_{kind}" / f"C_{split}_{i}.jpg",
                   (20 * i, 100, 200), fmt="JPEG")
     sets = {"prepare-align": "train", "prepare": "train", "prepare-test": "test"}
-    return [*tiny_model(model), *(f"stages.{step}.input={root / split}"
-                                  for step, split in sets.items()),
+    hub = {name: root / "models" / "hub" / name for name in CHARTWIZ_PARTS}
+    composed = root / "models" / "chartwiz-base"
+    # A local source takes no hub filters (include, revision): each entry is replaced whole.
+    imports = [f"imports.{name}={{source: '{parts[name]}', to: '{hub[name]}'}}"
+               for name in CHARTWIZ_PARTS]
+    return [*imports, f"conversions.base.source={hub['synatra']}",
+            f"conversions.base.vision_tower={hub['pix2struct']}",
+            f"conversions.base.to={composed}", *tiny_model(composed),
+            *(f"stages.{step}.input={root / split}" for step, split in sets.items()),
             "stages.align.train.per_device_batch_size=2", "stages.align.train.grad_accum=1",
-            "stages.pretokenize.workers=1"]
+            "stages.align.train.epochs=1", "stages.finetune.train.per_device_batch_size=2",
+            "stages.pretokenize.workers=1", "stages.pretokenize-align.workers=1"]
 
 
 # --------------------------------------------------------------------------- chartmoe

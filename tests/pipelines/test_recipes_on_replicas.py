@@ -5,7 +5,10 @@ onto the replicas of their real base models (`mmjobs.models.replicas`): 336 px C
 - llava-dataengine starts as the recipe does: its `imports:` copy vicuna-7b-v1.5, CLIP-336 and
   the LLaVA-1.5 pretrain projector (pickles, as published) into the store and
   `conversions.base` composes them into a transformers LLaVA; it trains in vicuna_v1.
-- chartwiz imports the llava-hf/llava-1.5-7b-hf replica and trains in its chat template.
+- chartwiz imports the Synatra-7B-v0.3-dpo and pix2struct-base replicas, `conversions.base`
+  composes them into ChartWiz's DePlot-LLaVA (512 Pix2Struct patches = 512 image tokens), and
+  it aligns in LLaVA's `plain` format on ChartWiz's table text, fine-tunes (LoRA r128/a256) in
+  vicuna_v1 and scores with the `chartwiz` metric, per task.
 - chart-demo's make-model step builds the llava-hf replica (`stages.make-model.replica`).
   `make demo` itself keeps its tiny model: its accuracy story (38/40 chart types after 1000
   CPU steps on 56 px charts) needs a model that small; test_run.py covers that run.
@@ -67,16 +70,9 @@ def dataengine_run(tmp_path_factory, replica_dir, mlflow_db_template) -> Replica
 
 @pytest.fixture(scope="module")
 def chartwiz_run(tmp_path_factory, replica_dir, mlflow_db_template) -> ReplicaRun:
-    replica = replica_dir(LLAVA_HF)
-
-    def overrides(data: Path) -> list[str]:
-        imported = data.parent / "store-copy" / "llava-1.5-7b-hf"  # as a hub import would
-        return [*fixtures.make_chartwiz(data, replica),
-                f"imports={{base: {{source: '{replica}', to: '{imported}'}}}}",
-                f"model.name_or_path={imported}"]
-
+    parts = {name: replica_dir(hub_id) for name, hub_id in fixtures.CHARTWIZ_PARTS.items()}
     return run_recipe("chartwiz", tmp_path_factory.mktemp("chartwiz"), mlflow_db_template,
-                      overrides)
+                      lambda data: fixtures.make_chartwiz(data, parts))
 
 
 @pytest.fixture(scope="module")
@@ -218,31 +214,56 @@ def test_dataengine_writes_the_servers_upload_files(dataengine_run: ReplicaRun) 
 # --------------------------------------------------------------------------- chartwiz
 
 
-def test_chartwiz_trains_in_the_llava_hf_template(chartwiz_run: ReplicaRun) -> None:
+CHARTWIZ_IMAGE_TOKENS = 512  # ChartWiz's max_patches: every Pix2Struct patch is a token
+
+
+def test_chartwiz_composes_deplot_aligns_plain_and_finetunes_vicuna_v1(
+        chartwiz_run: ReplicaRun) -> None:
     run = chartwiz_run
     steps = {"prepare-align", "prepare", "prepare-test", "align", "apply-connector",
-             "finetune", "infer", "evaluate"}
-    # + the import, two pretokenize steps and the report
-    assert_steps_committed(run, steps, stage_count=len(steps) + 4)
-    imported = run.home.parent / "store-copy" / "llava-1.5-7b-hf"
-    assert storage.is_committed(str(imported))
-    assert json.loads((imported / "replica.json").read_text())["replica_of"] == LLAVA_HF
-    for dataset in ("prepare-align", "prepare"):
+             "finetune", "merge", "infer", "evaluate"}
+    # + 2 imports, the conversion, two pretokenize steps and the report
+    assert_steps_committed(run, steps, stage_count=len(steps) + 6)
+    composed = run.home.parent / "data" / "models" / "chartwiz-base"
+    config = json.loads((composed / "config.json").read_text())
+    assert config["model_type"] == "deplot_llava"
+    assert config["vision_config"]["model_type"] == "pix2struct_vision_model"
+    assert config["text_config"]["model_type"] == "mistral"
+    assert config["image_seq_length"] == CHARTWIZ_IMAGE_TOKENS
+    assert storage.read_manifest(str(composed)).meta["conversion"]["kind"] == "deplot_llava"
+    formats = {"prepare-align": "plain", "prepare": "vicuna_v1"}
+    for dataset, name in formats.items():
         card = assert_counts_reconcile(run, dataset)
         assert card["counts"]["rejected"] == 0
-        assert card["processor"]["conversation_format"]["name"] == "template"
-        _assert_image_tokens(card)
-        labels = decoded_labels(run, dataset, imported)
-        answers = _answers(run, dataset)
-        # llava-hf's template labels the answer and writes no EOS after it.
-        assert labels and all(text.strip() == answers[i].strip() for i, text in labels.items())
+        assert card["processor"]["conversation_format"]["name"] == name
+        assert card["tokens"]["image"] == CHARTWIZ_IMAGE_TOKENS * card["images"], card["tokens"]
+    # pretrain.sh's data: ChartWiz's table text, labelled with plain's "\n" after it.
+    labels = decoded_labels(run, "prepare-align", composed)
+    answers = _answers(run, "prepare-align")
+    assert answers["c1-table"] == ("TITLE | 지역별 매출 1\n| 서울 | 부산 | 대구 \n"
+                                   "매출 | 11억원 | 21억원 | 6억원 \n")
+    assert all(labels[i] == answers[i] + "\n" for i in answers), labels
+    # finetune_lora.sh's v1: each answer and its </s>.
+    labels = decoded_labels(run, "prepare", composed)
+    answers = _answers(run, "prepare")
+    assert all(labels[i].strip() == (answers[i] + "</s>").strip() for i in answers), labels
     assert_trained(run, train_steps=2)  # align and finetune
+
+
+def test_chartwiz_scores_per_task_with_relaxed_accuracy(chartwiz_run: ReplicaRun) -> None:
+    run = chartwiz_run
     assert set(run.outcome.headlines) == {"chartwiz"}
     summary = evaluation(run, "evaluate")  # the results row is labelled by the pipeline
     predictions = rows(run.run_dir / "infer" / "predictions.jsonl")
-    assert summary["metric"] == "gqa"
+    assert summary["metric"] == "chartwiz"
     assert summary["count"] == len(predictions) == 4  # 2 test charts x 2 questions
-    assert "## Headline per evaluation" in storage.read_text(run.outcome.results)
+    qa = summary["tasks"]["qa"]
+    assert qa["count"] == 4 and qa["numeric"] == 2  # "21" is numeric, "부산" is not
+    table = (run.run_dir / "evaluate" / "summary.md").read_text(encoding="utf-8")
+    assert "Relaxed@5%" in table and "| qa " in table
+    results = storage.read_text(run.outcome.results)
+    assert "## ChartWiz chart QA accuracy (%): chartwiz" in results and "| qa " in results
+    assert "## Headline per evaluation" in results
 
 
 # --------------------------------------------------------------------------- chart-demo

@@ -49,7 +49,8 @@ the JSON's directory (relative to the input) with `text_data` -> `img_data` and 
 `img_X`, e.g. `text_data/text_line_standard/a.json` -> `img_data/img_line_standard/a.jpg`.
 Options: `tasks` (table, description, summary, qa), `templates` ({task: instruction}; qa's
 contains `{question}`), `category_header` (default: the axis title, else 분류), `image_layout`
-(aihub | flat: the filename alone), `image_prefix` (prepended to image paths).
+(aihub | flat: the filename alone), `image_prefix` (prepended to image paths), `table_format`
+(`markdown`, above, or `chartwiz`: ChartWiz's own table text, `chartwiz_table`).
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ DEFAULT_TEMPLATES = {
     "qa": "{question}",
 }
 _DEFAULTS: dict[str, Any] = {"tasks": list(TASKS), "templates": {}, "category_header": "",
-                             "image_layout": "aihub", "image_prefix": ""}
+                             "image_layout": "aihub", "image_prefix": "",
+                             "table_format": "markdown"}
+TABLE_FORMATS = ("markdown", "chartwiz")
 _MISSING = {"", "-", "null", "none", "n/a"}
 
 
@@ -109,6 +112,8 @@ def _options(ctx: ConvertContext) -> dict[str, Any]:
         errors.append(f"templates={templates!r}: use a mapping from {', '.join(TASKS)}")
     elif "{question}" not in templates.get("qa", "{question}"):
         errors.append("templates.qa: must contain {question}")
+    if opts["table_format"] not in TABLE_FORMATS:
+        errors.append(f"table_format={opts['table_format']!r}: use {' or '.join(TABLE_FORMATS)}")
     if opts["image_layout"] not in ("aihub", "flat"):
         errors.append(f"image_layout={opts['image_layout']!r}: use aihub or flat")
     if errors:
@@ -170,6 +175,7 @@ def _samples(data: Any, rel: str, opts: dict[str, Any]) -> list[Sample]:
     if not isinstance(annotations, list) or not annotations:
         annotations = [{}]
     tables: list[ChartTable] = []
+    named: list[bool] = []  # whether each annotation's legend names its series (ChartWiz text)
     for i, ann in enumerate(annotations, start=1):
         where = f"annotation {i}: " if len(annotations) > 1 else ""
         try:
@@ -177,6 +183,9 @@ def _samples(data: Any, rel: str, opts: dict[str, Any]) -> list[Sample]:
                                  table_type, first_number=sum(len(t.series) for t in tables)))
         except TableError as e:
             raise TableError(where + str(e)) from None
+        legend = _field(ann if isinstance(ann, dict) else {}, data, "legend")
+        named.append(isinstance(legend, list) and bool(legend))
+    chartwiz_text = chartwiz_table(tables, named)
     tables = _merge(tables)
     stem = PurePosixPath(rel).stem
     common = {"source": rel, "chart_sub": canonical, "chart_type": chart_type,
@@ -193,7 +202,8 @@ def _samples(data: Any, rel: str, opts: dict[str, Any]) -> list[Sample]:
             t.to_markdown(category_header=opts["category_header"] or t.x_label or "분류",
                           with_title=i == 0 or t.title != tables[0].title)
             for i, t in enumerate(tables))
-        add("table", "table", templates["table"], markdown, table_markdown=markdown)
+        table_text = chartwiz_text if opts["table_format"] == "chartwiz" else markdown
+        add("table", "table", templates["table"], table_text, table_markdown=markdown)
     first_ann = annotations[0] if isinstance(annotations[0], dict) else {}
     for task in ("description", "summary"):
         text = _text(_field({}, data, task) or _field(first_ann, {}, task))
@@ -319,6 +329,39 @@ def _table(ann: dict[str, Any], top: dict[str, Any], chart_sub: str, table_type:
                       _text(axis.get(cat_key)) if isinstance(axis.get(cat_key), str) else "",
                       _text(axis.get(val_key)) if isinstance(axis.get(val_key), str) else "",
                       _text(_field(ann, top, "unit")))
+
+
+def chartwiz_table(tables: list[ChartTable], named: list[bool]) -> str:
+    """ChartWiz's table text (allright2024/ChartWiz `preprocess/make_tabledata.py`,
+    `ChartTable.make_table`), one chart's annotations in order::
+
+        TITLE | 연도별 매출            TITLE | 연도별 매출
+        2021 | 12억원                 | 2021 | 2022
+        2022 | 15.5억원               국내 | 12억원 | 15.5억원
+                                      해외 | 3억원 | 4000억원
+
+    (spaces as ChartWiz writes them: `| {x} ` per category, `{legend} ` then `| {v}{unit} `
+    per value, each line ending in a newline). Left: an annotation without legend, one
+    `label | value<unit>` row per category; right: with a legend, the category row (first
+    annotation only) and one row per series. The title is the first annotation's. Values
+    are written as numbers (`12`, `15.5`); ChartWiz prints numpy's values, so one file
+    mixing integers and decimals gets `12.0` there. ChartWiz drops files whose series are
+    ragged (its bare `except`); this converter pads them, and a padded cell is empty.
+    """
+    from mmjobs.data.charts import format_number
+
+    text = f"TITLE | {tables[0].title}\n"
+    for n, (table, has_legend) in enumerate(zip(tables, named, strict=True)):
+        if not has_legend and len(table.series) == 1:
+            for category, value in zip(table.categories, table.series[0].values, strict=True):
+                text += f"{category} | {format_number(value)}{table.unit}\n"
+            continue
+        if n == 0:
+            text += "".join(f"| {category} " for category in table.categories) + "\n"
+        for series in table.series:
+            text += f"{series.name} " + "".join(
+                f"| {format_number(v)}{table.unit} " for v in series.values) + "\n"
+    return text
 
 
 def _merge(tables: list[ChartTable]) -> list[ChartTable]:

@@ -12,14 +12,25 @@ docstring names the upstream file and function it reproduces and what each varia
 | `mmbench`   | VLMEvalKit circular evaluation with `can_infer` (exact matching)  |
 | `gqa`       | GQA `eval.py` accuracy (optionally LLaVA's preprocessing)         |
 | `seedbench` | SEED-Bench / LLaVA per-question-type accuracy                     |
+| `chartwiz`  | ChartWiz has no scorer: relaxed 5 % on numbers, exact otherwise  |
 """
 
 from __future__ import annotations
 
-from mmjobs.eval.metrics import chartqa, gqa, mmbench, mme, scienceqa, seedbench, vqav2
+from mmjobs.eval.metrics import (
+    chartqa,
+    chartwiz,
+    gqa,
+    mmbench,
+    mme,
+    scienceqa,
+    seedbench,
+    vqav2,
+)
 from mmjobs.eval.metrics.base import Metric, ScoreInputError, ScoreOptions
 
 METRICS: dict[str, Metric] = {m.METRIC.name: m.METRIC for m in
-                              (chartqa, vqav2, scienceqa, mme, mmbench, gqa, seedbench)}
+                              (chartqa, vqav2, scienceqa, mme, mmbench, gqa, seedbench,
+                               chartwiz)}
 
 __all__ = ["METRICS", "Metric", "ScoreInputError", "ScoreOptions"]

@@ -30,6 +30,7 @@ from pathlib import Path
 from mmjobs.logs import get_logger
 from mmjobs.models.replicas._common import PUBLISHED_ROOT, RECORD_NAME, published_dir
 from mmjobs.models.replicas.chameleon import build_aa_chameleon, build_chameleon
+from mmjobs.models.replicas.chartwiz import build_pix2struct_base, build_synatra
 from mmjobs.models.replicas.lavin import build_clip_vit_l14, build_meta_llama
 from mmjobs.models.replicas.llava import (
     build_clip,
@@ -56,6 +57,8 @@ REPLICAS: dict[str, Callable[..., None]] = {
     "internlm/internlm-xcomposer2-7b": build_xcomposer2,
     "meta/llama-7b": build_meta_llama,
     "openai/clip-vit-large-patch14": build_clip_vit_l14,
+    "maywell/Synatra-7B-v0.3-dpo": build_synatra,
+    "ybelkada/pix2struct-base": build_pix2struct_base,
 }
 
 

@@ -203,3 +203,32 @@ def test_bad_options_are_reported_together(tmp_path):
     for part in ("unknown option 'colour'", "tasks=['caption']", "templates.qa",
                  "image_layout='tree'"):
         assert part in str(e.value)
+
+
+def test_chartwiz_table_format_writes_make_tabledata_text(tmp_path):
+    """table_format: chartwiz gives ChartWiz's preprocess/make_tabledata.py text: with a
+    legend, the category row and one `legend | v<unit>` row per series; without one,
+    `label | v<unit>` rows; each annotation of a mixed chart in turn, under the first title."""
+    files = {"vbar.json": VBAR, "hbar.json": ACCEPTED["hbar.json"],
+             "mixed.json": ACCEPTED["mixed_diff.json"]}
+    for name, data in files.items():
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_text(json.dumps(data, ensure_ascii=False), "utf-8")
+    samples, rejects = run(str(tmp_path / "in"), tmp_path, tasks=["table"],
+                           table_format="chartwiz", image_layout="flat",
+                           templates={"table": "이 차트를 테이블 정보로 변경해줘."})
+    assert not rejects
+    by_file = {s.meta["source"]: s.conversations[1].content for s in samples}
+    assert by_file["vbar.json"] == ("TITLE | 연도별 매출\n| 2021 | 2022 \n"
+                                    "국내 | 12억원 | 15.5억원 \n해외 | 3억원 | 4000억원 \n")
+    assert by_file["hbar.json"] == "TITLE | 제목\n서울 | 30%\n부산 | 20.5%\n대구 | 10%\n"
+    assert by_file["mixed.json"] == "TITLE | 제목\n| 1월 | 2월 \n방문자 | 10 | 20 \n3월 | 7\n"
+    assert {s.conversations[0].content for s in samples} == {
+        "<image>\n이 차트를 테이블 정보로 변경해줘."}
+    # The markdown table stays in the sample's meta.
+    assert all(s.meta["table_markdown"].startswith("TITLE") for s in samples)
+
+
+def test_unknown_table_format_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="table_format='csv': use markdown or chartwiz"):
+        run(str(tmp_path), tmp_path, table_format="csv")

@@ -65,7 +65,8 @@ def test_every_listed_model_has_a_replica():
         "llava-hf/llava-1.5-7b-hf", "lmsys/vicuna-7b-v1.5", "openai/clip-vit-large-patch14-336",
         "liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5", "liuhaotian/llava-v1.5-7b",
         "facebook/chameleon-7b", "PKU-Alignment/AA-chameleon-7b-base",
-        "internlm/internlm-xcomposer2-7b", "meta/llama-7b", "openai/clip-vit-large-patch14"}
+        "internlm/internlm-xcomposer2-7b", "meta/llama-7b", "openai/clip-vit-large-patch14",
+        "maywell/Synatra-7B-v0.3-dpo", "ybelkada/pix2struct-base"}
 
 
 def test_published_files_are_copied_byte_for_byte(replica_dir):
@@ -314,3 +315,37 @@ def test_clip_l14_replica_keeps_224px_and_24_blocks(replica_dir):
             vision.hidden_act) == (224, 14, 24, "quick_gelu")
     out = model.vision_model(pixel_values=torch.zeros(1, 3, 224, 224), output_hidden_states=True)
     assert out.last_hidden_state.shape == (1, 257, vision.hidden_size)
+
+
+# --------------------------------------------------------------------------- ChartWiz
+
+
+def test_synatra_replica_keeps_the_hub_config_and_token_ids(replica_dir):
+    """Synatra-7B-v0.3-dpo: Mistral, vocab 32002 with eos 32000, 4:1 grouped-query heads."""
+    from transformers import AutoConfig, AutoTokenizer, MistralForCausalLM
+
+    model_dir = replica_dir("maywell/Synatra-7B-v0.3-dpo")
+    config = AutoConfig.from_pretrained(model_dir)
+    assert (config.model_type, config.vocab_size, config.eos_token_id, config.sliding_window,
+            config.rope_parameters["rope_theta"]) == ("mistral", 32002, 32000, 4096, 10000.0)
+    assert config.num_attention_heads // config.num_key_value_heads == 32 // 8
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert len(tokenizer) == 32002 and tokenizer.eos_token_id == 32000
+    assert tokenizer("부산").input_ids[0] == 1  # BOS, then Korean as bytes
+    model = MistralForCausalLM.from_pretrained(model_dir)
+    assert model.dtype == torch.bfloat16
+    assert model(torch.tensor([[1, 5, 6]])).logits.shape == (1, 3, 32002)
+
+
+def test_pix2struct_replica_is_a_full_model_whose_encoder_chartwiz_keeps(replica_dir):
+    from transformers import AutoImageProcessor, Pix2StructForConditionalGeneration
+
+    model_dir = replica_dir("ybelkada/pix2struct-base")
+    model = Pix2StructForConditionalGeneration.from_pretrained(model_dir)
+    vision = model.config.vision_config
+    assert (vision.patch_size, vision.patch_embed_hidden_size, model.config.is_vqa) == (
+        16, 768, False)  # the input patch width is 3 x 16 x 16, not shrunk
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    patches = processor(Image.new("RGB", (40, 30)), return_tensors="pt", max_patches=512)
+    out = model.encoder(flattened_patches=patches["flattened_patches"])
+    assert out.last_hidden_state.shape == (1, 512, vision.hidden_size)

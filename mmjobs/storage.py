@@ -70,6 +70,7 @@ from mmjobs.storage_objects import (  # noqa: F401 - re-exported: the store's pu
     open_read,
     open_write,
     parse,
+    private_to_shared,
     put_file,
     read_bytes,
     read_text,

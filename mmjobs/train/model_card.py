@@ -69,7 +69,8 @@ def model_card(*, kind: str, uri: str, base: str, recipe: str | None = None,
     if data:
         lines += ["", "## Data", "", "| dataset | fingerprint | details |", "|---|---|---|"]
         for d in data:
-            rest = ", ".join(f"{k} {v}" for k, v in d.items()
+            rest = ", ".join(f"{k} `{v}`" if isinstance(v, str) else f"{k} {v}"
+                             for k, v in d.items()
                              if k not in ("uri", "fingerprint") and v is not None)
             lines.append(f"| `{d.get('uri')}` | `{d.get('fingerprint') or '-'}` | {rest} |")
     if settings:

@@ -16,7 +16,7 @@ from mmjobs.config import load_config
 from mmjobs.data import pretokenized as fmt
 from mmjobs.stages import prepare, pretokenize
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CHARTS = 3  # synthetic charts; each gives several records (table, QA, ...)
 
 

@@ -19,7 +19,7 @@ from mmjobs.config import load_config
 from mmjobs.stages import merge, train
 from tests.train_fixtures import chart_shards, one_thread, stage_settings  # noqa: F401
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _modes(root: Path) -> dict[str, set[str]]:

@@ -84,8 +84,9 @@ def model_card(*, kind: str, uri: str, base: str, recipe: str | None = None,
 
 
 def _how_to_load(kind: str, uri: str, base: str) -> str:
-    fetch = ("Copy it from the store first (`mmjobs store cp {uri} ./model`), or let mmjobs "
-             "fetch and verify it: `mmjobs serve` / `infer` take the store URI as is.")
+    fetch = ("Copy it out of the store first (`mmjobs store cp {uri} ./local-copy` checks "
+             "every file's sha256), or let mmjobs fetch and verify it: `mmjobs serve` and the "
+             "infer stage take the store URI as is.")
     if kind == "adapter":
         return f"""```python
 from peft import PeftModel
@@ -97,8 +98,8 @@ model = PeftModel.from_pretrained(base, "ADAPTER")               # {uri}
 ```
 
 `BASE` and `ADAPTER` are local folders (or hub ids). {fetch.format(uri=uri)}
-`mmjobs merge --set base={base} --set adapter={uri}` folds the adapter into a standalone
-model."""
+`mmjobs stage merge --set base={base} --set adapter={uri}` folds the adapter into a
+standalone model."""
     if kind == "mma-adapter":
         return f"""LaVIN's adapters are loaded by mmjobs onto their base (their routers depend on
 the input, so peft cannot load them):

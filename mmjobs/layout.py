@@ -13,8 +13,13 @@ REJECTS_FILE = "rejects.jsonl"
 DATASET_CARD = "dataset.json"
 IMAGES_DIR = "images"  # images drawn or copied into an output; generated images of answers
 
-# Pretokenized shards: `shard-*.parquet` and their card (counts, lengths, processor).
+# Pretokenized shards: `data/shard-*.parquet` (only shards in there, so the folder reads as a
+# Parquet dataset) and beside it their card (counts, lengths, processor).
+SHARDS_DIR = "data"
 SHARDS_CARD = "card.json"
+# A Hugging Face card beside datasets and models: what it is, and how to load it (its YAML
+# header points `datasets.load_dataset` at the data files).
+README_FILE = "README.md"
 
 # A training output: resumable checkpoints, and the committed result under final/.
 CHECKPOINTS_DIR = "checkpoints"

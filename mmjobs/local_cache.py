@@ -65,6 +65,7 @@ def cached(target: Path, fill: Callable[[Path], None], *,
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
+        storage.private_to_shared(scratch)  # mkdtemp's 0700 would survive the rename
         fill(scratch)
         shutil.rmtree(target, ignore_errors=True)  # an invalid earlier copy
         try:

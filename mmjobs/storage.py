@@ -58,6 +58,8 @@ from mmjobs.storage_errors import (  # noqa: F401 - re-exported: the store's pub
     retry,
 )
 from mmjobs.storage_objects import (  # noqa: F401 - re-exported: the store's public API
+    DIR_MODE,
+    FILE_MODE,
     Location,
     ObjectInfo,
     delete,
@@ -70,6 +72,7 @@ from mmjobs.storage_objects import (  # noqa: F401 - re-exported: the store's pu
     open_read,
     open_write,
     parse,
+    private_to_shared,
     put_file,
     read_bytes,
     read_text,

@@ -291,11 +291,46 @@ def sha256_file(path: str | os.PathLike) -> str:
 # --------------------------------------------------------------------------- helpers
 
 
+def _current_umask() -> int:
+    """The process umask (reading it means setting it; done once, at import)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+# What a plain `open()` / `mkdir()` would give: 0644 files and 0755 folders under the usual
+# umask 022. mkstemp and mkdtemp create 0600 / 0700 (they are private scratch by design), and
+# a rename keeps that mode, so files the store writes would be unreadable by other users and
+# tools (a shared model folder, a web server over the store) without this.
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
+
+
+def private_to_shared(path: str | os.PathLike, *, tree: bool = False) -> None:
+    """Give a file made by mkstemp (or a folder by mkdtemp) the read (and folder search) bits
+    `open()`/`mkdir()` would have given it under the process umask (0644 / 0755 usually),
+    before it is renamed into place; other bits are kept. `tree`: also everything under a
+    folder (what a library saved there with mkstemp, e.g. safetensors shards)."""
+    paths = [Path(path)]
+    if tree:
+        paths += sorted(Path(path).rglob("*"))
+    for p in paths:
+        if p.is_symlink():
+            continue  # chmod would follow it
+        wanted = (DIR_MODE & 0o555) if p.is_dir() else (FILE_MODE & 0o444)
+        mode = p.stat().st_mode & 0o7777
+        if mode | wanted != mode:
+            os.chmod(p, mode | wanted)
+
+
 @contextlib.contextmanager
 def _temp_beside(path: Path) -> Iterator[Path]:
-    """A temporary path next to `path` (same filesystem, so os.replace is atomic)."""
+    """A temporary path next to `path` (same filesystem, so os.replace is atomic), with the
+    mode a plain `open()` gives (not mkstemp's 0600): the rename keeps it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     tmp = Path(name)
     try:

@@ -24,8 +24,16 @@ from mmjobs.data.archives import (
     is_archive,
 )
 from mmjobs.data.converters import IMAGES_DIR, ConvertContext, Converter
-from mmjobs.data.records import CARD_FILE, REJECTS_FILE, SAMPLES_FILE, JsonlWriter, Reject
+from mmjobs.data.records import (
+    CARD_FILE,
+    REJECTS_FILE,
+    SAMPLES_FILE,
+    JsonlWriter,
+    Reject,
+    dataset_readme,
+)
 from mmjobs.data.validate import Validator
+from mmjobs.layout import README_FILE
 from mmjobs.logs import get_logger, progress
 
 log = get_logger(__name__)
@@ -132,6 +140,7 @@ def write_dataset(converter: Converter, ctx: ConvertContext, validator: Validato
     }
     (scratch / CARD_FILE).write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n",
                                      encoding="utf-8")
+    (scratch / README_FILE).write_text(dataset_readme(card), encoding="utf-8")
     return card
 
 

@@ -12,9 +12,9 @@ node, SIGKILL) costs at most the shards in flight; the output is byte-identical 
 uninterrupted run because each shard depends only on its own rows. Shards go to the store
 rather than a local work dir so a retry in a fresh pod resumes too.
 
-**Committed.** When all shards exist, `rejects.jsonl` and `card.json` are written and then
-`_MANIFEST.json` (from the markers' checksums, so S3 shards are not downloaded again); before
-that the directory is incomplete and never read as an input.
+**Committed.** When all shards exist, `rejects.jsonl`, `card.json` and `README.md` are written
+and then `_MANIFEST.json` (from the markers' checksums, so S3 shards are not downloaded again);
+before that the directory is incomplete and never read as an input.
 
 Datasets of kind `sample` give one row per conversation; datasets of kind `preference` give
 one row per pair, its chosen and rejected sequences side by side (the preference variant of
@@ -247,10 +247,10 @@ def _encode_shard(ctx: _Context, index: int, rows: list[RawRow]) -> dict[str, An
             sample_id = row.data.get("id") if isinstance(row.data, dict) else None
             rejects.append(Reject(str(sample_id or row.locator), e.reason, row.locator).to_json())
     schema = fmt.SCHEMAS[ctx.kind]
-    table = pa.Table.from_pydict({f.name: [getattr(e, f.name) for e in encoded]
+    table = pa.Table.from_pydict({f.name: [_cell(e, f.name) for e in encoded]
                                   for f in schema}, schema=schema)
     with tempfile.TemporaryDirectory(prefix="mmjobs-shard-") as tmp:
-        local = Path(tmp) / fmt.shard_name(index)
+        local = Path(tmp) / Path(fmt.shard_name(index)).name
         pq.write_table(table, local, compression="zstd")
         entry = storage.FileEntry(fmt.shard_name(index), local.stat().st_size,
                                   storage.sha256_file(local))
@@ -273,6 +273,12 @@ def _encode_shard(ctx: _Context, index: int, rows: list[RawRow]) -> dict[str, An
         os._exit(86)  # test hook: die like a killed process, without cleanup
     # Return exactly what a resumed run reads back, so both build byte-identical outputs.
     return json.loads(marker)
+
+
+def _cell(encoded: Any, column: str) -> Any:
+    """The shard cell of `column` for an encoded row (image bytes become Image cells)."""
+    value = getattr(encoded, column)
+    return fmt.image_cells(value) if column in fmt.IMAGE_COLUMNS else value
 
 
 def _tokens(encoded: Any) -> int:
@@ -381,7 +387,8 @@ def _finished_shards(job: PretokenizeJob) -> dict[int, dict[str, Any]]:
 def _remove_leftovers(out: str, finished: dict[int, dict[str, Any]]) -> None:
     """Delete our files that no finished marker vouches for (partial shards, stale markers)."""
     keep = {s["file"] for s in finished.values()} | {fmt.marker_name(i) for i in finished}
-    ours = ("shard-", ".shard-", f"{fmt.MARKER_DIR}/", fmt.CARD_FILE, fmt.REJECTS_FILE)
+    ours = (f"{fmt.DATA_DIR}/", "shard-", ".shard-", f"{fmt.MARKER_DIR}/", fmt.CARD_FILE,
+            fmt.REJECTS_FILE, fmt.README_FILE)
     for obj in storage.list_objects(out):
         if obj.relpath not in keep and obj.relpath.startswith(ours):
             storage.delete(obj.uri)
@@ -438,7 +445,8 @@ def build_card(job: PretokenizeJob, shards: list[dict[str, Any]],
 
 
 def _commit(job: PretokenizeJob, shards: list[dict[str, Any]], card: dict[str, Any]) -> None:
-    """Write rejects.jsonl and card.json, then the manifest (from recorded checksums)."""
+    """Write rejects.jsonl, card.json and README.md, then the manifest (from recorded
+    checksums)."""
     entries = [storage.FileEntry(s["file"], s["size"], s["sha256"]) for s in shards]
     # Markers are re-serialized exactly as written, so their checksums need no download.
     files = {fmt.marker_name(s["shard"]): _dumps(s).encode() for s in shards}
@@ -446,6 +454,7 @@ def _commit(job: PretokenizeJob, shards: list[dict[str, Any]], card: dict[str, A
         (json.dumps({k: r[k] for k in ("row", "reason", "source")}, ensure_ascii=False)
          + "\n").encode() for s in shards for r in s["rejects"])
     files[fmt.CARD_FILE] = json.dumps(card, indent=1, ensure_ascii=False).encode()
+    files[fmt.README_FILE] = fmt.dataset_readme(card).encode()
     for rel, data in files.items():
         if not rel.startswith(fmt.MARKER_DIR):
             storage.write_bytes(storage.join(job.out, rel), data)

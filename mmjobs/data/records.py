@@ -191,3 +191,40 @@ class JsonlWriter:
             raise RuntimeError("JsonlWriter is used outside its `with` block")
         self._f.write(json.dumps(data, ensure_ascii=False).encode("utf-8") + b"\n")
         self.count += 1
+
+
+def dataset_readme(card: dict[str, Any]) -> str:
+    """README.md of a canonical dataset: a Hugging Face dataset card whose `configs` header
+    points `datasets.load_dataset(dir)` at `samples.jsonl` (without it, `datasets` picks files
+    by their most common extension and returns the `images/` folder as an image dataset),
+    then the counts and how to read it."""
+    counts = card.get("counts", {})
+    reasons = ", ".join(f"{k} {v}" for k, v in (counts.get("by_reason") or {}).items())
+    source = card.get("source_format") or card.get("sources") or "?"
+    return f"""---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: {SAMPLES_FILE}
+tags:
+- mmjobs
+- canonical
+---
+# Canonical {card.get("kind", "sample")} dataset
+
+Made by mmjobs from `{source}`{f" (input `{card['input']}`)" if card.get("input") else ""}.
+
+- rows: {counts.get("input", "?")} in, {counts.get("accepted", "?")} accepted, \\
+{counts.get("rejected", "?")} rejected{f" ({reasons})" if reasons else ""}
+- `{SAMPLES_FILE}`: one record per line (`id`, `images`, `conversations` or `prompt` /
+  `chosen` / `rejected`, `meta`); `images` are paths relative to the image root
+  `{card.get("image_root") or "."}`
+- `{REJECTS_FILE}`: `{{row, reason, source}}` per rejected row; `{CARD_FILE}`: this card's
+  numbers as JSON
+
+```python
+import datasets
+rows = datasets.load_dataset(".", split="train")  # the records of {SAMPLES_FILE}
+```
+"""

@@ -21,7 +21,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from fnmatch import fnmatch
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,12 +28,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmjobs import local_cache, settings, storage
+from mmjobs.data import pretokenized as fmt
 from mmjobs.layout import SHARDS_CARD as CARD_NAME
 from mmjobs.logs import get_logger
 
 log = get_logger(__name__)
 
-SHARD_PATTERN = "shard-*.parquet"
+SHARD_PATTERN = "data/shard-*.parquet"
 REQUIRED_COLUMNS = ("id", "input_ids", "labels", "images", "num_image_tokens", "length")
 PREFERENCE_COLUMNS = ("id", "chosen_input_ids", "chosen_labels", "rejected_input_ids",
                       "rejected_labels", "images", "chosen_images", "rejected_images",
@@ -79,8 +79,7 @@ def materialize_shards(shards_uri: str | os.PathLike,
         ValueError: no `shard-*.parquet` files, or a shard lacks required columns.
     """
     manifest = storage.read_manifest(shards_uri)
-    shards = sorted((f for f in manifest.files
-                     if "/" not in f.path and fnmatch(f.path, SHARD_PATTERN)),
+    shards = sorted((f for f in manifest.files if fmt.is_shard_path(f.path)),
                     key=lambda f: f.path)
     if not shards:
         raise ValueError(f"{shards_uri}: committed directory has no {SHARD_PATTERN} files; "
@@ -132,9 +131,10 @@ def _parquet_to_ipc(src: Path, dst: Path) -> int:
         raise ValueError(f"{src.name}: missing columns {missing}; pretokenized {kind} shards "
                          f"need {list(required)}")
     rows = 0
-    with pa.OSFile(str(dst), "wb") as sink, \
-            pa.ipc.new_file(sink, pf.schema_arrow.remove_metadata()) as writer:
+    schema = _ipc_schema(pf.schema_arrow)
+    with pa.OSFile(str(dst), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for batch in pf.iter_batches(batch_size=_BATCH_ROWS):
+            batch = _image_bytes(batch, schema)
             # The sampler plans batches and bins from `length` alone, so it must be true.
             bad = _length_mismatch(batch, kind)
             if pc.any(bad.fill_null(True)).as_py():
@@ -142,9 +142,31 @@ def _parquet_to_ipc(src: Path, dst: Path) -> int:
                 raise ValueError(f"{src.name}: row {batch.column('id')[first].as_py()!r} has "
                                  "length, len(input_ids) and len(labels) that disagree; "
                                  "re-run pretokenize")
-            writer.write_batch(batch.replace_schema_metadata(None))
+            writer.write_batch(batch)
             rows += batch.num_rows
     return rows
+
+
+def _ipc_schema(parquet: pa.Schema) -> pa.Schema:
+    """The cached files' schema: the shard's, with image columns as plain `list<binary>` (the
+    encoded bytes the collators decode; the Image feature's null `path` is dropped)."""
+    fields = [pa.field(f.name, pa.list_(pa.binary()), f.nullable)
+              if f.name in fmt.IMAGE_COLUMNS else f for f in parquet]
+    return pa.schema(fields)
+
+
+def _image_bytes(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """`batch` with `list<struct<bytes, path>>` image columns as `list<binary>` (v1 shards
+    already store them so)."""
+    columns = []
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        if name in fmt.IMAGE_COLUMNS and pa.types.is_struct(column.type.value_type):
+            # `values` is the whole child array; `offsets` follow the batch's slice.
+            column = pa.ListArray.from_arrays(column.offsets, column.values.field("bytes"),
+                                              mask=column.is_null() if column.null_count
+                                              else None)
+        columns.append(column)
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
 def _length_mismatch(batch: pa.RecordBatch, kind: str) -> pa.Array:

@@ -372,6 +372,24 @@ def trainable_parameter_summary(model: nn.Module) -> dict[str, dict[str, int]]:
 # --------------------------------------------------------------------------- exporting
 
 
+def set_image_seq_length(config: Any) -> int | None:
+    """Write the image tokens a LLaVA model really uses into `config.image_seq_length`.
+
+    `LlavaConfig` defaults it to 576 (LLaVA-1.5's 336 px / 14 px patches) whatever the vision
+    tower, and tools that size prompts from the config (vLLM, TGI) would then reserve the
+    wrong count. A LLaVA turns an image into (image_size / patch_size)^2 patch embeddings,
+    plus the CLS one when `vision_feature_select_strategy` is "full". Other model types are
+    left alone. Returns the value written, or None.
+    """
+    vision = getattr(config, "vision_config", None)
+    size, patch = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if getattr(config, "model_type", None) != "llava" or not size or not patch:
+        return None
+    full = getattr(config, "vision_feature_select_strategy", "default") == "full"
+    config.image_seq_length = (size // patch) ** 2 + (1 if full else 0)
+    return config.image_seq_length
+
+
 def export_model_dir(model: PreTrainedModel, out_dir: str | os.PathLike,
                      source_dir: str | os.PathLike | None = None) -> Path:
     """Save `model` (safetensors + config) and copy the processor/tokenizer files of `source_dir`.
@@ -383,6 +401,7 @@ def export_model_dir(model: PreTrainedModel, out_dir: str | os.PathLike,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     repair_model_generation_config(model, source_dir)  # transformers refuses to save some
+    set_image_seq_length(model.config)
     model.save_pretrained(out)  # safetensors: the only format transformers 5 writes
     if source_dir is not None:
         for src in sorted(Path(source_dir).iterdir()):

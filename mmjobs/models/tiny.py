@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mmjobs import storage
 from mmjobs.logs import get_logger
 
 if TYPE_CHECKING:
@@ -173,6 +174,8 @@ def tiny_llava_config(*, image_size: int = 56, patch_size: int = 14, vocab_size:
         vision_config=vision, text_config=text, image_token_id=image_token_id,
         projector_hidden_act="gelu",  # Linear-GELU-Linear: LLaVA-1.5's mlp2x_gelu
         vision_feature_select_strategy="default", vision_feature_layer=-2,
+        # The patches per image ("default" drops CLS); LlavaConfig's default 576 is LLaVA-1.5's.
+        image_seq_length=(image_size // patch_size) ** 2,
     )
 
 
@@ -306,6 +309,7 @@ def _save(out_dir: str | Path, model, processor) -> Path:
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.save_pretrained(out)  # safetensors is the default
     processor.save_pretrained(out)  # also writes the tokenizer and the chat template
+    storage.private_to_shared(out, tree=True)  # transformers saves weights 0600 (mkstemp)
     log.info("saved tiny %s (%d parameters) to %s", model.config.model_type,
              sum(p.numel() for p in model.parameters()), out)
     return out

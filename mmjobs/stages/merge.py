@@ -38,7 +38,9 @@ from mmjobs.stage_contract import (
 )
 
 NAME = "merge"
-VERSION = 1  # bump when merging or the output layout changes: invalidates cached outputs
+# Bump when merging or the output layout changes: invalidates cached outputs. 2: README.md
+# model card; the real image_seq_length in LLaVA configs.
+VERSION = 2
 log = get_logger(__name__)
 _NOT_FINGERPRINTED = RUN_FIELDS | {"base", "adapter"}  # base/adapter enter by content instead
 
@@ -86,6 +88,7 @@ def main(cfg: MergeConfig) -> MergeResult:
         from mmjobs.models.builder import export_model_dir, fetch_dir, saved_dtype
         from mmjobs.models.lavin.compose import is_lavin_adapter
         from mmjobs.train.merge import merge_lora, merge_mma
+        from mmjobs.train.model_card import write_merged_card
 
         base = ModelConfig(name_or_path=cfg.base, trust_remote_code=cfg.trust_remote_code)
         adapter_dir = fetch_dir(adapter, kind="adapters")
@@ -105,6 +108,8 @@ def main(cfg: MergeConfig) -> MergeResult:
         with stage.commit(meta) as scratch:
             model.to(saved_dtype(cfg.save_dtype, outcome.loaded.model_dir))
             export_model_dir(model, scratch, source_dir=outcome.loaded.model_dir)
+            write_merged_card(scratch, uri=stage.out, base=cfg.base, adapter=adapter,
+                              recipe=cfg.recipe, max_logit_diff=diff)
         log.info("%s: merged %s into %s -> %s (max logit diff %s)", NAME, adapter, cfg.base,
                  stage.out, diff)
         return meta
@@ -113,6 +118,7 @@ def main(cfg: MergeConfig) -> MergeResult:
         from mmjobs.models.builder import export_model_dir, saved_dtype
         from mmjobs.models.lavin.compose import is_trainable_name
         from mmjobs.train.merge import standalone_diff
+        from mmjobs.train.model_card import write_merged_card
 
         model = outcome.loaded.model
         meta = {"stage": NAME, "base": cfg.base, "adapter": adapter, "kind": "lavin-mma",
@@ -125,6 +131,8 @@ def main(cfg: MergeConfig) -> MergeResult:
                     param.data = param.data.to(dtype)
             export_model_dir(model, scratch, source_dir=outcome.loaded.model_dir)
             diff = standalone_diff(outcome, scratch)
+            write_merged_card(scratch, uri=stage.out, base=cfg.base, adapter=adapter,
+                              recipe=cfg.recipe, max_logit_diff=diff)
             meta["max_logit_diff"] = diff
             if diff is not None and diff > cfg.max_logit_diff:
                 raise RuntimeError(f"{NAME}: the standalone LaVIN's logits differ from base + "

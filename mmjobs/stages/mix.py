@@ -35,7 +35,7 @@ from mmjobs.stage_contract import (
 )
 
 NAME = "mix"
-VERSION = 1  # bump when the output changes for the same inputs
+VERSION = 2  # bump when the output changes for the same inputs. 2: README.md
 log = get_logger(__name__)
 
 
@@ -62,7 +62,8 @@ def main(cfg: MixConfig) -> MixResult:
         storage.IncompleteDirectoryError: an input is not committed.
     """
     from mmjobs.data.pretokenize import resolve_image_root
-    from mmjobs.data.records import CARD_FILE, SAMPLES_FILE, iter_jsonl
+    from mmjobs.data.records import CARD_FILE, SAMPLES_FILE, dataset_readme, iter_jsonl
+    from mmjobs.layout import README_FILE
 
     cards = [json.loads(storage.read_text(storage.join(d, CARD_FILE))) for d in cfg.datasets]
     for uri in cfg.datasets:
@@ -99,6 +100,7 @@ def main(cfg: MixConfig) -> MixResult:
                                "rejected": 0, "by_reason": {}, "per_input": per_input}}
             (scratch / CARD_FILE).write_text(json.dumps(card, indent=1, ensure_ascii=False)
                                              + "\n", encoding="utf-8")
+            (scratch / README_FILE).write_text(dataset_readme(card), encoding="utf-8")
         stage.run.log_metrics({"samples": sum(per_input),
                                **{f"samples.input_{i}": n for i, n in enumerate(per_input)}})
         log.info("%s: %s samples from %d datasets -> %s", NAME, per_input, len(per_input),

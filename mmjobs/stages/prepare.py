@@ -7,8 +7,9 @@ The converter named by `source_format` turns input rows into canonical records;
 `mmjobs.data.validate` quarantines bad ones. The committed output holds `samples.jsonl`
 (accepted), `rejects.jsonl` (`{row, reason, source}` per rejected row) and `dataset.json` (the
 card: kind, counts with `input = accepted + rejected`, the absolute image root URI, source
-format, options). Converters that draw images, and archive inputs, put their images under
-`images/` in the output, which is then the image root.
+format, options), and `README.md` (a Hugging Face dataset card pointing
+`datasets.load_dataset(dir)` at samples.jsonl). Converters that draw images, and archive
+inputs, put their images under `images/` in the output, which is then the image root.
 
 If more than `max_reject_fraction` of the rows are rejected the stage fails and commits
 nothing; the rejects and the card are left, uncommitted, under `{output}/_rejected/`. A bad row
@@ -52,7 +53,9 @@ from mmjobs.stage_contract import (
 )
 
 NAME = "prepare"
-VERSION = 2  # bump when checks or the output format change: invalidates cached outputs
+# Bump when checks or the output format change: invalidates cached outputs. 3: README.md (a
+# dataset card that points `datasets.load_dataset(dir)` at samples.jsonl).
+VERSION = 3
 FAILED_DIR = "_rejected"
 log = get_logger(__name__)
 

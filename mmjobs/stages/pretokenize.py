@@ -37,8 +37,9 @@ from mmjobs.stage_contract import (
 
 NAME = "pretokenize"
 # Bump when the shard contents change for the same inputs. 2: conversation formats; BOS added
-# for templates that do not write it (llava-hf's).
-FORMAT_VERSION = 2
+# for templates that do not write it (llava-hf's). 3: shards under data/, Image-typed images,
+# README.md (an earlier cache entry has the old layout and must not be reused as this one).
+FORMAT_VERSION = 3
 log = get_logger(__name__)
 
 

@@ -153,7 +153,7 @@ def main(cfg: TrainStageConfig) -> TrainResult:
         summary, outputs = run_training(model=cfg.model, data=cfg.data,
                                         eval_data=cfg.eval_data, train=cfg.train, output=out,
                                         fingerprint=fp, resume=cfg.resume, run=run,
-                                        ptx_data=cfg.ptx_data)
+                                        ptx_data=cfg.ptx_data, about=_about(cfg))
         if main_rank:
             publish_final(run, outputs["final"], log_artifacts=cfg.log_model_artifacts,
                           registered_model_name=cfg.registered_model_name)
@@ -166,6 +166,12 @@ def main(cfg: TrainStageConfig) -> TrainResult:
                        eval_metrics=summary.eval_metrics or {},
                        resumed_from_step=summary.resumed_from_step, tokens=summary.tokens,
                        seconds=round(summary.seconds, 3))
+
+
+def _about(cfg: TrainStageConfig) -> dict[str, Any]:
+    """What the model cards in final/ say made the model (beyond data and settings)."""
+    return {"recipe": cfg.recipe, "experiment": cfg.experiment,
+            "pipeline_run": cfg.pipeline_run_id}
 
 
 def _final_result(out: str, meta: dict[str, Any], *, cached: bool, run_id: str | None = None,

@@ -26,8 +26,11 @@ if TYPE_CHECKING:
 
 def run_training(*, model: ModelConfig, data: str, eval_data: str | None, train: TrainConfig,
                  output: str, fingerprint: str, resume: bool, run: Any,
-                 ptx_data: str | None = None) -> tuple[TrainSummary, dict[str, str]]:
+                 ptx_data: str | None = None, about: dict[str, Any] | None = None
+                 ) -> tuple[TrainSummary, dict[str, str]]:
     """Train to a committed `{output}/final/` and log the summary's metrics to `run`.
+
+    `about` (recipe, experiment, pipeline run) goes into the model cards in `final/`.
 
     Returns:
         (the run's `TrainSummary`, `save_final`'s URIs: `final` and the trained parts).
@@ -39,7 +42,8 @@ def run_training(*, model: ModelConfig, data: str, eval_data: str | None, train:
     from mmjobs.train.trainer import TrainRecipe
 
     common = {"model": model, "data": data, "eval_data": eval_data, "train": train,
-              "output": output, "fingerprint": fingerprint, "resume": resume, "run": run}
+              "output": output, "fingerprint": fingerprint, "resume": resume, "run": run,
+              "about": about}
     if train.mode in RL_MODES:
         from mmjobs.train.rl import RLRecipe
 

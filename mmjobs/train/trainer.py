@@ -101,7 +101,7 @@ class TrainRecipe:
 
     def __init__(self, *, model: ModelConfig, data: str, train: TrainConfig, output: str,
                  fingerprint: str, eval_data: str | None = None, resume: bool = True,
-                 run: Any = None) -> None:
+                 run: Any = None, about: dict[str, Any] | None = None) -> None:
         errors = []
         try:  # schedule options are checked on a dummy run, before anything heavy starts
             lr_at_steps(train.lr_schedule, [0], lr=train.lr, num_training_steps=100,
@@ -112,6 +112,7 @@ class TrainRecipe:
             raise ConfigError("train stage config", errors)
         self.spec, self.data, self.eval_data, self.cfg = model, data, eval_data, train
         self.output, self.fingerprint, self.resume = output, fingerprint, resume
+        self.about = about or {}  # recipe, experiment, pipeline run: for the model card
         self.ckpt_root = storage.join(output, ckpt.CHECKPOINTS_DIR)
         self.run = run if run is not None else NullRun()
         self.step, self.resumed_from, self.last_loss = 0, None, None
@@ -460,6 +461,8 @@ class TrainRecipe:
         final = storage.join(self.output, FINAL_DIR)
         outputs: dict[str, str] = {"final": final}
         if self.dist.is_main:
+            from mmjobs.train.model_card import card_final
+
             scratch = Path(tempfile.mkdtemp(prefix="mmjobs-final-"))
             try:
                 parts = self._export(acc.unwrap_model(self.model), full_state, scratch)
@@ -469,6 +472,7 @@ class TrainRecipe:
                         "eval_metrics": self.eval_metrics,
                         "fingerprint": self.fingerprint}
                 (scratch / INFO_FILE).write_text(json.dumps(info, indent=1))
+                card_final(self, scratch, parts, final)  # README.md, portable adapter config
                 storage.put_dir(scratch, final, meta={"fingerprint": self.fingerprint,
                                                       "stage": "train", **parts})
             finally:

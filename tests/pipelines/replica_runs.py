@@ -22,6 +22,7 @@ import pytest
 from mmjobs import pipeline_runner, storage
 from tests.conftest import isolate
 from tests.pipelines.runs import run_variables
+from tests.shards import shard_files
 
 IGNORE_INDEX = -100
 
@@ -123,7 +124,7 @@ def decoded_labels(run: ReplicaRun, dataset_step: str, tokenizer_dir: Path) -> d
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     out = {}
-    for shard in sorted(pretokenized(run, dataset_step).glob("shard-*.parquet")):
+    for shard in shard_files(pretokenized(run, dataset_step)):
         table = pq.read_table(shard, columns=["id", "labels"]).to_pylist()
         for row in table:
             ids = [t for t in row["labels"] if t != IGNORE_INDEX]

@@ -229,3 +229,51 @@ def test_a_bad_retry_setting_names_the_variable(monkeypatch, tmp_path, value):
     monkeypatch.setenv("MMJOBS_STORE_RETRY_DEADLINE_S", value)
     with pytest.raises(StoreError, match=f"MMJOBS_STORE_RETRY_DEADLINE_S='{value}': expected"):
         storage.read_bytes(tmp_path / "x")
+
+
+def test_stored_files_get_the_modes_open_would_give_not_mkstemps(tmp_path):
+    """Atomic writes go through mkstemp/mkdtemp (0600/0700); what lands in the store must be
+    readable by other users and tools as a plain open()/mkdir() would make it."""
+    from mmjobs import local_cache
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    file_mode, dir_mode = 0o666 & ~umask, 0o777 & ~umask
+    assert (file_mode, dir_mode) == (storage.FILE_MODE, storage.DIR_MODE)
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub/a.bin").write_bytes(b"a" * 10)
+    (src / "b.txt").write_text("b")
+    storage.put_dir(src, tmp_path / "store/dir")
+    storage.write_text(tmp_path / "store/one.txt", "x")
+    with storage.open_write(tmp_path / "store/streamed.bin") as f:
+        f.write(b"y")
+    storage.get_dir(tmp_path / "store/dir", tmp_path / "copy")
+    entry = local_cache.cached(tmp_path / "cache/entry",
+                               lambda scratch: (scratch / "f").write_text("z"))
+    made = [tmp_path / "store", tmp_path / "copy", entry]
+    files = {p: p.stat().st_mode & 0o777 for root in made for p in root.rglob("*")
+             if p.is_file()}
+    folders = {p: p.stat().st_mode & 0o777 for root in made for p in [root, *root.rglob("*")]
+               if p.is_dir()}
+    assert len(files) >= 8 and set(files.values()) == {file_mode}, files
+    assert set(folders.values()) == {dir_mode}, folders
+    # No temporary files are left beside the targets.
+    assert not [p for p in files if p.name.endswith(".part")]
+
+
+def test_private_to_shared_adds_read_bits_and_keeps_the_rest(tmp_path):
+    script = tmp_path / "tree/run.sh"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o700)
+    weights = tmp_path / "tree/model.safetensors"
+    weights.write_bytes(b"w")
+    weights.chmod(0o600)
+    (tmp_path / "tree").chmod(0o700)
+    storage.private_to_shared(tmp_path / "tree", tree=True)
+    assert oct(script.stat().st_mode & 0o777) == oct(0o700 | (storage.FILE_MODE & 0o444))
+    assert oct(weights.stat().st_mode & 0o777) == oct(0o600 | (storage.FILE_MODE & 0o444))
+    assert oct((tmp_path / "tree").stat().st_mode & 0o777) == oct(
+        0o700 | (storage.DIR_MODE & 0o555))

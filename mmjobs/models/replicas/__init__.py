@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from mmjobs import storage
 from mmjobs.logs import get_logger
 from mmjobs.models.replicas._common import PUBLISHED_ROOT, RECORD_NAME, published_dir
 from mmjobs.models.replicas.chameleon import build_aa_chameleon, build_chameleon
@@ -81,6 +82,8 @@ def build_replica(name: str, out_dir: str | os.PathLike, *, seed: int = 0) -> Pa
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         REPLICAS[name](scratch, seed=seed)
+        # mkdtemp's 0700 (and transformers' 0600 weights) would survive the rename.
+        storage.private_to_shared(scratch, tree=True)
         if out.exists():
             out.rmdir()
         os.replace(scratch, out)

@@ -25,6 +25,7 @@ import pytest
 from mmjobs.config import load_config
 from mmjobs.stages import convert, infer, merge, pretokenize, train
 from tests.chart_dataset import bar_chart_png, commit_dataset, write_chart_dataset
+from tests.shards import shard_files
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -130,7 +131,7 @@ def test_replica_pretokenize_train_merge_infer(name, replica_dir, tmp_path, one_
     tokenizer = processor.tokenizer
     boi, eoi = (getattr(processor, a, None) for a in ("image_start_token_id",
                                                       "image_end_token_id"))
-    rows = {r["id"]: r for f in sorted(Path(shards.output).glob("shard-*.parquet"))
+    rows = {r["id"]: r for f in shard_files(shards.output)
             for r in pq.read_table(f).to_pylist()}
     decoded = tuple(_decoded_labels(tokenizer, rows[f"r{i}"]["labels"], boi, eoi)
                     for i in range(2))

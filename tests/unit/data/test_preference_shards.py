@@ -16,6 +16,7 @@ from mmjobs.data.loader import PreferenceCollator, ShardDataset, build_dataloade
 from mmjobs.data.pretokenize import PretokenizeJob, pretokenize
 from mmjobs.data.sample_encoder import IGNORE_INDEX
 from tests.chart_dataset import commit_dataset, preference_pairs, write_chart_dataset
+from tests.shards import read_shards, shard_files
 
 MAX_LENGTH = 96
 
@@ -46,8 +47,7 @@ def pair_shards(tmp_path_factory, tiny_llava_dir):
 
 
 def _rows(out: Path) -> pd.DataFrame:
-    return pd.concat([pd.read_parquet(p) for p in sorted(out.glob("shard-*.parquet"))],
-                     ignore_index=True)
+    return read_shards(out)
 
 
 def test_each_side_is_the_shared_prompt_plus_its_response(pair_shards, tiny_llava_dir):
@@ -93,8 +93,11 @@ def test_rejects_schema_and_card(pair_shards):
     assert card["columns"] == fmt.schema_description("preference")
     rows = _rows(pair_shards["out"])
     assert card["tokens"]["total"] == int((rows["chosen_length"] + rows["rejected_length"]).sum())
-    for path in sorted(pair_shards["out"].glob("shard-*.parquet")):
-        assert pq.read_schema(path).remove_metadata().equals(fmt.PREFERENCE_SHARD_SCHEMA)
+    for path in shard_files(pair_shards["out"]):
+        schema = pq.read_schema(path)
+        assert schema.remove_metadata().equals(fmt.PREFERENCE_SHARD_SCHEMA.remove_metadata())
+        assert schema.metadata[fmt.HF_METADATA_KEY] == fmt.PREFERENCE_SHARD_SCHEMA.metadata[
+            fmt.HF_METADATA_KEY]
 
 
 def test_collator_stacks_chosen_then_rejected_with_images_for_both(pair_shards, tiny_llava_dir):

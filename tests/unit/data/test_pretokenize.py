@@ -24,6 +24,7 @@ from mmjobs.data.records import Sample
 from mmjobs.data.sample_encoder import IGNORE_INDEX, SampleEncoder
 from mmjobs.stages.pretokenize import PretokenizeConfig, main
 from tests.chart_dataset import chart_samples, commit_dataset, write_chart_dataset
+from tests.shards import read_shards, shard_files
 
 MAX_LENGTH = 160
 LEAKY = ("MMJOBS_STORE", "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_ACCESS_KEY_ID",
@@ -81,8 +82,7 @@ def _config(dataset, model, cache_root, **kw) -> PretokenizeConfig:
 
 
 def _rows(out: Path) -> pd.DataFrame:
-    return pd.concat([pd.read_parquet(p) for p in sorted(out.glob("shard-*.parquet"))],
-                     ignore_index=True)
+    return read_shards(out)
 
 
 def _file_digests(out: Path) -> dict[str, str]:
@@ -147,16 +147,24 @@ def test_rejects_reconcile_and_card(llava_run):
 
 
 def test_shards_are_readable_by_pyarrow_and_pandas(llava_run):
-    files = sorted(str(p) for p in llava_run.out.glob("shard-*.parquet"))
+    files = [str(p) for p in shard_files(llava_run.out)]
     assert len(files) == 4
     for path in files:
-        assert pq.read_schema(path).remove_metadata().equals(fmt.SHARD_SCHEMA)
+        schema = pq.read_schema(path)  # the datasets features ride in the schema metadata
+        assert schema.remove_metadata().equals(fmt.SHARD_SCHEMA.remove_metadata())
+        assert schema.metadata[fmt.HF_METADATA_KEY] == fmt.SHARD_SCHEMA.metadata[
+            fmt.HF_METADATA_KEY]
     table = pq.ParquetDataset(files).read()
     assert table.num_rows == 17 and table.schema.field("input_ids").type == pa.list_(pa.int32())
     frame = pd.read_parquet(files[0])
     assert list(frame.columns) == [f.name for f in fmt.SHARD_SCHEMA]
     assert frame["length"].dtype == "int32"
     assert list(fmt.iter_shard_uris(llava_run.out)) == files
+    # data/ holds the shards and nothing else: the sidecars are beside it.
+    assert sorted(p.name for p in (llava_run.out / fmt.DATA_DIR).iterdir()) == [
+        Path(f).name for f in files]
+    assert {fmt.CARD_FILE, fmt.REJECTS_FILE, fmt.README_FILE} <= {
+        p.name for p in llava_run.out.iterdir()}
 
 
 def test_identical_rerun_is_a_cache_hit(llava_run, shared_tracking, tiny_llava_dir):

@@ -25,6 +25,7 @@ from mmjobs.eval.interleaved import (
     image_name,
 )
 from mmjobs.models.vq_decoder import DECODER_FILE, ImageDecoder, VQDecoder, find_decoder_weights
+from tests.shards import shard_files
 
 COLOURS = {"red": (230, 20, 20), "blue": (20, 40, 230)}
 
@@ -160,7 +161,7 @@ def _ti2ti_rows(root: Path) -> Path:
 def _shard_rows(shards: str) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
-    return [row for path in sorted(Path(shards).glob("shard-*.parquet"))
+    return [row for path in shard_files(shards)
             for row in pq.read_table(path).to_pylist()]
 
 

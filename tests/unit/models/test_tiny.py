@@ -110,3 +110,28 @@ def test_bad_sizes_are_rejected(tmp_path):
         tiny.build_tiny_llava(tmp_path, image_size=50, patch_size=14)
     with pytest.raises(ValueError, match="vocab_size"):
         tiny.train_tiny_tokenizer(["abc"], vocab_size=100)
+
+
+@pytest.mark.parametrize(("image_size", "strategy", "tokens"),
+                         [(56, "default", 16), (112, "default", 64), (56, "full", 17)])
+def test_llava_configs_state_the_image_tokens_they_use(image_size, strategy, tokens):
+    """LlavaConfig says 576 (LLaVA-1.5's 336 px / 14 px) whatever the tower; ours say what the
+    model really produces per image, and exports correct configs that still say 576."""
+    from mmjobs.models.builder import set_image_seq_length
+
+    config = tiny.tiny_llava_config(image_size=image_size)
+    if strategy == "default":
+        assert config.image_seq_length == tokens
+    config.vision_feature_select_strategy = strategy
+    config.image_seq_length = 576  # what older tiny models and merges wrote
+    assert set_image_seq_length(config) == tokens == config.image_seq_length
+
+
+def test_tiny_llava_expands_an_image_to_its_configured_tokens(tiny_llava_dir):
+    from transformers import AutoConfig, AutoProcessor
+
+    config = AutoConfig.from_pretrained(tiny_llava_dir)
+    processor = AutoProcessor.from_pretrained(tiny_llava_dir)
+    batch = processor(text=["<image>"], images=[Image.new("RGB", (56, 56))], return_tensors="pt")
+    assert int((batch["input_ids"] == processor.image_token_id).sum()) == \
+        config.image_seq_length == 16

@@ -22,6 +22,7 @@ from mmjobs.train.reward_model import (
 )
 from mmjobs.train.trainer import TrainRecipe
 from tests.chart_dataset import bar_chart_png, preference_pairs
+from tests.shards import read_shards
 from tests.train_fixtures import RecordingRun, read_tensors, train_settings
 
 RM_LORA = {"r": 16, "alpha": 32, "dropout": 0.0,
@@ -90,10 +91,7 @@ def test_reward_model_learns_a_preference_that_holds_on_held_out_pairs(
 
 def _held_out_images(shards: str) -> dict[str, bytes]:
     """The image bytes stored with each held-out pair (what the dataset's images were)."""
-    import pandas as pd
-
-    frames = [pd.read_parquet(p) for p in sorted(Path(shards).glob("shard-*.parquet"))]
-    return {row.id: row.images[0] for frame in frames for row in frame.itertuples()}
+    return {row.id: row.images[0] for row in read_shards(shards).itertuples()}
 
 
 def test_the_reward_is_read_at_the_last_real_token_whatever_the_padding(tiny_llava_dir):

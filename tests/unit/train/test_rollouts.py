@@ -29,12 +29,13 @@ from tests.integration.train.rl_fixtures import (  # noqa: F401
     prompt_records,
     prompt_shards,
 )
+from tests.shards import read_shards
 
 CPU = torch.device("cpu")
 
 
 def _rows(shards: str) -> pd.DataFrame:
-    return pd.concat([pd.read_parquet(p) for p in sorted(Path(shards).glob("shard-*.parquet"))])
+    return read_shards(shards)
 
 
 def test_a_prompt_row_is_what_sft_sees_before_the_answer(tiny_llava_dir,

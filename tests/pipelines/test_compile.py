@@ -49,7 +49,7 @@ def test_recipe_compiles_with_cluster_settings_and_no_credentials(
                for r in resources)
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert all(i.startswith("ghcr.io/mmjobs/mmjobs-") and i.endswith(":0.1.0") for i in images)
-    for executor in platform.values():
+    for name, executor in platform.items():
         assert executor["emptyDirMounts"] == [
             {"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm",
              "sizeLimit": executor["emptyDirMounts"][0]["sizeLimit"]}]
@@ -59,7 +59,9 @@ def test_recipe_compiles_with_cluster_settings_and_no_credentials(
         assert secrets == {"mmjobs-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
                            "mmjobs-mlflow": {"MLFLOW_TRACKING_USERNAME",
                                              "MLFLOW_TRACKING_PASSWORD"}}
-        if recipe.cluster.tolerations:
+        gpu = "accelerator" in spec["deploymentSpec"]["executors"][name]["container"].get(
+            "resources", {})
+        if recipe.cluster.tolerations and gpu:  # CPU steps: test_compile_params.py
             assert executor["tolerations"][0]["key"] == "nvidia.com/gpu"
     # Plain endpoints reach the pods as env vars; outputs go to the cluster's store.
     env = [v for e in spec["deploymentSpec"]["executors"].values()

@@ -1,6 +1,7 @@
 """The compiled pipelines as the KFP UI shows them: pipeline parameters (the stages' knobs,
-with the recipe's values as defaults) wired into the steps, CPU steps without GPU placement,
-and output folders named by each run's KFP job id unless a run id is given."""
+with the recipe's values as defaults) wired into the steps, CPU steps with CPU resources
+(every recipe's CPU steps are checked for GPU placement in test_compile.py), and output
+folders named by each run's KFP job id unless a run id is given."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from mmjobs import pipeline_runner
 from mmjobs.stage_contract import KFP_RUN_ID_TOKEN
 from pipelines.cluster import resources_for
 
-RECIPES = sorted(Path("pipelines/recipes").glob("*.yaml"))
 CHART_DEMO = "pipelines/recipes/chart-demo.yaml"
 
 
@@ -86,31 +86,6 @@ def test_a_real_base_model_is_a_parameter_and_sweeps_share_what_they_agree_on(
         "componentInputParameter": "pipelinechannel--sft_max_steps"}
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_cpu_steps_carry_no_gpu_placement(path: Path, tmp_path: Path) -> None:
-    recipe = pipeline_runner.load_recipe(path)
-    cluster = recipe.cluster
-    spec, platform = compiled(tmp_path, path)
-    gpu_steps = cpu_steps = 0
-    for name, executor in spec["deploymentSpec"]["executors"].items():
-        resources = executor["container"].get("resources", {})
-        pod = platform[name]
-        if "accelerator" in resources:
-            gpu_steps += 1
-            if cluster.tolerations:
-                assert pod["tolerations"][0]["key"] == "nvidia.com/gpu", name
-            if cluster.node_selector:
-                assert pod["nodeSelector"]["labels"] == cluster.node_selector, name
-        else:
-            cpu_steps += 1
-            assert "tolerations" not in pod and "nodeSelector" not in pod, name
-            # cpu_steps' CPUs, or what cluster.stages asks for; never the GPU node's
-            asked = {float(c) for c in (cluster.cpu_steps.cpu,
-                                        *(s.cpu for s in cluster.stages.values())) if c}
-            assert resources.get("cpuLimit") in asked, name
-    assert gpu_steps and cpu_steps
-
-
 def test_cpu_steps_get_cpu_defaults_not_the_gpu_node_s(tmp_path: Path) -> None:
     spec, platform = compiled(tmp_path, "pipelines/recipes/chameleon-interleaved.yaml")
     executors = spec["deploymentSpec"]["executors"]
@@ -129,15 +104,17 @@ def test_cpu_steps_get_cpu_defaults_not_the_gpu_node_s(tmp_path: Path) -> None:
     assert sft["cpuLimit"] == 64.0 and sft["accelerator"]["resourceCount"] == "8"
     assert sft_pod["emptyDirMounts"][0]["sizeLimit"] == "64Gi"
     # A CPU step can be placed too (cluster.cpu_steps), and a GPU stage set to 0 GPUs is one.
-    recipe = pipeline_runner.load_recipe("pipelines/recipes/llava-dataengine.yaml", [
-        "cluster.cpu_steps={cpu: 2, memory: 4Gi, node_selector: {pool: cpu}}"])
+    cpu_pool = "cluster.cpu_steps={cpu: 2, memory: 4Gi, node_selector: {pool: cpu}}"
+    recipe = pipeline_runner.load_recipe("pipelines/recipes/llava-dataengine.yaml", [cpu_pool])
     merge = resources_for(recipe.cluster, "merge", "merge")  # gpus: 0, memory: 128Gi
     assert (merge.gpus, merge.cpu, merge.memory) == (0, "2", "128Gi")
-    spec, platform = compiled(tmp_path, "pipelines/recipes/llava-dataengine.yaml", [
-        "cluster.cpu_steps={cpu: 2, memory: 4Gi, node_selector: {pool: cpu}}"])
-    tasks = by_step(spec)
-    name = tasks["mix"]["componentRef"]["name"].replace("comp-", "exec-")
-    assert platform[name]["nodeSelector"]["labels"] == {"pool": "cpu"}
+    spec, platform = compiled(tmp_path, CHART_DEMO, [cpu_pool])
+    executors = spec["deploymentSpec"]["executors"]
+    for step, task in by_step(spec).items():
+        name = task["componentRef"]["name"].replace("comp-", "exec-")
+        gpu = "accelerator" in executors[name]["container"].get("resources", {})
+        assert platform[name].get("nodeSelector", {}).get("labels") == (
+            None if gpu else {"pool": "cpu"}), step
 
 
 def test_outputs_go_under_kfp_s_job_id_unless_a_run_id_is_given(tmp_path: Path) -> None:

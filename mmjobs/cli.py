@@ -60,7 +60,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     def run() -> int:
         run_id = pipeline_runner.compile_recipe(args.recipe, args.output, args.overrides,
                                                 run_id=args.run_id)
-        print(f"wrote {args.output} (KFP IR; outputs under run id {run_id}); upload it in the "
+        where = f"run id {run_id}" if run_id else "each run's KFP job id"
+        print(f"wrote {args.output} (KFP IR; outputs under {where}); upload it in the "
               "KFP UI or: mmjobs submit")
         return 0
 
@@ -309,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", metavar="RECIPE")
     p.add_argument("-o", "--output", required=True, metavar="FILE.yaml")
     overrides(p)
-    p.add_argument("--run-id", help="run id baked into the output paths (default: fingerprint)")
+    p.add_argument("--run-id", help="run id baked into the output paths, so runs naming it "
+                   "reuse each other's outputs (default: each run's KFP job id)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("submit", help="submit a recipe to a Kubeflow Pipelines endpoint")
@@ -318,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", help="KFP experiment (default: the recipe's experiment)")
     p.add_argument("--no-cache", action="store_true", help="disable KFP's step cache")
     overrides(p)
-    p.add_argument("--run-id", help="run id baked into the output paths (default: fingerprint)")
+    p.add_argument("--run-id", help="run id baked into the output paths, so runs naming it "
+                   "reuse each other's outputs (default: each run's KFP job id)")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("validate", help="check recipe files; reports every error at once")

@@ -47,6 +47,26 @@ class StageResources(StrictModel):
         return _quantity(value)
 
 
+class CpuStepResources(StrictModel):
+    """What steps without GPUs (prepare, pretokenize, report, ...) get, unless
+    `cluster.stages` says otherwise: the cluster-wide cpu, memory, shm_size, node_selector and
+    tolerations are the GPU steps' (a GPU node's), so a CPU step neither waits for a GPU node
+    nor asks for its CPUs and memory."""
+
+    cpu: str | None = Field("4", description="CPU request and limit.")
+    memory: str | None = Field("16Gi", description="Memory request and limit.")
+    shm_size: str = Field("1Gi", description="/dev/shm size (counts against memory).")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector "
+                                          "of CPU steps (default: none).")
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Pod tolerations of CPU steps (default: none).")
+
+    @field_validator("cpu", "memory", mode="before")
+    @classmethod
+    def _quantity_to_str(cls, value: Any) -> Any:
+        return _quantity(value)
+
+
 # Kubeflow Trainer's MPI-policy runtimes: they start ranks from a launcher over SSH, not with
 # torchrun, so multi-node mmjobs training cannot use them.
 MPI_RUNTIMES = ("deepspeed-distributed", "mpi-distributed", "mlx-distributed")
@@ -70,13 +90,22 @@ class ClusterConfig(StrictModel):
         "start with torchrun (DeepSpeed runs inside it, see train.deepspeed), so it must be a "
         "torch-policy runtime such as torch-distributed; the MPI-based deepspeed-distributed "
         "and mpi-distributed runtimes launch over SSH and are refused.")
-    cpu: str | None = Field(None, description="CPU request/limit, e.g. '8' or '7500m'.")
-    memory: str | None = Field(None, description="Memory request/limit, e.g. '64Gi'.")
-    shm_size: str = Field("16Gi", description="/dev/shm size; DataLoader workers need it.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
+    cpu: str | None = Field(None, description="CPU request/limit of GPU steps (per node), "
+                            "e.g. '8' or '7500m'; CPU steps: cpu_steps.")
+    memory: str | None = Field(None, description="Memory request/limit of GPU steps (per "
+                               "node), e.g. '64Gi'; CPU steps: cpu_steps.")
+    shm_size: str = Field("16Gi", description="/dev/shm size of GPU steps; DataLoader workers "
+                          "need it.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Pod nodeSelector of GPU steps and multi-node jobs "
+        "(CPU steps: cpu_steps.node_selector).")
     tolerations: list[dict[str, Any]] = Field(
-        default_factory=list, description="Pod tolerations, as in the Kubernetes API."
-    )
+        default_factory=list, description="Pod tolerations of GPU steps and multi-node jobs, "
+        "as in the Kubernetes API (CPU steps: cpu_steps.tolerations).")
+    cpu_steps: CpuStepResources = Field(
+        default_factory=CpuStepResources, description="Resources and placement of the steps "
+        "without GPUs (prepare, pretokenize, merge, report, ...; also a multi-node training "
+        "step's launcher pod), unless cluster.stages says otherwise.")
     image_pull_secrets: list[str] = Field(
         default_factory=list, description="Secret names for pulling private stage images."
     )
@@ -93,7 +122,9 @@ class ClusterConfig(StrictModel):
         "(those declared resumable: training, inference, tokenization); other stages get 0 "
         "unless cluster.stages sets them.")
     caching: bool = Field(True, description="Let KFP reuse a step's result when its inputs "
-                          "are unchanged (stages also skip work whose committed output matches).")
+                          "are unchanged (stages also skip work whose committed output matches). "
+                          "Matches across runs only for pipelines compiled with --run-id: "
+                          "otherwise every step's inputs hold its run's KFP job id.")
     stages: dict[str, StageResources] = Field(
         default_factory=dict,
         description="Per-stage resources, keyed by stage kind (train, infer, ...) or by step "

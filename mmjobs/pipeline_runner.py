@@ -13,7 +13,10 @@ say) lands in the same folders: every step whose committed output matches its in
 reused, and training resumes from its last checkpoint.
 
 `compile` and `submit` build the same pipeline for a cluster, with the Kubernetes settings of
-`pipelines.cluster`; outputs go under the recipe's `cluster.env.MMJOBS_STORE`.
+`pipelines.cluster`; outputs go under the recipe's `cluster.env.MMJOBS_STORE`, in a folder
+named by each run's KFP job id (a `--run-id` bakes a folder in instead: runs naming it reuse
+each other's committed outputs, as `mmjobs run` does locally). The stages' knobs and the base
+model are pipeline parameters (see `pipelines.builder`), set in the KFP UI's run form.
 
 The pipeline definitions live in the repository's `pipelines/` package (next to this package
 in a source checkout), which is imported on demand.
@@ -27,7 +30,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -131,9 +134,11 @@ def build_pipeline(recipe: RecipeConfig, *, run_id: str, store_root: str,
     """The KFP pipeline function for `recipe` and its `Build` (steps, outputs).
 
     The steps are wired (and every step config validated) once here, so configuration errors
-    surface before anything runs; calling the function again (KFP does, to compile or run)
-    wires them again. `build_cls` replaces `pipelines.builder.Build` with a subclass (`mmjobs
-    plan` records the steps' configs with one).
+    surface before anything runs, and the pipeline parameters (`Build.parameters`: the
+    stages' knobs, the base model) are found; the function returned declares them, with the
+    recipe's values as defaults, and wires the steps again (KFP calls it to compile or run)
+    with their channels. `build_cls` replaces `pipelines.builder.Build` with a subclass
+    (`mmjobs plan` records the steps' configs with one).
 
     Raises:
         ConfigError: unknown pipeline, or invalid step sections (all listed).
@@ -150,10 +155,10 @@ def build_pipeline(recipe: RecipeConfig, *, run_id: str, store_root: str,
                                    f"choose one of {', '.join(sorted(package.PIPELINES))}"])
     state: dict[str, Build] = {}
 
-    @dsl.pipeline(name=recipe.recipe, description=recipe.description or recipe.recipe)
-    def pipeline():  # no return annotation: KFP would read it as an output
+    def wire(params: Mapping[str, Any]) -> None:
         build = (build_cls or Build)(recipe, run_id=run_id, store_root=store_root,
-                                     parent_run_id=parent_run_id, for_cluster=for_cluster)
+                                     parent_run_id=parent_run_id, for_cluster=for_cluster,
+                                     params=params)
         state["build"] = build
         build.add_imports()
         module.wire(build)
@@ -161,9 +166,42 @@ def build_pipeline(recipe: RecipeConfig, *, run_id: str, store_root: str,
         if build.errors:
             raise ConfigError(source, list(dict.fromkeys(build.errors)))
 
+    def unparametrized():  # no return annotation: KFP would read it as an output
+        wire({})
+
+    description = recipe.description or recipe.recipe
     with tempfile.TemporaryDirectory(prefix="mmjobs-compile-") as tmp:
-        _quietly(compiler.Compiler().compile, pipeline, str(Path(tmp) / "pipeline.yaml"))
+        _quietly(compiler.Compiler().compile, dsl.pipeline(name=recipe.recipe,
+                 description=description)(unparametrized), str(Path(tmp) / "pipeline.yaml"))
+    parameters = state["build"].parameters
+    if not parameters:
+        return dsl.pipeline(name=recipe.recipe, description=description)(unparametrized), \
+            state["build"]
+    pipeline = _quietly(dsl.pipeline(name=recipe.recipe, description=description),
+                        _with_parameters(wire, parameters.values()))
     return pipeline, state["build"]
+
+
+def _with_parameters(wire: Callable[[Mapping[str, Any]], None],
+                     parameters: Any) -> Callable[..., None]:
+    """`wire` as a pipeline function declaring `parameters` (`pipelines.builder.Param`):
+    KFP reads a pipeline's parameters, defaults and descriptions from its signature and
+    docstring."""
+    import inspect
+
+    signature = inspect.Signature([
+        inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p.default,
+                          annotation=p.type) for p in parameters])
+
+    def pipeline(*args: Any, **kwargs: Any) -> None:  # KFP passes the channels by position
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        wire(bound.arguments)
+
+    pipeline.__signature__ = signature  # type: ignore[attr-defined]
+    pipeline.__doc__ = "Pipeline parameters (defaults: the recipe's).\n\nArgs:\n" + "".join(
+        f"    {p.name}: {p.description} Steps: {', '.join(p.steps)}.\n" for p in parameters)
+    return pipeline
 
 
 def _quietly(fn: Callable[..., Any], *args: Any) -> Any:
@@ -207,11 +245,14 @@ def _keep_log(log_file: Any, uri: str) -> None:
 
 
 def run_local(path: str | Path, overrides: Sequence[str] = (), *, run_id: str | None = None,
-              verbose: bool = False) -> RunOutcome:
+              verbose: bool = False, arguments: Mapping[str, Any] | None = None) -> RunOutcome:
     """Run a recipe's pipeline locally; see the module docstring.
 
+    `arguments` sets pipeline parameters (`Build.parameters`, what the KFP UI's run form
+    shows) for this run; recipe overrides are the usual way to change a local run.
+
     Raises:
-        ConfigError: the recipe is invalid.
+        ConfigError: the recipe is invalid, or an argument names no pipeline parameter.
         PipelineError: a step failed (its name and log tail in the message).
     """
     from kfp import local
@@ -223,7 +264,12 @@ def run_local(path: str | Path, overrides: Sequence[str] = (), *, run_id: str | 
     recipe = load_recipe(path, overrides)
     run_id = run_id or default_run_id(recipe)
     store = settings.store_root()
-    build_pipeline(recipe, run_id=run_id, store_root=store, source=str(path))  # check first
+    _, checked = build_pipeline(recipe, run_id=run_id, store_root=store, source=str(path))
+    unknown = sorted(set(arguments or {}) - set(checked.parameters))
+    if unknown:
+        known = ", ".join(sorted(checked.parameters)) or "none"
+        raise ConfigError(str(path), [f"{name}: not a parameter of this pipeline; it has "
+                                      f"{known}" for name in unknown])
     run_dir = storage.join(store, recipe.experiment or "default", run_id)
     log.info("run %s of %s: outputs under %s", run_id, recipe.recipe, run_dir)
     tracker = Tracker(recipe.experiment or "default")
@@ -243,7 +289,7 @@ def run_local(path: str | Path, overrides: Sequence[str] = (), *, run_id: str | 
         try:
             with step_logs(verbose, build, full_log=log_file) as logs:
                 try:
-                    pipeline()
+                    pipeline(**(arguments or {}))
                 except RuntimeError as e:
                     raise step_error(e, build, logs, full_log) from None
             status = "FINISHED"
@@ -464,21 +510,29 @@ def cluster_store(recipe: RecipeConfig, source: str) -> str:
 
 
 def compile_recipe(path: str | Path, output: str | Path, overrides: Sequence[str] = (), *,
-                   run_id: str | None = None) -> str:
+                   run_id: str | None = None) -> str | None:
     """Compile the recipe's pipeline with cluster settings to KFP IR YAML at `output`.
 
+    Without `run_id` every run of the compiled pipeline writes under its own KFP job id
+    (`{store}/{experiment}/<job uuid>/{step}`); a `run_id` is baked in instead, so runs
+    that name it share their folders and reuse each other's committed outputs (resuming a
+    failed run; `mmjobs run`'s default locally).
+
     Returns:
-        The run id baked into the pipeline's output paths.
+        The run id baked into the output paths, or None (KFP's job id at run time).
     """
     from kfp import compiler
 
+    from mmjobs.stage_contract import KFP_RUN_ID_TOKEN
+
     recipe = load_recipe(path, overrides)
-    run_id = run_id or default_run_id(recipe)
+    given = run_id
+    run_id = run_id or KFP_RUN_ID_TOKEN
     pipeline, _ = build_pipeline(recipe, run_id=run_id, store_root=cluster_store(recipe, str(
         path)), for_cluster=True, source=str(path))
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     _quietly(compiler.Compiler().compile, pipeline, str(output))
-    return run_id
+    return given
 
 
 def submit(path: str | Path, host: str, overrides: Sequence[str] = (), *,
@@ -492,7 +546,6 @@ def submit(path: str | Path, host: str, overrides: Sequence[str] = (), *,
     import kfp
 
     recipe = load_recipe(path, overrides)
-    run_id = run_id or default_run_id(recipe)
     with tempfile.TemporaryDirectory(prefix="mmjobs-submit-") as tmp:
         package = str(Path(tmp) / f"{recipe.recipe}.yaml")
         compile_recipe(path, package, overrides, run_id=run_id)
@@ -500,7 +553,8 @@ def submit(path: str | Path, host: str, overrides: Sequence[str] = (), *,
             warnings.simplefilter("ignore", FutureWarning)
             client = kfp.Client(host=host)
         result = client.create_run_from_pipeline_package(
-            package, arguments={}, run_name=f"{recipe.recipe} {run_id}",
+            package, arguments={},
+            run_name=f"{recipe.recipe} {run_id or time.strftime('%Y-%m-%d %H:%M:%S')}",
             experiment_name=experiment or recipe.experiment, enable_caching=not no_cache)
     return f"{host.rstrip('/')}/#/runs/details/{result.run_id}"
 

@@ -100,6 +100,41 @@ class Input:
 
 
 @dataclass(frozen=True)
+class Knob:
+    """A config field users change from run to run: a KFP pipeline parameter (with the
+    recipe's value as its default) that the pipeline hands to every step it configures.
+
+    Attributes:
+        path: the config field, dotted for nested fields (`train.lr`).
+        type: the parameter type (float, int or str).
+        unset: the parameter value meaning "no value" (None in the config, e.g. no row limit);
+            None: the field always has a value, and a step whose config has none gets no
+            parameter for it.
+        description: what the run form shows beside the parameter.
+    """
+
+    path: str
+    type: type
+    unset: Any = None
+    description: str = ""
+
+    @property
+    def input_name(self) -> str:
+        """The component parameter carrying the knob's value (`set__train__lr`)."""
+        return knob_input(self.path)
+
+
+def knob_input(path: str) -> str:
+    """The component parameter name of the knob at config field `path`."""
+    return "set__" + path.replace(".", "__")
+
+
+# The pipeline run id, when a cluster run makes its own: compiled into every step's config
+# (output paths, tags) and replaced by KFP's job id at run time (`registry.run_component`).
+KFP_RUN_ID_TOKEN = "{{mmjobs.kfp_run_id}}"
+
+
+@dataclass(frozen=True)
 class Stage(Generic[C, R]):
     """One stage, declared once in its module (see the module docstring).
 
@@ -133,6 +168,8 @@ class Stage(Generic[C, R]):
             `mmjobs stage NAME: message`, exit 2 (like a config error).
         exit_codes: exceptions that end the CLI with their own exit code (logged as a
             warning), e.g. a preempted training run's 143.
+        knobs: config fields a user changes per run (learning rate, steps, data URIs, row
+            limits): pipeline parameters in the KFP UI's run form (`pipelines/builder.py`).
     """
 
     name: str
@@ -155,6 +192,7 @@ class Stage(Generic[C, R]):
     errors: tuple[type[BaseException], ...] = ()
     usage_errors: tuple[type[BaseException], ...] = ()
     exit_codes: Mapping[type[BaseException], int] = field(default_factory=dict)
+    knobs: tuple[Knob, ...] = ()
 
     @property
     def summary(self) -> str:

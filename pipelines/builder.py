@@ -11,6 +11,14 @@ recipe's `stages.<step>` section, then values the pipeline fixes — adds the wi
 validates it against the stage's config model (all problems collected, named
 `stages.<step>.<key>`), creates the task with the stage's component and image and, when
 compiling for a cluster, applies the cluster settings.
+
+The stages' knobs (`Stage.knobs`: learning rate, epochs, max steps, data URIs, row limits)
+become pipeline parameters, named `<section>_<field>` (`sft_lr`, `infer_limit`,
+`prepare_test_input`; steps one section configures share one) with the step's resolved value
+as the default, and the base model (unless a make-model step builds it) becomes
+`base_model`: the KFP UI's run form shows them, and a value given there reaches the steps'
+configs at run time (`registry.run_component`). A build records them in `parameters`; the
+pipeline function declares them and hands their channels in as `params`.
 """
 
 from __future__ import annotations
@@ -24,11 +32,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kfp import dsl
+from pydantic import ValidationError
 
 from mmjobs import storage
 from mmjobs.config_errors import validation_errors
 from mmjobs.logs import get_logger
 from mmjobs.recipe import RecipeConfig
+from mmjobs.stage_contract import KFP_RUN_ID_TOKEN
 from mmjobs.stages import registry
 from pipelines.cluster import apply_cluster_settings, resources_for
 from pipelines.components import component
@@ -53,6 +63,27 @@ class StepRecord:
     row: str | None = None
 
 
+class StepTask(dsl.PipelineTask):
+    """A step's task whose `.output` is the stage's returned URI also when its component
+    writes KFP UI artifacts besides (train's Metrics, report's Markdown and HTML), where
+    KFP's own `.output` refuses a task with several outputs."""
+
+    @property
+    def output(self) -> dsl.PipelineChannel:
+        return self.outputs["Output"]
+
+
+@dataclass
+class Param:
+    """A pipeline parameter: a field of the KFP UI's run form, the recipe's value its default."""
+
+    name: str
+    type: type
+    default: Any
+    description: str
+    steps: list[str] = field(default_factory=list)
+
+
 @dataclass
 class Build:
     """Wiring state of one pipeline build (one compile, or one local run).
@@ -63,6 +94,9 @@ class Build:
         store_root: where outputs go (the cluster's `MMJOBS_STORE` when compiling).
         parent_run_id: the MLflow parent run every stage nests under (local runs).
         for_cluster: apply Kubernetes settings (compile/submit) or not (local runs).
+        params: the pipeline parameters' channels, by name (empty while the parameters are
+            being found: the steps then keep their compiled values).
+        parameters: the pipeline parameters this build found (name -> `Param`).
     """
 
     recipe: RecipeConfig
@@ -70,6 +104,8 @@ class Build:
     store_root: str
     parent_run_id: str | None = None
     for_cluster: bool = False
+    params: Mapping[str, Any] = field(default_factory=dict)
+    parameters: dict[str, Param] = field(default_factory=dict)
     steps: list[StepRecord] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     allowed_steps: set[str] = field(default_factory=set)
@@ -81,6 +117,7 @@ class Build:
     # Amount" (None: "-"), for tables in the seed's layout (llava-dataengine's Main Results)
     row_data: dict[str, str | None] = field(default_factory=dict)
     _tiny: Any = None
+    _section_of: dict[str, str] = field(default_factory=dict)  # step -> its (last) section
 
     # ---------------------------------------------------------------- step configs
 
@@ -105,6 +142,7 @@ class Build:
         spec = registry.get(stage)
         keys = (key,) if isinstance(key, str) else tuple(key or (step,))
         self.allowed_steps.update(keys)
+        self._section_of[step] = keys[-1]
         where = where or f"stages.{keys[-1]}"
         defaults = self.defaults(stage, step) if defaults is None else defaults
         if section is None:  # later sections refine earlier ones (infer, then infer-pot)
@@ -163,7 +201,12 @@ class Build:
         spec = registry.get(stage)
         image = self.recipe.images.image(spec.image)
         extra = self._multinode(stage, step, image) if spec.multinode else {}
+        configs = each or ([config] if isinstance(config, dict) else [])
+        extra.update(self._knobs(step, stage, configs, wired_paths(stage, inputs)))
+        if self.for_cluster and KFP_RUN_ID_TOKEN in self.run_id:
+            extra["kfp_run_id"] = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         task = component(stage, image)(config_json=config_json, **inputs, **extra)
+        task.__class__ = StepTask
         task.set_display_name(step)
         if stage != "import" and self.imports:
             # Steps read what the recipe's imports (and conversions) put in the store.
@@ -180,6 +223,62 @@ class Build:
                                              label if label is not None else cfg.get("label"),
                                              cfg.get("metric"), row))
         return task
+
+    def _knobs(self, step: str, stage: str, configs: list[dict[str, Any]],
+               wired: tuple[str, ...]) -> dict[str, Any]:
+        """The component arguments of `stage`'s knobs for this step: a pipeline parameter
+        each (found here, the step's resolved value its default; see the module docstring).
+        A knob whose value differs between the configs of a loop's iterations (a sweep
+        setting changes it) gets none: each iteration keeps its own."""
+        spec = registry.get(stage)
+        models = [self._resolved(spec, cfg, wired) for cfg in configs] if spec.knobs else []
+        if not models or any(m is None for m in models):
+            return {}
+        args: dict[str, Any] = {}
+        section = self._section_of.get(step, step)
+        for knob in spec.knobs:
+            values = {json.dumps(_attr(m, knob.path)) for m in models}
+            if len(values) != 1:
+                continue
+            value = _attr(models[0], knob.path)
+            if value is None and knob.unset is None:
+                continue
+            default = knob.unset if value is None else knob.type(value)
+            leaf = knob.path.rsplit(".", 1)[-1]
+            param = self._param(f"{section}_{leaf}", f"{step}_{leaf}", knob.type, default,
+                                f"{knob.description} Recipe: stages.{section}."
+                                f"{knob.path}.", step)
+            if param is not None and param in self.params:
+                args[knob.input_name] = self.params[param]
+        return args
+
+    def _param(self, name: str, fallback: str, kind: type, default: Any, description: str,
+               step: str) -> str | None:
+        """Register pipeline parameter `name` (or `fallback` when `name` is taken with
+        another default) for `step`; its name, or None when both are taken."""
+        for candidate in (name, fallback):
+            candidate = candidate.replace("-", "_")
+            known = self.parameters.get(candidate)
+            if known is None:
+                self.parameters[candidate] = Param(candidate, kind, default, description, [step])
+                return candidate
+            if known.type is kind and known.default == default:
+                if step not in known.steps:
+                    known.steps.append(step)
+                return candidate
+        return None
+
+    @staticmethod
+    def _resolved(spec: Any, cfg: dict[str, Any], wired: tuple[str, ...]) -> Any:
+        """The step's validated config (wired inputs stand-ins), or None if it is invalid
+        (the error is already recorded)."""
+        trial = copy.deepcopy(cfg)
+        for path in wired or spec.wired:
+            _set(trial, path, _placeholder_for(spec.config, path))
+        try:
+            return spec.config.model_validate(trial)
+        except ValidationError:
+            return None
 
     def _multinode(self, stage: str, step: str, image: str) -> dict[str, Any]:
         """Arguments of a multi-node stage's component that launch a TrainJob (or PyTorchJob)
@@ -258,11 +357,15 @@ class Build:
         return tasks
 
     def base_model(self) -> str | dsl.PipelineChannel:
-        """The recipe's base model: its URI, or the output of a make-model step building a
-        tiny model when `model.name_or_path` is `tiny:llava` / `tiny:chameleon`."""
+        """The recipe's base model: the pipeline parameter `base_model` (its default the
+        recipe's URI), or the output of a make-model step building a tiny model when
+        `model.name_or_path` is `tiny:llava` / `tiny:chameleon`."""
         name = self.recipe.model.name_or_path
         if not name.startswith("tiny:"):
-            return name
+            self._param("base_model", "base_model", str, name, "Base model: a Hugging Face "
+                        "hub id or a store URI (s3://...). Recipe: model.name_or_path.",
+                        "base")
+            return self.params.get("base_model", name)
         kind = name.removeprefix("tiny:")
         if self._tiny is None:
             # `stages.make-model.replica` builds a replica of a real model instead (its sizes
@@ -310,6 +413,13 @@ def wired_paths(stage: str, inputs: Mapping[str, Any]) -> tuple[str, ...]:
     """The config fields that the component parameters `inputs` fill."""
     fields = {i.name: i.field for i in registry.get(stage).inputs}
     return tuple(dict.fromkeys(fields.get(name, name) for name in inputs if fields.get(name, name)))
+
+
+def _attr(model: Any, path: str) -> Any:
+    """The value at dotted `path` of a validated config."""
+    for part in path.split("."):
+        model = getattr(model, part, None)
+    return model
 
 
 def _did_you_mean(name: str, allowed: list[str]) -> str:

@@ -110,9 +110,12 @@ def _lora(config: dict[str, Any]) -> bool:
 
 def _static(b: Build, value: Any, step: str) -> str:
     """A URI for `value`: itself when it is a string, else the output folder of `step` (where
-    a pipeline channel of that step points; outputs are laid out by step name)."""
+    a pipeline channel of that step points; outputs are laid out by step name). The base
+    model's pipeline parameter (`base_model`) stands for the recipe's model here."""
     if isinstance(value, str):
         return value
+    if not b.recipe.model.name_or_path.startswith("tiny:"):
+        return b.recipe.model.name_or_path
     return storage.join(b.store_root, b.recipe.experiment or "default", b.run_id, step)
 
 

@@ -34,20 +34,26 @@ class Resources:
 
 def resources_for(cluster: ClusterConfig, stage: str, step: str) -> Resources:
     """The step's resources: `cluster.stages.<step>` over `cluster.stages.<stage>` over the
-    cluster-wide values (GPUs only for stages that declare `gpu`, retries only for those that
-    declare `resumable`: they resume after preemption, so a retry loses little work)."""
+    defaults: a GPU step's (`cluster.gpus` for stages that declare `gpu`, unless an entry sets
+    gpus: 0) are the cluster-wide cpu/memory/shm_size, a CPU step's `cluster.cpu_steps`.
+    Retries only for stages that declare `resumable`: they resume after preemption, so a
+    retry loses little work."""
     spec = registry.get(stage)
+    entries = [cluster.stages[key].model_dump(exclude_none=True)
+               for key in (stage, step) if key in cluster.stages]
+    gpus = cluster.gpus if spec.gpu else 0
+    for entry in entries:
+        gpus = entry.get("gpus", gpus)
+    base = cluster if gpus else cluster.cpu_steps
     resolved = {
-        "gpus": cluster.gpus if spec.gpu else 0,
-        "cpu": cluster.cpu,
-        "memory": cluster.memory,
-        "shm_size": cluster.shm_size,
+        "gpus": gpus,
+        "cpu": base.cpu,
+        "memory": base.memory,
+        "shm_size": base.shm_size,
         "retries": cluster.retries if spec.resumable else 0,
     }
-    for key in (stage, step):
-        entry = cluster.stages.get(key)
-        if entry is not None:
-            resolved.update(entry.model_dump(exclude_none=True))
+    for entry in entries:
+        resolved.update(entry)
     return Resources(**resolved)
 
 
@@ -57,9 +63,11 @@ def apply_cluster_settings(task: dsl.PipelineTask, stage: str, recipe: RecipeCon
 
     GPUs (`nvidia.com/gpu`), CPU/memory requests = limits, `/dev/shm` as a memory-backed
     emptyDir (PyTorch DataLoader workers share batches through it; the container default is
-    64 MiB), node selectors, tolerations, image pull secrets, S3 and MLflow credentials from
-    Secrets as env vars, plain env vars from `cluster.env`, the stage's `pod_env` (e.g.
-    evaluate's $MMJOBS_POT_IMAGE: the eval image, for its PoT pod), retries and caching.
+    64 MiB), node selectors and tolerations (the cluster's on GPU steps, `cpu_steps`' on the
+    others, so CPU steps never wait for GPU nodes), image pull secrets, S3 and MLflow
+    credentials from Secrets as env vars, plain env vars from `cluster.env`, the stage's
+    `pod_env` (e.g. evaluate's $MMJOBS_POT_IMAGE: the eval image, for its PoT pod), retries
+    and caching.
     """
     cluster = recipe.cluster
     spec = registry.get(stage)
@@ -75,9 +83,10 @@ def apply_cluster_settings(task: dsl.PipelineTask, stage: str, recipe: RecipeCon
         task.set_memory_request(res.memory).set_memory_limit(res.memory)
     kubernetes.empty_dir_mount(task, volume_name=SHM_VOLUME, mount_path="/dev/shm",
                                medium="Memory", size_limit=res.shm_size)
-    for key, value in cluster.node_selector.items():
+    placement = cluster if res.gpus and not launcher else cluster.cpu_steps
+    for key, value in placement.node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
-    for toleration in cluster.tolerations:
+    for toleration in placement.tolerations:
         kubernetes.add_toleration(
             task, key=toleration.get("key"), operator=toleration.get("operator"),
             value=toleration.get("value"), effect=toleration.get("effect"),

@@ -7,10 +7,15 @@ wired inputs) and the stage's declared inputs and output artifacts, and its body
 `run_component`, which fills the wired URIs into the config, validates it and runs the stage.
 So the compiled IR shows each stage's own parameters and a three-line body, e.g.::
 
-    def merge(config_json: str, base: str, adapter: str) -> str:
+    def merge(config_json: str, base: str, adapter: str, kfp_run_id: str = "") -> str:
         from mmjobs.stages.registry import run_component
 
-        return run_component('merge', config_json, base=base, adapter=adapter)
+        return run_component('merge', config_json, base=base, adapter=adapter,
+                             kfp_run_id=kfp_run_id)
+
+Stages with knobs (`Stage.knobs`: learning rate, steps, data URIs, row limits) take one
+optional parameter per knob (`set__train__lr: float = None`), fed from the pipeline's
+parameters; `kfp_run_id` gets KFP's job id on cluster runs that make their own folders.
 
 KFP passes strings and small values; datasets and models stay in the store.
 `install_kfp_package=False`: the stage images ship kfp themselves, and the local runner uses
@@ -28,7 +33,7 @@ from kfp import dsl
 
 from mmjobs.stages import registry
 
-_TYPES = {str: "str", int: "int", list: "list"}
+_TYPES = {str: "str", int: "int", float: "float", list: "list"}
 
 
 def component(stage: str, image: str) -> Callable[..., dsl.PipelineTask]:
@@ -45,11 +50,15 @@ def component_function(stage: str) -> Callable[..., str]:
     if keyword.iskeyword(name):
         name += "_"  # `import` -> import_, like its module
     params = ["config_json: str"]
-    for item in sorted(spec.inputs, key=lambda i: i.default is not ...):  # required first
-        param = f"{item.name}: {_TYPES[item.type]}"
-        params.append(param if item.default is ... else f"{param} = {item.default!r}")
+    params += [f"{i.name}: {_TYPES[i.type]}" for i in spec.inputs if i.default is ...]
     params += [f"{out}: Output[{kind}]" for out, kind in spec.outputs.items()]
-    passed = [*(i.name for i in spec.inputs), *spec.outputs]
+    params += [f"{i.name}: {_TYPES[i.type]} = {i.default!r}"
+               for i in spec.inputs if i.default is not ...]
+    # The stage's knobs: None when the step has no pipeline parameter for them.
+    params += [f"{k.input_name}: {_TYPES[k.type]} = None" for k in spec.knobs]
+    params.append('kfp_run_id: str = ""')
+    passed = [*(i.name for i in spec.inputs), *(k.input_name for k in spec.knobs),
+              "kfp_run_id", *spec.outputs]
     call = ", ".join(["config_json", *(f"{p}={p}" for p in passed)])
     doc = f"{spec.summary} Stage `{spec.name}`; returns its output URI."
     source = (f"def {name}({', '.join(params)}) -> str:\n"
@@ -60,7 +69,7 @@ def component_function(stage: str) -> Callable[..., str]:
     # KFP reads the source back with inspect.getsource, which finds it in linecache.
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace = {"Output": dsl.Output, "Metrics": dsl.Metrics, "Markdown": dsl.Markdown,
-                 "__name__": __name__}
+                 "HTML": dsl.HTML, "__name__": __name__}
     # dont_inherit: this module's `from __future__ import annotations` would make the
     # annotations strings, which KFP reads as artifact type names.
     exec(compile(source, filename, "exec", dont_inherit=True), namespace)

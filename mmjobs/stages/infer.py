@@ -35,6 +35,7 @@ from mmjobs.recipe import RecipeConfig, conversation_format_defaults, remote_cod
 from mmjobs.stage_contract import (
     RUN_FIELDS,
     Input,
+    Knob,
     Stage,
     StageConfig,
     StageResult,
@@ -333,7 +334,9 @@ def recipe_defaults(recipe: RecipeConfig, step: str) -> dict[str, Any]:
 STAGE = Stage(name=NAME, config=InferConfig, result=InferResult, main=main, image="eval",
               gpu=True, resumable=True, errors=(EndpointError, AgreementError),
               inputs=(Input("model"), Input("dataset", default=""), Input("adapter", default="")),
-              recipe_defaults=recipe_defaults)
+              recipe_defaults=recipe_defaults,
+              knobs=(Knob("limit", int, unset=0, description="Answer only the first N prompts "
+                          "(0: all)."),))
 
 if __name__ == "__main__":
     sys.exit(STAGE.cli())

@@ -43,6 +43,7 @@ from mmjobs.logs import get_logger
 from mmjobs.recipe import RecipeConfig
 from mmjobs.stage_contract import (
     RUN_FIELDS,
+    Knob,
     Stage,
     StageConfig,
     StageResult,
@@ -241,7 +242,9 @@ def recipe_defaults(recipe: RecipeConfig, step: str) -> dict[str, Any]:
 # names the row and byte), too many rejects, a bad option; nothing is committed then.
 STAGE = Stage(name=NAME, config=PrepareConfig, result=PrepareResult, main=main, image="data",
               recipe_defaults=recipe_defaults,
-              errors=(PrepareError, ValueError, storage.StoreError))
+              errors=(PrepareError, ValueError, storage.StoreError),
+              knobs=(Knob("input", str, unset="", description="Raw data file or folder "
+                          "(local or s3://); empty: none (generators)."),))
 
 if __name__ == "__main__":
     sys.exit(STAGE.cli())

@@ -97,14 +97,14 @@ def _user_errors_end_the_step(body: Callable[..., str]) -> Callable[..., str]:
     (`mmjobs --debug ...`) keeps the traceback."""
 
     @functools.wraps(body)
-    def run(name: str, config_json: str, **inputs: Any) -> str:
+    def run(name: str, config_json: str, *args: Any, **inputs: Any) -> str:
         from pydantic import ValidationError
 
         from mmjobs.config import ConfigError
 
         stage = get(name)
         try:
-            return body(name, config_json, **inputs)
+            return body(name, config_json, *args, **inputs)
         except (ConfigError, ValidationError, *stage.usage_errors, *stage.errors) as e:
             if os.environ.get("MMJOBS_DEBUG"):
                 raise
@@ -118,17 +118,28 @@ def _user_errors_end_the_step(body: Callable[..., str]) -> Callable[..., str]:
 
 
 @_user_errors_end_the_step
-def run_component(name: str, config_json: str, **inputs: Any) -> str:
+def run_component(name: str, config_json: str, kfp_run_id: str = "", **inputs: Any) -> str:
     """The body of every stage's KFP component (see `pipelines/components.py`).
 
     `config_json` is the step's config without its wired inputs; `inputs` are the component's
-    other parameters (upstream outputs, launch settings) and output artifacts. Wired inputs
-    go into their config fields (an optional one left at its default is not wired: the
-    config decides), the config is validated, and the stage runs: `main(cfg).output`, or the
-    stage's own `component` body when it declares one.
+    other parameters (upstream outputs, launch settings, the stage's knobs: pipeline
+    parameters) and output artifacts. `kfp_run_id` (KFP's job id, on a cluster run that makes
+    its own folders) replaces the run-id token compiled into the config. Knobs given a value
+    set their config fields (their `unset` value sets None), wired inputs go into theirs (an
+    optional one left at its default is not wired: the config decides), the config is
+    validated, and the stage runs: `main(cfg).output`, or the stage's own `component` body
+    when it declares one.
     """
+    from mmjobs.stage_contract import KFP_RUN_ID_TOKEN
+
     stage = get(name)
+    if kfp_run_id:
+        config_json = config_json.replace(KFP_RUN_ID_TOKEN, kfp_run_id)
     config = json.loads(config_json)
+    for knob in stage.knobs:
+        value = inputs.pop(knob.input_name, None)
+        if value is not None:  # None: the step has no parameter for it
+            _set(config, knob.path, None if value == knob.unset else knob.type(value))
     wired: dict[str, Any] = {}
     rest: dict[str, Any] = {}
     declared = {i.name: i for i in stage.inputs}

@@ -141,7 +141,22 @@ def _result(out: str, info: dict[str, Any], cached: bool, run_id: str | None) ->
         runs=info["counts"]["runs"], skipped=info["counts"]["skipped"])
 
 
+def component(cfg: ReportConfig, *, report: Any, page: Any) -> str:
+    """The KFP component's body: run the stage, then show the report in the KFP UI
+    (`report`: a Markdown artifact, its text; `page`: an HTML one, with the plots inline)."""
+    from mmjobs.report.html import report_html
+
+    result = main(cfg)
+    with tempfile.TemporaryDirectory(prefix="mmjobs-report-") as tmp:
+        storage.get_dir(result.output, tmp)
+        Path(report.path).write_text((Path(tmp) / REPORT_MD).read_text(encoding="utf-8"),
+                                     encoding="utf-8")
+        Path(page.path).write_text(report_html(Path(tmp), REPORT_MD), encoding="utf-8")
+    return result.output
+
+
 STAGE = Stage(name=NAME, config=ReportConfig, result=ReportResult, main=main, image="eval",
+              outputs={"report": "Markdown", "page": "HTML"}, component=component,
               errors=(ReportError,))
 
 if __name__ == "__main__":

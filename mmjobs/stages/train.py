@@ -42,6 +42,7 @@ from mmjobs.logs import get_logger
 from mmjobs.recipe import RecipeConfig
 from mmjobs.stage_contract import (
     Input,
+    Knob,
     Stage,
     StageConfig,
     StageResult,
@@ -215,19 +216,34 @@ def launch(cfg: TrainStageConfig, **job: Any) -> TrainResult:
     return _final_result(out, meta, cached=cached, launched=True)
 
 
-def component(cfg: TrainStageConfig, *, nodes: int = 1, gpus_per_node: int = 0,
-              image: str = "", launch_json: str = "{}") -> str:
+def component(cfg: TrainStageConfig, *, metrics: Any = None, nodes: int = 1,
+              gpus_per_node: int = 0, image: str = "", launch_json: str = "{}") -> str:
     """The KFP component's body. With nodes > 1 the step launches a Kubeflow Trainer TrainJob
     (`launch_json`: its cluster settings, `mmjobs.train.k8s_jobs.JobSettings`: Secret names,
-    never secrets) and follows it; it runs this stage under torchrun on every node. Returns
-    the model directory of a full fine-tune, else the training output (`final/adapter` or
-    `final/connector` inside: merge, apply-connector and build-moe-connector find them)."""
+    never secrets) and follows it; it runs this stage under torchrun on every node. Shows the
+    run's final numbers in the KFP UI (`metrics`: a Metrics artifact; the curves are in
+    MLflow). Returns the model directory of a full fine-tune, else the training output
+    (`final/adapter` or `final/connector` inside: merge, apply-connector and
+    build-moe-connector find them)."""
     if nodes > 1:
         result = launch(cfg, nodes=nodes, gpus_per_node=gpus_per_node, image=image,
                         settings=json.loads(launch_json or "{}"))
     else:
         result = main(cfg)
+    if metrics is not None:
+        for name, value in kfp_metrics(result).items():
+            metrics.log_metric(name, value)
     return result.model or result.output
+
+
+def kfp_metrics(result: TrainResult) -> dict[str, float]:
+    """The training run's final numbers as the KFP UI's Metrics show them."""
+    values: dict[str, float | int | None] = {
+        "steps": result.steps, "final_loss": result.final_loss, "eval_loss": result.eval_loss,
+        "tokens": result.tokens, "seconds": round(result.seconds, 1),
+        "tokens_per_s": round(result.tokens / result.seconds, 1) if result.seconds else None,
+        **result.eval_metrics}
+    return {name: float(value) for name, value in values.items() if value is not None}
 
 
 def recipe_defaults(recipe: RecipeConfig, step: str) -> dict[str, Any]:
@@ -249,10 +265,15 @@ STAGE = Stage(name=NAME, config=TrainStageConfig, result=TrainResult, main=main,
                       Input("gpus_per_node", path=None, type=int, default=0),
                       Input("image", path=None, default=""),
                       Input("launch_json", path=None, default="{}")),
+              outputs={"metrics": "Metrics"},
               component=component, recipe_defaults=recipe_defaults,
               step_defaults=step_defaults, recipe_check=recipe_check,
               # SIGTERM committed a checkpoint: Kubernetes restarts or reschedules the pod.
-              exit_codes={TrainingPreempted: EXIT_PREEMPTED})
+              exit_codes={TrainingPreempted: EXIT_PREEMPTED},
+              knobs=(Knob("train.lr", float, description="Peak learning rate."),
+                     Knob("train.epochs", float, description="Passes over the data."),
+                     Knob("train.max_steps", int, description="Stop after this many "
+                          "optimizer steps; -1: train for `epochs`.")))
 
 if __name__ == "__main__":
     sys.exit(STAGE.cli())

@@ -1,5 +1,5 @@
-"""Every shipped recipe validates and compiles to KFP IR with its Kubernetes settings, and
-the compiled pipeline never carries credential values."""
+"""Every shipped recipe validates and compiles to KFP IR with its Kubernetes settings (GPU
+placement on GPU steps only), and the compiled pipeline never carries credential values."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_recipe_compiles_with_cluster_settings_and_no_credentials(
                for r in resources)
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert all(i.startswith("ghcr.io/mmjobs/mmjobs-") and i.endswith(":0.1.0") for i in images)
-    for executor in platform.values():
+    for name, executor in platform.items():
         assert executor["emptyDirMounts"] == [
             {"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm",
              "sizeLimit": executor["emptyDirMounts"][0]["sizeLimit"]}]
@@ -59,8 +59,18 @@ def test_recipe_compiles_with_cluster_settings_and_no_credentials(
         assert secrets == {"mmjobs-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
                            "mmjobs-mlflow": {"MLFLOW_TRACKING_USERNAME",
                                              "MLFLOW_TRACKING_PASSWORD"}}
-        if recipe.cluster.tolerations:
-            assert executor["tolerations"][0]["key"] == "nvidia.com/gpu"
+        resources = spec["deploymentSpec"]["executors"][name]["container"].get("resources", {})
+        cluster = recipe.cluster
+        if "accelerator" in resources:  # a GPU step: placed on GPU nodes
+            if cluster.tolerations:
+                assert executor["tolerations"][0]["key"] == "nvidia.com/gpu", name
+            if cluster.node_selector:
+                assert executor["nodeSelector"]["labels"] == cluster.node_selector, name
+        else:  # a CPU step: no GPU placement, cpu_steps' CPUs or what cluster.stages asks
+            assert "tolerations" not in executor and "nodeSelector" not in executor, name
+            asked = {float(c) for c in (cluster.cpu_steps.cpu,
+                                        *(s.cpu for s in cluster.stages.values())) if c}
+            assert resources.get("cpuLimit") in asked, name
     # Plain endpoints reach the pods as env vars; outputs go to the cluster's store.
     env = [v for e in spec["deploymentSpec"]["executors"].values()
            for v in e["container"].get("env", [])]

@@ -59,10 +59,26 @@ def test_component_functions_take_the_declared_inputs():
     assert list(params)[:3] == ["config_json", "data", "model"]
     assert params["nodes"].default == 1 and params["ptx_data"].default == ""
     evaluate = inspect.signature(component_function("evaluate")).parameters
-    assert list(evaluate) == ["config_json", "predictions", "metrics", "summary"]
+    assert list(evaluate) == ["config_json", "predictions", "metrics", "summary", "kfp_run_id"]
     assert component_function("import").__name__ == "import_"  # a Python keyword
-    assert "run_component('merge', config_json, base=base, adapter=adapter)" in \
-        inspect.getsource(component_function("merge"))
+    assert "run_component('merge', config_json, base=base, adapter=adapter, " \
+        "kfp_run_id=kfp_run_id)" in inspect.getsource(component_function("merge"))
+    # Knobs: optional typed parameters (None: the step has no pipeline parameter for them).
+    assert (params["set__train__lr"].annotation, params["set__train__lr"].default) == \
+        (float, None)
+    assert params["set__train__max_steps"].annotation is int
+    assert "metrics" in params  # the final numbers, in the KFP UI
+
+
+def test_training_shows_its_final_numbers_as_kfp_metrics():
+    from mmjobs.stages.train import TrainResult, kfp_metrics
+
+    result = TrainResult(output="s3://b/sft", final="s3://b/sft/final", checkpoints="c",
+                         steps=10, final_loss=0.5, tokens=1000, seconds=4.0,
+                         eval_metrics={"eval_accuracy": 0.75})
+    assert kfp_metrics(result) == {"steps": 10.0, "final_loss": 0.5, "tokens": 1000.0,
+                                   "seconds": 4.0, "tokens_per_s": 250.0,
+                                   "eval_accuracy": 0.75}
 
 
 @pytest.fixture

@@ -1,0 +1,116 @@
+"""One server, several named models (the settings of a sweep): two LaVIN settings built from the
+Meta-format LLaMA and CLIP replicas, and the tiny LLaVA, behind one `create_app`.
+
+- `GET /v1/models` lists every model; a chat request with an image goes to the model its
+  `model` field names (each answers as itself: the two LaVIN settings differ in their
+  adapters, so their answers do too), streaming included;
+- an unknown model is a 404 naming the served ones;
+- the chat page has a selector whose options are the served settings.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mmjobs.serve.app import ServeOptions, create_app
+from mmjobs.serve.limits import Limits
+from mmjobs.serve.server import ServerThread
+from tests.integration.serve.client import Client, chart_png, chat_body
+
+pytestmark = pytest.mark.integration
+SETTINGS = ("baseline", "dec-dropout")
+
+
+@pytest.fixture(scope="module")
+def second_setting(lavin_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The LaVIN replica with other MMA adapter weights: a second "setting" of the sweep
+    (LaVIN zero-initialises the adapters' up projections, so training is what sets them)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("lavin-setting-b") / "model"
+    shutil.copytree(lavin_model_dir, out)
+    generator = torch.Generator().manual_seed(7)
+    for weights in sorted(out.glob("*.safetensors")):
+        tensors = load_file(weights)
+        changed = {k: (torch.randn(v.shape, generator=generator) * 0.5).to(v.dtype)
+                   if "adapter" in k and v.is_floating_point() else v
+                   for k, v in tensors.items()}
+        assert any(not torch.equal(changed[k], tensors[k]) for k in tensors), weights
+        save_file(changed, weights, metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def multi_server(lavin_model_dir: Path, second_setting: Path, tiny_llava_dir: Path):
+    from mmjobs.eval.generate import load_for_inference
+
+    loaders = {SETTINGS[0]: lambda: load_for_inference(str(lavin_model_dir), device="cpu"),
+               SETTINGS[1]: lambda: load_for_inference(str(second_setting), device="cpu"),
+               "tiny-llava": lambda: load_for_inference(str(tiny_llava_dir), device="cpu")}
+    app = create_app(loaders, ServeOptions(SETTINGS[0], Limits(default_max_new_tokens=6)))
+    server = ServerThread(app).start()
+    client = Client(server.url)
+    try:
+        client.wait_ready(180)
+        yield server, client
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_models_are_listed_and_each_answers_an_image_question_as_itself(multi_server):
+    _, client = multi_server
+    listed = client.request("GET", "/v1/models")
+    assert listed.status == 200
+    cards = listed.json()["data"]
+    assert [c["id"] for c in cards] == [*SETTINGS, "tiny-llava"]
+    assert all(c["loaded"] and c["max_model_len"] > 0 for c in cards)
+
+    answers = {}
+    for name in (*SETTINGS, "tiny-llava"):
+        reply = client.chat(chat_body(name, "Which color is the bar?", image=chart_png(1),
+                                      temperature=0))
+        assert reply.status == 200, reply.body
+        body = reply.json()
+        assert body["model"] == name
+        assert 1 <= body["usage"]["completion_tokens"] <= 6
+        answers[name] = (body["choices"][0]["message"]["content"],
+                         body["usage"]["prompt_tokens"])
+    # The two settings share LaVIN's prompt layout (same prompt tokens) but not their adapters.
+    assert answers[SETTINGS[0]][1] == answers[SETTINGS[1]][1]
+    assert answers[SETTINGS[0]][0] != answers[SETTINGS[1]][0], answers
+    # Streaming goes to the named model too, and says the same as the non-streamed answer.
+    reply, events = client.stream(chat_body(SETTINGS[1], "Which color is the bar?",
+                                            image=chart_png(1), temperature=0))
+    assert reply.status == 200 and events[-1] == "[DONE]"
+    assert {e["model"] for e in events[:-1]} == {SETTINGS[1]}
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]
+                   if e.get("choices"))
+    assert text == answers[SETTINGS[1]][0]
+
+
+def test_an_unknown_model_is_a_404_naming_the_served_ones(multi_server):
+    _, client = multi_server
+    reply = client.chat(chat_body("inc-dropout", "Hi"))
+    assert reply.status == 404
+    error = reply.error
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    for name in (*SETTINGS, "tiny-llava"):
+        assert repr(name) in error["message"]
+    assert client.request("GET", "/v1/models/inc-dropout").status == 404
+    assert client.request("GET", f"/v1/models/{SETTINGS[1]}").json()["id"] == SETTINGS[1]
+
+
+def test_the_chat_page_selects_among_the_settings(multi_server):
+    _, client = multi_server
+    page = client.request("GET", "/")
+    assert page.status == 200
+    html = page.body.decode()
+    assert '<select id="model">' in html
+    for name in (*SETTINGS, "tiny-llava"):
+        assert f'<option value="{name}">{name}</option>' in html
+    assert 'id="model-row" hidden' not in html

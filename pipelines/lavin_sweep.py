@@ -6,10 +6,11 @@ prepare (ScienceQA train split, QCM-ALE prompts) and prepare-test (test split) �
 for each setting of the recipe's `sweep` (cosine baseline, cyclical, step and exponential LR
 decay, increasing / decreasing adapter dropout and their V2), in a `dsl.ParallelFor`: sft (the
 recipe's train.finetune: mma, LaVIN's adapters) → merge (the standalone LaVIN: base + that
-setting's adapters) → infer → evaluate (ScienceQA accuracy per category) · report (the NAT…Average comparison
-table and graphs) · [deploy: with `stages.deploy.enabled: true`, on a cluster, once every
-setting is evaluated, every setting's merged LaVIN behind one `mmjobs serve` (one Deployment,
-`models`: setting -> merge-<setting>), the chat page selecting the setting].
+setting's adapters) → infer → evaluate (ScienceQA accuracy per category) · report (the
+NAT…Average comparison table and graphs) · [deploy: with `stages.deploy.enabled: true`, on a
+cluster, once every setting is evaluated, every setting's merged LaVIN behind one `mmjobs
+serve` (one Deployment, `models`: setting -> merge-<setting>), the chat page selecting the
+setting].
 """
 
 from __future__ import annotations

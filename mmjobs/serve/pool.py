@@ -189,7 +189,7 @@ class ModelPool:
             try:
                 loaded = slot.load()
                 worker, admission = self.start(loaded)
-            except BaseException as e:  # noqa: BLE001 - reported by /readyz and requests
+            except BaseException as e:  # reported by /readyz and the requests for it
                 with self.lock:
                     slot.loading, slot.error = False, f"{type(e).__name__}: {e}"
                 log.exception("the model %r failed to load", slot.name)

@@ -7,18 +7,16 @@ A run's outputs follow the store layout `{store}/{experiment}/{run_id}/{step}`; 
 merge step writes `merge-<setting>` for each setting (a recipe without a sweep: `merge`). Only
 committed folders count (a manifest is written last), so a setting still training or one whose
 merge failed is never served as if it were finished: it is named in a warning instead.
-`run_dir` finds a local run's folder from its recipe as `mmjobs run` chose it.
+`mmjobs.pipeline_runner.run_dir` finds a local run's folder from its recipe (`mmjobs chat`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 from mmjobs import storage
 from mmjobs.logs import get_logger
 from mmjobs.serve.config import ServedModel
 
-__all__ = ["RunModelsError", "run_dir", "swept_models"]
+__all__ = ["RunModelsError", "swept_models"]
 
 log = get_logger(__name__)
 MERGE_STEP = "merge"
@@ -48,9 +46,10 @@ def swept_models(run: str) -> list[ServedModel]:
     if not finished:
         what = (f"only unfinished {', '.join(unfinished)}" if unfinished
                 else "no merge or merge-<setting> folder")
-        raise RunModelsError(f"run {run}: nothing to serve, it has {what}. Point run at a "
-                             "finished run's folder ({store}/{experiment}/{run_id}, printed "
-                             "by `mmjobs run` as 'store'), or serve one model with `model`")
+        raise RunModelsError(f"run {run}: nothing to serve, it has {what}. Finish the run "
+                             "first (`mmjobs run RECIPE` with the same --set overrides), or "
+                             "point run at a finished run's folder ({store}/{experiment}/"
+                             "{run_id}: `store` in mmjobs run's summary)")
     return [ServedModel(name=_setting(step), model=storage.join(run, step))
             for step in finished]
 
@@ -58,16 +57,3 @@ def swept_models(run: str) -> list[ServedModel]:
 def _setting(step: str) -> str:
     """`merge-dec-dropout` -> `dec-dropout`; an unswept run's `merge` keeps its name."""
     return step.removeprefix(MERGE_STEP + "-") if step != MERGE_STEP else step
-
-
-def run_dir(recipe: str, overrides: Sequence[str] = (), run_id: str | None = None) -> str:
-    """The folder `mmjobs run RECIPE [overrides] [--run-id]` writes (the same resolution).
-
-    Raises:
-        ConfigError: the recipe or an override is invalid.
-    """
-    from mmjobs import pipeline_runner, settings
-
-    loaded = pipeline_runner.load(recipe, overrides)
-    run_id = run_id or pipeline_runner.default_run_id(loaded)
-    return storage.join(settings.store_root(), loaded.experiment or "default", run_id)

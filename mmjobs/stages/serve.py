@@ -136,7 +136,7 @@ def main(cfg: ServeConfig) -> ServeResult:
     with signals.stop_signals_return():
         server.run()  # blocks
     if failures:
-        raise ServeError(f"a model failed to load: {failures[0]}") from failures[0]
+        raise ServeError(f"the model failed to load: {failures[0]}") from failures[0]
     return ServeResult(output=f"http://{cfg.host}:{cfg.port}", model_name=name,
                        model_names=[m.name for m in models],
                        requests=int(metrics.requests.total()))

@@ -138,7 +138,7 @@ def test_sweep_deploys_every_setting_behind_one_server_when_enabled(tmp_path: Pa
     doc = k8s.deployment(cfg, name="lavin", namespace="team-a")
     assert all(validate_manifest(doc, v) == [] for v in KUBE_VERSIONS)
     # A recipe may not list the models itself: the pipeline does.
-    with pytest.raises(ConfigError, match="stages.deploy.models"):
+    with pytest.raises(ConfigError, match=r"stages\.deploy\.models"):
         pipeline_runner.compile_recipe("pipelines/recipes/lavin-sweep.yaml", out, [
             "stages.deploy.enabled=true", 'stages.deploy.models=[{name: a, model: s3://x}]'])
     # Without enabled: true, no deploy step (the section is still checked).

@@ -84,12 +84,12 @@ def _chat_with_the_swept_models(run: SharedRun, tmp_path: Path) -> None:
     """`mmjobs chat RECIPE` (with the run's overrides) finds the finished run and serves all
     eight settings from one server, at most two in memory: `GET /v1/models` lists them, an
     image question and a text question go to the settings they name (one loaded on demand)."""
-    from mmjobs.serve.runs import run_dir
     from tests.integration.serve.client import Client, chart_png, chat_body
     from tests.servers import free_port
 
     with run.environment():
-        assert run_dir(run.path, run.overrides) == run.outcome.run_dir  # as `mmjobs run` chose
+        # `mmjobs chat` finds the folder `mmjobs run` chose for this recipe and overrides.
+        assert pipeline_runner.run_dir(run.path, run.overrides) == run.outcome.run_dir
         env = dict(os.environ)
     port = free_port()
     log = tmp_path / "chat.log"

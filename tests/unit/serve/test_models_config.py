@@ -109,7 +109,7 @@ def test_one_deployment_serves_every_setting():
     # What the pod runs parses: `mmjobs serve` with those settings is a valid server config.
     cfg = ServeConfig.model_validate({k: yaml.safe_load(v) for k, v in settings.items()})
     assert [m.name for m in cfg.models] == ["baseline", "dec-dropout"]
-    with pytest.raises(ValidationError, match="either model .* or models"):
+    with pytest.raises(ValidationError, match=r"either model \(one model\) or models .*, not both"):
         k8s.ServerSpec.model_validate({"models": models, "model": "s3://x/merge"})
     with pytest.raises(ValidationError, match="either model"):
         k8s.ServerSpec.model_validate({})

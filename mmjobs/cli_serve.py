@@ -44,15 +44,9 @@ def add_serve_commands(sub: Any, overrides: Callable[[argparse.ArgumentParser], 
                         "for base + adapter); the first is the chat page's default")
     p.add_argument("--run", metavar="RUN_DIR", help="serve each committed merge-<setting> of "
                    "this finished run as <setting> ({store}/{experiment}/{run_id})")
-    p.add_argument("--max-loaded-models", dest="max_loaded_models", type=int, metavar="N",
-                   help="most models in memory at once (default: all)")
     p.add_argument("--adapter", metavar="URI", help="LoRA adapter, or a training output "
                    "holding final/adapter")
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="TCP port (default 8000)")
-    p.add_argument("--api-key-env", dest="api_key_env", metavar="NAME",
-                   help="environment variable holding the API key clients must send as a "
-                        "Bearer token (default: no auth)")
+    _server_flags(p)
     p.add_argument("--config", help="stage config YAML")
     overrides(p)
     p.set_defaults(func=serve)
@@ -66,13 +60,19 @@ def add_serve_commands(sub: Any, overrides: Callable[[argparse.ArgumentParser], 
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="the recipe overrides the run was made with")
     p.add_argument("--run-id", help="the run id, if `mmjobs run` was given one")
+    _server_flags(p)
+    p.set_defaults(func=chat)
+
+
+def _server_flags(p: argparse.ArgumentParser) -> None:
+    """Where and how a server listens, and how many models it keeps in memory."""
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (default 8000)")
     p.add_argument("--api-key-env", dest="api_key_env", metavar="NAME",
-                   help="environment variable holding the API key clients must send")
+                   help="environment variable holding the API key clients must send as a "
+                        "Bearer token (default: no auth)")
     p.add_argument("--max-loaded-models", dest="max_loaded_models", type=int, metavar="N",
                    help="most models in memory at once (default: all)")
-    p.set_defaults(func=chat)
 
 
 _SERVE_FLAGS = {"model": "model", "adapter": "adapter", "host": "host", "port": "port",

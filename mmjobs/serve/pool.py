@@ -102,6 +102,8 @@ class ModelPool:
         self.lock = threading.Lock()
         self._load_lock = threading.Lock()  # one load at a time bounds memory
         self.closed = False
+        for slot in self.initial():  # scheduled: a request meanwhile must not load it again
+            slot.loading = True
 
     @property
     def names(self) -> list[str]:
@@ -131,11 +133,13 @@ class ModelPool:
 
     def load_initial(self) -> BaseException | None:
         """Load the startup models one by one; returns the first error (None: all serve)."""
-        for slot in self.initial():
-            with self.lock:
-                slot.loading = True
+        startup = self.initial()
+        for i, slot in enumerate(startup):
             error = self._load(slot, evict=None)
             if error is not None:
+                with self.lock:
+                    for rest in startup[i + 1:]:  # not loading after all
+                        rest.loading = False
                 return error
         return None
 

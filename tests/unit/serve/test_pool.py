@@ -151,3 +151,14 @@ def test_stop_stops_every_worker():
     workers = [s.worker for s in pool.slots.values()]
     pool.stop()
     assert all(w.stopped.is_set() for w in workers) and pool.loaded() == []
+
+
+def test_a_request_before_the_startup_load_begins_loads_nothing_twice():
+    gate = threading.Event()
+    pool, loads = make_pool(["a", "b"], gate=gate)
+    with pytest.raises(APIError) as e:  # the startup thread has not even started
+        pool.acquire("b")
+    assert e.value.code == "model_loading"
+    gate.set()
+    assert pool.load_initial() is None
+    assert loads == ["a", "b"]

@@ -16,7 +16,8 @@ origin, and model output is inserted with `textContent` (never as HTML). The HTM
 module rather than a package data file so installs from a wheel always carry it.
 
 For tests and scripts: `document.body.dataset.state` is idle | streaming | done | error, the
-answer is the last `.msg.assistant .text`, and the error box is `#error`.
+answer is the last `.msg.assistant .text` (its `.msg` has `data-model`: the model that the
+server says answered), and the error box is `#error`.
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ function addMessage(role, text, image, model) {
 
 function failure(status, message) { return {status, message}; }
 
-async function readStream(response, onDelta) {
+async function readStream(response, onDelta, onModel) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -246,6 +247,7 @@ async function readStream(response, onDelta) {
         if (data === "[DONE]") return;
         const payload = JSON.parse(data);
         if (payload.error) throw failure(500, payload.error.message);
+        if (payload.model) onModel(payload.model);
         const delta = payload.choices && payload.choices[0] && payload.choices[0].delta;
         if (delta && delta.content) onDelta(delta.content);
       }
@@ -296,7 +298,7 @@ async function send() {
     await readStream(response, (delta) => {
       answer += delta;
       answerText.textContent = answer;
-    });
+    }, (answeredBy) => { answerBox.dataset.model = answeredBy; });
     finishAnswer(userMessage, answerBox, answer);
   } catch (e) {
     if (e && e.name === "AbortError") {

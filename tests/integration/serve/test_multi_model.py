@@ -114,3 +114,38 @@ def test_the_chat_page_selects_among_the_settings(multi_server):
     for name in (*SETTINGS, "tiny-llava"):
         assert f'<option value="{name}">{name}</option>' in html
     assert 'id="model-row" hidden' not in html
+
+
+def test_the_page_sends_the_question_to_the_selected_setting(multi_server, tmp_path):
+    from tests.integration.serve.cdp import Chromium, chromium_path
+
+    if chromium_path() is None:
+        pytest.skip("chromium not installed (Debian: apt-get install -y chromium fonts-nanum)")
+    server, _ = multi_server
+    question = "Which color is the bar?"
+    image = tmp_path / "chart.png"
+    image.write_bytes(chart_png(1))
+    with Chromium.launch(tmp_path / "profile") as browser:
+        browser.navigate(server.url + "/")
+        browser.wait_for("document.body.dataset.state === 'idle'")
+        browser.evaluate("localStorage.clear()")
+        assert browser.evaluate("document.getElementById('model').value") == SETTINGS[0]
+        browser.evaluate(f"const s = document.getElementById('model'); s.value = "
+                         f"'{SETTINGS[1]}'; s.dispatchEvent(new Event('change'))")
+        assert browser.evaluate("document.querySelector('h1').textContent") == (
+            f"Chat with {SETTINGS[1]}")
+        browser.set_files("#image-file", [image])
+        browser.wait_for("!document.getElementById('image-preview').hidden")
+        browser.evaluate(f"document.getElementById('question').value = '{question}'")
+        browser.evaluate("document.getElementById('send').click()")
+        state = browser.wait_for("['done', 'error'].includes(document.body.dataset.state) && "
+                                 "document.body.dataset.state", timeout=120)
+        assert state == "done", browser.evaluate("document.getElementById('error').textContent")
+        answer = browser.evaluate(
+            "[...document.querySelectorAll('.msg.assistant .text')].pop().textContent")
+        tag = browser.evaluate(
+            "[...document.querySelectorAll('.msg.assistant .model-tag')].pop().textContent")
+        answered_by = browser.evaluate(  # the `model` of the server's streamed chunks
+            "[...document.querySelectorAll('.msg.assistant')].pop().dataset.model")
+    assert tag == f" · {SETTINGS[1]}" and answer  # the page samples (OpenAI's default)
+    assert answered_by == SETTINGS[1]

@@ -176,9 +176,9 @@ class ModelPool:
             return None
         idle = [s for s in taken if s.ready and s.active == 0]
         if not idle:
-            raise APIError(503, f"{len(taken)} models are in memory (max_loaded_models="
-                           f"{self.max_loaded}) and all are answering requests; retry shortly "
-                           f"for {slot.name!r}", code="server_overloaded",
+            raise APIError(503, f"{len(taken)} models are in memory or loading "
+                           f"(max_loaded_models={self.max_loaded}) and none is idle; retry "
+                           f"shortly for {slot.name!r}", code="server_overloaded",
                            headers={"Retry-After": "5"})
         victim = min(idle, key=lambda s: s.last_used)
         worker = victim.worker

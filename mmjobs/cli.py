@@ -7,6 +7,7 @@ Subcommands import their heavy dependencies (torch, transformers, mlflow) only w
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -30,10 +31,12 @@ def _recipe_errors(command: str, fn: Callable[[], int]) -> int:
 
     try:
         return fn()
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
-    except pipeline_runner.PipelineError as e:
+    except (ConfigError, pipeline_runner.PipelineError) as e:
+        if os.environ.get("MMJOBS_DEBUG"):
+            raise
+        if isinstance(e, ConfigError):
+            print(e, file=sys.stderr)
+            return 2
         print(f"mmjobs {command}: {e}", file=sys.stderr)
         return 1
 
@@ -275,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "locally on embedded defaults, or on Kubernetes with Kubeflow Pipelines.",
     )
     parser.add_argument("--version", action="version", version=f"mmjobs {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show Python tracebacks of user errors too (also in pipeline "
+                             "steps: sets MMJOBS_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def overrides(p: argparse.ArgumentParser) -> None:
@@ -291,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a recipe's pipeline locally (KFP local runner; "
                                    "embedded store and MLflow unless the environment says so)")
     p.add_argument("recipe", metavar="RECIPE", help="recipe YAML, e.g. "
-                   "pipelines/recipes/chart-demo.yaml")
+                   "pipelines/recipes/chart-demo.yaml, or a bundled recipe's name: chart-demo")
     overrides(p)
     p.add_argument("--run-id", help="output folder / pipeline run id (default: a fingerprint of "
                    "the resolved recipe, so an identical re-run reuses finished steps)")
@@ -457,11 +463,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["stage"] and len(argv) > 1 and not argv[1].startswith("-"):
         return cmd_stage(argparse.Namespace(name=argv[1], stage_args=argv[2:]))
     args = build_parser().parse_args(argv)
+    if args.debug:
+        os.environ["MMJOBS_DEBUG"] = "1"  # the steps a run starts inherit it
     from mmjobs.storage import StoreError
 
     try:
         return args.func(args)
     except StoreError as e:
+        if args.debug:
+            raise
         print(f"mmjobs {args.command}: {printable(str(e))}", file=sys.stderr)
         return 1
 

@@ -123,6 +123,10 @@ class EvalConfig(StrictModel):
     benchmarks: list[str] = Field(default_factory=list, description="Benchmarks to run.")
     batch_size: int = Field(16, gt=0, description="Prompts per generation batch.")
     max_new_tokens: int = Field(64, gt=0, description="Generation length cap per answer.")
+    baseline: bool = Field(
+        False, description="Also train and evaluate the baseline row of the seed's table "
+        "(llava-dataengine: the same LoRA recipe on LLaVA's mix665k without the DataEngine "
+        "data, the README's 'None (baseline)'). Pipelines without a baseline row refuse it.")
 
 
 def load_config(

@@ -34,7 +34,7 @@ from types import ModuleType
 from typing import Any
 
 from mmjobs import settings, storage
-from mmjobs.config import ConfigError, dump_recipe
+from mmjobs.config import ConfigError, dump_recipe, load_config
 from mmjobs.logs import get_logger
 from mmjobs.pipeline_logs import PipelineError, step_error, step_logs
 from mmjobs.recipe import RecipeConfig, load_recipe
@@ -70,11 +70,45 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig:
     """Load a recipe and check its per-step sections against the stage configs.
 
     Raises:
-        ConfigError: every problem in the file, the overrides and the step sections.
+        ConfigError: every problem in the file, the overrides and the step sections, in one
+            pass: when recipe-level fields are invalid, the step sections are still checked
+            with those fields at their defaults.
     """
-    recipe = load_recipe(path, overrides)
+    try:
+        recipe = load_recipe(path, overrides)
+    except ConfigError as e:
+        more = [m for m in _step_errors_despite(path, overrides, e) if m not in e.errors]
+        if more:
+            raise ConfigError(e.source, [*e.errors, *more]) from None
+        raise
     build_pipeline(recipe, run_id="check", store_root="/check", source=str(path))
     return recipe
+
+
+def _step_errors_despite(path: str | Path, overrides: Sequence[str],
+                         error: ConfigError) -> list[str]:
+    """The step-section errors of a recipe whose recipe-level fields are invalid: the fields
+    `error` names are left at their defaults, and the pipeline is built from the rest."""
+    import yaml
+
+    from mmjobs.recipe import resolve_recipe
+
+    broken = {m.split(":", 1)[0].split(".", 1)[0].split("[", 1)[0] for m in error.errors}
+    broken.discard("stages")  # the step sections are what this checks
+    try:
+        data = yaml.safe_load(resolve_recipe(path).read_text())
+    except (ConfigError, OSError, yaml.YAMLError):
+        return []
+    if not isinstance(data, dict) or "recipe" in broken or "pipeline" in broken:
+        return []
+    kept = {k: v for k, v in data.items() if k not in broken}
+    usable = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] not in broken]
+    try:
+        recipe = load_config(RecipeConfig, kept, usable, source=str(path))
+        build_pipeline(recipe, run_id="check", store_root="/check", source=str(path))
+    except ConfigError as e:
+        return e.errors
+    return []
 
 
 def default_run_id(recipe: RecipeConfig) -> str:
@@ -160,6 +194,16 @@ class RunOutcome:
     headlines: dict[str, tuple[str | None, float | None]] = field(default_factory=dict)
     stages_cached: dict[str, bool] = field(default_factory=dict)
     report: str | None = None
+    log: str | None = None  # every line the steps printed (the console shows a summary)
+
+
+def _keep_log(log_file: Any, uri: str) -> None:
+    """Copy the run's full log into the store beside its outputs (a warning if it cannot)."""
+    try:
+        log_file.seek(0)
+        storage.write_text(uri, log_file.read())
+    except (OSError, storage.StoreError) as e:
+        log.warning("could not keep the run's full log at %s: %s", uri, e)
 
 
 def run_dir(path: str | Path, overrides: Sequence[str] = (), run_id: str | None = None) -> str:
@@ -209,21 +253,24 @@ def run_local(path: str | Path, overrides: Sequence[str] = (), *, run_id: str | 
                pipeline_root=str(settings.kfp_root()), raise_on_error=True)
     _fix_local_loop_inputs()
     status = "FAILED"
-    try:
-        with step_logs(verbose, build) as logs:
-            try:
-                pipeline()
-            except RuntimeError as e:
-                raise step_error(e, build, logs) from None
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        parent.end(status)
-        tracker.close(timeout=10)
+    full_log = storage.join(run_dir, "logs", f"{time.strftime('%Y%m%d-%H%M%S')}.log")
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as log_file:
+        try:
+            with step_logs(verbose, build, full_log=log_file) as logs:
+                try:
+                    pipeline()
+                except RuntimeError as e:
+                    raise step_error(e, build, logs, full_log) from None
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            parent.end(status)
+            tracker.close(timeout=10)
+            _keep_log(log_file, full_log)
     outcome = RunOutcome(run_id=run_id, run_dir=run_dir, mlflow_run_id=parent.run_id,
-                         seconds=time.monotonic() - started, results=None)
+                         seconds=time.monotonic() - started, results=None, log=full_log)
     _collect_results(build, outcome)
     outcome.stages_cached = _cached_stages(recipe.experiment or "default", parent.run_id)
     return outcome
@@ -244,6 +291,8 @@ def print_outcome(recipe_path: str | Path, outcome: RunOutcome) -> None:
     if outcome.report:
         print(f"  report    {outcome.report}")
     print(f"  store     {outcome.run_dir}")
+    if outcome.log:
+        print(f"  log       {outcome.log}")
     tracking = settings.tracking_uri()
     hint = "browse: mmjobs ui" if tracking.startswith("sqlite:") else f"open {tracking}"
     print(f"  MLflow    parent run {outcome.mlflow_run_id} ({tracking}; {hint})")
@@ -277,15 +326,58 @@ def _collect_results(build: Any, outcome: RunOutcome) -> None:
         outcome.headlines[label] = headline(summary)
         rows.setdefault(step.row or label, {})[summary.get("metric") or "judge"] = summary
     if summaries:
-        text = results_markdown(build.recipe.recipe, summaries, rows)
+        amounts = ({row: _data_amount(uri) for row, uri in build.row_data.items()}
+                   if build.row_data else None)
+        text = results_markdown(build.recipe.recipe, summaries, rows, data_amounts=amounts,
+                                submissions=_submissions(build))
         outcome.results = storage.join(outcome.run_dir, RESULTS_FILE)
         storage.write_text(outcome.results, text)
 
 
+def _data_amount(dataset: str | None) -> int | None:
+    """Accepted samples of a committed canonical dataset (its card), None without one."""
+    import json
+
+    from mmjobs.layout import DATASET_CARD
+
+    if dataset is None:
+        return None
+    try:
+        card = json.loads(storage.read_text(storage.join(dataset, DATASET_CARD)))
+        return int(card["counts"]["accepted"])
+    except (storage.StoreError, ValueError, KeyError, TypeError) as e:
+        log.warning("no data amount for %s: %s", dataset, e)
+        return None
+
+
+def _submissions(build: Any) -> list[dict[str, Any]]:
+    """The evaluation-server upload files the run's infer steps wrote (their infer.json)."""
+    import json
+
+    from mmjobs.layout import INFER_SUMMARY
+
+    found = []
+    for step in build.steps:
+        if step.stage != "infer" or not step.output:
+            continue
+        try:
+            summary = json.loads(storage.read_text(storage.join(step.output, INFER_SUMMARY)))
+        except (storage.StoreError, ValueError):
+            continue
+        if summary.get("submission"):
+            found.append({**summary["submission"], "step": step.name,
+                          "uri": storage.join(step.output, summary["submission"]["file"])})
+    return found
+
+
 def results_markdown(title: str, summaries: dict[str, dict[str, Any]],
-                     rows: dict[str, dict[str, dict[str, Any]]]) -> str:
+                     rows: dict[str, dict[str, dict[str, Any]]], *,
+                     data_amounts: dict[str, int | None] | None = None,
+                     submissions: Sequence[dict[str, Any]] = ()) -> str:
     """The run's evaluations as the seed tables: ChartMoE's @AP table for ChartQA, LaVIN's
-    NAT…Average table for ScienceQA, MLLM-DataEngine's Main Results across benchmarks."""
+    NAT…Average table for ScienceQA, MLLM-DataEngine's Main Results across benchmarks (with
+    `data_amounts`, its Incremental Dataset / Data Amount columns), and the evaluation-server
+    upload files (`submissions`, from the infer steps)."""
     from mmjobs.eval.report import ap_table, headline, results_table, scienceqa_table
 
     parts = [f"# {title}: results", ""]
@@ -293,12 +385,19 @@ def results_markdown(title: str, summaries: dict[str, dict[str, Any]],
     for label, summary in summaries.items():
         by_metric[summary.get("metric") or "judge"][label] = summary
     if len({m for r in rows.values() for m in r}) > 2:
-        parts += ["## Main results", "", results_table(rows), ""]
+        parts += ["## Main results", "", results_table(rows, data_amounts=data_amounts), ""]
     for metric, group in by_metric.items():
         if metric == "chartqa":
             parts += ["## ChartQA relaxed accuracy (@AP)", "", ap_table(group), ""]
         elif metric == "scienceqa":
             parts += ["## ScienceQA accuracy (%)", "", scienceqa_table(group), ""]
+    if submissions:
+        parts += ["## Evaluation-server uploads", "",
+                  "| step | file | questions | answered | unanswered |",
+                  "| --- | --- | --- | --- | --- |"]
+        parts += [f"| {u['step']} | {u['uri']} | {u['questions']} | {u['answered']} | "
+                  f"{u['unanswered']} |" for u in submissions]
+        parts.append("")
     parts += ["## Headline per evaluation", "", "| evaluation | metric | value |",
               "| --- | --- | --- |"]
     for label, summary in summaries.items():

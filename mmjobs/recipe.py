@@ -29,8 +29,8 @@ from mmjobs.config_base import StrictModel
 from mmjobs.config_cluster import ClusterConfig, ImagesConfig
 from mmjobs.train.methods import TrainDefaults
 
-__all__ = ["PlanConfig", "RecipeConfig", "conversation_format_defaults", "load_recipe",
-           "remote_code_defaults", "validate_main"]
+__all__ = ["PlanConfig", "RecipeConfig", "bundled_recipes", "conversation_format_defaults",
+           "load_recipe", "remote_code_defaults", "resolve_recipe", "validate_main"]
 
 # Recipe names end up in Kubernetes and KFP object names, which must be DNS-1123 labels.
 _KEBAB = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -144,8 +144,53 @@ class RecipeConfig(StrictModel):
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeConfig:
-    """Load and validate a recipe YAML file; raises `ConfigError` listing every problem."""
-    return load_config(RecipeConfig, path, overrides)
+    """Load and validate a recipe (a YAML file, or a bundled recipe's name); raises
+    `ConfigError` listing every problem."""
+    return load_config(RecipeConfig, resolve_recipe(path), overrides)
+
+
+def bundled_recipes() -> dict[str, Path]:
+    """The recipes shipped with the pipelines (``pipelines/recipes/*.yaml``) by name: those of
+    the working directory's checkout first, then the installed package's."""
+    found: dict[str, Path] = {}
+    folders = [Path("pipelines/recipes")]
+    try:
+        from importlib.resources import files
+
+        folders.append(Path(str(files("pipelines") / "recipes")))
+    except ModuleNotFoundError:  # an install without the pipelines package
+        pass
+    for folder in folders:
+        for file in sorted(folder.glob("*.yaml")) if folder.is_dir() else ():
+            found.setdefault(file.stem, file)
+    return found
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """The recipe file `path` names: an existing file, or a bundled recipe's name
+    (``chart-demo`` for ``pipelines/recipes/chart-demo.yaml``).
+
+    Raises:
+        ConfigError: neither; the message suggests the closest recipe names and files.
+    """
+    given = Path(path)
+    if given.is_file():
+        return given
+    bundled = bundled_recipes()
+    name = given.name.removesuffix(".yaml").removesuffix(".yml")
+    if given.suffix in ("", ".yaml", ".yml") and str(given.parent) == "." and name in bundled:
+        return bundled[name]
+    if given.is_dir():
+        raise ConfigError(str(path), ["is a directory; name a recipe file in it, e.g. "
+                                      f"{given / 'chart-demo.yaml'}"])
+    import difflib
+
+    siblings = [p.name for p in given.parent.glob("*.y*ml")] if given.parent.is_dir() else []
+    close = ([str(given.parent / f) for f in difflib.get_close_matches(given.name, siblings, n=3)]
+             or difflib.get_close_matches(name, list(bundled), n=3, cutoff=0.5))
+    hint = (f"did you mean {' or '.join(close)}?" if close else
+            f"bundled recipes: {', '.join(bundled) or 'none (pipelines/ is not installed)'}")
+    raise ConfigError(str(path), [f"no such recipe file or bundled recipe name; {hint}"])
 
 
 def validate_main(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> int:

@@ -77,6 +77,9 @@ class Build:
     # stage -> step -> the step's own section (with what the pipeline fixes), for the stages'
     # checks of the recipe-level sections (`Stage.recipe_check`)
     sections: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    # results-table row -> the committed dataset whose accepted samples are the row's "Data
+    # Amount" (None: "-"), for tables in the seed's layout (llava-dataengine's Main Results)
+    row_data: dict[str, str | None] = field(default_factory=dict)
     _tiny: Any = None
 
     # ---------------------------------------------------------------- step configs
@@ -148,7 +151,8 @@ class Build:
         Args:
             key, fixed: see `config()`.
             config: a config from `config()` (or a loop item's JSON); default: built here.
-            label: for evaluate steps, the label of the row in the run's results table.
+            label: for evaluate steps, the name of its entry in the run's results (default the
+                config's `label`).
             row: for evaluate steps, the model the row belongs to (multi-benchmark tables).
             each: inside a `dsl.ParallelFor`, the configs the loop runs (with `config` the
                 loop item's field): recorded one by one, labelled by their `_label` key.
@@ -172,8 +176,11 @@ class Build:
             task.set_caching_options(False)  # stages reuse committed outputs themselves
         for cfg in each or [config]:
             if isinstance(cfg, dict):
+                # An explicit `label` names the step's results entry even where the config's
+                # label (MLflow tag) names its table row instead (llava-dataengine).
                 self.steps.append(StepRecord(step, stage, task.name, cfg.get("output"),
-                                             cfg.get("label", label), cfg.get("metric"), row))
+                                             label if label is not None else cfg.get("label"),
+                                             cfg.get("metric"), row))
         return task
 
     def _multinode(self, stage: str, step: str, image: str) -> dict[str, Any]:
@@ -290,6 +297,9 @@ class Build:
         for spec in registry.stages():  # recipe-level settings no step takes, ...
             if spec.recipe_check:
                 self.errors += spec.recipe_check(self.recipe, self.sections.get(spec.name, {}))
+        if self.recipe.eval.baseline and len(self.row_data) < 2:
+            self.errors.append(f"eval.baseline: pipeline {pipeline} has no baseline row "
+                               "(llava-dataengine has); remove it")
         kinds = registry.names()
         for name in self.recipe.cluster.stages:
             if name not in self.allowed_steps and name not in kinds:

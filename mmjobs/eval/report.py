@@ -14,8 +14,8 @@ or score output): `metric`, `unit` and the metric's numbers, plus, from the eval
   `ap_table` (ChartMoE's @AP tables, Human / Augmented / Averaged by tolerance, one per
   setting such as w/o PoT / w/ PoT),
   `scienceqa_table` (LaVIN's NAT SOC LAN TXT IMG NO G1-6 G7-12 Average per run) and
-  `results_table` (MLLM-DataEngine's Main Results: SEED, MMBench, MME, GQA, SQA-IMG, VQAv2
-  per model).
+  `results_table` (MLLM-DataEngine's Main Results: SEED, MMBench, MME, GQA, VQAv2, ScienceQA
+  (accuracy/IMG) per model, optionally with the Incremental Dataset / Data Amount columns).
 """
 
 from __future__ import annotations
@@ -252,44 +252,67 @@ def scienceqa_table(summaries_by_run: Mapping[str, Summary],
     return _render(headers, rows, fmt)
 
 
-RESULTS_COLUMNS = (("SEED", "seedbench"), ("MMB", "mmbench"), ("MME", "mme"), ("GQA", "gqa"),
-                   ("SQA-IMG", "scienceqa"), ("VQAv2", "vqav2"))
+# The MLLM-DataEngine README's Main Results columns, in its order.
+RESULTS_COLUMNS = (("SEED", "seedbench"), ("MMBench", "mmbench"), ("MME", "mme"),
+                   ("GQA", "gqa"), ("VQAv2", "vqav2"), ("ScienceQA", "scienceqa"))
 
 
-def results_table(rows: Mapping[str, Mapping[str, Summary]],
-                  fmt: TableFormat = "markdown") -> str:
+def data_amount_text(samples: int | None) -> str:
+    """A Data Amount cell as the seed writes it: "220k" (thousands, rounded), "-" for none."""
+    if samples is None:
+        return "-"
+    return f"{round(samples / 1000)}k" if samples >= 1000 else str(samples)
+
+
+def results_table(rows: Mapping[str, Mapping[str, Summary]], fmt: TableFormat = "markdown", *,
+                  data_amounts: Mapping[str, int | None] | None = None) -> str:
     """MLLM-DataEngine's Main Results layout: one row per model, one column per benchmark.
 
     Args:
-        rows: model name -> {metric name -> summary} (seedbench, mmbench, mme, gqa, scienceqa,
-            vqav2; a missing benchmark shows "-").
+        rows: model name -> {metric name -> summary} (seedbench, mmbench, mme, gqa, vqav2,
+            scienceqa; a missing benchmark shows "-").
         fmt: "markdown": accuracies with 2 decimals, MME as "perception/cognition(total)"
-            rounded like the DataEngine README ("1511/303(1814)"), SQA-IMG = ScienceQA's IMG
-            category. "csv": the same numbers, MME split into MME-P, MME-C and MME columns.
+            rounded like the DataEngine README ("1511/303(1814)"), ScienceQA as the README's
+            two figures "accuracy/IMG accuracy" ("73.17/71.15": LLaVA's eval_science_qa.py
+            prints Accuracy and IMG-Accuracy). "csv": the same numbers, MME split into MME-P,
+            MME-C and MME columns, ScienceQA into ScienceQA and ScienceQA-IMG.
+        data_amounts: model -> samples added (None: "-"); given, the first columns are the
+            README's "Incremental Dataset" and "Data Amount" ("220k").
     """
     def acc(summaries: Mapping[str, Summary], metric: str) -> float | None:
         s = summaries.get(metric)
-        if s is None:
-            return None
-        return s["accuracy"].get("IMG") if metric == "scienceqa" else s.get("accuracy")
+        return None if s is None else s.get("accuracy")
 
     table: list[list[str]] = []
     for model, summaries in rows.items():
-        mme = summaries.get("mme")
+        mme, sqa = summaries.get("mme"), summaries.get("scienceqa")
         cells = [model]
+        if data_amounts is not None:
+            cells.append(data_amount_text(data_amounts.get(model)))
         for _, metric in RESULTS_COLUMNS:
-            if metric != "mme":
-                cells.append(_num(acc(summaries, metric), 2))
-            elif fmt == "csv":
+            if metric == "mme" and fmt == "csv":
                 cells += [_num(mme and mme["perception"], 2), _num(mme and mme["cognition"], 2),
                           _num(mme and mme["total"], 2)]
-            else:
+            elif metric == "mme":
                 cells.append("-" if mme is None else f"{mme['perception']:.0f}/"
                              f"{mme['cognition']:.0f}({mme['total']:.0f})")
+            elif metric == "scienceqa" and fmt == "csv":
+                cells += [_num(sqa and sqa["accuracy"].get("Avg"), 2),
+                          _num(sqa and sqa["accuracy"].get("IMG"), 2)]
+            elif metric == "scienceqa":
+                cells.append("-" if sqa is None else f"{_num(sqa['accuracy'].get('Avg'), 2)}/"
+                             f"{_num(sqa['accuracy'].get('IMG'), 2)}")
+            else:
+                cells.append(_num(acc(summaries, metric), 2))
         table.append(cells)
-    headers = ["Model"]
+    headers = ["Model"] if data_amounts is None else ["Incremental Dataset", "Data Amount"]
     for label, metric in RESULTS_COLUMNS:
-        headers += ["MME-P", "MME-C", "MME"] if metric == "mme" and fmt == "csv" else [label]
+        if fmt == "csv" and metric == "mme":
+            headers += ["MME-P", "MME-C", "MME"]
+        elif fmt == "csv" and metric == "scienceqa":
+            headers += ["ScienceQA", "ScienceQA-IMG"]
+        else:
+            headers.append(label)
     return _render(headers, table, fmt)
 
 

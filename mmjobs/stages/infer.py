@@ -10,7 +10,10 @@ committed output holds `predictions.jsonl` (one row per prompt, in source order:
 `prompt`, `prediction`, then `answers`/`gt` and the prompt's fields, which `mmjobs score`
 reads) and `infer.json` (counts, seconds, tokens/s). `modalities: [text, image]` lets answers
 of image-token models (Chameleon) contain images, written as PNGs under `images/`
-(`mmjobs.eval.interleaved`). Resumable: answered rows survive a kill or SIGTERM, and a restart
+(`mmjobs.eval.interleaved`). `submission: true` (benchmarks vqav2, mmbench, seedbench) also
+writes the evaluation server's upload file under `submission/` (`mmjobs.eval.submission`: every
+question of the benchmark's files, "" or an empty cell where unanswered; its counts go into
+infer.json). Resumable: answered rows survive a kill or SIGTERM, and a restart
 with the same row-shaping settings answers only the other ids (`mmjobs.eval.predictions`).
 """
 
@@ -25,6 +28,7 @@ from pydantic import Field, model_validator
 
 from mmjobs import signals, storage
 from mmjobs.data.conversation import FORMAT_HELP, ConversationFormatName
+from mmjobs.eval.endpoint import AgreementError, EndpointConfig, EndpointError
 from mmjobs.layout import INFER_SUMMARY, PREDICTIONS_FILE
 from mmjobs.logs import get_logger
 from mmjobs.recipe import RecipeConfig, conversation_format_defaults, remote_code_defaults
@@ -41,6 +45,7 @@ from mmjobs.stage_contract import (
 )
 
 NAME = "infer"
+SUBMITTABLE = ("vqav2", "mmbench", "seedbench")  # mmjobs.eval.submission.WRITERS
 # Bump when rows or the output layout change: invalidates cached and partial outputs.
 # 2: conversation formats (content-part templates no longer repeat the "\n" after an image).
 VERSION = 2
@@ -51,7 +56,8 @@ _WINDOW_BATCHES = 8
 # Fields that change no row: where output goes, how it is tracked, how fast it is made (model,
 # adapter and dataset enter by content; limit and split pick rows only).
 _NOT_IN_ROWS = RUN_FIELDS | {"model", "adapter", "dataset", "batch_size", "upload_every_seconds",
-                             "limit", "split"}
+                             "limit", "split", "submission"}
+SUBMISSION_DIR = "submission"
 
 
 class InferConfig(StageConfig):
@@ -103,14 +109,27 @@ class InferConfig(StageConfig):
         "next to the predictions (see mmjobs.eval.interleaved).")
     max_output_images: int = Field(1, ge=1, description="modalities with image: images one "
                                    "answer may contain.")
+    endpoint: EndpointConfig | None = Field(None, description="Answer through this "
+                                            "OpenAI-compatible server (vLLM, SGLang, TGI, "
+                                            "mmjobs serve) instead of in-process; `model` and "
+                                            "`adapter` still name what it serves (they key the "
+                                            "output, and the agreement check loads them).")
     vq_decoder: str | None = Field(None, description="modalities with image: where the VQ "
                                    "image decoder weights are (model dir or .safetensors file); "
                                    "default the model. Set it to the base model for fully "
                                    "fine-tuned or merged models, which are saved without it.")
 
+    submission: bool = Field(False, description="Also write the evaluation server's upload file "
+                             "(vqav2 test splits: EvalAI JSON; mmbench: xlsx; seedbench: JSONL) "
+                             "under submission/, as LLaVA-1.5's convert_*_for_submission.py do.")
+
     @model_validator(mode="after")
     def _check_source(self) -> InferConfig:
         problems = []
+        if self.submission and self.benchmark not in SUBMITTABLE:
+            problems.append(f"submission applies to the benchmarks {', '.join(SUBMITTABLE)} "
+                            f"(evaluation-server formats), not {self.benchmark or 'a dataset'}; "
+                            "set submission=false")
         if (self.dataset is None) == (self.benchmark is None):
             problems.append("give exactly one of `dataset` (a canonical dataset URI) and "
                             "`benchmark` (a benchmark name)")
@@ -126,6 +145,10 @@ class InferConfig(StageConfig):
         if "text" not in self.modalities or len(set(self.modalities)) != len(self.modalities):
             problems.append(f"modalities {self.modalities}: list text, and image for answers "
                             "that may contain images, each once")
+        if self.endpoint is not None and (self.interleaved or self.num_beams > 1
+                                          or self.top_k):
+            problems.append("endpoint: servers answer text with greedy or top-p sampling; "
+                            "remove modalities image / num_beams / top_k, or the endpoint")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -158,7 +181,10 @@ def main(cfg: InferConfig) -> InferResult:
     from mmjobs.eval.prompts import iter_items
 
     row_fp = _rows_fingerprint(cfg)
-    fp = fingerprint(NAME, row_fp, cfg.limit, cfg.split)
+    # The upload file is an output of its own: fingerprinted only when asked for, so other
+    # infer outputs keep their fingerprints.
+    fp = fingerprint(NAME, row_fp, cfg.limit, cfg.split, *(["submission"] if cfg.submission
+                                                           else []))
     source = cfg.dataset or f"benchmark {cfg.benchmark} at {cfg.benchmark_root}"
 
     def infer(stage: StageRun) -> dict[str, Any]:
@@ -177,12 +203,17 @@ def main(cfg: InferConfig) -> InferResult:
         partial.close(upload=False)
         summary = {**run_summary(order, stats, time.monotonic() - start), "model": cfg.model,
                    "adapter": cfg.adapter, "source": source}
+        if cfg.endpoint is not None:
+            summary["endpoint"] = {"url": cfg.endpoint.url,
+                                   "agreement": _agreement(cfg, rows, order)}
         with stage.commit({"stage": NAME, "rows": len(order)}) as scratch:
             # Interleaved answers: the PNGs written next to the rows go into the commit.
             images = write_predictions(scratch, rows, order,
                                        images_from=stage.out if cfg.interleaved else None)
             if images is not None:
                 summary["output_images"] = images
+            if cfg.submission:
+                summary["submission"] = _submission(cfg, rows, scratch)
             (scratch / INFER_SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
             stage.run.log_artifact(scratch / INFER_SUMMARY)
         partial.discard()  # after the commit: a crash before it still has the rows
@@ -200,8 +231,53 @@ def main(cfg: InferConfig) -> InferResult:
                      tags={"source": source}, uncommit_first=True)
 
 
+def _agreement(cfg: InferConfig, rows: dict[str, dict[str, Any]],
+               order: list[str]) -> dict[str, Any] | None:
+    """The endpoint's answers against the in-process model's on the first
+    `endpoint.agreement_sample` prompts; raises `AgreementError` beyond the tolerance."""
+    import itertools
+
+    from mmjobs.eval.endpoint import check_agreement
+    from mmjobs.eval.generate import PromptInput, load_image
+    from mmjobs.eval.prompts import iter_items
+
+    assert cfg.endpoint is not None
+    if not cfg.endpoint.agreement_sample:
+        return None
+    items = list(itertools.islice(iter_items(cfg), cfg.endpoint.agreement_sample))
+    local = _generator(cfg.model_copy(update={"endpoint": None})).generate(
+        [PromptInput(i.prompt, [load_image(u) for u in i.images]) for i in items])
+    report = check_agreement([i.id for i in items], [rows[i.id]["prediction"] for i in items],
+                             local, cfg.endpoint.agreement_tolerance)
+    log.info("%s: the endpoint agrees with the in-process model on %d of %d sampled rows",
+             NAME, report["sample"] - report["differ"], report["sample"])
+    return report
+
+
+def _submission(cfg: InferConfig, rows: dict[str, dict[str, Any]], scratch: Any) -> dict[str, Any]:
+    """The server upload file under submission/ (see mmjobs.eval.submission); its summary."""
+    from mmjobs.eval.submission import write_submission
+
+    # benchmark and benchmark_root are set: the config refuses submission without them.
+    summary = write_submission(str(cfg.benchmark), str(cfg.benchmark_root),
+                               cfg.benchmark_options, rows, scratch / SUBMISSION_DIR)
+    summary["file"] = f"{SUBMISSION_DIR}/{summary['file']}"
+    log.info("%s: %s for the %s server: %d questions, %d answered, %d unanswered", NAME,
+             summary["file"], cfg.benchmark, summary["questions"], summary["answered"],
+             summary["unanswered"])
+    return summary
+
+
 def _generator(cfg: InferConfig) -> Any:
     from mmjobs.eval.generate import Generator, load_for_inference
+
+    if cfg.endpoint is not None:
+        from mmjobs.eval.endpoint import EndpointGenerator
+
+        return EndpointGenerator(cfg.endpoint, batch_size=cfg.batch_size,
+                                 max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+                                 temperature=cfg.temperature, top_p=cfg.top_p,
+                                 stop_strings=cfg.stop_strings, seed=cfg.seed)
 
     loaded = load_for_inference(cfg.model, cfg.adapter, trust_remote_code=cfg.trust_remote_code,
                                 dtype=cfg.dtype, conversation_format=cfg.conversation_format)
@@ -230,7 +306,12 @@ def _rows_fingerprint(cfg: InferConfig) -> str:
     if cfg.interleaved and cfg.vq_decoder:
         decoder = [input_fingerprint(cfg.vq_decoder) if cfg.vq_decoder.endswith(".safetensors")
                    else model_fingerprint(cfg.vq_decoder)]
-    return fingerprint(NAME, VERSION, cfg.model_dump(exclude=_NOT_IN_ROWS | image),
+    settings = cfg.model_dump(exclude=_NOT_IN_ROWS | image)
+    if cfg.endpoint is None:
+        settings.pop("endpoint")  # in-process runs hash as before the endpoint existed
+    else:  # which server answers shapes rows; how hard the client pushes it does not
+        settings["endpoint"] = {k: settings["endpoint"][k] for k in ("url", "model")}
+    return fingerprint(NAME, VERSION, settings,
                        model_fingerprint(cfg.model), adapter, dataset, *decoder)
 
 
@@ -250,7 +331,7 @@ def recipe_defaults(recipe: RecipeConfig, step: str) -> dict[str, Any]:
 
 # An empty `dataset` or `adapter` is not wired: the config decides.
 STAGE = Stage(name=NAME, config=InferConfig, result=InferResult, main=main, image="eval",
-              gpu=True, resumable=True,
+              gpu=True, resumable=True, errors=(EndpointError, AgreementError),
               inputs=(Input("model"), Input("dataset", default=""), Input("adapter", default="")),
               recipe_defaults=recipe_defaults)
 

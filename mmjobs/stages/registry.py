@@ -13,10 +13,14 @@ checks (`check_imports`).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import keyword
+import os
 import pkgutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,6 +90,34 @@ def check_imports(image: str) -> list[str]:
 # --------------------------------------------------------------------------- KFP
 
 
+def _user_errors_end_the_step(body: Callable[..., str]) -> Callable[..., str]:
+    """A stage's user errors (invalid config, its declared `errors` / `usage_errors`, such as
+    too many rejected rows) end the step with one line on stderr and exit status 1 or 2, as
+    `mmjobs stage` does, instead of KFP's executor printing a traceback; `MMJOBS_DEBUG=1`
+    (`mmjobs --debug ...`) keeps the traceback."""
+
+    @functools.wraps(body)
+    def run(name: str, config_json: str, **inputs: Any) -> str:
+        from pydantic import ValidationError
+
+        from mmjobs.config import ConfigError
+
+        stage = get(name)
+        try:
+            return body(name, config_json, **inputs)
+        except (ConfigError, ValidationError, *stage.usage_errors, *stage.errors) as e:
+            if os.environ.get("MMJOBS_DEBUG"):
+                raise
+            usage = isinstance(e, (ConfigError, ValidationError, *stage.usage_errors))
+            message = str(e).removeprefix(f"{name}: ")
+            print(f"mmjobs {name}: {message}\n(run with --debug, or MMJOBS_DEBUG=1, for the "
+                  "traceback)", file=sys.stderr, flush=True)
+            raise SystemExit(2 if usage else 1) from None
+
+    return run
+
+
+@_user_errors_end_the_step
 def run_component(name: str, config_json: str, **inputs: Any) -> str:
     """The body of every stage's KFP component (see `pipelines/components.py`).
 

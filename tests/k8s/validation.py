@@ -4,6 +4,8 @@
   in strict mode (unknown fields are errors, as with kubectl's server-side strict validation).
 - TrainJob (trainer.kubeflow.org/v1alpha1) and PyTorchJob (kubeflow.org/v1): the vendored
   JSON Schemas in tests/k8s/schemas/ (see generate_crd_schemas.py there for their source);
+  ServiceMonitor (monitoring.coreos.com/v1) and HTTPRoute (gateway.networking.k8s.io/v1):
+  schemas written by hand there from the API references, closed like the others;
   the Kubernetes types inside them (pod templates, tolerations, env, ...) resolve to the same
   official definitions of the version under test.
 - The `providers` block of KFP's kfp-launcher ConfigMap:
@@ -31,6 +33,10 @@ K8S_DEFS_ID = "https://kubernetes.io/api/_definitions.json"
 CUSTOM_SCHEMAS = {
     ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainjob.trainer.kubeflow.org.v1alpha1.json",
     ("kubeflow.org/v1", "PyTorchJob"): "pytorchjob.kubeflow.org.v1.json",
+    # Written by hand from the API references (see their $comment): no Python package carries
+    # these CRDs' models.
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor.monitoring.coreos.com.v1.json",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproute.gateway.networking.k8s.io.v1.json",
 }
 
 

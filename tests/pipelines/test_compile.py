@@ -328,3 +328,33 @@ def test_a_conversion_must_say_where_its_model_goes() -> None:
             "conversions.more={source: s3://a/b, kind: pickle, to: s3://a/c}"])
     assert any(err.startswith("conversions.base.to: required") for err in e.value.errors)
     assert any(err.startswith("conversions.more.kind: got 'pickle'") for err in e.value.errors)
+
+
+def test_llava_dataengine_has_the_seeds_settings_baseline_and_upload_steps(
+        tmp_path: Path) -> None:
+    """finetune_lora_dataengine.sh's optimizer, the baseline row's own training, LLaVA's MME
+    prompt, and VQAv2 test-dev as an upload only (no public answers to evaluate against)."""
+    out = tmp_path / "p.yaml"
+    pipeline_runner.compile_recipe("pipelines/recipes/llava-dataengine.yaml", out)
+    spec = next(yaml.safe_load_all(out.read_text()))
+    configs = {t["taskInfo"]["name"]: json.loads(
+        t["inputs"]["parameters"]["config_json"]["runtimeValue"]["constant"])
+        for t in spec["root"]["dag"]["tasks"].values()}
+    for sft in ("sft", "sft-baseline"):
+        train = configs[sft]["train"]
+        assert train["lr"] == 1e-4 and train["deepspeed"] == "zero3"
+        assert train["param_groups"] == [{"match": "multi_modal_projector", "lr": 2e-5}]
+        assert (train["lora"]["r"], train["lora"]["alpha"]) == (128, 256)
+        assert train["group_by_modality"] is True
+    assert {"merge-baseline", "evaluate-mme-baseline", "infer-vqav2-baseline"} <= set(configs)
+    assert "evaluate-vqav2" not in configs and "evaluate-vqav2-baseline" not in configs
+    vqav2 = configs["infer-vqav2"]
+    assert vqav2["benchmark_options"] == {"split": "test-dev2015"} and vqav2["submission"]
+    assert configs["infer-mmbench"]["submission"] and configs["infer-seedbench"]["submission"]
+    assert configs["infer-mme-baseline"]["benchmark_options"] == {"question_style": "llava"}
+    assert configs["evaluate-gqa"]["label"] == "MLLM-DataEngine"
+    assert configs["evaluate-gqa-baseline"]["label"] == "None (baseline)"
+    with pytest.raises(ConfigError) as e:
+        pipeline_runner.load("pipelines/recipes/chartwiz.yaml", ["eval.baseline=true"])
+    assert any(err.startswith("eval.baseline: pipeline chartwiz has no baseline row")
+               for err in e.value.errors)

@@ -88,14 +88,20 @@ def demo_run(tmp_path_factory, mlflow_db_template) -> ReplicaRun:
 # --------------------------------------------------------------------------- llava-dataengine
 
 
+DATAENGINE_SCORED = ("seedbench", "mmbench", "scienceqa")  # vqav2 test-dev: EvalAI only
+DATAENGINE_ROWS = ("", "-baseline")  # MLLM-DataEngine, None (baseline)
+
+
 def test_dataengine_composes_its_base_from_the_published_parts(
         dataengine_run: ReplicaRun) -> None:
     run = dataengine_run
-    steps = {"prepare-llava", "prepare-dataengine", "mix", "sft", "merge",
-             *(f"{kind}-{b}" for kind in ("infer", "evaluate") for b in ("mme", "gqa",
-                                                                          "scienceqa"))}
-    # + 3 imports, the conversion, pretokenize and the report
-    assert_steps_committed(run, steps, stage_count=len(steps) + 6)
+    steps = {"prepare-llava", "prepare-dataengine", "mix",
+             *(f"{step}{row}" for step in ("sft", "merge") for row in DATAENGINE_ROWS),
+             *(f"infer-{b}{row}" for b in (*DATAENGINE_SCORED, "vqav2")
+               for row in DATAENGINE_ROWS),
+             *(f"evaluate-{b}{row}" for b in DATAENGINE_SCORED for row in DATAENGINE_ROWS)}
+    # + 3 imports, the conversion, two pretokenize steps and the report
+    assert_steps_committed(run, steps, stage_count=len(steps) + 7)
     hub = run.home.parent / "data" / "models"
     for name in fixtures.LLAVA_PARTS:
         assert storage.is_committed(str(hub / "hub" / name))
@@ -107,6 +113,24 @@ def test_dataengine_composes_its_base_from_the_published_parts(
     assert config["vision_config"]["image_size"] == 336
     assert not list(composed.glob("*.bin"))  # safetensors only
     assert list(composed.glob("*.safetensors"))
+    _assert_pads_like_expand2square(composed)
+
+
+def _assert_pads_like_expand2square(model_dir: Path) -> None:
+    """image_aspect_ratio pad: a wide image is centred on a square of LLaVA's expand2square
+    colour, int(image_mean * 255) = (122, 116, 104), before resize and crop."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    pixels = processor(Image.new("RGB", (336, 112), (255, 255, 255)),
+                       return_tensors="pt")["pixel_values"][0]
+    mean, std = processor.image_mean, processor.image_std
+    for channel, expected in enumerate((122, 116, 104)):
+        top = float(pixels[channel, 0, 168]) * std[channel] + mean[channel]  # padded band
+        middle = float(pixels[channel, 168, 168]) * std[channel] + mean[channel]  # the image
+        assert abs(top * 255 - expected) < 0.5, (channel, top * 255)
+        assert abs(middle - 1.0) < 1e-3
 
 
 def test_dataengine_labels_are_vicuna_v1_answers(dataengine_run: ReplicaRun) -> None:
@@ -131,19 +155,64 @@ def test_dataengine_labels_are_vicuna_v1_answers(dataengine_run: ReplicaRun) -> 
     assert labels["l1"].strip() == "It is red.</s>"
 
 
-def test_dataengine_trains_and_reports_three_benchmarks(dataengine_run: ReplicaRun) -> None:
+def test_dataengine_reports_the_seed_table_with_its_baseline_row(
+        dataengine_run: ReplicaRun) -> None:
     run = dataengine_run
-    assert_trained(run, train_steps=1)
-    assert set(run.outcome.headlines) == {"mme", "gqa", "scienceqa"}
+    assert_trained(run, train_steps=2)  # sft and sft-baseline
+    assert set(run.outcome.headlines) == {f"{b}{row}" for b in DATAENGINE_SCORED
+                                          for row in DATAENGINE_ROWS}
     assert all(value is not None for _, value in run.outcome.headlines.values())
+    for benchmark in DATAENGINE_SCORED:
+        for row, name in zip(DATAENGINE_ROWS, ("MLLM-DataEngine", "None (baseline)"),
+                             strict=True):
+            summary = evaluation(run, f"evaluate-{benchmark}{row}")
+            assert summary["metric"] == benchmark and summary["label"] == name
+            predictions = rows(run.run_dir / f"infer-{benchmark}{row}" / "predictions.jsonl")
+            assert predictions and all("prediction" in p for p in predictions)
     results = storage.read_text(run.outcome.results)
-    assert "## Main results" in results and "LLaVA-1.5-7B + MLLM-DataEngine" in results
-    for benchmark in ("mme", "gqa", "scienceqa"):
-        summary = evaluation(run, f"evaluate-{benchmark}")
-        assert summary["metric"] == benchmark and summary["label"] == benchmark
-        predictions = rows(run.run_dir / f"infer-{benchmark}" / "predictions.jsonl")
-        assert predictions and all("prediction" in p for p in predictions)
+    table = results[results.index("## Main results"):].split("\n\n")[1].splitlines()
+    assert [c.strip() for c in table[0].split("|")[1:-1]] == [
+        "Incremental Dataset", "Data Amount", "SEED", "MMBench", "MME", "GQA", "VQAv2",
+        "ScienceQA"]
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table[2:]]
+    # the seed's two rows; Data Amount = DataEngine samples prepared (3 here, 220k upstream)
+    assert [(r[0], r[1]) for r in cells] == [("None (baseline)", "-"), ("MLLM-DataEngine", "3")]
+    for row in cells:
+        assert row[2] != "-" and row[3] != "-"  # SEED, MMBench
+        assert row[4] == row[5] == "-"  # MME and GQA are not run here
+        assert row[6] == "-"  # VQAv2 test-dev: EvalAI scores the upload file
+        assert len(row[7].split("/")) == 2  # ScienceQA accuracy/IMG accuracy
     assert run.outcome.report and storage.exists(run.outcome.report)
+    assert "## Evaluation-server uploads" in results
+
+
+def test_dataengine_writes_the_servers_upload_files(dataengine_run: ReplicaRun) -> None:
+    """Each upload file, read back as its server reads it, for both rows."""
+    from openpyxl import load_workbook
+
+    run = dataengine_run
+    for row in DATAENGINE_ROWS:
+        upload = run.run_dir / f"infer-vqav2{row}" / "submission"
+        entries = json.loads((upload / "vqav2_test-dev2015_evalai.json").read_text())
+        # every test2015 question, in file order; the one outside test-dev unanswered
+        assert [e["question_id"] for e in entries] == [420, 421, 730, 99000]
+        assert all(isinstance(e["answer"], str) for e in entries) and entries[-1]["answer"] == ""
+        info = json.loads((run.run_dir / f"infer-vqav2{row}" / "infer.json").read_text())
+        assert info["submission"]["questions"] == 4 and info["submission"]["unanswered"] == 1
+        book = load_workbook(run.run_dir / f"infer-mmbench{row}" / "submission" /
+                             "mmbench_mmbench_dev_20230712.xlsx")
+        sheet = [list(r) for r in book["Sheet1"].iter_rows(values_only=True)]
+        assert sheet[0] == ["index", "question", "A", "B", "C", "D", "prediction", "answer",
+                            "split"]
+        assert [r[0] for r in sheet[1:]] == [0, 7, 1000000]
+        assert all(isinstance(r[6], str) for r in sheet[1:])  # every row was asked
+        seed = [json.loads(line) for line in (run.run_dir / f"infer-seedbench{row}" /
+                                              "submission" / "seedbench_upload.jsonl")
+                .read_text().splitlines()]
+        assert [s["question_id"] for s in seed] == ["101669", "v1738", "101700"]
+        assert seed[1]["prediction"] == ""  # a video question: not asked
+        info = json.loads((run.run_dir / f"infer-seedbench{row}" / "infer.json").read_text())
+        assert (info["submission"]["answered"], info["submission"]["unanswered"]) == (2, 1)
 
 
 # --------------------------------------------------------------------------- chartwiz

@@ -344,7 +344,11 @@ def test_empty_file_is_rejected(tmp_path: Path) -> None:
 
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "absent.yaml"
-    assert errors_of(path) == [f"{path}: cannot read file: No such file or directory"]
+    (error,) = errors_of(path)
+    # Neither a file nor a bundled recipe's name: the names are listed (tests/unit/test_console
+    # covers the did-you-mean suggestions).
+    assert error.startswith("no such recipe file or bundled recipe name; bundled recipes: ")
+    assert "chart-demo" in error
 
 
 # --- generic loader, dump, flatten ------------------------------------------------------------

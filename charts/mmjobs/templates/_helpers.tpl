@@ -160,23 +160,40 @@ app.kubernetes.io/component: {{ index . 1 }}
 
 {{/* ---------------------------------------------------------------- pod defaults */}}
 
-{{/* Pod-level settings shared by every pod: security context, image pull secrets, scheduling. */}}
+{{/*
+Pod-level settings shared by every pod: security context, image pull secrets, scheduling.
+usage: include "mmjobs.podDefaults" (list . .Values.mlflow) — the component's nodeSelector,
+tolerations and affinity, when set, replace the chart-wide ones ((list . dict) for none).
+*/}}
 {{- define "mmjobs.podDefaults" -}}
-serviceAccountName: {{ include "mmjobs.serviceAccountName" . }}
+{{- $root := index . 0 }}
+{{- $component := index . 1 }}
+serviceAccountName: {{ include "mmjobs.serviceAccountName" $root }}
 # None of the chart's own pods calls the Kubernetes API.
 automountServiceAccountToken: false
 securityContext:
-  {{- toYaml .Values.podSecurityContext | nindent 2 }}
-{{- with .Values.imagePullSecrets }}
+  {{- toYaml $root.Values.podSecurityContext | nindent 2 }}
+{{- with $root.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.nodeSelector }}
+{{- include "mmjobs.scheduling" (list $root $component) | trim | nindent 0 }}
+{{- end }}
+
+{{/* nodeSelector / tolerations / affinity of a component's pods, falling back to the chart-wide ones. */}}
+{{- define "mmjobs.scheduling" -}}
+{{- $root := index . 0 }}
+{{- $component := index . 1 }}
+{{- with (default $root.Values.nodeSelector $component.nodeSelector) }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.tolerations }}
+{{- with (default $root.Values.tolerations $component.tolerations) }}
 tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (default $root.Values.affinity $component.affinity) }}
+affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
@@ -235,5 +252,12 @@ reported in one failure, naming the key and the fix.
 {{- $hosts = append $hosts (printf "%s%s" $svc $suffix) }}
 {{- $hosts = append $hosts (printf "%s%s:*" $svc $suffix) }}
 {{- end }}
-{{- join "," (concat $hosts .Values.mlflow.allowedHosts) }}
+{{- /* Names users reach it by from outside: its Ingress hosts and HTTPRoute hostnames. */}}
+{{- if .Values.mlflow.ingress.enabled }}
+{{- $hosts = concat $hosts .Values.mlflow.ingress.hosts }}
+{{- end }}
+{{- if .Values.mlflow.httpRoute.enabled }}
+{{- $hosts = concat $hosts .Values.mlflow.httpRoute.hostnames }}
+{{- end }}
+{{- join "," (concat $hosts .Values.mlflow.allowedHosts | uniq) }}
 {{- end }}

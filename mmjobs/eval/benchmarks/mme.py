@@ -23,10 +23,13 @@ converted files name `<stem>.txt` in the first column: the stem is what counts).
 
 Items: id `"<task>/<image>/<0|1>"`, fields `task`, `image` (the image file name; the metric
 pairs an image's two questions by it) and `gt` (`yes`/`no`). The prompt is the question as
-written (it already ends with "Please answer yes or no."), plus `prompt_suffix` (default none;
-LLaVA-1.5's `llava_mme.jsonl` adds "\\nAnswer the question using a single word or phrase.").
+written (it already ends with "Please answer yes or no."), plus `prompt_suffix` (default none).
+`question_style: llava` gives LLaVA-1.5's prompt instead, as its `MME/llava_mme.jsonl` has it
+(the file `scripts/v1_5/eval/mme.sh` and DataEngine's `mme_lora.sh` run): the trailing
+"Please answer yes or no." dropped, then "\\nAnswer the question using a single word or phrase."
 
-Options: `tasks` (default all 14), `questions_dir`, `prompt_suffix`, `limit` (images per task).
+Options: `tasks` (default all 14), `questions_dir`, `prompt_suffix`, `question_style`, `limit`
+(images per task).
 """
 
 from __future__ import annotations
@@ -35,11 +38,13 @@ import posixpath
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mmjobs import storage
 from mmjobs.eval.benchmarks.base import (
+    SHORT_ANSWER_PROMPT,
     Benchmark,
     BenchmarkError,
     BenchmarkItem,
@@ -52,6 +57,7 @@ from mmjobs.eval.metrics.mme import COGNITION, PERCEPTION
 TASKS = (*PERCEPTION, *COGNITION)
 QA_DIR, IMAGE_DIR = "questions_answers_YN", "images"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+YES_NO_INSTRUCTION = "Please answer yes or no."
 LAYOUT = ("<task>/questions_answers_YN/<stem>.txt + <task>/images/<stem>.<jpg|png>, or "
           "<task>/<stem>.txt + <task>/<stem>.<jpg|png>, for the tasks " + ", ".join(TASKS))
 
@@ -66,6 +72,10 @@ class MMEOptions(BenchmarkOptions):
         None, description="Folder (or s3:// prefix) of eval_tool-style <task>.txt files "
         "(image, question, Yes/No per line) to read the questions from, e.g. "
         "eval_tool/Your_Results; images still come from root.")
+    question_style: Literal["official", "llava"] = Field(
+        "official", description="official: the question as written (ends with 'Please answer "
+        "yes or no.'); llava: LLaVA-1.5's llava_mme.jsonl text (that sentence dropped, "
+        "'\\nAnswer the question using a single word or phrase.' appended).")
 
     @field_validator("tasks")
     @classmethod
@@ -75,6 +85,21 @@ class MMEOptions(BenchmarkOptions):
             raise ValueError(f"unknown MME task(s) {', '.join(unknown)}; choose from "
                              f"{', '.join(TASKS)}")
         return value
+
+    @model_validator(mode="after")
+    def _one_suffix(self) -> MMEOptions:
+        if self.question_style == "llava" and self.prompt_suffix:
+            raise ValueError("question_style llava brings its own suffix (LLaVA's short-answer "
+                             "instruction); drop prompt_suffix")
+        return self
+
+    def prompt(self, question: str) -> str:
+        """The user turn for one MME question (one image)."""
+        if self.question_style == "llava":
+            question = question.removesuffix(YES_NO_INSTRUCTION).rstrip() + SHORT_ANSWER_PROMPT
+        else:
+            question += self.prompt_suffix
+        return with_image_tokens(question, 1)
 
 
 def load(root: str, opts: MMEOptions) -> Iterator[BenchmarkItem]:
@@ -129,7 +154,7 @@ def _eval_tool_stream(plans: dict[str, list[tuple[list[str], str | None]]],
             image_name = posixpath.basename(storage.parse(image).key)
             yield BenchmarkItem(
                 id=f"{task}/{image_name}/{k}",
-                prompt=with_image_tokens(question + opts.prompt_suffix, 1), images=[image],
+                prompt=opts.prompt(question), images=[image],
                 fields={"task": task, "image": image_name, "gt": gt.strip().lower()})
 
 
@@ -199,7 +224,7 @@ def _items(plans: dict[str, list[tuple[str, str, str]]],
                 for k, (question, gt) in enumerate(_questions(text, txt)):
                     yield BenchmarkItem(
                         id=f"{task}/{name}/{k}",
-                        prompt=with_image_tokens(question + opts.prompt_suffix, 1),
+                        prompt=opts.prompt(question),
                         images=[image], fields={"task": task, "image": name, "gt": gt})
 
 

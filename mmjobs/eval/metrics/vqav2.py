@@ -123,8 +123,10 @@ def _clean(text: str) -> str:
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
-def _lmms_answer_processor(text: str) -> str:
-    """lmms-eval `EvalAIAnswerProcessor.__call__`."""
+def evalai_answer_processor(text: str) -> str:
+    """`EvalAIAnswerProcessor.__call__` (mmf's, copied into lmms-eval and into LLaVA's
+    `llava/eval/m4c_evaluator.py`, which `scripts/convert_vqav2_for_submission.py` applies to
+    every answer it submits)."""
     text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
     text = _clean(text)
     return process_digit_article(process_punctuation(text, LMMS_COMMA_STRIP))
@@ -142,7 +144,7 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], variant: str = "offici
         pred = _normalise(_clean(prediction), variant)
         golds = [process_punctuation(a) if disagree else a for a in answers]
     else:
-        pred = _lmms_answer_processor(prediction) if variant == "lmms" else _clean(prediction)
+        pred = evalai_answer_processor(prediction) if variant == "lmms" else _clean(prediction)
         golds = [_clean(a) for a in answers]
         if disagree:
             golds = [_normalise(a, variant) for a in golds]

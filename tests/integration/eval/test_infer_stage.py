@@ -240,3 +240,26 @@ def test_s3_output_resumes_from_the_uploaded_partial(tiny_llava_dir, tmp_path, m
     storage.verify_dir(out)
     names = {o.relpath for o in storage.list_objects(out)}
     assert names == {"predictions.jsonl", "infer.json", storage.MANIFEST_NAME}
+
+
+def test_submission_writes_the_upload_file_into_the_commit(tiny_llava_dir, tmp_path):
+    """submission=true: VQAv2 test-dev answered, the EvalAI file over all of test2015 committed
+    with the predictions, its counts in infer.json; the same config reuses the output."""
+    from tests.unit.eval.test_benchmarks import make_vqav2_test
+
+    root = make_vqav2_test(tmp_path / "vqav2")
+    cfg = dict(model=str(tiny_llava_dir), benchmark="vqav2", benchmark_root=str(root),
+               benchmark_options={"split": "test-dev2015"}, output=str(tmp_path / "out"),
+               batch_size=2, max_new_tokens=3)
+    result = main(InferConfig(**cfg, submission=True))
+    info = json.loads((tmp_path / "out" / "infer.json").read_text())
+    assert info["submission"]["file"] == "submission/vqav2_test-dev2015_evalai.json"
+    assert (info["submission"]["questions"], info["submission"]["answered"]) == (4, 3)
+    upload = json.loads((tmp_path / "out" / info["submission"]["file"]).read_text())
+    assert [e["question_id"] for e in upload] == [420, 421, 730, 99000]
+    assert upload[-1]["answer"] == "" and len(read_rows(result.predictions)) == 3
+    manifest = storage.read_manifest(str(tmp_path / "out"))
+    assert "submission/vqav2_test-dev2015_evalai.json" in {f.path for f in manifest.files}
+    assert main(InferConfig(**cfg, submission=True)).cached  # the same output, reused
+    with pytest.raises(ValueError, match="submission applies to the benchmarks"):
+        InferConfig(**{**cfg, "benchmark": "gqa"}, submission=True)

@@ -163,6 +163,17 @@ def make_vqav2(root: Path, split: str = "val2014", shuffled: bool = False) -> Pa
     return root
 
 
+def make_vqav2_test(root: Path) -> Path:
+    """test-dev2015 (the questions asked) and test2015 (every question EvalAI wants an answer
+    for: test-dev's and one more)."""
+    make_vqav2(root, split="test-dev2015")
+    dev = json.loads((root / "v2_OpenEnded_mscoco_test-dev2015_questions.json").read_text())
+    extra = {"image_id": 99, "question": "Is it a test question only?", "question_id": 99000}
+    write(root / "v2_OpenEnded_mscoco_test2015_questions.json",
+          {**dev, "data_subtype": "test2015", "questions": [*dev["questions"], extra]})
+    return root
+
+
 def make_seedbench(root: Path) -> Path:
     write(root / "SEED-Bench.json", {"questions": [
         {"answer": "A", "choice_a": "One", "choice_b": "Two", "choice_c": "Three",

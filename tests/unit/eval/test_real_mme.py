@@ -219,3 +219,24 @@ def test_score_command_reads_answer_files(capsys):
     with pytest.raises(SystemExit):
         score_main(["--metric", "mme", "--predictions", "x.jsonl", "--ground-truth", "gt"])
     assert "--ground-truth goes with --format" in capsys.readouterr().err
+
+
+def test_llava_question_style_is_llava_mme_jsonl_byte_for_byte(tmp_path):
+    """`question_style: llava` on the official question lists gives LLaVA's llava_mme.jsonl
+    text for every question the two real excerpts share (the recipe's MME prompt)."""
+    official = sorted((TOOL / "Your_Results").glob("*.txt"))
+    root = mme_root(tmp_path, official)
+    items = list(load_benchmark("mme", root, questions_dir=str(TOOL / "Your_Results"),
+                                question_style="llava"))
+    prompts = {(i.fields["task"], i.fields["image"]): set() for i in items}
+    for item in items:
+        prompts[(item.fields["task"], item.fields["image"])].add(item.prompt)
+    rows = [json.loads(line) for line in
+            (LLAVA / "llava_mme.jsonl").read_text(encoding="utf-8").splitlines()]
+    shared = [r for r in rows if (r["category"], Path(r["image"]).name) in prompts]
+    assert len(shared) >= 30  # the excerpts overlap on 36 questions
+    for row in shared:
+        assert "<image>\n" + row["text"] in prompts[(row["category"], Path(row["image"]).name)]
+    assert all(not i.prompt.count("Please answer yes or no.") for i in items)
+    with pytest.raises(ValueError, match="drop prompt_suffix"):
+        load_benchmark("mme", root, question_style="llava", prompt_suffix="\nAnswer briefly.")

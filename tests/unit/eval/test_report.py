@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from mmjobs.eval.report import (
     ap_table,
     category_bar_chart,
+    data_amount_text,
     headline,
     metric_key,
     results_table,
@@ -106,16 +107,23 @@ def test_results_table_dataengine_layout_markdown_and_csv() -> None:
     rows = {"None(baseline)": {"seedbench": {"metric": "seedbench", "accuracy": 66.04},
                                "gqa": {"metric": "gqa", "accuracy": 57.27}},
             "MLLM-DataEngine": dataengine}
+    # The README's column order; ScienceQA as its two figures, accuracy/IMG accuracy
     assert results_table(rows) == "\n".join([
-        "| Model           |  SEED |   MMB |            MME |   GQA | SQA-IMG | VQAv2 |",
-        "|:----------------|------:|------:|---------------:|------:|--------:|------:|",
-        "| None(baseline)  | 66.04 |     - |              - | 57.27 |       - |     - |",
-        "| MLLM-DataEngine | 68.57 | 67.18 | 1511/303(1814) | 58.02 |   71.15 | 78.18 |",
+        "| Model           |  SEED | MMBench |            MME |   GQA | VQAv2 |   ScienceQA |",
+        "|:----------------|------:|--------:|---------------:|------:|------:|------------:|",
+        "| None(baseline)  | 66.04 |       - |              - | 57.27 |     - |           - |",
+        "| MLLM-DataEngine | 68.57 |   67.18 | 1511/303(1814) | 58.02 | 78.18 | 73.17/71.15 |",
     ])
     assert results_table(rows, fmt="csv") == (
-        "Model,SEED,MMB,MME-P,MME-C,MME,GQA,SQA-IMG,VQAv2\n"
-        "None(baseline),66.04,-,-,-,-,57.27,-,-\n"
-        "MLLM-DataEngine,68.57,67.18,1511.40,302.90,1814.30,58.02,71.15,78.18\n")
+        "Model,SEED,MMBench,MME-P,MME-C,MME,GQA,VQAv2,ScienceQA,ScienceQA-IMG\n"
+        "None(baseline),66.04,-,-,-,-,57.27,-,-,-\n"
+        "MLLM-DataEngine,68.57,67.18,1511.40,302.90,1814.30,58.02,78.18,73.17,71.15\n")
+    # With the data amounts: the README's Incremental Dataset and Data Amount columns
+    seed = results_table(rows, data_amounts={"None(baseline)": None,
+                                             "MLLM-DataEngine": 220_113})
+    assert seed.splitlines()[0].startswith("| Incremental Dataset | Data Amount |  SEED |")
+    assert [line.split("|")[2].strip() for line in seed.splitlines()[2:]] == ["-", "220k"]
+    assert data_amount_text(3) == "3" and data_amount_text(None) == "-"
 
 
 def test_summary_metrics_names() -> None:

@@ -122,10 +122,10 @@ def test_main_results_one_row_per_model_newest_run_wins() -> None:
     table, skipped = main_results_table(runset, runset.evaluations())
     assert table is not None
     assert table.markdown.splitlines()[2:] == [
-        "| baseline        |    - | 66.66 | 1475/290(1765) |   - |       - |     - |",
-        "| MLLM-DataEngine |    - | 67.18 | 1511/303(1814) |   - |   86.37 |     - |",
+        "| baseline        |    - |   66.66 | 1475/290(1765) |   - |     - |           - |",
+        "| MLLM-DataEngine |    - |   67.18 | 1511/303(1814) |   - |     - | 88.82/86.37 |",
     ]
-    assert table.csv.splitlines()[1] == "baseline,-,66.66,1475.00,290.00,1765.00,-,-,-"
+    assert table.csv.splitlines()[1] == "baseline,-,66.66,1475.00,290.00,1765.00,-,-,-,-"
     assert [(s.run_id, "superseded" in s.reason) for s in skipped] == [("old", True)]
     only_one, _ = main_results_table(runset, {"mme": runs[2:3]})
     assert only_one is None

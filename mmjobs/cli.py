@@ -10,7 +10,6 @@ import argparse
 import os
 import re
 import sys
-import textwrap
 from collections.abc import Callable, Sequence
 
 from mmjobs import __version__
@@ -407,30 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(p)
     p.set_defaults(func=cmd_import)
 
-    from mmjobs.serve.limits import limits_help  # dataclasses only: cheap to import
+    from mmjobs.cli_serve import add_serve_commands
 
-    p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible API with a "
-                                     "chat page (stage serve; Ctrl-C stops it)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description=textwrap.fill(
-                           "Serve MODEL_URI (merged, or base + --adapter): POST "
-                           "/v1/chat/completions, GET /v1/models, the chat page at /, "
-                           "/healthz, /readyz, /metrics. More settings: --set, e.g. "
-                           "--set max_batch_size=16 --set allow_image_urls=true.", 79),
-                       epilog=limits_help())
-    p.add_argument("model", metavar="MODEL_URI", help="model dir, s3:// committed dir or hub id")
-    p.add_argument("--adapter", metavar="URI", help="LoRA adapter, or a training output "
-                   "holding final/adapter")
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="TCP port (default 8000)")
-    p.add_argument("--api-key-env", dest="api_key_env", metavar="NAME",
-                   help="environment variable holding the API key clients must send as a "
-                        "Bearer token (default: no auth)")
-    p.add_argument("--config", help="stage config YAML")
-    overrides(p)
-    p.set_defaults(func=_stage_with_flags("serve", {
-        "model": "model", "adapter": "adapter", "host": "host", "port": "port",
-        "api_key_env": "key_env"}))
+    add_serve_commands(sub, overrides, _stage_with_flags, _recipe_errors)
 
     # Parsed by mmjobs.plan.report.main (main() hands it the raw arguments).
     sub.add_parser("plan", help="real-size dry run of a recipe's training steps on the meta "

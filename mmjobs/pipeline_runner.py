@@ -244,6 +244,21 @@ def _keep_log(log_file: Any, uri: str) -> None:
         log.warning("could not keep the run's full log at %s: %s", uri, e)
 
 
+def run_dir(path: str | Path, overrides: Sequence[str] = (), run_id: str | None = None) -> str:
+    """The folder `run_local(path, overrides, run_id=...)` writes its outputs to (`mmjobs chat`
+    serves the settings found there).
+
+    Raises:
+        ConfigError: the recipe is invalid.
+    """
+    recipe = load_recipe(path, overrides)
+    return _run_folder(settings.store_root(), recipe, run_id or default_run_id(recipe))
+
+
+def _run_folder(store: str, recipe: RecipeConfig, run_id: str) -> str:
+    return storage.join(store, recipe.experiment or "default", run_id)
+
+
 def run_local(path: str | Path, overrides: Sequence[str] = (), *, run_id: str | None = None,
               verbose: bool = False, arguments: Mapping[str, Any] | None = None) -> RunOutcome:
     """Run a recipe's pipeline locally; see the module docstring.
@@ -270,7 +285,7 @@ def run_local(path: str | Path, overrides: Sequence[str] = (), *, run_id: str | 
         known = ", ".join(sorted(checked.parameters)) or "none"
         raise ConfigError(str(path), [f"{name}: not a parameter of this pipeline; it has "
                                       f"{known}" for name in unknown])
-    run_dir = storage.join(store, recipe.experiment or "default", run_id)
+    run_dir = _run_folder(store, recipe, run_id)
     log.info("run %s of %s: outputs under %s", run_id, recipe.recipe, run_dir)
     tracker = Tracker(recipe.experiment or "default")
     tags = {**default_tags(recipe.recipe, "pipeline"), "pipeline_run_id": run_id,

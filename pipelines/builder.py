@@ -124,7 +124,7 @@ class Build:
     def config(self, step: str, stage: str, *, key: str | tuple[str, ...] | None = None,
                defaults: Mapping[str, Any] | None = None, fixed: Mapping[str, Any] | None = None,
                section: Mapping[str, Any] | None = None, where: str | None = None,
-               wired: tuple[str, ...] = ()) -> dict[str, Any]:
+               wired: tuple[str, ...] | None = None) -> dict[str, Any]:
         """The validated config of `step` without its wired inputs (the component adds them).
 
         Args:
@@ -137,7 +137,8 @@ class Build:
                 recipe section setting them differently is an error.
             section: use this instead of `recipe.stages[key]` (sweeps merge their own).
             where: how errors name the section (default `stages.<key>`).
-            wired: the config fields filled from upstream steps (default: the stage's).
+            wired: the config fields filled from upstream steps (default: the stage's; `()`
+                for a step wired to nothing, e.g. one deploy step serving a sweep's models).
         """
         spec = registry.get(stage)
         keys = (key,) if isinstance(key, str) else tuple(key or (step,))
@@ -145,13 +146,14 @@ class Build:
         self._section_of[step] = keys[-1]
         where = where or f"stages.{keys[-1]}"
         defaults = self.defaults(stage, step) if defaults is None else defaults
+        wired = spec.wired if wired is None else wired
         if section is None:  # later sections refine earlier ones (infer, then infer-pot)
             section = {}
             for name in keys:
                 section = _deep_merge(section, self.recipe.stages.get(name, {}))
         given = dict(section)
         problems = [f"{where}.{key}: set by the pipeline ({_why(key)}); remove it"
-                    for key in given if key in RUN_FIELDS or key in _top(wired or spec.wired)]
+                    for key in given if key in RUN_FIELDS or key in _top(wired)]
         problems += [f"{where}.{path}: the {step} step needs {value!r} here; remove it"
                      for path, value in _flat(fixed or {}).items()
                      if _get(given, path, value) != value]
@@ -165,7 +167,7 @@ class Build:
         if spec.own_output:
             cfg["output"] = storage.join(self.store_root, self.recipe.experiment or "default",
                                          self.run_id, step)
-        problems += self._validate(spec, cfg, wired or spec.wired, where)
+        problems += self._validate(spec, cfg, wired, where)
         self.errors.extend(problems)
         return cfg
 
@@ -196,7 +198,7 @@ class Build:
         """
         if config is None:
             config = self.config(step, stage, key=key, fixed=fixed,
-                                 wired=wired_paths(stage, inputs))
+                                 wired=wired_paths(stage, inputs) or None)
         config_json = json.dumps(config) if isinstance(config, dict) else config
         spec = registry.get(stage)
         image = self.recipe.images.image(spec.image)

@@ -6,9 +6,11 @@ prepare (ScienceQA train split, QCM-ALE prompts) and prepare-test (test split) �
 for each setting of the recipe's `sweep` (cosine baseline, cyclical, step and exponential LR
 decay, increasing / decreasing adapter dropout and their V2), in a `dsl.ParallelFor`: sft (the
 recipe's train.finetune: mma, LaVIN's adapters) → merge (the standalone LaVIN: base + that
-setting's adapters) → infer → evaluate (ScienceQA accuracy per category) → [deploy: with
-`stages.deploy.enabled: true`, on a cluster, each setting's LaVIN behind its own `mmjobs
-serve`] · report (the NAT…Average comparison table and graphs).
+setting's adapters) → infer → evaluate (ScienceQA accuracy per category) · report (the
+NAT…Average comparison table and graphs) · [deploy: with `stages.deploy.enabled: true`, on a
+cluster, once every setting is evaluated, every setting's merged LaVIN behind one `mmjobs
+serve` (one Deployment, `models`: setting -> merge-<setting>), the chat page selecting the
+setting].
 """
 
 from __future__ import annotations
@@ -41,13 +43,9 @@ def wire(b: Build) -> None:
         "evaluate": _per_setting(b, "evaluate", "evaluate", ("predictions",), label=True),
     }
     names = list(configs["sft"])
-    steps = list(STEPS)
-    deploys = _deploy_configs(b, names)
-    if deploys:
-        configs["deploy"] = deploys
-        steps.append("deploy")
-    items = [{step: json.dumps(configs[step][name]) for step in steps} for name in names]
-    each = {step: [configs[step][name] for name in names] for step in steps}
+    deploy = _deploy_config(b, {name: configs["merge"][name]["output"] for name in names})
+    items = [{step: json.dumps(configs[step][name]) for step in STEPS} for name in names]
+    each = {step: [configs[step][name] for name in names] for step in STEPS}
 
     with dsl.ParallelFor(items) as item:
         sft = b.step("sft", "train", config=item.sft, each=each["sft"], data=shards.output,
@@ -58,38 +56,33 @@ def wire(b: Build) -> None:
                              model=merged.output, dataset=test_set.output)
         evaluation = b.step("evaluate", "evaluate", config=item.evaluate,
                             each=each["evaluate"], predictions=predictions.output)
-        if deploys:  # each setting's LaVIN behind its own `mmjobs serve` (cluster runs only)
-            server = b.step("deploy", "deploy", config=item.deploy, each=each["deploy"],
-                            model=merged.output)
-            server.after(evaluation)
-            server.set_caching_options(False)
     b.report([evaluation], title="LaVIN on ScienceQA: schedule sweep")
+    if deploy:  # every setting behind one `mmjobs serve` (cluster runs only)
+        server = b.step("deploy", "deploy", config=deploy)
+        server.after(evaluation)  # every iteration's: KFP waits for the whole loop
+        server.set_caching_options(False)
 
 
-def _deploy_configs(b: Build, names: list[str]) -> dict[str, dict] | None:
-    """With `stages.deploy.enabled: true`, on a cluster: per setting, a deploy step serving
-    that setting's merged LaVIN as `<name>-<setting>` (name: stages.deploy.name, default
-    mmjobs-serve-<experiment>), its served model named after the setting. Local runs skip it
-    (chart_demo.deploy says how to serve a model locally instead)."""
+def _deploy_config(b: Build, merged: dict[str, str]) -> dict | None:
+    """With `stages.deploy.enabled: true`, on a cluster: the one deploy step's config, serving
+    each setting's merged LaVIN (`merged`: setting -> the merge step's output URI, known when
+    the pipeline is built) under the setting's name, from one Deployment (name:
+    stages.deploy.name, default mmjobs-serve-<experiment>). Local runs skip it and say how to
+    chat with the settings locally (`mmjobs chat RECIPE`)."""
     if "deploy" not in b.recipe.stages:
         return None
-    section = b.recipe.stages["deploy"]
-    prefix = section.get("name") or f"mmjobs-serve-{b.recipe.experiment}"
-    defaults = deploy_defaults(b.recipe)
-    configs = {name: b.config(f"deploy-{name}", "deploy", key="deploy", defaults=defaults,
-                              section={**section, "name": f"{prefix}-{name}"},
-                              fixed={"serve": {"served_model_name": name}},
-                              wired=("model",))
-               for name in names}
-    if not section.get("enabled"):
+    models = [{"name": name, "model": uri} for name, uri in merged.items()]
+    config = b.config("deploy", "deploy", defaults=deploy_defaults(b.recipe),
+                      fixed={"models": models}, wired=())
+    if not b.recipe.stages["deploy"].get("enabled"):
         return None
     if not b.for_cluster:
         if b.parent_run_id is not None:
-            log.warning("deploy steps skipped: they start servers on a cluster (mmjobs "
-                        "compile / submit); here, serve a setting with `mmjobs serve "
-                        "<run>/merge-<setting>`")
+            log.warning("deploy step skipped: it starts a server on a cluster (mmjobs compile "
+                        "/ submit); here, chat with every setting with `mmjobs chat %s` (the "
+                        "same --set overrides as the run)", b.recipe.recipe)
         return None
-    return configs
+    return config
 
 
 def _per_setting(b: Build, key: str, stage: str, wired: tuple[str, ...], *,

@@ -1,6 +1,8 @@
-"""The HTTP API: an OpenAI-compatible chat-completions server for one model, plus its chat page.
+"""The HTTP API: an OpenAI-compatible chat-completions server for one model or several named
+ones (the settings of a sweep), plus its chat page.
 
     app = create_app(lambda: load_for_inference(model_dir), ServeOptions(model_name="tiny"))
+    app = create_app({"baseline": load_a, "dec-dropout": load_b}, ServeOptions("baseline"))
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Routes:
@@ -12,7 +14,10 @@ Routes:
     GET  /metrics               Prometheus text format
 
 The model loads in a background thread after the server starts, so liveness probes pass during
-a long load and `/readyz` tells when to send traffic. Every error is OpenAI's JSON error object
+a long load and `/readyz` tells when to send traffic. With several models a request is routed by
+its `model` field (an unknown name is a 404 naming the served ones), each model has its own
+worker and admission, and `mmjobs.serve.pool` loads them (all at startup, or lazily up to
+`max_loaded` in memory). Every error is OpenAI's JSON error object
 with a 4xx/5xx status; nothing a client sends stops the server.
 
 A request reaches the single generation worker only after `Admission` has bounded it (prompt
@@ -30,7 +35,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +63,7 @@ from mmjobs.serve.engine import GenerationResult, Settings
 from mmjobs.serve.limits import ConnectionLimits, Limits
 from mmjobs.serve.metrics import CONTENT_TYPE, ServeMetrics
 from mmjobs.serve.page import render_page
+from mmjobs.serve.pool import Lease, ModelPool, ModelSlot
 from mmjobs.serve.protocol import (
     APIError,
     ChatRequest,
@@ -82,7 +88,8 @@ class ServeOptions:
     """How the app serves (the stage builds this from `ServeConfig`).
 
     Attributes:
-        model_name: the name clients send as `model`; others get 404.
+        model_name: the name clients send as `model` (a server of one model; with several,
+            their names are the keys of `create_app`'s mapping and this is unused).
         limits: request limits.
         connections: the connection limits the server runs with (uvicorn enforces them;
             here only to show them at `GET /v1/models`).
@@ -97,76 +104,60 @@ class ServeOptions:
     api_key: str | None = field(default=None, repr=False)
     max_batch_size: int = 8
     batch_wait_ms: float = 10.0
+    max_loaded: int | None = None  # models in memory at once (None: all); see ModelPool
 
 
-class _State:
-    """What the routes share: the worker once the model is loaded, or why it is not."""
-
-    def __init__(self) -> None:
-        self.worker: BatchWorker | None = None
-        self.admission: Admission | None = None
-        self.load_error: str | None = None
-        self.closed = False
-        self.started = int(time.time())
-
-
-def create_app(load: Callable[[], LoadedModel], options: ServeOptions, *,
+def create_app(load: Callable[[], LoadedModel] | Mapping[str, Callable[[], LoadedModel]],
+               options: ServeOptions, *,
                on_load_failure: Callable[[BaseException], None] | None = None,
                metrics: ServeMetrics | None = None) -> Starlette:
     """The ASGI app.
 
     Args:
-        load: returns the loaded model; called once, in a background thread, at startup.
+        load: returns the model named `options.model_name`; or a mapping of model names to
+            such functions, in the order the chat page lists them (the first is its default).
+            The models loaded at startup (all, or the first `options.max_loaded`) load one by
+            one in a background thread; the others when first asked for.
         options: names, limits, auth and batching.
-        on_load_failure: called (from the loading thread) if `load` raises, e.g. to stop the
-            server so the process exits non-zero; `/readyz` reports the error either way.
+        on_load_failure: called (from the loading thread) if a startup model fails to load,
+            e.g. to stop the server so the process exits non-zero; `/readyz` reports the
+            error either way.
         metrics: where metrics go (default: a fresh set for this app).
 
     Returns:
         A Starlette app; run it with uvicorn (see `mmjobs.serve.server`).
     """
-    state = _State()
     metrics = metrics or ServeMetrics()
     limits = options.limits
+    loaders = dict(load) if isinstance(load, Mapping) else {options.model_name: load}
+    started = int(time.time())
+    load_error: list[str] = []  # of a startup model: the server is not ready
+
+    def start_worker(loaded: LoadedModel) -> tuple[BatchWorker, Admission]:
+        admission = Admission(loaded, limits)
+        return BatchWorker(loaded, max_batch_size=options.max_batch_size,
+                           batch_wait_ms=options.batch_wait_ms, max_queue=limits.max_queue,
+                           metrics=metrics).start(), admission
+
+    pool = ModelPool(loaders, start=start_worker, max_loaded=options.max_loaded)
 
     def load_in_background() -> None:
-        try:
-            loaded = load()
-            admission = Admission(loaded, limits)
-            worker = BatchWorker(loaded, max_batch_size=options.max_batch_size,
-                                 batch_wait_ms=options.batch_wait_ms,
-                                 max_queue=limits.max_queue, metrics=metrics).start()
-        except BaseException as e:
-            state.load_error = f"{type(e).__name__}: {e}"
-            log.exception("the model failed to load")
+        error = pool.load_initial()
+        if error is not None:
+            load_error.append(next(s.error for s in pool.initial() if s.error))
             if on_load_failure is not None:
-                on_load_failure(e)
+                on_load_failure(error)
             return
-        if state.closed:  # shut down while loading
-            worker.stop()
-            return
-        state.admission, state.worker = admission, worker
-        metrics.model_ready.set(1)
-        log.info("model %r is ready", options.model_name)
+        if not pool.closed:
+            metrics.model_ready.set(1)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         threading.Thread(target=load_in_background, name="mmjobs-serve-load",
                          daemon=True).start()
         yield
-        state.closed = True
         metrics.model_ready.set(0)
-        if state.worker is not None:
-            await run_in_threadpool(state.worker.stop)
-
-    def ready_worker() -> tuple[BatchWorker, Admission]:
-        if state.worker is not None and state.admission is not None:
-            return state.worker, state.admission
-        if state.load_error:
-            raise APIError(503, f"the model failed to load: {state.load_error}",
-                           code="model_load_failed")
-        raise APIError(503, "the model is still loading; retry shortly (GET /readyz says "
-                       "when it is ready)", code="model_loading", headers={"Retry-After": "5"})
+        await run_in_threadpool(pool.stop)
 
     def submit(worker: BatchWorker, job: Job) -> None:
         try:
@@ -183,25 +174,25 @@ def create_app(load: Callable[[], LoadedModel], options: ServeOptions, *,
         body = await read_body(request, limits.max_request_bytes, limits.body_timeout_s)
         chat = parse_chat_request(load_json(body), limits)
         del body  # the parsed request holds what is needed
-        if chat.model != options.model_name:
-            raise APIError(404, f"the model {chat.model[:200]!r} does not exist on this "
-                           f"server; it serves {options.model_name!r}", code="model_not_found",
-                           param="model")
-        worker, admission = ready_worker()
-        if chat.image_refs and not worker.takes_images:
-            raise APIError(400, f"{options.model_name!r} takes no images (its processor has no "
-                           "image processor); send text only", code="images_not_supported")
-        admitted = await admission.admit(chat)
-        job = Job(admitted.prompt, Settings.make(
-            admitted.max_new_tokens, chat.stop, chat.temperature, chat.top_p, chat.seed))
-        if chat.stream:
-            job.channel = StreamChannel(asyncio.get_running_loop())
+        if load_error:  # a startup model failed: the server is stopping
+            raise APIError(503, f"the model failed to load: {load_error[0]}",
+                           code="model_load_failed")
+        worker, admission, lease = pool.acquire(chat.model)
+        try:
+            job = await _admitted_job(chat, worker, admission)
+            # The lease ends with the job, whichever way it ends (answer, error, cancel).
+            job.future.add_done_callback(lease.release)
+            if chat.stream:
+                job.channel = StreamChannel(asyncio.get_running_loop())
+                submit(worker, job)
+                return StreamingResponse(_events(job, chat, chat.model, lease),
+                                         media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache",
+                                                  "X-Accel-Buffering": "no"})
             submit(worker, job)
-            return StreamingResponse(_events(job, chat, options.model_name),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"})
-        submit(worker, job)
+        except BaseException:
+            lease.release()
+            raise
         try:
             result = await _result_unless_client_leaves(request, job)
         except asyncio.CancelledError:
@@ -214,46 +205,51 @@ def create_app(load: Callable[[], LoadedModel], options: ServeOptions, *,
         except Exception as e:
             raise APIError(500, f"generation failed: {type(e).__name__}: {e}",
                            code="generation_failed") from e
-        return JSONResponse(completion(new_id(), options.model_name, result.text,
+        finally:
+            lease.release()
+        return JSONResponse(completion(new_id(), chat.model, result.text,
                                        result.finish_reason, result.prompt_tokens,
                                        result.completion_tokens))
 
-    def model_card() -> dict[str, Any]:
-        card = {"id": options.model_name, "object": "model", "created": state.started,
-                "owned_by": "mmjobs"}
-        if state.admission is not None:  # the context length is known once the model is
-            card["max_model_len"] = state.admission.context  # the field vLLM uses
-            card["limits"] = {**state.admission.describe(),
+    def model_card(slot: ModelSlot) -> dict[str, Any]:
+        card: dict[str, Any] = {"id": slot.name, "object": "model", "created": started,
+                                "owned_by": "mmjobs", "loaded": slot.ready}
+        admission = slot.admission
+        if admission is not None:  # the context length is known once the model is
+            card["max_model_len"] = admission.context  # the field vLLM uses
+            card["limits"] = {**admission.describe(),
                               **dataclasses.asdict(options.connections)}
         return card
 
     async def list_models(request: Request) -> Response:
         check_bearer(request.headers.get("authorization"), options.api_key)
-        return JSONResponse({"object": "list", "data": [model_card()]})
+        return JSONResponse({"object": "list",
+                             "data": [model_card(s) for s in pool.slots.values()]})
 
     async def get_model(request: Request) -> Response:
         check_bearer(request.headers.get("authorization"), options.api_key)
-        if request.path_params["model"] != options.model_name:
-            raise APIError(404, f"the model {request.path_params['model'][:200]!r} does not "
-                           f"exist on this server; it serves {options.model_name!r}",
-                           code="model_not_found", param="model")
-        return JSONResponse(model_card())
+        return JSONResponse(model_card(pool.slot(request.path_params["model"])))
 
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def readyz(_: Request) -> Response:
-        if state.worker is not None:
-            return JSONResponse({"status": "ready", "model": options.model_name})
-        status = "failed" if state.load_error else "loading"
-        return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
+        startup = pool.initial()
+        if not load_error and all(s.ready for s in startup):
+            body: dict[str, Any] = {"status": "ready", "model": startup[0].name}
+            if len(pool.slots) > 1:
+                body["models"], body["loaded"] = pool.names, pool.loaded()
+            return JSONResponse(body)
+        status = "failed" if load_error else "loading"
+        return JSONResponse({"status": status, "error": load_error[0] if load_error else None},
+                            status_code=503)
 
     async def metrics_route(_: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     async def page(_: Request) -> Response:
         nonce = secrets.token_urlsafe(16)
-        html = render_page(options.model_name, auth_required=options.api_key is not None,
+        html = render_page(pool.names, auth_required=options.api_key is not None,
                            max_image_bytes=limits.max_image_bytes, nonce=nonce)
         return HTMLResponse(html, headers=_page_headers(nonce))
 
@@ -270,8 +266,18 @@ def create_app(load: Callable[[], LoadedModel], options: ServeOptions, *,
         APIError: _api_error, HTTPException: _http_error, Exception: _server_error})
     app.add_middleware(_HeaderLimit, limit=options.connections.max_header_bytes)
     app.add_middleware(_MetricsMiddleware, metrics=metrics)
-    app.state.serve = state  # for tests and embedding
+    app.state.serve = pool  # for tests and embedding
     return app
+
+
+async def _admitted_job(chat: ChatRequest, worker: BatchWorker, admission: Admission) -> Job:
+    """The job for an admitted request (4xx if the model takes no images or it is too big)."""
+    if chat.image_refs and not worker.takes_images:
+        raise APIError(400, f"{chat.model!r} takes no images (its processor has no image "
+                       "processor); send text only", code="images_not_supported")
+    admitted = await admission.admit(chat)
+    return Job(admitted.prompt, Settings.make(
+        admitted.max_new_tokens, chat.stop, chat.temperature, chat.top_p, chat.seed))
 
 
 class _ClientLeft(Exception):
@@ -294,7 +300,7 @@ async def _result_unless_client_leaves(request: Request, job: Job) -> Generation
     return result.result()
 
 
-async def _events(job: Job, chat: ChatRequest, model: str) -> AsyncIterator[str]:
+async def _events(job: Job, chat: ChatRequest, model: str, lease: Lease) -> AsyncIterator[str]:
     """Server-sent events for one streamed completion, ending with `data: [DONE]`."""
     assert job.channel is not None  # set by the caller for streaming jobs
     completion_id, created = new_id(), int(time.time())
@@ -326,6 +332,7 @@ async def _events(job: Job, chat: ChatRequest, model: str) -> AsyncIterator[str]
         yield "data: [DONE]\n\n"
     finally:
         job.cancelled.set()  # a client that left stops the generation at the next token
+        lease.release()
 
 
 def _page_headers(nonce: str) -> dict[str, str]:

@@ -1,6 +1,9 @@
 """The server's settings: the serve stage's config (`mmjobs serve`), which the deploy stage
 checks too before it starts a server on the cluster.
 
+One server may serve several named models (`models`, or `run`: every swept setting of a finished
+run, see `mmjobs.serve.runs`); clients pick one with the request's `model` field.
+
 Request and connection limits take their defaults and descriptions from `mmjobs.serve.limits`,
 which `mmjobs serve --help` and GET /v1/models show as well.
 """
@@ -8,10 +11,11 @@ which `mmjobs serve --help` and GET /v1/models show as well.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import PurePosixPath
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mmjobs.data.conversation import FORMAT_HELP, ConversationFormatName
 from mmjobs.serve.limits import LIMIT_DOCS as _DOC
@@ -20,18 +24,45 @@ from mmjobs.stage_contract import StageConfig
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _R, _C = Limits(), ConnectionLimits()  # the defaults
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,127}$")
+
+
+class ServedModel(BaseModel):
+    """One named model of a server of several (`models`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=_MODEL_NAME.pattern, description="The name clients send as "
+                      "`model` (letters, digits, . _ : @ + / -; at most 128 characters).")
+    model: str = Field(description="Model URI: local dir, s3:// committed dir or hub id (a "
+                       "LaVIN or LLaVA dir, merged; or the base when `adapter` is set).")
+    adapter: str | None = Field(None, description="LoRA / LaVIN MMA adapter dir, or a training "
+                                "output holding final/adapter.")
 
 
 class ServeConfig(StageConfig):
-    """Serve a model behind an OpenAI-compatible chat-completions API with a chat page."""
+    """Serve a model (or several named ones) behind an OpenAI-compatible chat-completions API
+    with a chat page."""
 
-    model: str = Field(description="Model URI: local dir, s3:// committed dir or hub id; the "
-                       "base model when `adapter` is set.")
+    model: str | None = Field(None, description="Model URI: local dir, s3:// committed dir or "
+                              "hub id; the base model when `adapter` is set. Or set `models` "
+                              "or `run` instead.")
     adapter: str | None = Field(None, description="LoRA adapter dir, or a training output "
                                 "holding final/adapter (local or s3://).")
     served_model_name: str | None = Field(
         None, description="The name clients send as `model`. Default: the model URI's last "
         "path component (e.g. `merge` for s3://runs/x/merge).")
+    models: list[ServedModel] = Field(
+        default_factory=list, description="Several models behind one server, each "
+        "{name, model, adapter}: requests pick one by `model`, the chat page has a selector "
+        "(the first is its default). `mmjobs serve --model NAME=URI` adds one.")
+    run: str | None = Field(None, description="A finished run's folder (local or s3://): "
+                            "serve each of its committed merge-<setting> models as <setting> "
+                            "(a sweep's settings; `mmjobs chat RECIPE` finds the folder).")
+    max_loaded_models: int | None = Field(
+        None, ge=1, description="Most models in memory at once when serving several (unset: "
+        "all, loaded at startup). The first ones load at startup; asking for another unloads "
+        "the least recently used idle one (503 model_loading, with Retry-After, meanwhile).")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight dtype; auto: bfloat16 on GPUs that support it, else float32.")
@@ -88,6 +119,20 @@ class ServeConfig(StageConfig):
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
         problems = []
+        sources = [k for k in ("model", "models", "run") if getattr(self, k)]
+        if len(sources) != 1:
+            problems.append("set one of model (one model), models (several, by name) or run "
+                            "(every swept setting of a finished run); got "
+                            + (" and ".join(sources) if sources else "none"))
+        elif self.models:
+            counts = Counter(m.name for m in self.models)
+            twice = [name for name, n in counts.items() if n > 1]
+            if twice:
+                problems.append(f"models: the names {sorted(twice)} appear more than once; "
+                                "give each model its own name")
+        if (self.adapter or self.served_model_name) and not self.model:
+            problems.append("adapter and served_model_name go with model; with models, set "
+                            "each entry's name and adapter")
         if self.default_max_new_tokens > self.max_new_tokens_cap:
             problems.append(f"default_max_new_tokens={self.default_max_new_tokens} is above "
                             f"max_new_tokens_cap={self.max_new_tokens_cap}; lower it or raise "
@@ -103,6 +148,20 @@ class ServeConfig(StageConfig):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def parse_model_flag(text: str) -> ServedModel:
+    """`NAME=URI` or `NAME=URI,adapter=URI` (the `mmjobs serve --model` flag) as a `ServedModel`.
+
+    Raises:
+        ValueError: not of that form (the message shows it).
+    """
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"--model {text[:200]!r}: expected NAME=MODEL_URI or "
+                         "NAME=MODEL_URI,adapter=ADAPTER_URI")
+    model, _, adapter = rest.partition(",adapter=")
+    return ServedModel(name=name, model=model, adapter=adapter or None)
 
 
 def default_model_name(model: str) -> str:

@@ -9,6 +9,10 @@ read-only root filesystem, no capabilities, RuntimeDefault seccomp, /tmp an empt
 credentials only as `secretKeyRef`s: the S3 and MLflow Secrets of `cluster.secrets`, and the
 bearer key clients must send, handed to the server with `--api-key-env`.
 
+A server of several models (`models`: the settings of a sweep) is one Deployment whose pod
+serves them all (`mmjobs serve --set models=[...]`; the chat page selects among them), with
+the list in the `mmjobs.io/models` annotation.
+
 Pods are labelled app.kubernetes.io/part-of=mmjobs and app.kubernetes.io/component=serve,
 which the chart's serve NetworkPolicy selects (clients in the namespace may reach port 8000;
 the pod may reach DNS, S3 and MLflow).
@@ -21,9 +25,10 @@ import re
 from typing import Any
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mmjobs.config import SecretNames, StrictModel
+from mmjobs.serve.config import ServedModel
 
 PORT = 8000
 KEY_ENV = "MMJOBS_SERVE_API_KEY"  # the variable the bearer key reaches the server in
@@ -34,7 +39,7 @@ APP_NAME = "mmjobs-serve"  # app.kubernetes.io/name of servers made by the deplo
 MANAGER = "mmjobs-deploy"  # app.kubernetes.io/managed-by
 MAX_NAME = 40  # pods are <name>-<10>-<5>: stays a 63-character DNS label
 # `mmjobs serve` settings the manifest sets itself (they are not `serve` settings).
-RESERVED_SETTINGS = ("model", "adapter", "host", "port", "key_env")
+RESERVED_SETTINGS = ("model", "adapter", "models", "run", "host", "port", "key_env")
 DNS_1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 
@@ -58,10 +63,14 @@ class ServerSecrets(SecretNames):
 class ServerSpec(StrictModel):
     """What runs: the model, the image, the pod's resources and placement."""
 
-    model: str = Field(description="Merged model URI (s3:// committed dir), or the base model "
-                       "when `adapter` is set.")
+    model: str | None = Field(None, description="Merged model URI (s3:// committed dir), or "
+                              "the base model when `adapter` is set; or set `models`.")
     adapter: str | None = Field(None, description="LoRA adapter dir, or a training output "
                                 "holding final/adapter.")
+    models: list[ServedModel] = Field(
+        default_factory=list, description="Several models behind this one server, each "
+        "{name, model, adapter} (a sweep's settings; pipelines fill it in): one pod loads "
+        "them all (serve.max_loaded_models caps how many at once), the chat page selects.")
     image: str | None = Field(None, description="Image with `mmjobs serve` (the eval image); "
                               "pipelines fill in the recipe's eval image.")
     serve: dict[str, Any] = Field(
@@ -84,6 +93,15 @@ class ServerSpec(StrictModel):
                                               "tolerations (Kubernetes spelling).")
     image_pull_secrets: list[str] = Field(default_factory=list, description="Image pull "
                                           "Secret names.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ServerSpec:
+        if bool(self.model) == bool(self.models):
+            raise ValueError("set either model (one model) or models (several, by name)"
+                             + (", not both" if self.model else ""))
+        if self.adapter and self.models:
+            raise ValueError("adapter goes with model; with models, set each entry's adapter")
+        return self
 
     @field_validator("cpu", "memory", "tmp_size", mode="before")
     @classmethod
@@ -135,12 +153,15 @@ def url(name: str, namespace: str, port: int = PORT) -> str:
 def serve_args(spec: ServerSpec) -> list[str]:
     """Arguments of `python3 -m mmjobs.cli serve`: the model, where to listen, the key variable
     and every `serve` setting as `--set KEY=VALUE` (flow YAML, parsed back exactly)."""
-    args = [spec.model, "--host=0.0.0.0", f"--port={PORT}"]
+    args = ([spec.model] if spec.model else []) + ["--host=0.0.0.0", f"--port={PORT}"]
     if spec.adapter:
         args.append(f"--adapter={spec.adapter}")
     if spec.secrets.bearer:
         args.append(f"--api-key-env={KEY_ENV}")
-    for key, value in spec.serve.items():
+    settings = dict(spec.serve)
+    if spec.models:
+        settings["models"] = [m.model_dump(exclude_none=True) for m in spec.models]
+    for key, value in settings.items():
         text = yaml.safe_dump(value, default_flow_style=True, width=2**31, allow_unicode=True)
         args += ["--set", f"{key}={text.strip().removesuffix('...').strip()}"]
     return args

@@ -6,29 +6,45 @@ in the page and sent whole each turn (the API is stateless). UI strings exist in
 Korean (toggle top right; the choice is remembered; default from the browser's language).
 Server errors (4xx/5xx JSON, or an error event mid-stream) are shown in the error box.
 
+A server of several models (the settings of a sweep) shows a selector of them (`#model`, its
+options rendered into the HTML): each question goes to the selected model and its answer is
+labelled with the model's name, so one conversation can compare settings. A model that is still
+loading (503 `model_loading`) is retried after the server's Retry-After, a few times.
+
 The page is served with a nonce-based Content-Security-Policy: it may only talk to its own
 origin, and model output is inserted with `textContent` (never as HTML). The HTML lives in this
 module rather than a package data file so installs from a wheel always carry it.
 
 For tests and scripts: `document.body.dataset.state` is idle | streaming | done | error, the
-answer is the last `.msg.assistant .text`, and the error box is `#error`.
+answer is the last `.msg.assistant .text` (its `.msg` has `data-model`: the model that the
+server says answered), and the error box is `#error`.
 """
 
 from __future__ import annotations
 
+import html
 import json
+from collections.abc import Sequence
 
 __all__ = ["render_page"]
 
+_LOAD_RETRIES = 24  # a model loading on demand: 24 tries at the server's Retry-After (5 s)
 
-def render_page(model_name: str, *, auth_required: bool, max_image_bytes: int,
+
+def render_page(models: str | Sequence[str], *, auth_required: bool, max_image_bytes: int,
                 nonce: str) -> str:
-    """The page's HTML for this server (model name, whether to ask for a key, image limit)."""
-    config = json.dumps({"model": model_name, "authRequired": auth_required,
-                         "maxImageBytes": max_image_bytes})
+    """The page's HTML for this server: the served model name(s) (the first is selected),
+    whether to ask for a key, the image size limit."""
+    names = [models] if isinstance(models, str) else list(models)
+    config = json.dumps({"model": names[0], "models": names, "authRequired": auth_required,
+                         "maxImageBytes": max_image_bytes, "loadRetries": _LOAD_RETRIES})
     # "<" escaped so no value can close the <script> element early.
     config = config.replace("<", "\\u003c")
-    return _PAGE.replace("__NONCE__", nonce).replace("__CONFIG__", config)
+    options = "".join(f'<option value="{html.escape(n)}">{html.escape(n)}</option>'
+                      for n in names)
+    return (_PAGE.replace("__NONCE__", nonce).replace("__CONFIG__", config)
+            .replace("__OPTIONS__", options)
+            .replace("__MODEL_ROW_HIDDEN__", " hidden" if len(names) < 2 else ""))
 
 
 _STYLE = """
@@ -64,7 +80,10 @@ button.primary { background: var(--accent); border-color: var(--accent); color: 
 button:disabled { opacity: .5; cursor: default; }
 #error { color: #b91c1c; background: rgba(185, 28, 28, .08); border-radius: 6px;
   padding: 8px 12px; white-space: pre-wrap; }
-#status, .hint { color: var(--muted); font-size: 13px; }
+.msg .who.inline { display: inline; }
+#status, .hint, .model-tag { color: var(--muted); font-size: 13px; }
+select { font: inherit; padding: 4px 8px; border: 1px solid var(--line); border-radius: 6px;
+  background: transparent; color: inherit; }
 """
 
 _SCRIPT = r"""
@@ -79,6 +98,7 @@ const I18N = {
     removeImage: "Remove image", question: "Question",
     questionPlaceholder: "Ask about the image… (Enter sends, Shift+Enter for a new line)",
     send: "Send", stop: "Stop", newChat: "New chat", you: "You", assistant: "Assistant",
+    model: "Setting (model)", loading: "{model} is loading; retrying…",
     generating: "Generating…", done: "Done", emptyAnswer: "(empty answer)",
     emptyQuestion: "Type a question first.", notImage: "That file is not an image.",
     tooLarge: "The image is larger than the server's limit of {n} MB.",
@@ -94,6 +114,7 @@ const I18N = {
     removeImage: "이미지 제거", question: "질문",
     questionPlaceholder: "이미지에 대해 질문하세요… (Enter: 보내기, Shift+Enter: 줄바꿈)",
     send: "보내기", stop: "중지", newChat: "새 대화", you: "나", assistant: "어시스턴트",
+    model: "설정 (모델)", loading: "{model} 로딩 중… 다시 시도합니다",
     generating: "생성 중…", done: "완료", emptyAnswer: "(빈 답변)",
     emptyQuestion: "먼저 질문을 입력하세요.", notImage: "이미지 파일이 아닙니다.",
     tooLarge: "이미지가 서버 제한({n}MB)보다 큽니다.",
@@ -125,11 +146,13 @@ function t(key, vars) {
   return text;
 }
 
+function currentModel() { return $("model").value || cfg.model; }
+
 function applyLang() {
   document.documentElement.lang = lang;
-  document.title = t("title", {model: cfg.model});
+  document.title = t("title", {model: currentModel()});
   for (const el of document.querySelectorAll("[data-i18n]")) {
-    el.textContent = t(el.dataset.i18n, {model: cfg.model});
+    el.textContent = t(el.dataset.i18n, {model: el.dataset.model || currentModel()});
   }
   for (const el of document.querySelectorAll("[data-i18n-placeholder]")) {
     el.placeholder = t(el.dataset.i18nPlaceholder);
@@ -174,7 +197,7 @@ function readImageFile(file) {
   reader.readAsDataURL(file);
 }
 
-function addMessage(role, text, image) {
+function addMessage(role, text, image, model) {
   const box = document.createElement("div");
   box.className = "msg " + role;
   const who = document.createElement("div");
@@ -182,6 +205,13 @@ function addMessage(role, text, image) {
   who.dataset.i18n = role === "user" ? "you" : "assistant";
   who.textContent = t(who.dataset.i18n);
   box.append(who);
+  if (model && cfg.models.length > 1) {  // which setting answered
+    const tag = document.createElement("span");
+    tag.className = "model-tag";
+    tag.textContent = " · " + model;
+    who.after(tag);
+    who.classList.add("inline");
+  }
   if (image && image.startsWith("data:image/")) {
     const img = document.createElement("img");
     img.src = image;
@@ -199,7 +229,7 @@ function addMessage(role, text, image) {
 
 function failure(status, message) { return {status, message}; }
 
-async function readStream(response, onDelta) {
+async function readStream(response, onDelta, onModel) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -217,6 +247,7 @@ async function readStream(response, onDelta) {
         if (data === "[DONE]") return;
         const payload = JSON.parse(data);
         if (payload.error) throw failure(500, payload.error.message);
+        if (payload.model) onModel(payload.model);
         const delta = payload.choices && payload.choices[0] && payload.choices[0].delta;
         if (delta && delta.content) onDelta(delta.content);
       }
@@ -232,8 +263,9 @@ async function send() {
   if (imageUrl) content.push({type: "image_url", image_url: {url: imageUrl}});
   content.push({type: "text", text: question});
   const userMessage = {role: "user", content};
+  const model = currentModel();
   const userBox = addMessage("user", question, imageUrl);
-  const answerBox = addMessage("assistant", "");
+  const answerBox = addMessage("assistant", "", null, model);
   const answerText = answerBox.querySelector(".text");
   let answer = "";
   setState("streaming");
@@ -242,11 +274,22 @@ async function send() {
   if (key) headers.Authorization = "Bearer " + key;
   controller = new AbortController();
   try {
-    const response = await fetch("v1/chat/completions", {
-      method: "POST", headers, signal: controller.signal,
-      body: JSON.stringify({model: cfg.model, messages: [...history, userMessage],
-                            stream: true}),
-    });
+    const body = JSON.stringify({model, messages: [...history, userMessage], stream: true});
+    let response;
+    for (let attempt = 0; ; attempt++) {
+      response = await fetch("v1/chat/completions", {
+        method: "POST", headers, signal: controller.signal, body,
+      });
+      // A model loading on demand: wait as the server asks, then ask again.
+      if (response.status !== 503 || attempt >= cfg.loadRetries) break;
+      let code = null;
+      try { code = (await response.clone().json()).error.code; } catch (e) { /* not JSON */ }
+      if (code !== "model_loading") break;
+      answerText.textContent = t("loading", {model});
+      const wait = Number(response.headers.get("Retry-After")) || 5;
+      await new Promise((resolve) => setTimeout(resolve, wait * 1000));
+      answerText.textContent = "";
+    }
     if (!response.ok) {
       let message = response.statusText;
       try { message = (await response.json()).error.message; } catch (e) { /* not JSON */ }
@@ -255,7 +298,7 @@ async function send() {
     await readStream(response, (delta) => {
       answer += delta;
       answerText.textContent = answer;
-    });
+    }, (answeredBy) => { answerBox.dataset.model = answeredBy; });
     finishAnswer(userMessage, answerBox, answer);
   } catch (e) {
     if (e && e.name === "AbortError") {
@@ -324,6 +367,12 @@ $("drop").addEventListener("drop", (e) => {
   $("drop").classList.remove("over");
   readImageFile(e.dataTransfer.files[0]);
 });
+$("model").addEventListener("change", () => {
+  stored("mmjobs.model", $("model").value);
+  applyLang();
+});
+const remembered = stored("mmjobs.model");
+if (remembered && cfg.models.includes(remembered)) $("model").value = remembered;
 $("lang-toggle").addEventListener("click", () => {
   lang = lang === "ko" ? "en" : "ko";
   stored("mmjobs.lang", lang);
@@ -349,6 +398,10 @@ _PAGE = """<!doctype html>
   <button type="button" id="lang-toggle" aria-label="Language / 언어"></button>
 </header>
 <main>
+  <div class="row" id="model-row"__MODEL_ROW_HIDDEN__>
+    <label for="model" data-i18n="model"></label>
+    <select id="model">__OPTIONS__</select>
+  </div>
   <div id="transcript" aria-live="polite"></div>
   <div id="error" role="alert" hidden></div>
   <form id="chat" autocomplete="off">

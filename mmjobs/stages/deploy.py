@@ -18,12 +18,16 @@ container (a missing Secret), or the rollout is not done within `timeout_s`, the
 with the pods' reasons; the objects stay for `kubectl describe`. The result's `output` is the
 server's in-cluster URL: the chat page at `/`, the OpenAI-compatible API at `/v1`.
 
+With `models` (the lavin-sweep pipeline sets one entry per swept setting) the one Deployment
+serves them all: clients pick one by `model`, the chat page has a selector of the settings.
+
 The service account needs create/get/patch on deployments and services and list on pods in
 the namespace: the Helm chart's runner Role grants them with `serve.pipelineDeploy=true`.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -71,7 +75,7 @@ class DeployConfig(StageConfig, ServerSpec):
                 "{port}; model and adapter are fields of their own; the bearer key comes from "
                 "secrets.bearer); remove them", {"keys": ", ".join(reserved), "port": k8s.PORT})
         try:  # the server's own checks, now rather than in a crash-looping pod
-            ServeConfig.model_validate({**serve, "model": "<model>"})
+            ServeConfig.model_validate({**serve, "model": "<model>"})  # models: ServerSpec
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'serve'}: "
                                  f"{err['msg']}" for err in e.errors())
@@ -85,7 +89,8 @@ class DeployResult(StageResult):
 
     name: str
     namespace: str
-    model_name: str
+    model_name: str  # the default (first) model
+    model_names: list[str] = Field(default_factory=list)  # every model the server serves
     action: str  # created | updated
     ready_replicas: int
 
@@ -109,8 +114,17 @@ def main(cfg: DeployConfig, *, api: Any = None) -> DeployResult:
         raise DeployError(f"no namespace: set `namespace` ({kube.NAMESPACE_FILE} is missing and "
                           f"{kube.NAMESPACE_ENV} is not set)")
     name = cfg.name or k8s.server_name(cfg.experiment)
-    annotations = {"mmjobs.io/model": cfg.model, "mmjobs.io/experiment": cfg.experiment,
+    annotations = {"mmjobs.io/experiment": cfg.experiment,
                    "mmjobs.io/pipeline-run-id": cfg.pipeline_run_id}
+    if cfg.model:
+        annotations["mmjobs.io/model"] = cfg.model
+        names = [cfg.serve.get("served_model_name") or default_model_name(cfg.model)]
+        what = cfg.model + (f" + {cfg.adapter}" if cfg.adapter else "")
+    else:  # several: a new list (or a model's new URI) rolls the pods
+        annotations["mmjobs.io/models"] = json.dumps(
+            {m.name: m.model + (f" + {m.adapter}" if m.adapter else "") for m in cfg.models})
+        names = [m.name for m in cfg.models]
+        what = f"{len(names)} models ({', '.join(names)})"
     if cfg.adapter:
         annotations["mmjobs.io/adapter"] = cfg.adapter
     try:
@@ -122,21 +136,22 @@ def main(cfg: DeployConfig, *, api: Any = None) -> DeployResult:
                                                     annotations=annotations,
                                                     progress_deadline_s=int(cfg.timeout_s)))
     server.apply_service(k8s.service(name=name, namespace=namespace))
-    log.info("%s: %s for %s%s; waiting until it is ready (up to %g s)", server, action,
-             cfg.model, f" + {cfg.adapter}" if cfg.adapter else "", cfg.timeout_s)
+    log.info("%s: %s for %s; waiting until it is ready (up to %g s)", server, action, what,
+             cfg.timeout_s)
     ready = server.wait(timeout_s=cfg.timeout_s, poll_s=cfg.poll_s,
                         max_restarts=cfg.max_restarts)
     address = k8s.url(name, namespace)
     log.info("%s: ready (%d replicas) at %s (chat page /, OpenAI API %s/v1)", server, ready,
              address, address)
     return DeployResult(output=address, name=name, namespace=namespace, action=action,
-                        model_name=cfg.serve.get("served_model_name")
-                        or default_model_name(cfg.model), ready_replicas=ready)
+                        model_name=names[0], model_names=names, ready_replicas=ready)
 
 
 # A light launcher (the server itself runs the recipe's eval image); no output of its own.
 STAGE = Stage(name=NAME, config=DeployConfig, result=DeployResult, main=main, image="data",
-              own_output=False, inputs=(Input("model"), Input("adapter", default="")),
+              own_output=False,
+              # model: "" when the config lists `models` (a sweep's settings) instead.
+              inputs=(Input("model", default=""), Input("adapter", default="")),
               errors=(DeployError,))
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ controller's view) and pods. The kubernetes client talks to it over HTTP on 127.
   followed until the replicas are ready, the in-cluster URL returned;
 - a later run: the existing server is patched (spec replaced, the Service keeps its cluster
   IP) and a stale "ready" status of the old spec is not mistaken for the new one;
+- a sweep's settings (`models`): one Deployment whose server serves them all;
 - failures name the pods' reasons: a crash loop quotes the log tail, a missing Secret fails at
   once, an unschedulable pod fails at the timeout, an exceeded progress deadline fails;
 - RBAC refusals say which chart setting grants the rules; a Deployment of that name that is
@@ -28,6 +29,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import yaml
 
 from mmjobs.serve import k8s
 from mmjobs.stages import deploy
@@ -174,6 +176,14 @@ def kube() -> Iterator[tuple[FakeKube, Any, str]]:
         yield fake, api, host
 
 
+def schema_problems(doc: dict[str, Any]) -> list[str]:
+    """An object as the fake API server stored it, checked against every Kubernetes version's
+    schema (without the fields the server adds: status, generation)."""
+    clean = {k: v for k, v in doc.items() if k != "status"}
+    clean["metadata"] = {k: v for k, v in doc["metadata"].items() if k != "generation"}
+    return [p for version in KUBE_VERSIONS for p in validate_manifest(clean, version)]
+
+
 def config(**overrides: Any) -> deploy.DeployConfig:
     base = {"model": MODEL, "image": IMAGE, "experiment": "chart-demo",
             "pipeline_run_id": "run-1", "namespace": NAMESPACE, "gpus": 1,
@@ -205,10 +215,7 @@ def test_new_server_is_created_followed_until_ready_and_its_url_returned(kube):
     created = fake.objects[("deployments", NAME)]
     service = fake.objects[("services", NAME)]
     for doc in (created, service):
-        clean = {k: v for k, v in doc.items() if k != "status"}
-        clean["metadata"] = {k: v for k, v in doc["metadata"].items() if k != "generation"}
-        for version in KUBE_VERSIONS:
-            assert validate_manifest(clean, version) == []
+        assert schema_problems(doc) == []
     assert policy.policy_violations([created]) == []
     (container,) = created["spec"]["template"]["spec"]["containers"]
     assert container["image"] == IMAGE
@@ -257,6 +264,34 @@ def test_a_later_run_updates_the_server_and_waits_for_the_new_spec(kube):
     assert fake.objects[("services", NAME)]["spec"]["clusterIP"] == "10.96.0.7"
     reads = [c for c in fake.calls("GET") if c == f"GET {DEPLOYMENTS}/{NAME}"]
     assert len(reads) == 1 + 3  # the ownership check, then stale, not ready, ready
+
+
+def test_a_sweep_s_settings_are_one_server(kube):
+    """lavin-sweep's deploy step: every setting's merged model behind one Deployment."""
+    fake, api, _ = kube
+    fake.statuses = [status()]
+    run = "s3://mmjobs/store/lavin-sweep/run-1"
+    models = [{"name": s, "model": f"{run}/merge-{s}"} for s in ("baseline", "dec-dropout")]
+    result = deploy.main(config(model=None, models=models, experiment="lavin-sweep",
+                                serve={"conversation_format": "lavin",
+                                       "max_loaded_models": 1}), api=api)
+    name = "mmjobs-serve-lavin-sweep"
+    assert (result.name, result.model_name, result.model_names) == (
+        name, "baseline", ["baseline", "dec-dropout"])
+    created = fake.objects[("deployments", name)]
+    assert schema_problems(created) == []
+    assert policy.policy_violations([created]) == []
+    (container,) = created["spec"]["template"]["spec"]["containers"]
+    assert container["args"][:2] == ["--host=0.0.0.0", "--port=8000"]  # no single model
+    (listed,) = [a.removeprefix("models=") for a in container["args"]
+                 if a.startswith("models=")]
+    assert yaml.safe_load(listed) == models  # `mmjobs serve --set models=...` reads it back
+    notes = created["metadata"]["annotations"]
+    assert "mmjobs.io/model" not in notes
+    assert json.loads(notes["mmjobs.io/models"]) == {
+        "baseline": f"{run}/merge-baseline", "dec-dropout": f"{run}/merge-dec-dropout"}
+    with pytest.raises(ValueError, match="models"):  # a recipe cannot sneak them into serve
+        config(serve={"models": models})
 
 
 # --------------------------------------------------------------------------- failures

@@ -115,33 +115,47 @@ def test_sweep_fans_out_with_parallel_for(tmp_path: Path) -> None:
                if name != "convert"), {n: t.get("dependentTasks") for n, t in tasks.items()}
 
 
-def test_sweep_deploys_each_setting_s_lavin_when_enabled(tmp_path: Path) -> None:
+def test_sweep_deploys_every_setting_behind_one_server_when_enabled(tmp_path: Path) -> None:
     out = tmp_path / "p.yaml"
     pipeline_runner.compile_recipe("pipelines/recipes/lavin-sweep.yaml", out,
                                    ["stages.deploy.enabled=true",
-                                    "stages.deploy.name=lavin"])
+                                    "stages.deploy.name=lavin"], run_id="run-1")
     spec = next(yaml.safe_load_all(out.read_text()))
-    loop = next(t for t in spec["root"]["dag"]["tasks"].values()
-                if "parameterIterator" in t)
+    tasks = spec["root"]["dag"]["tasks"]
+    loop_name, loop = next((n, t) for n, t in tasks.items() if "parameterIterator" in t)
     body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
-    deploy = body["deploy"]
-    assert deploy["inputs"]["parameters"]["model"]["taskOutputParameter"] == {
-        "producerTask": "merge", "outputParameterKey": "Output"}
-    assert "evaluate" in deploy["dependentTasks"]
-    configs = [json.loads(item["deploy"])
-               for item in yaml.safe_load(loop["parameterIterator"]["items"]["raw"])]
-    assert {(c["name"], c["serve"]["served_model_name"]) for c in configs} == {
-        (f"lavin-{row}", row) for row in ("baseline", "cyclical-lr", "step-decay", "exp-decay",
-                                          "inc-dropout", "dec-dropout", "inc-dropout-v2",
-                                          "dec-dropout-v2")}
-    assert all(c["serve"]["conversation_format"] == "lavin" for c in configs)
+    assert "deploy" not in body  # not one server per setting
+    deploy = tasks["deploy"]
+    assert loop_name in deploy["dependentTasks"]  # after every setting is evaluated
+    assert "model" not in deploy["inputs"]["parameters"]  # the settings are in its config
+    config = json.loads(deploy["inputs"]["parameters"]["config_json"]["runtimeValue"]
+                        ["constant"])
+    merges = [json.loads(item["merge"])["output"]
+              for item in yaml.safe_load(loop["parameterIterator"]["items"]["raw"])]
+    rows = ("baseline", "cyclical-lr", "step-decay", "exp-decay", "inc-dropout", "dec-dropout",
+            "inc-dropout-v2", "dec-dropout-v2")
+    assert config["name"] == "lavin"
+    assert config["models"] == [{"name": row, "model": merge}
+                                for row, merge in zip(rows, merges, strict=True)]
+    assert all(m.endswith(f"/run-1/merge-{row}") for row, m in zip(rows, merges, strict=True))
+    assert config["serve"]["conversation_format"] == "lavin"
+    # The step's config is a valid deploy config, and its Deployment a valid object.
+    from mmjobs.serve import k8s
+    from mmjobs.stages.deploy import DeployConfig
+    from tests.k8s.validation import KUBE_VERSIONS, validate_manifest
+
+    cfg = DeployConfig.model_validate(config)
+    doc = k8s.deployment(cfg, name="lavin", namespace="team-a")
+    assert all(validate_manifest(doc, v) == [] for v in KUBE_VERSIONS)
+    # A recipe may not list the models itself: the pipeline does.
+    with pytest.raises(ConfigError, match=r"stages\.deploy\.models"):
+        pipeline_runner.compile_recipe("pipelines/recipes/lavin-sweep.yaml", out, [
+            "stages.deploy.enabled=true", 'stages.deploy.models=[{name: a, model: s3://x}]'])
     # Without enabled: true, no deploy step (the section is still checked).
     pipeline_runner.compile_recipe("pipelines/recipes/lavin-sweep.yaml", out,
                                    ["stages.deploy.replicas=2"])
     spec = next(yaml.safe_load_all(out.read_text()))
-    loop = next(t for t in spec["root"]["dag"]["tasks"].values()
-                if "parameterIterator" in t)
-    assert "deploy" not in spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert "deploy" not in spec["root"]["dag"]["tasks"]
 
 
 def test_step_sections_are_checked_against_stage_configs() -> None:

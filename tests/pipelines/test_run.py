@@ -1,6 +1,7 @@
 """Recipes run end to end locally (KFP's local runner), scaled down onto generated fixtures in
 each recipe's published layout; failures name the step. lavin-sweep builds its LaVIN from the
-Meta-format LLaMA and CLIP-224 replicas, runs all eight rows and serves one of them;
+Meta-format LLaMA and CLIP-224 replicas, runs all eight rows and serves them behind one chat
+page (`mmjobs chat`);
 llava-dataengine, chartwiz, chameleon-interleaved and chartmoe run on the replicas of their base
 models in test_recipes_on_replicas.py, test_chameleon_recipe.py and test_chartmoe_recipe.py.
 The demo (`make demo`) runs as shipped, on its own tiny model."""
@@ -12,13 +13,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from mmjobs import pipeline_runner, storage
 from tests.pipelines import fixtures
-from tests.pipelines.runs import RecipeRuns, uses_run
+from tests.pipelines.runs import RecipeRuns, SharedRun, uses_run
 
 # The eight rows of LaVIN's study (the recipe's sweep), each a setting of the scaled-down run.
 LAVIN_ROWS = {"baseline", "cyclical-lr", "step-decay", "exp-decay", "inc-dropout", "dec-dropout",
@@ -45,7 +47,7 @@ def test_recipe_runs_scaled_down(recipe: str, recipe_runs: RecipeRuns, tmp_path:
         assert storage.exists(outcome.report)
     if recipe == "lavin-sweep":
         _check_lavin_rows(outcome, results, run.root / "data" / "models" / "lavin")
-        _serve_swept_model(Path(outcome.run_dir) / "merge-dec-dropout", tmp_path)
+        _chat_with_the_swept_models(run, tmp_path)
 
 
 def _check_lavin_rows(outcome: pipeline_runner.RunOutcome, results: str, built: Path) -> None:
@@ -78,29 +80,48 @@ def _check_lavin_rows(outcome: pipeline_runner.RunOutcome, results: str, built: 
         assert adapters[row]["text"] == pytest.approx(walk), row
 
 
-def _serve_swept_model(model: Path, tmp_path: Path) -> None:
-    """`mmjobs serve` (the serve stage's entrypoint) on a swept LaVIN: an image question and
-    a text question answered over the OpenAI-compatible API."""
+def _chat_with_the_swept_models(run: SharedRun, tmp_path: Path) -> None:
+    """`mmjobs chat RECIPE` (with the run's overrides) finds the finished run and serves all
+    eight settings from one server, at most two in memory: `GET /v1/models` lists them, an
+    image question and a text question go to the settings they name (one loaded on demand)."""
     from tests.integration.serve.client import Client, chart_png, chat_body
     from tests.servers import free_port
 
+    with run.environment():
+        # `mmjobs chat` finds the folder `mmjobs run` chose for this recipe and overrides.
+        assert pipeline_runner.run_dir(run.path, run.overrides) == run.outcome.run_dir
+        env = dict(os.environ)
     port = free_port()
-    log = tmp_path / "serve.log"
+    log = tmp_path / "chat.log"
+    overrides = [arg for o in run.overrides for arg in ("--set", o)]
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mmjobs"), "serve", str(model), "--port", str(port),
-         "--set", "served_model_name=lavin-dec-dropout", "--set", "default_max_new_tokens=6"],
-        cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
+        [str(Path(sys.executable).parent / "mmjobs"), "chat", run.path, *overrides,
+         "--port", str(port), "--max-loaded-models", "2"],
+        cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.PIPE,
         stderr=log.open("wb"), start_new_session=True)
     try:
         client = Client(f"http://127.0.0.1:{port}")
         client.wait_ready(180)
-        with_image = client.chat(chat_body("lavin-dec-dropout", "Which color is the bar?",
-                                           image=chart_png(1), temperature=0))
+        models = client.request("GET", "/v1/models").json()["data"]
+        assert sorted(m["id"] for m in models) == sorted(LAVIN_ROWS)
+        assert sum(m["loaded"] for m in models) == 2  # the first two (max_loaded_models)
+        page = client.request("GET", "/").body.decode()
+        assert all(f'<option value="{row}">' in page for row in LAVIN_ROWS)
+        with_image = client.chat(chat_body("baseline", "Which color is the bar?",
+                                           image=chart_png(1), temperature=0,
+                                           max_tokens=6))
         assert with_image.status == 200, with_image.body
         usage = with_image.json()["usage"]
-        text_only = client.chat(chat_body("lavin-dec-dropout", "Which word rhymes?",
-                                          temperature=0))
+        deadline = time.monotonic() + 180
+        while True:  # not in memory yet: it loads in place of an idle one
+            text_only = client.chat(chat_body("dec-dropout", "Which word rhymes?",
+                                              temperature=0, max_tokens=6))
+            if text_only.status != 503 or time.monotonic() > deadline:
+                break
+            assert text_only.error["code"] == "model_loading", text_only.body
+            time.sleep(0.5)
         assert text_only.status == 200, text_only.body
+        assert text_only.json()["model"] == "dec-dropout"
         # LaVIN's layout: 6 visual tokens after "Image: " (text-only prompts say "N/A").
         assert usage["prompt_tokens"] > text_only.json()["usage"]["prompt_tokens"]
         assert 1 <= usage["completion_tokens"] <= 6
@@ -109,6 +130,7 @@ def _serve_swept_model(model: Path, tmp_path: Path) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.communicate(timeout=60)
     assert proc.returncode == 0, log.read_text()
+    assert "unloaded to make room" in log.read_text()
 
 
 @pytest.mark.slow

@@ -270,8 +270,16 @@ def _collect_results(build: Any, outcome: RunOutcome) -> None:
 def results_markdown(title: str, summaries: dict[str, dict[str, Any]],
                      rows: dict[str, dict[str, dict[str, Any]]]) -> str:
     """The run's evaluations as the seed tables: ChartMoE's @AP table for ChartQA, LaVIN's
-    NAT…Average table for ScienceQA, MLLM-DataEngine's Main Results across benchmarks."""
-    from mmjobs.eval.report import ap_table, headline, results_table, scienceqa_table
+    NAT…Average table for ScienceQA, MLLM-DataEngine's Main Results across benchmarks, the
+    Chameleon Plus win / lose / equal table for pairwise judges."""
+    from mmjobs.eval.report import (
+        PAIRWISE_MODES,
+        ap_table,
+        headline,
+        results_table,
+        scienceqa_table,
+        win_lose_table,
+    )
 
     parts = [f"# {title}: results", ""]
     by_metric: dict[str, dict[str, dict[str, Any]]] = collections.defaultdict(dict)
@@ -284,6 +292,10 @@ def results_markdown(title: str, summaries: dict[str, dict[str, Any]],
             parts += ["## ChartQA relaxed accuracy (@AP)", "", ap_table(group), ""]
         elif metric == "scienceqa":
             parts += ["## ScienceQA accuracy (%)", "", scienceqa_table(group), ""]
+        elif metric == "judge" and any((s.get("judge") or {}).get("mode") in PAIRWISE_MODES
+                                       for s in group.values()):
+            parts += ["## Judged against the baseline: win / lose / equal", "",
+                      win_lose_table(group), ""]
     parts += ["## Headline per evaluation", "", "| evaluation | metric | value |",
               "| --- | --- | --- |"]
     for label, summary in summaries.items():

@@ -12,10 +12,12 @@ Mixed precision `auto` means bf16 autocast on a GPU that supports bf16 and fp32 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -189,6 +191,21 @@ def build_accelerator(*, mixed_precision: str, grad_accum: int, deepspeed: str,
              accelerator.distributed_type, accelerator.num_processes, accelerator.device,
              precision, f", deepspeed {deepspeed}" if plugin else "")
     return accelerator
+
+
+@contextlib.contextmanager
+def whole_model_loading(accelerator: Any) -> Iterator[None]:
+    """Load models whole inside this block, even under ZeRO-3: a frozen model used outside the
+    DeepSpeed engine (an RL reference or reward model) must hold its own weights, and one the
+    engine takes over later (PPO's critic) is partitioned when the engine wraps it. Elsewhere
+    (no DeepSpeed, ZeRO-2) loading is whole anyway."""
+    state = getattr(accelerator, "state", None)
+    plugin = getattr(state, "deepspeed_plugin", None)
+    if plugin is None or not getattr(plugin, "zero3_init_flag", False):
+        yield
+        return
+    with plugin.zero3_init_context_manager(enable=False):
+        yield
 
 
 def text_hidden_size(spec: Any) -> int | None:

@@ -66,7 +66,7 @@ from mmjobs.logs import get_logger
 from mmjobs.train import checkpoint as ckpt
 from mmjobs.train import trainer as base_trainer
 from mmjobs.train.batches import loss_sum, num_images, sample_lengths
-from mmjobs.train.distributed import all_reduce_sum
+from mmjobs.train.distributed import all_reduce_sum, whole_model_loading
 from mmjobs.train.methods import RL_MODES
 from mmjobs.train.outputs import TrainingPreempted
 from mmjobs.train.ppo import AdaptiveKLController
@@ -144,8 +144,12 @@ class RLRecipe(TrainRecipe):
             from mmjobs.train.model_setup import frozen_components
             from mmjobs.train.reward_model import load_critic
 
-            critic = load_critic(self.cfg.rl.reward.model, freeze_parts=frozen_components(self.cfg),
-                                 gradient_checkpointing=self.cfg.gradient_checkpointing)
+            # Whole (a LoRA reward model is merged first); under ZeRO-3 the engine
+            # partitions it with the actor when the recipe prepares the model.
+            with whole_model_loading(self.accelerator):
+                critic = load_critic(self.cfg.rl.reward.model,
+                                     freeze_parts=frozen_components(self.cfg),
+                                     gradient_checkpointing=self.cfg.gradient_checkpointing)
             disable_dropout_in_model(critic)
             log.info("critic: a separate model initialised from the reward model %s",
                      self.cfg.rl.reward.model)
@@ -222,14 +226,18 @@ class RLRecipe(TrainRecipe):
             tokenizer, max_new_tokens=cfg.rl.max_new_tokens, temperature=cfg.rl.temperature,
             eos_token_ids=eos, suppress_token_ids=suppress,
             synced_gpus=cfg.deepspeed.startswith("zero3") and self.dist.world_size > 1)
-        reward = build_reward(cfg.rl.reward, tokenizer=tokenizer, device=acc.device,
-                              batch_size=cfg.per_device_batch_size)
+        # Frozen models run outside the DeepSpeed engine: whole on every rank, even under
+        # ZeRO-3 (as Align-Anything keeps its reference and reward model next to the actor).
+        with whole_model_loading(acc):
+            reward = build_reward(cfg.rl.reward, tokenizer=tokenizer, device=acc.device,
+                                  batch_size=cfg.per_device_batch_size)
         reference = None
         unwrapped = acc.unwrap_model(self.model)
         if cfg.rl.reference_kind(cfg.finetune) == "frozen_copy":
             # Loaded the way the policy was (for_training: e.g. Chameleon's image tokens
             # unmasked), so both score the same vocabulary; frozen and in eval mode below.
-            reference = load_model(self.spec, for_training=True, device=acc.device).model
+            with whole_model_loading(acc):
+                reference = load_model(self.spec, for_training=True, device=acc.device).model
         elif not hasattr(unwrapped.vlm, "disable_adapter"):
             raise ConfigError("train stage config", [
                 "train.rl.reference: implicit_lora needs a LoRA model; use frozen_copy"])

@@ -121,11 +121,10 @@ def test_combination_problems_are_one_line_each_naming_the_setting():
         "preference.reference: frozen_copy keeps a whole second model on every GPU, which "
         "ZeRO-3 is meant to avoid; use finetune: lora with reference: implicit_lora, or "
         "deepspeed: zero2"]
-    got = errors({**STAGE, "train": {"mode": "ppo", "finetune": "full", "deepspeed": "zero3",
-                                     "rl": {"reward": KEYWORD}}}, model=TrainStageConfig)
-    assert got == ["train.rl.reference: frozen_copy (reference: auto, finetune: full) keeps a "
-                   "whole second model on every GPU, which ZeRO-3 is meant to avoid; use "
-                   "finetune: lora (reference implicit_lora), or deepspeed: zero2"]
+    # ppo/grpo keep their frozen reference (and reward model) whole next to a ZeRO-3 actor,
+    # as Align-Anything's PPO does (its ds_z3_config); `mmjobs plan` counts the copies.
+    load_config(TrainStageConfig, {**STAGE, "train": {
+        "mode": "ppo", "finetune": "full", "deepspeed": "zero3", "rl": {"reward": KEYWORD}}})
 
 
 def test_a_dump_without_defaults_keeps_the_mode():

@@ -199,13 +199,21 @@ def whole_model_loading(accelerator: Any) -> Iterator[None]:
     DeepSpeed engine (an RL reference or reward model) must hold its own weights, and one the
     engine takes over later (PPO's critic) is partitioned when the engine wraps it. Elsewhere
     (no DeepSpeed, ZeRO-2) loading is whole anyway."""
-    state = getattr(accelerator, "state", None)
-    plugin = getattr(state, "deepspeed_plugin", None)
-    if plugin is None or not getattr(plugin, "zero3_init_flag", False):
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    # transformers builds models sharded while its global HfDeepSpeedConfig (a weak reference
+    # the accelerate plugin registered) says ZeRO-3; unset it for the block, then restore it.
+    # (accelerate's zero3_init_context_manager cannot: other holders keep the object alive.)
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    if config is None or not hf_deepspeed.is_deepspeed_zero3_enabled():
         yield
         return
-    with plugin.zero3_init_context_manager(enable=False):
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
         yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def text_hidden_size(spec: Any) -> int | None:

@@ -157,6 +157,7 @@ def test_ppo_with_align_anythings_critic_under_zero3(tmp_path, tiny_llava_dir, p
     """The chameleon recipe's PPO at real size: full fine-tuning under ZeRO-3 with a whole
     frozen reference and reward model on every rank and the critic, a copy of the reward
     model, sharded with the actor; export gathers both."""
+    from mmjobs.train.reward_model import load_reward_model
     from tests.train_fixtures import read_tensors
 
     train = {**{k: v for k, v in LORA.items() if k != "lora"}, "finetune": "full",
@@ -182,6 +183,6 @@ def test_ppo_with_align_anythings_critic_under_zero3(tmp_path, tiny_llava_dir, p
     assert run.result["critic"].endswith("final/critic/reward_model")
     exported = read_tensors(run.result["critic"])
     assert exported["value_head.safetensors:weight"].equal(critic["value_head.weight"])
-    model = {k.split(":", 1)[1]: v for k, v in exported.items() if k.startswith("model/")}
+    loaded = load_reward_model(run.result["critic"]).state_dict()
     for name in shared:
-        assert model[name].float().equal(critic[f"vlm.{name}"].float()), name
+        assert loaded[f"vlm.{name}"].float().equal(critic[f"vlm.{name}"].float()), name

@@ -423,9 +423,16 @@ def results_markdown(title: str, summaries: dict[str, dict[str, Any]],
     """The run's evaluations as the seed tables: ChartMoE's @AP table for ChartQA, LaVIN's
     NAT…Average table for ScienceQA, MLLM-DataEngine's Main Results across benchmarks (with
     `data_amounts`, its Incremental Dataset / Data Amount columns), the per-task table of the
-    `chartwiz` metric, and the evaluation-server upload files (`submissions`, from the infer
-    steps)."""
-    from mmjobs.eval.report import ap_table, headline, results_table, scienceqa_table
+    `chartwiz` metric, the Chameleon Plus win / lose / equal table for pairwise judges, and the
+    evaluation-server upload files (`submissions`, from the infer steps)."""
+    from mmjobs.eval.report import (
+        PAIRWISE_MODES,
+        ap_table,
+        headline,
+        results_table,
+        scienceqa_table,
+        win_lose_table,
+    )
 
     parts = [f"# {title}: results", ""]
     by_metric: dict[str, dict[str, dict[str, Any]]] = collections.defaultdict(dict)
@@ -444,6 +451,10 @@ def results_markdown(title: str, summaries: dict[str, dict[str, Any]],
             for label, summary in group.items():
                 parts += [f"## ChartWiz chart QA accuracy (%): {label}", "",
                           chartwiz_table(summary), ""]
+        elif metric == "judge" and any((s.get("judge") or {}).get("mode") in PAIRWISE_MODES
+                                       for s in group.values()):
+            parts += ["## Judged against the baseline: win / lose / equal", "",
+                      win_lose_table(group), ""]
     if submissions:
         parts += ["## Evaluation-server uploads", "",
                   "| step | file | questions | answered | unanswered |",

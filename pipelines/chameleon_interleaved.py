@@ -5,11 +5,14 @@ prepare-sft (Align-Anything TI2TI rows: responses with output images), prepare-p
 (preference pairs, output images inside the responses), prepare-prompts (prompt-only, PPO
 rollouts) and prepare-test (evaluation prompts) → pretokenize-sft / -preference / -prompts
 (worker processes in parallel; images become VQ tokens, the output images' tokens inside the
-labels; content-addressed cache) → sft → rm (reward model on the SFT model) → ppo (policy =
-the SFT model, reward = rm) and the dpo branch (from the SFT model) → infer-sft / -dpo / -ppo
-(batched interleaved generation: text and images, decoded to PNGs with the VQ decoder of the
-base model) → evaluate-* (LLM judge on an OpenAI-compatible endpoint: graded one by one, or
-pairwise against the SFT model's answers, the seed's before/after comparison) → report.
+labels; content-addressed cache) → sft, rm and dpo, each from the base model, and ppo (actor
+from the base model, reward = rm, critic = a separate copy of rm trained at its own lr:
+Align-Anything's topology) → infer-sft / -dpo / -ppo and infer-baseline (a second model's
+answers, Anole-7b in the seed; batched interleaved generation: text and images, decoded to
+PNGs with the VQ decoder of the base model) → evaluate-* (LLM judge on an OpenAI-compatible
+endpoint: Align-Anything's interleaved-compare of each model against the baseline, giving the
+seed's win / lose / equal table; or pairwise (MT-Bench prompt) against it; or single grades,
+the baseline graded too) → report.
 
 The judge's API key is never in the recipe: on a cluster the evaluate pods get the variable
 named by `stages.evaluate.judge.key_env` from the Kubernetes Secret `mmjobs-judge` (optional,
@@ -27,6 +30,7 @@ from mmjobs.logs import get_logger
 from pipelines.builder import Build
 
 NAME = "chameleon-interleaved"
+BASELINE = "baseline"
 JUDGE_SECRET = "mmjobs-judge"
 TRAIN_WIRED = ("data", "model.name_or_path")
 log = get_logger(__name__)
@@ -45,15 +49,18 @@ def wire(b: Build) -> None:
               for name, data in (("sft", sft_set), ("preference", pref_set),
                                  ("prompts", prompt_set))}
 
+    # Align-Anything's topology (scripts/chameleon/chameleon_{rm,dpo,ppo}.sh): sft, rm and dpo
+    # each start from the base model, and so does ppo's actor; ppo's critic is a separate
+    # model initialised from the reward model (rl.critic: reward_model in the recipe).
     sft_cfg = b.config("sft", "train", fixed={"train": {"mode": "sft"}}, wired=TRAIN_WIRED)
     sft = b.step("sft", "train", config=sft_cfg, data=shards["sft"].output, model=base)
-    policy = sft.output  # a full fine-tune returns its model directory
+    sft_model = sft.output  # a full fine-tune returns its model directory
     if _lora(sft_cfg):
-        policy = b.step("merge", "merge", base=base, adapter=sft.output).output
+        sft_model = b.step("merge", "merge", base=base, adapter=sft.output).output
     rm_cfg = b.config("rm", "train", fixed={"train": {"mode": "rm"}}, wired=TRAIN_WIRED)
-    rm = b.step("rm", "train", config=rm_cfg, data=shards["preference"].output, model=policy)
+    rm = b.step("rm", "train", config=rm_cfg, data=shards["preference"].output, model=base)
     dpo_cfg = b.config("dpo", "train", fixed={"train": {"mode": "dpo"}}, wired=TRAIN_WIRED)
-    dpo = b.step("dpo", "train", config=dpo_cfg, data=shards["preference"].output, model=policy)
+    dpo = b.step("dpo", "train", config=dpo_cfg, data=shards["preference"].output, model=base)
     # The reward model is the rm step's committed final/ (a fixed path: outputs are laid out
     # by step name), so the ppo step waits for it explicitly.
     reward = {"kind": "model", "model": storage.join(rm_cfg["output"], "final")}
@@ -62,7 +69,7 @@ def wire(b: Build) -> None:
     # Align-Anything's ptx: the SFT data's next-token loss mixed into every PPO update.
     ptx = ({"ptx_data": shards["sft"].output}
            if ppo_cfg.get("train", {}).get("rl", {}).get("ptx_coef") else {})
-    ppo = b.step("ppo", "train", config=ppo_cfg, data=shards["prompts"].output, model=policy,
+    ppo = b.step("ppo", "train", config=ppo_cfg, data=shards["prompts"].output, model=base,
                  **ptx)
     ppo.after(rm)
 
@@ -73,35 +80,50 @@ def wire(b: Build) -> None:
                       "vq_decoder": decoder}
     predictions = {}
     for name, task, cfg in (("sft", sft, sft_cfg), ("dpo", dpo, dpo_cfg), ("ppo", ppo, ppo_cfg)):
-        inputs: dict[str, Any] = {"model": policy, "dataset": test_set.output}
+        inputs: dict[str, Any] = {"model": sft_model if name == "sft" else task.output,
+                                  "dataset": test_set.output}
         if name != "sft" and _lora(cfg):
-            inputs["adapter"] = task.output
-        elif name != "sft":
-            inputs["model"] = task.output
+            inputs.update(model=base, adapter=task.output)
         config = b.config(f"infer-{name}", "infer", key=("infer", f"infer-{name}"),
                           defaults=infer_defaults, wired=tuple(inputs))
         predictions[name] = (b.step(f"infer-{name}", "infer", config=config, **inputs),
                              config["output"])
+    predictions[BASELINE] = _baseline_answers(b, base, test_set.output, infer_defaults)
 
     evaluations = []
     judge = dict(b.recipe.stages.get("evaluate", {}).get("judge") or {})
-    pairwise = judge.get("mode") == "pairwise"
+    pairwise = judge.get("mode", "single") != "single"
     for name, (task, out) in predictions.items():
-        if pairwise and name == "sft":
-            continue  # the baseline the others are compared with
+        if pairwise and name == BASELINE:
+            continue  # the model the others are compared with
         fixed: dict[str, Any] = {"label": name, "judge": {"image_root": out}}
         if pairwise:
-            fixed["judge"]["baseline"] = predictions["sft"][1]
+            fixed["judge"]["baseline"] = predictions[BASELINE][1]
         config = b.config(f"evaluate-{name}", "evaluate", key=("evaluate", f"evaluate-{name}"),
                           fixed=fixed)
         evaluation = b.step(f"evaluate-{name}", "evaluate", config=config, label=name,
                             predictions=task.output)
         if pairwise:
-            evaluation.after(predictions["sft"][0])
+            evaluation.after(predictions[BASELINE][0])
         if b.for_cluster:
             _judge_key(evaluation, config)
         evaluations.append(evaluation)
-    b.report(evaluations, title="Chameleon interleaved: SFT, DPO and PPO judged")
+    b.report(evaluations, title="Chameleon interleaved: SFT, DPO and PPO judged against "
+             "the baseline")
+
+
+def _baseline_answers(b: Build, base: Any, dataset: Any,
+                      defaults: dict[str, Any]) -> tuple[dsl.PipelineTask, str]:
+    """The infer-baseline step: the second model's answers to the test prompts, which the
+    pairwise judge compares every trained model with (the seed: Anole-7b). Its model is
+    `stages.infer-baseline.model` (a URI; the recipe imports Anole there), else the base
+    model; the rest of its settings are the other infer steps'."""
+    section = {**b.recipe.stages.get("infer", {}), **b.recipe.stages.get("infer-baseline", {})}
+    model = section.pop("model", None) or base
+    config = b.config("infer-baseline", "infer", key=("infer", "infer-baseline"),
+                      defaults=defaults, section=section, wired=("model", "dataset"))
+    task = b.step("infer-baseline", "infer", config=config, model=model, dataset=dataset)
+    return task, config["output"]
 
 
 def _lora(config: dict[str, Any]) -> bool:

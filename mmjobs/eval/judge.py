@@ -7,7 +7,11 @@ module does the same inside mmjobs, in the two formats MT-Bench made common:
 - single-answer grading: the judge explains, then rates 1-10 as `Rating: [[7]]`;
 - pairwise comparison: the judge ends with `[[A]]`, `[[B]]` or `[[C]]` (tie); with
   `swap=True` both orders are judged and an inconsistent pair counts as a tie.
-  Align-Anything's `[[responseA]]` / `[[responseB]]` / `[[Equal]]` are accepted too.
+  Align-Anything's `[[responseA]]` / `[[responseB]]` / `[[Equal]]` are accepted too;
+- interleaved comparison (`compare_interleaved`): Align-Anything's own judgment of two
+  text-and-image answers (htlou/gpt4_eval's interleaved-compare, whose criteria and
+  `Better: [[output-1]]` verdicts `mmjobs.eval.interleaved_compare` restates), each image
+  shown at its `<image>` marker.
 
 `JudgeClient` handles the transport: the API key comes only from an environment variable
 (never from a config file), requests are spaced by a token bucket, 429/5xx/connection errors
@@ -228,23 +232,66 @@ class JudgeClient:
                    images: Sequence[str | bytes] | None = None,
                    swap: bool = True) -> PairwiseJudgment:
         """Compare two answers; with `swap`, judge both orders and call disagreement a tie."""
-        orders = [(answer_a, answer_b, False)] + ([(answer_b, answer_a, True)] if swap else [])
-        verdicts: list[Winner | None] = []
-        raws: list[str] = []
-        for first, second, swapped in orders:
+        def ask(first: str, second: str) -> Winner | None:
             text = (f"[User Question]\n{question}\n\n[Assistant A's Answer]\n{first}\n\n"
                     f"[Assistant B's Answer]\n{second}\n\nEnd with [[A]], [[B]] or [[C]].")
-            raw = self.chat([{"role": "system", "content": PAIRWISE_SYSTEM},
-                             {"role": "user", "content": _content(text, images)}])
-            verdict = parse_verdict(raw)
+            raws.append(self.chat([{"role": "system", "content": PAIRWISE_SYSTEM},
+                                   {"role": "user", "content": _content(text, images)}]))
+            return parse_verdict(raws[-1])
+
+        raws: list[str] = []
+        return self._both_orders(ask, answer_a, answer_b, swap, raws,
+                                 "no single [[A]]/[[B]]/[[C]] verdict in a reply")
+
+    def compare_interleaved(self, prompt: str, output_a: str, output_b: str, *,
+                            prompt_images: Sequence[str | bytes] = (),
+                            images_a: Sequence[str | bytes] = (),
+                            images_b: Sequence[str | bytes] = (),
+                            swap: bool = False) -> PairwiseJudgment:
+        """Align-Anything's interleaved-compare judgment of two text-and-image outputs
+        (`mmjobs.eval.interleaved_compare`): A is output-1, B output-2, each image at its
+        `<image>` marker. gpt4_eval judges one order (`swap` False); with `swap` both orders
+        are judged and a disagreement is a tie.
+
+        Raises:
+            ImageCountMismatch: a text's `<image>` markers do not match its images.
+            JudgeError: the request failed after retries (or JudgeConfigError: it never can).
+        """
+        from mmjobs.eval.interleaved_compare import (
+            compare_messages,
+            parse_better,
+            with_image_markers,
+        )
+
+        prompt = with_image_markers(prompt, len(prompt_images), where="prompt")
+        output_a = with_image_markers(output_a, len(images_a), where="output A")
+        output_b = with_image_markers(output_b, len(images_b), where="output B")
+        shown = [image_data_uri(i) for i in prompt_images]
+        a = (output_a, [image_data_uri(i) for i in images_a])
+        b = (output_b, [image_data_uri(i) for i in images_b])
+
+        def ask(first: tuple[str, list[str]], second: tuple[str, list[str]]) -> Winner | None:
+            raws.append(self.chat(compare_messages(prompt, first[0], second[0],
+                                                   [*shown, *first[1], *second[1]])))
+            return parse_better(raws[-1])
+
+        raws: list[str] = []
+        return self._both_orders(ask, a, b, swap, raws,
+                                 "no Better: [[output-1]]/[[output-2]]/[[equal]] in a reply")
+
+    def _both_orders(self, ask: Any, a: Any, b: Any, swap: bool, raws: list[str],
+                     unparseable: str) -> PairwiseJudgment:
+        """`ask(first, second)` in the order (a, b), then (b, a) with `swap`; the verdicts
+        mapped back to A/B, and disagreement called a tie."""
+        verdicts: list[Winner | None] = []
+        for first, second, swapped in [(a, b, False)] + ([(b, a, True)] if swap else []):
+            verdict = ask(first, second)
             if swapped and verdict in ("A", "B"):
                 verdict = "B" if verdict == "A" else "A"
             verdicts.append(verdict)
-            raws.append(raw)
         if None in verdicts:
             self._count("unparseable")
-            return PairwiseJudgment(None, tuple(verdicts), False, tuple(raws),
-                                    error="no single [[A]]/[[B]]/[[C]] verdict in a reply")
+            return PairwiseJudgment(None, tuple(verdicts), False, tuple(raws), error=unparseable)
         consistent = len(set(verdicts)) == 1
         winner: Winner = verdicts[0] if consistent else "tie"
         return PairwiseJudgment(winner, tuple(verdicts), consistent, tuple(raws))

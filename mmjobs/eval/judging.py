@@ -25,10 +25,14 @@ from pydantic import AliasChoices, Field
 from mmjobs import settings, storage
 from mmjobs.config import StrictModel
 from mmjobs.data.json_rows import iter_jsonl
+from mmjobs.eval.interleaved_compare import ImageCountMismatch
 from mmjobs.eval.judge import JudgeClient, JudgeConfigError, JudgeError
 from mmjobs.logs import get_logger
 
 log = get_logger(__name__)
+
+JudgeMode = Literal["single", "pairwise", "interleaved-compare"]
+JUDGE_MODES: tuple[str, ...] = ("single", "pairwise", "interleaved-compare")
 
 
 class JudgeSettings(StrictModel):
@@ -36,8 +40,11 @@ class JudgeSettings(StrictModel):
 
     base_url: str = Field(description="API root with version, e.g. http://vllm:8000/v1.")
     model: str = Field(description="Judge model name.")
-    mode: Literal["single", "pairwise"] = Field(
-        "single", description="single: 1-10 grade per answer; pairwise: A vs B verdicts.")
+    mode: JudgeMode = Field(
+        "single", description="single: 1-10 grade per answer; pairwise: A vs B verdicts "
+        "(MT-Bench prompt); interleaved-compare: Align-Anything's comparison of two "
+        "text-and-image answers (htlou/gpt4_eval), each answer's generated images shown at "
+        "its <image> markers; both pairwise modes need `baseline` or prediction_a/_b rows.")
     key_env: str = Field(
         "OPENAI_API_KEY", validation_alias=AliasChoices("key_env", "api_key_env"),
         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
@@ -47,7 +54,10 @@ class JudgeSettings(StrictModel):
         None, description="pairwise: predictions JSONL (or infer folder) of the model to "
         "compare against (B); rows are matched by id. Without it, rows need prediction_a/_b.")
     workers: int = Field(4, ge=1, description="Concurrent judge requests.")
-    swap: bool = Field(True, description="pairwise: judge both orders (position-bias check).")
+    swap: bool | None = Field(None, description="pairwise modes: judge both orders "
+                              "(position-bias check; a disagreement is a tie). None: on for "
+                              "pairwise, off for interleaved-compare (gpt4_eval judges the "
+                              "evaluated model as output-1 only).")
     requests_per_minute: float | None = Field(None, gt=0, description="Client rate limit.")
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout.")
     max_retries: int = Field(5, ge=0, description="Retries for 429/5xx/connection errors.")
@@ -69,50 +79,76 @@ def judge_file(judge: JudgeSettings, source: str, baseline: str | None,
         # The judge reads its rows line by line from a local file (an S3 body iterates in
         # fixed-size chunks, not lines), so rows are always handed over as a local JSONL.
         rows = Path(tmp) / "rows.jsonl"
-        if judge.mode == "pairwise" and baseline is not None:
+        if judge.mode != "single" and baseline is not None:
             _write_pairs(source, baseline, rows)
         else:
             storage.get_file(source, rows)
+        swap = judge.swap if judge.swap is not None else judge.mode == "pairwise"
         return judge_predictions(str(rows), client=client, mode=judge.mode,
                                  output_uri=str(out_dir / "judge"), workers=judge.workers,
-                                 swap=judge.swap, image_root=judge.image_root)
+                                 swap=swap, image_root=judge.image_root)
 
 
 def _write_pairs(source: str, baseline: str, path: Path) -> None:
-    """Rows of `source` as A and the same ids of `baseline` as B, for pairwise judging."""
+    """Rows of `source` as A and the same ids of `baseline` as B, for pairwise judging.
+
+    Interleaved rows (`output_images`, `mmjobs.eval.interleaved`) also get `images_a` (A's
+    generated images, relative like A's other images) and `images_b` (B's, made absolute:
+    they are relative to the baseline's own folder), and `images` keeps the prompt's only.
+    """
+    b_root = baseline.rsplit("/", 1)[0]  # the baseline infer output's folder
     b_rows = {row.get("id"): row for row in _rows(baseline)}
     with open(path, "w", encoding="utf-8") as f:
         for row in _rows(source):
             pair = {k: v for k, v in row.items() if k != "prediction"}
             pair["prediction_a"] = row.get("prediction")
+            if "output_images" in row:
+                pair["images"], pair["images_a"] = _split_images(row)
             other = b_rows.get(row.get("id"))
             if other is not None:  # else the judge reports the row as invalid
                 pair["prediction_b"] = other.get("prediction")
                 pair.setdefault("prompt", other.get("prompt"))
+                if "output_images" in other:
+                    pair["images_b"] = [image if "://" in image or os.path.isabs(image)
+                                        else storage.join(b_root, image)
+                                        for image in _split_images(other)[1]]
             f.write(json.dumps(pair, ensure_ascii=False) + "\n")
 
 
+def _split_images(row: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(the prompt's images, the generated ones) of an interleaved predictions row, whose
+    `images` are the prompt's followed by `output_images`."""
+    generated = list(row.get("output_images") or [])
+    images = list(row.get("images") or [])
+    if generated and images[len(images) - len(generated):] == generated:
+        images = images[:len(images) - len(generated)]
+    return images, generated
+
+
 def judge_predictions(predictions_uri: str, *, client: JudgeClient,
-                      mode: Literal["single", "pairwise"] = "single", output_uri: str,
+                      mode: JudgeMode = "single", output_uri: str,
                       workers: int = 4, swap: bool = True,
                       image_root: str | None = None) -> dict[str, Any]:
     """Judge every row of a predictions JSONL; write per-row judgments and a summary.
 
     Rows: `id`, `prompt` (text or a conversation), and `prediction` (single; plus optional
-    `reference`, `gt` or `answers`) or `prediction_a` and `prediction_b` (pairwise); optional
-    `images` (store URIs, or paths relative to `image_root`).
+    `reference`, `gt` or `answers`) or `prediction_a` and `prediction_b` (pairwise modes);
+    optional `images` (store URIs, or paths relative to `image_root`): with
+    interleaved-compare the prompt's, with `images_a` / `images_b` the images of each answer
+    in the order of its `<image>` markers.
 
     Writes `{output_uri}/judgments.jsonl` (input order) and `{output_uri}/summary.json`.
     Returns the summary: counts of judged rows and failures by kind, the mean score (single)
-    or wins / losses / ties and win rates of A (pairwise), and `client_stats` (requests,
+    or wins / losses / ties and win rates of A (pairwise modes: the seed's win / lose /
+    equal, and its win rate not counting equal), and `client_stats` (requests,
     retries, cache hits, unparseable replies).
 
     Raises:
         JudgeConfigError: the endpoint rejects requests outright (URL, model or key).
         ValueError: `mode` or `workers` is invalid.
     """
-    if mode not in ("single", "pairwise"):
-        raise ValueError(f"mode must be 'single' or 'pairwise', got {mode!r}")
+    if mode not in JUDGE_MODES:
+        raise ValueError(f"mode must be one of {', '.join(JUDGE_MODES)}, got {mode!r}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
 
@@ -169,8 +205,11 @@ def _judge_row(row: dict[str, Any], client: JudgeClient, mode: str, swap: bool,
     if missing:
         return {**record, "error": f"missing field(s): {', '.join(missing)}",
                 "failure": "invalid_row"}
-    images = [image if image_root is None or "://" in image or os.path.isabs(image)
-              else storage.join(image_root, image) for image in row.get("images") or []]
+    def located(key: str) -> list[str]:
+        return [image if image_root is None or "://" in image or os.path.isabs(image)
+                else storage.join(image_root, image) for image in row.get(key) or []]
+
+    images = located("images")
     question = _prompt_text(row["prompt"])
     try:
         if mode == "single":
@@ -179,8 +218,14 @@ def _judge_row(row: dict[str, Any], client: JudgeClient, mode: str, swap: bool,
             if judgment.score is None:
                 record["failure"] = "unparseable"
         else:
-            pair = client.judge_pair(question, str(row["prediction_a"]),
-                                     str(row["prediction_b"]), images=images, swap=swap)
+            if mode == "interleaved-compare":
+                pair = client.compare_interleaved(
+                    question, str(row["prediction_a"]), str(row["prediction_b"]),
+                    prompt_images=images, images_a=located("images_a"),
+                    images_b=row.get("images_b") or [], swap=swap)
+            else:
+                pair = client.judge_pair(question, str(row["prediction_a"]),
+                                         str(row["prediction_b"]), images=images, swap=swap)
             record.update(asdict(pair))
             if pair.winner is None:
                 record["failure"] = "unparseable"
@@ -188,7 +233,7 @@ def _judge_row(row: dict[str, Any], client: JudgeClient, mode: str, swap: bool,
         raise
     except JudgeError as e:
         record.update(error=str(e), failure="request_failed")
-    except (storage.StoreError, OSError) as e:  # an image that cannot be read
+    except (storage.StoreError, OSError, ImageCountMismatch) as e:  # unreadable images
         record.update(error=str(e), failure="invalid_row")
     return record
 

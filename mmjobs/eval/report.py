@@ -15,7 +15,9 @@ or score output): `metric`, `unit` and the metric's numbers, plus, from the eval
   setting such as w/o PoT / w/ PoT),
   `scienceqa_table` (LaVIN's NAT SOC LAN TXT IMG NO G1-6 G7-12 Average per run) and
   `results_table` (MLLM-DataEngine's Main Results: SEED, MMBench, MME, GQA, VQAv2, ScienceQA
-  (accuracy/IMG) per model, optionally with the Incremental Dataset / Data Amount columns).
+  (accuracy/IMG) per model, optionally with the Incremental Dataset / Data Amount columns) and
+  `win_lose_table` (the Chameleon Plus README's GPT-4o comparison: win / lose / equal / win
+  rate not counting equal, per model against its baseline).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ TableFormat = Literal["markdown", "csv"]
 SCIENCEQA_COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12")
 CHARTQA_SPLITS = (("Human", "human"), ("Augmented", "augmented"), ("Avg", "average"))
 _UNSAFE = re.compile(r"[^\w.\-]")
+PAIRWISE_MODES = ("pairwise", "interleaved-compare")  # judge modes with A-vs-B verdicts
 
 
 # --------------------------------------------------------------------------- metric names
@@ -101,7 +104,7 @@ def headline(summary: Summary) -> tuple[str | None, float | None]:
 
     ChartQA: the Human/Augmented average at the first tolerance (ChartMoE's headline; the
     pooled accuracy when a split is missing); ScienceQA: Avg; MME: total; others: accuracy;
-    judge only: mean score (single) or A's win rate without ties (pairwise).
+    judge only: mean score (single) or A's win rate without ties (pairwise modes).
     """
     metric = summary.get("metric")
     if metric == "chartqa":
@@ -116,7 +119,7 @@ def headline(summary: Summary) -> tuple[str | None, float | None]:
     if metric is not None:
         return metric_key(metric, "accuracy"), summary.get("accuracy")
     judge = summary.get("judge") or {}
-    if judge.get("mode") == "pairwise":
+    if judge.get("mode") in PAIRWISE_MODES:
         return metric_key("judge", "win_rate_a_excluding_ties"), judge.get(
             "win_rate_a_excluding_ties")
     if judge:
@@ -148,7 +151,7 @@ def category_values(summary: Summary) -> dict[str, dict[str, float | None]]:
         cats["Overall"] = summary.get("accuracy")
         return {"accuracy": cats}
     judge = summary.get("judge") or {}
-    keys = ("win_rate_a", "win_rate_a_excluding_ties") if judge.get("mode") == "pairwise" \
+    keys = ("win_rate_a", "win_rate_a_excluding_ties") if judge.get("mode") in PAIRWISE_MODES \
         else ("mean_score",)
     return {"judge": {k: judge.get(k) for k in keys}}
 
@@ -314,6 +317,35 @@ def results_table(rows: Mapping[str, Mapping[str, Summary]], fmt: TableFormat = 
         else:
             headers.append(label)
     return _render(headers, table, fmt)
+
+
+WIN_LOSE_HEADERS = ("win", "lose", "equal", "win rate (not counting equal)")
+
+
+def win_lose_table(summaries_by_model: Mapping[str, Summary], *, baseline: str | None = None,
+                   fmt: TableFormat = "markdown") -> str:
+    """The Chameleon Plus README's comparison table: per model (row), its judged win / lose /
+    equal against the baseline and the win rate not counting equal (percent with one decimal
+    in markdown, as the seed's 57.8%; a fraction in CSV). Summaries without a pairwise judge
+    are left out.
+
+    Args:
+        summaries_by_model: row name -> evaluate summary with a pairwise `judge`.
+        baseline: the model compared against, named in a leading "vs" column when given.
+    """
+    rows = []
+    for model, summary in summaries_by_model.items():
+        judge = summary.get("judge") or {}
+        if judge.get("mode") not in PAIRWISE_MODES:
+            continue
+        rate = judge.get("win_rate_a_excluding_ties")
+        shown = (("-" if rate is None else f"{100 * rate:.1f}%") if fmt == "markdown"
+                 else ("" if rate is None else repr(rate)))
+        lead = [model, baseline] if baseline else [model]
+        rows.append([*lead, *(str(judge.get(k, 0)) for k in ("wins_a", "wins_b", "ties")),
+                     shown])
+    headers = ["model", "vs"] if baseline else ["model"]
+    return _render([*headers, *WIN_LOSE_HEADERS], rows, fmt)
 
 
 def _require(summaries: Mapping[str, Summary], metric: str, where: str) -> None:

@@ -200,9 +200,20 @@ def largest_layer_params(model: Any) -> int:
 
 
 def _set_up(model: Any, settings: TrainSettings, step: str) -> Any:
-    """Freeze/wrap as the trainer does, plus the rm and ppo heads."""
+    """Freeze/wrap as the trainer does, plus the rm and ppo heads (or ppo's separate critic:
+    a trainable copy of the same-sized reward model, `mmjobs.train.reward_model.load_critic`)."""
+    import copy
+
     from mmjobs.train.model_setup import prepare_for_training
 
+    critic = None
+    if settings.separate_critic:
+        from mmjobs.models.builder import freeze
+        from mmjobs.train.reward_model import RewardModel
+
+        critic_vlm = copy.deepcopy(model)  # before LoRA wraps the actor's modules
+        freeze(critic_vlm, **settings.frozen)
+        critic = RewardModel(critic_vlm, init_head=False)
     try:
         trained = prepare_for_training(model, settings.config)
     except ValueError as e:
@@ -214,7 +225,8 @@ def _set_up(model: Any, settings: TrainSettings, step: str) -> Any:
     if settings.mode in RL_MODES:
         from mmjobs.train.rl import PolicyWithValueHead
 
-        return PolicyWithValueHead(trained, value_head=settings.mode == "ppo")
+        return PolicyWithValueHead(trained, value_head=settings.mode == "ppo" and not critic,
+                                   critic=critic)
     return trained
 
 
@@ -230,6 +242,9 @@ def _frozen_copies(settings: TrainSettings, base_params: int, hidden: int
     if settings.reward_model:
         copies += base_params + hidden + 1
         notes.append("reward model: a frozen copy of the (same-sized) rm model on every GPU")
+    if settings.separate_critic:
+        notes.append("critic: a trained copy of the reward model (its parameters, gradients "
+                     "and optimizer states are counted with the actor's)")
     return copies, notes
 
 
@@ -240,7 +255,8 @@ def _forward_only_flops(settings: TrainSettings, flops: Any, seq_len: int) -> fl
         tokens = settings.sequences_per_micro_batch * seq_len * settings.grad_accum
         return float(per_token_forward * tokens)
     if settings.mode in RL_MODES:
-        forwards = 4 if settings.reward_model else 3
+        # sampling, rollout log-probs, reference (+ reward model, + a separate critic)
+        forwards = 3 + settings.reward_model + settings.separate_critic
         return float(forwards * per_token_forward * settings.rollout_sequences * seq_len)
     return 0.0
 

@@ -37,6 +37,8 @@ class TrainSettings:
         reference: the frozen reference of dpo/ppo/grpo: `implicit_lora` (the base weights with
             the adapters off: no memory), `frozen_copy` (a second copy of the weights), None.
         reward_model: ppo/grpo score with a reward model (a third copy of the weights).
+        separate_critic: ppo's critic is a trained copy of the reward model
+            (`rl.critic: reward_model`), not a value head on the actor.
         rollout_sequences: ppo/grpo responses sampled per GPU and step.
         max_new_tokens: ppo/grpo longest sampled response.
         ppo_epochs: ppo/grpo passes over each step's responses.
@@ -57,6 +59,7 @@ class TrainSettings:
     mixed_precision: str
     reference: str | None = None
     reward_model: bool = False
+    separate_critic: bool = False
     rollout_sequences: int = 0
     max_new_tokens: int = 0
     ppo_epochs: int = 0
@@ -104,6 +107,7 @@ def train_settings(train: Mapping[str, Any]) -> TrainSettings:
         gradient_checkpointing=bool(cfg.gradient_checkpointing), deepspeed=cfg.deepspeed,
         mixed_precision=cfg.mixed_precision, reference=reference,
         reward_model=rl is not None and rl.reward.kind == "model",
+        separate_critic=mode == "ppo" and rl.critic == "reward_model",
         rollout_sequences=rl.rollout_batch_size * rl.num_generations if rl else 0,
         max_new_tokens=rl.max_new_tokens if rl else 0, ppo_epochs=rl.ppo_epochs if rl else 0,
         ptx=rl is not None and rl.ptx_coef > 0, config=cfg)

@@ -110,6 +110,7 @@ class TrainResult(StageResult):
     connector: str | None = None
     reward_model: str | None = None
     value_head: str | None = None
+    critic: str | None = None  # ppo, rl.critic reward_model: the trained critic (a reward model)
     checkpoints: str
     steps: int
     final_loss: float | None = None
@@ -159,7 +160,7 @@ def main(cfg: TrainStageConfig) -> TrainResult:
             publish_final(run, outputs["final"], log_artifacts=cfg.log_model_artifacts,
                           registered_model_name=cfg.registered_model_name)
         run_id = run.run_id
-    parts = ("adapter", "model", "connector", "reward_model", "value_head")
+    parts = ("adapter", "model", "connector", "reward_model", "value_head", "critic")
     return TrainResult(output=out, mlflow_run_id=run_id, final=final,
                        **{part: outputs.get(part) for part in parts},
                        checkpoints=storage.join(out, CHECKPOINTS_DIR), steps=summary.steps,

@@ -12,10 +12,12 @@ Mixed precision `auto` means bf16 autocast on a GPU that supports bf16 and fp32 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -189,6 +191,29 @@ def build_accelerator(*, mixed_precision: str, grad_accum: int, deepspeed: str,
              accelerator.distributed_type, accelerator.num_processes, accelerator.device,
              precision, f", deepspeed {deepspeed}" if plugin else "")
     return accelerator
+
+
+@contextlib.contextmanager
+def whole_model_loading(accelerator: Any) -> Iterator[None]:
+    """Load models whole inside this block, even under ZeRO-3: a frozen model used outside the
+    DeepSpeed engine (an RL reference or reward model) must hold its own weights, and one the
+    engine takes over later (PPO's critic) is partitioned when the engine wraps it. Elsewhere
+    (no DeepSpeed, ZeRO-2) loading is whole anyway."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    # transformers builds models sharded while its global HfDeepSpeedConfig (a weak reference
+    # the accelerate plugin registered) says ZeRO-3; unset it for the block, then restore it.
+    # (accelerate's zero3_init_context_manager cannot: other holders keep the object alive.)
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    if config is None or not hf_deepspeed.is_deepspeed_zero3_enabled():
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def text_hidden_size(spec: Any) -> int | None:

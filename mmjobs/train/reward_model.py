@@ -13,7 +13,9 @@ small, trained whole, saved with the adapter). The unused LM head is frozen.
 
 **Loss.** Bradley-Terry on pairs: `-log sigmoid(r_chosen - r_rejected)`, plus optionally
 `c * (r_chosen + r_rejected)^2` to keep rewards centred (TRL's `center_rewards_coefficient`;
-PPO prefers rewards near 0). Pairwise accuracy = fraction of pairs with r_chosen > r_rejected.
+PPO prefers rewards near 0), or `c * (r_chosen^2 + r_rejected^2) / 2`, Align-Anything's
+`regularization` (its rm trainer: the mean of the stacked squared rewards). Pairwise
+accuracy = fraction of pairs with r_chosen > r_rejected.
 
 **Export** (`final/reward_model/`)::
 
@@ -112,6 +114,27 @@ class RewardModel(nn.Module):
         picked = hidden[torch.arange(n, device=hidden.device), last.to(hidden.device)]  # [N, H]
         return self.value_head(picked.to(self.value_head.weight.dtype)).squeeze(-1)
 
+    def token_values(self, positions: torch.Tensor, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None,
+                     **inputs: Any) -> torch.Tensor:
+        """The value head at every position of `positions`: a reward model used as PPO's
+        critic (Align-Anything's reward_critic scores each position the same way).
+
+        Args:
+            positions: [n, R] positions of each row whose hidden state is scored (PPO: the
+                logit positions predicting the response tokens).
+            input_ids, attention_mask, **inputs: as for `forward`.
+
+        Returns:
+            [n, R] float32 values.
+        """
+        trunk = _base(self.vlm).model
+        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
+                       **{**inputs, "use_cache": False}).last_hidden_state  # [n, T, H]
+        rows = torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1)
+        picked = hidden[rows, positions.to(hidden.device)]  # [n, R, H]
+        return self.value_head(picked.to(self.value_head.weight.dtype)).squeeze(-1)
+
     # ------------------------------------------------------------------ scoring
 
     @torch.no_grad()
@@ -144,11 +167,17 @@ class RewardModel(nn.Module):
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, *,
-                       center_coef: float = 0.0) -> torch.Tensor:
-    """Per-pair Bradley-Terry loss, [B], from rewards [B] and [B] (see the module docstring)."""
+                       center_coef: float = 0.0, l2_coef: float = 0.0) -> torch.Tensor:
+    """Per-pair Bradley-Terry loss, [B], from rewards [B] and [B] (see the module docstring).
+
+    `center_coef` weights TRL's (r_c + r_r)^2; `l2_coef` Align-Anything's (r_c^2 + r_r^2) / 2,
+    whose mean over the pairs is its `stack([r_r, r_c]).square().mean()`.
+    """
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
     if center_coef:
         losses = losses + center_coef * (chosen_rewards + rejected_rewards) ** 2
+    if l2_coef:
+        losses = losses + l2_coef * (chosen_rewards ** 2 + rejected_rewards ** 2) / 2
     return losses
 
 
@@ -172,7 +201,8 @@ class RewardObjective:
         pairs = self.count(batch)
         rewards = model(**self.inputs(batch))  # [2B]
         chosen, rejected = rewards[:pairs], rewards[pairs:]
-        losses = bradley_terry_loss(chosen, rejected, center_coef=self.cfg.rm_center_rewards_coef)
+        losses = bradley_terry_loss(chosen, rejected, center_coef=self.cfg.rm_center_rewards_coef,
+                                    l2_coef=self.cfg.rm_regularization)
         tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1).float()
         c, r = chosen.detach(), rejected.detach()
         stats = {"reward_chosen": c.sum(), "reward_rejected": r.sum(),
@@ -318,4 +348,34 @@ def load_reward_model(uri: str, *, device: str | torch.device | None = None,
                                 conversation_format=spec.conversation_format)
     log.info("loaded reward model %s (%s weights on %s)", uri, info["weights"],
              spec.name_or_path)
+    return model
+
+
+def load_critic(uri: str, *, freeze_parts: Mapping[str, bool],
+                gradient_checkpointing: bool = False) -> RewardModel:
+    """A trainable copy of the reward model export at `uri`: PPO's separate critic,
+    initialised from the reward model (Align-Anything's `reward_critic_model_name_or_path`).
+
+    The VLM trains in full (a LoRA reward model's adapters are merged into it first); the
+    components `freeze_parts` marks (`mmjobs.train.model_setup.frozen_components`) and the
+    unused LM head stay frozen.
+
+    Raises:
+        ValueError: not a reward model export (see `load_reward_model`).
+    """
+    from mmjobs.models.builder import freeze
+
+    model = load_reward_model(uri)
+    if hasattr(model.vlm, "merge_and_unload"):  # peft: train the merged weights in full
+        model.vlm = model.vlm.merge_and_unload()
+    model.scorer = None  # scores come from `token_values` on the rollout's own tokens
+    base = _base(model.vlm)
+    model.train().requires_grad_(True)
+    freeze(base, **freeze_parts)
+    RewardModel._freeze_lm_head(base)
+    text_config = base.config.get_text_config()
+    if hasattr(text_config, "use_cache"):
+        text_config.use_cache = False
+    if gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

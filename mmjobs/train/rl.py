@@ -23,9 +23,14 @@ One step (`RLRecipe.train`):
 4. **KL control**: the coefficient stays fixed or follows `rl.target_kl`.
 
 Models. The **actor** is the trained VLM (LoRA or full, frozen parts as in sft). The ppo
-**critic** is a value head (`Linear(hidden, 1)`, zero-initialised) on the actor's final hidden
-states: one backbone, one forward pass for log-probs and values (`PolicyWithValueHead` in
-`mmjobs.train.rl_objective`); the value loss is weighted by `rl.vf_coef`. The **reference** is
+**critic** (`rl.critic`) is a value head (`Linear(hidden, 1)`, zero-initialised) on the actor's
+final hidden states — one backbone, one forward pass for log-probs and values
+(`PolicyWithValueHead` in `mmjobs.train.rl_objective`), the value loss weighted by
+`rl.vf_coef` — or (`reward_model`, Align-Anything's layout) a separate model initialised from
+the reward model and trained in full: its parameters sit in their own optimizer groups at
+`rl.critic_lr` / `rl.critic_weight_decay` with their own schedule (`rl.critic_lr_schedule`,
+one `LambdaLR` factor per group), its gradients are clipped on their own, it is checkpointed
+with the actor (one module) and exported to `final/critic/reward_model/`. The **reference** is
 the base weights with the LoRA adapters switched off (no second copy) or a frozen copy of the
 base model. The **reward model** is loaded frozen with `load_reward_model`. Dropout is
 switched off in the policy: ratios and KL compare the policy with itself, which dropout noise
@@ -61,7 +66,7 @@ from mmjobs.logs import get_logger
 from mmjobs.train import checkpoint as ckpt
 from mmjobs.train import trainer as base_trainer
 from mmjobs.train.batches import loss_sum, num_images, sample_lengths
-from mmjobs.train.distributed import all_reduce_sum
+from mmjobs.train.distributed import all_reduce_sum, whole_model_loading
 from mmjobs.train.methods import RL_MODES
 from mmjobs.train.outputs import TrainingPreempted
 from mmjobs.train.ppo import AdaptiveKLController
@@ -77,6 +82,8 @@ from mmjobs.train.trainer import TrainRecipe, TrainSummary
 log = get_logger(__name__)
 
 STATE_FILE = "rl_state.json"
+CRITIC_PREFIX = "critic."  # the separate critic's parameter names in PolicyWithValueHead
+CRITIC_DIR = "critic"  # final/critic/reward_model/: the trained separate critic
 PTX_LOADER_FILE = "ptx_loader.json"
 # Per-step metrics (means), logged next to loss, lr and grad_norm.
 ROLLOUT_STATS = ("reward_mean", "reward_std", "kl", "kl_coef", "response_length",
@@ -133,7 +140,64 @@ class RLRecipe(TrainRecipe):
         from trl.trainer.utils import disable_dropout_in_model
 
         disable_dropout_in_model(model)
+        if self._separate_critic:
+            from mmjobs.train.model_setup import frozen_components
+            from mmjobs.train.reward_model import load_critic
+
+            # Whole (a LoRA reward model is merged first); under ZeRO-3 the engine
+            # partitions it with the actor when the recipe prepares the model.
+            with whole_model_loading(self.accelerator):
+                critic = load_critic(self.cfg.rl.reward.model,
+                                     freeze_parts=frozen_components(self.cfg),
+                                     gradient_checkpointing=self.cfg.gradient_checkpointing)
+            disable_dropout_in_model(critic)
+            log.info("critic: a separate model initialised from the reward model %s",
+                     self.cfg.rl.reward.model)
+            return PolicyWithValueHead(model, value_head=False, critic=critic)
         return PolicyWithValueHead(model, value_head=self.cfg.mode == "ppo")
+
+    @property
+    def _separate_critic(self) -> bool:
+        return self.cfg.mode == "ppo" and self.cfg.rl.critic == "reward_model"
+
+    def _build_optimizer(self, model: Any) -> torch.optim.Optimizer:
+        """As every mode's, plus (separate critic) the critic's parameters in their own
+        groups at rl.critic_lr and rl.critic_weight_decay, whatever train.param_groups say."""
+        from mmjobs.train.methods.common import ParamGroup
+        from mmjobs.train.optim import build_optimizer
+
+        cfg = self.cfg
+        if not self._separate_critic:
+            return super()._build_optimizer(model)
+        rl = cfg.rl
+        critic = ParamGroup(match=CRITIC_PREFIX, lr=rl.critic_lr or cfg.lr,
+                            weight_decay=rl.critic_weight_decay)
+        # First: a parameter joins the first group that matches, so the critic's own wins.
+        return build_optimizer(model, cfg.model_copy(
+            update={"param_groups": [critic, *cfg.param_groups]}))
+
+    def _build_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        """As every mode's; with a separate critic its groups follow rl.critic_lr_schedule
+        (one LambdaLR, one factor function per group), the actor's train.lr_schedule."""
+        from torch.optim.lr_scheduler import LambdaLR
+
+        from mmjobs.train.schedules import schedule_factor
+
+        actor = super()._build_scheduler(optimizer)
+        if not self._separate_critic:
+            return actor
+        cfg = self.cfg
+        if not isinstance(actor, LambdaLR):
+            raise ConfigError("train stage config", [
+                f"train.lr_schedule: {cfg.lr_schedule} cannot run next to the critic's own "
+                "schedule (rl.critic: reward_model); use cosine, linear, constant, step or "
+                "exponential"])
+        critic = schedule_factor(cfg.rl.critic_lr_schedule,
+                                 num_training_steps=self._scheduler_steps(),
+                                 warmup_ratio=cfg.warmup_ratio)
+        factors = [critic if str(g.get("name", "")).startswith(CRITIC_PREFIX)
+                   else actor.lr_lambdas[i] for i, g in enumerate(optimizer.param_groups)]
+        return LambdaLR(optimizer, factors)
 
     def _loader_options(self) -> dict[str, Any]:
         # Whole prompt batches only: every rank then runs the same number of updates (their
@@ -162,14 +226,18 @@ class RLRecipe(TrainRecipe):
             tokenizer, max_new_tokens=cfg.rl.max_new_tokens, temperature=cfg.rl.temperature,
             eos_token_ids=eos, suppress_token_ids=suppress,
             synced_gpus=cfg.deepspeed.startswith("zero3") and self.dist.world_size > 1)
-        reward = build_reward(cfg.rl.reward, tokenizer=tokenizer, device=acc.device,
-                              batch_size=cfg.per_device_batch_size)
+        # Frozen models run outside the DeepSpeed engine: whole on every rank, even under
+        # ZeRO-3 (as Align-Anything keeps its reference and reward model next to the actor).
+        with whole_model_loading(acc):
+            reward = build_reward(cfg.rl.reward, tokenizer=tokenizer, device=acc.device,
+                                  batch_size=cfg.per_device_batch_size)
         reference = None
         unwrapped = acc.unwrap_model(self.model)
         if cfg.rl.reference_kind(cfg.finetune) == "frozen_copy":
             # Loaded the way the policy was (for_training: e.g. Chameleon's image tokens
             # unmasked), so both score the same vocabulary; frozen and in eval mode below.
-            reference = load_model(self.spec, for_training=True, device=acc.device).model
+            with whole_model_loading(acc):
+                reference = load_model(self.spec, for_training=True, device=acc.device).model
         elif not hasattr(unwrapped.vlm, "disable_adapter"):
             raise ConfigError("train stage config", [
                 "train.rl.reference: implicit_lora needs a LoRA model; use frozen_copy"])
@@ -226,6 +294,20 @@ class RLRecipe(TrainRecipe):
         parts = export_final(model.vlm, vlm_state, self.cfg, scratch,
                              processor=self.loaded.processor, source_dir=self.loaded.model_dir,
                              meta={"data": self.data, "step": self.step})
+        if model.critic is not None:
+            from mmjobs.train.methods import RmConfig
+            from mmjobs.train.reward_model import export_reward_model
+
+            critic_state = None if full_state is None else {
+                k.removeprefix(CRITIC_PREFIX): v for k, v in full_state.items()
+                if k.startswith(CRITIC_PREFIX)}
+            written = export_reward_model(
+                model.critic, critic_state, RmConfig(finetune="full"), scratch / CRITIC_DIR,
+                base_model=self.spec, processor=self.loaded.processor,
+                source_dir=self.loaded.model_dir,
+                meta={"initialised_from": self.cfg.rl.reward.model, "step": self.step,
+                      "max_length": self.card.get("max_length")})
+            parts["critic"] = f"{CRITIC_DIR}/{written['reward_model']}"
         if model.value_head is not None:
             head_state = head_state or model.value_head.state_dict()
             save_file({k: v.detach().to("cpu", torch.float32).contiguous()
@@ -353,7 +435,7 @@ class RLRecipe(TrainRecipe):
                         sums[key] = sums[key] + value
                     tokens += int(rollout.mask[rows].sum())
                     flops += self.flops.step_flops(sample_lengths(batch), num_images(batch))
-                grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm or math.inf)
+                grad_norm = self._clip_gradients()
                 lr = float(self.scheduler.get_last_lr()[0])
                 self.optimizer.step()
                 self.scheduler.step()
@@ -362,6 +444,17 @@ class RLRecipe(TrainRecipe):
         out.update(tokens=float(tokens), ptx_tokens=float(ptx_tokens), lr=lr, flops=flops,
                    grad_norm=None if grad_norm is None else float(grad_norm))
         return out
+
+    def _clip_gradients(self) -> Any:
+        """Clip to train.max_grad_norm; the actor's gradient norm. A separate critic is
+        clipped on its own, as its own DeepSpeed engine is in Align-Anything (under DeepSpeed
+        here, actor and critic are one engine, clipped together by its gradient_clipping)."""
+        acc, limit = self.accelerator, self.cfg.max_grad_norm or math.inf
+        if not self._separate_critic:
+            return acc.clip_grad_norm_(self.params, limit)
+        critic = {id(p) for p in acc.unwrap_model(self.model).critic.parameters()}
+        acc.clip_grad_norm_([p for p in self.params if id(p) in critic], limit)
+        return acc.clip_grad_norm_([p for p in self.params if id(p) not in critic], limit)
 
     def evaluate(self) -> float:
         raise NotImplementedError("ppo/grpo have no eval loss; see the step metrics")

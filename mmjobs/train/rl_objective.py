@@ -1,11 +1,12 @@
 """The model and the loss of ppo and grpo updates: a policy with a value head, and the
 objective that samples rollouts and turns them into clipped policy (and value) losses.
 
-`PolicyWithValueHead` is the trained VLM with ppo's critic (`Linear(hidden, 1)`,
-zero-initialised) on its final hidden states: one backbone, one forward pass for log-probs and
-values. `RolloutObjective` samples responses (`mmjobs.train.rollouts`), scores them with the
-reward, computes the rollout and reference log-probs, and gives each optimizer update's loss
-(`mmjobs.train.ppo`, `mmjobs.train.grpo`). The recipe around them is `mmjobs.train.rl`.
+`PolicyWithValueHead` is the trained VLM with ppo's critic: a value head (`Linear(hidden, 1)`,
+zero-initialised) on its final hidden states (one backbone, one forward pass for log-probs and
+values), or a separate critic model initialised from the reward model. `RolloutObjective`
+samples responses (`mmjobs.train.rollouts`), scores them with the reward, computes the rollout
+and reference log-probs, and gives each optimizer update's loss (`mmjobs.train.ppo`,
+`mmjobs.train.grpo`). The recipe around them is `mmjobs.train.rl`.
 """
 
 from __future__ import annotations
@@ -35,24 +36,32 @@ def _base_model(vlm: nn.Module) -> nn.Module:
 
 
 class PolicyWithValueHead(nn.Module):
-    """The actor (a VLM, plain or peft-wrapped) and, for ppo, the critic's value head.
+    """The actor (a VLM, plain or peft-wrapped) and, for ppo, its critic.
 
     `forward(positions=P, **inputs)` computes logits only at the positions `P` [n, R]
-    (`logits_to_keep`) and, with a value head, the values there: the value head reads the
-    final hidden states the LM head reads (captured by a hook on the LM head), so the critic
-    costs no second pass.
+    (`logits_to_keep`) and, with a critic, the values there. The critic is either a value
+    head on the actor's final hidden states (captured by a hook on the LM head, so it costs
+    no second pass), or a separate model (`critic`: a `RewardModel` initialised from the
+    reward model, Align-Anything's layout) that runs its own pass over the same inputs. The
+    critic's parameters are named `critic.*`: the recipe gives them their own optimizer group.
 
     Args:
         vlm: e.g. `LlavaForConditionalGeneration`, or the `PeftModel` around it.
         value_head: add the critic's `Linear(hidden, 1)` (zero-initialised: values start at 0).
+        critic: a separate critic model with `token_values(positions, **inputs)`; excludes
+            `value_head`.
     """
 
-    def __init__(self, vlm: nn.Module, *, value_head: bool) -> None:
+    def __init__(self, vlm: nn.Module, *, value_head: bool,
+                 critic: nn.Module | None = None) -> None:
         super().__init__()
+        if value_head and critic is not None:
+            raise ValueError("a policy has a value head or a separate critic, not both")
         self.vlm = vlm
         base = _base_model(vlm)
         self.hidden_size = int(base.config.get_text_config().hidden_size)
         self.value_head: nn.Linear | None = None
+        self.critic = critic
         self._hidden: torch.Tensor | None = None
         if value_head:
             self.value_head = nn.Linear(self.hidden_size, 1)  # float32: values are small numbers
@@ -69,10 +78,20 @@ class PolicyWithValueHead(nn.Module):
         out = self.vlm(**inputs, logits_to_keep=positions if positions is not None else 0)
         hidden, self._hidden = self._hidden, None
         values = None
-        if with_values and self.value_head is not None:
+        if with_values and self.critic is not None:
+            if positions is None:  # every position of every row
+                n, t = inputs["input_ids"].shape
+                positions = torch.arange(t, device=inputs["input_ids"].device).expand(n, t)
+            values = self.critic.token_values(positions, **inputs)
+        elif with_values and self.value_head is not None:
             assert hidden is not None, "the LM head hook did not run"
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         return out.logits, values
+
+    @property
+    def has_critic(self) -> bool:
+        """Whether values come back (ppo), from a value head or a separate critic."""
+        return self.value_head is not None or self.critic is not None
 
 
 class RolloutObjective:
@@ -180,7 +199,10 @@ class RolloutObjective:
                              value_clip_range=self.rl.value_clip_range)
             assert out.value is not None
             policy, value = (out.policy * mask).sum(), (out.value * mask).sum()
-            summed = policy + self.rl.vf_coef * value
+            # A separate critic's parameters get gradient from the value loss alone: weight 1
+            # is its own loss, as Align-Anything's separate critic backward.
+            vf_coef = 1.0 if self.rl.critic == "reward_model" else self.rl.vf_coef
+            summed = policy + vf_coef * value
             stats = {"policy_loss": policy.detach(), "value_loss": value.detach(),
                      "clip_fraction": (out.clipped * mask).sum(),
                      "approx_kl": (out.approx_kl * mask).sum(),

@@ -161,6 +161,26 @@ def build_lr_scheduler(
     return LambdaLR(optimizer, fns)
 
 
+def schedule_factor(name: str, *, num_training_steps: int,
+                    warmup_ratio: float | None = None) -> Callable[[int], float]:
+    """The lr factor per step (0-based) of a schedule that scales every param group alike
+    (constant, cosine, linear): e.g. a second group's own schedule in a `LambdaLR` with one
+    factor function per group (PPO's critic next to its actor).
+
+    Raises:
+        ValueError: `name` is a schedule whose factor depends on the group (cyclic_*,
+            exponential with a derived gamma) or has options; or a bad warmup.
+    """
+    if name not in ("constant", "cosine", "linear"):
+        raise ValueError(f"lr schedule {name!r} cannot be a param group's own schedule; use "
+                         "constant, cosine or linear")
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = build_lr_scheduler(probe, name, num_training_steps=num_training_steps,
+                                   warmup_ratio=warmup_ratio)
+    assert isinstance(scheduler, LambdaLR)  # transformers' schedules are LambdaLRs
+    return scheduler.lr_lambdas[0]
+
+
 def _warmup_factor(step: int, warmup: int) -> float:
     return step / warmup  # LaVIN/MAE: starts at 0, reaches the peak at step == warmup
 

@@ -19,8 +19,9 @@ align/sft, the DPO loss on preference pairs (`mmjobs.train.preference`), or a Br
 loss for a reward model (`mmjobs.train.reward_model`); the loop, checkpoints and resume are
 the same for all of them. ppo and grpo sample their own training data (rollouts), so their
 loop differs: `mmjobs.train.rl.RLRecipe` subclasses this recipe through the small hooks below
-(`_wrap_model`, `_loader_options`, `_count_total_steps`, `_scheduler_steps`,
-`_backward_passes_per_step`, `_save_extra_state` / `_load_extra_state`) and keeps the rest:
+(`_wrap_model`, `_build_optimizer` / `_build_scheduler`, `_loader_options`,
+`_count_total_steps`, `_scheduler_steps`, `_backward_passes_per_step`, `_save_extra_state` /
+`_load_extra_state`) and keeps the rest:
 setup order, checkpoints, resume, export.
 """
 
@@ -179,11 +180,9 @@ class TrainRecipe:
         self.total_steps = self._count_total_steps()
 
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(model, cfg)  # betas, no_decay, param_groups
+        optimizer = self._build_optimizer(model)  # betas, no_decay, param_groups
         log.info("optimizer groups: %s", "; ".join(group_summary(optimizer)))
-        self.scheduler = build_lr_scheduler(
-            optimizer, cfg.lr_schedule, num_training_steps=self._scheduler_steps(),
-            warmup_ratio=cfg.warmup_ratio, **cfg.lr_schedule_options)
+        self.scheduler = self._build_scheduler(optimizer)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.params = params
         self.deepspeed = cfg.deepspeed != "none"
@@ -218,6 +217,17 @@ class TrainRecipe:
 
             return RewardModel(model)
         return model
+
+    def _build_optimizer(self, model: Any) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters, grouped as train.param_groups says."""
+        return build_optimizer(model, self.cfg)
+
+    def _build_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        """The train.lr_schedule over `_scheduler_steps()` optimizer steps."""
+        cfg = self.cfg
+        return build_lr_scheduler(optimizer, cfg.lr_schedule,
+                                  num_training_steps=self._scheduler_steps(),
+                                  warmup_ratio=cfg.warmup_ratio, **cfg.lr_schedule_options)
 
     def _loader_options(self) -> dict[str, Any]:
         """`build_dataloader` options of the training loader that differ between recipes."""

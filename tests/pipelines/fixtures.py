@@ -274,7 +274,8 @@ TOO_MANY_IMAGES = "four-images"
 def make_chameleon_interleaved(root: Path, judge_url: str, model: Path) -> list[str]:
     """Align-Anything layouts (TI2TI SFT rows whose responses hold an image, preference pairs,
     prompt-only rows), the base `model` (the AA-chameleon-7b-base replica: 1,024 VQ tokens per
-    512 px image) and a judge at `judge_url` (an OpenAI-compatible server). The recipe's own
+    512 px image; imported by the recipe's `imports`, as its baseline too) and a judge at
+    `judge_url` (an OpenAI-compatible server). The recipe's own
     max_length (4096) and anything_ti2ti format apply. Preference responses are text only:
     until the model loader lifts upstream's image-logit mask, an image in a DPO response has
     log-prob -inf (the image-token learning test applies the lift itself)."""
@@ -297,8 +298,15 @@ def make_chameleon_interleaved(root: Path, judge_url: str, model: Path) -> list[
         (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     steps = {"prepare-sft": "sft", "prepare-preference": "preference",
              "prepare-prompts": "prompts", "prepare-test": "prompts"}
+    # The recipe's imports, from the replica: the base, and as the baseline (Anole-7b at full
+    # size) a second copy of it.
+    store = root.parent / "store-copy"
+    base, baseline = store / "AA-chameleon-7b-base", store / "baseline"
     return [
-        *tiny_model(model),
+        f"imports={{base: {{source: '{model}', to: '{base}'}}, "
+        f"baseline: {{source: '{model}', to: '{baseline}'}}}}",
+        f"stages.infer-baseline.model={baseline}",
+        *tiny_model(base),
         # A 1,026-token image would take minutes to sample on CPU: short text answers.
         "eval.max_new_tokens=8",
         *(f"stages.{step}.input={root / name}.jsonl" for step, name in steps.items()),

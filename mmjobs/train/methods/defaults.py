@@ -180,11 +180,23 @@ def fingerprinted_settings(cfg: TrainBase) -> dict[str, Any]:
         ({"rl"} if mode not in RL_MODES else set()) | \
         ({"group_by_modality"} if cfg.group_by_modality is None else set()) | \
         {k for k, default in _OPTIMIZER_DEFAULTS.items() if getattr(cfg, k) == default}
+    for section, later in _LATER_SECTION_DEFAULTS.items():
+        # Settings added to a section later stay out while at the default every earlier
+        # result was trained with.
+        if isinstance(data.get(section), dict):
+            data[section] = {k: v for k, v in data[section].items()
+                             if k not in later or v != later[k]}
     return {"mode": mode, **{k: v for k, v in data.items() if k not in skip}}
 
 
 _OPTIMIZER_DEFAULTS = {"adam_betas": (0.9, 0.999), "adam_eps": 1e-8, "no_decay": "none",
                        "param_groups": []}
+# JSON-dumped defaults of section settings added after results were fingerprinted.
+_LATER_SECTION_DEFAULTS = {
+    "preference": {"rm_regularization": 0.0},
+    "rl": {"critic": "value_head", "critic_lr": None, "critic_lr_schedule": "constant",
+           "critic_weight_decay": 0.0},
+}
 
 
 def _legacy(value: BaseModel, merged: type[BaseModel], legacy: dict[str, Any]) -> dict[str, Any]:

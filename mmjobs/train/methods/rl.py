@@ -100,6 +100,7 @@ class RLBase(StrictModel):
     reference: Literal["auto", "implicit_lora", "frozen_copy"] = Field(
         "auto", description="Reference policy for the KL penalty: implicit_lora uses the base "
         "weights with the LoRA adapters switched off (no second copy), frozen_copy loads a "
+        "whole (also under ZeRO-3) "
         "frozen copy of the base model; auto: implicit_lora for finetune lora, else "
         "frozen_copy.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward settings.")
@@ -138,10 +139,5 @@ class RLTrainBase(FineTuneBase):
             problems.append(("rl.reference", "implicit_lora needs finetune: lora (the reference "
                              "is the base weights with the adapters off); use frozen_copy or "
                              "auto"))
-        if reference == "frozen_copy" and self.deepspeed.startswith("zero3"):
-            problems.append(("rl.reference", f"frozen_copy (reference: {rl.reference}, "
-                             f"finetune: {self.finetune}) keeps a whole second model on every "
-                             "GPU, which ZeRO-3 is meant to avoid; use finetune: lora (reference "
-                             "implicit_lora), or deepspeed: zero2"))
         problems += [(f"rl.{path}", message) for path, message in rl.reward.problems()]
         return problems

@@ -111,10 +111,14 @@ class FakeJudgeServer:
 
 
 def canned_reply(body: dict[str, Any]) -> str:
-    """What our fake judge says: GOOD answers win / rate 9; BIASED questions always pick A."""
+    """What our fake judge says: GOOD answers win / rate 9; BIASED questions always pick A.
+    Interleaved comparisons: a GOOD output wins, else the one with more images, else the
+    longer text; alike outputs are equal."""
     text = Seen(0, {}, body).user_text
     if "UNPARSEABLE" in text:
         return "Both have merits; I would rather not say."
+    if "<output-1>:" in text:
+        return interleaved_reply(body)
     if "[Assistant A's Answer]" in text:
         first = text.split("[Assistant A's Answer]")[1].split("[Assistant B's Answer]")[0]
         second = text.split("[Assistant B's Answer]")[1]
@@ -126,6 +130,35 @@ def canned_reply(body: dict[str, Any]) -> str:
     answer = text.split("[Assistant's Answer]")[1]
     return ("Accurate and complete.\nRating: [[9]]" if "GOOD" in answer
             else "Misses the point.\nRating: [[3]]")
+
+
+def interleaved_reply(body: dict[str, Any]) -> str:
+    """gpt4_eval's verdict format, by the rule in `canned_reply`."""
+    texts, images, section = {"1": "", "2": ""}, {"1": 0, "2": 0}, None
+    for part in body["messages"][-1]["content"]:
+        if part.get("type") == "image_url":
+            if section:
+                images[section] += 1
+            continue
+        chunk = part["text"]
+        for key in ("1", "2"):
+            if f"<output-{key}>:" in chunk:
+                before, chunk = chunk.split(f"<output-{key}>:", 1)
+                if section:
+                    texts[section] += before
+                section = key
+        if section:
+            texts[section] += chunk
+    texts["2"] = texts["2"].split("Compare the two outputs")[0]
+    good = {k for k, t in texts.items() if "GOOD" in t}
+    if len(good) == 1:
+        return f"Better: [[output-{good.pop()}]]"
+    if images["1"] != images["2"]:
+        return f"Better: [[output-{'1' if images['1'] > images['2'] else '2'}]]"
+    lengths = {k: len(t.strip()) for k, t in texts.items()}
+    if lengths["1"] != lengths["2"]:
+        return f"**Better**: [[output-{'1' if lengths['1'] > lengths['2'] else '2'}]]"
+    return "They are alike. - Better: [[equal]]"
 
 
 @pytest.fixture
@@ -323,3 +356,79 @@ def test_compare_without_swap_trusts_one_order(server) -> None:
     assert client.compare("BIASED", "x", "y", swap=False) == "A"
     assert client.compare("BIASED", "x", "y") == "tie"
     assert client.compare("q", "meh", "GOOD") == "B"
+
+
+# --- interleaved-compare (Align-Anything's judge against a baseline model) ------------------
+
+def _png(tag: str) -> bytes:
+    return PNG + tag.encode()
+
+
+def _infer_folder(root: Path, rows: list[dict[str, Any]]) -> Path:
+    """An infer output with interleaved rows: images/<id>.png next to predictions.jsonl."""
+    (root / "images").mkdir(parents=True)
+    out = []
+    for row in rows:
+        generated = []
+        for k, tag in enumerate(row.pop("draws", [])):
+            rel = f"images/{row['id']}-{k}.png"
+            (root / rel).write_bytes(_png(tag))
+            generated.append(rel)
+        out.append({**row, "output_images": generated,
+                    "images": [*row.pop("prompt_images", []), *generated]})
+    write_jsonl(root / "predictions.jsonl", out)
+    return root
+
+
+def test_interleaved_compare_against_a_baseline_folder(server, tmp_path) -> None:
+    from mmjobs.eval.judging import JudgeSettings, judge_file
+
+    (tmp_path / "input.png").write_bytes(_png("input"))
+    prompt = str(tmp_path / "input.png")
+    model = _infer_folder(tmp_path / "model", [
+        {"id": "good", "prompt": "<image>Redraw it", "prediction": "GOOD <image>",
+         "prompt_images": [prompt], "draws": ["model-good"]},
+        {"id": "more-images", "prompt": "Redraw it", "prediction": "Here: <image>",
+         "prompt_images": [prompt], "draws": ["model-2"]},
+        {"id": "alike", "prompt": "Say hi", "prediction": "hi"},
+        {"id": "shorter", "prompt": "Say hi", "prediction": "hi"},
+        {"id": "bad-markers", "prompt": "Say hi", "prediction": "<image><image>",
+         "draws": ["one"]},
+        {"id": "no-baseline", "prompt": "Say hi", "prediction": "hi"},
+    ])
+    baseline = _infer_folder(tmp_path / "baseline", [
+        {"id": "good", "prompt": "<image>Redraw it", "prediction": "ok <image>",
+         "prompt_images": [prompt], "draws": ["base-good"]},
+        {"id": "more-images", "prompt": "Redraw it", "prediction": "Sorry, no image.",
+         "prompt_images": [prompt]},
+        {"id": "alike", "prompt": "Say hi", "prediction": "hi"},
+        {"id": "shorter", "prompt": "Say hi", "prediction": "hello there"},
+        {"id": "bad-markers", "prompt": "Say hi", "prediction": "hi"},
+    ])
+    judge = JudgeSettings(base_url=server.base_url, model="judge-1",
+                          mode="interleaved-compare", baseline=str(baseline),
+                          image_root=str(model), cache=False, workers=1)
+    summary = judge_file(judge, str(model / "predictions.jsonl"),
+                         str(baseline / "predictions.jsonl"), tmp_path / "eval")
+    rows = {r["id"]: r for r in read_jsonl(tmp_path / "eval" / "judge" / "judgments.jsonl")}
+    assert {k: r.get("winner") for k, r in rows.items()} == {
+        "good": "A", "more-images": "A", "alike": "tie", "shorter": "B",
+        "bad-markers": None, "no-baseline": None}
+    assert "2 <image> marker(s) for 1 image(s)" in rows["bad-markers"]["error"]
+    assert rows["no-baseline"]["failure"] == "invalid_row"
+    # The seed's numbers: win / lose / equal of the model, win rate without equal.
+    assert (summary["wins_a"], summary["wins_b"], summary["ties"]) == (2, 1, 1)
+    assert summary["win_rate_a_excluding_ties"] == pytest.approx(2 / 3)
+    # One order per row (gpt4_eval's), each image at its marker: prompt, output-1, output-2.
+    assert len(server.seen) == 4
+    (good,) = [s for s in server.seen if "GOOD" in s.user_text]
+    parts = good.body["messages"][-1]["content"]
+    assert "Better: [[output-1]]" in good.body["messages"][0]["content"]
+    kinds = ["image" if p["type"] == "image_url" else p["text"].split(":")[0].strip()
+             for p in parts]
+    assert kinds[:2] == ["<prompt>", "image"] and kinds.count("image") == 3
+    shown = [base64.b64decode(p["image_url"]["url"].split(",", 1)[1])
+             for p in parts if p["type"] == "image_url"]
+    assert shown == [_png("input"), _png("model-good"), _png("base-good")]
+    text = "".join(p.get("text", "") for p in parts)
+    assert text.index("<output-1>: GOOD") < text.index("<output-2>: ok")

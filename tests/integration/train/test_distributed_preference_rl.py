@@ -129,3 +129,60 @@ def test_two_ranks(mode, zero, request, tmp_path, tiny_llava_dir, deepspeed_op, 
     assert run.ranks[0].losses == pytest.approx(ref.losses, rel=10 * LOSS_RTOL
                                                 if mode == "rm" else LOSS_RTOL)
     assert run.ranks[0].grad_norms == pytest.approx(ref.grad_norms, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def llava_reward_model(tmp_path_factory, tiny_llava_dir) -> str:
+    """A full reward model export on the tiny LLaVA (a random head: the run's reward and
+    the critic's starting point)."""
+    import torch
+
+    from mmjobs.config import ModelConfig
+    from mmjobs.models.builder import load_model
+    from mmjobs.train.methods import RmConfig
+    from mmjobs.train.reward_model import RewardModel, export_reward_model
+
+    out = tmp_path_factory.mktemp("llava-rm")
+    spec = ModelConfig(name_or_path=str(tiny_llava_dir))
+    loaded = load_model(spec, for_training=False)
+    torch.manual_seed(0)
+    export_reward_model(RewardModel(loaded.model), None, RmConfig(finetune="full"), out,
+                        base_model=spec, processor=loaded.processor,
+                        source_dir=loaded.model_dir, meta={"max_length": 256})
+    return str(out)
+
+
+def test_ppo_with_align_anythings_critic_under_zero3(tmp_path, tiny_llava_dir, prompt_shards,  # noqa: F811
+                                                     deepspeed_op, llava_reward_model):  # noqa: F811
+    """The chameleon recipe's PPO at real size: full fine-tuning under ZeRO-3 with a whole
+    frozen reference and reward model on every rank and the critic, a copy of the reward
+    model, sharded with the actor; export gathers both."""
+    from mmjobs.train.reward_model import load_reward_model
+    from tests.train_fixtures import read_tensors
+
+    train = {**{k: v for k, v in LORA.items() if k != "lora"}, "finetune": "full",
+             "lr": 1e-3, "deepspeed": "zero3", "mode": "ppo",
+             "rl": {"rollout_batch_size": 2, "max_new_tokens": 4, "critic": "reward_model",
+                    "critic_lr": 2e-3,
+                    "reward": {"kind": "model", "model": llava_reward_model}}}
+    run = _torchrun(tmp_path / "two", _settings(tiny_llava_dir, prompt_shards,
+                                                tmp_path / "two" / "out", train),
+                    nproc=2, deepspeed=True)
+    _assert_ranks_agree(run)
+    assert all(math.isfinite(loss) for loss in run.ranks[0].losses), run.ranks[0].losses
+    _assert_checkpoint_has_both_ranks(run)
+    assert run.result["steps"] == STEPS
+    held = run.ranks[1].tensors
+    critic = {k.removeprefix("critic."): v for k, v in held.items() if k.startswith("critic.")}
+    actor = {k.removeprefix("vlm."): v for k, v in held.items() if k.startswith("vlm.")}
+    assert critic and actor and not any(k.startswith("value_head.") for k in held)
+    # Two models: after training no shared decoder weight is equal.
+    shared = [k for k in actor if f"vlm.{k}" in critic and ".layers." in k]
+    assert shared and not [k for k in shared if actor[k].equal(critic[f"vlm.{k}"])]
+    # The export holds what the ranks hold, gathered from the shards.
+    assert run.result["critic"].endswith("final/critic/reward_model")
+    exported = read_tensors(run.result["critic"])
+    assert exported["value_head.safetensors:weight"].equal(critic["value_head.weight"])
+    loaded = load_reward_model(run.result["critic"]).state_dict()
+    for name in shared:
+        assert loaded[f"vlm.{name}"].float().equal(critic[f"vlm.{name}"].float()), name

@@ -122,6 +122,15 @@ def test_preference_and_rl_steps_count_their_frozen_models(chameleon):
     assert ppo.states.frozen_copies == 2 * (2 * 7_043_090_432 + 4096 + 1)  # reference + reward
     assert ppo.seq_len == 4096 + 1536
     assert ppo.activations.rollout_cache == 4 * ppo.seq_len * 2 * 32 * 4096 * 2
+    # Align-Anything's critic: a trained copy of the reward model next to the actor.
+    critic = _plan(chameleon, {**base, "mode": "ppo", "deepspeed": "zero2",
+                               "rl": {"rollout_batch_size": 4, "max_new_tokens": 1536,
+                                      "critic": "reward_model",
+                                      "reward": {"kind": "model", "model": "s3://b/rm"}}},
+                   seq=4096)
+    assert critic.trainable_params == ppo.trainable_params - (4096 + 1) + rm.trainable_params
+    assert critic.states.frozen_copies == ppo.states.frozen_copies
+    assert any("critic" in note for note in critic.notes)
 
 
 def test_flops_follow_the_trainers_model(llava):

@@ -96,7 +96,7 @@ def test_chameleon_steps_are_all_planned_with_their_zero_stages(every_recipe):
     _, out, _ = every_recipe
     rows = _rows(out, "chameleon-interleaved")
     assert {step: row[5] for step, row in rows.items()} == {
-        "sft": "zero3", "rm": "zero3", "dpo": "zero2", "ppo": "zero2"}
+        "sft": "zero3", "rm": "zero3", "dpo": "zero2", "ppo": "zero3"}
     assert rows["ppo"][7].startswith("2 x 5632")  # 4096-token prompts + 1536 new tokens
     assert all(row[11] == "yes" for row in rows.values())
 

@@ -60,7 +60,7 @@ def test_each_mode_validates_into_its_own_class():
     assert "scale_rewards" not in PpoConfig.model_fields["rl"].annotation.model_fields
     assert "vf_coef" not in GrpoConfig.model_fields["rl"].annotation.model_fields
     assert list(RmConfig.model_fields["preference"].annotation.model_fields) == [
-        "rm_center_rewards_coef"]
+        "rm_center_rewards_coef", "rm_regularization"]
 
 
 def test_settings_of_another_mode_are_named_with_the_modes_they_belong_to():
@@ -121,11 +121,10 @@ def test_combination_problems_are_one_line_each_naming_the_setting():
         "preference.reference: frozen_copy keeps a whole second model on every GPU, which "
         "ZeRO-3 is meant to avoid; use finetune: lora with reference: implicit_lora, or "
         "deepspeed: zero2"]
-    got = errors({**STAGE, "train": {"mode": "ppo", "finetune": "full", "deepspeed": "zero3",
-                                     "rl": {"reward": KEYWORD}}}, model=TrainStageConfig)
-    assert got == ["train.rl.reference: frozen_copy (reference: auto, finetune: full) keeps a "
-                   "whole second model on every GPU, which ZeRO-3 is meant to avoid; use "
-                   "finetune: lora (reference implicit_lora), or deepspeed: zero2"]
+    # ppo/grpo keep their frozen reference (and reward model) whole next to a ZeRO-3 actor,
+    # as Align-Anything's PPO does (its ds_z3_config); `mmjobs plan` counts the copies.
+    load_config(TrainStageConfig, {**STAGE, "train": {
+        "mode": "ppo", "finetune": "full", "deepspeed": "zero3", "rl": {"reward": KEYWORD}}})
 
 
 def test_a_dump_without_defaults_keeps_the_mode():
@@ -246,3 +245,34 @@ def test_train_help_lists_every_mode(capsys):
     text = re.sub(r"\s+", " ", capsys.readouterr().out)
     assert all(f"{mode}" in text for mode in TRAIN_MODES)
     assert "align (the connector alone), sft (full or LoRA), dpo and rm" in text
+
+
+def test_a_separate_critic_needs_a_reward_model_and_leaves_vf_coef_alone():
+    rm = {"kind": "model", "model": "s3://b/rm/final"}
+    cfg = load_config(TrainConfig, {"mode": "ppo", "finetune": "full", "deepspeed": "zero2",
+                                    "rl": {"critic": "reward_model", "critic_lr": 5e-6,
+                                           "reward": rm}})
+    assert (cfg.rl.critic, cfg.rl.critic_lr, cfg.rl.critic_lr_schedule) == (
+        "reward_model", 5e-6, "constant")
+    assert errors({"mode": "ppo", "rl": {"critic": "reward_model", "vf_coef": 0.5,
+                                         "reward": KEYWORD}}) == [
+        "rl.critic: reward_model initialises the critic from the reward model, but "
+        "rl.reward.kind is keyword; use critic: value_head, or a reward model (kind: model)",
+        "rl.vf_coef: weights the shared value head's loss; critic reward_model trains a "
+        "separate model at rl.critic_lr instead; remove vf_coef"]
+    assert errors({"mode": "grpo", "rl": {"critic": "reward_model", "reward": KEYWORD}}) == [
+        "rl.critic: not a setting of mode grpo (it is for ppo); remove it"]
+
+
+def test_settings_added_at_their_defaults_keep_earlier_fingerprints():
+    # rm_regularization and the critic settings change nothing until set.
+    for settings in ({"mode": "rm", "preference": {"rm_regularization": 0.0}},
+                     {"mode": "ppo", "rl": {"reward": KEYWORD, "critic": "value_head",
+                                            "critic_weight_decay": 0.0}}):
+        plain = {k: v for k, v in settings.items() if k == "mode"}
+        if settings["mode"] == "ppo":
+            plain["rl"] = {"reward": KEYWORD}
+        assert fingerprinted_settings(load_config(TrainConfig, settings)) == \
+            fingerprinted_settings(load_config(TrainConfig, plain))
+    set_ = load_config(TrainConfig, {"mode": "rm", "preference": {"rm_regularization": 1e-3}})
+    assert fingerprinted_settings(set_)["preference"]["rm_regularization"] == 1e-3

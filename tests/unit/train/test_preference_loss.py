@@ -161,3 +161,11 @@ def test_bradley_terry_matches_its_formula_and_centring():
     torch.testing.assert_close(bradley_terry_loss(rc, rr), -F.logsigmoid(rc - rr))
     torch.testing.assert_close(bradley_terry_loss(rc, rr, center_coef=0.01),
                                -F.logsigmoid(rc - rr) + 0.01 * (rc + rr) ** 2)
+
+
+def test_bradley_terry_l2_is_align_anythings_regularization():
+    # align_anything/trainers/text_to_text/rm.py: mean BT loss + regularization *
+    # torch.stack([lower_end_reward, higher_end_reward]).square().mean().
+    rc, rr = torch.tensor([1.0, -0.5, 2.0]), torch.tensor([0.0, 0.5, 2.5])
+    upstream = -F.logsigmoid(rc - rr).mean() + 1e-3 * torch.stack([rr, rc]).square().mean()
+    torch.testing.assert_close(bradley_terry_loss(rc, rr, l2_coef=1e-3).mean(), upstream)

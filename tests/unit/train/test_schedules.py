@@ -156,3 +156,14 @@ def test_plot_lr_curve_has_one_point_per_step() -> None:
     (line,) = fig.axes[0].get_lines()
     assert len(line.get_xdata()) == 40
     assert max(line.get_ydata()) == pytest.approx(2e-4)
+
+
+def test_a_group_schedule_factor_is_the_schedules_own() -> None:
+    from mmjobs.train.schedules import schedule_factor
+
+    for name in ("constant", "cosine", "linear"):
+        factor = schedule_factor(name, num_training_steps=T, warmup_ratio=0.03)
+        assert [factor(s) for s in (0, 2, 3, 50, 99)] == pytest.approx(
+            lrs(name, [0, 2, 3, 50, 99], warmup_ratio=0.03))
+    with pytest.raises(ValueError, match="cannot be a param group's own schedule"):
+        schedule_factor("cyclic_triangular", num_training_steps=T)

@@ -50,6 +50,12 @@ def tiny_model(model: Path) -> list[str]:
 # --------------------------------------------------------------------------- chart-demo
 
 
+def local_imports(parts: dict[str, Path], hub: dict[str, Path]) -> list[str]:
+    """`imports.<name>` overrides that copy local replica folders instead of hub repos; a local
+    source takes no hub filters (include, revision), so each entry is replaced whole."""
+    return [f"imports.{name}={{source: '{parts[name]}', to: '{hub[name]}'}}" for name in hub]
+
+
 def chart_demo() -> list[str]:
     """The demo needs no files (it draws its charts and builds its model): just fewer."""
     return [
@@ -106,9 +112,7 @@ def make_chartwiz(root: Path, parts: dict[str, Path]) -> list[str]:
     sets = {"prepare-align": "train", "prepare": "train", "prepare-test": "test"}
     hub = {name: root / "models" / "hub" / name for name in CHARTWIZ_PARTS}
     composed = root / "models" / "chartwiz-base"
-    # A local source takes no hub filters (include, revision): each entry is replaced whole.
-    imports = [f"imports.{name}={{source: '{parts[name]}', to: '{hub[name]}'}}"
-               for name in CHARTWIZ_PARTS]
+    imports = local_imports(parts, hub)
     return [*imports, f"conversions.base.source={hub['synatra']}",
             f"conversions.base.vision_tower={hub['pix2struct']}",
             f"conversions.base.to={composed}", *tiny_model(composed),
@@ -216,9 +220,7 @@ def make_llava_dataengine(root: Path, parts: dict[str, Path]) -> list[str]:
         make(root / name)
     hub = {name: root / "models" / "hub" / name for name in LLAVA_PARTS}
     composed = root / "models" / "llava-v1.5-7b-pretrain"
-    # A local source takes no hub filters (include): each entry is replaced whole.
-    imports = [f"imports.{name}={{source: '{parts[name]}', to: '{hub[name]}'}}"
-               for name in LLAVA_PARTS]
+    imports = local_imports(parts, hub)
     return [*imports, f"conversions.base.source={hub['vicuna']}",
             f"conversions.base.vision_tower={hub['clip']}",
             f"conversions.base.projector={hub['projector'] / 'mm_projector.bin'}",

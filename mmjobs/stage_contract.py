@@ -146,7 +146,9 @@ class Stage(Generic[C, R]):
         gpu: gets `cluster.gpus` on a cluster (unless `cluster.stages` says otherwise).
         resumable: picks up where a killed pod left off, so the cluster retries it.
         inputs: the component's parameters besides `config_json` (wired URIs, launch knobs).
-        outputs: KFP UI artifacts the component writes, name -> `dsl` type name.
+        outputs: KFP UI artifacts of the component, name -> `dsl` type name: those the
+            component body writes (Metrics, Markdown, HTML), and `Model` / `Dataset`, which
+            `run_component` points at the committed output (typed lineage, nothing copied).
         own_output: the step writes to `{store}/{experiment}/{run}/{step}`.
         multinode: `cluster.nodes > 1` turns the step into a launcher of a multi-node job.
         pod_env: environment variables of the step's pod set to one of the recipe's images

@@ -17,7 +17,10 @@ Stages with knobs (`Stage.knobs`: learning rate, steps, data URIs, row limits) t
 optional parameter per knob (`set__train__lr: float = None`), fed from the pipeline's
 parameters; `kfp_run_id` gets KFP's job id on cluster runs that make their own folders.
 
-KFP passes strings and small values; datasets and models stay in the store.
+KFP passes strings and small values; datasets and models stay in the store. Stages that make
+them declare a `Dataset` / `Model` output artifact whose URI `run_component` points at the
+committed output (nothing is copied), so they show, typed, in the KFP UI's run graph and
+lineage.
 `install_kfp_package=False`: the stage images ship kfp themselves, and the local runner uses
 the current environment.
 """
@@ -69,7 +72,8 @@ def component_function(stage: str) -> Callable[..., str]:
     # KFP reads the source back with inspect.getsource, which finds it in linecache.
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace = {"Output": dsl.Output, "Metrics": dsl.Metrics, "Markdown": dsl.Markdown,
-                 "HTML": dsl.HTML, "__name__": __name__}
+                 "HTML": dsl.HTML, "Model": dsl.Model, "Dataset": dsl.Dataset,
+                 "__name__": __name__}
     # dont_inherit: this module's `from __future__ import annotations` would make the
     # annotations strings, which KFP reads as artifact type names.
     exec(compile(source, filename, "exec", dont_inherit=True), namespace)

@@ -137,6 +137,7 @@ def _result(out: str, meta: dict, cached: bool, run_id: str | None) -> ApplyConn
 
 STAGE = Stage(name=NAME, config=ApplyConnectorConfig, result=ApplyConnectorResult, main=main,
               image="train", gpu=True, inputs=(Input("base"), Input("connector")),
+              outputs={"model": "Model"},
               recipe_defaults=remote_code_defaults)
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def _wire(inputs: dict) -> dict:
 STAGE = Stage(name=NAME, config=BuildMoeConfig, result=BuildMoeResult, main=main, image="train",
               gpu=True, inputs=(Input("base"), Input("expert_names", path="experts", type=list),
                                 Input("experts", type=list)),
-              wire=_wire, recipe_defaults=remote_code_defaults)
+              wire=_wire, recipe_defaults=remote_code_defaults, outputs={"connector": "Model"})
 
 if __name__ == "__main__":
     sys.exit(STAGE.cli())

@@ -206,7 +206,7 @@ def _result(out: str, meta: dict, cached: bool, run_id: str | None) -> ConvertRe
 # Writes to its `to`: a recipe's `conversions:` name the URI its model.name_or_path then reads.
 STAGE = Stage(name=NAME, config=ConvertConfig, result=ConvertResult, main=main, image="data",
               errors=(ConversionError, GenerationConfigError, storage.StoreError),
-              own_output=False)
+              own_output=False, outputs={"model": "Model"})
 
 if __name__ == "__main__":
     sys.exit(STAGE.cli())

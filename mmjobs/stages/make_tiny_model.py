@@ -127,7 +127,7 @@ def _result(out: str, meta: dict, cached: bool, run_id: str | None) -> MakeTinyM
 
 
 STAGE = Stage(name=NAME, config=MakeTinyModelConfig, result=MakeTinyModelResult, main=main,
-              image="data")
+              image="data", outputs={"model": "Model"})
 
 if __name__ == "__main__":
     sys.exit(STAGE.cli())

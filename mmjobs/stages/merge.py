@@ -154,7 +154,7 @@ def _result(out: str, meta: dict, cached: bool, run_id: str | None) -> MergeResu
 
 
 STAGE = Stage(name=NAME, config=MergeConfig, result=MergeResult, main=main, image="train",
-              gpu=True, inputs=(Input("base"), Input("adapter")),
+              gpu=True, inputs=(Input("base"), Input("adapter")), outputs={"model": "Model"},
               recipe_defaults=remote_code_defaults)
 
 if __name__ == "__main__":

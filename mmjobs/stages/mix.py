@@ -138,7 +138,7 @@ def _result(out: str, card: dict[str, Any], cached: bool, run_id: str | None) ->
 
 
 STAGE = Stage(name=NAME, config=MixConfig, result=MixResult, main=main, image="data",
-              inputs=(Input("datasets", type=list),))
+              inputs=(Input("datasets", type=list),), outputs={"dataset": "Dataset"})
 
 if __name__ == "__main__":
     sys.exit(STAGE.cli())

@@ -241,7 +241,7 @@ def recipe_defaults(recipe: RecipeConfig, step: str) -> dict[str, Any]:
 # Bad input is one line on stderr (no traceback), exit 1: a broken file (`MalformedInputError`
 # names the row and byte), too many rejects, a bad option; nothing is committed then.
 STAGE = Stage(name=NAME, config=PrepareConfig, result=PrepareResult, main=main, image="data",
-              recipe_defaults=recipe_defaults,
+              recipe_defaults=recipe_defaults, outputs={"dataset": "Dataset"},
               errors=(PrepareError, ValueError, storage.StoreError),
               knobs=(Knob("input", str, unset="", description="Raw data file or folder "
                           "(local or s3://); empty: none (generators)."),))

@@ -191,6 +191,7 @@ def recipe_defaults(recipe: RecipeConfig, step: str) -> dict[str, Any]:
 STAGE = Stage(name=NAME, config=PretokenizeConfig, result=PretokenizeResult, main=main,
               image="data", resumable=True, own_output=False,
               inputs=(Input("dataset"), Input("model")), recipe_defaults=recipe_defaults,
+              outputs={"shards": "Dataset"},
               usage_errors=(NoChatTemplateError,))  # a setting to choose, not a crash
 
 if __name__ == "__main__":

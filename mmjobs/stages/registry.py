@@ -153,9 +153,24 @@ def run_component(name: str, config_json: str, kfp_run_id: str = "", **inputs: A
     for path, value in fields.items():
         _set(config, path, list(value) if isinstance(value, list | tuple) else value)
     cfg = stage.config.model_validate(config)
-    if stage.component is not None:
-        return stage.component(cfg, **rest)
-    return stage.main(cfg).output
+    typed = {k: rest.pop(k) for k, kind in stage.outputs.items()
+             if kind in STORE_ARTIFACTS and k in rest}  # absent when called outside KFP
+    uri = stage.component(cfg, **rest) if stage.component is not None else stage.main(cfg).output
+    for artifact in typed.values():
+        point_at_store(artifact, uri, stage=name)
+    return uri
+
+
+# KFP artifact types a stage's output can be declared as: the artifact is not copied, its URI
+# is the output's place in the store (KFP keeps it in its lineage; the UI links it).
+STORE_ARTIFACTS = frozenset({"Model", "Dataset"})
+
+
+def point_at_store(artifact: Any, uri: str, *, stage: str) -> None:
+    """Make a KFP output artifact (`dsl.Model`, `dsl.Dataset`) stand for the committed output
+    at `uri`: KFP records the URI the component leaves on it (no bytes are copied)."""
+    artifact.uri = uri
+    artifact.metadata.update({"stage": stage, "store_uri": uri})
 
 
 def _set(data: dict[str, Any], path: str, value: Any) -> None:

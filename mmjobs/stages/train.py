@@ -266,7 +266,7 @@ STAGE = Stage(name=NAME, config=TrainStageConfig, result=TrainResult, main=main,
                       Input("gpus_per_node", path=None, type=int, default=0),
                       Input("image", path=None, default=""),
                       Input("launch_json", path=None, default="{}")),
-              outputs={"metrics": "Metrics"},
+              outputs={"metrics": "Metrics", "trained": "Model"},
               component=component, recipe_defaults=recipe_defaults,
               step_defaults=step_defaults, recipe_check=recipe_check,
               # SIGTERM committed a checkpoint: Kubernetes restarts or reschedules the pod.

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import pipelines
-from mmjobs import pipeline_runner, storage
+from mmjobs import pipeline_runner, settings, storage
 from mmjobs.config import ConfigError
 from mmjobs.stage_contract import KFP_RUN_ID_TOKEN
 from mmjobs.stages import registry
@@ -69,6 +69,12 @@ def test_local_run_with_a_parameter_override_changes_the_run(
 
     outputs = [storage.join(o.run_dir, "prepare") for o in (default, overridden)]
     assert [card(o)["counts"]["accepted"] for o in outputs] == [3, 5]
+    # The step's typed Dataset artifact (KFP's lineage) stands for the committed output.
+    written = [json.loads(f.read_text()) for f in settings.kfp_root().rglob("executor_output.json")]
+    typed = [a for out in written
+             for a in out.get("artifacts", {}).get("dataset", {}).get("artifacts", [])]
+    assert {a["uri"] for a in typed} == set(outputs)
+    assert all(a["metadata"] == {"stage": "prepare", "store_uri": a["uri"]} for a in typed)
     assert card(outputs[1])["input"] == str(five)
     with pytest.raises(ConfigError, match="prepare_lr: not a parameter of this pipeline; "
                                           "it has prepare_input"):

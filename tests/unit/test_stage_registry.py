@@ -62,7 +62,7 @@ def test_component_functions_take_the_declared_inputs():
     assert list(evaluate) == ["config_json", "predictions", "metrics", "summary", "kfp_run_id"]
     assert component_function("import").__name__ == "import_"  # a Python keyword
     assert "run_component('merge', config_json, base=base, adapter=adapter, " \
-        "kfp_run_id=kfp_run_id)" in inspect.getsource(component_function("merge"))
+        "kfp_run_id=kfp_run_id, model=model)" in inspect.getsource(component_function("merge"))
     # Knobs: optional typed parameters (None: the step has no pipeline parameter for them).
     assert (params["set__train__lr"].annotation, params["set__train__lr"].default) == \
         (float, None)
@@ -129,3 +129,18 @@ def test_layout_names_are_what_the_stages_write():
 
     assert (CARD_FILE, SAMPLES_FILE, PREDICTIONS_FILE) == (
         layout.DATASET_CARD, layout.SAMPLES_FILE, layout.PREDICTIONS_FILE)
+
+
+@pytest.mark.parametrize(("stage", "name", "kind"), [
+    ("prepare", "dataset", "system.Dataset"), ("mix", "dataset", "system.Dataset"),
+    ("pretokenize", "shards", "system.Dataset"), ("train", "trained", "system.Model"),
+    ("merge", "model", "system.Model"), ("convert", "model", "system.Model"),
+    ("build-moe-connector", "connector", "system.Model")])
+def test_data_and_model_stages_have_typed_kfp_outputs(stage, name, kind):
+    """KFP's run graph and lineage show what a step made as a typed artifact (its URI is the
+    store output: tests/pipelines/test_run_params.py), beside the URI string steps pass on."""
+    from pipelines.components import component
+
+    outputs = component(stage, "img").component_spec.outputs
+    assert outputs[name].type.split("@")[0] == kind
+    assert outputs["Output"].type == "String"

@@ -297,7 +297,8 @@ def dataset_inputs(cfg: StageConfig, stage: str) -> list[tuple[str, str]]:
 
 def log_dataset(run: Any, uri: str, context: str) -> None:
     """Log the dataset at `uri` as an input of `run`: named by the step that made it (the
-    folder name), its fingerprint as the digest, its manifest's row counts as the profile.
+    folder name; a cache folder by its kind, e.g. `pretokenized`), its fingerprint as the
+    digest, its manifest's numbers (row counts) as the profile.
     A dataset that cannot be read is left out with a warning (the stage reports it itself)."""
     try:
         digest = input_fingerprint(uri)
@@ -307,7 +308,9 @@ def log_dataset(run: Any, uri: str, context: str) -> None:
         return
     profile = {k: v for k, v in meta.items()
                if isinstance(v, int | float) and not isinstance(v, bool)}
-    name = storage.parse(uri).key.rstrip("/").rsplit("/", 1)[-1] or uri
+    parts = storage.parse(uri).key.rstrip("/").split("/")
+    # A content-addressed cache folder (cache/pretokenized/<fingerprint>) is named by its kind.
+    name = parts[-2] if len(parts) > 1 and parts[-1] == meta.get("fingerprint") else parts[-1]
     run.log_dataset(name=name, uri=uri, digest=digest, context=context, profile=profile)
 
 

@@ -233,6 +233,7 @@ class RunOutcome:
     stages_cached: dict[str, bool] = field(default_factory=dict)
     report: str | None = None
     log: str | None = None  # every line the steps printed (the console shows a summary)
+    model: str | None = None  # the final model's registered version and store URI
 
 
 def _keep_log(log_file: Any, uri: str) -> None:
@@ -298,7 +299,7 @@ def run_local(path: str | Path, overrides: Sequence[str] = (), *, run_id: str | 
     local.init(runner=local.SubprocessRunner(use_venv=False),
                pipeline_root=str(settings.kfp_root()), raise_on_error=True)
     _fix_local_loop_inputs()
-    status = "FAILED"
+    status, model = "FAILED", None
     full_log = storage.join(run_dir, "logs", f"{time.strftime('%Y%m%d-%H%M%S')}.log")
     with tempfile.TemporaryFile("w+", encoding="utf-8") as log_file:
         try:
@@ -308,6 +309,7 @@ def run_local(path: str | Path, overrides: Sequence[str] = (), *, run_id: str | 
                 except RuntimeError as e:
                     raise step_error(e, build, logs, full_log) from None
             status = "FINISHED"
+            model = _rollup(recipe, parent, tracker)
         except KeyboardInterrupt:
             status = "KILLED"
             raise
@@ -316,7 +318,8 @@ def run_local(path: str | Path, overrides: Sequence[str] = (), *, run_id: str | 
             tracker.close(timeout=10)
             _keep_log(log_file, full_log)
     outcome = RunOutcome(run_id=run_id, run_dir=run_dir, mlflow_run_id=parent.run_id,
-                         seconds=time.monotonic() - started, results=None, log=full_log)
+                         seconds=time.monotonic() - started, results=None, log=full_log,
+                         model=model)
     _collect_results(build, outcome)
     outcome.stages_cached = _cached_stages(recipe.experiment or "default", parent.run_id)
     return outcome
@@ -336,6 +339,8 @@ def print_outcome(recipe_path: str | Path, outcome: RunOutcome) -> None:
         print(f"  results   {outcome.results}")
     if outcome.report:
         print(f"  report    {outcome.report}")
+    if outcome.model:
+        print(f"  model     {outcome.model}")
     print(f"  store     {outcome.run_dir}")
     if outcome.log:
         print(f"  log       {outcome.log}")
@@ -468,6 +473,33 @@ def results_markdown(title: str, summaries: dict[str, dict[str, Any]],
         name, value = headline(summary)
         parts.append(f"| {label} | {name} | {'-' if value is None else f'{value:.4g}'} |")
     return "\n".join(parts) + "\n"
+
+
+def _rollup(recipe: RecipeConfig, parent: Any, tracker: Any) -> str | None:
+    """The parent run's headline metrics and final model, the evaluated models registered
+    under the recipe's name (`mmjobs.report.rollup`); returns "name/version (URI)" of the
+    final model. MLflow trouble here is a warning: the run's results are in the store."""
+    tracker.flush(timeout=10)  # the stage runs' data is in; the parent must exist
+    if not parent.run_id:
+        log.warning("MLflow parent run not created (tracking unreachable): no headline "
+                    "metrics or registered model for this run")
+        return None
+    try:
+        from mlflow import MlflowClient
+
+        from mmjobs.report.rollup import URI_TAG, rollup
+
+        summary = rollup(MlflowClient(settings.tracking_uri()), parent.run_id,
+                         registered_model=recipe.recipe)
+    except Exception as e:  # a summary nicety: never fail the run over it
+        log.warning("could not add headline metrics and the final model to MLflow run %s: %s",
+                    parent.run_id, e)
+        return None
+    model = summary.final_model
+    if model is None:
+        return None
+    version = summary.versions.get(model.model_id) or model.model_id
+    return f"{version} ({model.tags.get(URI_TAG)})"
 
 
 def _cached_stages(experiment: str, parent_run_id: str | None) -> dict[str, bool]:

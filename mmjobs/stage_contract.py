@@ -57,6 +57,10 @@ class StageConfig(StrictModel):
     parent_run_id: str | None = Field(
         None, description="MLflow parent (pipeline) run id; default $MMJOBS_PARENT_RUN_ID."
     )
+    step: str | None = Field(
+        None, description="Pipeline step this stage runs as (align, sft, infer-trained, ...): "
+        "the name of its MLflow run. Default: the stage name."
+    )
     force: bool = Field(False, description="Run even if a committed output matches the inputs.")
 
 
@@ -286,11 +290,21 @@ def staged_output(uri: str, fp: str, meta: dict[str, Any] | None = None) -> Iter
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+# Config fields that name datasets a stage reads, and the `mlflow.data.context` each is logged
+# with as a dataset input of the stage's run (infer reads its `dataset` to answer it).
+DATASET_FIELDS = {"data": "training", "ptx_data": "training", "eval_data": "evaluation",
+                  "dataset": "training", "datasets": "training"}
+_DATASET_CONTEXT = {("infer", "dataset"): "evaluation"}
+
+
 @contextlib.contextmanager
 def stage_tracking(cfg: StageConfig, stage: str, *, tags: dict[str, str] | None = None):
     """An MLflow child run for this stage under the pipeline's parent run.
 
-    Logs the resolved config as params (flattened) and as `config.yaml`. Yields the run handle
+    The run is named by the pipeline step (`cfg.step`: align, sft, infer-trained, ...; the
+    stage name when run on its own) and tagged `mmjobs.stage` / `mmjobs.step`. Logs the
+    resolved config as params (flattened) and as `config.yaml`, and the datasets it reads
+    (`DATASET_FIELDS`) as dataset inputs with their fingerprints. Yields the run handle
     (`log_metrics`, `log_figure`, `log_table`, `log_artifact`, ...); the run ends FINISHED, or
     FAILED if the block raises. Tracking never fails the stage (see `mmjobs.tracking`).
     """
@@ -299,12 +313,45 @@ def stage_tracking(cfg: StageConfig, stage: str, *, tags: dict[str, str] | None 
 
     tracker = Tracker(cfg.experiment)
     parent = cfg.parent_run_id or os.environ.get("MMJOBS_PARENT_RUN_ID") or None
-    all_tags = {**default_tags(recipe=cfg.recipe, stage=stage,
+    step = cfg.step or stage
+    all_tags = {**default_tags(recipe=cfg.recipe, stage=stage, step=step,
                                image=os.environ.get("MMJOBS_IMAGE")), **(tags or {})}
-    with tracker.start_run(stage, parent=parent, tags=all_tags) as run:
+    with tracker.start_run(step, parent=parent, tags=all_tags) as run:
         run.log_params(flatten(cfg))
         run.log_text(dump_recipe(cfg), "config.yaml")
+        for uri, context in dataset_inputs(cfg, stage):
+            log_dataset(run, uri, context)
         yield run
+
+
+def dataset_inputs(cfg: StageConfig, stage: str) -> list[tuple[str, str]]:
+    """(URI, context) of each dataset the stage's config names (`DATASET_FIELDS`)."""
+    found = []
+    for name, context in DATASET_FIELDS.items():
+        value = getattr(cfg, name, None)
+        for uri in value if isinstance(value, list) else [value]:
+            if isinstance(uri, str) and uri:
+                found.append((uri, _DATASET_CONTEXT.get((stage, name), context)))
+    return found
+
+
+def log_dataset(run: Any, uri: str, context: str) -> None:
+    """Log the dataset at `uri` as an input of `run`: named by the step that made it (the
+    folder name; a cache folder by its kind, e.g. `pretokenized`), its fingerprint as the
+    digest, its manifest's numbers (row counts) as the profile.
+    A dataset that cannot be read is left out with a warning (the stage reports it itself)."""
+    try:
+        digest = input_fingerprint(uri)
+        meta = storage.read_manifest(uri).meta if storage.is_committed(uri) else {}
+    except (storage.StoreError, OSError, ValueError) as e:
+        log.warning("tracking: dataset input %s not logged: %s", uri, e)
+        return
+    profile = {k: v for k, v in meta.items()
+               if isinstance(v, int | float) and not isinstance(v, bool)}
+    parts = storage.parse(uri).key.rstrip("/").split("/")
+    # A content-addressed cache folder (cache/pretokenized/<fingerprint>) is named by its kind.
+    name = parts[-2] if len(parts) > 1 and parts[-1] == meta.get("fingerprint") else parts[-1]
+    run.log_dataset(name=name, uri=uri, digest=digest, context=context, profile=profile)
 
 
 # --------------------------------------------------------------------------- the skeleton
@@ -331,7 +378,7 @@ def run_stage(cfg: StageConfig, stage: str, fp: str, body: Callable[[StageRun], 
               *, result: Callable[[str, dict[str, Any], bool, str | None], R],
               reused: Callable[[str, storage.Manifest, Any], dict[str, Any]] | None = None,
               tags: dict[str, str] | None = None, out: str | None = None,
-              uncommit_first: bool = False) -> R:
+              uncommit_first: bool = False, model_type: str | None = None) -> R:
     """What every stage with a committed output does around its own work.
 
     Resolve the output (`out`, else `output_uri`), open the stage's MLflow run, and reuse a
@@ -339,19 +386,25 @@ def run_stage(cfg: StageConfig, stage: str, fp: str, body: Callable[[StageRun], 
     its facts (default: the manifest's meta; it may log them too). Otherwise (after removing
     an older output's manifest when `uncommit_first`) `body` runs, commits (`StageRun.commit`)
     and logs, and returns the facts. `result(out, facts, cached, mlflow_run_id)` makes the
-    stage's result either way.
+    stage's result either way. With `model_type` the output is a model (merged, a base with
+    a trained connector, ...): it is logged as an MLflow logged model pointing at `out`.
     """
     out = out or output_uri(cfg, stage)
     with stage_tracking(cfg, stage, tags=tags) as run:
         manifest = reusable_output(out, fp, cfg.force)
+        cached = manifest is not None
         if manifest is not None:
             run.set_tags({"cached": "true"})
             facts = reused(out, manifest, run) if reused else manifest.meta
-            return result(out, facts, True, run.run_id)
-        if uncommit_first:
-            uncommit(out)
-        facts = body(StageRun(stage, out, fp, run))
-        return result(out, facts, False, run.run_id)
+        else:
+            if uncommit_first:
+                uncommit(out)
+            facts = body(StageRun(stage, out, fp, run))
+        if model_type:
+            run.log_model(name=cfg.step or stage, uri=out, fingerprint=fp, model_type=model_type,
+                          params={k: v for k, v in facts.items()
+                                  if isinstance(v, str | int | float) and k != "stage"})
+        return result(out, facts, cached, run.run_id)
 
 
 # --------------------------------------------------------------------------- command line

@@ -44,6 +44,7 @@ from mmjobs import settings
 from mmjobs.logs import get_logger
 from mmjobs.tracking_spool import (
     PARENT_TAG,
+    URI_TAG,
     Outbox,
     RunQueue,
     SpoolFile,
@@ -54,15 +55,17 @@ from mmjobs.tracking_spool import (
     spool_files,
 )
 
-__all__ = ["PARENT_TAG", "RunHandle", "Tracker", "default_tags", "flatten_params",
-           "flush_spool", "git_commit"]
+__all__ = ["PARENT_TAG", "STAGE_TAG", "STEP_TAG", "URI_TAG", "RunHandle", "Tracker",
+           "default_tags", "flatten_params", "flush_spool", "git_commit"]
 
 log = get_logger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limits
 MAX_PARAMS_TAGS_PER_BATCH = 100
 MAX_PARAM_LENGTH, MAX_TAG_LENGTH, MAX_KEY_LENGTH = 6000, 8000, 250
+MAX_DIGEST_LENGTH = 36  # MLflow's dataset digest column
 FLUSH_HINT = "mmjobs tracking flush '{path}'"  # how a pending summary says to deliver
+STAGE_TAG, STEP_TAG = "mmjobs.stage", "mmjobs.step"  # the stage type; the pipeline step
 _KEY_BAD_CHARS = re.compile(r"[^/\w.\- :]")  # MLflow accepts only these in param/metric names
 
 
@@ -184,6 +187,32 @@ class RunHandle:
         frame = data if isinstance(data, pd.DataFrame) else pd.DataFrame(data)
         columns = {str(c): frame[c].tolist() for c in frame.columns}
         self._submit({"op": "table", "data": columns, "artifact_file": artifact_file})
+
+    @_never_raises
+    def log_dataset(self, *, name: str, uri: str, digest: str, context: str,
+                    profile: Mapping[str, Any] | None = None) -> None:
+        """Log the dataset at `uri` as an input of this run (the run page's Datasets, the
+        runs table's Dataset column): `digest` identifies its contents (a fingerprint),
+        `context` its role (`training`, `evaluation`), `profile` a few numbers (row counts)."""
+        self._submit({"op": "inputs", "datasets": [{
+            "name": name, "digest": digest[:MAX_DIGEST_LENGTH], "uri": uri, "context": context,
+            "profile": dict(profile or {})}]})
+
+    @_never_raises
+    def log_model(self, *, name: str, uri: str, fingerprint: str, model_type: str,
+                  params: Mapping[str, Any] | None = None,
+                  tags: Mapping[str, Any] | None = None) -> None:
+        """Record the model at `uri` (in the store: nothing is copied) as an MLflow logged
+        model made by this run (the run's Models column, the experiment's Models tab), tagged
+        with its URI (`mmjobs.uri`) and `fingerprint` (`mmjobs.fingerprint`). A logged model
+        with the same URI and fingerprint is linked again instead of duplicated (a re-run
+        that reuses a committed output)."""
+        self._submit({"op": "model", "name": _model_name(name), "uri": uri,
+                      "experiment": self._tracker.experiment,
+                      "fingerprint": fingerprint, "model_type": model_type,
+                      "params": flatten_params(params or {}),
+                      "tags": {_clean_key(k): _clip(str(v), MAX_TAG_LENGTH)
+                               for k, v in (tags or {}).items()}})
 
     @_never_raises
     def log_artifact(self, local_path: str | os.PathLike[str],
@@ -406,11 +435,12 @@ def flush_spool(path: str | os.PathLike[str], tracking_uri: str | None = None, *
 
 
 def default_tags(recipe: str | None, stage: str | None, image: str | None = None,
-                 data_fingerprint: str | None = None) -> dict[str, str]:
-    """Standard run tags: `recipe`, `stage`, `image`, `data_fingerprint` (those given) and
-    the git commit of the code as `mlflow.source.git.commit` (when known)."""
-    tags = {"recipe": recipe, "stage": stage, "image": image, "data_fingerprint": data_fingerprint,
-            "mlflow.source.git.commit": git_commit()}
+                 data_fingerprint: str | None = None, step: str | None = None) -> dict[str, str]:
+    """Standard run tags: `recipe`, `mmjobs.stage` (the stage type), `mmjobs.step` (the
+    pipeline step it runs as), `image`, `data_fingerprint` (those given) and the git commit of
+    the code as `mlflow.source.git.commit` (when known)."""
+    tags = {"recipe": recipe, STAGE_TAG: stage, STEP_TAG: step, "image": image,
+            "data_fingerprint": data_fingerprint, "mlflow.source.git.commit": git_commit()}
     return {k: v for k, v in tags.items() if v}
 
 
@@ -448,6 +478,11 @@ def flatten_params(params: Any, prefix: str = "") -> dict[str, str]:
     for key, value in items:
         out.update(flatten_params(value, f"{prefix}.{key}" if prefix else str(key)))
     return out
+
+
+def _model_name(name: str) -> str:
+    """A logged model name MLflow accepts (no `/ : . % " '`)."""
+    return re.sub(r"[/:.%\"']", "-", name) or "model"
 
 
 def _clean_key(key: str) -> str:

@@ -10,7 +10,8 @@ Spool file, one per run, `<spool_dir>/<key>.jsonl`:
 - line 1, the header: `{"spool": 1, "key", "run_id" (null if the run was not created yet),
   "name", "experiment", "tracking_uri", "created_ns"}`;
 - operations in the order they were made, each with a per-run `seq`: `create`, `batch`
-  (metrics/params/tags), `artifact`, `table`, `end`;
+  (metrics/params/tags), `artifact`, `table`, `inputs` (dataset inputs), `model` (a logged
+  model entry pointing at a store URI), `end`;
 - `{"ack": seq}` lines appended as operations are delivered (a `create` ack carries the new
   `run_id`). Acks make a flush resumable: a crash re-sends at most one operation, which the
   server tolerates (duplicate metrics are ignored, equal params and tags are no-ops).
@@ -43,6 +44,10 @@ log = get_logger("mmjobs.tracking")  # users see one logger for tracking
 INDEX_NAME = "_index.jsonl"
 SPOOL_VERSION = 1
 PARENT_TAG = "mlflow.parentRunId"
+URI_TAG, FINGERPRINT_TAG = "mmjobs.uri", "mmjobs.fingerprint"  # of a logged model
+# MLflow 3's UI opens an experiment without this tag as a GenAI app (traces, judges); with it,
+# as model training (runs, charts, models): what these experiments are.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 FIRST_RETRY_S, MAX_RETRY_S = 2.0, 30.0  # backoff between attempts while the server is down
 CALL_BUDGET_S = 1.0  # longest a logging call spends delivering a backlog
 
@@ -79,13 +84,17 @@ def count_op(op: dict[str, Any]) -> Counter[str]:
     if op["op"] == "batch":
         return Counter(metric=len(op.get("metrics", [])), param=len(op.get("params", {})),
                        tag=len(op.get("tags", {})))
-    return Counter({{"create": "run start", "end": "run end"}.get(op["op"], "artifact"): 1})
+    if op["op"] == "inputs":
+        return Counter(dataset=len(op.get("datasets", [])))
+    nouns = {"create": "run start", "end": "run end", "model": "model"}
+    return Counter({nouns.get(op["op"], "artifact"): 1})
 
 
 def describe(counts: Counter[str]) -> str:
     """`Counter(metric=120, param=3, **{"run end": 1})` → `120 metrics, 3 params, run end`."""
     parts = []
-    for noun in ("metric", "param", "tag", "artifact", "run start", "run end"):
+    for noun in ("metric", "param", "tag", "artifact", "dataset", "model", "run start",
+                 "run end"):
         n = counts.get(noun, 0)
         if n:
             parts.append(noun if noun.startswith("run ") else f"{n} {noun}{'s' * (n != 1)}")
@@ -200,6 +209,16 @@ def load(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     if header.get("spool") != SPOOL_VERSION:
         raise ValueError(f"{path} is not an mmjobs tracking spool file (version 1)")
     return header, [ops[s] for s in sorted(ops)]
+
+
+def _dataset_input(spec: dict[str, Any]) -> Any:
+    """An MLflow dataset input from an `inputs` op's entry (a store URI and its fingerprint)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source_type = "s3" if spec["uri"].startswith("s3://") else "local"
+    dataset = Dataset(spec["name"], spec["digest"], source_type, json.dumps({"uri": spec["uri"]}),
+                      profile=json.dumps(spec.get("profile") or {}))
+    return DatasetInput(dataset, [InputTag("mlflow.data.context", spec["context"])])
 
 
 def spool_files(path: Path) -> list[Path]:
@@ -351,9 +370,36 @@ class Outbox:
                 path.unlink(missing_ok=True)
         elif kind == "table":
             client.log_table(run.run_id, data=op["data"], artifact_file=op["artifact_file"])
+        elif kind == "inputs":
+            client.log_inputs(run.run_id, datasets=[_dataset_input(d) for d in op["datasets"]])
+        elif kind == "model":
+            self._log_model(run.run_id, op)
         elif kind == "end":
             client.set_terminated(run.run_id, op["status"], op["end_time"])
         return None
+
+    def _log_model(self, run_id: str, op: dict[str, Any]) -> None:
+        """A logged model entry for `op["uri"]`, made by the run (re-linked, not duplicated,
+        when the experiment has one for the same URI and fingerprint), as the run's output."""
+        from mlflow.entities import LoggedModelOutput
+
+        client, uri, fp = self.client, op["uri"], op["fingerprint"]
+        experiment_id = self._experiment_id(op.get("experiment") or self.experiment)
+        found = []
+        if "'" not in uri + fp:  # filter strings quote values with '
+            found = client.search_logged_models(
+                [experiment_id], max_results=1,
+                filter_string=f"tags.`{URI_TAG}` = '{uri}' AND tags.`{FINGERPRINT_TAG}` = '{fp}'")
+        if found:
+            model_id = found[0].model_id
+        else:
+            model = client.create_logged_model(
+                experiment_id, name=op["name"], source_run_id=run_id, params=op["params"],
+                tags={**op["tags"], URI_TAG: uri, FINGERPRINT_TAG: fp},
+                model_type=op["model_type"])
+            model_id = model.model_id
+            client.finalize_logged_model(model_id, "READY")
+        client.log_outputs(run_id, [LoggedModelOutput(model_id, 0)])
 
     def _resolve(self, parent_key: str | None) -> str | None:
         if not parent_key:
@@ -370,7 +416,8 @@ class Outbox:
             if experiment is None:
                 try:
                     self._experiments[name] = self.client.create_experiment(
-                        name, artifact_location=self._local_artifact_location())
+                        name, artifact_location=self._local_artifact_location(),
+                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
                 except Exception:  # a parallel stage may have created it first
                     experiment = self.client.get_experiment_by_name(name)
                     if experiment is None:
@@ -379,6 +426,9 @@ class Outbox:
                 if experiment.lifecycle_stage == "deleted":
                     log.warning("tracking: experiment %r was deleted; restoring it", name)
                     self.client.restore_experiment(experiment.experiment_id)
+                if EXPERIMENT_KIND_TAG not in experiment.tags:  # a user's choice stays
+                    self.client.set_experiment_tag(experiment.experiment_id,
+                                                   EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
                 self._experiments[name] = experiment.experiment_id
         return self._experiments[name]
 

@@ -46,7 +46,7 @@ from pipelines.components import component
 log = get_logger(__name__)
 
 # StageConfig fields every step gets from the pipeline run, never from the recipe.
-RUN_FIELDS = ("experiment", "pipeline_run_id", "output", "recipe", "parent_run_id")
+RUN_FIELDS = ("experiment", "pipeline_run_id", "output", "recipe", "parent_run_id", "step")
 _PLACEHOLDER = "<wired by the pipeline>"
 
 
@@ -163,7 +163,8 @@ class Build:
             defaults = spec.step_defaults(dict(defaults or {}), own)
         cfg = _deep_merge(_deep_merge(copy.deepcopy(dict(defaults or {})), given), fixed or {})
         cfg.update({"experiment": self.recipe.experiment, "pipeline_run_id": self.run_id,
-                    "recipe": self.recipe.recipe, "parent_run_id": self.parent_run_id})
+                    "recipe": self.recipe.recipe, "parent_run_id": self.parent_run_id,
+                    "step": step})
         if spec.own_output:
             cfg["output"] = storage.join(self.store_root, self.recipe.experiment or "default",
                                          self.run_id, step)
@@ -432,8 +433,8 @@ def _did_you_mean(name: str, allowed: list[str]) -> str:
 def _why(key: str) -> str:
     if key in ("output", "pipeline_run_id", "experiment"):
         return "outputs go to {store}/{experiment}/{run_id}/{step}"
-    if key in ("recipe", "parent_run_id"):
-        return "every stage joins this pipeline run"
+    if key in ("recipe", "parent_run_id", "step"):
+        return "every stage joins this pipeline run, its MLflow run named by the step"
     return "wired from an upstream step"
 
 

@@ -6,12 +6,14 @@
 - `plots`: loss/LR curves, per-category bars, metric vs sweep setting;
 - `tables`: run summary, ChartQA @AP, ScienceQA categories, Main Results (the seed tables
   themselves are drawn by `mmjobs.eval.report`);
-- `build`: all of it into a folder with `report.md` and `report.json`.
+- `build`: all of it into a folder with `report.md`, `report.html` (plots inlined, `html`)
+  and `report.json`;
+- `rollup`: the pipeline run's headline metrics and final model on its MLflow parent run.
 """
 
-from mmjobs.report.build import REPORT_JSON, REPORT_MD, ReportOptions, build_report
+from mmjobs.report.build import REPORT_HTML, REPORT_JSON, REPORT_MD, ReportOptions, build_report
 from mmjobs.report.collect import Collected, ReportError, Skip, collect
 from mmjobs.report.runs import RunRecord, RunSet
 
-__all__ = ["REPORT_JSON", "REPORT_MD", "Collected", "ReportError", "ReportOptions",
+__all__ = ["REPORT_HTML", "REPORT_JSON", "REPORT_MD", "Collected", "ReportError", "ReportOptions",
            "RunRecord", "RunSet", "Skip", "build_report", "collect"]

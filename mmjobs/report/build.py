@@ -13,8 +13,9 @@ are listed with the reason in report.md and report.json):
   (explicit `sweep_params`, else detected, else the runs' labels when they differ);
 - tables, each as `<name>.md` and `<name>.csv`: `runs` (summary), `chartqa_ap`, `scienceqa`,
   `results` (Main Results across benchmarks);
-- `report.md` (title, scope, tables, plots embedded by file name) and `report.json` (the same
-  facts for programs).
+- `report.md` (title, scope, tables, plots embedded by file name), `report.html` (the same page
+  with the plots inlined: what renders with its images in MLflow's artifact viewer, see
+  `mmjobs.report.html`) and `report.json` (the same facts for programs).
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ from mmjobs.eval.report import category_values
 from mmjobs.logs import get_logger
 from mmjobs.report import plots, tables
 from mmjobs.report.collect import Collected, Skip
+from mmjobs.report.html import report_html
 from mmjobs.report.runs import RunRecord, RunSet, headline_of, summary_of
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 log = get_logger(__name__)
-REPORT_MD, REPORT_JSON = "report.md", "report.json"
+REPORT_MD, REPORT_JSON, REPORT_HTML = "report.md", "report.json", "report.html"
 DPI = 120
 _UNSAFE = re.compile(r"[^\w-]+")
 
@@ -106,7 +108,10 @@ def build_report(collected: Collected, out_dir: Path, options: ReportOptions) ->
     if results is not None:
         parts.sections.append(f"## {results.title}\n\n{parts.table(results)}")
     info = _info(collected, options, sweep, metrics, parts, runset)
-    (out_dir / REPORT_MD).write_text(_markdown(info, parts), encoding="utf-8")
+    markdown = _markdown(info, parts)
+    (out_dir / REPORT_MD).write_text(markdown, encoding="utf-8")
+    (out_dir / REPORT_HTML).write_text(report_html(markdown, out_dir, options.title),
+                                       encoding="utf-8")
     (out_dir / REPORT_JSON).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n",
                                        encoding="utf-8")
     return info
@@ -238,6 +243,9 @@ def _markdown(info: dict[str, Any], parts: _Parts) -> str:
             f"Experiment `{info['experiment']}` ({scope}) at `{info['tracking_uri']}`, "
             f"{info['created']}.",
             f"Runs: {counts['runs']} ({stages}); pipeline runs: {counts['pipeline_runs']}."]
+    if parts.plots:  # MLflow's Markdown view shows image links as text
+        head.append(f"Plots: the PNG files beside this file; `{REPORT_HTML}` shows them inline "
+                    "(open it in MLflow's artifact view).")
     if info["sweep_params"]:
         head.append("Sweep params: " + ", ".join(f"`{p}`" for p in info["sweep_params"]) + ".")
     if not counts["runs"]:

@@ -1,8 +1,14 @@
-"""A report folder (`report.md` and its PNG plots) as one self-contained HTML page.
+"""report.html: the report as one self-contained page, its plots embedded.
 
-The KFP UI shows a step's HTML output in a sandboxed frame that cannot follow the report's
-relative image links, so the plots are inlined as `data:` URIs. Only what `build_report`
-writes is rendered: headings, pipe tables, image lines and paragraphs.
+MLflow's artifact viewer renders Markdown but shows `![loss](loss.png)` as literal text (it
+neither resolves relative images nor accepts `data:` URIs there), while it renders an `.html`
+artifact as a page. So the report is also written as HTML with every plot inlined as a base64
+`data:` URI: it shows its images in MLflow, in a browser opened on the store folder, or mailed
+on its own. `report.md` keeps relative image paths (they resolve next to it on disk and in
+Markdown viewers that read files).
+
+Only the Markdown the report itself writes is converted (`build._markdown`): headings,
+paragraphs, `- ` lists, pipe tables, images alone on a line, inline code.
 """
 
 from __future__ import annotations
@@ -13,57 +19,54 @@ import re
 from pathlib import Path
 
 _IMAGE = re.compile(r"^!\[([^\]]*)\]\(([^)\s]+)\)$")
-_STYLE = ("body{font-family:sans-serif;max-width:60em;margin:1em auto}"
-          "table{border-collapse:collapse;margin:1em 0}"
-          "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left}"
-          "img{max-width:100%}")
+_CODE = re.compile(r"`([^`]+)`")
+_STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#1b1b1b}
+table{border-collapse:collapse;margin:1em 0;font-size:90%}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}
+img{max-width:100%;display:block;margin:1em 0}code{background:#f3f3f3;padding:0 3px}"""
 
 
-def report_html(folder: Path, markdown_name: str = "report.md") -> str:
-    """The page for the report in `folder`; an image the folder lacks (or one outside it)
-    is shown as its name only."""
-    lines = (folder / markdown_name).read_text(encoding="utf-8").splitlines()
+def report_html(markdown: str, folder: Path, title: str) -> str:
+    """The report's Markdown as an HTML page; images named in it are read from `folder` and
+    embedded (a missing file stays a visible `[missing image: name]` note)."""
     body: list[str] = []
-    table: list[str] = []
-    for line in [*lines, ""]:
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        if table:
-            body.append(_table(table))
-            table = []
-        body.append(_line(line.strip(), folder))
-    return (f"<!doctype html><html><head><meta charset='utf-8'><style>{_STYLE}</style>"
-            f"</head><body>{''.join(body)}</body></html>")
+    for block in markdown.strip().split("\n\n"):
+        lines = block.splitlines()
+        if block.startswith("#"):
+            level = len(block) - len(block.lstrip("#"))
+            body.append(f"<h{level}>{_inline(block[level:].strip())}</h{level}>")
+        elif all(line.startswith("|") for line in lines):
+            body.append(_table(lines))
+        elif all(line.startswith("- ") for line in lines):
+            items = "".join(f"<li>{_inline(line[2:])}</li>" for line in lines)
+            body.append(f"<ul>{items}</ul>")
+        elif len(lines) == 1 and (m := _IMAGE.match(block)):
+            body.append(_image(m.group(1), folder / Path(m.group(2)).name))  # ours, no dirs
+        else:
+            body.append(f"<p>{'<br>'.join(_inline(line) for line in lines)}</p>")
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
+            f"</title><style>{_STYLE}</style></head>\n<body>\n" + "\n".join(body)
+            + "\n</body></html>\n")
 
 
-def _line(line: str, folder: Path) -> str:
-    if not line:
-        return ""
-    heading = re.match(r"^(#{1,6})\s+(.*)$", line)
-    if heading:
-        level = len(heading.group(1))
-        return f"<h{level}>{html.escape(heading.group(2))}</h{level}>"
-    image = _IMAGE.match(line)
-    if image:
-        alt, name = image.groups()
-        path = (folder / name).resolve()
-        if path.parent == folder.resolve() and path.suffix == ".png" and path.is_file():
-            data = base64.b64encode(path.read_bytes()).decode()
-            return (f"<figure><img alt='{html.escape(alt, quote=True)}' "
-                    f"src='data:image/png;base64,{data}'><figcaption>{html.escape(name)}"
-                    "</figcaption></figure>")
-        return f"<p>[{html.escape(alt)}: {html.escape(name)}]</p>"
-    return f"<p>{html.escape(line)}</p>"
+def _inline(text: str) -> str:
+    return _CODE.sub(lambda m: f"<code>{m.group(1)}</code>", html.escape(text, quote=False))
 
 
-def _table(rows: list[str]) -> str:
-    cells = [[c.strip() for c in row.strip().strip("|").split("|")] for row in rows]
-    cells = [r for r in cells if not all(re.fullmatch(r":?-+:?", c) for c in r if c)]
-    if not cells:
-        return ""
-    head, *rest = cells
-    out = ["<table><tr>", *(f"<th>{html.escape(c)}</th>" for c in head), "</tr>"]
-    for row in rest:
-        out += ["<tr>", *(f"<td>{html.escape(c)}</td>" for c in row), "</tr>"]
-    return "".join([*out, "</table>"])
+def _table(lines: list[str]) -> str:
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    separator = len(rows) > 1 and all(c and set(c) <= set(":- ") for c in rows[1])
+    head, rest = rows[0], rows[2:] if separator else rows[1:]
+    cells = "".join(f"<th>{_inline(c)}</th>" for c in head)
+    body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>"
+                   for row in rest)
+    return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _image(alt: str, path: Path) -> str:
+    if not path.is_file() or path.suffix.lower() != ".png":
+        return f"<p>[missing image: {html.escape(path.name)}]</p>"
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f'<figure><img alt="{html.escape(alt)}" data-file="{html.escape(path.name)}" '
+            f'src="data:image/png;base64,{data}">'
+            f"<figcaption><code>{html.escape(path.name)}</code></figcaption></figure>")

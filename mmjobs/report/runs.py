@@ -23,6 +23,7 @@ from typing import Any
 from mmjobs.eval.report import SCIENCEQA_COLUMNS, headline
 
 PARENT_TAG = "mlflow.parentRunId"
+STAGE_TAG = "mmjobs.stage"  # mmjobs.tracking's
 SWEEP_TAG = "sweep.setting"
 _MISSING = {"", "null", "None", "none"}  # how `flatten` and MLflow spell "not set"
 _CHARTQA = re.compile(r"^chartqa\.(human|augmented|average|overall)_(.+)$")
@@ -52,7 +53,8 @@ class RunRecord:
 
     @property
     def stage(self) -> str | None:
-        return self.tags.get("stage")
+        """The stage type (tag `mmjobs.stage`; `stage` on runs of earlier versions)."""
+        return self.tags.get(STAGE_TAG) or self.tags.get("stage")
 
     @property
     def parent_run_id(self) -> str | None:
@@ -158,6 +160,10 @@ def _as_float(text: str) -> float:
         return float("inf")
 
 
+def _trains(run: RunRecord) -> bool:
+    return run.is_training or run.stage == "train"
+
+
 def _looks_like_location(value: str) -> bool:
     # URIs and paths differ per run by construction; they are never sweep settings.
     return "://" in value or value.startswith(("/", "./", "~"))
@@ -177,7 +183,7 @@ class RunSet:
         self.parents = dict(parents or {})
         self._siblings: dict[str | None, list[RunRecord]] = {}
         for run in self.runs:
-            if run.is_training or run.stage == "train":
+            if _trains(run):
                 self._siblings.setdefault(run.parent_run_id, []).append(run)
 
     @property
@@ -201,6 +207,8 @@ class RunSet:
         """
         if (value := run.value(key)) is not None:
             return value
+        if _trains(run) and key.startswith("train."):
+            return None  # its config has every train setting its mode uses (align: no LoRA)
         parent = self.parents.get(run.parent_run_id or "")
         if parent is not None and (value := parent.value(key)) is not None:
             return value
@@ -229,13 +237,18 @@ class RunSet:
     def display_names(self, runs: Sequence[RunRecord],
                       sweep_params: Sequence[str] = ()) -> dict[str, str]:
         """run id -> a short name unique among `runs`: label and sweep settings ("trained",
-        "cosine", "lr_schedule=step, dropout=inc"), else the run name; run ids are appended
-        where names collide."""
+        "cosine", "lr_schedule=step, dropout=inc"); a training run's step name and the
+        settings it has ("sft · lr=0.002"); else the run name; run ids are appended where
+        names collide."""
         names: dict[str, str] = {}
         for run in runs:
             settings = [(k, v) for k in sweep_params if (v := self.setting(run, k)) is not None]
             parts = [run.label] if run.label else []
-            if len(settings) == 1:
+            step = _trains(run) and not run.label
+            if step:  # its step (align, sft-baseline) first, then settings it does not say
+                parts = [run.name]
+                settings = [(k, v) for k, v in settings if v not in run.name]
+            if len(settings) == 1 and not step:
                 parts.append(settings[0][1])
             else:
                 parts += [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in settings]

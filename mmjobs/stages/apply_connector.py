@@ -120,7 +120,7 @@ def main(cfg: ApplyConnectorConfig) -> ApplyConnectorResult:
                  meta["connector_kind"], located, cfg.base, stage.out)
         return meta
 
-    return run_stage(cfg, NAME, fp, apply, result=_result)
+    return run_stage(cfg, NAME, fp, apply, result=_result, model_type="with-connector")
 
 
 def _same_tensors(a, b) -> bool:

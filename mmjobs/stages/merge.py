@@ -144,7 +144,7 @@ def main(cfg: MergeConfig) -> MergeResult:
                  adapter, stage.out, diff)
         return meta
 
-    return run_stage(cfg, NAME, fp, merge, result=_result)
+    return run_stage(cfg, NAME, fp, merge, result=_result, model_type="merged")
 
 
 def _result(out: str, meta: dict, cached: bool, run_id: str | None) -> MergeResult:

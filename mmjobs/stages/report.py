@@ -26,7 +26,14 @@ from typing import Any
 from pydantic import Field
 
 from mmjobs import storage
-from mmjobs.report import REPORT_JSON, REPORT_MD, ReportError, ReportOptions, build_report
+from mmjobs.report import (
+    REPORT_HTML,
+    REPORT_JSON,
+    REPORT_MD,
+    ReportError,
+    ReportOptions,
+    build_report,
+)
 from mmjobs.report.collect import Collected, collect
 from mmjobs.stage_contract import (
     Stage,
@@ -144,14 +151,10 @@ def _result(out: str, info: dict[str, Any], cached: bool, run_id: str | None) ->
 def component(cfg: ReportConfig, *, report: Any, page: Any) -> str:
     """The KFP component's body: run the stage, then show the report in the KFP UI
     (`report`: a Markdown artifact, its text; `page`: an HTML one, with the plots inline)."""
-    from mmjobs.report.html import report_html
-
     result = main(cfg)
-    with tempfile.TemporaryDirectory(prefix="mmjobs-report-") as tmp:
-        storage.get_dir(result.output, tmp)
-        Path(report.path).write_text((Path(tmp) / REPORT_MD).read_text(encoding="utf-8"),
-                                     encoding="utf-8")
-        Path(page.path).write_text(report_html(Path(tmp), REPORT_MD), encoding="utf-8")
+    for artifact, name in ((report, REPORT_MD), (page, REPORT_HTML)):  # report.html: plots inline
+        Path(artifact.path).write_text(storage.read_text(storage.join(result.output, name)),
+                                       encoding="utf-8")
     return result.output
 
 

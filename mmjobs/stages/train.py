@@ -62,6 +62,8 @@ from mmjobs.train.outputs import TrainingPreempted, inputs_fingerprint
 NAME = "train"
 VERSION = 1  # bump when the training semantics change for the same config
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what Kubernetes and shells expect
+# TrainResult's fields naming a trained part under final/.
+_PARTS = ("adapter", "model", "connector", "reward_model", "value_head", "critic")
 log = get_logger(__name__)
 
 
@@ -136,7 +138,7 @@ def main(cfg: TrainStageConfig) -> TrainResult:
         ConfigError: bad combinations in `cfg.train`.
     """
     from mmjobs.train.distributed import NullRun, env_dist_info
-    from mmjobs.train.outputs import publish_final
+    from mmjobs.train.outputs import log_final_model, publish_final
     from mmjobs.train.run import run_training
 
     out = output_uri(cfg, NAME)
@@ -151,7 +153,10 @@ def main(cfg: TrainStageConfig) -> TrainResult:
         if manifest is not None:
             run.set_tags({"cached": "true"})
             log.info("train: %s already holds the result for these inputs; nothing to do", final)
-            return _final_result(out, manifest.meta, cached=True, run_id=run.run_id)
+            result = _final_result(out, manifest.meta, cached=True, run_id=run.run_id)
+            log_final_model(run, final, name=cfg.step or NAME, fingerprint=fp, train=cfg.train,
+                            parts=[p for p in _PARTS if getattr(result, p)])
+            return result
         summary, outputs = run_training(model=cfg.model, data=cfg.data,
                                         eval_data=cfg.eval_data, train=cfg.train, output=out,
                                         fingerprint=fp, resume=cfg.resume, run=run,
@@ -159,10 +164,11 @@ def main(cfg: TrainStageConfig) -> TrainResult:
         if main_rank:
             publish_final(run, outputs["final"], log_artifacts=cfg.log_model_artifacts,
                           registered_model_name=cfg.registered_model_name)
+            log_final_model(run, final, name=cfg.step or NAME, fingerprint=fp, train=cfg.train,
+                            parts=[p for p in _PARTS if outputs.get(p)])
         run_id = run.run_id
-    parts = ("adapter", "model", "connector", "reward_model", "value_head", "critic")
     return TrainResult(output=out, mlflow_run_id=run_id, final=final,
-                       **{part: outputs.get(part) for part in parts},
+                       **{part: outputs.get(part) for part in _PARTS},
                        checkpoints=storage.join(out, CHECKPOINTS_DIR), steps=summary.steps,
                        final_loss=summary.final_loss, eval_loss=summary.eval_loss,
                        eval_metrics=summary.eval_metrics or {},

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import resource
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -152,18 +152,19 @@ def peak_memory_bytes(device: torch.device | str) -> int:
 
 
 def step_metrics(*, seconds: float, tokens: int, samples: int, flops: float,
-                 peak_flops: float | None, device: Any) -> dict[str, float]:
-    """Per-rank throughput metrics of one optimizer step.
+                 peak_flops: float | None, device: Any, steps: int = 1) -> dict[str, float]:
+    """Per-rank throughput metrics of `steps` optimizer steps (a logging window).
 
     Args:
-        seconds: wall time of the step (all micro-batches, optimizer included).
-        tokens, samples: real tokens and samples this rank processed in the step.
-        flops: model FLOPs this rank computed in the step (`FlopsModel.step_flops` summed).
+        seconds: wall time of the steps (all micro-batches, optimizer included).
+        tokens, samples: real tokens and samples this rank processed in them.
+        flops: model FLOPs this rank computed in them (`FlopsModel.step_flops` summed).
         peak_flops: the device's peak FLOP/s, or None.
+        steps: how many optimizer steps the totals cover (`step_time_s` is per step).
     """
     seconds = max(seconds, 1e-9)
     out = {
-        "step_time_s": seconds,
+        "step_time_s": seconds / max(steps, 1),
         "tokens_per_s": tokens / seconds,
         "samples_per_s": samples / seconds,
         "model_tflops_per_s": flops / seconds / 1e12,
@@ -174,6 +175,44 @@ def step_metrics(*, seconds: float, tokens: int, samples: int, flops: float,
     return out
 
 
+@dataclass
+class LogWindow:
+    """The optimizer steps since the last logged one (`train.log_every_steps` of them).
+
+    Logging every Nth step's own loss would show one noisy sample out of N; like
+    transformers' Trainer, a log line reports the window: the mean of its steps' losses and
+    objective stats, and its throughput (totals over its wall time). `take()` returns the
+    `log_step` arguments and starts the next window.
+    """
+
+    steps: int = 0
+    loss: float = 0.0
+    seconds: float = 0.0
+    tokens: float = 0.0
+    samples: float = 0.0
+    flops: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def add(self, *, loss: float, seconds: float, tokens: float, samples: float, flops: float,
+            extra: dict[str, float] | None = None) -> None:
+        """Add one optimizer step (`tokens`/`samples` over all ranks, `flops` this rank's)."""
+        self.steps += 1
+        self.loss += loss
+        self.seconds, self.tokens = self.seconds + seconds, self.tokens + tokens
+        self.samples, self.flops = self.samples + samples, self.flops + flops
+        for key, value in (extra or {}).items():
+            self.extra[key] = self.extra.get(key, 0.0) + value
+
+    def take(self) -> dict[str, Any]:
+        """The window as `log_step` keyword arguments (means and totals); then reset."""
+        n = max(self.steps, 1)
+        out = {"loss": self.loss / n, "seconds": self.seconds, "tokens": self.tokens,
+               "samples": self.samples, "flops": self.flops, "steps": n,
+               "extra": {k: v / n for k, v in self.extra.items()}}
+        self.__init__()  # type: ignore[misc]
+        return out
+
+
 def patches_per_image(card: dict[str, Any]) -> int:
     """Image tokens per image, from a pretokenized card (`tokens.image / images`)."""
     images = int(card.get("images") or 0)
@@ -182,22 +221,25 @@ def patches_per_image(card: dict[str, Any]) -> int:
 
 def log_step(run: Any, step: int, total: int, *, loss: float | None, lr: float,
              grad_norm: Any, seconds: float, tokens: float, samples: float, flops: float,
-             peak_flops: float | None, device: Any,
-             extra: dict[str, float] | None = None) -> dict[str, float]:
-    """Log one optimizer step's metrics to the tracking run and as one log line.
+             peak_flops: float | None, device: Any, extra: dict[str, float] | None = None,
+             steps: int = 1) -> dict[str, float]:
+    """Log the metrics of the `steps` optimizer steps ending at `step` (a `LogWindow`) to the
+    tracking run and as one log line, at `step`.
 
-    `tokens`/`samples` are totals over all ranks; `flops` is this rank's model FLOPs;
-    `extra` are the objective's own step metrics (DPO rewards, margins, ...).
+    `loss` and `extra` (the objective's own metrics: DPO rewards, margins, ...) are means over
+    the steps; `seconds`, `tokens`/`samples` (over all ranks) and `flops` (this rank's model
+    FLOPs) are their totals; `lr` and `grad_norm` are those of `step`.
     """
     metrics = {"loss": float("nan") if loss is None else loss, "lr": lr,
                **step_metrics(seconds=seconds, tokens=int(tokens), samples=int(samples),
-                              flops=flops, peak_flops=peak_flops, device=device)}
+                              flops=flops, peak_flops=peak_flops, device=device, steps=steps)}
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
     metrics.update(extra or {})
     run.log_metrics(metrics, step=step)
     log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3g %.0f tok/s %.0f ms%s%s", step, total,
              metrics["loss"], lr, metrics.get("grad_norm", math.nan), metrics["tokens_per_s"],
-             seconds * 1000, f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else "",
+             metrics["step_time_s"] * 1000,
+             f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else "",
              "".join(f" {k} {v:.4g}" for k, v in (extra or {}).items()))
     return metrics

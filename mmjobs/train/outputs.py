@@ -71,6 +71,17 @@ def read_train_info(final: str, *, strict: bool = True) -> dict[str, Any]:
     return info
 
 
+def log_final_model(run: Any, final: str, *, name: str, fingerprint: str, parts: Any,
+                    train: TrainConfig) -> None:
+    """Record `final/` as an MLflow logged model of the run (an entry pointing at the store
+    URI: nothing is uploaded), typed by what was trained (`parts`: the trained parts found in
+    final/) and carrying the training settings as its params."""
+    kind = next((p for p in ("adapter", "connector", "reward_model", "model") if p in parts),
+                "model")
+    run.log_model(name=name, uri=final, fingerprint=fingerprint, model_type=kind,
+                  params=train.model_dump(mode="json"))
+
+
 def publish_final(run: Any, final: str, *, log_artifacts: bool,
                   registered_model_name: str | None) -> None:
     """Record `final/` in the MLflow run: its URI as a param, optionally a copy as artifacts

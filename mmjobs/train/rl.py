@@ -68,6 +68,7 @@ from mmjobs.train import trainer as base_trainer
 from mmjobs.train.batches import loss_sum, num_images, sample_lengths
 from mmjobs.train.distributed import all_reduce_sum, whole_model_loading
 from mmjobs.train.methods import RL_MODES
+from mmjobs.train.metrics import LogWindow
 from mmjobs.train.outputs import TrainingPreempted
 from mmjobs.train.ppo import AdaptiveKLController
 from mmjobs.train.rl_objective import PolicyWithValueHead, RolloutObjective
@@ -338,6 +339,7 @@ class RLRecipe(TrainRecipe):
         assert isinstance(objective, RolloutObjective), "call setup() first"
         names = UPDATE_STATS[cfg.mode]
         start, tokens_seen = time.monotonic(), 0
+        log_window = LogWindow()  # the steps since the last logged one
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             self.model.eval()
@@ -364,13 +366,14 @@ class RLRecipe(TrainRecipe):
                 stats["ptx_loss"] = ptx_all / max(ptx_tokens_all, 1.0)
             self.kl.update(stats["kl"], int(ro["responses"]))
             self.step_stats = stats
+            log_window.add(loss=self.last_loss, seconds=time.perf_counter() - t0,
+                       tokens=ro["tokens"], samples=ro["responses"], flops=update["flops"],
+                       extra=stats)
             if self.step % cfg.log_every_steps == 0 or self.step == self.total_steps:
                 base_trainer.log_step(
-                    self.run, self.step, self.total_steps, loss=self.last_loss,
-                    lr=update["lr"], grad_norm=update["grad_norm"],
-                    seconds=time.perf_counter() - t0, tokens=ro["tokens"],
-                    samples=ro["responses"], flops=update["flops"],
-                    peak_flops=self.peak_flops, device=acc.device, extra=stats)
+                    self.run, self.step, self.total_steps, lr=update["lr"],
+                    grad_norm=update["grad_norm"], peak_flops=self.peak_flops,
+                    device=acc.device, **log_window.take())
             if stop:
                 uri = self.save_checkpoint(background=False)
                 log.warning("SIGTERM received: stopped at step %d/%d; checkpoint committed at "

@@ -59,7 +59,13 @@ from mmjobs.train.distributed import (
     text_hidden_size,
 )
 from mmjobs.train.methods import TrainConfig
-from mmjobs.train.metrics import device_peak_flops, flops_model, log_step, patches_per_image
+from mmjobs.train.metrics import (
+    LogWindow,
+    device_peak_flops,
+    flops_model,
+    log_step,
+    patches_per_image,
+)
 from mmjobs.train.model_setup import (
     export_final,
     frozen_components,
@@ -348,6 +354,7 @@ class TrainRecipe:
         assert objective is not None, "call setup() first"
         self.model.train()
         start, tokens_seen, eval_loss = time.monotonic(), 0, None
+        log_window = LogWindow()  # the steps since the last logged one
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             window = [self._next_batch() for _ in range(cfg.grad_accum)]
@@ -384,13 +391,13 @@ class TrainRecipe:
                       *(float(stats_total[k]) for k in objective.stat_names)])
             self.last_loss = loss_all / max(step_labels, 1.0)
             tokens_seen += int(tokens_all)
+            log_window.add(loss=self.last_loss, seconds=time.perf_counter() - t0, tokens=tokens_all,
+                       samples=samples_all, flops=flops,
+                       extra={k: v / max(step_labels, 1.0)
+                              for k, v in zip(objective.stat_names, stats_all, strict=True)})
             if self.step % cfg.log_every_steps == 0 or self.step == self.total_steps:
-                extra = {k: v / max(step_labels, 1.0)
-                         for k, v in zip(objective.stat_names, stats_all, strict=True)}
-                log_step(self.run, self.step, self.total_steps, loss=self.last_loss, lr=lr,
-                         grad_norm=grad_norm, seconds=time.perf_counter() - t0,
-                         tokens=tokens_all, samples=samples_all, flops=flops,
-                         peak_flops=self.peak_flops, device=acc.device, extra=extra)
+                log_step(self.run, self.step, self.total_steps, lr=lr, grad_norm=grad_norm,
+                         peak_flops=self.peak_flops, device=acc.device, **log_window.take())
             if stop:
                 uri = self.save_checkpoint(background=False)
                 log.warning("SIGTERM received: stopped at step %d/%d; checkpoint committed at "

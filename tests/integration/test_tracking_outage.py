@@ -71,7 +71,7 @@ def test_outage_mid_run_is_spooled_then_flushed_in_order(server, tmp_path):
     data = client.get_run(run.run_id)
     assert data.info.status == "FINISHED"
     assert data.data.params == {"optim.lr": "0.001"}
-    assert data.data.tags["phase"] == "outage" and data.data.tags["stage"] == "train"
+    assert data.data.tags["phase"] == "outage" and data.data.tags["mmjobs.stage"] == "train"
     downloaded = client.download_artifacts(run.run_id, "notes/notes.txt", str(tmp_path / "dl"))
     assert Path(downloaded).read_text() == "written during the outage"
     # At least the 20 outage-period steps went through the spool (later ones may have too,

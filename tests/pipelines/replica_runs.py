@@ -147,7 +147,7 @@ def train_losses(run: ReplicaRun) -> list[list[float]]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(run.tracking_uri)
-    trains = [r for r in child_runs(run) if r.info.run_name == "train"]
+    trains = [r for r in child_runs(run) if r.data.tags.get("mmjobs.stage") == "train"]
     histories = [sorted(client.get_metric_history(r.info.run_id, "loss"), key=lambda m: m.step)
                  for r in trains]
     return [[m.value for m in history] for history in histories]

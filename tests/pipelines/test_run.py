@@ -62,7 +62,7 @@ def _check_lavin_rows(outcome: pipeline_runner.RunOutcome, results: str, built: 
     run = Path(outcome.run_dir)
     assert storage.is_committed(str(built))  # one LaVIN (conversions.lavin.to) for all rows
     assert json.loads((built / "config.json").read_text())["model_type"] == "lavin"
-    assert len([name for name in outcome.stages_cached if name.startswith("convert ")]) == 1
+    assert len([name for name in outcome.stages_cached if name.startswith("convert-")]) == 1
     adapters = {}
     for row in LAVIN_ROWS:
         config = json.loads((run / f"sft-{row}" / "final" / "adapter" / "adapter_config.json")

@@ -67,7 +67,7 @@ def test_parent_and_child_runs_carry_params_tags_metrics_and_artifacts(tmp_path)
                                      "data.0.name": "charts", "data.0.weight": "1.0",
                                      "seed": "7"}
     tags = child_run.data.tags
-    assert (tags["recipe"], tags["stage"], tags["image"], tags["data_fingerprint"]) == (
+    assert (tags["recipe"], tags["mmjobs.stage"], tags["image"], tags["data_fingerprint"]) == (
         "chart-demo", "train", "img:1", "abc123")
     assert parent_run.data.tags["recipe"] == "chart-demo" and "stage" not in parent_run.data.tags
     assert _steps(client, child.run_id, "loss") == list(range(25))
@@ -145,8 +145,9 @@ def test_flatten_params_handles_models_dataclasses_and_lists():
 
 def test_default_tags_use_git_commit_from_env(monkeypatch):
     monkeypatch.setenv("MMJOBS_GIT_COMMIT", "0123abcd")
-    assert default_tags("lavin-sweep", "prepare") == {
-        "recipe": "lavin-sweep", "stage": "prepare", "mlflow.source.git.commit": "0123abcd"}
+    assert default_tags("lavin-sweep", "prepare", step="prepare-test") == {
+        "recipe": "lavin-sweep", "mmjobs.stage": "prepare", "mmjobs.step": "prepare-test",
+        "mlflow.source.git.commit": "0123abcd"}
 
 
 class _Lines(logging.Handler):

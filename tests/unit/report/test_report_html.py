@@ -22,11 +22,11 @@ def test_report_component_writes_markdown_and_html_with_inline_plots(
     text = Path(markdown.path).read_text(encoding="utf-8")
     html = Path(page.path).read_text(encoding="utf-8")
     assert out and text.startswith("# ")
-    images = re.findall(r"src='data:image/png;base64,([^']+)'", html)
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", text)
     assert linked and len(images) == len(linked)  # every plot of the report, inline
     assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
-    assert "<table>" in html and "<th>" in html and "src='loss.png'" not in html
+    assert "<table>" in html and "<th>" in html and 'src="loss.png"' not in html
 
 
 def test_images_outside_the_report_folder_are_named_not_read(tmp_path: Path) -> None:
@@ -35,6 +35,7 @@ def test_images_outside_the_report_folder_are_named_not_read(tmp_path: Path) -> 
     folder.mkdir()
     (folder / "report.md").write_text("# T\n\n![x](../secret.png)\n\n| a | b |\n|---|---|\n"
                                       "| 1 | <2> |\n", encoding="utf-8")
-    html = report_html(folder)
-    assert "base64" not in html and "[x: ../secret.png]" in html
+    html = report_html((folder / "report.md").read_text(encoding="utf-8"), folder, "T")
+    # Only files of the report's own folder are read: the path is cut to its name.
+    assert "base64" not in html and "[missing image: secret.png]" in html
     assert "<td>&lt;2&gt;</td>" in html and "<h1>T</h1>" in html

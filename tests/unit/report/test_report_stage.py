@@ -4,6 +4,7 @@ run and its artifacts, reuse, and the runs left out with their reasons."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -72,8 +73,13 @@ def test_report_of_a_pipeline_run(experiment: Experiment) -> None:
     assert runs[experiment.failed_eval][4] == "failed"
 
     md = (out / "report.md").read_text(encoding="utf-8")
+    page = (out / "report.html").read_text(encoding="utf-8")
     for name in PLOTS:
         assert f"]({name})" in md
+        # report.html carries the same plot inline: MLflow's viewer shows it (see html.py).
+        encoded = base64.b64encode((out / name).read_bytes()).decode()
+        assert f'data-file="{name}" src="data:image/png;base64,{encoded}"' in page
+    assert "<td>cosine</td><td>88.45</td>" in page and "](" not in page
     assert "| cosine            | 88.45 |" in md
     assert "**trained**" in md and "| Human     | 0.7040 |" in md
     info = json.loads((out / "report.json").read_text(encoding="utf-8"))
@@ -85,11 +91,11 @@ def test_report_of_a_pipeline_run(experiment: Experiment) -> None:
 
     client = MlflowClient(settings.tracking_uri())
     run = client.get_run(result.mlflow_run_id)
-    assert run.data.tags["stage"] == "report"
+    assert run.data.tags["mmjobs.stage"] == "report" and run.info.run_name == "report"
     assert run.data.tags["mlflow.parentRunId"] == experiment.parent
     assert run.data.metrics["report.runs"] == 9
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
-    assert {*PLOTS, "report.md", "report.json", "runs.csv", "scienceqa.csv",
+    assert {*PLOTS, "report.md", "report.html", "report.json", "runs.csv", "scienceqa.csv",
             "chartqa_ap.csv", "config.yaml"} <= artifacts
 
 

@@ -101,6 +101,27 @@ def test_settings_come_from_the_run_its_pipeline_or_its_training_runs() -> None:
     assert runset.detect_sweep_params(evals) == ["sweep.setting"]
 
 
+def test_training_runs_are_named_by_step_with_only_their_own_settings() -> None:
+    # The demo's align (no LoRA) and sft (LoRA) steps under one pipeline run: the legend of the
+    # loss plot must not give align the sft step's LoRA rank (a sibling's setting).
+    align = record("a1", stage="train", params={"train.lr": "0.001", "train.mode": "align"})
+    sft = record("s1", stage="train", params={"train.lr": "0.002", "train.mode": "sft",
+                                              "train.lora.r": "64"})
+    align.name, sft.name = "align", "sft"
+    for run in (align, sft):
+        run.metrics["loss"] = 1.0
+    runset = RunSet([align, sft])
+    assert runset.setting(align, "train.lora.r") is None
+    sweep = runset.detect_sweep_params([align, sft])
+    assert "train.lora.r" not in sweep and "train.lr" in sweep
+    names = runset.display_names([align, sft], ["train.lr", "train.lora.r"])
+    assert names == {"a1": "align · lr=0.001", "s1": "sft · lr=0.002 · r=64"}
+    # A sweep's steps already say their setting: it is not repeated.
+    row = record("r1", stage="train", params={"train.lr_schedule": "cosine"})
+    row.name, row.metrics["loss"] = "sft-cosine", 1.0
+    assert RunSet([row]).display_names([row], ["train.lr_schedule"]) == {"r1": "sft-cosine"}
+
+
 def test_display_names_use_labels_and_break_ties_with_run_ids() -> None:
     runs = [record("aaaaaaaa1", CHARTQA, label="trained"),
             record("bbbbbbbb2", CHARTQA, label="trained", parent="p2"),

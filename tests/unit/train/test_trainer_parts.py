@@ -13,7 +13,14 @@ from mmjobs.train.distributed import (
     resolve_mixed_precision,
 )
 from mmjobs.train.methods import SftConfig, TrainConfig, train_config
-from mmjobs.train.metrics import FlopsModel, device_peak_flops, flops_model, step_metrics
+from mmjobs.train.metrics import (
+    FlopsModel,
+    LogWindow,
+    device_peak_flops,
+    flops_model,
+    log_step,
+    step_metrics,
+)
 
 
 @pytest.mark.parametrize(("settings", "message"), [
@@ -89,6 +96,28 @@ def test_no_mfu_without_a_known_peak():
     assert metrics["peak_memory_mb"] > 0
     assert step_metrics(seconds=1, tokens=1, samples=1, flops=1e12, peak_flops=4e12,
                         device="cpu")["mfu"] == 0.25
+
+
+class _Run:
+    def __init__(self) -> None:
+        self.logged: list[tuple[int, dict[str, float]]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.logged.append((step, metrics))
+
+
+def test_logged_loss_is_the_mean_over_the_logging_window():
+    # log_every_steps=4: one line at step 4 saying what the 4 steps did, not step 4 alone.
+    window, run = LogWindow(), _Run()
+    for loss in (4.0, 3.0, 2.0, 1.0):
+        window.add(loss=loss, seconds=0.5, tokens=100, samples=4, flops=1e9,
+                   extra={"rewards_margin": loss / 2})
+    log_step(run, 4, 8, lr=1e-3, grad_norm=None, peak_flops=None, device="cpu",
+             **window.take())
+    ((step, metrics),) = run.logged
+    assert step == 4 and metrics["loss"] == 2.5 and metrics["rewards_margin"] == 1.25
+    assert metrics["step_time_s"] == 0.5 and metrics["tokens_per_s"] == 200
+    assert window.take()["steps"] == 1 and window.steps == 0  # taken: the next window is empty
 
 
 @pytest.mark.parametrize("kind", ["zero2", "zero3", "zero3_offload"])

@@ -100,8 +100,10 @@ def test_recipe_compiles_with_gpus_and_the_judge_secret(tmp_path: Path,
     named = {t["taskInfo"]["name"]: t for t in tasks.values()}
     for step in ("sft", "rm", "dpo", "ppo"):
         model = named[step]["inputs"]["parameters"]["model"]
-        assert model == {"runtimeValue": {"constant": "s3://mmjobs/models/AA-chameleon-7b-base"}
-                         }, (step, model)
+        assert model == {"componentInputParameter": "base_model"}, (step, model)
+    # ... the pipeline parameter whose default is the recipe's base (the KFP UI's run form).
+    assert spec["root"]["inputDefinitions"]["parameters"]["base_model"]["defaultValue"] == \
+        "s3://mmjobs/models/AA-chameleon-7b-base"
     # Every trained model is judged against the baseline's answers.
     baseline = next(k for k, t in tasks.items() if t["taskInfo"]["name"] == "infer-baseline")
     assert named["infer-baseline"]["inputs"]["parameters"]["model"] == {

@@ -9,6 +9,7 @@ v2beta1 API's JSON shapes, and records every request for the assertions.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -92,8 +93,9 @@ def test_submit_posts_the_compiled_pipeline_and_prints_the_run_url(
     assert posts[0]["body"]["display_name"] == "charts"
     run = posts[1]["body"]
     assert run["experiment_id"] == "exp-1"
-    assert run["display_name"].startswith("chartmoe run-")
-    # The whole pipeline travels inline; no parameters: the recipe is baked in.
+    # No --run-id: the run's folders are KFP's job id, the run is named by when it was sent.
+    assert re.fullmatch(r"chartmoe \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", run["display_name"])
+    # The whole pipeline travels inline; no parameter values: the recipe's are the defaults.
     spec, platform = run["pipeline_spec"]["pipeline_spec"], run["pipeline_spec"]["platform_spec"]
     assert spec["pipelineInfo"]["name"] == "chartmoe"
     assert {"align-table", "build-moe", "evaluate-pot"} <= {

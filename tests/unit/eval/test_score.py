@@ -26,6 +26,8 @@ SAMPLES = {
                  "gt": "B"}],
     "gqa": [{"id": 1, "prediction": "yes", "answer": "yes"}],
     "seedbench": [{"id": 1, "prediction": "C", "answer": "C", "question_type_id": 3}],
+    "chartwiz": [{"id": 1, "prediction": "20.5", "answers": ["20"], "task": "qa"},
+                 {"id": 2, "prediction": "부산", "answers": ["부산"], "task": "qa"}],
 }
 
 

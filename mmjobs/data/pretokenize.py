@@ -16,6 +16,12 @@ rather than a local work dir so a retry in a fresh pod resumes too.
 and then `_MANIFEST.json` (from the markers' checksums, so S3 shards are not downloaded again);
 before that the directory is incomplete and never read as an input.
 
+**Fan-out.** `pretokenize(job, part=(k, n))` encodes only the shards `i` with `i % n == k`
+and commits nothing: n such runs (the pipeline's CPU pods, `fan_out: n`) write disjoint shards
+and markers into the same cache entry, then a run without `part` finds every marker and
+commits. Each shard depends only on its own rows, so the entry is byte-identical to one
+written by a single run.
+
 Datasets of kind `sample` give one row per conversation; datasets of kind `preference` give
 one row per pair, its chosen and rejected sequences side by side (the preference variant of
 the shard schema, see `mmjobs.data.pretokenized`); datasets of kind `prompt` give one row per
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -95,25 +102,30 @@ _WORKER: _Context | None = None
 
 @dataclass(frozen=True)
 class PretokenizeOutcome:
-    """The committed card, and how many shards this run wrote vs. reused from a crashed one."""
+    """The committed card (None after a fan-out part: nothing is committed), the stats of
+    the shards the run covered, and how many it wrote vs. reused from a crashed run."""
 
-    card: dict[str, Any]
+    card: dict[str, Any] | None
     shards_written: int
     shards_reused: int
+    shards: list[dict[str, Any]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- entry point
 
 
-def pretokenize(job: PretokenizeJob, *, force: bool = False) -> PretokenizeOutcome:
-    """Write the pre-tokenized, committed dataset for `job`.
+def pretokenize(job: PretokenizeJob, *, force: bool = False,
+                part: tuple[int, int] | None = None) -> PretokenizeOutcome:
+    """Write the pre-tokenized, committed dataset for `job` (or one fan-out part of it).
 
     Worker processes are spawned, so a script calling this with `workers > 1` needs the usual
     `if __name__ == "__main__":` guard (the stage CLI has it).
 
     Args:
         job: inputs, output URI, options.
-        force: ignore finished shards of an earlier run and start over.
+        force: ignore finished shards of an earlier run and start over (a part: its own).
+        part: `(k, n)`: encode only the shards `i % n == k`, touch no other part's files and
+            commit nothing (see the module docstring).
 
     Raises:
         storage.IncompleteDirectoryError: the dataset has no manifest.
@@ -131,22 +143,38 @@ def pretokenize(job: PretokenizeJob, *, force: bool = False) -> PretokenizeOutco
     # Loading the processor here first fails fast on a bad model, before any worker starts.
     ctx.encoder = job.encoder()
     storage.delete(storage.join(job.out, storage.MANIFEST_NAME))
+    mine = _part_filter(part)
     finished = {} if force else _finished_shards(job)
-    _remove_leftovers(job.out, finished)
+    finished = {i: s for i, s in finished.items() if mine(i)}
+    _remove_leftovers(job.out, finished, mine, whole=part is None)
     if finished:
         log.info("%s: resuming; %d shards already done", job.out, len(finished))
 
-    plan = _ShardPlan(job, skip=set(finished))
+    plan = _ShardPlan(job, skip=set(finished), only=mine)
     stats = dict(finished)
     for shard in progress(_run_shards(ctx, plan), desc="pretokenize shards"):
         stats[shard["shard"]] = shard
+    if part is not None:  # the committing run (no part) writes the card and manifest
+        return PretokenizeOutcome(None, len(stats) - len(finished), len(finished),
+                                  [stats[i] for i in sorted(stats)])
     missing = set(range(plan.num_shards)) - set(stats)
     if missing:  # cannot happen unless markers vanished mid-run
         raise RuntimeError(f"{job.out}: shards {sorted(missing)[:5]} were not written")
     card = build_card(job, [stats[i] for i in range(plan.num_shards)], ctx.encoder.describe(),
                       kind=kind)
     _commit(job, [stats[i] for i in range(plan.num_shards)], card)
-    return PretokenizeOutcome(card, len(stats) - len(finished), len(finished))
+    return PretokenizeOutcome(card, len(stats) - len(finished), len(finished),
+                              [stats[i] for i in range(plan.num_shards)])
+
+
+def _part_filter(part: tuple[int, int] | None) -> Any:
+    """Which shard indexes a run owns: all, or those of fan-out part `(k, n)`."""
+    if part is None:
+        return lambda index: True
+    k, n = part
+    if not 0 <= k < n:
+        raise ValueError(f"part {k} of {n}: the part index must be in 0..{n - 1}")
+    return lambda index: index % n == k
 
 
 def resolve_image_root(dataset: str, card: dict[str, Any]) -> str:
@@ -165,8 +193,9 @@ def resolve_image_root(dataset: str, card: dict[str, Any]) -> str:
 class _ShardPlan:
     """Streams samples.jsonl once, yielding `(index, rows)` for shards not yet done."""
 
-    def __init__(self, job: PretokenizeJob, skip: set[int]) -> None:
+    def __init__(self, job: PretokenizeJob, skip: set[int], only: Any = None) -> None:
         self.job, self.skip, self.num_shards = job, skip, 0
+        self.only = only or (lambda index: True)  # a fan-out part's shards
 
     def __iter__(self) -> Iterator[tuple[int, list[RawRow]]]:
         from mmjobs.data.records import iter_jsonl
@@ -176,11 +205,11 @@ class _ShardPlan:
         for row in iter_jsonl(storage.join(self.job.dataset, SAMPLES_FILE)):
             rows.append(row)
             if len(rows) == self.job.shard_size:
-                if index not in self.skip:
+                if index not in self.skip and self.only(index):
                     yield index, rows
                 index, rows = index + 1, []
         if rows:
-            if index not in self.skip:
+            if index not in self.skip and self.only(index):
                 yield index, rows
             index += 1
         self.num_shards = index
@@ -384,14 +413,24 @@ def _finished_shards(job: PretokenizeJob) -> dict[int, dict[str, Any]]:
     return finished
 
 
-def _remove_leftovers(out: str, finished: dict[int, dict[str, Any]]) -> None:
-    """Delete our files that no finished marker vouches for (partial shards, stale markers)."""
+def _remove_leftovers(out: str, finished: dict[int, dict[str, Any]], mine: Any,
+                      *, whole: bool = True) -> None:
+    """Delete our files that no finished marker vouches for (partial shards, stale markers).
+
+    A fan-out part (`whole` False) deletes only files of its own shards (`mine(index)`):
+    another part's shard written before its marker is not a leftover but work in flight."""
     keep = {s["file"] for s in finished.values()} | {fmt.marker_name(i) for i in finished}
     ours = (f"{fmt.DATA_DIR}/", "shard-", ".shard-", f"{fmt.MARKER_DIR}/", fmt.CARD_FILE,
             fmt.REJECTS_FILE, fmt.README_FILE)
     for obj in storage.list_objects(out):
-        if obj.relpath not in keep and obj.relpath.startswith(ours):
+        if obj.relpath in keep or not obj.relpath.startswith(ours):
+            continue
+        index = _SHARD_INDEX.search(obj.relpath)
+        if whole or (index is not None and mine(int(index.group(1)))):
             storage.delete(obj.uri)
+
+
+_SHARD_INDEX = re.compile(r"shard-(\d+)\.")  # data/shard-00012.parquet, _shards/shard-00012.json
 
 
 def build_card(job: PretokenizeJob, shards: list[dict[str, Any]],

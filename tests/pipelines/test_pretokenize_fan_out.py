@@ -93,3 +93,36 @@ def test_fanned_out_entry_equals_the_single_pod_one(
 def test_part_must_be_below_fan_out() -> None:
     with pytest.raises(ValueError, match="part: 2 is not below fan_out"):
         PretokenizeConfig(dataset="d", model="m", fan_out=2, part=2)
+
+
+def test_compiled_fan_out_runs_parts_in_a_parallel_for_before_the_committing_task(
+        tmp_path: Path) -> None:
+    import yaml
+
+    out = tmp_path / "p.yaml"
+    pipeline_runner.compile_recipe("pipelines/recipes/chart-demo.yaml", out,
+                                   ["stages.pretokenize.fan_out=3"])
+    spec = next(yaml.safe_load_all(out.read_text(encoding="utf-8")))
+    tasks = spec["root"]["dag"]["tasks"]
+    (loop,) = [t for t in tasks.values() if "parameterIterator" in t]
+    parts = [json.loads(item) for item in yaml.safe_load(
+        loop["parameterIterator"]["items"]["raw"])]
+    assert [(p["part"], p["fan_out"]) for p in parts] == [(0, 3), (1, 3), (2, 3)]
+    committing = next(t for t in tasks.values() if t["taskInfo"]["name"] == "pretokenize")
+    assert loop["taskInfo"]["name"] in committing["dependentTasks"]
+    config = json.loads(committing["inputs"]["parameters"]["config_json"]["runtimeValue"]
+                        ["constant"])
+    assert (config["fan_out"], config.get("part"), config["force"]) == (3, None, False)
+    # The part tasks are CPU pods like the step itself (no accelerator).
+    executors = spec["deploymentSpec"]["executors"]
+    assert not any("accelerator" in e["container"].get("resources", {})
+                   for name, e in executors.items() if "pretokenize" in name)
+
+
+def test_a_recipe_cannot_set_the_part() -> None:
+    from mmjobs.config import ConfigError
+
+    with pytest.raises(ConfigError, match="stages.pretokenize.part: set by the pipeline"):
+        pipeline_runner.compile_recipe("pipelines/recipes/chart-demo.yaml", "/dev/null",
+                                       ["stages.pretokenize.fan_out=2",
+                                        "stages.pretokenize.part=1"])

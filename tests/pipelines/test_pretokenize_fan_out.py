@@ -122,7 +122,7 @@ def test_compiled_fan_out_runs_parts_in_a_parallel_for_before_the_committing_tas
 def test_a_recipe_cannot_set_the_part() -> None:
     from mmjobs.config import ConfigError
 
-    with pytest.raises(ConfigError, match="stages.pretokenize.part: set by the pipeline"):
+    with pytest.raises(ConfigError, match=r"stages\.pretokenize\.part: set by the pipeline"):
         pipeline_runner.compile_recipe("pipelines/recipes/chart-demo.yaml", "/dev/null",
                                        ["stages.pretokenize.fan_out=2",
                                         "stages.pretokenize.part=1"])

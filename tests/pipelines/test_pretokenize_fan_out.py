@@ -14,6 +14,7 @@ import pytest
 
 import pipelines
 from mmjobs import pipeline_runner, settings, storage
+from mmjobs.config import ConfigError
 from mmjobs.stages.pretokenize import PretokenizeConfig, main
 from tests.integration.data.test_prepare_stage import make_raw, row
 
@@ -120,8 +121,6 @@ def test_compiled_fan_out_runs_parts_in_a_parallel_for_before_the_committing_tas
 
 
 def test_a_recipe_cannot_set_the_part() -> None:
-    from mmjobs.config import ConfigError
-
     with pytest.raises(ConfigError, match=r"stages\.pretokenize\.part: set by the pipeline"):
         pipeline_runner.compile_recipe("pipelines/recipes/chart-demo.yaml", "/dev/null",
                                        ["stages.pretokenize.fan_out=2",

@@ -208,16 +208,13 @@ class Build:
         extra.update(self._knobs(step, stage, configs, wired_paths(stage, inputs)))
         if self.for_cluster and KFP_RUN_ID_TOKEN in self.run_id:
             extra["kfp_run_id"] = dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        task = component(stage, image)(config_json=config_json, **inputs, **extra)
+        parts = self._fan_out(step, stage, config, image, inputs, extra)
+        if parts is not None:  # the step's own task only commits what the parts wrote
+            config_json = json.dumps({**config, "force": False})
+        task = self._task(step, stage, image, config_json, {**inputs, **extra})
         task.__class__ = StepTask
-        task.set_display_name(step)
-        if stage != "import" and self.imports:
-            # Steps read what the recipe's imports (and conversions) put in the store.
-            task.after(*self.imports)
-        if self.for_cluster:
-            apply_cluster_settings(task, stage, self.recipe, step)
-        else:
-            task.set_caching_options(False)  # stages reuse committed outputs themselves
+        if parts is not None:
+            task.after(parts)  # KFP waits for every iteration of the loop
         for cfg in each or [config]:
             if isinstance(cfg, dict):
                 # An explicit `label` names the step's results entry even where the config's
@@ -226,6 +223,37 @@ class Build:
                                              label if label is not None else cfg.get("label"),
                                              cfg.get("metric"), row))
         return task
+
+    def _task(self, step: str, stage: str, image: str, config_json: Any,
+              args: dict[str, Any]) -> dsl.PipelineTask:
+        """One task of `step`: the stage's component, after the imports, cluster settings."""
+        task = component(stage, image)(config_json=config_json, **args)
+        task.set_display_name(step)
+        if stage != "import" and self.imports:
+            # Steps read what the recipe's imports (and conversions) put in the store.
+            task.after(*self.imports)
+        if self.for_cluster:
+            apply_cluster_settings(task, stage, self.recipe, step)
+        else:
+            task.set_caching_options(False)  # stages reuse committed outputs themselves
+        return task
+
+    def _fan_out(self, step: str, stage: str, config: Any, image: str,
+                 inputs: Mapping[str, Any], extra: dict[str, Any]) -> dsl.PipelineTask | None:
+        """With `fan_out: N` (pretokenize), a `dsl.ParallelFor` of N part tasks (`part`
+        0..N-1, each its own CPU pod with the step's resources) writing disjoint shards into
+        the step's cache entry; the task of the last iteration, or None without a fan-out."""
+        if stage != "pretokenize" or not isinstance(config, dict) or config.get("fan_out",
+                                                                                 1) <= 1:
+            return None
+        if config.get("part") is not None:
+            self.errors.append(f"stages.{self._section_of.get(step, step)}.part: set by the "
+                               "pipeline for each fan-out task; remove it")
+        items = [json.dumps({**config, "part": k}) for k in range(config["fan_out"])]
+        with dsl.ParallelFor(items) as item:
+            part = self._task(step, stage, image, item, {**inputs, **extra})
+            part.set_display_name(f"{step}-part")  # the step's cluster settings, own name
+        return part
 
     def _knobs(self, step: str, stage: str, configs: list[dict[str, Any]],
                wired: tuple[str, ...]) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 `pretokenize(job)` streams `samples.jsonl` once, cuts it into shards of `shard_size` input rows
 (shard i = rows [i*shard_size, (i+1)*shard_size)) and hands whole shards to `workers` processes
-(spawned, each loading the processor once; `workers=1` runs in-process). Only the shards in
+(forked from a fork server that preloads torch and transformers, each loading the processor
+once; `workers=1` runs in-process). Only the shards in
 flight are in memory, never the dataset.
 
 **Resumable.** Each finished shard is written straight to the output location (local or S3),
@@ -15,6 +16,12 @@ rather than a local work dir so a retry in a fresh pod resumes too.
 **Committed.** When all shards exist, `rejects.jsonl`, `card.json` and `README.md` are written
 and then `_MANIFEST.json` (from the markers' checksums, so S3 shards are not downloaded again);
 before that the directory is incomplete and never read as an input.
+
+**Fan-out.** `pretokenize(job, part=(k, n))` encodes only the shards `i` with `i % n == k`
+and commits nothing: n such runs (the pipeline's CPU pods, `fan_out: n`) write disjoint shards
+and markers into the same cache entry, then a run without `part` finds every marker and
+commits. Each shard depends only on its own rows, so the entry is byte-identical to one
+written by a single run.
 
 Datasets of kind `sample` give one row per conversation; datasets of kind `preference` give
 one row per pair, its chosen and rejected sequences side by side (the preference variant of
@@ -30,13 +37,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -95,25 +103,30 @@ _WORKER: _Context | None = None
 
 @dataclass(frozen=True)
 class PretokenizeOutcome:
-    """The committed card, and how many shards this run wrote vs. reused from a crashed one."""
+    """The committed card (None after a fan-out part: nothing is committed), the stats of
+    the shards the run covered, and how many it wrote vs. reused from a crashed run."""
 
-    card: dict[str, Any]
+    card: dict[str, Any] | None
     shards_written: int
     shards_reused: int
+    shards: list[dict[str, Any]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- entry point
 
 
-def pretokenize(job: PretokenizeJob, *, force: bool = False) -> PretokenizeOutcome:
-    """Write the pre-tokenized, committed dataset for `job`.
+def pretokenize(job: PretokenizeJob, *, force: bool = False,
+                part: tuple[int, int] | None = None) -> PretokenizeOutcome:
+    """Write the pre-tokenized, committed dataset for `job` (or one fan-out part of it).
 
-    Worker processes are spawned, so a script calling this with `workers > 1` needs the usual
-    `if __name__ == "__main__":` guard (the stage CLI has it).
+    Workers start from a fresh process (the fork server), so a script calling this with
+    `workers > 1` needs the usual `if __name__ == "__main__":` guard (the stage CLI has it).
 
     Args:
         job: inputs, output URI, options.
-        force: ignore finished shards of an earlier run and start over.
+        force: ignore finished shards of an earlier run and start over (a part: its own).
+        part: `(k, n)`: encode only the shards `i % n == k`, touch no other part's files and
+            commit nothing (see the module docstring).
 
     Raises:
         storage.IncompleteDirectoryError: the dataset has no manifest.
@@ -131,22 +144,38 @@ def pretokenize(job: PretokenizeJob, *, force: bool = False) -> PretokenizeOutco
     # Loading the processor here first fails fast on a bad model, before any worker starts.
     ctx.encoder = job.encoder()
     storage.delete(storage.join(job.out, storage.MANIFEST_NAME))
+    mine = _part_filter(part)
     finished = {} if force else _finished_shards(job)
-    _remove_leftovers(job.out, finished)
+    finished = {i: s for i, s in finished.items() if mine(i)}
+    _remove_leftovers(job.out, finished, mine, whole=part is None)
     if finished:
         log.info("%s: resuming; %d shards already done", job.out, len(finished))
 
-    plan = _ShardPlan(job, skip=set(finished))
+    plan = _ShardPlan(job, skip=set(finished), only=mine)
     stats = dict(finished)
     for shard in progress(_run_shards(ctx, plan), desc="pretokenize shards"):
         stats[shard["shard"]] = shard
+    if part is not None:  # the committing run (no part) writes the card and manifest
+        return PretokenizeOutcome(None, len(stats) - len(finished), len(finished),
+                                  [stats[i] for i in sorted(stats)])
     missing = set(range(plan.num_shards)) - set(stats)
     if missing:  # cannot happen unless markers vanished mid-run
         raise RuntimeError(f"{job.out}: shards {sorted(missing)[:5]} were not written")
     card = build_card(job, [stats[i] for i in range(plan.num_shards)], ctx.encoder.describe(),
                       kind=kind)
     _commit(job, [stats[i] for i in range(plan.num_shards)], card)
-    return PretokenizeOutcome(card, len(stats) - len(finished), len(finished))
+    return PretokenizeOutcome(card, len(stats) - len(finished), len(finished),
+                              [stats[i] for i in range(plan.num_shards)])
+
+
+def _part_filter(part: tuple[int, int] | None) -> Any:
+    """Which shard indexes a run owns: all, or those of fan-out part `(k, n)`."""
+    if part is None:
+        return lambda index: True
+    k, n = part
+    if not 0 <= k < n:
+        raise ValueError(f"part {k} of {n}: the part index must be in 0..{n - 1}")
+    return lambda index: index % n == k
 
 
 def resolve_image_root(dataset: str, card: dict[str, Any]) -> str:
@@ -165,8 +194,9 @@ def resolve_image_root(dataset: str, card: dict[str, Any]) -> str:
 class _ShardPlan:
     """Streams samples.jsonl once, yielding `(index, rows)` for shards not yet done."""
 
-    def __init__(self, job: PretokenizeJob, skip: set[int]) -> None:
+    def __init__(self, job: PretokenizeJob, skip: set[int], only: Any = None) -> None:
         self.job, self.skip, self.num_shards = job, skip, 0
+        self.only = only or (lambda index: True)  # a fan-out part's shards
 
     def __iter__(self) -> Iterator[tuple[int, list[RawRow]]]:
         from mmjobs.data.records import iter_jsonl
@@ -176,11 +206,11 @@ class _ShardPlan:
         for row in iter_jsonl(storage.join(self.job.dataset, SAMPLES_FILE)):
             rows.append(row)
             if len(rows) == self.job.shard_size:
-                if index not in self.skip:
+                if index not in self.skip and self.only(index):
                     yield index, rows
                 index, rows = index + 1, []
         if rows:
-            if index not in self.skip:
+            if index not in self.skip and self.only(index):
                 yield index, rows
             index += 1
         self.num_shards = index
@@ -192,11 +222,12 @@ def _run_shards(ctx: _Context, plan: _ShardPlan) -> Iterator[dict[str, Any]]:
         for index, rows in plan:
             yield _encode_shard(ctx, index, rows)
         return
-    spawn = get_context("spawn")  # fork would copy torch/tokenizer threads; spawn is clean
     limit = 2 * ctx.job.workers  # shards in flight, which bounds memory
     try:
-        with ProcessPoolExecutor(ctx.job.workers, mp_context=spawn, initializer=_init_worker,
-                                 initargs=(ctx.job, ctx.image_root, ctx.kind)) as pool:
+        with ProcessPoolExecutor(ctx.job.workers, mp_context=_worker_context(ctx),
+                                 initializer=_init_worker,
+                                 initargs=(ctx.job, ctx.image_root, ctx.kind,
+                                           dict(os.environ))) as pool:
             pending: set[Future] = set()
             for index, rows in plan:
                 if len(pending) >= limit:
@@ -212,10 +243,40 @@ def _run_shards(ctx: _Context, plan: _ShardPlan) -> Iterator[dict[str, Any]]:
                            "kept, re-run to resume") from e
 
 
-def _init_worker(job: PretokenizeJob, image_root: str, kind: str) -> None:
+def _worker_context(ctx: _Context) -> Any:
+    """Workers are forked from a fork server that has imported, once, what a worker needs
+    before its first shard: torch, this module and the transformers modules of the loaded
+    processor (about 4 s per worker when each imports them itself, as spawned workers do).
+    Not `fork`: the parent's torch and tokenizer threads would be copied mid-state; the fork
+    server is a fresh single-threaded process. It lives as long as this process and keeps the
+    environment it started with, so `_init_worker` installs the caller's current one."""
+    if "forkserver" not in get_all_start_methods():
+        return get_context("spawn")
+    processor = ctx.encoder.processor
+    classes = [type(processor), type(getattr(processor, "image_processor", None)),
+               type(getattr(processor, "tokenizer", None))]
+    # Never code shipped with a model (trust_remote_code): workers import it themselves.
+    own = [c.__module__ for c in classes if c.__module__.startswith("transformers.")]
+    server = get_context("forkserver")
+    server.set_forkserver_preload(list(dict.fromkeys([*_PRELOAD, *own])))
+    return server
+
+
+# Imported by the fork server (see _worker_context); a missing one is skipped by Python.
+_PRELOAD = ("torch", "mmjobs.data.pretokenize", "mmjobs.data.sample_encoder",
+            "transformers.processing_utils", "transformers.image_processing_utils",
+            "transformers.tokenization_utils_fast", "pyarrow.parquet")
+
+
+def _init_worker(job: PretokenizeJob, image_root: str, kind: str,
+                 environ: dict[str, str]) -> None:
     global _WORKER
     import torch
 
+    # The fork server's environment is the one it started with (the first pool of this
+    # process); workers take the caller's current one (store endpoint, credentials).
+    os.environ.clear()
+    os.environ.update(environ)
     # Workers share the cores: one torch thread each avoids oversubscription.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.workers))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -384,14 +445,24 @@ def _finished_shards(job: PretokenizeJob) -> dict[int, dict[str, Any]]:
     return finished
 
 
-def _remove_leftovers(out: str, finished: dict[int, dict[str, Any]]) -> None:
-    """Delete our files that no finished marker vouches for (partial shards, stale markers)."""
+def _remove_leftovers(out: str, finished: dict[int, dict[str, Any]], mine: Any,
+                      *, whole: bool = True) -> None:
+    """Delete our files that no finished marker vouches for (partial shards, stale markers).
+
+    A fan-out part (`whole` False) deletes only files of its own shards (`mine(index)`):
+    another part's shard written before its marker is not a leftover but work in flight."""
     keep = {s["file"] for s in finished.values()} | {fmt.marker_name(i) for i in finished}
     ours = (f"{fmt.DATA_DIR}/", "shard-", ".shard-", f"{fmt.MARKER_DIR}/", fmt.CARD_FILE,
             fmt.REJECTS_FILE, fmt.README_FILE)
     for obj in storage.list_objects(out):
-        if obj.relpath not in keep and obj.relpath.startswith(ours):
+        if obj.relpath in keep or not obj.relpath.startswith(ours):
+            continue
+        index = _SHARD_INDEX.search(obj.relpath)
+        if whole or (index is not None and mine(int(index.group(1)))):
             storage.delete(obj.uri)
+
+
+_SHARD_INDEX = re.compile(r"shard-(\d+)\.")  # data/shard-00012.parquet, _shards/shard-00012.json
 
 
 def build_card(job: PretokenizeJob, shards: list[dict[str, Any]],

@@ -10,6 +10,11 @@ version and the options that change the shards. An identical re-run is a cache h
 somewhere else instead. See `mmjobs.data.pretokenize` for the work and
 `mmjobs.data.pretokenized` for the format. A `kind: preference` dataset gives preference
 shards (chosen and rejected sequences per row) for the train stage's dpo and rm modes.
+
+`fan_out: N` (in a pipeline) spreads the shards over N CPU pods: the pipeline runs N tasks
+with `part` 0..N-1 (each encodes shards i with i % N == part, commits nothing), then this
+step without `part`, which finds every shard done and commits the same entry a single pod
+would have written. Run alone, the stage ignores `fan_out` and encodes every shard itself.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import sys
 import time
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from mmjobs import settings, storage
 from mmjobs.data.conversation import FORMAT_HELP, ConversationFormatName, NoChatTemplateError
@@ -72,6 +77,17 @@ class PretokenizeConfig(StageConfig):
                                                      "{store_root}/cache/pretokenized.")
     trust_remote_code: bool = Field(False, description="Run processor code shipped with the "
                                                        "model (InternLM-XComposer2 needs it).")
+    fan_out: int = Field(1, ge=1, le=256, description="In a pipeline: pods sharing the shards "
+                         "(N part tasks, then one that commits). Does not change the output.")
+    part: int | None = Field(None, ge=0, description="Set by the pipeline for a fan-out task: "
+                             "encode shards i with i % fan_out == part and commit nothing.")
+
+    @model_validator(mode="after")
+    def _part_in_range(self) -> PretokenizeConfig:
+        if self.part is not None and self.part >= self.fan_out:
+            raise ValueError(f"part: {self.part} is not below fan_out ({self.fan_out}); parts "
+                             "are 0..fan_out-1 (set by the pipeline: remove it)")
+        return self
 
 
 class PretokenizeResult(StageResult):
@@ -85,6 +101,8 @@ class PretokenizeResult(StageResult):
     tokens: int
     shards_reused: int = Field(0, description="Shards kept from an interrupted earlier run.")
     seconds: float = 0.0
+    part: int | None = Field(None, description="The fan-out part this task encoded (its "
+                             "counts are that part's; nothing committed), or None.")
 
 
 def main(cfg: PretokenizeConfig) -> PretokenizeResult:
@@ -112,7 +130,9 @@ def main(cfg: PretokenizeConfig) -> PretokenizeResult:
     meta = {"model": cfg.model, "processor_fingerprint": processor_fp,
             "dataset_fingerprint": dataset_fp}
 
-    with stage_tracking(cfg, NAME, tags={"pretokenize.output": out}) as run:
+    tags = {"pretokenize.output": out,
+            **({"pretokenize.part": f"{cfg.part}/{cfg.fan_out}"} if cfg.part is not None else {})}
+    with stage_tracking(cfg, NAME, tags=tags) as run:
         cached = reusable_output(out, fp, cfg.force) is not None
         reused = 0
         if cached:
@@ -126,7 +146,10 @@ def main(cfg: PretokenizeConfig) -> PretokenizeResult:
                                  trust_remote_code=cfg.trust_remote_code, card_meta=meta,
                                  conversation_format=cfg.conversation_format,
                                  truncate=cfg.truncate)
-            outcome = pretokenize(job, force=cfg.force)
+            part = None if cfg.part is None else (cfg.part, cfg.fan_out)
+            outcome = pretokenize(job, force=cfg.force, part=part)
+            if outcome.card is None:
+                return _part_result(cfg, run, out, fp, outcome, time.monotonic() - start)
             card, reused = outcome.card, outcome.shards_reused
         seconds = time.monotonic() - start
         run.log_metrics(_metrics(card, cached, seconds))
@@ -144,6 +167,23 @@ def main(cfg: PretokenizeConfig) -> PretokenizeResult:
                              rows_rejected=counts["rejected"], shards=len(card["shards"]),
                              tokens=card["tokens"]["total"], shards_reused=reused,
                              seconds=round(seconds, 3))
+
+
+def _part_result(cfg: PretokenizeConfig, run: Any, out: str, fp: str, outcome: Any,
+                 seconds: float) -> PretokenizeResult:
+    """The result (and MLflow metrics) of a fan-out part: its own shards' counts."""
+    shards = outcome.shards
+    counts = {"rows_in": sum(s["rows_in"] for s in shards),
+              "rows_written": sum(s["rows_written"] for s in shards),
+              "rows_rejected": sum(len(s["rejects"]) for s in shards),
+              "tokens": sum(s["tokens"] for s in shards)}
+    run.log_metrics({**counts, "shards": len(shards), "seconds": seconds})
+    log.info("pretokenize part %d/%d: %d shards (%d reused), %d rows in -> %s (not committed: "
+             "the step's last task commits)", cfg.part, cfg.fan_out, len(shards),
+             outcome.shards_reused, counts["rows_in"], out)
+    return PretokenizeResult(output=out, cached=False, mlflow_run_id=run.run_id, fingerprint=fp,
+                             shards=len(shards), shards_reused=outcome.shards_reused,
+                             seconds=round(seconds, 3), part=cfg.part, **counts)
 
 
 def _default_cache_root() -> str:

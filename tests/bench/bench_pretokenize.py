@@ -1,8 +1,8 @@
 """Pretokenize stage: throughput with 1 vs 2 workers, and peak memory at 10k vs 100k rows.
 
 Run: `.venv/bin/python -m tests.bench.bench_pretokenize [--rows N] [--runs R]
-[--memory-rows A,B] [--skip-throughput] [--skip-memory]` (or `python -m tests.bench.run
-bench_pretokenize`).
+[--memory-rows A,B] [--scale-rows A,B] [--skip-throughput] [--skip-memory] [--skip-scale]`
+(or `python -m tests.bench.run bench_pretokenize`).
 
 Both parts run the real stage entrypoint (`mmjobs.stages.pretokenize.main`: config, dataset
 fingerprint, processor load, shards, card, commit, MLflow logging to a sqlite database in the
@@ -32,6 +32,12 @@ cache hit.
    Row mix (small rows so 100k finish in about a minute on 2 cores): 4 in 5 rows are
    text-only single-turn Q/A (~12 words, English or Korean); 1 in 5 asks about one of 4 tiny
    PNGs (48x40) shared by all rows.
+3. End to end at scale (`--scale-rows`, default 3000 and 100000): the memory figure's row mix,
+   one run per size with 1 and with 2 workers (shard_size 1000), each in a fresh child process
+   as a pod would run it (`--child`: no fork server or module already warm), wall time of
+   `main()` and the 2-worker / 1-worker ratio: how much of the workers' start-up (fork server
+   preloading torch + transformers, then each worker loading the processor) a dataset of that
+   size amortizes.
 """
 
 from __future__ import annotations
@@ -279,6 +285,26 @@ def bench_memory(root: Path, model: str, sizes: list[int], env: dict[str, str]
     return results
 
 
+def bench_scale(root: Path, model: str, sizes: list[int], env: dict[str, str]
+                ) -> dict[int, dict[str, float]]:
+    """End-to-end wall time with 1 and 2 workers per dataset size (see the module docstring)."""
+    shard_size = 1000
+    print(f"  end to end: shard_size {shard_size}, rows as in the memory figure, one run per "
+          "size and worker count, each in a fresh process")
+    results = {}
+    for n in sizes:
+        dataset = write_memory_dataset(root / f"scale-ds-{n}", n)
+        wall = {w: measure_child(dataset, model, str(root / f"cache-scale-{n}-w{w}"), w,
+                                 shard_size, env, root / f"scale-{n}-{w}.log")["seconds"]
+                for w in (1, 2)}
+        ratio = wall[1] / wall[2]
+        results[n] = {"seconds_w1": wall[1], "seconds_w2": wall[2], "ratio": ratio}
+        print(f"    {n:>7} rows: workers=1 {wall[1]:6.1f}s ({n / wall[1]:6.0f} rows/s) | "
+              f"workers=2 {wall[2]:6.1f}s ({n / wall[2]:6.0f} rows/s) | ratio workers=2 / "
+              f"workers=1 end to end {ratio:.2f}x")
+    return results
+
+
 def _cores() -> str:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{usable} usable cores ({os.cpu_count()} CPUs)"
@@ -294,8 +320,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per worker count")
     parser.add_argument("--memory-rows", default="10000,100000",
                         help="comma-separated dataset sizes for the memory figure")
+    parser.add_argument("--scale-rows", default="3000,100000",
+                        help="comma-separated dataset sizes for the end-to-end figure")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for flag in ("--dataset", "--model", "--cache-root"):
         parser.add_argument(flag, help=argparse.SUPPRESS)
@@ -332,6 +361,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if not args.skip_memory:
                 sizes = [int(s) for s in args.memory_rows.split(",")]
                 results["memory"] = bench_memory(root, model, sizes, env)
+            if not args.skip_scale:
+                sizes = [int(s) for s in args.scale_rows.split(",")]
+                results["scale"] = bench_scale(root, model, sizes, env)
             print(f"  load average at the end: {_load()}")
         finally:
             mmjobs_log.setLevel(level)

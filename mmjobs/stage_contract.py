@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 
 from mmjobs import settings, storage
 from mmjobs.config import ConfigError, StrictModel, load_config
+from mmjobs.image_backend import image_backend
 from mmjobs.logs import get_logger
 
 log = get_logger(__name__)
@@ -429,6 +430,7 @@ def stage_cli(stage: Stage, argv: Sequence[str] | None = None) -> int:
         with quiet:
             cfg = load_config(stage.config, args.config or {}, args.overrides,
                               source=args.config or f"{stage.name} config")
+            image_backend()  # a broken torchvision: one line now, not a traceback mid-stage
             result = stage.main(cfg)
             print(result.model_dump_json())
     except ConfigError as e:

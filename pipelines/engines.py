@@ -37,6 +37,7 @@ the infer step's GPUs).
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,7 +65,11 @@ class Engines:
         if up is None:
             up = self.up_tasks[label] = self._engine(f"engine-up-{label}", "up", label,
                                                      model=model)
+        # What the engine is keys the infer output (its URL is new each run): see infer.
+        identity = self.spec.model_dump(include={"image", "command", "args", "port",
+                                                 "served_model_name", "env", "local_serve"})
         endpoint = {"model": self.spec.served_model_name,
+                    "engine": json.dumps(identity, sort_keys=True),
                     **self.spec.endpoint.model_dump(exclude_none=True)}
         if not self.spec.endpoint.agreement_sample:
             self.b.cpu_only.add(step)  # a client of the engine: no GPU of its own

@@ -73,6 +73,10 @@ class EndpointConfig(EndpointClient):
                      "to {url}/chat/completions).")
     model: str | None = Field(None, description="The served model name (the request's "
                               "`model`); default: the first of GET {url}/models.")
+    engine: str | None = Field(None, description="Set by pipelines for the engine they start "
+                               "(eval.engine): what identifies it (image, command line, "
+                               "settings). It keys the output instead of `url`, which is new "
+                               "each run, so a rerun reuses answered rows.")
 
     @field_validator("url")
     @classmethod

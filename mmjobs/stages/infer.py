@@ -311,7 +311,10 @@ def _rows_fingerprint(cfg: InferConfig) -> str:
     if cfg.endpoint is None:
         settings.pop("endpoint")  # in-process runs hash as before the endpoint existed
     else:  # which server answers shapes rows; how hard the client pushes it does not
-        settings["endpoint"] = {k: settings["endpoint"][k] for k in ("url", "model")}
+        endpoint = settings["endpoint"]
+        settings["endpoint"] = ({"engine": endpoint["engine"], "model": endpoint["model"]}
+                                if endpoint.get("engine") else
+                                {k: endpoint[k] for k in ("url", "model")})
     return fingerprint(NAME, VERSION, settings,
                        model_fingerprint(cfg.model), adapter, dataset, *decoder)
 

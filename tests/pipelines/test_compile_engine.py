@@ -133,3 +133,11 @@ def test_an_infer_endpoint_besides_the_engine_is_refused() -> None:
         pipeline_runner.load(RECIPE, [ENGINE, "stages.infer.endpoint={url: 'http://x:8000/v1'}"])
     assert "stages.infer.endpoint: eval.engine sets the infer steps' endpoint" in \
         str(caught.value)
+
+
+def test_a_pipeline_that_does_not_wire_engines_refuses_the_section() -> None:
+    """Silently evaluating in-process when the recipe asked for an engine would mislead."""
+    with pytest.raises(ConfigError) as caught:
+        pipeline_runner.load("pipelines/recipes/chartwiz.yaml", [ENGINE])
+    assert "eval.engine: pipeline chartwiz does not evaluate through an engine yet" in \
+        str(caught.value)

@@ -41,6 +41,7 @@ from mmjobs.config import ConfigError, dump_recipe, load_config
 from mmjobs.logs import get_logger
 from mmjobs.pipeline_logs import PipelineError, step_error, step_logs
 from mmjobs.recipe import RecipeConfig, load_recipe
+from mmjobs.serve import engine_local
 
 log = get_logger(__name__)
 __all__ = ["PipelineError", "RunOutcome", "compile_recipe", "load", "run_local", "submit",
@@ -303,7 +304,8 @@ def run_local(path: str | Path, overrides: Sequence[str] = (), *, run_id: str | 
     full_log = storage.join(run_dir, "logs", f"{time.strftime('%Y%m%d-%H%M%S')}.log")
     with tempfile.TemporaryFile("w+", encoding="utf-8") as log_file:
         try:
-            with step_logs(verbose, build, full_log=log_file) as logs:
+            # engine_local.session: no `mmjobs serve` started for eval.engine outlives the run
+            with step_logs(verbose, build, full_log=log_file) as logs, engine_local.session():
                 try:
                     pipeline(**(arguments or {}))
                 except RuntimeError as e:

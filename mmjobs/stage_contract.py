@@ -91,12 +91,16 @@ class Input:
             None = not a config field: `Stage.component` gets it).
         type: the KFP parameter type (str, int or list).
         default: `REQUIRED`, or the value meaning "not wired" (then the config decides).
+        placeholder: what stands in for the wired value while the pipeline validates the
+            step's config before the run (None: a string saying it is wired), for fields
+            whose validation a plain string fails (e.g. a URL).
     """
 
     name: str
     path: str | None = ""
     type: type = str
     default: Any = REQUIRED
+    placeholder: Any = None
 
     @property
     def field(self) -> str | None:

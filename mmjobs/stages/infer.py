@@ -316,7 +316,10 @@ def _rows_fingerprint(cfg: InferConfig) -> str:
         # The two image-processor backends give slightly different pixels.
         settings["image_backend"] = image_backend()
     else:  # which server answers shapes rows; how hard the client pushes it does not
-        settings["endpoint"] = {k: settings["endpoint"][k] for k in ("url", "model")}
+        endpoint = settings["endpoint"]
+        settings["endpoint"] = ({"engine": endpoint["engine"], "model": endpoint["model"]}
+                                if endpoint.get("engine") else
+                                {k: endpoint[k] for k in ("url", "model")})
     return fingerprint(NAME, VERSION, settings,
                        model_fingerprint(cfg.model), adapter, dataset, *decoder)
 
@@ -338,7 +341,10 @@ def recipe_defaults(recipe: RecipeConfig, step: str) -> dict[str, Any]:
 # An empty `dataset` or `adapter` is not wired: the config decides.
 STAGE = Stage(name=NAME, config=InferConfig, result=InferResult, main=main, image="eval",
               gpu=True, resumable=True, errors=(EndpointError, AgreementError),
-              inputs=(Input("model"), Input("dataset", default=""), Input("adapter", default="")),
+              # endpoint_url: the URL of the engine a pipeline starts (eval.engine).
+              inputs=(Input("model"), Input("dataset", default=""), Input("adapter", default=""),
+                      Input("endpoint_url", path="endpoint.url", default="",
+                            placeholder="http://engine.wired-by-the-pipeline/v1")),
               recipe_defaults=recipe_defaults,
               knobs=(Knob("limit", int, unset=0, description="Answer only the first N prompts "
                           "(0: all)."),))

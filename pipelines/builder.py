@@ -232,8 +232,10 @@ class Build:
         """One task of `step`: the stage's component, after the imports, cluster settings."""
         task = component(stage, image)(config_json=config_json, **args)
         task.set_display_name(step)
-        if stage != "import" and self.imports:
-            # Steps read what the recipe's imports (and conversions) put in the store.
+        if stage not in ("import", "engine") and self.imports:
+            # Steps read what the recipe's imports (and conversions) put in the store. Engine
+            # steps read only their model input (made after the imports), and engine-cleanup,
+            # an exit handler's task, may depend on nothing.
             task.after(*self.imports)
         if self.for_cluster:
             apply_cluster_settings(task, stage, self.recipe, step,
@@ -436,9 +438,9 @@ class Build:
         if self.recipe.eval.engine is not None and not any(s.stage == "engine"
                                                            for s in self.steps):
             self.errors.append(f"eval.engine: pipeline {pipeline} does not evaluate through "
-                               "an engine yet (chart-demo does: pipelines/engines.py); remove "
-                               "eval.engine, or point stages.<infer step>.endpoint at a "
-                               "server you run")
+                               "an engine yet (chart-demo and llava-dataengine do: "
+                               "pipelines/engines.py); remove eval.engine, or point "
+                               "stages.<infer step>.endpoint at a server you run")
         if self.recipe.eval.baseline and len(self.row_data) < 2:
             self.errors.append(f"eval.baseline: pipeline {pipeline} has no baseline row "
                                "(llava-dataengine has); remove it")

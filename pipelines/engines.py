@@ -56,11 +56,12 @@ class Engines:
         self.up_tasks: dict[str, dsl.PipelineTask] = {}
         self.infers: dict[str, list[dsl.PipelineTask]] = {}
 
-    def infer(self, step: str, *, label: str, model: Any, **inputs: Any) -> dsl.PipelineTask:
-        """Infer step `step` (section `stages.infer`) of model `label`: through its engine
-        when the recipe has one (started here on first use), else in-process."""
+    def infer(self, step: str, *, label: str, model: Any, key: str | tuple[str, ...] = "infer",
+              fixed: dict[str, Any] | None = None, **inputs: Any) -> dsl.PipelineTask:
+        """Infer step `step` (sections `key`, as `Build.step`) of model `label`: through its
+        engine when the recipe has one (started here on first use), else in-process."""
         if self.spec is None:
-            return self.b.step(step, "infer", key="infer", model=model, **inputs)
+            return self.b.step(step, "infer", key=key, fixed=fixed, model=model, **inputs)
         up = self.up_tasks.get(label)
         if up is None:
             up = self.up_tasks[label] = self._engine(f"engine-up-{label}", "up", label,
@@ -73,7 +74,7 @@ class Engines:
                     **self.spec.endpoint.model_dump(exclude_none=True)}
         if not self.spec.endpoint.agreement_sample:
             self.b.cpu_only.add(step)  # a client of the engine: no GPU of its own
-        task = self.b.step(step, "infer", key="infer", fixed={"endpoint": endpoint},
+        task = self.b.step(step, "infer", key=key, fixed={**(fixed or {}), "endpoint": endpoint},
                            model=model, endpoint_url=up.output, **inputs)
         self.infers.setdefault(label, []).append(task)
         return task

@@ -13,6 +13,9 @@ the seed's Main Results table (rows = incremental datasets, with their Data Amou
 - Server-scored benchmarks: an infer step with `submission: true` writes the server's upload
   file (VQAv2 EvalAI JSON, MMBench xlsx, SEED JSONL; `mmjobs.eval.submission`). VQAv2 on a
   test split has no public answers: it gets no evaluate step, only its submission file.
+- `eval.engine`: each row's model is served by one engine (e.g. vLLM) for all its benchmarks'
+  infer steps — `engine-up-<row>` before them, `engine-down-<row>` after them, the run's
+  `engine-cleanup` however the block ends (pipelines/engines.py).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 from kfp import dsl
 
 from pipelines.builder import Build
+from pipelines.engines import Engines, engines
 
 NAME = "llava-dataengine"
 # The seed's row names (MLLM-DataEngine README, "Main Results": Incremental Dataset column).
@@ -45,11 +49,12 @@ def wire(b: Build) -> None:
     if b.recipe.eval.baseline:
         rows.insert(0, (BASELINE_ROW, "-baseline", _train(b, "-baseline", base, llava.output),
                         None))
-    evaluations = []
-    for row, suffix, model, data in rows:
-        b.row_data[row] = data
-        evaluations += _evaluate(b, row, suffix, model)
-    b.report(evaluations, title="MLLM-DataEngine on LLaVA-1.5-7B: Main Results")
+    with engines(b) as eng:  # eval.engine: one serving engine per row's model
+        evaluations = []
+        for row, suffix, model, data in rows:
+            b.row_data[row] = data
+            evaluations += _evaluate(b, eng, row, suffix, model)
+        b.report(evaluations, title="MLLM-DataEngine on LLaVA-1.5-7B: Main Results")
 
 
 def _train(b: Build, suffix: str, base: Any, dataset: Any) -> Any:
@@ -64,13 +69,18 @@ def _train(b: Build, suffix: str, base: Any, dataset: Any) -> Any:
     return merged.output
 
 
-def _evaluate(b: Build, row: str, suffix: str, model: Any) -> list[dsl.PipelineTask]:
+def _evaluate(b: Build, eng: Engines, row: str, suffix: str,
+              model: Any) -> list[dsl.PipelineTask]:
     """infer (+ evaluate, unless only a server can score it) per benchmark for one row."""
+    engine_label = suffix.removeprefix("-") or "dataengine"  # engine-up-dataengine, -baseline
+    answers = {benchmark: eng.infer(f"infer-{benchmark}{suffix}", label=engine_label,
+                                    key=("infer", f"infer-{benchmark}",
+                                         f"infer-{benchmark}{suffix}"),
+                                    fixed={"benchmark": benchmark}, model=model)
+               for benchmark in b.recipe.eval.benchmarks}
+    eng.down(engine_label)  # after every benchmark's infer step of this row
     tasks = []
-    for benchmark in b.recipe.eval.benchmarks:
-        infer_keys = ("infer", f"infer-{benchmark}", f"infer-{benchmark}{suffix}")
-        predictions = b.step(f"infer-{benchmark}{suffix}", "infer", key=infer_keys,
-                             fixed={"benchmark": benchmark}, model=model)
+    for benchmark, predictions in answers.items():
         if _server_only(b, benchmark):
             tasks.append(predictions)
             continue

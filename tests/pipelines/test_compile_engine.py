@@ -141,3 +141,30 @@ def test_a_pipeline_that_does_not_wire_engines_refuses_the_section() -> None:
         pipeline_runner.load("pipelines/recipes/chartwiz.yaml", [ENGINE])
     assert "eval.engine: pipeline chartwiz does not evaluate through an engine yet" in \
         str(caught.value)
+
+
+def test_llava_dataengine_serves_each_row_s_model_once_for_all_its_benchmarks(
+        tmp_path: Path) -> None:
+    """The seed's six benchmarks × two rows: one engine per row, every benchmark's infer step
+    of that row its client, the engine removed after the last of them."""
+    out = tmp_path / "pipeline.yaml"
+    pipeline_runner.compile_recipe("pipelines/recipes/llava-dataengine.yaml", out,
+                                   [ENGINE, "eval.baseline=true"])
+    spec = next(yaml.safe_load_all(out.read_text(encoding="utf-8")))
+    tasks = tasks_by_step(spec)
+    assert sorted(s for s in tasks if s.startswith("engine")) == [
+        "engine-cleanup", "engine-down-baseline", "engine-down-dataengine",
+        "engine-up-baseline", "engine-up-dataengine"]
+    for label, suffix in (("dataengine", ""), ("baseline", "-baseline")):
+        up_name, _ = tasks[f"engine-up-{label}"]
+        infers = {s: t for s, t in tasks.items()
+                  if s.startswith("infer-") and s.endswith(suffix)
+                  and (suffix or not s.endswith("-baseline"))}
+        assert len(infers) == 6, sorted(infers)
+        for step, (_, infer) in infers.items():
+            url = infer["inputs"]["parameters"]["endpoint_url"]["taskOutputParameter"]
+            assert url["producerTask"] == up_name, step
+            assert config_of(infer)["benchmark"] == step.removeprefix("infer-").removesuffix(
+                suffix)
+        _, down = tasks[f"engine-down-{label}"]
+        assert set(down["dependentTasks"]) == {up_name, *(n for n, _ in infers.values())}

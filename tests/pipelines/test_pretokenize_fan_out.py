@@ -114,6 +114,16 @@ def test_compiled_fan_out_runs_parts_in_a_parallel_for_before_the_committing_tas
     config = json.loads(committing["inputs"]["parameters"]["config_json"]["runtimeValue"]
                         ["constant"])
     assert (config["fan_out"], config.get("part"), config["force"]) == (3, None, False)
+    # Only the committing task exposes the typed Dataset (the committed entry); the parts
+    # declare no output artifact, since the entry is incomplete until that task commits it.
+    components = spec["components"]
+    part_task = loop["componentRef"]["name"]
+    part_spec = components[part_task]["dag"]["tasks"]
+    (part_ref,) = [t["componentRef"]["name"] for t in part_spec.values()]
+    assert "artifacts" not in components[part_ref].get("outputDefinitions", {})
+    committing_outputs = components[committing["componentRef"]["name"]]["outputDefinitions"]
+    assert committing_outputs["artifacts"]["shards"]["artifactType"]["schemaTitle"] == \
+        "system.Dataset"
     # The part tasks are CPU pods like the step itself (no accelerator).
     executors = spec["deploymentSpec"]["executors"]
     assert not any("accelerator" in e["container"].get("resources", {})

@@ -14,7 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mmjobs.eval.endpoint import AgreementError, EndpointConfig, EndpointGenerator, messages
+from mmjobs.eval.endpoint import (
+    AgreementError,
+    EndpointConfig,
+    EndpointError,
+    EndpointGenerator,
+    messages,
+)
 from mmjobs.eval.generate import Generator, PromptInput, load_for_inference, load_image
 from mmjobs.eval.prompts import dataset_items
 from mmjobs.serve.app import ServeOptions, create_app
@@ -137,7 +143,7 @@ def test_a_perturbed_server_fails_the_agreement_check_naming_the_rows(loaded, ti
 def test_a_refusal_names_the_prompt_and_is_not_retried(server, tmp_path):
     generator = EndpointGenerator(EndpointConfig(**endpoint(server.url, model="no-such-model")),
                                   max_new_tokens=4)
-    with pytest.raises(Exception, match=r"prompt 0: .*answered 404"):
+    with pytest.raises(EndpointError, match=r"prompt 0: .*answered 404"):
         generator.generate([PromptInput("hello")])
     assert generator.retried == 0
 
@@ -150,8 +156,6 @@ def test_retries_end_with_one_error_naming_the_last_problem(status, body, attemp
     """Transient statuses are retried `retries` times and then fail naming the last one; a
     200 that is not JSON fails at once."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from mmjobs.eval.endpoint import EndpointError
 
     seen: list[str] = []
 

@@ -49,8 +49,8 @@ from mmjobs.run_results import (
 )
 
 log = get_logger(__name__)
-__all__ = ["PipelineError", "RunOutcome", "compile_recipe", "load", "print_outcome",
-           "results_markdown", "run_local", "submit", "validate"]
+__all__ = ["PipelineError", "RunOutcome", "SubmitError", "compile_recipe", "load",
+           "print_outcome", "results_markdown", "run_local", "submit", "validate"]
 # Fields that do not change what a local run computes: left out of the default run id.
 _NOT_IN_RUN_ID = {"description", "cluster", "images", "plan"}
 
@@ -348,6 +348,10 @@ def _fix_local_loop_inputs() -> None:
 # --------------------------------------------------------------------------- cluster
 
 
+class SubmitError(RuntimeError):
+    """The KFP API could not be reached or refused the run; the message says which and why."""
+
+
 def cluster_store(recipe: RecipeConfig, source: str) -> str:
     """Where stage outputs go on the cluster: the recipe's `cluster.env.MMJOBS_STORE`."""
     store = recipe.cluster.env.get("MMJOBS_STORE")
@@ -391,20 +395,36 @@ def submit(path: str | Path, host: str, overrides: Sequence[str] = (), *,
 
     Credentials for the KFP endpoint itself come from kfp.Client's usual sources (in-cluster
     service account, `KF_PIPELINES_*` environment); nothing secret goes into the pipeline.
+
+    Raises:
+        ConfigError: the recipe is invalid (nothing is sent).
+        SubmitError: the KFP API cannot be reached or refused the run.
     """
     import kfp
+    import urllib3
+    from kfp_server_api.exceptions import ApiException
 
     recipe = load_recipe(path, overrides)
     with tempfile.TemporaryDirectory(prefix="mmjobs-submit-") as tmp:
         package = str(Path(tmp) / f"{recipe.recipe}.yaml")
         compile_recipe(path, package, overrides, run_id=run_id)
-        with warnings.catch_warnings():  # "only works with KFP 2.0.0-beta.2 and later"
-            warnings.simplefilter("ignore", FutureWarning)
-            client = kfp.Client(host=host)
-        result = client.create_run_from_pipeline_package(
-            package, arguments={},
-            run_name=f"{recipe.recipe} {run_id or time.strftime('%Y-%m-%d %H:%M:%S')}",
-            experiment_name=experiment or recipe.experiment, enable_caching=not no_cache)
+        try:
+            with warnings.catch_warnings():  # "only works with KFP 2.0.0-beta.2 and later"
+                warnings.simplefilter("ignore", FutureWarning)
+                client = kfp.Client(host=host)
+            result = client.create_run_from_pipeline_package(
+                package, arguments={},
+                run_name=f"{recipe.recipe} {run_id or time.strftime('%Y-%m-%d %H:%M:%S')}",
+                experiment_name=experiment or recipe.experiment, enable_caching=not no_cache)
+        except ApiException as e:  # the server answered, and refused
+            raise SubmitError(f"{host}: the KFP API answered {e.status} {e.reason}: "
+                              f"{(e.body or '').strip()[:300]} — check the credentials "
+                              "(KF_PIPELINES_* environment, service account) and that --host "
+                              "is the KFP API's address") from e
+        except (OSError, urllib3.exceptions.HTTPError) as e:  # refused, unresolvable, timed out
+            raise SubmitError(f"{host}: cannot reach the KFP API ({e}); check --host (e.g. "
+                              "https://kfp.example.com, or a port-forward such as "
+                              "http://127.0.0.1:8080)") from e
     return f"{host.rstrip('/')}/#/runs/details/{result.run_id}"
 
 

@@ -425,7 +425,12 @@ class Build:
         steps = sorted(self.allowed_steps)
         pipeline = self.recipe.pipeline
         for name in self.recipe.stages:
-            if name not in self.allowed_steps:
+            if name == "make-model" and name not in self.allowed_steps:
+                self.errors.append(
+                    "stages.make-model: the step that builds a tiny:<kind> base model, but "
+                    f"model.name_or_path is {self.recipe.model.name_or_path!r}; drop the "
+                    "section (in a copy of the recipe) for a real base model")
+            elif name not in self.allowed_steps:
                 hint = _did_you_mean(name, steps)
                 self.errors.append(f"stages.{name}: not a step of pipeline {pipeline}; "
                                    f"{hint}")

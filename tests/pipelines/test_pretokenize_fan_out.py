@@ -74,6 +74,13 @@ def test_fanned_out_entry_equals_the_single_pod_one(
     card = json.loads((fanned / "card.json").read_text(encoding="utf-8"))
     assert card["counts"] == {"input": 7, "written": 6, "rejected": 1}
     assert len(card["shards"]) == 4
+    # One typed Dataset in KFP's lineage, from the committing task, at the committed entry:
+    # the parts (which ran before the commit) expose none.
+    written = [json.loads(f.read_text(encoding="utf-8"))
+               for f in settings.kfp_root().rglob("executor_output.json")]
+    typed = [a for out in written
+             for a in out.get("artifacts", {}).get("shards", {}).get("artifacts", [])]
+    assert [a["uri"] for a in typed] == [str(fanned)]
 
     # The same step in one pod, into another cache root: the same entry, byte for byte.
     single_root = tmp_path / "single"

@@ -4,6 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 # Installing is keyed on the dependency files: edit them and the next target reinstalls.
 STAMP  := $(VENV)/.installed
+# A second venv with torch + torchvision built as a pair (constraints/torchvision.txt): the
+# torchvision image processors are tested there (make test-torchvision, part of make test).
+TV_VENV  := .venv-torchvision
+TV_STAMP := $(TV_VENV)/.installed
 PYTEST_ARGS ?=
 # pytest-xdist workers for `make test` and the lanes (0: one process). Each test module, and
 # each xdist_group (a shared recipe run, the distributed lane), stays on one worker; the
@@ -14,13 +18,14 @@ FAST_WORKERS ?= 0
 PYTEST = $(PY) -m pytest -n $(1) --dist loadgroup --no-loadscope-reorder
 LANES  := unit integration pipelines containers distributed
 
-.PHONY: demo test test-fast $(addprefix test-,$(LANES)) lint bench doctor clean help
+.PHONY: demo test test-fast test-torchvision $(addprefix test-,$(LANES)) lint bench doctor clean help
 
 help:
 	@echo "make demo       set up .venv and run the default recipe end to end (CPU, tiny model)"
 	@echo "make test       set up .venv with dev extras and run the whole test suite (CI)"
 	@echo "make test-fast  the unit lane without its slow tests: everyday work"
 	@echo "make test-LANE  one lane: $(LANES) (README: Development)"
+	@echo "make test-torchvision  the image-processing tests with torchvision (.venv-torchvision)"
 	@echo "make lint       ruff and the layer contracts (import-linter)"
 	@echo "make bench      benchmarks (tests/bench; not run by CI)"
 
@@ -32,12 +37,24 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PY) -m pip install --quiet -c constraints/cpu.txt -e '.[train,dev]'
 	touch $(STAMP)
 
+$(TV_STAMP): pyproject.toml constraints/torchvision.txt
+	test -x $(TV_VENV)/bin/python || $(PYTHON) -m venv $(TV_VENV)
+	$(TV_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TV_VENV)/bin/python -m pip install --quiet -c constraints/torchvision.txt \
+		-e '.[train,dev,torchvision]'
+	touch $(TV_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/mmjobs doctor
 	$(PY) -m mmjobs.demo
 
-test: $(STAMP)
+test: $(STAMP) $(TV_STAMP)
 	$(call PYTEST,$(TEST_WORKERS)) $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-torchvision
+
+# MMJOBS_REQUIRE_TORCHVISION: a test that would skip for want of torchvision fails instead.
+test-torchvision: $(TV_STAMP)
+	MMJOBS_REQUIRE_TORCHVISION=1 $(TV_VENV)/bin/python -m pytest -m torchvision $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(call PYTEST,$(FAST_WORKERS)) -m "unit and not slow" $(PYTEST_ARGS)
@@ -49,14 +66,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check mmjobs pipelines tests
 	$(VENV)/bin/lint-imports
 
-bench: $(STAMP)
+# The loader bench again in .venv-torchvision: its image figures with torchvision's processors.
+bench: $(STAMP) $(TV_STAMP)
 	$(PY) -m tests.bench.run
+	$(TV_VENV)/bin/python -m tests.bench.run loader
 
 doctor: $(STAMP)
 	$(VENV)/bin/mmjobs doctor
 
 clean:
-	rm -rf $(VENV) .mmjobs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TV_VENV) .mmjobs .pytest_cache .ruff_cache
 
 # --- Container images (docker/README.md) ----------------------------------------------------
 # `make images` builds docker/<name>.Dockerfile as $(IMAGE_PREFIX)<name>:$(IMAGE_TAG) for each

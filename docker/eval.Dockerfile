@@ -28,6 +28,8 @@ ARG TORCH_VERSION=2.13.0
 # "" is PyPI's CUDA 13.0 build; e.g. +cu126 (with PIP_EXTRA_INDEX_URL=
 # https://download.pytorch.org/whl/cu126 and a CUDA 12 base), or +cpu with DEVICE=cpu.
 ARG TORCH_VARIANT=""
+# The torchvision release built with TORCH_VERSION (same variant): the fast image processors.
+ARG TORCHVISION_VERSION=0.28.0
 # DEVICE=cuda only: a prebuilt flash-attn wheel for this torch, its CUDA and the base's Python
 # (e.g. flash_attn-2.8.3+cu130torch2.13-cp312-cp312-linux_x86_64.whl); empty: SDPA attention.
 ARG FLASH_ATTN_WHEEL=""
@@ -47,12 +49,14 @@ RUN if ! command -v python3 >/dev/null; then \
 FROM python AS requirements
 ARG TORCH_VERSION
 ARG TORCH_VARIANT
+ARG TORCHVISION_VERSION
 WORKDIR /opt/build
 COPY pyproject.toml ./
 COPY docker/requirements.py docker/
-RUN python3 docker/requirements.py pyproject.toml > requirements.txt \
+RUN python3 docker/requirements.py pyproject.toml --extras torchvision > requirements.txt \
     && python3 docker/requirements.py pyproject.toml --build-system >> requirements.txt \
     && echo "torch==${TORCH_VERSION}${TORCH_VARIANT}" > constraints.txt \
+    && echo "torchvision==${TORCHVISION_VERSION}${TORCH_VARIANT}" >> constraints.txt \
     && cat requirements.txt constraints.txt
 
 FROM python AS deps
@@ -82,6 +86,7 @@ sys.exit(0 if bool(torch.version.cuda) == (os.environ['DEVICE'] == 'cuda') else 
 t, b = torch.version.cuda, os.environ.get('CUDA_VERSION', ''); \
 assert not (t and b) or t.split('.')[0] == b.split('.')[0], f'torch is built for CUDA {t}, \
 the base image has CUDA {b}: make TORCH_VARIANT and BASE_IMAGE agree'" \
+    && /opt/venv/bin/python -c "import torchvision.transforms.v2" \
     && /opt/venv/bin/python -c "import pathlib, sysconfig; \
 pathlib.Path(sysconfig.get_path('purelib'), 'mmjobs.pth').write_text('/opt/mmjobs\n')"
 

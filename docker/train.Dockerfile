@@ -27,6 +27,8 @@ ARG BUILD_BASE_IMAGE=nvidia/cuda:13.0.1-cudnn-devel-ubuntu24.04
 # PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cu126 and CUDA 12 bases.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_VARIANT=""
+# The torchvision release built with TORCH_VERSION (same variant): the fast image processors.
+ARG TORCHVISION_VERSION=0.28.0
 # A prebuilt flash-attn wheel (URL or path inside the build) for this torch, its CUDA and
 # Python 3.12, e.g. flash_attn-2.8.3+cu130torch2.13-cp312-cp312-linux_x86_64.whl; empty: no
 # flash-attn (models use PyTorch SDPA). Building it from source takes hours.
@@ -43,6 +45,7 @@ ARG UID=10001
 FROM ${BASE_IMAGE} AS requirements
 ARG TORCH_VERSION
 ARG TORCH_VARIANT
+ARG TORCHVISION_VERSION
 # The CUDA runtime base has no Python to run the generator; Ubuntu's packages are pinned by
 # pinning the base image digest (see .hadolint.yaml, DL3008).
 RUN apt-get update \
@@ -51,9 +54,10 @@ RUN apt-get update \
 WORKDIR /opt/build
 COPY pyproject.toml ./
 COPY docker/requirements.py docker/
-RUN python3 docker/requirements.py pyproject.toml --extras train > requirements.txt \
+RUN python3 docker/requirements.py pyproject.toml --extras train,torchvision > requirements.txt \
     && python3 docker/requirements.py pyproject.toml --build-system > build-requirements.txt \
     && echo "torch==${TORCH_VERSION}${TORCH_VARIANT}" > constraints.txt \
+    && echo "torchvision==${TORCHVISION_VERSION}${TORCH_VARIANT}" >> constraints.txt \
     && cat requirements.txt build-requirements.txt constraints.txt
 
 FROM ${BUILD_BASE_IMAGE} AS deps
@@ -97,6 +101,7 @@ RUN --mount=type=secret,id=ca \
         && /opt/venv/bin/python -c "import flash_attn, flash_attn_2_cuda"; \
     fi \
     && /opt/venv/bin/python -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" \
+    && /opt/venv/bin/python -c "import torchvision.transforms.v2" \
     && /opt/venv/bin/python -c "import pathlib, sysconfig; \
 pathlib.Path(sysconfig.get_path('purelib'), 'mmjobs.pth').write_text('/opt/mmjobs\n')"
 

@@ -137,12 +137,26 @@ def check_pot(bwrap: str = "bwrap") -> Check:
     return Check("pot", f"{version or 'bubblewrap'} isolates programs: {' '.join(layers)}", True)
 
 
+def check_image_backend() -> Check:
+    """Which image processors load: torchvision's, PIL's, or none (a broken torchvision)."""
+    from mmjobs.image_backend import ImageBackendError, image_backend, torchvision_problem
+
+    try:
+        chosen = image_backend()
+    except ImageBackendError as e:
+        return Check("images", e.errors[0], False)
+    if chosen == "torchvision":
+        return Check("images", "torchvision image processors", True)
+    why = torchvision_problem() or "MMJOBS_IMAGE_BACKEND=pil"
+    return Check("images", f"PIL image processors ({why}; torchvision's are ~2.4x faster)", True)
+
+
 def run_doctor() -> int:
-    """Print the report; exit code 1 if the store or tracking is unusable."""
+    """Print the report; exit code 1 if the store, tracking or image processing is unusable."""
     print(f"mmjobs {__version__} on Python {platform.python_version()} ({sys.executable})")
     print(f"MMJOBS_HOME  {settings.home()}")
     checks = [check_store(), check_tracking(), check_packages(), check_device(),
-              check_pot(), check_podman(), check_helm()]
+              check_image_backend(), check_pot(), check_podman(), check_helm()]
     for check in checks:
         print(check.line())
     return 0 if all(c.ok is not False for c in checks) else 1

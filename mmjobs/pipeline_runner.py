@@ -47,6 +47,7 @@ from mmjobs.run_results import (
     results_markdown,
     roll_up_parent_run,
 )
+from mmjobs.serve import engine_local
 
 log = get_logger(__name__)
 __all__ = ["PipelineError", "RunOutcome", "SubmitError", "compile_recipe", "load",
@@ -292,7 +293,8 @@ def run_local(path: str | Path, overrides: Sequence[str] = (), *, run_id: str | 
     full_log = storage.join(run_dir, "logs", f"{time.strftime('%Y%m%d-%H%M%S')}.log")
     with tempfile.TemporaryFile("w+", encoding="utf-8") as log_file:
         try:
-            with step_logs(verbose, build, full_log=log_file) as logs:
+            # engine_local.session: no `mmjobs serve` started for eval.engine outlives the run
+            with step_logs(verbose, build, full_log=log_file) as logs, engine_local.session():
                 try:
                     pipeline(**(arguments or {}))
                 except RuntimeError as e:

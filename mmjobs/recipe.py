@@ -27,10 +27,12 @@ from pydantic_core import PydanticCustomError
 from mmjobs.config import ConfigError, DataConfig, EvalConfig, ModelConfig, load_config
 from mmjobs.config_base import StrictModel
 from mmjobs.config_cluster import ClusterConfig, ImagesConfig
+from mmjobs.serve.engine_pod import EngineSpec
 from mmjobs.train.methods import TrainDefaults
 
-__all__ = ["PlanConfig", "RecipeConfig", "bundled_recipes", "conversation_format_defaults",
-           "load_recipe", "remote_code_defaults", "resolve_recipe", "validate_main"]
+__all__ = ["EngineSpec", "PlanConfig", "RecipeConfig", "RecipeEvalConfig", "bundled_recipes",
+           "conversation_format_defaults", "load_recipe", "remote_code_defaults",
+           "resolve_recipe", "validate_main"]
 
 # Recipe names end up in Kubernetes and KFP object names, which must be DNS-1123 labels.
 _KEBAB = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -43,6 +45,17 @@ class PlanConfig(StrictModel):
         None, description="A hub id or directory whose config.json has the architecture of "
         "model.name_or_path, for a base model plan cannot read where it runs (a store URI "
         "built by another pipeline), e.g. liuhaotian/llava-v1.5-7b. Never loads weights.")
+
+
+class RecipeEvalConfig(EvalConfig):
+    """The recipe's `eval` section: the shared evaluation settings plus the serving engine
+    pipelines evaluate through (a serve component's schema, hence here and not in the core)."""
+
+    engine: EngineSpec | None = Field(
+        None, description="Evaluate through a serving engine (vLLM, SGLang, TGI: any "
+        "OpenAI-compatible server image) that the pipeline starts for each evaluated model "
+        "before its infer steps and removes after; `mmjobs run` starts `mmjobs serve` on "
+        "127.0.0.1 instead. See mmjobs.serve.engine_pod.")
 
 
 class RecipeConfig(StrictModel):
@@ -66,7 +79,8 @@ class RecipeConfig(StrictModel):
         "sft): each step takes the settings its mode has, and its stages.<step>.train section "
         "wins over them. Settings no train step of the pipeline has are errors. The settings "
         "of each mode: mmjobs.train.methods (README: Training).")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation settings.")
+    eval: RecipeEvalConfig = Field(default_factory=RecipeEvalConfig,
+                                   description="Evaluation settings.")
     cluster: ClusterConfig = Field(
         default_factory=ClusterConfig, description="Kubernetes resources."
     )

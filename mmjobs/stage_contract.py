@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 
 from mmjobs import settings, storage
 from mmjobs.config import ConfigError, StrictModel, load_config
+from mmjobs.image_backend import image_backend
 from mmjobs.logs import get_logger
 
 log = get_logger(__name__)
@@ -90,12 +91,16 @@ class Input:
             None = not a config field: `Stage.component` gets it).
         type: the KFP parameter type (str, int or list).
         default: `REQUIRED`, or the value meaning "not wired" (then the config decides).
+        placeholder: what stands in for the wired value while the pipeline validates the
+            step's config before the run (None: a string saying it is wired), for fields
+            whose validation a plain string fails (e.g. a URL).
     """
 
     name: str
     path: str | None = ""
     type: type = str
     default: Any = REQUIRED
+    placeholder: Any = None
 
     @property
     def field(self) -> str | None:
@@ -429,6 +434,7 @@ def stage_cli(stage: Stage, argv: Sequence[str] | None = None) -> int:
         with quiet:
             cfg = load_config(stage.config, args.config or {}, args.overrides,
                               source=args.config or f"{stage.name} config")
+            image_backend()  # a broken torchvision: one line now, not a traceback mid-stage
             result = stage.main(cfg)
             print(result.model_dump_json())
     except ConfigError as e:

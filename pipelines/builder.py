@@ -116,6 +116,9 @@ class Build:
     # results-table row -> the committed dataset whose accepted samples are the row's "Data
     # Amount" (None: "-"), for tables in the seed's layout (llava-dataengine's Main Results)
     row_data: dict[str, str | None] = field(default_factory=dict)
+    # steps that run as CPU steps although their stage declares a GPU (infer steps answering
+    # through a serving engine: pipelines/engines.py)
+    cpu_only: set[str] = field(default_factory=set)
     _tiny: Any = None
     _section_of: dict[str, str] = field(default_factory=dict)  # step -> its (last) section
 
@@ -176,7 +179,7 @@ class Build:
                   where: str) -> list[str]:
         trial = copy.deepcopy(cfg)
         for path in wired:
-            _set(trial, path, _placeholder_for(spec.config, path))
+            _set(trial, path, _stand_in(spec, path))
         return [f"{where}.{message}" for _, message in validation_errors(spec.config, trial, [])]
 
     # ---------------------------------------------------------------- tasks
@@ -234,7 +237,8 @@ class Build:
             # Steps read what the recipe's imports (and conversions) put in the store.
             task.after(*self.imports)
         if self.for_cluster:
-            apply_cluster_settings(task, stage, self.recipe, step)
+            apply_cluster_settings(task, stage, self.recipe, step,
+                                   gpu=False if step in self.cpu_only else None)
         else:
             task.set_caching_options(False)  # stages reuse committed outputs themselves
         return task
@@ -308,7 +312,7 @@ class Build:
         (the error is already recorded)."""
         trial = copy.deepcopy(cfg)
         for path in wired or spec.wired:
-            _set(trial, path, _placeholder_for(spec.config, path))
+            _set(trial, path, _stand_in(spec, path))
         try:
             return spec.config.model_validate(trial)
         except ValidationError:
@@ -437,6 +441,12 @@ class Build:
         for spec in registry.stages():  # recipe-level settings no step takes, ...
             if spec.recipe_check:
                 self.errors += spec.recipe_check(self.recipe, self.sections.get(spec.name, {}))
+        if self.recipe.eval.engine is not None and not any(s.stage == "engine"
+                                                           for s in self.steps):
+            self.errors.append(f"eval.engine: pipeline {pipeline} does not evaluate through "
+                               "an engine yet (chart-demo does: pipelines/engines.py); remove "
+                               "eval.engine, or point stages.<infer step>.endpoint at a "
+                               "server you run")
         if self.recipe.eval.baseline and len(self.row_data) < 2:
             self.errors.append(f"eval.baseline: pipeline {pipeline} has no baseline row "
                                "(llava-dataengine has); remove it")
@@ -477,6 +487,15 @@ def _why(key: str) -> str:
 def _top(paths: tuple[str, ...]) -> set[str]:
     """Top-level keys fully set by the pipeline (`model.name_or_path` leaves `model` open)."""
     return {p for p in paths if "." not in p}
+
+
+def _stand_in(spec: Any, path: str) -> Any:
+    """The value standing in for wired field `path` of `spec`'s config while it is validated:
+    the input's own placeholder (e.g. a URL for infer's endpoint.url), else by field type."""
+    for declared in spec.inputs:
+        if declared.field == path and declared.placeholder is not None:
+            return declared.placeholder
+    return _placeholder_for(spec.config, path)
 
 
 def _placeholder_for(config: type, path: str) -> Any:

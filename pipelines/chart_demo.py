@@ -3,8 +3,10 @@
 make-model (a tiny LLaVA from configs) → prepare (synthetic charts, train) and prepare-test
 (held-out charts, another seed) → pretokenize → align (connector only) → apply-connector →
 sft (LoRA) → merge → infer + evaluate (ChartQA relaxed accuracy) for the untrained base and
-the trained model → report → [deploy: the merged model as a review server, when the recipe
-sets `stages.deploy.enabled: true`; cluster runs only].
+the trained model (with `eval.engine`: through a serving engine per model, started before
+and removed after its infer step; see pipelines/engines.py) → report → [deploy: the merged
+model as a review server, when the recipe sets `stages.deploy.enabled: true`; cluster runs
+only].
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from mmjobs.logs import get_logger
 from mmjobs.recipe import RecipeConfig
 from pipelines.builder import Build
 from pipelines.cluster import resources_for
+from pipelines.engines import engines
 
 NAME = "chart-demo"
 log = get_logger(__name__)
@@ -36,14 +39,16 @@ def wire(b: Build) -> None:
                  data=shards.output, model=aligned.output)
     merged = b.step("merge", "merge", base=aligned.output, adapter=sft.output)
     evaluations = []
-    for label, model in (("untrained", base), ("trained", merged.output)):
-        predictions = b.step(f"infer-{label}", "infer", key="infer", model=model,
-                             dataset=held_out.output)
-        evaluations.append(b.step(f"evaluate-{label}", "evaluate", key="evaluate",
-                                  fixed={"label": label}, label=label,
-                                  predictions=predictions.output))
-    report = b.report(evaluations, title="chart-demo: untrained vs trained tiny LLaVA")
-    deploy(b, merged.output, after=[*evaluations, *([report] if report else [])])
+    with engines(b) as eng:  # eval.engine: infer through a serving engine per model
+        for label, model in (("untrained", base), ("trained", merged.output)):
+            predictions = eng.infer(f"infer-{label}", label=label, model=model,
+                                    dataset=held_out.output)
+            eng.down(label)
+            evaluations.append(b.step(f"evaluate-{label}", "evaluate", key="evaluate",
+                                      fixed={"label": label}, label=label,
+                                      predictions=predictions.output))
+        report = b.report(evaluations, title="chart-demo: untrained vs trained tiny LLaVA")
+        deploy(b, merged.output, after=[*evaluations, *([report] if report else [])])
 
 
 def deploy(b: Build, model: Any, *, after: list[dsl.PipelineTask]) -> dsl.PipelineTask | None:

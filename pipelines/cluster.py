@@ -32,16 +32,18 @@ class Resources:
     retries: int
 
 
-def resources_for(cluster: ClusterConfig, stage: str, step: str) -> Resources:
+def resources_for(cluster: ClusterConfig, stage: str, step: str,
+                  gpu: bool | None = None) -> Resources:
     """The step's resources: `cluster.stages.<step>` over `cluster.stages.<stage>` over the
     defaults: a GPU step's (`cluster.gpus` for stages that declare `gpu`, unless an entry sets
     gpus: 0) are the cluster-wide cpu/memory/shm_size, a CPU step's `cluster.cpu_steps`.
     Retries only for stages that declare `resumable`: they resume after preemption, so a
-    retry loses little work."""
+    retry loses little work. `gpu` overrides the stage's declaration (False: a CPU step unless
+    an entry sets gpus)."""
     spec = registry.get(stage)
     entries = [cluster.stages[key].model_dump(exclude_none=True)
                for key in (stage, step) if key in cluster.stages]
-    gpus = cluster.gpus if spec.gpu else 0
+    gpus = cluster.gpus if (spec.gpu if gpu is None else gpu) else 0
     for entry in entries:
         gpus = entry.get("gpus", gpus)
     base = cluster if gpus else cluster.cpu_steps
@@ -58,7 +60,8 @@ def resources_for(cluster: ClusterConfig, stage: str, step: str) -> Resources:
 
 
 def apply_cluster_settings(task: dsl.PipelineTask, stage: str, recipe: RecipeConfig,
-                           step: str | None = None) -> dsl.PipelineTask:
+                           step: str | None = None, *, gpu: bool | None = None
+                           ) -> dsl.PipelineTask:
     """Add the pod settings for `stage` (run as `step`) from `recipe.cluster` to `task`.
 
     GPUs (`nvidia.com/gpu`), CPU/memory requests = limits, `/dev/shm` as a memory-backed
@@ -67,11 +70,11 @@ def apply_cluster_settings(task: dsl.PipelineTask, stage: str, recipe: RecipeCon
     others, so CPU steps never wait for GPU nodes), image pull secrets, S3 and MLflow
     credentials from Secrets as env vars, plain env vars from `cluster.env`, the stage's
     `pod_env` (e.g. evaluate's $MMJOBS_POT_IMAGE: the eval image, for its PoT pod), retries
-    and caching.
+    and caching. `gpu`: see `resources_for`.
     """
     cluster = recipe.cluster
     spec = registry.get(stage)
-    res = resources_for(cluster, stage, step or stage)
+    res = resources_for(cluster, stage, step or stage, gpu)
     # Multi-node training runs in a TrainJob with these resources per node; the step's own
     # pod only creates and follows it.
     launcher = spec.multinode and cluster.nodes > 1

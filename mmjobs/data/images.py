@@ -28,6 +28,7 @@ conversion, which handles those colour spaces properly.
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from PIL import Image
@@ -73,15 +74,39 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_rgb(data: bytes) -> Image.Image:
+def decode_rgb(data: bytes, min_edge: int | None = None) -> Image.Image:
     """Decode encoded image bytes fully (a truncated file raises now) and return `to_rgb` of it.
+
+    With `min_edge`, a JPEG larger than needed is decoded at a reduced scale (PIL's draft mode:
+    libjpeg's 1/2, 1/4 or 1/8 DCT scaling, several times cheaper than a full decode) that keeps
+    its shorter edge at least `DRAFT_MARGIN * min_edge`; the image processor then resizes from
+    there. Other formats, and JPEGs that are not large enough, decode in full. The margin keeps
+    the processed pixels close to a full decode's (tests/unit/data/test_images.py measures it).
 
     Raises PIL's `UnidentifiedImageError` / `OSError` for undecodable bytes and
     `ImageModeError` for unsupported modes.
     """
     with Image.open(io.BytesIO(data)) as image:
+        if min_edge is not None and image.format == "JPEG":
+            _draft(image, min_edge)
         image.load()
         return to_rgb(image)
+
+
+# The reduced decode keeps twice the edge the processor resizes to: its box-like downscale then
+# stays well below the final resize's own filter width.
+DRAFT_MARGIN = 2
+
+
+def _draft(image: Image.Image, min_edge: int) -> None:
+    """Ask libjpeg for the smallest scale whose shorter edge is >= DRAFT_MARGIN * min_edge."""
+    width, height = image.size
+    scale = DRAFT_MARGIN * min_edge / min(width, height)
+    if scale >= 0.5:  # no 1/2 reduction would keep enough pixels
+        return
+    # draft() picks the largest reduction that keeps both sides >= the requested size; the
+    # image's own mode, so it never converts (RGB to L) on the way.
+    image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
 
 
 def _scale_to_8bit(image: Image.Image) -> Image.Image:
@@ -89,3 +114,22 @@ def _scale_to_8bit(image: Image.Image) -> Image.Image:
     samples = np.asarray(image).astype(np.uint32)  # I;16B arrives big-endian; astype fixes order
     scaled = (samples * 255 + _MAX_16 // 2) // _MAX_16
     return Image.fromarray(scaled.astype(np.uint8))  # 2-D uint8: mode L
+
+
+def processor_min_edge(image_processor: object) -> int | None:
+    """The largest output edge `image_processor` resizes to (from its `size` and `crop_size`:
+    `shortest_edge`, `longest_edge`, `height`, `width`), for `decode_rgb(min_edge=...)`; None
+    when it declares no size in those terms (patch-budget processors such as Pix2Struct's), so
+    such images decode in full."""
+    edges = []
+    for attr in ("size", "crop_size"):
+        size = getattr(image_processor, attr, None)
+        if isinstance(size, int):
+            edges.append(size)
+            continue
+        get = getattr(size, "get", None)  # dict or transformers' SizeDict
+        if get is None:
+            continue
+        edges += [v for k in ("shortest_edge", "longest_edge", "height", "width")
+                  if isinstance(v := get(k), int) and v > 0]
+    return max(edges) if edges else None

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mmjobs.data.images import ImageModeError, decode_rgb
+from mmjobs.data.images import ImageModeError, decode_rgb, processor_min_edge
 from mmjobs.data.modality import modality_plan
 from mmjobs.data.packing import IGNORE_INDEX, PackedCollator, concat_image_features
 from mmjobs.data.sampler import Mode, ResumableBatchSampler, check_batching_args
@@ -47,10 +47,11 @@ ImageProcessor = Callable[..., Any]
 # --------------------------------------------------------------------------- dataset
 
 
-def _decode_image(data: bytes, row_id: str) -> Any:
-    """8-bit RGB via `mmjobs.data.images` (16-bit scaled, alpha over white), as in inference."""
+def _decode_image(data: bytes, row_id: str, min_edge: int | None = None) -> Any:
+    """8-bit RGB via `mmjobs.data.images` (16-bit scaled, alpha over white), as in inference;
+    a large JPEG at a reduced scale that still covers `min_edge` (see `decode_rgb`)."""
     try:
-        return decode_rgb(data)
+        return decode_rgb(data, min_edge)
     except ImageModeError as e:
         raise ValueError(f"row {row_id!r}: image cannot be used: {e}") from e
     except Exception as e:
@@ -112,6 +113,9 @@ class ShardDataset(Dataset):
                  cache_dir: str | os.PathLike | None = None) -> None:
         self.uri = str(shards_uri)
         self.image_processor = image_processor
+        # Large JPEGs decode at the scale the processor needs (none without a processor).
+        self.image_min_edge = (processor_min_edge(image_processor)
+                               if image_processor is not None else None)
         self.root = materialize_shards(shards_uri, cache_dir)
         card = self.root / CARD_NAME
         self.card: dict[str, Any] = json.loads(card.read_text()) if card.is_file() else {}
@@ -189,7 +193,8 @@ class ShardDataset(Dataset):
             "num_images": int(self.num_images[index]),
         }
         if sample["num_images"]:
-            images = [_decode_image(b, row_id) for b in batch.column("images")[row].as_py()]
+            images = [_decode_image(b, row_id, self.image_min_edge)
+                      for b in batch.column("images")[row].as_py()]
             if self.image_processor is None:
                 sample["images"] = images
             else:
@@ -201,7 +206,8 @@ class ShardDataset(Dataset):
         row_id = batch.column("id")[row].as_py()
 
         def decode(column: str) -> list[Any]:
-            return [_decode_image(b, row_id) for b in batch.column(column)[row].as_py()]
+            return [_decode_image(b, row_id, self.image_min_edge)
+                    for b in batch.column(column)[row].as_py()]
 
         prompt = decode("images")
         prompt_features: dict[str, torch.Tensor] | None = None

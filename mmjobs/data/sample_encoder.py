@@ -41,6 +41,7 @@ from mmjobs.data.conversation.template import GENERATION_RE
 from mmjobs.data.records import IMAGE_TOKEN, PreferenceSample, Sample
 from mmjobs.data.validate import TOO_LONG, reason
 from mmjobs.data.vq_images import VQImageTokenizer, is_image_token_model
+from mmjobs.image_backend import processor_kwargs
 from mmjobs.logs import get_logger
 
 log = get_logger(__name__)
@@ -163,7 +164,8 @@ class SampleEncoder:
         self.config = AutoConfig.from_pretrained(self.model_dir, local_files_only=True,
                                                  trust_remote_code=trust_remote_code)
         self.processor = AutoProcessor.from_pretrained(self.model_dir, local_files_only=True,
-                                                       trust_remote_code=trust_remote_code)
+                                                       trust_remote_code=trust_remote_code,
+                                                       **processor_kwargs())
         self.tokenizer = getattr(self.processor, "tokenizer", None)
         if self.tokenizer is None or not hasattr(self.processor, "image_processor"):
             raise ValueError(f"{self.model_dir}: AutoProcessor gave {type(self.processor).__name__}"

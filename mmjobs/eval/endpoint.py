@@ -47,13 +47,11 @@ IMAGE_TOKEN = "<image>"
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
-class EndpointConfig(StrictModel):
-    """Where and how to send prompts to an OpenAI-compatible server."""
+class EndpointClient(StrictModel):
+    """How hard to push an OpenAI-compatible server, and whether to check its answers (the
+    client settings; `EndpointConfig` adds where the server is). A recipe's `eval.engine.endpoint`
+    is one of these: the pipeline fills in the URL and model of the engine it starts."""
 
-    url: str = Field(description="The API base, e.g. http://vllm.ns.svc:8000/v1 (requests go "
-                     "to {url}/chat/completions).")
-    model: str | None = Field(None, description="The served model name (the request's "
-                              "`model`); default: the first of GET {url}/models.")
     api_key_env: str | None = Field(None, description="Environment variable holding the "
                                     "bearer key (never the key itself).")
     concurrency: int = Field(8, ge=1, le=1024, description="Requests in flight at once.")
@@ -66,6 +64,19 @@ class EndpointConfig(StrictModel):
                                   "in-process and compare (0: no check).")
     agreement_tolerance: float = Field(0.0, ge=0, le=1, description="Fraction of the sample "
                                        "whose answers may differ before the step fails.")
+
+
+class EndpointConfig(EndpointClient):
+    """Where and how to send prompts to an OpenAI-compatible server."""
+
+    url: str = Field(description="The API base, e.g. http://vllm.ns.svc:8000/v1 (requests go "
+                     "to {url}/chat/completions).")
+    model: str | None = Field(None, description="The served model name (the request's "
+                              "`model`); default: the first of GET {url}/models.")
+    engine: str | None = Field(None, description="Set by pipelines for the engine they start "
+                               "(eval.engine): what identifies it (image, command line, "
+                               "settings). It keys the output instead of `url`, which is new "
+                               "each run, so a rerun reuses answered rows.")
 
     @field_validator("url")
     @classmethod

@@ -22,6 +22,7 @@ import torch
 
 from mmjobs import storage
 from mmjobs.config import ModelConfig
+from mmjobs.data.images import processor_min_edge
 from mmjobs.data.records import IMAGE_TOKEN
 from mmjobs.logs import get_logger
 from mmjobs.models.builder import LoadedModel, fetch_dir, load_model
@@ -75,12 +76,13 @@ def trim_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:cut]
 
 
-def load_image(uri: str | os.PathLike) -> Image.Image:
-    """Read an image from the store (local path or s3://) as RGB."""
+def load_image(uri: str | os.PathLike, min_edge: int | None = None) -> Image.Image:
+    """Read an image from the store (local path or s3://) as RGB; a large JPEG at the reduced
+    scale that still covers `min_edge`, as the training loader decodes it."""
     from mmjobs.data.images import decode_rgb
 
     # The same conversion as training (16-bit scaled, transparency over white).
-    return decode_rgb(storage.read_bytes(uri))
+    return decode_rgb(storage.read_bytes(uri), min_edge)
 
 
 class Generator:
@@ -140,6 +142,9 @@ class Generator:
         self.seed = seed
         self.sort_window = sort_window or 8 * batch_size
         self.takes_images = hasattr(self.processor, "image_processor")
+        # Prompt images decode at the scale this processor needs, as in training.
+        self.image_min_edge = (processor_min_edge(self.processor.image_processor)
+                               if self.takes_images else None)
         # Left padding: with right padding the pad tokens would sit between a short prompt and
         # its answer, and the model would continue after them.
         self.tokenizer.padding_side = "left"

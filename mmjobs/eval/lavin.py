@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from mmjobs.eval.generate import Generator
+from mmjobs.image_backend import processor_kwargs
 from mmjobs.logs import get_logger
 from mmjobs.models.builder import LoadedModel
 from mmjobs.models.convert.checkpoints import ConversionError
@@ -75,7 +76,8 @@ def load_lavin(model_dir: str | Path, adapter_dir: str | Path | None = None, *,
     # local_files_only: inference never reaches a model hub, even by accident.
     model = AutoModelForImageTextToText.from_pretrained(
         model_dir, dtype=getattr(torch, dtype), local_files_only=True)
-    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True,
+                                              **processor_kwargs())
     tensors = load_adapters(model, adapter_dir) if adapter_dir is not None else 0
     model.to(target).eval()
     info: dict[str, Any] = {

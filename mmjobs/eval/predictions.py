@@ -92,7 +92,8 @@ def _answer_window(generator: Any, items: list[PromptItem], stats: dict[str, Any
     get their images written as PNGs under `image_out` (and their parts in the row)."""
     from mmjobs.eval.generate import PromptInput, load_image
 
-    prompts = [PromptInput(item.prompt, [load_image(uri) for uri in item.images])
+    min_edge = getattr(generator, "image_min_edge", None)  # None: a server gets them whole
+    prompts = [PromptInput(item.prompt, [load_image(uri, min_edge) for uri in item.images])
                for item in items]
     start = time.monotonic()
     for out in generator.generate_batches(prompts):

@@ -39,6 +39,7 @@ from torch import nn
 
 from mmjobs import storage
 from mmjobs.config import ModelConfig
+from mmjobs.image_backend import processor_kwargs
 from mmjobs.logs import get_logger
 from mmjobs.models import register_native_models
 from mmjobs.models.compose import (
@@ -325,9 +326,9 @@ def _load_processor(model_dir: Path, trust: dict[str, bool]) -> Any:
     """The directory's processor, else its tokenizer, else None (with a warning)."""
     from transformers import AutoProcessor, AutoTokenizer
 
-    for loader in (AutoProcessor, AutoTokenizer):
+    for loader, backend in ((AutoProcessor, processor_kwargs()), (AutoTokenizer, {})):
         try:
-            return loader.from_pretrained(model_dir, **trust)
+            return loader.from_pretrained(model_dir, **trust, **backend)
         except (OSError, ValueError, TypeError, KeyError) as e:
             log.debug("%s: %s failed: %s", model_dir, loader.__name__, e)
     log.warning("%s: no processor or tokenizer files; LoadedModel.processor is None", model_dir)

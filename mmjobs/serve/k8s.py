@@ -219,7 +219,7 @@ def container_security() -> dict[str, Any]:
             "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def _toleration(toleration: dict[str, Any]) -> dict[str, Any]:
+def toleration(toleration: dict[str, Any]) -> dict[str, Any]:
     """The Kubernetes spelling (recipes may write toleration_seconds)."""
     out = {k: v for k, v in toleration.items() if k != "toleration_seconds"}
     if "toleration_seconds" in toleration:
@@ -269,7 +269,7 @@ def deployment(spec: ServerSpec, *, name: str, namespace: str,
     if spec.node_selector:
         pod["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
-        pod["tolerations"] = [_toleration(t) for t in spec.tolerations]
+        pod["tolerations"] = [toleration(t) for t in spec.tolerations]
     if spec.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in spec.image_pull_secrets]
     notes = dict(annotations or {})

@@ -33,11 +33,18 @@ class DeployError(RuntimeError):
 class ServerObjects:
     """One server's Deployment and Service in the API (raw JSON: no model classes needed)."""
 
-    def __init__(self, api: Any, name: str, namespace: str) -> None:
+    def __init__(self, api: Any, name: str, namespace: str, *,
+                 selector: Mapping[str, str] | None = None, manager: str = k8s.MANAGER,
+                 rename_hint: str = "stages.deploy.name") -> None:
+        """`selector` finds the server's pods (default a review server's), `manager` is the
+        managed-by label of objects this tool may change, `rename_hint` the setting that
+        names them (said when an object of that name is someone else's)."""
         from kubernetes import client
 
         self.apps, self.core = client.AppsV1Api(api), client.CoreV1Api(api)
         self.name, self.namespace = name, namespace
+        self.selector = dict(selector or k8s.selector(name))
+        self.manager, self.rename_hint = manager, rename_hint
 
     def __str__(self) -> str:
         return f"Deployment {self.namespace}/{self.name}"
@@ -82,13 +89,15 @@ class ServerObjects:
             raise DeployError(self._refused("create", resource, e)) from None
 
     def _check_ours(self, resource: str, read: Any) -> None:
-        obj = self._call("get", resource, read, self.name, self.namespace)
+        self._ensure_ours(resource, self._call("get", resource, read, self.name, self.namespace))
+
+    def _ensure_ours(self, resource: str, obj: dict[str, Any]) -> None:
         manager = ((obj.get("metadata") or {}).get("labels") or {}).get(
             "app.kubernetes.io/managed-by")
-        if manager != k8s.MANAGER:
+        if manager != self.manager:
             raise DeployError(f"{resource} {self.namespace}/{self.name} exists and is not an "
                               f"mmjobs server (managed by {manager or 'nobody known'}); choose "
-                              "another name (stages.deploy.name)")
+                              f"another name ({self.rename_hint})")
 
     def _call(self, verb: str, resource: str, method: Any, *args: Any) -> dict[str, Any]:
         from kubernetes.client.exceptions import ApiException
@@ -101,11 +110,41 @@ class ServerObjects:
     def _refused(self, verb: str, resource: str, e: Any) -> str:
         message = f"cannot {verb} {resource} {self.namespace}/{self.name}: {kube.api_error(e)}"
         if e.status == 403:
-            message += (f" (the pipeline's service account needs create/get/patch on "
-                        f"deployments and services in {self.namespace}: install the mmjobs "
+            message += (f" (the pipeline's service account needs create, get, patch, list and "
+                        f"delete on deployments and services in {self.namespace}: install "
+                        "the mmjobs "
                         "chart with serve.pipelineDeploy=true and bind that account to its "
                         "runner Role with rbac.extraSubjects)")
         return message
+
+    # ------------------------------------------------------------------ delete
+
+    def delete(self) -> list[str]:
+        """Delete the Deployment (its pods go with it) and the Service, if they exist and
+        are ours; what was deleted, as `kind/name` (nothing: already gone)."""
+        from kubernetes.client.exceptions import ApiException
+
+        deleted = []
+        for resource, read, remove in (
+                ("deployments", self.apps.read_namespaced_deployment,
+                 self.apps.delete_namespaced_deployment),
+                ("services", self.core.read_namespaced_service,
+                 self.core.delete_namespaced_service)):
+            try:
+                obj = kube.json_body(read(self.name, self.namespace, _preload_content=False))
+            except ApiException as e:
+                if e.status == 404:
+                    continue
+                raise DeployError(self._refused("get", resource, e)) from None
+            self._ensure_ours(resource, obj)
+            try:
+                remove(self.name, self.namespace, body={"propagationPolicy": "Background"},
+                       _preload_content=False)
+            except ApiException as e:
+                if e.status != 404:  # deleted meanwhile: what we wanted
+                    raise DeployError(self._refused("delete", resource, e)) from None
+            deleted.append(f"{resource}/{self.name}")
+        return deleted
 
     # ------------------------------------------------------------------ rollout
 
@@ -147,7 +186,7 @@ class ServerObjects:
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
-        selector = ",".join(f"{k}={v}" for k, v in k8s.selector(self.name).items())
+        selector = ",".join(f"{k}={v}" for k, v in self.selector.items())
         try:
             pods = kube.json_body(self.core.list_namespaced_pod(
                 self.namespace, label_selector=selector, _preload_content=False))
@@ -164,7 +203,7 @@ class ServerObjects:
 
     def _more(self, problems: list[str]) -> str:
         """The pods' reasons (if any) and where to look further."""
-        selector = ",".join(f"{k}={v}" for k, v in k8s.selector(self.name).items())
+        selector = ",".join(f"{k}={v}" for k, v in self.selector.items())
         pods = f"; pods: {'; '.join(problems)}" if problems else ""
         return (f"{pods} (more: kubectl -n {self.namespace} describe pods -l {selector}; "
                 f"kubectl -n {self.namespace} logs deployment/{self.name})")

@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 from mmjobs import signals, storage
 from mmjobs.data.conversation import FORMAT_HELP, ConversationFormatName
 from mmjobs.eval.endpoint import AgreementError, EndpointConfig, EndpointError
+from mmjobs.image_backend import image_backend
 from mmjobs.layout import INFER_SUMMARY, PREDICTIONS_FILE
 from mmjobs.logs import get_logger
 from mmjobs.recipe import RecipeConfig, conversation_format_defaults, remote_code_defaults
@@ -49,7 +50,8 @@ NAME = "infer"
 SUBMITTABLE = ("vqav2", "mmbench", "seedbench")  # mmjobs.eval.submission.WRITERS
 # Bump when rows or the output layout change: invalidates cached and partial outputs.
 # 2: conversation formats (content-part templates no longer repeat the "\n" after an image).
-VERSION = 2
+# 3: large JPEGs decode at the processor's scale; the image backend is part of the key.
+VERSION = 3
 log = get_logger(__name__)
 # Prompts whose images are loaded and handed to the generator together: enough for its length
 # sorting to pay off, few enough that the decoded images of a window fit in memory.
@@ -246,8 +248,9 @@ def _agreement(cfg: InferConfig, rows: dict[str, dict[str, Any]],
     if not cfg.endpoint.agreement_sample:
         return None
     items = list(itertools.islice(iter_items(cfg), cfg.endpoint.agreement_sample))
-    local = _generator(cfg.model_copy(update={"endpoint": None})).generate(
-        [PromptInput(i.prompt, [load_image(u) for u in i.images]) for i in items])
+    generator = _generator(cfg.model_copy(update={"endpoint": None}))
+    local = generator.generate([PromptInput(i.prompt, [load_image(u, generator.image_min_edge)
+                                                       for u in i.images]) for i in items])
     report = check_agreement([i.id for i in items], [rows[i.id]["prediction"] for i in items],
                              local, cfg.endpoint.agreement_tolerance)
     log.info("%s: the endpoint agrees with the in-process model on %d of %d sampled rows",
@@ -310,8 +313,13 @@ def _rows_fingerprint(cfg: InferConfig) -> str:
     settings = cfg.model_dump(exclude=_NOT_IN_ROWS | image)
     if cfg.endpoint is None:
         settings.pop("endpoint")  # in-process runs hash as before the endpoint existed
+        # The two image-processor backends give slightly different pixels.
+        settings["image_backend"] = image_backend()
     else:  # which server answers shapes rows; how hard the client pushes it does not
-        settings["endpoint"] = {k: settings["endpoint"][k] for k in ("url", "model")}
+        endpoint = settings["endpoint"]
+        settings["endpoint"] = ({"engine": endpoint["engine"], "model": endpoint["model"]}
+                                if endpoint.get("engine") else
+                                {k: endpoint[k] for k in ("url", "model")})
     return fingerprint(NAME, VERSION, settings,
                        model_fingerprint(cfg.model), adapter, dataset, *decoder)
 
@@ -333,7 +341,10 @@ def recipe_defaults(recipe: RecipeConfig, step: str) -> dict[str, Any]:
 # An empty `dataset` or `adapter` is not wired: the config decides.
 STAGE = Stage(name=NAME, config=InferConfig, result=InferResult, main=main, image="eval",
               gpu=True, resumable=True, errors=(EndpointError, AgreementError),
-              inputs=(Input("model"), Input("dataset", default=""), Input("adapter", default="")),
+              # endpoint_url: the URL of the engine a pipeline starts (eval.engine).
+              inputs=(Input("model"), Input("dataset", default=""), Input("adapter", default=""),
+                      Input("endpoint_url", path="endpoint.url", default="",
+                            placeholder="http://engine.wired-by-the-pipeline/v1")),
               recipe_defaults=recipe_defaults,
               knobs=(Knob("limit", int, unset=0, description="Answer only the first N prompts "
                           "(0: all)."),))

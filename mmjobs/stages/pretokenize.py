@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 
 from mmjobs import settings, storage
 from mmjobs.data.conversation import FORMAT_HELP, ConversationFormatName, NoChatTemplateError
+from mmjobs.image_backend import processor_kwargs
 from mmjobs.logs import get_logger
 from mmjobs.recipe import RecipeConfig, conversation_format_defaults, remote_code_defaults
 from mmjobs.stage_contract import (
@@ -201,7 +202,8 @@ def _chat_and_versions(model_dir: Any, trust_remote_code: bool) -> dict[str, str
 
     register_native_models()
     processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True,
-                                              trust_remote_code=trust_remote_code)
+                                              trust_remote_code=trust_remote_code,
+                                              **processor_kwargs())
     tokenizer = getattr(processor, "tokenizer", processor)
     return {
         "chat_template": getattr(processor, "chat_template", None) or tokenizer.chat_template,

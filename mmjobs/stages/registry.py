@@ -155,6 +155,9 @@ def run_component(name: str, config_json: str, kfp_run_id: str = "", **inputs: A
     cfg = stage.config.model_validate(config)
     typed = {k: rest.pop(k) for k, kind in stage.outputs.items()
              if kind in STORE_ARTIFACTS and k in rest}  # absent when called outside KFP
+    from mmjobs.image_backend import image_backend
+
+    image_backend()  # a broken torchvision: one line now, not a traceback mid-stage
     uri = stage.component(cfg, **rest) if stage.component is not None else stage.main(cfg).output
     for artifact in typed.values():
         point_at_store(artifact, uri, stage=name)

@@ -270,7 +270,10 @@ class RewardScorer:
 
     def batch(self, items: Sequence[tuple[Any, str, Sequence[Any]]]) -> dict[str, Any]:
         """A padded batch (`PaddedCollator` layout) of the items."""
+        from mmjobs.data.images import processor_min_edge
         from mmjobs.data.loader import _decode_image, run_image_processor
+
+        min_edge = processor_min_edge(self.image_processor)
 
         rows = []
         for k, (prompt, response, images) in enumerate(items):
@@ -283,7 +286,7 @@ class RewardScorer:
                                    "labels": enc.labels, "num_images": len(enc.images)}
             if enc.images:  # decoded exactly like the training loader decodes shard bytes
                 row["image_features"] = run_image_processor(
-                    self.image_processor, [_decode_image(b, enc.id) for b in enc.images])
+                    self.image_processor, [_decode_image(b, enc.id, min_edge) for b in enc.images])
             rows.append(row)
         return self.collate(rows)
 

@@ -11,8 +11,19 @@ order. Two workloads: with images (CLIP-336 processing of a 640x480 JPEG per sam
 both paths) and text-only (isolates what pretokenizing saves). Figures are medians over
 `--runs` full passes; the one-off shard cache build is timed separately.
 
+First, the image cost per sample before and after mmjobs' image path: *before* is a full
+decode and the PIL image processor (what LLaVA's loader does with transformers' slow
+processor); *after* is `decode_rgb(min_edge=...)` (large JPEGs decoded at the scale the
+processor needs) and the backend `mmjobs.image_backend` picks (torchvision's when it works).
+Two image sizes: 640x480 (COCO, most of LLaVA-665k) and 2592x1944 (a 5 MP photo). The loader
+comparison then runs the pretokenized path with the *after* image path and the on-the-fly path
+with the *before* one, and the pretokenized samples/s one core delivers is set against what one
+H100 consumes for LLaVA-1.5-7B LoRA (`mmjobs plan llava-dataengine`: its FLOPs at 40% MFU).
+
 Everything is local and tiny: a BPE tokenizer trained here with `tokenizers`, wrapped in
-`PreTrainedTokenizerFast`; a `CLIPImageProcessor` built from a config dict (no downloads).
+`PreTrainedTokenizerFast`; CLIP-336's image processor from its vendored published config (no
+downloads). Run it in `.venv-torchvision` (`make bench` does) for the torchvision figures;
+in `.venv` the *after* column is PIL with the reduced decode only.
 """
 
 from __future__ import annotations
@@ -20,7 +31,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +48,10 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
 from mmjobs import storage
+from mmjobs.data.images import decode_rgb, processor_min_edge
 from mmjobs.data.loader import PaddedCollator, build_dataloader
+from mmjobs.image_backend import image_backend, torchvision_problem
+from mmjobs.models.replicas._common import published_dir
 
 IMAGE_TOKENS = 576
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The "
@@ -98,15 +115,56 @@ def make_tokenizer(samples: list[dict[str, Any]]):
                                    additional_special_tokens=["<image>"])
 
 
-def make_image_processor():
-    from transformers import CLIPImageProcessor
+def make_image_processor(backend: str):
+    """LLaVA-1.5's processor (openai/clip-vit-large-patch14-336's published config)."""
+    from transformers import AutoImageProcessor
 
-    # LLaVA-1.5's processor (openai/clip-vit-large-patch14-336), from its config values.
-    return CLIPImageProcessor(
-        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-        do_resize=True, do_center_crop=True, do_rescale=True, do_normalize=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711])
+    return AutoImageProcessor.from_pretrained(
+        published_dir("openai--clip-vit-large-patch14-336"), backend=backend)
+
+
+def photo_jpeg(width: int, height: int, rng: np.random.Generator) -> bytes:
+    """A JPEG with smooth gradients, noise and hard-edged shapes."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([x / width * 200, y / height * 180, (x + y) / (width + height) * 220], -1)
+    image = Image.fromarray(np.clip(base + rng.normal(0, 6, base.shape) + 20, 0, 255)
+                            .astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(30):
+        x0, y0 = int(rng.integers(0, width - 100)), int(rng.integers(0, height - 100))
+        draw.rectangle([x0, y0, x0 + int(rng.integers(10, 100)), y0 + int(rng.integers(10, 100))],
+                       fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def image_cost(images: int, runs: int) -> dict[str, dict[str, float]]:
+    """Median ms per image of decode + processor, before and after (module docstring)."""
+    before, after = make_image_processor("pil"), make_image_processor(image_backend())
+    min_edge = processor_min_edge(after)
+    rng = np.random.default_rng(0)
+    out: dict[str, dict[str, float]] = {}
+    for width, height in ((640, 480), (2592, 1944)):
+        data = [photo_jpeg(width, height, rng) for _ in range(images)]
+        times: dict[str, list[float]] = {"before": [], "after": []}
+        for _ in range(runs):  # interleaved, so load spikes hit both alike
+            for name, processor, edge in (("before", before, None), ("after", after, min_edge)):
+                start = time.perf_counter()
+                for d in data:
+                    processor([decode_rgb(d, edge)], return_tensors="pt")
+                times[name].append(1000 * (time.perf_counter() - start) / len(data))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out[f"{width}x{height}"] = {**med, "speedup": med["before"] / med["after"]}
+    return out
+
+
+def h100_samples_per_s() -> float | None:
+    """What one H100 consumes for LLaVA-1.5-7B LoRA, from `mmjobs plan llava-dataengine`."""
+    done = subprocess.run([sys.executable, "-m", "mmjobs.cli", "plan", "llava-dataengine"],
+                          capture_output=True, text=True, timeout=600)
+    found = re.search(r"one H100 at \d+% MFU takes ([\d.]+) samples/s", done.stdout)
+    return float(found.group(1)) if found else None
 
 
 # --------------------------------------------------------------------------- LLaVA-style path
@@ -216,6 +274,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=120)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--images", type=int, default=24, help="images per size in the "
+                        "before/after image cost")
     parser.add_argument("--workers", type=int, default=0,
                         help="DataLoader workers for both paths (0 = measure per-sample cost "
                         "in one process; steadier on a shared machine)")
@@ -223,10 +283,20 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     torch.set_num_threads(1)  # per-sample CPU cost, not how many cores the box lends us
 
     results: dict[str, dict[str, float]] = {}
+    backend = image_backend()
+    print(f"bench_loader: image cost per sample, one thread; after = {backend} processor"
+          + (f" ({torchvision_problem()})" if backend == "pil" else ""))
+    results["image cost"] = {}
+    for size, cost in image_cost(args.images, args.runs).items():
+        results["image cost"][size] = cost["speedup"]
+        print(f"  {size:<10} before (full decode + PIL processor) {cost['before']:7.2f} ms | "
+              f"after (decode at the processor's scale + {backend}) {cost['after']:7.2f} ms | "
+              f"{cost['speedup']:5.2f}x")
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         root = Path(tmp)
         samples = make_corpus(root / "corpus", args.samples)
-        tokenizer, processor = make_tokenizer(samples), make_image_processor()
+        tokenizer = make_tokenizer(samples)
+        processor, after = make_image_processor("pil"), make_image_processor(backend)
         ids = [s["id"] for s in samples]
         costs = cost_breakdown(root / "corpus", ids, tokenizer, processor)
         print(f"bench_loader: {args.samples} samples (1-4 rounds, 640x480 JPEG each), "
@@ -240,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             pretok = build_dataloader(
                 shards, batch_size=8, mode="random", max_length=None, seed=0,
                 num_workers=args.workers, cache_dir=root / "cache",
-                image_processor=processor if with_images else None)
+                image_processor=after if with_images else None)
             cache_s = time.perf_counter() - start
             fly = DataLoader(OnTheFlyDataset(root / "corpus", ids, tokenizer, processor,
                                              with_images),
@@ -260,6 +330,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                   f"{results[workload]['ratio']:5.2f}x | one-off cache build {cache_s:.2f}s")
             spread = {k: f"{min(v):.0f}-{max(v):.0f}" for k, v in rates.items()}
             print(f"  {'':<12} run range (samples/s): {spread}")
+    h100 = h100_samples_per_s()
+    fed = results["with images"]["pretokenized"]
+    if h100:
+        results["feed"] = {"one_core": fed, "h100": h100, "cores_per_h100": h100 / fed}
+        print(f"  one core feeds {fed:.1f} samples/s with images; one H100 takes {h100:.2f} "
+              f"samples/s for LLaVA-1.5-7B LoRA at 2048 tokens (mmjobs plan, 40% MFU): "
+              f"{fed / h100:.1f}x what it consumes, {h100 / fed:.2f} cores per H100")
     return results
 
 

@@ -304,12 +304,12 @@ def test_network_policy_off_with_network_policies_off():
 # --------------------------------------------------------------------------- RBAC for deploy steps
 
 
-def test_pipeline_deploy_grants_exactly_what_the_deploy_stage_uses():
+def test_pipeline_deploy_grants_exactly_what_the_deploy_and_engine_stages_use():
     (role,) = find(manifests(render(SERVE_SETS["pipeline-deploy-only"])), "Role")
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"])
              for r in role["rules"]}
-    assert rules[(("apps",), ("deployments",))] == {"create", "get", "patch"}
-    assert rules[(("",), ("services",))] == {"create", "get", "patch"}
+    assert rules[(("apps",), ("deployments",))] == {"create", "get", "patch", "list", "delete"}
+    assert rules[(("",), ("services",))] == {"create", "get", "patch", "list", "delete"}
     assert {"list"} <= rules[(("",), ("pods",))]  # the pods' reasons when a rollout fails
     assert policy.rbac_violations(role) == []
     (default_role,) = find(manifests(render({})), "Role")

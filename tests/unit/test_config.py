@@ -95,7 +95,8 @@ def test_unknown_key_suggests_the_closest_field(tmp_path: Path) -> None:
 def test_unknown_key_without_close_match_lists_allowed_fields(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL + "eval:\n  foo: 1\n")
     assert errors_of(path) == [
-        "eval.foo: unknown key; allowed: benchmarks, batch_size, max_new_tokens, baseline"
+        "eval.foo: unknown key; allowed: benchmarks, batch_size, max_new_tokens, baseline, "
+        "engine"
     ]
 
 

@@ -25,13 +25,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _recipe_errors(command: str, fn: Callable[[], int]) -> int:
-    """Run a recipe command; config errors and failed steps print as messages, not traces."""
+    """Run a recipe command; config errors, failed steps and an unreachable KFP API print as
+    messages, not traces."""
     from mmjobs import pipeline_runner
     from mmjobs.config import ConfigError
 
     try:
         return fn()
-    except (ConfigError, pipeline_runner.PipelineError) as e:
+    except (ConfigError, pipeline_runner.PipelineError, pipeline_runner.SubmitError) as e:
         if os.environ.get("MMJOBS_DEBUG"):
             raise
         if isinstance(e, ConfigError):

@@ -94,9 +94,9 @@ class RecipeConfig(StrictModel):
         default_factory=dict,
         description="Per-step settings, keyed by the pipeline's step names (e.g. prepare, "
         "align, sft, infer). Each is checked against its stage's config (e.g. the train "
-        "stage's for sft) without the fields the pipeline wires (inputs, outputs, run ids); "
-        "see `mmjobs.pipeline_runner.check_stages`. Values here win over the recipe-level "
-        "model/data/train/eval defaults.")
+        "stage's for sft) without the fields the pipeline wires (inputs, outputs, run ids) "
+        "when the pipeline is built (`mmjobs validate`). Values here win over the "
+        "recipe-level model/data/train/eval defaults.")
     sweep: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Settings a sweep pipeline fans out over (lavin-sweep): kebab-case setting "

@@ -67,6 +67,7 @@ from mmjobs.storage_objects import (  # noqa: F401 - re-exported: the store's pu
     fetch_file,
     get_file,
     is_s3,
+    iter_lines,
     join,
     list_objects,
     open_read,

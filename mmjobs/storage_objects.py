@@ -224,6 +224,17 @@ def open_read(uri: str | os.PathLike) -> Iterator[IO[bytes]]:
         f.close()
 
 
+def iter_lines(uri: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, line) for every line of an object, streamed.
+
+    Each line keeps its `b"\n"`; only the last can lack one, which for a line-per-record file
+    means it was cut off (an interrupted write or download), so readers can tell the two apart.
+    Memory is bounded by the longest line.
+    """
+    with open_read(uri) as f:
+        yield from enumerate(f, start=1)
+
+
 @contextlib.contextmanager
 def open_write(uri: str | os.PathLike) -> Iterator[IO[bytes]]:
     """Open `uri` for streaming writes; the object appears only when the block exits cleanly.

@@ -228,9 +228,10 @@ class Build:
         return task
 
     def _task(self, step: str, stage: str, image: str, config_json: Any,
-              args: dict[str, Any]) -> dsl.PipelineTask:
-        """One task of `step`: the stage's component, after the imports, cluster settings."""
-        task = component(stage, image)(config_json=config_json, **args)
+              args: dict[str, Any], *, part: bool = False) -> dsl.PipelineTask:
+        """One task of `step`: the stage's component (a fan-out part's, without output
+        artifacts, with `part`), after the imports, with the cluster settings."""
+        task = component(stage, image, part=part)(config_json=config_json, **args)
         task.set_display_name(step)
         if stage not in ("import", "engine") and self.imports:
             # Steps read what the recipe's imports (and conversions) put in the store. Engine
@@ -248,7 +249,9 @@ class Build:
                  inputs: Mapping[str, Any], extra: dict[str, Any]) -> dsl.PipelineTask | None:
         """With `fan_out: N` (pretokenize), a `dsl.ParallelFor` of N part tasks (`part`
         0..N-1, each its own CPU pod with the step's resources) writing disjoint shards into
-        the step's cache entry; the task of the last iteration, or None without a fan-out."""
+        the step's cache entry; the task of the last iteration, or None without a fan-out.
+        The parts expose no `Dataset` artifact: the entry is complete only once the step's
+        own task has committed it, and that task's artifact points at it."""
         if stage != "pretokenize" or not isinstance(config, dict) or config.get("fan_out",
                                                                                  1) <= 1:
             return None
@@ -257,7 +260,7 @@ class Build:
                                "pipeline for each fan-out task; remove it")
         items = [json.dumps({**config, "part": k}) for k in range(config["fan_out"])]
         with dsl.ParallelFor(items) as item:
-            part = self._task(step, stage, image, item, {**inputs, **extra})
+            part = self._task(step, stage, image, item, {**inputs, **extra}, part=True)
             part.set_display_name(f"{step}-part")  # the step's cluster settings, own name
         return part
 
@@ -428,7 +431,12 @@ class Build:
         steps = sorted(self.allowed_steps)
         pipeline = self.recipe.pipeline
         for name in self.recipe.stages:
-            if name not in self.allowed_steps:
+            if name == "make-model" and name not in self.allowed_steps:
+                self.errors.append(
+                    "stages.make-model: the step that builds a tiny:<kind> base model, but "
+                    f"model.name_or_path is {self.recipe.model.name_or_path!r}; drop the "
+                    "section (in a copy of the recipe) for a real base model")
+            elif name not in self.allowed_steps:
                 hint = _did_you_mean(name, steps)
                 self.errors.append(f"stages.{name}: not a step of pipeline {pipeline}; "
                                    f"{hint}")

@@ -39,36 +39,45 @@ from mmjobs.stages import registry
 _TYPES = {str: "str", int: "int", float: "float", list: "list"}
 
 
-def component(stage: str, image: str) -> Callable[..., dsl.PipelineTask]:
-    """The KFP component running `stage` in `image`."""
-    return dsl.component(component_function(stage), base_image=image,
+def component(stage: str, image: str, *, part: bool = False) -> Callable[..., dsl.PipelineTask]:
+    """The KFP component running `stage` in `image` (`part`: see `component_function`)."""
+    return dsl.component(component_function(stage, part=part), base_image=image,
                          install_kfp_package=False)
 
 
 @functools.cache
-def component_function(stage: str) -> Callable[..., str]:
-    """The Python function of `stage`'s component (what KFP embeds and runs)."""
+def component_function(stage: str, *, part: bool = False) -> Callable[..., str]:
+    """The Python function of `stage`'s component (what KFP embeds and runs).
+
+    `part`: the component of one fan-out part of a step (`<stage>_part`), which writes into
+    the step's output but does not commit it, so it declares none of the stage's output
+    artifacts: a typed `Dataset` there would point at an entry that is not complete yet.
+    Only the step's own (committing) task exposes them.
+    """
     spec = registry.get(stage)
-    name = spec.name.replace("-", "_")
+    name = spec.name.replace("-", "_") + ("_part" if part else "")
     if keyword.iskeyword(name):
         name += "_"  # `import` -> import_, like its module
+    outputs = {} if part else spec.outputs
     params = ["config_json: str"]
     params += [f"{i.name}: {_TYPES[i.type]}" for i in spec.inputs if i.default is ...]
-    params += [f"{out}: Output[{kind}]" for out, kind in spec.outputs.items()]
+    params += [f"{out}: Output[{kind}]" for out, kind in outputs.items()]
     params += [f"{i.name}: {_TYPES[i.type]} = {i.default!r}"
                for i in spec.inputs if i.default is not ...]
     # The stage's knobs: None when the step has no pipeline parameter for them.
     params += [f"{k.input_name}: {_TYPES[k.type]} = None" for k in spec.knobs]
     params.append('kfp_run_id: str = ""')
     passed = [*(i.name for i in spec.inputs), *(k.input_name for k in spec.knobs),
-              "kfp_run_id", *spec.outputs]
+              "kfp_run_id", *outputs]
     call = ", ".join(["config_json", *(f"{p}={p}" for p in passed)])
-    doc = f"{spec.summary} Stage `{spec.name}`; returns its output URI."
+    doc = (f"{spec.summary} Stage `{spec.name}`, one fan-out part: returns the step's output "
+           "URI, not committed yet (the step's own task commits it)." if part else
+           f"{spec.summary} Stage `{spec.name}`; returns its output URI.")
     source = (f"def {name}({', '.join(params)}) -> str:\n"
               f'    """{doc}"""\n'
               f"    from mmjobs.stages.registry import run_component\n\n"
               f"    return run_component({spec.name!r}, {call})\n")
-    filename = f"<mmjobs component {spec.name}>"
+    filename = f"<mmjobs component {spec.name}{' part' if part else ''}>"
     # KFP reads the source back with inspect.getsource, which finds it in linecache.
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace = {"Output": dsl.Output, "Metrics": dsl.Metrics, "Markdown": dsl.Markdown,

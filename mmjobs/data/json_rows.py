@@ -151,31 +151,30 @@ def iter_jsonl(uri: str | os.PathLike) -> Iterator[RawRow]:
     file was cut off (an interrupted download or write), so lines may be missing after it.
     """
     name = os.path.basename(os.fspath(uri))
-    with storage.open_read(uri) as raw:
-        for number, line in enumerate(raw, start=1):
-            if not line.strip():
-                continue
-            locator = f"{name}:{number}"
-            try:
-                text = line.rstrip(b"\r\n").decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield RawRow(locator, error=f"invalid UTF-8 at byte {e.start}", line=number)
-                continue
-            try:
-                value, problem = parse_json_row(text)
-            except json.JSONDecodeError as e:
-                if not line.endswith(b"\n"):
-                    raise MalformedInputError(
-                        f"{uri}: line {number} (the last) has no newline and is not valid JSON "
-                        f"({e.msg} at column {e.colno}): the file looks truncated; re-download "
-                        "or re-copy it (or fix that line)") from None
-                yield RawRow(locator, error=f"invalid JSON: {e.msg} at column {e.colno}",
-                             line=number)
-                continue
-            except RecursionError:
-                yield RawRow(locator, error="invalid JSON: nested too deeply", line=number)
-                continue
-            yield RawRow(locator, value, problem, line=number)
+    for number, line in storage.iter_lines(uri):
+        if not line.strip():
+            continue
+        locator = f"{name}:{number}"
+        try:
+            text = line.rstrip(b"\r\n").decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield RawRow(locator, error=f"invalid UTF-8 at byte {e.start}", line=number)
+            continue
+        try:
+            value, problem = parse_json_row(text)
+        except json.JSONDecodeError as e:
+            if not line.endswith(b"\n"):
+                raise MalformedInputError(
+                    f"{uri}: line {number} (the last) has no newline and is not valid JSON "
+                    f"({e.msg} at column {e.colno}): the file looks truncated; re-download "
+                    "or re-copy it (or fix that line)") from None
+            yield RawRow(locator, error=f"invalid JSON: {e.msg} at column {e.colno}",
+                         line=number)
+            continue
+        except RecursionError:
+            yield RawRow(locator, error="invalid JSON: nested too deeply", line=number)
+            continue
+        yield RawRow(locator, value, problem, line=number)
 
 
 # --------------------------------------------------------------------------- JSON containers

@@ -15,7 +15,8 @@ rather than a local work dir so a retry in a fresh pod resumes too.
 
 **Committed.** When all shards exist, `rejects.jsonl`, `card.json` and `README.md` are written
 and then `_MANIFEST.json` (from the markers' checksums, so S3 shards are not downloaded again);
-before that the directory is incomplete and never read as an input.
+before that the directory is incomplete and never read as an input (resume, card and
+commit: `mmjobs.data.pretokenize_entry`).
 
 **Fan-out.** `pretokenize(job, part=(k, n))` encodes only the shards `i` with `i % n == k`
 and commits nothing: n such runs (the pipeline's CPU pods, `fan_out: n`) write disjoint shards
@@ -37,9 +38,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
-from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -50,6 +49,13 @@ from typing import Any
 
 from mmjobs import storage
 from mmjobs.data import pretokenized as fmt
+from mmjobs.data.pretokenize_entry import (
+    build_card,
+    commit,
+    finished_shards,
+    marker_json,
+    remove_leftovers,
+)
 from mmjobs.data.records import CARD_FILE as DATASET_CARD
 from mmjobs.data.records import SAMPLES_FILE, RawRow, Reject, parse_record
 from mmjobs.data.validate import normalize_reason
@@ -145,9 +151,9 @@ def pretokenize(job: PretokenizeJob, *, force: bool = False,
     ctx.encoder = job.encoder()
     storage.delete(storage.join(job.out, storage.MANIFEST_NAME))
     mine = _part_filter(part)
-    finished = {} if force else _finished_shards(job)
+    finished = {} if force else finished_shards(job)
     finished = {i: s for i, s in finished.items() if mine(i)}
-    _remove_leftovers(job.out, finished, mine, whole=part is None)
+    remove_leftovers(job.out, finished, mine, whole=part is None)
     if finished:
         log.info("%s: resuming; %d shards already done", job.out, len(finished))
 
@@ -163,7 +169,7 @@ def pretokenize(job: PretokenizeJob, *, force: bool = False,
         raise RuntimeError(f"{job.out}: shards {sorted(missing)[:5]} were not written")
     card = build_card(job, [stats[i] for i in range(plan.num_shards)], ctx.encoder.describe(),
                       kind=kind)
-    _commit(job, [stats[i] for i in range(plan.num_shards)], card)
+    commit(job, [stats[i] for i in range(plan.num_shards)], card)
     return PretokenizeOutcome(card, len(stats) - len(finished), len(finished),
                               [stats[i] for i in range(plan.num_shards)])
 
@@ -327,7 +333,7 @@ def _encode_shard(ctx: _Context, index: int, rows: list[RawRow]) -> dict[str, An
         "histogram": fmt.histogram_counts(lengths, fmt.histogram_edges(job.max_length)),
     }
     # The marker goes last: its presence means the shard is complete.
-    marker = _dumps(stats)
+    marker = marker_json(stats)
     storage.write_text(storage.join(job.out, fmt.marker_name(index)), marker)
     ctx.shards_done += 1
     if os.environ.get(CRASH_ENV) and ctx.shards_done >= int(os.environ[CRASH_ENV]):
@@ -423,125 +429,3 @@ def _read_images(ctx: _Context, paths: list[str]) -> list[bytes]:
             raise SampleRejected("image_missing", f"{path}: not found under "
                                  f"{ctx.image_root}") from None
     return images
-
-
-# --------------------------------------------------------------------------- resume + commit
-
-
-def _finished_shards(job: PretokenizeJob) -> dict[int, dict[str, Any]]:
-    """Stats of shards a previous run of the same fingerprint completed (marker + shard)."""
-    sizes = {o.relpath: o.size for o in storage.list_objects(job.out)}
-    finished = {}
-    for rel in sorted(sizes):
-        if not (rel.startswith(fmt.MARKER_DIR + "/") and rel.endswith(".json")):
-            continue
-        try:
-            stats = json.loads(storage.read_text(storage.join(job.out, rel)))
-        except (ValueError, storage.StoreError):
-            continue  # unreadable marker: redo that shard
-        if (stats.get("fingerprint") == job.fingerprint
-                and sizes.get(stats.get("file")) == stats.get("size")):
-            finished[int(stats["shard"])] = stats
-    return finished
-
-
-def _remove_leftovers(out: str, finished: dict[int, dict[str, Any]], mine: Any,
-                      *, whole: bool = True) -> None:
-    """Delete our files that no finished marker vouches for (partial shards, stale markers).
-
-    A fan-out part (`whole` False) deletes only files of its own shards (`mine(index)`):
-    another part's shard written before its marker is not a leftover but work in flight."""
-    keep = {s["file"] for s in finished.values()} | {fmt.marker_name(i) for i in finished}
-    ours = (f"{fmt.DATA_DIR}/", "shard-", ".shard-", f"{fmt.MARKER_DIR}/", fmt.CARD_FILE,
-            fmt.REJECTS_FILE, fmt.README_FILE)
-    for obj in storage.list_objects(out):
-        if obj.relpath in keep or not obj.relpath.startswith(ours):
-            continue
-        index = _SHARD_INDEX.search(obj.relpath)
-        if whole or (index is not None and mine(int(index.group(1)))):
-            storage.delete(obj.uri)
-
-
-_SHARD_INDEX = re.compile(r"shard-(\d+)\.")  # data/shard-00012.parquet, _shards/shard-00012.json
-
-
-def build_card(job: PretokenizeJob, shards: list[dict[str, Any]],
-               processor: dict[str, Any], *, kind: str = "sample") -> dict[str, Any]:
-    """The dataset card: counts that reconcile, rejects by reason, lengths, tokens, schema.
-
-    For preference shards `tokens` counts both sides of every pair, `mean_length` is per
-    sequence (side), and the length histogram and `max_length` use a pair's `length` (its
-    longer side).
-    """
-    rows_in = sum(s["rows_in"] for s in shards)
-    written = sum(s["rows_written"] for s in shards)
-    reasons = Counter(r["reason"].split(":", 1)[0] for s in shards for r in s["rejects"])
-    rejected = sum(reasons.values())
-    if rows_in != written + rejected:
-        raise RuntimeError(f"counts do not reconcile: {rows_in} in != {written} written + "
-                           f"{rejected} rejected")
-    tokens = sum(s["tokens"] for s in shards)
-    sides = 2 if kind == "preference" else 1  # sequences per row
-    edges = fmt.histogram_edges(job.max_length)
-    counts = [sum(c) for c in zip(*(s["histogram"] for s in shards), strict=True)] if shards \
-        else [0] * (len(edges) - 1)
-    return {
-        "format": fmt.FORMAT,
-        "kind": kind,
-        "dataset": job.dataset,
-        "fingerprint": job.fingerprint,
-        **job.card_meta,
-        "processor": processor,
-        # Top level for the loader's collator and the trainer.
-        "pad_token_id": processor.get("pad_token_id"),
-        "eos_token_id": processor.get("eos_token_id"),
-        "image_token_id": processor.get("image_token_id"),
-        "image_mode": processor.get("image_mode"),
-        "max_length": job.max_length,
-        "shard_size": job.shard_size,
-        "counts": {"input": rows_in, "written": written, "rejected": rejected},
-        "rejected_by_reason": dict(sorted(reasons.items())),
-        "tokens": {
-            "total": tokens,
-            "label": sum(s["label_tokens"] for s in shards),
-            "image": sum(s["image_tokens"] for s in shards),
-            "mean_length": round(tokens / (written * sides), 3) if written else 0.0,
-            "max_length": max((s["max_length"] for s in shards), default=0),
-        },
-        "images": sum(s["images"] for s in shards),
-        "length_histogram": {"edges": edges, "counts": counts},
-        "shards": [{"file": s["file"], "rows": s["rows_written"]} for s in shards],
-        "columns": fmt.schema_description(kind),
-    }
-
-
-def _commit(job: PretokenizeJob, shards: list[dict[str, Any]], card: dict[str, Any]) -> None:
-    """Write rejects.jsonl, card.json and README.md, then the manifest (from recorded
-    checksums)."""
-    entries = [storage.FileEntry(s["file"], s["size"], s["sha256"]) for s in shards]
-    # Markers are re-serialized exactly as written, so their checksums need no download.
-    files = {fmt.marker_name(s["shard"]): _dumps(s).encode() for s in shards}
-    files[fmt.REJECTS_FILE] = b"".join(
-        (json.dumps({k: r[k] for k in ("row", "reason", "source")}, ensure_ascii=False)
-         + "\n").encode() for s in shards for r in s["rejects"])
-    files[fmt.CARD_FILE] = json.dumps(card, indent=1, ensure_ascii=False).encode()
-    files[fmt.README_FILE] = fmt.dataset_readme(card).encode()
-    for rel, data in files.items():
-        if not rel.startswith(fmt.MARKER_DIR):
-            storage.write_bytes(storage.join(job.out, rel), data)
-        entries.append(storage.FileEntry(rel, len(data), _sha256(data)))
-    manifest = storage.Manifest(files=sorted(entries, key=lambda e: e.path),
-                                meta={"fingerprint": job.fingerprint, "kind": "pretokenized",
-                                      "format": fmt.FORMAT})
-    storage.write_text(storage.join(job.out, storage.MANIFEST_NAME), manifest.to_json())
-
-
-def _dumps(stats: dict[str, Any]) -> str:
-    return json.dumps(stats, sort_keys=True, ensure_ascii=False)
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
-

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from mmjobs import local_cache, storage
-from mmjobs.data.sample_encoder import WEIGHT_SUFFIXES, is_image_token_model
+from mmjobs.data.vq_images import WEIGHT_SUFFIXES, is_image_token_model
 from mmjobs.logs import get_logger
 
 log = get_logger(__name__)

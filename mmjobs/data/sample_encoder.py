@@ -17,7 +17,7 @@
 4. Image-token models (Chameleon): run the model's VQ encoder once and write the real image
    token ids over the `<image>` placeholders, in `input_ids` and, inside assistant turns, in
    `labels` (Align-Anything's pre-tokenization, so the model can learn to generate images).
-   Only the VQ-VAE weights are loaded, never the language model.
+   Only the VQ-VAE weights are loaded, never the language model (`mmjobs.data.vq_images`).
 
 `encode_preference(pair, ...)` encodes a preference pair as two such sequences, prompt +
 chosen response and prompt + rejected response, labelled on the response only.
@@ -30,7 +30,6 @@ A sample that cannot be encoded raises `SampleRejected(code, detail)` with a rea
 from __future__ import annotations
 
 import bisect
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,14 +40,12 @@ from mmjobs.data.conversation.chunks import image_expansions, tokenize_image_chu
 from mmjobs.data.conversation.template import GENERATION_RE
 from mmjobs.data.records import IMAGE_TOKEN, PreferenceSample, Sample
 from mmjobs.data.validate import TOO_LONG, reason
+from mmjobs.data.vq_images import VQImageTokenizer, is_image_token_model
 from mmjobs.image_backend import processor_kwargs
 from mmjobs.logs import get_logger
 
 log = get_logger(__name__)
 IGNORE_INDEX = -100  # PyTorch cross-entropy's ignore_index: no loss on these positions
-# Weight files, which only image-token models need at pre-tokenization time.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json",
-                   ".bin.index.json")
 
 
 class SampleRejected(Exception):
@@ -127,16 +124,6 @@ class EncodedPreference:
     @property
     def num_image_tokens(self) -> int:
         return self.chosen_num_image_tokens + self.rejected_num_image_tokens
-
-
-def is_image_token_model(config: Any) -> bool:
-    """True for models that read images as discrete tokens (Chameleon's VQ codes).
-
-    `config` is a transformers config or the `config.json` dict.
-    """
-    model_type = config.get("model_type") if isinstance(config, dict) else getattr(
-        config, "model_type", None)
-    return model_type == "chameleon"
 
 
 @dataclass
@@ -455,66 +442,3 @@ def _open_image(data: bytes, index: int):
         raise SampleRejected("image_unsupported_mode", f"image {index}: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise SampleRejected("image_corrupt", f"image {index}: {e}") from None
-
-
-class VQImageTokenizer:
-    """Chameleon's VQ-VAE encoder alone: pixel values -> image token ids.
-
-    Loads only the `model.vqmodel.*` tensors (a few hundred MB for Chameleon-7B, instead of the
-    whole model in every worker) and maps VQ codes to token ids through the config's
-    `vocabulary_map`, exactly like `ChameleonModel.get_image_tokens`.
-    """
-
-    PREFIX = "model.vqmodel."
-    DECODER = "model.vqmodel.decoder."
-
-    def __init__(self, model_dir: Path, config: Any) -> None:
-        import torch
-        from safetensors import safe_open
-        from transformers.models.chameleon.modeling_chameleon import (
-            ChameleonImageVocabularyMapping,
-            ChameleonVQVAE,
-        )
-
-        self.model = ChameleonVQVAE(config.vq_config).eval()
-        state = {}
-        for path in _weight_files(model_dir, self.PREFIX):
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                    # The image decoder (AA-chameleon ships one) only draws images.
-                    if key.startswith(self.PREFIX) and not key.startswith(self.DECODER):
-                        state[key[len(self.PREFIX):]] = f.get_tensor(key)
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{model_dir}: VQ-VAE weights do not match the config (missing "
-                             f"{missing[:3]}, unexpected {unexpected[:3]})")
-        self.model.to(torch.float32)
-        self.mapping = ChameleonImageVocabularyMapping(config.vocabulary_map)
-
-    def tokens(self, pixel_values: Any) -> list[int]:
-        """Image token ids for a batch of images, flattened in image order.
-
-        Args:
-            pixel_values: `(num_images, 3, H, W)` array or tensor from the image processor.
-        """
-        import numpy as np
-        import torch
-
-        pixels = torch.as_tensor(np.asarray(pixel_values), dtype=torch.float32)
-        with torch.inference_mode():
-            codes = self.model.encode(pixels, return_dict=True).image_tokens
-        return [int(t) for t in self.mapping.convert_img2bpe(codes).view(-1)]
-
-
-def _weight_files(model_dir: Path, prefix: str) -> list[Path]:
-    """The safetensors files holding tensors under `prefix` (via the index when sharded)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        names = sorted({f for k, f in weight_map.items() if k.startswith(prefix)})
-        return [model_dir / n for n in names]
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise FileNotFoundError(f"{model_dir}: no model.safetensors(.index.json); image-token models "
-                            "need their VQ-VAE weights in safetensors format")

@@ -96,6 +96,10 @@ class AgreementError(RuntimeError):
     """The server's answers differ from the in-process ones beyond the tolerance."""
 
 
+class _Transient(Exception):
+    """A failed attempt worth retrying; the message says what went wrong."""
+
+
 class EndpointGenerator:
     """`Generator.generate_batches` over HTTP (see the module docstring).
 
@@ -173,26 +177,18 @@ class EndpointGenerator:
 
     def _request(self, method: str, path: str, payload: bytes | None, *,
                  what: str) -> dict[str, Any]:
-        """One call with retries of transient failures; the parsed JSON reply."""
+        """One call with retries of transient failures; the parsed JSON reply.
+
+        Raises:
+            EndpointError: a permanent failure, or a transient one on the last attempt.
+        """
         endpoint = self.endpoint
-        for attempt in range(endpoint.retries + 1):
-            self.requests += 1
+        attempt = 0
+        while True:  # ends by returning the reply or raising
             try:
-                status, data = self._send(method, path, payload)
-            except (OSError, HTTPException) as e:  # refused, reset, timed out
-                problem = f"{type(e).__name__}: {e}"
-                self._drop_connection()
-            else:
-                if status == 200:
-                    try:
-                        return json.loads(data)
-                    except ValueError as e:
-                        raise EndpointError(f"{what}: the server answered 200 with invalid "
-                                            f"JSON: {data[:200]!r}") from e
-                if status not in _RETRY_STATUS:
-                    raise EndpointError(f"{what}: {endpoint.url}{path} answered {status}: "
-                                        f"{_error_text(data)}")
-                problem = f"HTTP {status}: {_error_text(data)}"
+                return self._attempt(method, path, payload, what=what)
+            except _Transient as e:
+                problem = str(e)
             if attempt == endpoint.retries:
                 raise EndpointError(f"{what}: {endpoint.url}{path} failed {attempt + 1} times; "
                                     f"last: {problem}")
@@ -201,7 +197,32 @@ class EndpointGenerator:
                         endpoint.retries, wait)
             self.retried += 1
             time.sleep(wait)
-        raise AssertionError("unreachable")
+            attempt += 1
+
+    def _attempt(self, method: str, path: str, payload: bytes | None, *,
+                 what: str) -> dict[str, Any]:
+        """One request: the parsed JSON reply.
+
+        Raises:
+            _Transient: worth retrying (connection trouble, `_RETRY_STATUS`).
+            EndpointError: not worth retrying (another status, a 200 that is not JSON).
+        """
+        self.requests += 1
+        try:
+            status, data = self._send(method, path, payload)
+        except (OSError, HTTPException) as e:  # refused, reset, timed out
+            self._drop_connection()
+            raise _Transient(f"{type(e).__name__}: {e}") from e
+        if status == 200:
+            try:
+                return json.loads(data)
+            except ValueError as e:
+                raise EndpointError(f"{what}: the server answered 200 with invalid "
+                                    f"JSON: {data[:200]!r}") from e
+        if status not in _RETRY_STATUS:
+            raise EndpointError(f"{what}: {self.endpoint.url}{path} answered {status}: "
+                                f"{_error_text(data)}")
+        raise _Transient(f"HTTP {status}: {_error_text(data)}")
 
     def _send(self, method: str, path: str, payload: bytes | None) -> tuple[int, bytes]:
         conn = getattr(self._local, "conn", None)

@@ -64,7 +64,8 @@ def load_lavin(model_dir: str | Path, adapter_dir: str | Path | None = None, *,
     model_dir = Path(model_dir)
     if not is_lavin_dir(model_dir):
         raise ConversionError(f"{model_dir}: config.json is not a LaVIN config (model_type "
-                              "'lavin'); build the model with mmjobs.models.lavin.build_lavin")
+                              "'lavin'); build the model with the convert stage (kind: lavin, "
+                              "mmjobs.models.lavin.compose.build_lavin)")
     if adapter_dir is not None and not is_lavin_adapter(adapter_dir):
         raise ConversionError(f"{adapter_dir}: no LaVIN adapter_config.json; give the adapter "
                               "directory a train.finetune: mma run wrote (its adapter/)")

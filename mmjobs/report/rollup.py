@@ -22,7 +22,6 @@ scored is read from the runs' params: the evaluate run's `predictions` are an in
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -171,9 +170,14 @@ def _register(client: Any, name: str, e: Evaluation, parent: Any) -> str:
     fingerprint), tagged with the scores; returns "name/version"."""
     model = e.model
     uri, fp = model.tags.get(URI_TAG, ""), model.tags.get(FINGERPRINT_TAG, "")
-    with contextlib.suppress(Exception):  # exists already (MLflow raises RESOURCE_ALREADY_EXISTS)
+    from mlflow.exceptions import MlflowException
+
+    try:
         client.create_registered_model(name, description=f"Models trained by recipe {name} "
                                        "(mmjobs); sources are store URIs.")
+    except MlflowException as err:  # only "it exists already" is expected; the rest is trouble
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
     version = next((v for v in client.search_model_versions(f"name = '{name}'")
                     if v.tags.get(URI_TAG) == uri and v.tags.get(FINGERPRINT_TAG) == fp), None)
     tags = {**{k: f"{v:.6g}" for k, v in e.scores.items()}, URI_TAG: uri, FINGERPRINT_TAG: fp,

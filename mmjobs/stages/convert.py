@@ -18,11 +18,11 @@ checkpoints (config with `mm_*` keys) to `LlavaForConditionalGeneration`, Meta's
 `tokenizer.model`) to `LlamaForCausalLM`, and anything else to
 safetensors under the same tensor names; `kind: llava` with a plain Llama (vicuna) builds the
 LLaVA from it, the vision tower and the separately pretrained projector; `kind: lavin` builds
-a LaVIN (`mmjobs.models.lavin.build_lavin`: the LLaMA, Meta's layout converted on the way, and
-the CLIP joined by freshly initialised MMA adapters); `kind: deplot_llava` builds ChartWiz's
-"LLaVA with DePlot" (`mmjobs.models.deplot`: the causal LM in `source`, the Pix2Struct encoder
-of `vision_tower`, a fresh `mlp2x_gelu` projector, `max_patches` image tokens per image;
-safetensors inputs only). InternLM-XComposer2
+a LaVIN (`mmjobs.models.lavin.compose.build_lavin`: the LLaMA, Meta's layout converted on the
+way, and the CLIP joined by freshly initialised MMA adapters); `kind: deplot_llava` builds
+ChartWiz's "LLaVA with DePlot" (`mmjobs.models.deplot`: the causal LM in `source`, the
+Pix2Struct encoder of `vision_tower`, a fresh `mlp2x_gelu` projector, `max_patches` image tokens
+per image; safetensors inputs only). InternLM-XComposer2
 (`model_type: internlmxcomposer2`, the hub's remote-code checkpoint) becomes mmjobs' native
 XComposer2 (`mmjobs.models.xcomposer2.convert`: safetensors under the official names, the
 490 px processor, `vision_tower` the CLIP its ViT was built from when given). The work is in

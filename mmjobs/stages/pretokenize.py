@@ -14,7 +14,9 @@ shards (chosen and rejected sequences per row) for the train stage's dpo and rm 
 `fan_out: N` (in a pipeline) spreads the shards over N CPU pods: the pipeline runs N tasks
 with `part` 0..N-1 (each encodes shards i with i % N == part, commits nothing), then this
 step without `part`, which finds every shard done and commits the same entry a single pod
-would have written. Run alone, the stage ignores `fan_out` and encodes every shard itself.
+would have written. Only that last task exposes the `shards` Dataset artifact (the parts'
+component declares none: the entry is not complete while they run). Run alone, the stage
+ignores `fan_out` and encodes every shard itself.
 """
 
 from __future__ import annotations

@@ -152,7 +152,7 @@ def _set_up_mma(model: nn.Module, cfg: TrainConfig) -> None:
     if not hasattr(model, "train_adapters_only"):
         raise ValueError(f"train.finetune: mma trains LaVIN's mixture-of-modality adapters, "
                          f"but the model is a {type(model).__name__}; use a LaVIN model "
-                         "(mmjobs.models.lavin.build_lavin) or finetune: lora")
+                         "(mmjobs.models.lavin.compose.build_lavin) or finetune: lora")
     trainable = model.train_adapters_only()
     preset = cfg.layer_dropout.preset if cfg.layer_dropout is not None else None
     dropouts = model.apply_dropout_preset(preset)

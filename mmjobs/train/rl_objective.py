@@ -88,11 +88,6 @@ class PolicyWithValueHead(nn.Module):
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         return out.logits, values
 
-    @property
-    def has_critic(self) -> bool:
-        """Whether values come back (ppo), from a value head or a separate critic."""
-        return self.value_head is not None or self.critic is not None
-
 
 class RolloutObjective:
     """Rollouts and update losses of one ppo/grpo run (built by `RLRecipe`)."""

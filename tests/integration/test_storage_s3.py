@@ -113,6 +113,7 @@ def test_streaming_read_and_write(s3_bucket):
             f.write(line)
     with storage.open_read(uri) as f:  # iterates lines like a local file
         assert list(f) == lines
+    assert list(storage.iter_lines(uri)) == list(enumerate(lines, start=1))
     with storage.open_read(uri) as f:
         assert f.readline() == lines[0] and f.read(3) == lines[1][:3]
 

@@ -202,7 +202,7 @@ def test_extra_env_and_volumes_land_in_the_component_pods():
      "serve.httpRoute.parentRefs: name the Gateway"),
 ])
 def test_incomplete_routes_fail_naming_the_key(values, message):
-    with pytest.raises(Exception, match=message.replace(".", r"\.")):
+    with pytest.raises(helm.HelmRenderError, match=message.replace(".", r"\.")):
         render(values)
 
 
@@ -213,5 +213,5 @@ def test_incomplete_routes_fail_naming_the_key(values, message):
     ({"minio": {"affinity": {"nodeAfinity": {}}}}, "nodeAfinity"),
 ])
 def test_schema_rejects_bad_access_values(values, key):
-    with pytest.raises(Exception, match=key):
+    with pytest.raises(helm.HelmValuesError, match=key):
         render(values)

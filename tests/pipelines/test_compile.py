@@ -176,6 +176,16 @@ def test_step_sections_are_checked_against_stage_configs() -> None:
     ]
 
 
+def test_a_make_model_section_with_a_real_base_model_says_what_it_is_for() -> None:
+    with pytest.raises(ConfigError) as e:
+        pipeline_runner.load("pipelines/recipes/chart-demo.yaml",
+                             ["model.name_or_path=s3://models/llava"])
+    assert e.value.errors == [
+        "stages.make-model: the step that builds a tiny:<kind> base model, but "
+        "model.name_or_path is 's3://models/llava'; drop the section (in a copy of the "
+        "recipe) for a real base model"]
+
+
 def test_recipe_train_defaults_reach_the_steps_whose_mode_has_them() -> None:
     # chart-demo's align step has no lora or layer_dropout: the sft step takes them; both take
     # eval_every_steps. The same settings in the align step's own section are errors.

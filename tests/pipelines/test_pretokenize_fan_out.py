@@ -74,6 +74,13 @@ def test_fanned_out_entry_equals_the_single_pod_one(
     card = json.loads((fanned / "card.json").read_text(encoding="utf-8"))
     assert card["counts"] == {"input": 7, "written": 6, "rejected": 1}
     assert len(card["shards"]) == 4
+    # One typed Dataset in KFP's lineage, from the committing task, at the committed entry:
+    # the parts (which ran before the commit) expose none.
+    written = [json.loads(f.read_text(encoding="utf-8"))
+               for f in settings.kfp_root().rglob("executor_output.json")]
+    typed = [a for out in written
+             for a in out.get("artifacts", {}).get("shards", {}).get("artifacts", [])]
+    assert [a["uri"] for a in typed] == [str(fanned)]
 
     # The same step in one pod, into another cache root: the same entry, byte for byte.
     single_root = tmp_path / "single"
@@ -114,6 +121,16 @@ def test_compiled_fan_out_runs_parts_in_a_parallel_for_before_the_committing_tas
     config = json.loads(committing["inputs"]["parameters"]["config_json"]["runtimeValue"]
                         ["constant"])
     assert (config["fan_out"], config.get("part"), config["force"]) == (3, None, False)
+    # Only the committing task exposes the typed Dataset (the committed entry); the parts
+    # declare no output artifact, since the entry is incomplete until that task commits it.
+    components = spec["components"]
+    part_task = loop["componentRef"]["name"]
+    part_spec = components[part_task]["dag"]["tasks"]
+    (part_ref,) = [t["componentRef"]["name"] for t in part_spec.values()]
+    assert "artifacts" not in components[part_ref].get("outputDefinitions", {})
+    committing_outputs = components[committing["componentRef"]["name"]]["outputDefinitions"]
+    assert committing_outputs["artifacts"]["shards"]["artifactType"]["schemaTitle"] == \
+        "system.Dataset"
     # The part tasks are CPU pods like the step itself (no accelerator).
     executors = spec["deploymentSpec"]["executors"]
     assert not any("accelerator" in e["container"].get("resources", {})

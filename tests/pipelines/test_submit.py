@@ -119,3 +119,40 @@ def test_submit_with_a_bad_recipe_sends_nothing(kfp_server: str, tmp_path: Path,
     assert main(["submit", str(bad), "--host", kfp_server]) == 2
     assert "stages.sft.train.lrr: unknown key; did you mean 'lr'?" in capsys.readouterr().err
     assert FakeKfp.requests == []
+
+
+class RefusingKfp(FakeKfp):
+    """A KFP API that is up but refuses to create runs (wrong credentials, say)."""
+
+    def do_POST(self) -> None:
+        self._record()
+        data = b'{"error": "user is not authorized to create runs", "code": 7}'
+        self.send_response(403)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_an_unreachable_or_refusing_kfp_api_is_one_message_not_a_traceback(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.servers import free_port
+
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    assert main(["submit", "pipelines/recipes/chart-demo.yaml", "--host", nowhere]) == 1
+    err = capsys.readouterr().err
+    assert f"mmjobs submit: {nowhere}: cannot reach the KFP API" in err
+    assert "check --host" in err and "Traceback" not in err
+
+    FakeKfp.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RefusingKfp)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert main(["submit", "pipelines/recipes/chart-demo.yaml", "--host", host]) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert f"mmjobs submit: {host}: the KFP API answered 403" in err
+    assert "not authorized to create runs" in err and "Traceback" not in err

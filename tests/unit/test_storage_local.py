@@ -123,6 +123,17 @@ def test_open_write_appears_only_after_clean_exit(tmp_path):
     assert not [p for p in target.parent.iterdir() if p.name.endswith(".part")]
 
 
+def test_iter_lines_numbers_lines_and_shows_a_cut_off_last_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"a": 1}\n\n{"b": 2}\r\n{"c"')
+    assert list(storage.iter_lines(path)) == [
+        (1, b'{"a": 1}\n'), (2, b"\n"), (3, b'{"b": 2}\r\n'), (4, b'{"c"')]
+    path.write_bytes(b"one\n")
+    assert list(storage.iter_lines(path)) == [(1, b"one\n")]  # no phantom empty line
+    path.write_bytes(b"")
+    assert list(storage.iter_lines(path)) == []
+
+
 def test_missing_objects_raise_not_found_naming_the_uri(tmp_path):
     missing = tmp_path / "nope.txt"
     with pytest.raises(FileNotFoundError, match=str(missing)):

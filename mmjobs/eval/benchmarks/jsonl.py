@@ -75,20 +75,6 @@ def locate(root: str, file: str, image_root: str | None, suffixes: tuple[str, ..
     return uri, str(storage.parse(image_root)) if image_root else folder
 
 
-def iter_lines(uri: str) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, line without its newline) for every line of a file, streamed."""
-    with storage.open_read(uri) as f:
-        pending = b""
-        n = 0
-        while chunk := f.read(1 << 20):
-            *complete, pending = (pending + chunk).split(b"\n")
-            for line in complete:
-                n += 1
-                yield n, line
-        if pending:
-            yield n + 1, pending
-
-
 def _rows(uri: str) -> Iterator[tuple[int, Any]]:
     """(line number, value) of every non-blank line; a line that is not JSON (or a file cut
     off mid-line) is a `BenchmarkError` naming the file and line."""

@@ -45,7 +45,7 @@ from mmjobs.eval.benchmarks.base import (
     BenchmarkOptions,
     with_image_tokens,
 )
-from mmjobs.eval.benchmarks.jsonl import iter_lines, locate
+from mmjobs.eval.benchmarks.jsonl import locate
 
 DEFAULT_FILE = "questions.jsonl"
 LAYOUT = ("LLaVA's question JSONL (root itself, or <root>/questions.jsonl / the `file` option) "
@@ -70,7 +70,7 @@ def load(root: str, opts: LLaVAQuestionsOptions) -> Iterator[BenchmarkItem]:
 
 
 def _rows(uri: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    for n, line in iter_lines(uri):
+    for n, line in storage.iter_lines(uri):
         if not line.strip():
             continue
         try:

@@ -46,7 +46,7 @@ def run_rows(settings: PotSettings, rows: list[dict[str, Any]], audit: Path, *,
         settings: the stage's `pot` section.
         rows: validated metric rows (`prediction` holds the model's response).
         audit: where to write predictions_pot.jsonl (response, program, executed answer).
-        pod_runner: runs the programs in a pod (`mmjobs.eval.pot.pod.runner`); needed when
+        pod_runner: runs the programs in a pod (`mmjobs.eval.pot.pod.run_in_pod`); needed when
             the executor is pod.
 
     Returns:

@@ -2,7 +2,7 @@
 
     register()                                    # AutoConfig / AutoModel / AutoProcessor
     register_if_lavin(model_dir)                  # the same, for a LaVIN directory only
-    build_lavin(llm_dir, clip_dir, out_dir)       # a LaVIN model directory from its parts
+    compose.build_lavin(llm_dir, clip_dir, out_dir)   # a LaVIN model directory from its parts
     save_adapters(model, dir) / load_adapters(model, dir)   # LaVIN's trainable tensors only
     mmjobs.eval.lavin: load_lavin(model_dir, adapter_dir); lavin_generator(loaded)
 

@@ -14,7 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mmjobs.eval.endpoint import AgreementError, EndpointConfig, EndpointGenerator, messages
+from mmjobs.eval.endpoint import (
+    AgreementError,
+    EndpointConfig,
+    EndpointError,
+    EndpointGenerator,
+    messages,
+)
 from mmjobs.eval.generate import Generator, PromptInput, load_for_inference, load_image
 from mmjobs.eval.prompts import dataset_items
 from mmjobs.serve.app import ServeOptions, create_app
@@ -137,6 +143,42 @@ def test_a_perturbed_server_fails_the_agreement_check_naming_the_rows(loaded, ti
 def test_a_refusal_names_the_prompt_and_is_not_retried(server, tmp_path):
     generator = EndpointGenerator(EndpointConfig(**endpoint(server.url, model="no-such-model")),
                                   max_new_tokens=4)
-    with pytest.raises(Exception, match=r"prompt 0: .*answered 404"):
+    with pytest.raises(EndpointError, match=r"prompt 0: .*answered 404"):
         generator.generate([PromptInput("hello")])
     assert generator.retried == 0
+
+
+@pytest.mark.parametrize(("status", "body", "attempts", "error"), [
+    (503, b'{"error": {"message": "overloaded"}}', 3, r"failed 3 times; last: HTTP 503"),
+    (200, b"<html>not json</html>", 1, r"answered 200 with invalid JSON"),
+])
+def test_retries_end_with_one_error_naming_the_last_problem(status, body, attempts, error):
+    """Transient statuses are retried `retries` times and then fail naming the last one; a
+    200 that is not JSON fails at once."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str] = []
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    config = EndpointConfig(url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", retries=2,
+                            backoff_seconds=0.01)
+    try:
+        with pytest.raises(EndpointError, match=error):
+            EndpointGenerator(config)  # asks GET /models for the served model's name
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert seen == ["/v1/models"] * attempts

@@ -91,7 +91,7 @@ def test_real_chartqa_labels_score_as_the_reference_rule_does(score):
 
 
 def test_the_run_results_show_the_per_task_table(score):
-    from mmjobs.pipeline_runner import results_markdown
+    from mmjobs.run_results import results_markdown
 
     summary, _ = score("chartwiz", [r(1, "21", ["20"]), r(2, "x", ["y"], task="table")])
     summary = {**summary, "metric": "chartwiz", "label": "chartwiz"}

@@ -40,8 +40,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from mmjobs import storage
 from mmjobs.eval.benchmarks.base import BenchmarkError
-from mmjobs.eval.benchmarks.jsonl import iter_lines
 
 
 class AnswerFileError(BenchmarkError):
@@ -91,7 +91,7 @@ def json_lines(uri: str, *, trailing_commas: bool = False
     line, streamed. `trailing_commas`: a "," ending a line is not part of its value (SEED-Bench's
     result files)."""
     name = posixpath.basename(uri)
-    for n, raw in iter_lines(uri):
+    for n, raw in storage.iter_lines(uri):
         line = raw.strip()
         if not line:
             continue

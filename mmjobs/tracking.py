@@ -308,8 +308,12 @@ class Tracker:
         return self._outbox.experiment
 
     def start_run(self, name: str, *, parent: RunHandle | str | None = None,
-                  tags: Mapping[str, Any] | None = None) -> RunHandle:
-        """Start a run named `name`, nested under `parent` (a handle, run id or `ref`)."""
+                  tags: Mapping[str, Any] | None = None,
+                  shared_parent: Mapping[str, Any] | None = None) -> RunHandle:
+        """Start a run named `name`, nested under `parent` (a handle, run id or `ref`), or
+        under the parent a cluster run's steps share (`shared_parent`, from
+        `mmjobs.pipeline_parent.shared_parent`: found or created when the run is created,
+        also when that happens later, from the spool)."""
         with self._lock:
             key = new_key()
             run = RunQueue(key, name, SpoolFile(self.spool_dir / f"{key}.jsonl"))
@@ -320,7 +324,9 @@ class Tracker:
                          for k, v in (tags or {}).items()},
             }
             ref = parent.ref if isinstance(parent, RunHandle) else parent
-            if ref:
+            if shared_parent:
+                op["shared_parent"] = dict(shared_parent)
+            elif ref:
                 is_key = ref.startswith("spool:")
                 op["parent_key" if is_key else "parent_run_id"] = ref.removeprefix("spool:")
             run.enqueue(op)

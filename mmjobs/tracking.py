@@ -311,9 +311,8 @@ class Tracker:
                   tags: Mapping[str, Any] | None = None,
                   shared_parent: Mapping[str, Any] | None = None) -> RunHandle:
         """Start a run named `name`, nested under `parent` (a handle, run id or `ref`), or
-        under the parent a cluster run's steps share (`shared_parent`, from
-        `mmjobs.pipeline_parent.shared_parent`: found or created when the run is created,
-        also when that happens later, from the spool)."""
+        under a cluster run's shared parent (`mmjobs.pipeline_parent`; found or made on
+        delivery, also from the spool)."""
         with self._lock:
             key = new_key()
             run = RunQueue(key, name, SpoolFile(self.spool_dir / f"{key}.jsonl"))

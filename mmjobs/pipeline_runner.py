@@ -264,7 +264,8 @@ def run_local(path: str | Path, overrides: Sequence[str] = (), *, run_id: str | 
     from kfp import local
 
     from mmjobs.config import flatten
-    from mmjobs.tracking import Tracker, default_tags
+    from mmjobs.pipeline_parent import parent_name, parent_tags
+    from mmjobs.tracking import Tracker
 
     started = time.monotonic()
     recipe = load_recipe(path, overrides)
@@ -279,9 +280,8 @@ def run_local(path: str | Path, overrides: Sequence[str] = (), *, run_id: str | 
     run_dir = _run_folder(store, recipe, run_id)
     log.info("run %s of %s: outputs under %s", run_id, recipe.recipe, run_dir)
     tracker = Tracker(recipe.experiment or "default")
-    tags = {**default_tags(recipe.recipe, "pipeline"), "pipeline_run_id": run_id,
-            "pipeline": recipe.pipeline or recipe.recipe}
-    parent = tracker.start_run(f"{recipe.recipe} {run_id}", tags=tags)
+    parent = tracker.start_run(parent_name(recipe.recipe, run_id),
+                               tags=parent_tags(recipe.recipe, run_id, recipe.pipeline))
     parent.log_params(flatten(recipe))
     parent.log_text(dump_recipe(recipe), "recipe.yaml")
     pipeline, build = build_pipeline(recipe, run_id=run_id, store_root=store,
@@ -371,20 +371,25 @@ def compile_recipe(path: str | Path, output: str | Path, overrides: Sequence[str
     Without `run_id` every run of the compiled pipeline writes under its own KFP job id
     (`{store}/{experiment}/<job uuid>/{step}`); a `run_id` is baked in instead, so runs
     that name it share their folders and reuse each other's committed outputs (resuming a
-    failed run; `mmjobs run`'s default locally).
+    failed run; `mmjobs run`'s default locally). Either way the steps of one KFP run nest
+    under one MLflow parent run, which the report step rolls up (`mmjobs.pipeline_parent`).
 
     Returns:
         The run id baked into the output paths, or None (KFP's job id at run time).
     """
     from kfp import compiler
 
+    from mmjobs.pipeline_parent import cluster_ref
     from mmjobs.stage_contract import KFP_RUN_ID_TOKEN
 
     recipe = load_recipe(path, overrides)
     given = run_id
     run_id = run_id or KFP_RUN_ID_TOKEN
+    # The steps of each KFP run share one MLflow parent run, keyed by the KFP job id (also
+    # with a baked run id: each run is its own pipeline run in MLflow, as locally).
+    parent = cluster_ref(recipe.pipeline or recipe.recipe)
     pipeline, _ = build_pipeline(recipe, run_id=run_id, store_root=cluster_store(recipe, str(
-        path)), for_cluster=True, source=str(path))
+        path)), parent_run_id=parent, for_cluster=True, source=str(path))
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     _quietly(compiler.Compiler().compile, pipeline, str(output))
     return given

@@ -193,29 +193,17 @@ def results_markdown(title: str, summaries: dict[str, dict[str, Any]],
 
 def roll_up_parent_run(recipe: RecipeConfig, parent: Any, tracker: Any) -> str | None:
     """The parent run's headline metrics and final model, the evaluated models registered
-    under the recipe's name (`mmjobs.report.rollup`); returns "name/version (URI)" of the
-    final model. MLflow trouble here is a warning: the run's results are in the store."""
+    under the recipe's name (`mmjobs.report.rollup.roll_up_run`, which the report step of a
+    cluster run calls too); returns "name/version (URI)" of the final model. MLflow trouble
+    here is a warning: the run's results are in the store."""
     tracker.flush(timeout=10)  # the stage runs' data is in; the parent must exist
     if not parent.run_id:
         log.warning("MLflow parent run not created (tracking unreachable): no headline "
                     "metrics or registered model for this run")
         return None
-    try:
-        from mlflow import MlflowClient
+    from mmjobs.report.rollup import roll_up_run
 
-        from mmjobs.report.rollup import URI_TAG, rollup
-
-        summary = rollup(MlflowClient(settings.tracking_uri()), parent.run_id,
-                         registered_model=recipe.recipe)
-    except Exception as e:  # a summary nicety: never fail the run over it
-        log.warning("could not add headline metrics and the final model to MLflow run %s: %s",
-                    parent.run_id, e)
-        return None
-    model = summary.final_model
-    if model is None:
-        return None
-    version = summary.versions.get(model.model_id) or model.model_id
-    return f"{version} ({model.tags.get(URI_TAG)})"
+    return roll_up_run(parent.run_id, registered_model=recipe.recipe)
 
 
 def cached_stages(experiment: str, parent_run_id: str | None) -> dict[str, bool]:

@@ -304,7 +304,8 @@ _DATASET_CONTEXT = {("infer", "dataset"): "evaluation"}
 
 @contextlib.contextmanager
 def stage_tracking(cfg: StageConfig, stage: str, *, tags: dict[str, str] | None = None):
-    """An MLflow child run for this stage under the pipeline's parent run.
+    """An MLflow child run for this stage under the pipeline's parent run (on a cluster,
+    the parent the run's steps share: `mmjobs.pipeline_parent`).
 
     The run is named by the pipeline step (`cfg.step`: align, sft, infer-trained, ...; the
     stage name when run on its own) and tagged `mmjobs.stage` / `mmjobs.step`. Logs the
@@ -314,14 +315,17 @@ def stage_tracking(cfg: StageConfig, stage: str, *, tags: dict[str, str] | None 
     FAILED if the block raises. Tracking never fails the stage (see `mmjobs.tracking`).
     """
     from mmjobs.config import dump_recipe, flatten
+    from mmjobs.pipeline_parent import shared_parent
     from mmjobs.tracking import Tracker, default_tags
 
     tracker = Tracker(cfg.experiment)
     parent = cfg.parent_run_id or os.environ.get("MMJOBS_PARENT_RUN_ID") or None
+    shared = shared_parent(parent, cfg.recipe)  # a cluster run's steps share one parent
     step = cfg.step or stage
     all_tags = {**default_tags(recipe=cfg.recipe, stage=stage, step=step,
                                image=os.environ.get("MMJOBS_IMAGE")), **(tags or {})}
-    with tracker.start_run(step, parent=parent, tags=all_tags) as run:
+    with tracker.start_run(step, parent=None if shared else parent, tags=all_tags,
+                           shared_parent=shared) as run:
         run.log_params(flatten(cfg))
         run.log_text(dump_recipe(cfg), "config.yaml")
         for uri, context in dataset_inputs(cfg, stage):

@@ -308,8 +308,11 @@ class Tracker:
         return self._outbox.experiment
 
     def start_run(self, name: str, *, parent: RunHandle | str | None = None,
-                  tags: Mapping[str, Any] | None = None) -> RunHandle:
-        """Start a run named `name`, nested under `parent` (a handle, run id or `ref`)."""
+                  tags: Mapping[str, Any] | None = None,
+                  shared_parent: Mapping[str, Any] | None = None) -> RunHandle:
+        """Start a run named `name`, nested under `parent` (a handle, run id or `ref`), or
+        under a cluster run's shared parent (`mmjobs.pipeline_parent`; found or made on
+        delivery, also from the spool)."""
         with self._lock:
             key = new_key()
             run = RunQueue(key, name, SpoolFile(self.spool_dir / f"{key}.jsonl"))
@@ -320,7 +323,9 @@ class Tracker:
                          for k, v in (tags or {}).items()},
             }
             ref = parent.ref if isinstance(parent, RunHandle) else parent
-            if ref:
+            if shared_parent:
+                op["shared_parent"] = dict(shared_parent)
+            elif ref:
                 is_key = ref.startswith("spool:")
                 op["parent_key" if is_key else "parent_run_id"] = ref.removeprefix("spool:")
             run.enqueue(op)

@@ -349,6 +349,11 @@ class Outbox:
         kind, client = op["op"], self.client
         if kind == "create":
             parent = op.get("parent_run_id") or self._resolve(op.get("parent_key"))
+            if op.get("shared_parent"):  # a cluster step: the KFP job's parent, found or made
+                from mmjobs.pipeline_parent import find_or_create
+
+                parent = find_or_create(client, self._experiment_id(op["experiment"]),
+                                        op["shared_parent"], op["start_time"])
             tags = {**op["tags"], **({PARENT_TAG: parent} if parent else {})}
             created = client.create_run(self._experiment_id(op["experiment"]),
                                         start_time=op["start_time"], tags=tags,
@@ -427,10 +432,18 @@ class Outbox:
                     log.warning("tracking: experiment %r was deleted; restoring it", name)
                     self.client.restore_experiment(experiment.experiment_id)
                 if EXPERIMENT_KIND_TAG not in experiment.tags:  # a user's choice stays
-                    self.client.set_experiment_tag(experiment.experiment_id,
-                                                   EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+                    self._tag_experiment(experiment.experiment_id)
                 self._experiments[name] = experiment.experiment_id
         return self._experiments[name]
+
+    def _tag_experiment(self, experiment_id: str) -> None:
+        """Set the experiment-kind tag; parallel steps (pods of one cluster run) may all try
+        at once, and the database refuses all inserts but one: the tag is then there."""
+        try:
+            self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        except Exception:
+            if EXPERIMENT_KIND_TAG not in self.client.get_experiment(experiment_id).tags:
+                raise
 
     def _local_artifact_location(self) -> str | None:
         # A database backend without a server would put artifacts in ./mlruns of whatever the

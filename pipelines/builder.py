@@ -92,7 +92,9 @@ class Build:
         recipe: the validated recipe.
         run_id: the pipeline run id (a folder in every output path).
         store_root: where outputs go (the cluster's `MMJOBS_STORE` when compiling).
-        parent_run_id: the MLflow parent run every stage nests under (local runs).
+        parent_run_id: the MLflow parent run every stage nests under: its id (local runs)
+            or, compiled for a cluster, the reference by which the steps of each KFP run
+            find or create the one they share (`mmjobs.pipeline_parent.cluster_ref`).
         for_cluster: apply Kubernetes settings (compile/submit) or not (local runs).
         params: the pipeline parameters' channels, by name (empty while the parameters are
             being found: the steps then keep their compiled values).
@@ -209,7 +211,8 @@ class Build:
         extra = self._multinode(stage, step, image) if spec.multinode else {}
         configs = each or ([config] if isinstance(config, dict) else [])
         extra.update(self._knobs(step, stage, configs, wired_paths(stage, inputs)))
-        if self.for_cluster and KFP_RUN_ID_TOKEN in self.run_id:
+        if self.for_cluster and KFP_RUN_ID_TOKEN in f"{self.run_id} {self.parent_run_id}":
+            # the job id fills the run's folder and names the parent run the steps share
             extra["kfp_run_id"] = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         parts = self._fan_out(step, stage, config, image, inputs, extra)
         if parts is not None:  # the step's own task only commits what the parts wrote

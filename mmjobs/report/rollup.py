@@ -1,6 +1,7 @@
 """A pipeline run's summary in MLflow: headline metrics on the parent run, models registered.
 
     summary = rollup(client, parent_run_id, registered_model="chart-demo")
+    final = roll_up_run(parent_run_id, "chart-demo")  # the same, MLflow trouble a warning
 
 After the steps of a pipeline run finished, its parent (pipeline) run gets:
 
@@ -27,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmjobs import settings
 from mmjobs.logs import get_logger
 from mmjobs.report.runs import PARENT_TAG
 
@@ -102,6 +104,27 @@ def rollup(client: Any, parent_run_id: str, *, registered_model: str | None) -> 
             if value:
                 client.set_tag(parent_run_id, key, value)
     return out
+
+
+def roll_up_run(parent_run_id: str, registered_model: str | None,
+                tracking_uri: str | None = None) -> str | None:
+    """`rollup` at the end of a pipeline run, where MLflow trouble is a warning (the run's
+    results are in the store): by `mmjobs run` locally, by the report step on a cluster.
+    Returns "name/version (URI)" of the final model, or None."""
+    try:
+        from mlflow import MlflowClient
+
+        summary = rollup(MlflowClient(tracking_uri or settings.tracking_uri()), parent_run_id,
+                         registered_model=registered_model)
+    except Exception as e:  # a summary nicety: never fail the run over it
+        log.warning("could not add headline metrics and the final model to MLflow run %s: %s",
+                    parent_run_id, e)
+        return None
+    model = summary.final_model
+    if model is None:
+        return None
+    version = summary.versions.get(model.model_id) or model.model_id
+    return f"{version} ({model.tags.get(URI_TAG)})"
 
 
 def _children(client: Any, experiment_id: str, parent_run_id: str) -> list[Any]:

@@ -12,6 +12,11 @@ and PNG plots (loss and LR curves, per-category bars, metric vs sweep setting); 
 `mmjobs.report.build`. The same files are logged as artifacts of the stage's own MLflow run.
 Runs that lack what a part needs are left out of it and listed with the reason.
 
+On a cluster run (`parent_run_id` a `kfp:` reference, see `mmjobs.pipeline_parent`) the step
+first does what `mmjobs run` does locally once the steps are done: it rolls the parent run up
+(headline metrics, final model, registered versions: `mmjobs.report.rollup.roll_up_run`) and,
+after the report, ends it FINISHED (FAILED if the report fails).
+
 A re-run over unchanged runs (same run ids, statuses, metrics, params and tags) with the same
 settings reuses the committed report.
 """
@@ -26,6 +31,7 @@ from typing import Any
 from pydantic import Field
 
 from mmjobs import storage
+from mmjobs.pipeline_parent import finish, parse_ref, resolve
 from mmjobs.report import (
     REPORT_HTML,
     REPORT_JSON,
@@ -35,6 +41,7 @@ from mmjobs.report import (
     build_report,
 )
 from mmjobs.report.collect import Collected, collect
+from mmjobs.report.rollup import roll_up_run
 from mmjobs.stage_contract import (
     Stage,
     StageConfig,
@@ -55,7 +62,8 @@ class ReportConfig(StageConfig):
     parent_run_id: str | None = Field(
         None, description="Report only on this pipeline (parent) run's stage runs; the "
         "report's own run is nested under it. None: every run of the experiment (the report "
-        "run then nests under $MMJOBS_PARENT_RUN_ID, if set).")
+        "run then nests under $MMJOBS_PARENT_RUN_ID, if set). On a cluster run, the parent "
+        "its steps share (kfp:<job id>:<pipeline>): the report rolls it up and ends it.")
     sweep_params: list[str] = Field(
         default_factory=list, description="Params (or tags) that tell sweep runs apart, e.g. "
         "train.lr_schedule; read from each run, else its pipeline run, else the training "
@@ -88,6 +96,36 @@ def main(cfg: ReportConfig) -> ReportResult:
         ReportError: the experiment, or the parent run in it, does not exist.
         mmjobs.storage.StoreError: the report cannot be written.
     """
+    if parse_ref(cfg.parent_run_id) is None:
+        return _report(cfg)
+    # A cluster run: the report step, which ends every pipeline, closes the parent run its
+    # steps share, as `mmjobs run` does locally (roll-up, registered models, end status).
+    parent = _cluster_parent(cfg)
+    try:
+        roll_up_run(parent, registered_model=cfg.recipe)
+        result = _report(cfg.model_copy(update={"parent_run_id": parent}))
+    except BaseException:
+        finish(parent, "FAILED")
+        raise
+    finish(parent, "FINISHED")
+    return result
+
+
+def _cluster_parent(cfg: ReportConfig) -> str:
+    """The run id of the parent run of this cluster run (`mmjobs.pipeline_parent`)."""
+    ref = str(cfg.parent_run_id)
+    try:
+        parent = resolve(cfg.experiment, ref, cfg.recipe)
+    except Exception as e:  # MLflow unreachable or refusing: nothing to report on
+        raise ReportError(f"cannot find the MLflow parent run of {ref} in experiment "
+                          f"{cfg.experiment!r}: {e}") from e
+    if parent is None:
+        raise ReportError(f"experiment {cfg.experiment!r} does not exist, so no step of {ref} "
+                          "tracked anything; check the steps' MLFLOW_TRACKING_URI")
+    return parent
+
+
+def _report(cfg: ReportConfig) -> ReportResult:
     # Collect before opening the stage's run: a mistyped experiment name must fail here,
     # not get created by the tracker.
     collected = collect(cfg.experiment, cfg.parent_run_id, max_runs=cfg.max_runs)

@@ -134,6 +134,9 @@ def test_outputs_go_under_kfp_s_job_id_unless_a_run_id_is_given(tmp_path: Path) 
     # A deliberate run id: baked in, so runs naming it share (and reuse) their outputs.
     spec, _ = compiled(tmp_path, CHART_DEMO, run_id="resume-me")
     sft = by_step(spec)["sft"]["inputs"]["parameters"]
-    assert "kfp_run_id" not in sft
+    # The job id still names the MLflow parent run this KFP run's steps share.
+    assert sft["kfp_run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
+    assert json.loads(sft["config_json"]["runtimeValue"]["constant"])["parent_run_id"] == (
+        f"kfp:{KFP_RUN_ID_TOKEN}:chart-demo")
     assert "/resume-me/sft" in json.loads(sft["config_json"]["runtimeValue"]["constant"])[
         "output"]

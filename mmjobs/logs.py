@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 _CONFIGURED = False
@@ -27,12 +27,33 @@ class _RankZeroFilter(logging.Filter):
         return rank() == 0 or record.levelno >= logging.ERROR
 
 
+class _StderrHandler(logging.StreamHandler):
+    """`sys.stderr` as it was when logging was configured, or the current `sys.stderr` once
+    that stream is closed (a test's capture, a tool's swapped stream): a handler left on a
+    closed stream prints '--- Logging error ---' tracebacks instead of the message."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self._configured_stream = self.stream
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        configured = self.__dict__.get("_configured_stream")
+        if configured is None or getattr(configured, "closed", False):
+            return sys.stderr
+        return configured
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        self.__dict__["_configured_stream"] = value
+
+
 def get_logger(name: str) -> logging.Logger:
     """Return the package logger `name`; configures the `mmjobs` root once (stderr, rank 0)."""
     global _CONFIGURED
     if not _CONFIGURED:
         root = logging.getLogger("mmjobs")
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
                                                "%H:%M:%S"))
         handler.addFilter(_RankZeroFilter())

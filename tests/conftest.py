@@ -9,8 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from mmjobs.logs import get_logger
 from tests.once import build_once
 from tests.servers import MLflowServer, S3Server
+
+# Configure mmjobs logging now, on pytest's session-long capture: configured first inside a
+# test, its handler would sit on that test's capsys stream, closed when the test ends.
+get_logger("mmjobs.tests")
 
 # Session fixtures building tiny models once (tiny_llava_dir, tiny_chameleon_dir, replica_dir),
 # and the lane markers every test gets (tests/lanes.py).

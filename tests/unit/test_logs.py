@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 
 from mmjobs import logs
@@ -39,3 +40,22 @@ def test_progress_is_silent_on_other_ranks(monkeypatch):
                         lambda msg, *args: lines.append(msg % args))
     assert list(logs.progress(range(3), desc="x", every_seconds=0)) == [0, 1, 2]
     assert lines == []
+
+
+def test_a_closed_stream_under_the_handler_falls_back_to_sys_stderr(capsys):
+    """Logging configured while a test (or tool) had swapped sys.stderr keeps that stream; once
+    it is closed, log lines go to the current sys.stderr instead of turning into
+    '--- Logging error ---' tracebacks."""
+    handler = logging.getLogger("mmjobs").handlers[0]
+    swapped = io.StringIO()
+    configured = handler.stream
+    handler.stream = swapped  # as if logging had been configured under a swapped stream
+    try:
+        logs.get_logger("mmjobs.test_logs").warning("into the configured stream")
+        assert "into the configured stream" in swapped.getvalue()
+        swapped.close()
+        logs.get_logger("mmjobs.test_logs").warning("after it closed")
+    finally:
+        handler.stream = configured
+    err = capsys.readouterr().err
+    assert "after it closed" in err and "Logging error" not in err

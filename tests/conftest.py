@@ -8,14 +8,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from transformers.utils import logging as hf_logging
 
 from mmjobs.logs import get_logger
 from tests.once import build_once
 from tests.servers import MLflowServer, S3Server
 
-# Configure mmjobs logging now, on pytest's session-long capture: configured first inside a
-# test, its handler would sit on that test's capsys stream, closed when the test ends.
+# Configure mmjobs' and transformers' logging now, on pytest's session-long capture: both bind
+# their handler to sys.stderr when first configured, and configured first inside a test (a lazy
+# import under capsys) it would sit on that test's stream, closed when the test ends, turning
+# every later warning into a '--- Logging error ---' traceback in another test's stderr.
 get_logger("mmjobs.tests")
+hf_logging.get_logger("transformers")
 
 # Session fixtures building tiny models once (tiny_llava_dir, tiny_chameleon_dir, replica_dir),
 # and the lane markers every test gets (tests/lanes.py).

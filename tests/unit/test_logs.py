@@ -59,3 +59,12 @@ def test_a_closed_stream_under_the_handler_falls_back_to_sys_stderr(capsys):
         handler.stream = configured
     err = capsys.readouterr().err
     assert "after it closed" in err and "Logging error" not in err
+
+
+def test_transformers_logs_to_the_session_capture_not_a_closed_test_stream():
+    """tests/conftest.py configures transformers' logging before any test: configured by a
+    lazy import inside a capsys test, its handler would keep that test's closed stream."""
+    from transformers.utils import logging as hf_logging
+
+    handler = hf_logging._default_handler  # what transformers bound at configuration
+    assert handler is not None and not handler.stream.closed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -14,12 +16,15 @@ from mmjobs.logs import get_logger
 from tests.once import build_once
 from tests.servers import MLflowServer, S3Server
 
-# Configure mmjobs' and transformers' logging now, on pytest's session-long capture: both bind
-# their handler to sys.stderr when first configured, and configured first inside a test (a lazy
-# import under capsys) it would sit on that test's stream, closed when the test ends, turning
-# every later warning into a '--- Logging error ---' traceback in another test's stderr.
+# Configure mmjobs', transformers' and DeepSpeed's logging now, on pytest's session-long
+# capture: each binds its handler to sys.stderr (DeepSpeed: sys.stdout) when first configured,
+# and configured first inside a test (a lazy import under capsys) it would sit on that test's
+# stream, closed when the test ends, turning every later warning into a '--- Logging error ---'
+# traceback in another test's stderr.
 get_logger("mmjobs.tests")
 hf_logging.get_logger("transformers")
+if importlib.util.find_spec("deepspeed") is not None:  # the train extra
+    importlib.import_module("deepspeed.utils.logging")
 
 # Session fixtures building tiny models once (tiny_llava_dir, tiny_chameleon_dir, replica_dir),
 # and the lane markers every test gets (tests/lanes.py).

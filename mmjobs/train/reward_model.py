@@ -259,6 +259,7 @@ class RewardScorer:
 
     def __init__(self, model_dir: Path, image_processor: Any, *, max_length: int,
                  trust_remote_code: bool = False, conversation_format: str = "auto") -> None:
+        from mmjobs.data.images import processor_min_edge
         from mmjobs.data.loader import PaddedCollator
         from mmjobs.data.sample_encoder import SampleEncoder
 
@@ -266,15 +267,14 @@ class RewardScorer:
                                      trust_remote_code=trust_remote_code,
                                      conversation_format=conversation_format)
         self.image_processor = image_processor
+        self.image_min_edge = processor_min_edge(image_processor)  # as the training loader
         self.collate = PaddedCollator(self.encoder.tokenizer.pad_token_id or 0)
 
     def batch(self, items: Sequence[tuple[Any, str, Sequence[Any]]]) -> dict[str, Any]:
         """A padded batch (`PaddedCollator` layout) of the items."""
-        from mmjobs.data.images import processor_min_edge
         from mmjobs.data.loader import _decode_image, run_image_processor
 
-        min_edge = processor_min_edge(self.image_processor)
-
+        min_edge = self.image_min_edge
         rows = []
         for k, (prompt, response, images) in enumerate(items):
             turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [

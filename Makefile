@@ -37,11 +37,10 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PY) -m pip install --quiet -c constraints/cpu.txt -e '.[train,dev]'
 	touch $(STAMP)
 
-$(TV_STAMP): pyproject.toml constraints/torchvision.txt
-	test -x $(TV_VENV)/bin/python || $(PYTHON) -m venv $(TV_VENV)
-	$(TV_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(TV_VENV)/bin/python -m pip install --quiet -c constraints/torchvision.txt \
-		-e '.[train,dev,torchvision]'
+# .venv-torchvision: torch + torchvision as a pair, the rest shared with .venv (the script says
+# how and why). Rebuilt whenever .venv is.
+$(TV_STAMP): $(STAMP) constraints/torchvision.txt constraints/torchvision-venv.sh
+	constraints/torchvision-venv.sh $(PYTHON) $(VENV) $(TV_VENV)
 	touch $(TV_STAMP)
 
 demo: $(STAMP)

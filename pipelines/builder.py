@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,12 +41,12 @@ from mmjobs.stage_contract import KFP_RUN_ID_TOKEN
 from mmjobs.stages import registry
 from pipelines.cluster import apply_cluster_settings, resources_for
 from pipelines.components import component
+from pipelines.config_paths import attr, deep_merge, flat, get_path, set_path, stand_in
 
 log = get_logger(__name__)
 
 # StageConfig fields every step gets from the pipeline run, never from the recipe.
 RUN_FIELDS = ("experiment", "pipeline_run_id", "output", "recipe", "parent_run_id", "step")
-_PLACEHOLDER = "<wired by the pipeline>"
 
 
 @dataclass
@@ -155,18 +154,18 @@ class Build:
         if section is None:  # later sections refine earlier ones (infer, then infer-pot)
             section = {}
             for name in keys:
-                section = _deep_merge(section, self.recipe.stages.get(name, {}))
+                section = deep_merge(section, self.recipe.stages.get(name, {}))
         given = dict(section)
         problems = [f"{where}.{key}: set by the pipeline ({_why(key)}); remove it"
                     for key in given if key in RUN_FIELDS or key in _top(wired)]
         problems += [f"{where}.{path}: the {step} step needs {value!r} here; remove it"
-                     for path, value in _flat(fixed or {}).items()
-                     if _get(given, path, value) != value]
-        own = _deep_merge(copy.deepcopy(given), fixed or {})
+                     for path, value in flat(fixed or {}).items()
+                     if get_path(given, path, value) != value]
+        own = deep_merge(copy.deepcopy(given), fixed or {})
         self.sections.setdefault(stage, {})[step] = own
         if spec.step_defaults:  # e.g. the recipe's train defaults serve steps of several modes
             defaults = spec.step_defaults(dict(defaults or {}), own)
-        cfg = _deep_merge(_deep_merge(copy.deepcopy(dict(defaults or {})), given), fixed or {})
+        cfg = deep_merge(deep_merge(copy.deepcopy(dict(defaults or {})), given), fixed or {})
         cfg.update({"experiment": self.recipe.experiment, "pipeline_run_id": self.run_id,
                     "recipe": self.recipe.recipe, "parent_run_id": self.parent_run_id,
                     "step": step})
@@ -181,7 +180,7 @@ class Build:
                   where: str) -> list[str]:
         trial = copy.deepcopy(cfg)
         for path in wired:
-            _set(trial, path, _stand_in(spec, path))
+            set_path(trial, path, stand_in(spec, path))
         return [f"{where}.{message}" for _, message in validation_errors(spec.config, trial, [])]
 
     # ---------------------------------------------------------------- tasks
@@ -280,10 +279,10 @@ class Build:
         args: dict[str, Any] = {}
         section = self._section_of.get(step, step)
         for knob in spec.knobs:
-            values = {json.dumps(_attr(m, knob.path)) for m in models}
+            values = {json.dumps(attr(m, knob.path)) for m in models}
             if len(values) != 1:
                 continue
-            value = _attr(models[0], knob.path)
+            value = attr(models[0], knob.path)
             if value is None and knob.unset is None:
                 continue
             default = knob.unset if value is None else knob.type(value)
@@ -317,7 +316,7 @@ class Build:
         (the error is already recorded)."""
         trial = copy.deepcopy(cfg)
         for path in wired or spec.wired:
-            _set(trial, path, _stand_in(spec, path))
+            set_path(trial, path, stand_in(spec, path))
         try:
             return spec.config.model_validate(trial)
         except ValidationError:
@@ -370,7 +369,7 @@ class Build:
         self.allowed_steps.add(key)
         return {name: self.config(f"{key}-{name}" if name else key, stage, key=key,
                                   fixed=fixed, wired=wired,
-                                  section=_deep_merge(copy.deepcopy(dict(base)), overrides),
+                                  section=deep_merge(copy.deepcopy(dict(base)), overrides),
                                   where=f"sweep.{name}" if name else None)
                 for name, overrides in settings.items()}
 
@@ -469,13 +468,6 @@ def wired_paths(stage: str, inputs: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(fields.get(name, name) for name in inputs if fields.get(name, name)))
 
 
-def _attr(model: Any, path: str) -> Any:
-    """The value at dotted `path` of a validated config."""
-    for part in path.split("."):
-        model = getattr(model, part, None)
-    return model
-
-
 def _did_you_mean(name: str, allowed: list[str]) -> str:
     close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.5)
     return f"did you mean '{close[0]}'?" if close else f"known: {', '.join(allowed)}"
@@ -492,68 +484,3 @@ def _why(key: str) -> str:
 def _top(paths: tuple[str, ...]) -> set[str]:
     """Top-level keys fully set by the pipeline (`model.name_or_path` leaves `model` open)."""
     return {p for p in paths if "." not in p}
-
-
-def _stand_in(spec: Any, path: str) -> Any:
-    """The value standing in for wired field `path` of `spec`'s config while it is validated:
-    the input's own placeholder (e.g. a URL for infer's endpoint.url), else by field type."""
-    for declared in spec.inputs:
-        if declared.field == path and declared.placeholder is not None:
-            return declared.placeholder
-    return _placeholder_for(spec.config, path)
-
-
-def _placeholder_for(config: type, path: str) -> Any:
-    """A value standing in for a wired input while the config is validated: a list or a map
-    for fields of those types (e.g. mix's datasets, build-moe-connector's experts)."""
-    model: Any = config
-    annotation: Any = None
-    for part in path.split("."):
-        field_info = getattr(model, "model_fields", {}).get(part)
-        if field_info is None:
-            return _PLACEHOLDER
-        annotation = model = field_info.annotation
-    origin = typing.get_origin(annotation)
-    if origin is list:
-        return [_PLACEHOLDER]
-    if origin is dict:
-        return {"expert": _PLACEHOLDER}
-    return _PLACEHOLDER
-
-
-def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """`over` merged into `base` (nested mappings merged, everything else replaced)."""
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            base[key] = _deep_merge(base[key], value)
-        else:
-            base[key] = copy.deepcopy(value)
-    return base
-
-
-def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{path}."))
-        else:
-            out[path] = value
-    return out
-
-
-def _get(data: Mapping[str, Any], path: str, default: Any) -> Any:
-    node: Any = data
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
-def _set(data: dict[str, Any], path: str, value: Any) -> None:
-    parts = path.split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value

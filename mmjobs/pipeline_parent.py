@@ -15,6 +15,11 @@ candidate after another step had already listed and kept its own, but with an ea
 the report step, which every pipeline ends with, calls `consolidate` before rolling up, which
 moves the children of every other candidate under the earliest and deletes the rest.
 
+A step that fails (or is stopped: KILLED) ends the parent so too, when it is still RUNNING,
+so a cluster run that fails before its report step does not stay RUNNING in MLflow; under
+KFP retries a later attempt that succeeds, and then the report step, end it FINISHED after
+all. A pod killed outright (OOM, eviction) ends nothing: its parent stays RUNNING.
+
 A step whose MLflow is down spools its run with the reference (`Tracker.start_run(...,
 shared_parent=...)`); whoever delivers it (the step when the server is back, or `mmjobs
 tracking flush` later) finds or creates the parent the same way, so it still nests.
@@ -32,8 +37,9 @@ from mmjobs.logs import get_logger
 from mmjobs.stage_contract import KFP_RUN_ID_TOKEN
 
 log = get_logger(__name__)
-__all__ = ["CLUSTER_PREFIX", "KFP_JOB_TAG", "cluster_ref", "consolidate", "find_or_create",
-           "finish", "parent_name", "parent_tags", "parse_ref", "resolve", "shared_parent"]
+__all__ = ["CLUSTER_PREFIX", "KFP_JOB_TAG", "cluster_ref", "consolidate", "end_parent_of",
+           "find_or_create", "finish", "parent_name", "parent_tags", "parse_ref", "resolve",
+           "shared_parent"]
 CLUSTER_PREFIX = "kfp:"
 KFP_JOB_TAG = "mmjobs.kfp_run_id"
 PARENT_TAG = "mlflow.parentRunId"
@@ -162,6 +168,19 @@ def resolve(experiment: str, ref: str, recipe: str | None,
         return None
     find_or_create(client, exp.experiment_id, spec, int(time.time() * 1000))
     return consolidate(client, exp.experiment_id, spec["job_id"])
+
+
+def end_parent_of(client: Any, child_run_id: str, status: str, end_time: int) -> str | None:
+    """End the parent of `child_run_id`, a cluster run's step that ended `status` (FAILED,
+    KILLED), so too if it is still RUNNING (see the module docstring). Returns the parent's
+    run id when it ended it. Raises what MLflow raises: the caller spools and retries."""
+    parent_id = client.get_run(child_run_id).data.tags.get(PARENT_TAG)
+    if not parent_id or client.get_run(parent_id).info.status != "RUNNING":
+        return None
+    client.set_terminated(parent_id, status, end_time)
+    log.info("tracking: step run %s ended %s; so does its pipeline's parent run %s",
+             child_run_id, status, parent_id)
+    return parent_id
 
 
 def finish(run_id: str, status: str, tracking_uri: str | None = None) -> None:

@@ -108,6 +108,8 @@ class RunHandle:
         self._last_send = time.monotonic()
         self._params: dict[str, str] = {}
         self._ended = False
+        # Under a cluster run's shared parent, ending FAILED or KILLED ends the parent so too.
+        self._ends_shared_parent = False
 
     @property
     def run_id(self) -> str | None:
@@ -233,8 +235,11 @@ class RunHandle:
             with self._tracker._lock:
                 if not self._ended:
                     self._ended = True
-                    self._submit({"op": "end", "status": status.upper(),
-                                  "end_time": int(time.time() * 1000)}, pump=False)
+                    op = {"op": "end", "status": status.upper(),
+                          "end_time": int(time.time() * 1000)}
+                    if op["status"] in ("FAILED", "KILLED") and self._ends_shared_parent:
+                        op["end_shared_parent"] = True
+                    self._submit(op, pump=False)
                     self._tracker._flush(self._tracker.end_timeout)
                 line = self._summary()
         except Exception as e:  # tracking must never kill the job
@@ -312,7 +317,7 @@ class Tracker:
                   shared_parent: Mapping[str, Any] | None = None) -> RunHandle:
         """Start a run named `name`, nested under `parent` (a handle, run id or `ref`), or
         under a cluster run's shared parent (`mmjobs.pipeline_parent`; found or made on
-        delivery, also from the spool)."""
+        delivery, also from the spool; a run under it that ends FAILED or KILLED ends it so)."""
         with self._lock:
             key = new_key()
             run = RunQueue(key, name, SpoolFile(self.spool_dir / f"{key}.jsonl"))
@@ -331,6 +336,7 @@ class Tracker:
             run.enqueue(op)
             self._outbox.runs.append(run)
             handle = RunHandle(self, run)
+            handle._ends_shared_parent = bool(shared_parent)
             self._handles.append(handle)
             try:
                 self._outbox.pump()

@@ -381,6 +381,10 @@ class Outbox:
             self._log_model(run.run_id, op)
         elif kind == "end":
             client.set_terminated(run.run_id, op["status"], op["end_time"])
+            if op.get("end_shared_parent"):  # a failed cluster step fails its pipeline run
+                from mmjobs.pipeline_parent import end_parent_of
+
+                end_parent_of(client, run.run_id, op["status"], op["end_time"])
         return None
 
     def _log_model(self, run_id: str, op: dict[str, Any]) -> None:

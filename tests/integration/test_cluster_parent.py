@@ -116,6 +116,29 @@ def test_consolidate_moves_the_children_of_a_second_parent_under_the_earliest(se
     assert consolidate(client, exp_id, job) == early  # nothing left to mend
 
 
+def test_a_failed_step_ends_the_parent_failed_a_finished_one_leaves_it_running(server):
+    """A cluster run that fails before its report step must not stay RUNNING in MLflow."""
+    experiment, job = f"cluster-{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
+    client = MlflowClient(server.uri)
+
+    def step(name: str) -> StageConfig:
+        return StageConfig(experiment=experiment, pipeline_run_id=job, recipe="chart-demo",
+                           parent_run_id=cluster_ref("chart-demo", job), step=name)
+
+    with stage_tracking(step("prepare"), "prepare") as prepare:
+        pass
+    [parent] = _parents(client, experiment, job)
+    assert client.get_run(prepare.run_id).info.status == "FINISHED"
+    assert client.get_run(parent.info.run_id).info.status == "RUNNING"
+
+    with pytest.raises(RuntimeError, match="out of data"), \
+            stage_tracking(step("sft"), "train") as sft:
+        raise RuntimeError("out of data")
+    assert client.get_run(sft.run_id).info.status == "FAILED"
+    assert client.get_run(parent.info.run_id).info.status == "FAILED"
+    assert _parents(client, experiment, job)[0].info.run_id == parent.info.run_id
+
+
 def test_a_step_spooled_while_mlflow_was_down_nests_under_the_shared_parent(server, tmp_path):
     experiment, job = f"cluster-{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
     shared = shared_parent(cluster_ref("chart-demo", job), "chart-demo")

@@ -64,18 +64,25 @@ def is_credential_key(key: str) -> bool:
     return bool(_CREDENTIAL_KEY.search(normalized))
 
 
+def names_a_variable(key: str | int) -> bool:
+    """True for keys naming an environment variable that holds a credential (`api_key_env`,
+    `key_env`): allowed, and their values are never echoed in errors."""
+    return isinstance(key, str) and key.lower().endswith("_env")
+
+
 def find_credential_keys(data: Any, path: tuple[str | int, ...] = ()) -> list[tuple]:
     """Paths of every credential-looking key in nested dicts/lists, in document order.
 
     Keys directly under a ``secrets`` mapping are not checked: by contract they name
     Kubernetes Secret objects (``cluster.secrets.s3: mmjobs-s3``); unknown ones still fail
-    schema validation, and anything nested deeper is checked again.
+    schema validation, and anything nested deeper is checked again. Nor are keys naming an
+    environment variable (`names_a_variable`: ``api_key_env: VLLM_API_KEY``).
     """
     found: list[tuple] = []
     if isinstance(data, Mapping):
         for key, value in data.items():
             key_path = (*path, key)
-            if isinstance(key, str) and is_credential_key(key):
+            if isinstance(key, str) and is_credential_key(key) and not names_a_variable(key):
                 found.append(key_path)
             elif key == "secrets" and isinstance(value, Mapping):
                 for name, child in value.items():
@@ -305,7 +312,10 @@ def parse_override(model_cls: Any, text: str) -> tuple[tuple[str, ...], Any, str
     path = tuple(part.strip() for part in key.split("."))
     if not sep or not all(path):
         return f"{label}: expected KEY=VALUE"
-    if any(is_credential_key(part) for part in path):
+    # As in files: a key directly under `secrets` names a Secret, one ending in `_env` a
+    # variable (find_credential_keys).
+    if any(is_credential_key(part) and path[i - 1:i] != ("secrets",)
+           and not names_a_variable(part) for i, part in enumerate(path)):
         return f"--set {key}=***: {CREDENTIAL_HINT}"  # never echo the value
     try:
         value = yaml.safe_load(raw)
@@ -373,7 +383,8 @@ def validation_errors(
     def origin(loc: tuple, unknown_key: bool = False) -> tuple[int, str]:
         for i, path, label in reversed(overrides):  # the last override wins, as when applied
             if loc[: len(path)] == path:
-                if any(c[: len(path)] == path for c in creds):
+                if any(c[: len(path)] == path for c in creds) or any(map(names_a_variable,
+                                                                          path)):
                     label = label.split("=", 1)[0] + "=***"  # never echo credentials
                 return i, label + (f" ({dotted(loc)})" if len(loc) > len(path) else "")
         for i, path, label in reversed(overrides if unknown_key else ()):
@@ -393,7 +404,7 @@ def validation_errors(
                 continue  # already reported as a credential
             # An error above a credential (e.g. a mapping where a string belongs) would
             # print the mapping, credential included.
-            hide = any(c[: len(loc)] == loc for c in creds)
+            hide = any(c[: len(loc)] == loc for c in creds) or any(map(names_a_variable, loc))
             for where, message in _messages(model_cls, err, hide):
                 idx, label = origin(where, unknown_key=err["type"] == "extra_forbidden")
                 out.append((idx, f"{label}: {message}"))

@@ -29,6 +29,9 @@ step after the infer steps). `ignore_upstream_failure` frees each engine early; 
 handler is the guarantee. Both run under `mmjobs run` too (KFP's local runner supports them),
 where `mmjobs serve` on 127.0.0.1 is the engine and the runner stops any left running.
 
+With `eval.engine.secrets.api_key` (cluster runs) the engine and its infer steps read the
+bearer key from that Secret; the infer steps send it (`endpoint.api_key_env`).
+
 Infer steps answering through an engine are CPU steps (`cluster.cpu_steps`) unless
 `eval.engine.endpoint.agreement_sample` asks them to also answer in-process (then they keep
 the infer step's GPUs).
@@ -41,7 +44,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from mmjobs.recipe import EngineSpec
 from pipelines.builder import Build
@@ -72,10 +75,17 @@ class Engines:
         endpoint = {"model": self.spec.served_model_name,
                     "engine": json.dumps(identity, sort_keys=True),
                     **self.spec.endpoint.model_dump(exclude_none=True)}
+        key_secret = self.spec.secrets.api_key if self.b.for_cluster else None
+        if key_secret:  # the engine's bearer key, from its Secret (local engines have none)
+            endpoint["api_key_env"] = EngineSpec.KEY_ENV
         if not self.spec.endpoint.agreement_sample:
             self.b.cpu_only.add(step)  # a client of the engine: no GPU of its own
         task = self.b.step(step, "infer", key=key, fixed={**(fixed or {}), "endpoint": endpoint},
                            model=model, endpoint_url=up.output, **inputs)
+        if key_secret:
+            kubernetes.use_secret_as_env(
+                task, secret_name=key_secret,
+                secret_key_to_env={EngineSpec.KEY_IN_SECRET: EngineSpec.KEY_ENV})
         self.infers.setdefault(label, []).append(task)
         return task
 
@@ -127,7 +137,9 @@ def engine_defaults(b: Build, spec: EngineSpec | None) -> dict[str, Any]:
     defaults.update({"gpus": res.gpus if spec.gpus is None else spec.gpus,
                      "cpu": spec.cpu or res.cpu, "memory": spec.memory or res.memory,
                      "fetch_image": b.recipe.images.image("eval"),
-                     "secrets": cluster.secrets.model_dump(), "store_env": dict(cluster.env),
+                     "secrets": {**cluster.secrets.model_dump(),
+                                 **spec.secrets.model_dump(exclude_none=True)},
+                     "store_env": dict(cluster.env),
                      "node_selector": dict(cluster.node_selector),
                      "tolerations": [dict(t) for t in cluster.tolerations],
                      "image_pull_secrets": list(cluster.image_pull_secrets)})

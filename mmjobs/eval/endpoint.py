@@ -52,8 +52,9 @@ class EndpointClient(StrictModel):
     client settings; `EndpointConfig` adds where the server is). A recipe's `eval.engine.endpoint`
     is one of these: the pipeline fills in the URL and model of the engine it starts."""
 
-    api_key_env: str | None = Field(None, description="Environment variable holding the "
-                                    "bearer key (never the key itself).")
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                    description="Environment variable holding the bearer key "
+                                    "(never the key itself).")
     concurrency: int = Field(8, ge=1, le=1024, description="Requests in flight at once.")
     retries: int = Field(5, ge=0, le=50, description="Retries of a refused connection, "
                          "timeout, 429 or 5xx, with exponential backoff.")

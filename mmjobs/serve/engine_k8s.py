@@ -15,10 +15,14 @@ from mmjobs.config_cluster import SecretNames
 from mmjobs.logs import get_logger
 from mmjobs.serve import k8s
 from mmjobs.serve.engine_pod import (
+    API_KEY_ENV,
+    API_KEY_SECRET_KEY,
     CACHE_ENV,
     MANAGER,
     MODEL_DIR,
     RUN_LABEL,
+    VLLM_KEY_ENV,
+    EngineSecrets,
     EngineSpec,
     labels,
     selector,
@@ -29,14 +33,19 @@ from mmjobs.serve.rollout import DeployError, ServerObjects
 log = get_logger(__name__)
 
 
+class EnginePodSecrets(SecretNames, EngineSecrets):
+    """The cluster's Secret names (`cluster.secrets`) and the engine's own (`api_key`)."""
+
+
 class EnginePlacement(EngineSpec):
     """An engine as the pipeline starts it: the recipe's spec plus what the cluster section
     says (the eval image that copies the model, Secret names, store env, placement)."""
 
     fetch_image: str | None = Field(None, description="Image of the init container that "
                                     "copies the model from the store (the eval image).")
-    secrets: SecretNames = Field(default_factory=SecretNames, description="Secret names "
-                                 "(the init container reads secrets.s3).")
+    secrets: EnginePodSecrets = Field(default_factory=lambda: EnginePodSecrets(),
+                                      description="Secret names: the init container reads "
+                                      "secrets.s3, the engine secrets.api_key.")
     store_env: dict[str, str] = Field(default_factory=dict, description="Plain env of the "
                                       "init container (cluster.env: MMJOBS_STORE, "
                                       "AWS_ENDPOINT_URL).")
@@ -86,7 +95,8 @@ def deployment(spec: EnginePlacement, *, name: str, namespace: str, run: str, mo
     engine: dict[str, Any] = {
         "name": "engine", "image": spec.image, "imagePullPolicy": "IfNotPresent",
         **({"command": command} if command else {}), "args": args,
-        "env": [{"name": k, "value": v} for k, v in {**CACHE_ENV, **spec.env}.items()],
+        "env": [{"name": k, "value": v} for k, v in {**CACHE_ENV, **spec.env}.items()]
+        + _key_env(spec),
         "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
         # Loading takes minutes: the startup probe allows the whole startup timeout.
         "startupProbe": {**probe, "periodSeconds": 10,
@@ -129,6 +139,14 @@ def deployment(spec: EnginePlacement, *, name: str, namespace: str, run: str, mo
                                            "annotations": dict(notes)},
                               "spec": pod}},
     }
+
+
+def _key_env(spec: EnginePlacement) -> list[dict[str, Any]]:
+    """The bearer key from `secrets.api_key`, as the engine reads it (none without one)."""
+    if not spec.secrets.api_key:
+        return []
+    ref = {"secretKeyRef": {"name": spec.secrets.api_key, "key": API_KEY_SECRET_KEY}}
+    return [{"name": name, "valueFrom": ref} for name in (API_KEY_ENV, VLLM_KEY_ENV)]
 
 
 def service(*, name: str, namespace: str, run: str, port: int) -> dict[str, Any]:

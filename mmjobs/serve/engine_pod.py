@@ -24,7 +24,11 @@ the vllm-openai image runs as root by default and writes caches under $HOME (~/.
 ~/.triton, ~/.config/vllm), so $HOME, XDG_CACHE_HOME and HF_HOME point into a writable /tmp
 emptyDir, /dev/shm is a memory-backed emptyDir (tensor-parallel workers share tensors there),
 and the hub is off (HF_HUB_OFFLINE: the model is local). Readiness is `ready_path`
-(vLLM: /health; /v1/models works for every OpenAI-compatible server).
+(vLLM: /health; /v1/models works for every OpenAI-compatible server without a key).
+
+`secrets.api_key` names a Secret holding a bearer key: the engine container gets it from the
+Secret (never from the recipe) and so do the infer steps that send it; without one the engine
+answers anyone the NetworkPolicy lets in (pods of the namespace).
 
 Objects are labelled app.kubernetes.io/part-of=mmjobs and app.kubernetes.io/component=serve
 (the chart's serve NetworkPolicy: port 8000 from the namespace, egress to DNS, S3, MLflow),
@@ -37,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import re
 import string
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -58,10 +62,31 @@ CACHE_ENV = {"HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache", "HF_HOME": "/tmp/.
              "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
              "PYTHONUNBUFFERED": "1"}
 MAX_NAME = 40  # pods are <name>-<10>-<5>: stays a 63-character DNS label
+# The bearer key (`secrets.api_key`): the Secret's key, and the variable the engine container
+# and the infer steps get it as (vLLM reads VLLM_API_KEY itself).
+API_KEY_SECRET_KEY = "api_key"
+API_KEY_ENV = "MMJOBS_ENGINE_API_KEY"
+VLLM_KEY_ENV = "VLLM_API_KEY"
+
+
+class EngineSecrets(StrictModel):
+    """Names of the Kubernetes Secrets an engine reads; never the credentials themselves."""
+
+    api_key: str | None = Field(
+        None, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", description="A Secret whose key "
+        f"`{API_KEY_SECRET_KEY}` holds a bearer key for the engine: the engine container gets "
+        f"it as ${API_KEY_ENV} and ${VLLM_KEY_ENV} (vLLM then refuses /v1 requests without "
+        f"it; other servers: pass it in args, e.g. --api-key $({API_KEY_ENV})) and the infer "
+        "steps send it. Cluster runs only: a local run's engine listens on 127.0.0.1 "
+        "without one.")
 
 
 class EngineSpec(StrictModel):
     """The recipe's `eval.engine`: evaluate through a serving engine the pipeline starts."""
+
+    # Where the bearer key of `secrets.api_key` is read from and into (pipelines wire it).
+    KEY_IN_SECRET: ClassVar[str] = API_KEY_SECRET_KEY
+    KEY_ENV: ClassVar[str] = API_KEY_ENV
 
     image: str = Field(min_length=1, description="The engine's image, e.g. "
                        "vllm/vllm-openai:v0.11.0 (any OpenAI-compatible server).")
@@ -91,6 +116,9 @@ class EngineSpec(StrictModel):
     shm_size: str = Field("8Gi", description="/dev/shm (memory-backed) size.")
     model_size: str = Field("100Gi", description="Size limit of the emptyDir the model is "
                             "copied into: at least the model's size.")
+    secrets: EngineSecrets = Field(default_factory=lambda: EngineSecrets(),
+                                   description="Kubernetes Secrets the engine reads (names, "
+                                   "never the credentials): `api_key`, its bearer key.")
     env: dict[str, str] = Field(default_factory=dict, description="Plain env of the engine "
                                 "container (e.g. VLLM_LOGGING_LEVEL); never credentials "
                                 "(recipes refuse credential-like keys).")
@@ -125,6 +153,10 @@ class EngineSpec(StrictModel):
         if "model" not in used:
             raise _args_error("args: no {model}: the engine would not load the evaluated "
                               "model; pass it, e.g. --model {model}")
+        if self.secrets.api_key and self.ready_path.startswith("/v1"):
+            raise _args_error(f"ready_path: {self.ready_path} needs the bearer key, which "
+                              "Kubernetes' probes do not send; use an unauthenticated path "
+                              "(vLLM, SGLang, TGI: /health)")
         return self
 
     def command_line(self) -> tuple[list[str], list[str]]:

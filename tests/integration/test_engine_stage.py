@@ -15,6 +15,7 @@ DELETE and label-selected lists of Deployments and Services added:
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -141,6 +142,20 @@ def test_engine_up_creates_a_restricted_engine_and_returns_its_url(kube):
     assert labels[engine_pod.RUN_LABEL] == engine_pod.run_key("chart-demo", "run-1")
     assert service["spec"]["selector"] == created["spec"]["selector"]["matchLabels"]
     assert created["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_a_keyed_engine_reads_its_bearer_key_from_the_secret(kube):
+    fake, api = kube
+    fake.statuses = [status()]
+    fake.pods = [[engine_pod_status(state={"running": {}})]]
+    engine.main(config(secrets={"s3": "team-s3", "api_key": "team-engine-key"}), api=api)
+    created = fake.objects[("deployments", NAME)]
+    assert schema_problems(created) == [] and policy.policy_violations([created]) == []
+    (container,) = created["spec"]["template"]["spec"]["containers"]
+    keyed = {e["name"]: e["valueFrom"] for e in container["env"] if "valueFrom" in e}
+    ref = {"secretKeyRef": {"name": "team-engine-key", "key": "api_key"}}
+    assert keyed == {"MMJOBS_ENGINE_API_KEY": ref, "VLLM_API_KEY": ref}
+    assert "team-engine-key" not in json.dumps(container["args"])  # never on the command line
 
 
 def test_a_crash_looping_engine_fails_the_step_with_its_log_tail(kube):

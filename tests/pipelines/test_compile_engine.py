@@ -113,6 +113,30 @@ def test_an_agreement_sample_keeps_the_infer_step_s_gpu(tmp_path: Path) -> None:
     assert config_of(infer)["endpoint"]["agreement_sample"] == 20
 
 
+def test_a_keyed_engine_s_infer_steps_send_the_key_from_its_secret(tmp_path: Path) -> None:
+    """`secrets.api_key`: the infer steps read the engine's bearer key from the Secret (never
+    from the recipe) and send it; the engine step passes the Secret's name to the engine."""
+    spec, executors = compile_ir(tmp_path, ENGINE, "eval.engine.secrets.api_key=team-engine-key")
+    tasks = tasks_by_step(spec)
+    for label in ("untrained", "trained"):
+        _, infer = tasks[f"infer-{label}"]
+        assert config_of(infer)["endpoint"]["api_key_env"] == "MMJOBS_ENGINE_API_KEY"
+        executor = spec["components"][infer["componentRef"]["name"]]["executorLabel"]
+        secrets = {s["secretName"]: s for s in executors[executor]["secretAsEnv"]}
+        assert secrets["team-engine-key"]["keyToEnv"] == [
+            {"secretKey": "api_key", "envVar": "MMJOBS_ENGINE_API_KEY"}]
+        assert secrets["team-engine-key"].get("optional") is not True  # no key: no answers
+        up_secrets = config_of(tasks[f"engine-up-{label}"][1])["secrets"]
+        assert up_secrets == {"s3": "mmjobs-s3", "mlflow": "mmjobs-mlflow",
+                              "api_key": "team-engine-key"}
+    # Without the Secret nothing changes: no key variable, no Secret read.
+    spec, executors = compile_ir(tmp_path, ENGINE)
+    _, infer = tasks_by_step(spec)["infer-trained"]
+    assert "api_key_env" not in config_of(infer)["endpoint"]
+    executor = spec["components"][infer["componentRef"]["name"]]["executorLabel"]
+    assert "team-engine-key" not in {s["secretName"] for s in executors[executor]["secretAsEnv"]}
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("eval.engine={image: vllm/vllm-openai:v0.11.0, args: [--port, '{port}']}",
      "args: no {model}: the engine would not load"),
@@ -121,11 +145,27 @@ def test_an_agreement_sample_keeps_the_infer_step_s_gpu(tmp_path: Path) -> None:
     ("eval.engine={image: vllm/vllm-openai:v0.11.0, env: {HF_TOKEN: x}}",
      "(eval.engine.env.HF_TOKEN): credentials are never read from recipe files"),
     ("eval.engine={args: ['{model}']}", "eval.engine.image"),
+    ("eval.engine={image: x, secrets: {api_key: k}, ready_path: /v1/models}",
+     "ready_path: /v1/models needs the bearer key, which Kubernetes' probes do not send"),
+    ("eval.engine={image: x, secrets: {api_key: Team_Key}}", "eval.engine.secrets.api_key"),
 ])
 def test_bad_engine_sections_are_refused_naming_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         pipeline_runner.load(RECIPE, [override])
     assert message in str(caught.value)
+
+
+def test_a_recipe_names_the_variable_holding_an_endpoint_s_key_never_the_key() -> None:
+    """`api_key_env: VLLM_API_KEY` (README: Evaluating through a serving engine) is allowed;
+    a key pasted there by mistake is refused without being shown."""
+    endpoint = "stages.infer.endpoint={url: 'http://vllm:8000/v1', api_key_env: %s}"
+    recipe = pipeline_runner.load(RECIPE, [endpoint % "VLLM_API_KEY"])
+    assert recipe.stages["infer"]["endpoint"]["api_key_env"] == "VLLM_API_KEY"
+    for override in (endpoint % "sk-proj-abc123", "stages.infer.endpoint.api_key_env=sk-x y"):
+        with pytest.raises(ConfigError) as caught:
+            pipeline_runner.load(RECIPE, [override])
+        assert "api_key_env: got <redacted>" in str(caught.value)
+        assert "sk-" not in str(caught.value)
 
 
 def test_an_infer_endpoint_besides_the_engine_is_refused() -> None:

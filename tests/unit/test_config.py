@@ -300,6 +300,18 @@ def test_override_credential_is_rejected_without_echoing_the_value(tmp_path: Pat
     ]
 
 
+def test_override_naming_a_secret_under_secrets_is_a_name_not_a_credential(
+        tmp_path: Path) -> None:
+    """As in files: keys directly under `secrets` name Kubernetes Secrets; deeper ones, and a
+    credential-looking key anywhere else, are still refused."""
+    path = write(tmp_path, MINIMAL)
+    cfg = load_recipe(path, ["eval.engine={image: vllm/vllm-openai:v0.11.0}",
+                             "eval.engine.secrets.api_key=team-engine-key"])
+    assert cfg.eval.engine is not None and cfg.eval.engine.secrets.api_key == "team-engine-key"
+    assert errors_of(path, ("eval.engine.secrets.api_key.token=x",)) == [
+        f"--set eval.engine.secrets.api_key.token=***: {CREDENTIAL_HINT}"]
+
+
 def test_file_and_override_errors_are_reported_together(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL + "train:\n  lrr: 1\n")
     errors = errors_of(path, ("eval.batch_size=big", "nope"))

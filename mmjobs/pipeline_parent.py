@@ -38,8 +38,8 @@ from mmjobs.stage_contract import KFP_RUN_ID_TOKEN
 
 log = get_logger(__name__)
 __all__ = ["CLUSTER_PREFIX", "KFP_JOB_TAG", "cluster_ref", "consolidate", "end_parent_of",
-           "find_or_create", "finish", "parent_name", "parent_tags", "parse_ref", "resolve",
-           "shared_parent"]
+           "find_or_create", "finish", "log_recipe", "parent_name", "parent_tags", "parse_ref",
+           "resolve", "shared_parent"]
 CLUSTER_PREFIX = "kfp:"
 KFP_JOB_TAG = "mmjobs.kfp_run_id"
 PARENT_TAG = "mlflow.parentRunId"
@@ -181,6 +181,28 @@ def end_parent_of(client: Any, child_run_id: str, status: str, end_time: int) ->
     log.info("tracking: step run %s ended %s; so does its pipeline's parent run %s",
              child_run_id, status, parent_id)
     return parent_id
+
+
+def log_recipe(run_id: str, params: Mapping[str, Any], recipe_yaml: str | None,
+               tracking_uri: str | None = None) -> None:
+    """Log a cluster run's compiled recipe on its parent run, as `mmjobs run` does locally:
+    `params` (flattened, as `RunHandle.log_params` sends them) and `recipe.yaml`. A warning
+    if MLflow refuses (e.g. a re-run whose recipe changed a param: params are immutable)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    from mmjobs.tracking import MAX_PARAMS_TAGS_PER_BATCH, flatten_params
+
+    client = MlflowClient(tracking_uri or settings.tracking_uri())
+    flat = list(flatten_params(dict(params)).items()) if params else []
+    try:
+        for start in range(0, len(flat), MAX_PARAMS_TAGS_PER_BATCH):
+            client.log_batch(run_id, params=[Param(k, v) for k, v in
+                                             flat[start:start + MAX_PARAMS_TAGS_PER_BATCH]])
+        if recipe_yaml:
+            client.log_text(run_id, recipe_yaml, "recipe.yaml")
+    except Exception as e:  # a summary nicety: never fail the run over it
+        log.warning("could not log the recipe on the MLflow parent run %s: %s", run_id, e)
 
 
 def finish(run_id: str, status: str, tracking_uri: str | None = None) -> None:

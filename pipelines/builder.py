@@ -34,8 +34,10 @@ from kfp import dsl
 from pydantic import ValidationError
 
 from mmjobs import storage
+from mmjobs.config import dump_recipe, flatten
 from mmjobs.config_errors import validation_errors
 from mmjobs.logs import get_logger
+from mmjobs.pipeline_parent import CLUSTER_PREFIX
 from mmjobs.recipe import RecipeConfig
 from mmjobs.stage_contract import KFP_RUN_ID_TOKEN
 from mmjobs.stages import registry
@@ -347,7 +349,12 @@ class Build:
                         "results table is still written by the runner)")
             return None
         model_cls = registry.get("report").config
-        offered = {"title": title}
+        offered: dict[str, Any] = {"title": title}
+        if str(self.parent_run_id or "").startswith(CLUSTER_PREFIX):
+            # A cluster run's parent gets the recipe from the report step (`mmjobs run` logs
+            # it locally): compiled in, as the steps themselves do not carry it.
+            offered.update(recipe_yaml=dump_recipe(self.recipe),
+                           recipe_params=flatten(self.recipe))
         defaults = {k: v for k, v in offered.items() if k in model_cls.model_fields}
         config = self.config("report", "report", defaults=defaults)
         task = self.step("report", "report", config=config)

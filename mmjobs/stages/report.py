@@ -13,7 +13,8 @@ and PNG plots (loss and LR curves, per-category bars, metric vs sweep setting); 
 Runs that lack what a part needs are left out of it and listed with the reason.
 
 On a cluster run (`parent_run_id` a `kfp:` reference, see `mmjobs.pipeline_parent`) the step
-first does what `mmjobs run` does locally once the steps are done: it rolls the parent run up
+first does what `mmjobs run` does locally: it logs the compiled recipe on the parent run
+(params and recipe.yaml, which the pipeline compiles into this step's config), rolls it up
 (headline metrics, final model, registered versions: `mmjobs.report.rollup.roll_up_run`) and,
 after the report, ends it FINISHED (FAILED if the report fails).
 
@@ -31,7 +32,7 @@ from typing import Any
 from pydantic import Field
 
 from mmjobs import storage
-from mmjobs.pipeline_parent import finish, parse_ref, resolve
+from mmjobs.pipeline_parent import finish, log_recipe, parse_ref, resolve
 from mmjobs.report import (
     REPORT_HTML,
     REPORT_JSON,
@@ -53,7 +54,8 @@ from mmjobs.stage_contract import (
 
 NAME = "report"
 VERSION = 1  # bump when the report's contents change: invalidates reused reports
-_NOT_FINGERPRINTED = {"pipeline_run_id", "output", "recipe", "force"}
+_NOT_FINGERPRINTED = {"pipeline_run_id", "output", "recipe", "force", "recipe_yaml",
+                      "recipe_params"}
 
 
 class ReportConfig(StageConfig):
@@ -76,6 +78,12 @@ class ReportConfig(StageConfig):
     max_series: int = Field(12, ge=1, description="Runs per figure; more are split over "
                             "several figures (loss.png, loss_2.png, ...).")
     max_runs: int = Field(5000, ge=1, description="Read at most this many runs (the newest).")
+    recipe_yaml: str | None = Field(
+        None, description="Cluster runs (set by the pipeline): the recipe as compiled, logged "
+        "on the parent run as recipe.yaml, as `mmjobs run` logs it locally.")
+    recipe_params: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="Cluster runs (set by the pipeline): the compiled "
+        "recipe's params (`mmjobs.config.flatten`), logged on the parent run.")
 
 
 class ReportResult(StageResult):
@@ -102,6 +110,7 @@ def main(cfg: ReportConfig) -> ReportResult:
     # steps share, as `mmjobs run` does locally (roll-up, registered models, end status).
     parent = _cluster_parent(cfg)
     try:
+        log_recipe(parent, cfg.recipe_params, cfg.recipe_yaml)
         roll_up_run(parent, registered_model=cfg.recipe)
         result = _report(cfg.model_copy(update={"parent_run_id": parent}))
     except BaseException:

@@ -190,7 +190,8 @@ def test_a_compiled_cluster_run_nests_rolls_up_and_registers_in_its_report_step(
     """The compiled chart-demo pipeline's step configs on one KFP job: the steps that carry
     the lineage (merge -> infer -> evaluate; their bodies reduced to what they log) open their
     runs through the stage contract, then the real report step runs through the component
-    entry point with its compiled config, rolls the parent up, registers the model, ends it."""
+    entry point with its compiled config, logs the recipe on the parent, rolls it up,
+    registers the model, ends it."""
     experiment, job = f"cluster-{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
     configs = _compiled_configs(tmp_path, experiment)
     assert json.loads(configs["sft"])["parent_run_id"] == f"kfp:{KFP_RUN_ID_TOKEN}:chart-demo"
@@ -218,6 +219,16 @@ def test_a_compiled_cluster_run_nests_rolls_up_and_registers_in_its_report_step(
     assert names == ["evaluate-trained", "evaluate-untrained", "infer-trained",
                      "infer-untrained", "merge", "report"]
     assert parent.info.status == "FINISHED"
+    # The compiled recipe, as `mmjobs run` logs it on a local parent.
+    recipe = pipeline_runner.load(CHART_DEMO, [f"recipe={experiment}", "pipeline=chart-demo",
+                                               f"experiment={experiment}",
+                                               f"cluster.env.MMJOBS_STORE={tmp_path / 'store'}"])
+    assert parent.data.params["recipe"] == experiment
+    assert parent.data.params["train.lr"] == str(recipe.train.lr)
+    assert parent.data.params["model.name_or_path"] == recipe.model.name_or_path
+    logged = yaml.safe_load(Path(client.download_artifacts(
+        parent.info.run_id, "recipe.yaml", str(tmp_path))).read_text(encoding="utf-8"))
+    assert logged["train"]["lr"] == recipe.train.lr and logged["recipe"] == experiment
     assert parent.data.metrics == {"trained.chartqa.overall": 0.6,
                                    "untrained.chartqa.overall": 0.1, "chartqa.overall": 0.6}
     assert parent.data.tags["mmjobs.final_model.uri"] == merge.output

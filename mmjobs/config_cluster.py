@@ -121,10 +121,11 @@ class ClusterConfig(StrictModel):
         2, ge=0, le=10, description="Retries of stages that resume after a pod is preempted "
         "(those declared resumable: training, inference, tokenization); other stages get 0 "
         "unless cluster.stages sets them.")
-    caching: bool = Field(True, description="Let KFP reuse a step's result when its inputs "
-                          "are unchanged (stages also skip work whose committed output matches). "
-                          "Matches across runs only for pipelines compiled with --run-id: "
-                          "otherwise every step's inputs hold its run's KFP job id.")
+    caching: bool = Field(True, description="KFP's step cache. It never matches across "
+                          "runs: every step's inputs hold its run's KFP job id, as outputs are "
+                          "store paths rewritten in place (equal inputs need not mean equal "
+                          "contents); across runs compiled with the same --run-id the stages "
+                          "reuse committed outputs whose fingerprints match.")
     stages: dict[str, StageResources] = Field(
         default_factory=dict,
         description="Per-stage resources, keyed by stage kind (train, infer, ...) or by step "

@@ -378,3 +378,21 @@ def test_llava_dataengine_has_the_seeds_settings_baseline_and_upload_steps(
         pipeline_runner.load("pipelines/recipes/chartwiz.yaml", ["eval.baseline=true"])
     assert any(err.startswith("eval.baseline: pipeline chartwiz has no baseline row")
                for err in e.value.errors)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_no_step_can_match_another_run_s_kfp_cache_even_with_a_baked_run_id(
+        path: Path, tmp_path: Path) -> None:
+    """Outputs are store paths that a changed upstream step rewrites in place, so KFP's cache
+    (inputs equal) must never stand in for the stages' own fingerprint check across runs:
+    every step, also under `--run-id`, takes its run's KFP job id as an input."""
+    out = tmp_path / "pipeline.yaml"
+    pipeline_runner.compile_recipe(path, out, run_id="run-1")
+    spec = next(yaml.safe_load_all(out.read_text(encoding="utf-8")))
+    dags = [spec["root"]["dag"], *(c["dag"] for c in spec["components"].values() if "dag" in c)]
+    steps = [t for dag in dags for t in dag["tasks"].values()
+             if "config_json" in t.get("inputs", {}).get("parameters", {})]
+    assert steps
+    for task in steps:
+        assert task["inputs"]["parameters"]["kfp_run_id"] == {
+            "runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}, task["taskInfo"]["name"]

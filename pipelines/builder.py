@@ -34,7 +34,7 @@ from kfp import dsl
 from pydantic import ValidationError
 
 from mmjobs import storage
-from mmjobs.config import dump_recipe, flatten
+from mmjobs.config import dump_recipe
 from mmjobs.config_errors import validation_errors
 from mmjobs.logs import get_logger
 from mmjobs.pipeline_parent import CLUSTER_PREFIX
@@ -353,8 +353,7 @@ class Build:
         if str(self.parent_run_id or "").startswith(CLUSTER_PREFIX):
             # A cluster run's parent gets the recipe from the report step (`mmjobs run` logs
             # it locally): compiled in, as the steps themselves do not carry it.
-            offered.update(recipe_yaml=dump_recipe(self.recipe),
-                           recipe_params=flatten(self.recipe))
+            offered["recipe_yaml"] = dump_recipe(self.recipe)
         defaults = {k: v for k, v in offered.items() if k in model_cls.model_fields}
         config = self.config("report", "report", defaults=defaults)
         task = self.step("report", "report", config=config)

@@ -32,6 +32,7 @@ from typing import Any
 from pydantic import Field
 
 from mmjobs import storage
+from mmjobs.logs import get_logger
 from mmjobs.pipeline_parent import finish, log_recipe, parse_ref, resolve
 from mmjobs.report import (
     REPORT_HTML,
@@ -53,9 +54,9 @@ from mmjobs.stage_contract import (
 )
 
 NAME = "report"
+log = get_logger(__name__)
 VERSION = 1  # bump when the report's contents change: invalidates reused reports
-_NOT_FINGERPRINTED = {"pipeline_run_id", "output", "recipe", "force", "recipe_yaml",
-                      "recipe_params"}
+_NOT_FINGERPRINTED = {"pipeline_run_id", "output", "recipe", "force", "recipe_yaml"}
 
 
 class ReportConfig(StageConfig):
@@ -80,10 +81,7 @@ class ReportConfig(StageConfig):
     max_runs: int = Field(5000, ge=1, description="Read at most this many runs (the newest).")
     recipe_yaml: str | None = Field(
         None, description="Cluster runs (set by the pipeline): the recipe as compiled, logged "
-        "on the parent run as recipe.yaml, as `mmjobs run` logs it locally.")
-    recipe_params: dict[str, str | int | float | bool] = Field(
-        default_factory=dict, description="Cluster runs (set by the pipeline): the compiled "
-        "recipe's params (`mmjobs.config.flatten`), logged on the parent run.")
+        "on the parent run as recipe.yaml and params, as `mmjobs run` logs it locally.")
 
 
 class ReportResult(StageResult):
@@ -110,7 +108,8 @@ def main(cfg: ReportConfig) -> ReportResult:
     # steps share, as `mmjobs run` does locally (roll-up, registered models, end status).
     parent = _cluster_parent(cfg)
     try:
-        log_recipe(parent, cfg.recipe_params, cfg.recipe_yaml)
+        if cfg.recipe_yaml:
+            log_recipe(parent, _recipe_params(cfg.recipe_yaml), cfg.recipe_yaml)
         roll_up_run(parent, registered_model=cfg.recipe)
         result = _report(cfg.model_copy(update={"parent_run_id": parent}))
     except BaseException:
@@ -118,6 +117,23 @@ def main(cfg: ReportConfig) -> ReportResult:
         raise
     finish(parent, "FINISHED")
     return result
+
+
+def _recipe_params(recipe_yaml: str) -> dict[str, Any]:
+    """The compiled recipe's params as `mmjobs run` logs them (`mmjobs.config.flatten`); none,
+    with a warning, if this version cannot read it (recipe.yaml is still logged)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from mmjobs.config import flatten
+    from mmjobs.recipe import RecipeConfig
+
+    try:
+        return flatten(RecipeConfig.model_validate(yaml.safe_load(recipe_yaml)))
+    except (ValidationError, yaml.YAMLError) as e:
+        log.warning("the compiled recipe's params are not logged on the parent run: %s",
+                    str(e).splitlines()[0])
+        return {}
 
 
 def _cluster_parent(cfg: ReportConfig) -> str:

@@ -191,14 +191,13 @@ def log_recipe(run_id: str, params: Mapping[str, Any], recipe_yaml: str | None,
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    from mmjobs.tracking import MAX_PARAMS_TAGS_PER_BATCH, flatten_params
+    from mmjobs.tracking import MAX_PARAMS_TAGS_PER_BATCH, chunks, flatten_params
 
     client = MlflowClient(tracking_uri or settings.tracking_uri())
     flat = list(flatten_params(dict(params)).items()) if params else []
     try:
-        for start in range(0, len(flat), MAX_PARAMS_TAGS_PER_BATCH):
-            client.log_batch(run_id, params=[Param(k, v) for k, v in
-                                             flat[start:start + MAX_PARAMS_TAGS_PER_BATCH]])
+        for batch in chunks(flat, MAX_PARAMS_TAGS_PER_BATCH):
+            client.log_batch(run_id, params=[Param(k, v) for k, v in batch])
         if recipe_yaml:
             client.log_text(run_id, recipe_yaml, "recipe.yaml")
     except Exception as e:  # a summary nicety: never fail the run over it

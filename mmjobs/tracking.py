@@ -101,7 +101,8 @@ class RunHandle:
     """One MLflow run. Methods return quickly and never raise. As a context manager it ends
     the run `FINISHED` on success and `FAILED` on an exception (which propagates)."""
 
-    def __init__(self, tracker: Tracker, run: RunQueue) -> None:
+    def __init__(self, tracker: Tracker, run: RunQueue, *,
+                 ends_shared_parent: bool = False) -> None:
         self._tracker = tracker
         self._run = run
         self._metrics: list[list[Any]] = []  # buffered [key, value, timestamp_ms, step]
@@ -109,7 +110,7 @@ class RunHandle:
         self._params: dict[str, str] = {}
         self._ended = False
         # Under a cluster run's shared parent, ending FAILED or KILLED ends the parent so too.
-        self._ends_shared_parent = False
+        self._ends_shared_parent = ends_shared_parent
 
     @property
     def run_id(self) -> str | None:
@@ -143,14 +144,14 @@ class RunHandle:
                             self._params[key], value)
             elif key not in self._params:
                 new[key] = self._params[key] = value
-        for chunk in _chunks(list(new.items()), MAX_PARAMS_TAGS_PER_BATCH):
+        for chunk in chunks(list(new.items()), MAX_PARAMS_TAGS_PER_BATCH):
             self._submit({"op": "batch", "params": dict(chunk)})
 
     @_never_raises
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set tags (values stringified, cut to 8000 characters)."""
         items = [(_clean_key(k), _clip(str(v), MAX_TAG_LENGTH)) for k, v in tags.items()]
-        for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
+        for chunk in chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
             self._submit({"op": "batch", "tags": dict(chunk)})
 
     @_never_raises
@@ -271,7 +272,7 @@ class RunHandle:
     def _move_metrics(self) -> None:
         rows, self._metrics = self._metrics, []
         self._last_send = time.monotonic()
-        for chunk in _chunks(rows, MAX_METRICS_PER_BATCH):
+        for chunk in chunks(rows, MAX_METRICS_PER_BATCH):
             self._run.enqueue({"op": "batch", "metrics": chunk})
 
     def _summary(self) -> str:
@@ -335,8 +336,7 @@ class Tracker:
                 op["parent_key" if is_key else "parent_run_id"] = ref.removeprefix("spool:")
             run.enqueue(op)
             self._outbox.runs.append(run)
-            handle = RunHandle(self, run)
-            handle._ends_shared_parent = bool(shared_parent)
+            handle = RunHandle(self, run, ends_shared_parent=bool(shared_parent))
             self._handles.append(handle)
             try:
                 self._outbox.pump()
@@ -504,5 +504,6 @@ def _clip(value: str, limit: int) -> str:
     return value if len(value) <= limit else value[: limit - 14] + "...[truncated]"
 
 
-def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+def chunks(items: list[Any], size: int) -> list[list[Any]]:
+    """`items` in lists of at most `size` (MLflow's per-request limits)."""
     return [items[i:i + size] for i in range(0, len(items), size)]

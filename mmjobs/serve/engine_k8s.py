@@ -43,7 +43,7 @@ class EnginePlacement(EngineSpec):
 
     fetch_image: str | None = Field(None, description="Image of the init container that "
                                     "copies the model from the store (the eval image).")
-    secrets: EnginePodSecrets = Field(default_factory=lambda: EnginePodSecrets(),
+    secrets: EnginePodSecrets = Field(default_factory=EnginePodSecrets,
                                       description="Secret names: the init container reads "
                                       "secrets.s3, the engine secrets.api_key.")
     store_env: dict[str, str] = Field(default_factory=dict, description="Plain env of the "

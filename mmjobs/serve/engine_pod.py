@@ -116,7 +116,7 @@ class EngineSpec(StrictModel):
     shm_size: str = Field("8Gi", description="/dev/shm (memory-backed) size.")
     model_size: str = Field("100Gi", description="Size limit of the emptyDir the model is "
                             "copied into: at least the model's size.")
-    secrets: EngineSecrets = Field(default_factory=lambda: EngineSecrets(),
+    secrets: EngineSecrets = Field(default_factory=EngineSecrets,
                                    description="Kubernetes Secrets the engine reads (names, "
                                    "never the credentials): `api_key`, its bearer key.")
     env: dict[str, str] = Field(default_factory=dict, description="Plain env of the engine "

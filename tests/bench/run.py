@@ -14,18 +14,18 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    names = argv if argv is not None else sys.argv[1:]
     known = [p.stem.removeprefix("bench_")
              for p in sorted(Path(__file__).parent.glob("bench_*.py"))] + ["gpu"]
-    if not names:
-        names = known
-    unknown = [n for n in names if n.removesuffix(".py").removeprefix("bench_") not in known]
+    given = argv if argv is not None else sys.argv[1:]
+    # `run packing`, `run bench_packing` and `run bench_packing.py` name the same bench.
+    names = [n.removesuffix(".py").removeprefix("bench_") for n in given] or known
+    unknown = [n for n in names if n not in known]
     if unknown:
         print(f"usage: python -m tests.bench.run [NAME ...]; unknown {', '.join(unknown)}; "
               f"the benchmarks: {', '.join(known)}", file=sys.stderr)
         return 2
     for name in names:
-        stem = f"bench_{name.removesuffix('.py').removeprefix('bench_')}"  # `run packing` too
+        stem = f"bench_{name}"
         package = "tests.bench.gpu" if stem == "bench_gpu" else "tests.bench"
         module = importlib.import_module(f"{package}.{stem}")
         start = time.perf_counter()
